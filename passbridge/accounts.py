@@ -1,0 +1,156 @@
+"""The account registry: one Redis hash per merchant account, secrets encrypted at rest.
+
+Layout: ``pb:a:<id>:cfg`` with field ``config`` (JSON, no secrets) and field ``secrets`` (Fernet token of
+the JSON of :class:`AccountSecrets`); ``pb:accounts`` is the set of account ids. The raw Redis value never
+holds a secret in clear text, and ``repr``/``str`` of every secret is masked.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import secrets as pysecrets
+from enum import StrEnum
+from typing import Any
+
+import orjson
+from cryptography.fernet import MultiFernet
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from redis.asyncio import Redis
+
+from passbridge.crypto import decrypt, encrypt
+from passbridge.keys import ACCOUNTS_INDEX, account_keys
+
+DEFAULT_PASS_URL_TEMPLATE = "https://passninja.com/p/{serial_number}"
+
+
+class AccountState(StrEnum):
+    """Whether workers may send this account's events to Klaviyo."""
+
+    connected = "connected"
+    paused = "paused"
+    disconnected = "disconnected"
+
+
+class OAuthTokens(BaseModel):
+    """An OAuth client and the tokens of its grant."""
+
+    client_id: str
+    client_secret: SecretStr
+    access_token: SecretStr | None = None
+    refresh_token: SecretStr | None = None
+    expires_at: float | None = None
+    scopes: list[str] = Field(default_factory=list)
+
+
+class AccountSecrets(BaseModel):
+    """Everything secret about an account; stored only encrypted."""
+
+    webhook_secrets: list[SecretStr] = Field(default_factory=list)
+    apple_token_secret: SecretStr | None = None
+    klaviyo_api_key: SecretStr | None = None
+    klaviyo_oauth: OAuthTokens | None = None
+
+
+class Account(BaseModel):
+    """A merchant account: its ingest credentials, sources' settings and Klaviyo connection."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    account_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    name: str = ""
+    ingest_token_sha256: str = ""
+    pass_url_template: str = DEFAULT_PASS_URL_TEMPLATE
+    #: Apple passTypeIdentifier → platform-neutral pass type (template id).
+    apple_pass_types: dict[str, str] = Field(default_factory=dict)
+    google_issuer_id: str | None = None
+    google_keys_file: str | None = None
+    #: Google classId → pass type.
+    google_classes: dict[str, str] = Field(default_factory=dict)
+    #: How a Google objectId becomes a serial: "suffix" (after "<issuerId>.") or "object_id" (as is).
+    google_serial_from: str = "suffix"
+    #: Pass types to sync; empty means all.
+    sync_pass_types: list[str] = Field(default_factory=list)
+    state: AccountState = AccountState.connected
+    state_reason: str = ""
+    rate_limit_overrides: dict[str, Any] = Field(default_factory=dict)
+    retry_policy: dict[str, Any] = Field(default_factory=dict)
+    secrets: AccountSecrets = Field(default_factory=AccountSecrets)
+
+    def check_ingest_token(self, token: str) -> bool:
+        """Constant-time check of a bearer ingest token against the stored hash."""
+        if not self.ingest_token_sha256:
+            return False
+        return hmac.compare_digest(hash_token(token), self.ingest_token_sha256)
+
+    def syncs(self, pass_type: str) -> bool:
+        """Whether events of ``pass_type`` go to Klaviyo (others are acknowledged and counted as skipped)."""
+        return not self.sync_pass_types or pass_type in self.sync_pass_types
+
+
+def hash_token(token: str) -> str:
+    """SHA-256 of an ingest token: only the hash is stored."""
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_token(prefix: str) -> str:
+    """A fresh random credential such as an ingest token (``pbi_...``) or webhook secret (``whsec_...``)."""
+    return f"{prefix}{pysecrets.token_urlsafe(32)}"
+
+
+def _unwrap(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return value.get_secret_value()
+    if isinstance(value, BaseModel):
+        return {k: _unwrap(v) for k, v in value}
+    if isinstance(value, list):
+        return [_unwrap(v) for v in value]
+    return value
+
+
+class AccountNotFound(KeyError):
+    """No account with that id."""
+
+
+class AccountStore:
+    """Read and write accounts in Redis."""
+
+    def __init__(self, redis: Redis, cipher: MultiFernet) -> None:
+        self.redis = redis
+        self.cipher = cipher
+
+    async def put(self, account: Account) -> None:
+        """Create or replace an account."""
+        config = account.model_dump(mode="json", exclude={"secrets"})
+        sealed = encrypt(self.cipher, orjson.dumps(_unwrap(account.secrets)))
+        key = account_keys(account.account_id).config
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.hset(key, mapping={"config": orjson.dumps(config), "secrets": sealed})
+            pipe.sadd(ACCOUNTS_INDEX, account.account_id)
+            await pipe.execute()
+
+    async def get(self, account_id: str) -> Account:
+        """The account, secrets decrypted; raises :class:`AccountNotFound`."""
+        raw = await self.redis.hmget(account_keys(account_id).config, ["config", "secrets"])
+        if raw[0] is None:
+            raise AccountNotFound(account_id)
+        data = orjson.loads(raw[0])
+        data["secrets"] = orjson.loads(decrypt(self.cipher, raw[1].decode())) if raw[1] else {}
+        return Account.model_validate(data)
+
+    async def list_ids(self) -> list[str]:
+        """Every account id, sorted."""
+        return sorted(m.decode() for m in await self.redis.smembers(ACCOUNTS_INDEX))
+
+    async def remove(self, account_id: str) -> bool:
+        """Delete the registry entry (queued events stay until drained or purged)."""
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.delete(account_keys(account_id).config)
+            pipe.srem(ACCOUNTS_INDEX, account_id)
+            deleted, _ = await pipe.execute()
+        return bool(deleted)
+
+    async def set_state(self, account_id: str, state: AccountState, reason: str = "") -> None:
+        """Pause, resume or mark an account disconnected."""
+        account = await self.get(account_id)
+        await self.put(account.model_copy(update={"state": state, "state_reason": reason}))

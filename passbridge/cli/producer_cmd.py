@@ -1,0 +1,44 @@
+"""``passbridge producer``: serve the producer's HTTP API with uvicorn."""
+
+from __future__ import annotations
+
+import typer
+import uvicorn
+
+from passbridge.cli.common import redis_url, settings
+
+
+def producer(
+    host: str = typer.Option(None, help="Bind address (default PASSBRIDGE_PRODUCER_HOST)."),
+    port: int = typer.Option(None, help="Port (default PASSBRIDGE_PRODUCER_PORT)."),
+    workers: int = typer.Option(1, help="uvicorn worker processes."),
+) -> None:
+    """Run the producer (webhooks, Apple and Google callbacks, the events API)."""
+    s = settings()
+    url = redis_url(s)
+    from producer.app import create_app
+
+    if workers > 1:
+        import os
+
+        os.environ["REDIS_URL"] = url
+        uvicorn.run(
+            "producer.main:app",
+            host=host or s.producer_host,
+            port=port or s.producer_port,
+            workers=workers,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+        )
+    else:
+        uvicorn.run(
+            create_app(s, url),
+            host=host or s.producer_host,
+            port=port or s.producer_port,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+        )

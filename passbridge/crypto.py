@@ -1,0 +1,49 @@
+"""Secrets at rest: Fernet with key rotation (``PASSBRIDGE_SECRET_KEY`` = comma-separated keys, newest first).
+
+When no key is configured (a laptop, ``make demo``) a key is generated once into the state dir so that
+secrets are still never stored in clear text.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+
+class SecretKeyError(RuntimeError):
+    """Secrets could not be decrypted with any configured key."""
+
+
+def load_cipher(secret_key: str | None, state_dir: Path) -> MultiFernet:
+    """The cipher for the configured keys, or for a generated key kept in ``<state_dir>/secret.key``."""
+    if not secret_key:
+        path = state_dir / "secret.key"
+        if not path.exists():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            path.write_bytes(Fernet.generate_key())
+            os.chmod(path, 0o600)
+        secret_key = path.read_text().strip()
+    keys = [k.strip() for k in secret_key.split(",") if k.strip()]
+    try:
+        return MultiFernet([Fernet(k.encode()) for k in keys])
+    except ValueError as exc:
+        raise SecretKeyError(
+            "PASSBRIDGE_SECRET_KEY must be urlsafe-base64 Fernet keys, comma-separated"
+        ) from exc
+
+
+def encrypt(cipher: MultiFernet, plaintext: bytes) -> str:
+    """Encrypt with the newest key."""
+    return cipher.encrypt(plaintext).decode()
+
+
+def decrypt(cipher: MultiFernet, token: str) -> bytes:
+    """Decrypt with any configured key."""
+    try:
+        return cipher.decrypt(token.encode())
+    except InvalidToken:
+        raise SecretKeyError(
+            "stored secrets do not decrypt with any configured PASSBRIDGE_SECRET_KEY"
+        ) from None

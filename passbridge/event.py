@@ -1,0 +1,334 @@
+"""The canonical pass event: the one shape every source is normalized into before it reaches Redis.
+
+Size limits are chosen so that every accepted event fits every Klaviyo payload it produces:
+a profile-import body (≤ 100 KB), a custom-object record (≤ 512 KB) and an event's properties (≤ 400 keys).
+An event beyond them is rejected with the limit named, never truncated.
+"""
+
+from __future__ import annotations
+
+import re
+from datetime import UTC, datetime
+from enum import StrEnum
+from functools import lru_cache
+from typing import Annotated, Any, Literal
+
+import orjson
+import phonenumbers
+from email_validator import EmailNotValidError, validate_email
+from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+SCHEMA_VERSION = 1
+
+#: Custom properties a pass may carry. Klaviyo allows 400 per event; passbridge adds its own
+#: (serial, pass type, platform, pass_url, wallet_pass_*), so custom fields get 100 to stay far below it.
+MAX_PROPERTIES = 100
+MAX_PROPERTY_KEY_CHARS = 128
+MAX_PROPERTY_STRING_CHARS = 10_000
+#: Serialized custom properties. With identifiers and passbridge's own fields the largest profile-import
+#: body stays under 80 KB, well inside Klaviyo's 100 KB.
+MAX_PROPERTIES_BYTES = 64 * 1024
+MAX_URL_CHARS = 2048
+MAX_EVENT_ID_CHARS = 200
+
+
+class EventKind(StrEnum):
+    """A pass's lifecycle step."""
+
+    created = "created"
+    installed = "installed"
+    updated = "updated"
+    uninstalled = "uninstalled"
+    deleted = "deleted"
+
+
+class Platform(StrEnum):
+    """The wallet that holds the pass."""
+
+    apple = "apple"
+    google = "google"
+
+
+Scalar = str | int | float | bool | None
+EventId = Annotated[
+    str, StringConstraints(min_length=1, max_length=MAX_EVENT_ID_CHARS, strip_whitespace=True)
+]
+Serial = Annotated[str, StringConstraints(min_length=1, max_length=255)]
+Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:\-]+$")]
+
+_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+
+# The common case (ASCII dot-atom local part, LDH domain labels, alphabetic TLD) is checked with one
+# regex; anything else goes to email-validator, which explains what is wrong. Both paths agree on what
+# they accept for ASCII addresses; email-validator is ~15x slower, so it only sees the unusual ones.
+_EMAIL_FAST = re.compile(
+    r"^(?=.{1,254}$)(?=[^@]{1,64}@)[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+(?:\.[A-Za-z0-9!#$%&'*+/=?^_`{|}~-]+)*"
+    r"@(?:[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?\.)+[A-Za-z]{2,63}$"
+)
+
+
+@lru_cache(maxsize=65536)
+def normalize_email(value: str) -> str:
+    """Validate an email address's syntax and return its normalized form (domain lower-cased)."""
+    if _EMAIL_FAST.match(value):
+        local, _, domain = value.rpartition("@")
+        return f"{local}@{domain.lower()}"
+    try:
+        result = validate_email(value, check_deliverability=False)
+    except EmailNotValidError as exc:
+        raise ValueError(f"not a valid email address: {exc}") from None
+    return result.normalized
+
+
+@lru_cache(maxsize=65536)
+def normalize_phone(value: str, default_region: str) -> str:
+    """Parse a phone number (E.164, or national in ``default_region``) and return it in E.164.
+
+    Validity is libphonenumber's ``is_valid_number`` (the same rule Klaviyo applies). E.164 input skips the
+    general-purpose parser, which costs more than the validity check itself.
+    """
+    if _E164.match(value):
+        digits = value[1:]
+        for width in (1, 2, 3):
+            code = int(digits[:width])
+            if code in COUNTRY_CODE_TO_REGION_CODE:
+                number = phonenumbers.PhoneNumber(country_code=code, national_number=int(digits[width:]))
+                if phonenumbers.is_valid_number(number):
+                    return value
+                raise ValueError("not a valid phone number for its country")
+        raise ValueError("unknown country calling code")
+    try:
+        number = phonenumbers.parse(value, None if value.startswith("+") else default_region)
+    except phonenumbers.NumberParseException as exc:
+        raise ValueError(f"not a phone number: {exc}") from None
+    if not phonenumbers.is_valid_number(number):
+        raise ValueError("not a valid phone number for its region")
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
+    if len(props) > MAX_PROPERTIES:
+        raise ValueError(f"at most {MAX_PROPERTIES} custom properties are allowed, got {len(props)}")
+    for key, value in props.items():
+        if not isinstance(value, str | int | float | bool) and value is not None:
+            raise ValueError(f"property {key!r} must be a string, number, boolean or null (JSON scalar)")
+        if not key or len(key) > MAX_PROPERTY_KEY_CHARS:
+            raise ValueError(f"property names must be 1..{MAX_PROPERTY_KEY_CHARS} characters: {key[:40]!r}")
+        if key.startswith("$"):
+            raise ValueError(f"property names starting with '$' are reserved by Klaviyo: {key!r}")
+        if isinstance(value, str) and len(value) > MAX_PROPERTY_STRING_CHARS:
+            raise ValueError(f"property {key!r} is longer than {MAX_PROPERTY_STRING_CHARS} characters")
+        if isinstance(value, float) and value != value:  # NaN has no JSON form
+            raise ValueError(f"property {key!r} is NaN")
+    if len(orjson.dumps(props)) > MAX_PROPERTIES_BYTES:
+        raise ValueError(f"custom properties exceed {MAX_PROPERTIES_BYTES} bytes serialized")
+    return props
+
+
+class EventIn(BaseModel):
+    """What a client of the events routes sends: the canonical event minus what the producer stamps."""
+
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    event_id: EventId
+    kind: EventKind
+    serial_number: Serial
+    pass_type: Identifier
+    platform: Platform
+    occurred_at: datetime | None = None
+    email: str | None = Field(default=None, max_length=254)
+    phone_number: str | None = Field(default=None, max_length=32)
+    pass_url: str | None = Field(default=None, max_length=MAX_URL_CHARS)
+    device_id: str | None = Field(default=None, max_length=255)
+    properties: dict[str, Any] = Field(default_factory=dict)
+
+    @field_validator("serial_number")
+    @classmethod
+    def _serial_printable(cls, v: str) -> str:
+        if _CONTROL.search(v):
+            raise ValueError("serial_number must not contain control characters")
+        return v
+
+    @field_validator("occurred_at")
+    @classmethod
+    def _aware(cls, v: datetime | None) -> datetime | None:
+        if v is None:
+            return v
+        if v.tzinfo is None:
+            raise ValueError("occurred_at needs a timezone (e.g. 2026-11-25T10:00:00Z)")
+        v = v.astimezone(UTC)
+        if v.year < 1990:
+            raise ValueError("occurred_at must be after 1990 (Klaviyo rejects older event times)")
+        return v
+
+    @field_validator("email")
+    @classmethod
+    def _email(cls, v: str | None) -> str | None:
+        return None if v in (None, "") else normalize_email(v)
+
+    @field_validator("pass_url")
+    @classmethod
+    def _url(cls, v: str | None) -> str | None:
+        if v in (None, ""):
+            return None
+        assert v is not None
+        if not v.startswith(("https://", "http://")):
+            raise ValueError("pass_url must be an http(s) URL")
+        return v
+
+    @field_validator("properties")
+    @classmethod
+    def _props(cls, v: dict[str, Any]) -> dict[str, Any]:
+        return _check_properties(v)
+
+
+class PassEvent(BaseModel):
+    """The canonical, normalized pass event as stored in Redis and consumed by the workers."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    schema_version: Literal[1] = 1
+    event_id: EventId
+    account_id: Identifier
+    kind: EventKind
+    serial_number: Serial
+    pass_type: Identifier
+    platform: Platform
+    occurred_at: datetime
+    received_at: datetime
+    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
+    email: str | None = None
+    phone_number: str | None = None
+    pass_url: str
+    device_id: str | None = None
+    properties: dict[str, Scalar] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _utc(self) -> PassEvent:
+        if self.occurred_at.tzinfo is None or self.received_at.tzinfo is None:
+            raise ValueError("timestamps must be timezone-aware")
+        return self
+
+    @property
+    def occurred_ms(self) -> int:
+        """``occurred_at`` in epoch milliseconds: the mailbox's ordering score."""
+        return int(self.occurred_at.timestamp() * 1000)
+
+    def to_wire(self) -> bytes:
+        """Compact JSON for Redis: ``None`` fields and the account (already in the key) left out.
+
+        Built by hand rather than with ``model_dump``: this runs once per ingested event on the hot path.
+        """
+        data: dict[str, Any] = {
+            "v": self.schema_version,
+            "id": self.event_id,
+            "k": self.kind.value,
+            "s": self.serial_number,
+            "t": self.pass_type,
+            "p": self.platform.value,
+            "o": _iso(self.occurred_at),
+            "r": _iso(self.received_at),
+            "src": self.source,
+            "u": self.pass_url,
+        }
+        if self.email is not None:
+            data["e"] = self.email
+        if self.phone_number is not None:
+            data["ph"] = self.phone_number
+        if self.device_id is not None:
+            data["d"] = self.device_id
+        if self.properties:
+            data["x"] = self.properties
+        return orjson.dumps(data)
+
+    @classmethod
+    def from_wire(cls, raw: bytes | str, account_id: str) -> PassEvent:
+        """Inverse of :meth:`to_wire` (validated again: the worker trusts nothing it reads back)."""
+        d = orjson.loads(raw)
+        return cls.model_validate(
+            {
+                "schema_version": d["v"],
+                "event_id": d["id"],
+                "account_id": account_id,
+                "kind": d["k"],
+                "serial_number": d["s"],
+                "pass_type": d["t"],
+                "platform": d["p"],
+                "occurred_at": d["o"],
+                "received_at": d["r"],
+                "source": d["src"],
+                "pass_url": d["u"],
+                "email": d.get("e"),
+                "phone_number": d.get("ph"),
+                "device_id": d.get("d"),
+                "properties": d.get("x", {}),
+            }
+        )
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def build_event(
+    item: EventIn,
+    *,
+    account_id: str,
+    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"],
+    received_at: datetime,
+    default_region: str,
+    pass_url_template: str,
+) -> PassEvent:
+    """Stamp and complete a client's event: receive time, source, E.164 phone, pass URL from the template.
+
+    Raises ``ValueError`` (naming the field) when the phone number does not parse in ``default_region``.
+    """
+    phone = None
+    if item.phone_number:
+        try:
+            phone = normalize_phone(item.phone_number, default_region)
+        except ValueError as exc:
+            raise FieldError("phone_number", str(exc)) from None
+    return PassEvent.model_construct(
+        schema_version=1,
+        event_id=item.event_id,
+        account_id=account_id,
+        kind=item.kind,
+        serial_number=item.serial_number,
+        pass_type=item.pass_type,
+        platform=item.platform,
+        occurred_at=item.occurred_at or received_at,
+        received_at=received_at,
+        source=source,
+        email=item.email,
+        phone_number=phone,
+        pass_url=item.pass_url or render_pass_url(pass_url_template, item.serial_number, item.pass_type),
+        device_id=item.device_id,
+        properties=item.properties,
+    )
+
+
+def render_pass_url(template: str, serial_number: str, pass_type: str) -> str:
+    """The account's pass-URL template with ``{serial_number}`` and ``{pass_type}`` filled in."""
+    from urllib.parse import quote
+
+    return template.replace("{serial_number}", quote(serial_number, safe="")).replace(
+        "{pass_type}", quote(pass_type, safe="")
+    )
+
+
+class FieldError(ValueError):
+    """A validation failure that names the offending field."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"{field}: {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def utcnow() -> datetime:
+    """Aware UTC now; one place so tests and sources agree on the clock."""
+    return datetime.now(UTC)

@@ -1,0 +1,94 @@
+"""The Redis key layout: every key passbridge touches is named here and nowhere else.
+
+See ``docs/architecture.md`` for what each key holds and which Lua script writes it. Keys are per account
+(tenancy) except the registry index and the worker wake-up list.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+PREFIX = "pb"
+
+
+@dataclass(frozen=True, slots=True)
+class AccountKeys:
+    """Keys of one account's queue, state and registry entry."""
+
+    account_id: str
+    prefix: str = PREFIX
+
+    @property
+    def base(self) -> str:
+        return f"{self.prefix}:a:{self.account_id}"
+
+    def mailbox(self, serial: str) -> str:
+        """Sorted set of one serial's pending events: score = occurred_at ms, member = seq(12 hex) + JSON."""
+        return f"{self.base}:mb:{serial}"
+
+    @property
+    def mailbox_prefix(self) -> str:
+        return f"{self.base}:mb:"
+
+    @property
+    def ready(self) -> str:
+        """Sorted set: serials with pending events and not leased; score = not-before ms."""
+        return f"{self.base}:ready"
+
+    @property
+    def leased(self) -> str:
+        """Sorted set: serials currently leased by a worker; score = lease expiry ms."""
+        return f"{self.base}:leased"
+
+    @property
+    def depth(self) -> str:
+        """Integer: pending events of the account (mailbox entries), for backpressure and status."""
+        return f"{self.base}:depth"
+
+    @property
+    def seq(self) -> str:
+        """Integer: the arrival sequence, breaking occurred_at ties in arrival order."""
+        return f"{self.base}:seq"
+
+    @property
+    def dedup_prefix(self) -> str:
+        """Hash buckets ``...:dd:<bucket>``: event_id → serial, each expiring after the dedup window."""
+        return f"{self.base}:dd:"
+
+    @property
+    def config(self) -> str:
+        """Hash: the account's registry entry (secrets encrypted)."""
+        return f"{self.base}:cfg"
+
+    @property
+    def apple_regs_prefix(self) -> str:
+        """Hash per pass ``...:apple:<passTypeId>:<serial>``: deviceLibraryIdentifier → push token."""
+        return f"{self.base}:apple:"
+
+    def apple_regs(self, pass_type_id: str, serial: str) -> str:
+        return f"{self.base}:apple:{pass_type_id}:{serial}"
+
+    def apple_gen(self, pass_type_id: str, serial: str) -> str:
+        """Integer: how many times the pass went from 0 to 1 registered devices (its install generation)."""
+        return f"{self.base}:apple-gen:{pass_type_id}:{serial}"
+
+    def apple_device(self, device_id: str, pass_type_id: str) -> str:
+        """Sorted set: serials a device registered for one pass type; score = last update ms."""
+        return f"{self.base}:apple-dev:{device_id}:{pass_type_id}"
+
+    @property
+    def stats(self) -> str:
+        """Hash of counters (ingested by source, duplicates, rejected by reason, ...)."""
+        return f"{self.base}:stats"
+
+
+ACCOUNTS_INDEX = f"{PREFIX}:accounts"
+#: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.
+NOTIFY = f"{PREFIX}:notify"
+#: Sorted set of account ids with ready serials; score = when the account last became non-empty.
+ACTIVE_ACCOUNTS = f"{PREFIX}:active"
+
+
+def account_keys(account_id: str) -> AccountKeys:
+    """Keys for ``account_id``."""
+    return AccountKeys(account_id)

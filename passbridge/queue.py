@@ -1,0 +1,70 @@
+"""The producer side of the queue protocol: dedup + enqueue in one atomic Lua step."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from redis.asyncio import Redis
+
+from passbridge.event import PassEvent
+from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
+from passbridge.scripts import script
+
+
+class BacklogFull(Exception):
+    """The account's backlog is over its high-water mark; nothing of the batch was written."""
+
+    def __init__(self, account_id: str, depth: int) -> None:
+        super().__init__(f"account {account_id} has {depth} pending events, over its high-water mark")
+        self.account_id = account_id
+        self.depth = depth
+
+
+@dataclass(frozen=True, slots=True)
+class EnqueueResult:
+    """Per event: ``True`` if enqueued, ``False`` if it was a duplicate; and the account's depth after."""
+
+    accepted: list[bool]
+    depth: int
+
+
+def dedup_bucket_width(window_s: int) -> int:
+    """Eight buckets cover the window: a day wide for the default week, narrower for short test windows."""
+    return max(1, min(86_400, -(-window_s // 7)))
+
+
+async def enqueue(
+    redis: Redis,
+    account_id: str,
+    events: Sequence[PassEvent],
+    *,
+    high_water: int,
+    dedup_window_s: int,
+    now_ms: int | None = None,
+) -> EnqueueResult:
+    """Deduplicate ``events`` by ``event_id`` and append the new ones to their serials' mailboxes.
+
+    All-or-nothing: raises :class:`BacklogFull` (writing nothing) when the new events would push the
+    account's backlog over ``high_water``.
+    """
+    if not events:
+        return EnqueueResult([], 0)
+    keys = account_keys(account_id)
+    args: list[str | int | bytes] = [
+        keys.base,
+        now_ms if now_ms is not None else int(time.time() * 1000),
+        high_water,
+        dedup_window_s,
+        dedup_bucket_width(dedup_window_s),
+        NOTIFY,
+        ACTIVE_ACCOUNTS,
+        account_id,
+    ]
+    for ev in events:
+        args += [ev.event_id, ev.serial_number, ev.occurred_ms, ev.to_wire()]
+    status, depth, *flags = await script(redis, "enqueue")(args=args)
+    if status == 0:
+        raise BacklogFull(account_id, int(depth))
+    return EnqueueResult([bool(f) for f in flags], int(depth))

@@ -1,0 +1,53 @@
+"""Configuration from ``PASSBRIDGE_*`` environment variables (documented in ``.env.example``).
+
+Read once per process with :func:`get_settings`; tests build :class:`Settings` directly.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Every knob passbridge reads from the environment."""
+
+    model_config = SettingsConfigDict(env_prefix="PASSBRIDGE_", env_file=".env", extra="ignore")
+
+    # Redis. Unset means: start (or find) the embedded server recorded in the state dir.
+    redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
+    state_dir: Path = Path(".passbridge")
+
+    # Logging
+    log_level: str = "info"
+    log_format: str = "auto"  # auto | json | console
+
+    # Producer
+    producer_host: str = "127.0.0.1"
+    producer_port: int = 8000
+    max_body_bytes: int = 10 * 1024 * 1024
+    max_batch_events: int = 1000
+    dedup_ttl_s: int = 7 * 24 * 3600
+    backlog_high_water: int = 1_000_000
+    retry_after_s: int = 5
+    default_phone_region: str = "US"
+    default_pass_url_template: str = "https://passninja.com/p/{serial_number}"
+    webhook_tolerance_s: int = 300
+    admin_token: SecretStr | None = None
+
+    # Klaviyo
+    klaviyo_base_url: str = "https://a.klaviyo.com"
+    klaviyo_revision: str = "2026-10-15"
+    klaviyo_rate_scale: float = 1.0
+
+    # Secrets at rest
+    secret_key: SecretStr | None = None
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,1 @@
+"""The producer: receive pass events from every source, validate, normalize, deduplicate, enqueue."""

@@ -1,0 +1,104 @@
+"""The producer's Python API: :func:`publish` validates, normalizes, deduplicates and enqueues events
+exactly as the HTTP routes do, for code that already runs beside Redis (backfills, migrations, tests)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account
+from passbridge.event import PassEvent, utcnow
+from passbridge.queue import enqueue
+from producer.ingest import ItemError, Source, to_event
+
+
+@dataclass
+class PublishSummary:
+    """What happened to each item: accepted, duplicate, skipped (pass type not synced) or rejected."""
+
+    accepted: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.accepted + self.duplicates + self.skipped + len(self.rejected)
+
+
+async def publish(
+    redis: Redis,
+    account: Account,
+    items: Iterable[Any],
+    *,
+    source: Source = "api",
+    default_region: str = "US",
+    high_water: int = 1_000_000,
+    dedup_window_s: int = 7 * 24 * 3600,
+    chunk: int = 500,
+) -> PublishSummary:
+    """Publish raw event items (dicts in the events-API shape) for ``account``; invalid ones are reported."""
+    summary = PublishSummary()
+    async for _ in publish_iter(
+        redis,
+        account,
+        items,
+        summary,
+        source=source,
+        default_region=default_region,
+        high_water=high_water,
+        dedup_window_s=dedup_window_s,
+        chunk=chunk,
+    ):
+        pass
+    return summary
+
+
+async def publish_iter(
+    redis: Redis,
+    account: Account,
+    items: Iterable[Any],
+    summary: PublishSummary,
+    *,
+    source: Source,
+    default_region: str,
+    high_water: int,
+    dedup_window_s: int,
+    chunk: int = 500,
+) -> AsyncIterator[int]:
+    """Like :func:`publish`, yielding the number of items handled after each chunk (for progress bars)."""
+    pending: list[PassEvent] = []
+    handled = 0
+
+    async def flush() -> None:
+        flags = (
+            await enqueue(
+                redis, account.account_id, pending, high_water=high_water, dedup_window_s=dedup_window_s
+            )
+        ).accepted
+        summary.accepted += sum(flags)
+        summary.duplicates += len(flags) - sum(flags)
+        pending.clear()
+
+    for index, raw in enumerate(items, start=1):
+        handled += 1
+        try:
+            ev = to_event(
+                raw, account=account, source=source, received_at=utcnow(), default_region=default_region
+            )
+        except ItemError as exc:
+            summary.rejected.append({"line": index, "errors": exc.errors})
+            continue
+        if not account.syncs(ev.pass_type):
+            summary.skipped += 1
+            continue
+        pending.append(ev)
+        if len(pending) >= chunk:
+            await flush()
+            yield handled
+    if pending:
+        await flush()
+    yield handled

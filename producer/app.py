@@ -1,0 +1,65 @@
+"""The producer's ASGI app: routes, problem handlers and the lifespan that owns Redis and the publisher."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import structlog
+from fastapi import FastAPI
+from redis.asyncio import Redis
+from starlette.requests import Request
+from starlette.responses import Response
+
+from passbridge.accounts import AccountStore
+from passbridge.crypto import load_cipher
+from passbridge.settings import Settings
+from producer.context import ProducerContext
+from producer.problems import Problem
+from producer.publisher import Publisher
+from producer.routes import events, health, webhooks
+
+log = structlog.get_logger(__name__)
+
+
+def redis_client(url: str) -> Redis:
+    """An asyncio Redis client with explicit timeouts, so a dead Redis turns into a prompt 503."""
+    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+
+
+def create_app(settings: Settings, redis_url: str) -> FastAPI:
+    """Build the producer app for ``settings`` against the Redis at ``redis_url``."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redis = redis_client(redis_url)
+        publisher = Publisher(
+            redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
+        )
+        await publisher.start()
+        cipher = load_cipher(
+            settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
+        )
+        app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        try:
+            yield
+        finally:
+            await publisher.close()
+            await redis.aclose()
+
+    app = FastAPI(
+        title="passbridge producer", version="0.1.0", lifespan=lifespan, docs_url="/docs", redoc_url=None
+    )
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> Response:
+        return exc.response(request.url.path)
+
+    app.add_api_route("/healthz", health.healthz, methods=["GET"])
+    app.add_api_route("/readyz", health.readyz, methods=["GET"])
+    app.add_api_route(
+        "/v1/accounts/{account_id}/events", events.post_events, methods=["POST"], status_code=202
+    )
+    app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
+    app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    return app

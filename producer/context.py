@@ -1,0 +1,44 @@
+"""Long-lived objects of one producer process, opened and closed by the app's lifespan."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account, AccountNotFound, AccountStore
+from passbridge.settings import Settings
+from producer.problems import Problem
+from producer.publisher import Publisher
+
+#: Accounts are read from Redis at most this often per process; registry changes apply within it.
+ACCOUNT_CACHE_S = 2.0
+
+
+@dataclass
+class ProducerContext:
+    """Redis client, account registry, publisher and settings shared by every route."""
+
+    settings: Settings
+    redis: Redis
+    accounts: AccountStore
+    publisher: Publisher
+    _cache: dict[str, tuple[float, Account]] = field(default_factory=dict)
+
+    async def account(self, account_id: str) -> Account:
+        """The account (cached briefly); a 404 problem when it does not exist."""
+        now = time.monotonic()
+        hit = self._cache.get(account_id)
+        if hit and hit[0] > now:
+            return hit[1]
+        try:
+            account = await self.accounts.get(account_id)
+        except AccountNotFound:
+            raise Problem(404, "unknown-account", "Unknown account", f"no account {account_id!r}") from None
+        self._cache[account_id] = (now + ACCOUNT_CACHE_S, account)
+        return account
+
+    def forget(self, account_id: str) -> None:
+        """Drop a cached account (after a registry change in this process)."""
+        self._cache.pop(account_id, None)

@@ -1,0 +1,51 @@
+"""Validation and normalization shared by every route and the Python API: raw items → canonical events."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import TypeAdapter, ValidationError
+
+from passbridge.accounts import Account
+from passbridge.event import EventIn, FieldError, PassEvent, build_event
+from producer.problems import pointer, validation_errors
+
+Source = Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
+_EVENT_IN = TypeAdapter(EventIn)
+
+
+class ItemError(Exception):
+    """One item failed validation; ``errors`` are pointer/field/detail entries."""
+
+    def __init__(self, errors: list[dict[str, Any]]) -> None:
+        super().__init__(errors[0]["detail"] if errors else "invalid")
+        self.errors = errors
+
+
+def to_event(
+    raw: Any,
+    *,
+    account: Account,
+    source: Source,
+    received_at: datetime,
+    default_region: str,
+    prefix: tuple[str | int, ...] = (),
+) -> PassEvent:
+    """Validate one raw JSON item and build its canonical event; raises :class:`ItemError`."""
+    try:
+        item = _EVENT_IN.validate_python(raw)
+        return build_event(
+            item,
+            account_id=account.account_id,
+            source=source,
+            received_at=received_at,
+            default_region=default_region,
+            pass_url_template=account.pass_url_template,
+        )
+    except ValidationError as exc:
+        raise ItemError(validation_errors(exc, prefix)) from None
+    except FieldError as exc:
+        raise ItemError(
+            [{"pointer": pointer(*prefix, exc.field), "field": exc.field, "detail": exc.reason}]
+        ) from None

@@ -1,0 +1,12 @@
+"""``producer.main:app``: the app built from the environment, for ``uvicorn --workers N``."""
+
+from __future__ import annotations
+
+from passbridge.logging import configure_logging
+from passbridge.redis_server import resolve_redis_url
+from passbridge.settings import get_settings
+from producer.app import create_app
+
+_settings = get_settings()
+configure_logging(_settings.log_level, _settings.log_format)
+app = create_app(_settings, resolve_redis_url(_settings.redis_url, _settings.state_dir))

@@ -1,0 +1,72 @@
+"""Helpers every route uses: auth, bounded body reads, JSON answers, enqueue with backpressure."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import orjson
+import structlog
+from redis.exceptions import RedisError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from passbridge.accounts import Account
+from passbridge.event import PassEvent
+from passbridge.queue import BacklogFull
+from producer.context import ProducerContext
+from producer.problems import Problem, unavailable
+
+log = structlog.get_logger(__name__)
+
+
+def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
+    """A JSON answer serialized with orjson."""
+    return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request body, or a 413 problem as soon as it exceeds ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+    chunks = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def authenticate_ingest(request: Request, ctx: ProducerContext) -> Account:
+    """The path's account, if the request carries its bearer ingest token (404 / 401 problems otherwise)."""
+    account = await ctx.account(request.path_params["account_id"])
+    auth = request.headers.get("authorization", "")
+    scheme, _, token = auth.partition(" ")
+    if scheme.lower() != "bearer" or not token or not account.check_ingest_token(token.strip()):
+        raise Problem(
+            401,
+            "unauthorized",
+            "Missing or wrong ingest token",
+            "send `Authorization: Bearer <ingest token>` for this account",
+            headers={"WWW-Authenticate": 'Bearer realm="passbridge"'},
+        )
+    return account
+
+
+async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
+    """Enqueue through the shared publisher; Redis down or backlog full become a 503 with Retry-After."""
+    try:
+        return await ctx.publisher.publish(account_id, events)
+    except BacklogFull as exc:
+        raise unavailable(
+            f"account {account_id} has {exc.depth} pending events, over its high-water mark",
+            ctx.settings.retry_after_s,
+        ) from None
+    except (RedisError, OSError) as exc:
+        log.warning("redis unavailable", error=type(exc).__name__)
+        raise unavailable(
+            "the queue store is unreachable; nothing was written", ctx.settings.retry_after_s
+        ) from None

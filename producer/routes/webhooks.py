@@ -1,0 +1,160 @@
+"""``POST /webhooks/{account_id}``: platform webhooks signed per Standard Webhooks.
+
+Payload (documented in the README)::
+
+    {"type": "pass.created|pass.installed|pass.updated|pass.uninstalled|pass.deleted",
+     "timestamp": "2026-11-25T10:00:00Z",
+     "data": {"serialNumber": "...", "passType": "ptk_0x216", "platform": "apple|google",
+              "passUrl": "https://...", "deviceId": "...",
+              "customer": {"email": "...", "phone": "..."},
+              "fields": {"points": 120, "tier": "gold"}}}
+
+``webhook-id`` is the event id, ``timestamp`` the time the change happened (``occurred_at``).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import orjson
+from standardwebhooks.webhooks import Webhook, WebhookVerificationError
+from starlette.requests import Request
+from starlette.responses import Response
+
+from passbridge.event import utcnow
+from producer.context import ProducerContext
+from producer.ingest import ItemError, to_event
+from producer.problems import Problem, bad_json, unprocessable
+from producer.routes.common import enqueue_or_503, json_response, read_body
+from producer.routes.events import _publish
+
+WEBHOOK_TYPES = {f"pass.{k}": k for k in ("created", "installed", "updated", "uninstalled", "deleted")}
+
+#: Where each canonical field lives in the webhook payload, so errors point into what the sender sent.
+_FIELD_POINTERS = {
+    "event_id": "/webhook-id",
+    "kind": "/type",
+    "occurred_at": "/timestamp",
+    "serial_number": "/data/serialNumber",
+    "pass_type": "/data/passType",
+    "platform": "/data/platform",
+    "pass_url": "/data/passUrl",
+    "device_id": "/data/deviceId",
+    "email": "/data/customer/email",
+    "phone_number": "/data/customer/phone",
+    "properties": "/data/fields",
+}
+
+_verifiers: dict[str, Webhook] = {}
+
+
+def _verifier(secret: str) -> Webhook:
+    hook = _verifiers.get(secret)
+    if hook is None:
+        hook = _verifiers[secret] = Webhook(secret)
+    return hook
+
+
+def _unauthorized(detail: str) -> Problem:
+    return Problem(401, "bad-signature", "Webhook signature not accepted", detail)
+
+
+def verify(secrets: list[str], body: bytes, headers: dict[str, str]) -> None:
+    """Accept the body if any active secret signed it within the tolerance; raise a 401 problem otherwise."""
+    if not secrets:
+        raise _unauthorized("this account has no webhook signing secret configured")
+    reason = "no signature matches an active secret"
+    for secret in secrets:
+        try:
+            _verifier(secret).verify(body, headers, json_parse=False)
+            return
+        except WebhookVerificationError as exc:
+            text = str(exc)
+            if "too old" in text or "too new" in text or "Missing" in text or "Invalid" in text:
+                reason = {
+                    "Message timestamp too old": "webhook-timestamp is older than the 5-minute tolerance",
+                    "Message timestamp too new": "webhook-timestamp is more than 5 minutes in the future",
+                    "Missing required headers": "webhook-id, webhook-timestamp and webhook-signature are required",
+                }.get(text, "malformed webhook-timestamp or webhook-signature header")
+                break
+        except (ValueError, IndexError):
+            reason = "malformed webhook-signature header"
+            break
+    raise _unauthorized(reason)
+
+
+def webhook_item(msg_id: str, doc: Any) -> dict[str, Any]:
+    """Map a webhook payload onto the events API's item shape (pure; validation happens after)."""
+    if not isinstance(doc, dict):
+        raise ItemError([{"pointer": "", "field": "(body)", "detail": "expected a JSON object"}])
+    kind = WEBHOOK_TYPES.get(doc.get("type"))  # type: ignore[arg-type]
+    if kind is None:
+        raise ItemError(
+            [
+                {
+                    "pointer": "/type",
+                    "field": "type",
+                    "detail": f"must be one of {', '.join(sorted(WEBHOOK_TYPES))}",
+                }
+            ]
+        )
+    data = doc.get("data")
+    if not isinstance(data, dict):
+        raise ItemError([{"pointer": "/data", "field": "data", "detail": "must be an object"}])
+    customer = data.get("customer") or {}
+    if not isinstance(customer, dict):
+        raise ItemError(
+            [{"pointer": "/data/customer", "field": "data.customer", "detail": "must be an object"}]
+        )
+    item = {
+        "event_id": msg_id,
+        "kind": kind,
+        "serial_number": data.get("serialNumber"),
+        "pass_type": data.get("passType"),
+        "platform": data.get("platform"),
+        "occurred_at": doc.get("timestamp"),
+        "pass_url": data.get("passUrl"),
+        "device_id": data.get("deviceId"),
+        "email": customer.get("email"),
+        "phone_number": customer.get("phone"),
+        "properties": data.get("fields") or {},
+    }
+    return {k: v for k, v in item.items() if v is not None}
+
+
+def _repoint(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    out = []
+    for e in errors:
+        head, _, rest = e["pointer"].lstrip("/").partition("/")
+        base = _FIELD_POINTERS.get(head, "/" + head)
+        out.append({**e, "pointer": base + ("/" + rest if rest else "")})
+    return out
+
+
+async def post_webhook(request: Request) -> Response:
+    """Verify, normalize and enqueue one signed platform webhook."""
+    ctx: ProducerContext = request.app.state.ctx
+    account = await ctx.account(request.path_params["account_id"])
+    body = await read_body(request, ctx.settings.max_body_bytes)
+    headers = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+    verify([s.get_secret_value() for s in account.secrets.webhook_secrets], body, headers)
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError as exc:
+        raise bad_json(str(exc)) from None
+    try:
+        item = webhook_item(headers["webhook-id"], doc)
+        event = to_event(
+            item,
+            account=account,
+            source="webhook",
+            received_at=utcnow(),
+            default_region=ctx.settings.default_phone_region,
+        )
+    except ItemError as exc:
+        raise unprocessable(_repoint(exc.errors)) from None
+    result = (await _publish(ctx, account, [event]))[0]
+    return json_response(result, 202)
+
+
+__all__ = ["enqueue_or_503", "post_webhook", "verify", "webhook_item"]

@@ -1,0 +1,118 @@
+"""Shared fixtures: a real Redis server per test session (never port 6379), flushed between tests, and
+servers started on free loopback ports."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+import time
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import redis as redis_sync
+import uvicorn
+from cryptography.fernet import Fernet
+from redis.asyncio import Redis
+
+from passbridge.redis_server import RedisServer, free_port, start_redis
+from passbridge.settings import Settings
+
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+
+@pytest.fixture(scope="session")
+def redis_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    """One real redis-server for the session, on a free port, AOF off (tests flush it anyway)."""
+    server = start_redis(tmp_path_factory.mktemp("redis"), appendonly=False)
+    assert server.port != 6379
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_server: RedisServer) -> Iterator[str]:
+    """The session server's URL, flushed before and after the test."""
+    client = redis_sync.Redis.from_url(redis_server.url)
+    client.flushall()
+    yield redis_server.url
+    client.flushall()
+    client.close()
+
+
+@pytest.fixture
+async def redis(redis_url: str) -> AsyncIterator[Redis]:
+    """An asyncio client on the flushed server."""
+    client = Redis.from_url(redis_url)
+    yield client
+    await client.aclose()
+
+
+@pytest.fixture
+def secret_key() -> str:
+    return Fernet.generate_key().decode()
+
+
+@pytest.fixture
+def settings(redis_url: str, tmp_path: Path, secret_key: str) -> Settings:
+    """Settings for a test: the test Redis, a private state dir, a fresh secret key."""
+    return Settings(
+        redis_url=redis_url,
+        state_dir=tmp_path / "state",
+        secret_key=secret_key,  # type: ignore[arg-type]
+        log_format="console",
+        retry_after_s=3,
+    )
+
+
+@dataclass
+class LiveServer:
+    """An ASGI app served by uvicorn on a loopback port in a background thread."""
+
+    url: str
+    server: uvicorn.Server
+    thread: threading.Thread
+
+    def stop(self) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=10)
+
+
+def serve(app: Any, port: int | None = None) -> LiveServer:
+    """Serve ``app`` on 127.0.0.1 and wait until it accepts connections."""
+    port = port or free_port()
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", loop="asyncio"
+    )
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started:
+        if time.monotonic() > deadline or not thread.is_alive():
+            raise RuntimeError("server did not start")
+        time.sleep(0.01)
+    with socket.create_connection(("127.0.0.1", port), timeout=2):
+        pass
+    return LiveServer(f"http://127.0.0.1:{port}", server, thread)
+
+
+def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Poll ``predicate`` until it is truthy or fail the test."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        time.sleep(interval)
+
+
+async def async_wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
+    """Await ``predicate()`` until it is truthy or fail the test."""
+    deadline = time.monotonic() + timeout
+    while not await predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("condition not reached in time")
+        await asyncio.sleep(interval)

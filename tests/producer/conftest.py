@@ -1,0 +1,46 @@
+"""A live producer over real HTTP on loopback, with one account registered."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Iterator
+from dataclasses import dataclass
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account
+from passbridge.crypto import load_cipher
+from passbridge.settings import Settings
+from producer.app import create_app
+from tests.conftest import LiveServer, serve
+from tests.factories import make_account
+
+
+@pytest.fixture
+def producer(settings: Settings, redis_url: str) -> Iterator[LiveServer]:
+    server = serve(create_app(settings, redis_url))
+    yield server
+    server.stop()
+
+
+@dataclass
+class Env:
+    http: httpx.AsyncClient
+    account: Account
+    token: str
+    secret: str
+    redis: Redis
+    settings: Settings
+
+
+@pytest.fixture
+async def env(producer: LiveServer, redis: Redis, settings: Settings) -> AsyncIterator[Env]:
+    cipher = load_cipher(
+        settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
+    )
+    account = await make_account(redis, cipher)
+    async with httpx.AsyncClient(base_url=producer.url, timeout=10) as http:
+        yield Env(
+            http, account, "tok-acme", account.secrets.webhook_secrets[0].get_secret_value(), redis, settings
+        )

@@ -1,0 +1,194 @@
+"""POST /v1/accounts/{id}/events and /events/ndjson over real HTTP and real Redis."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from passbridge.event import PassEvent
+from passbridge.keys import account_keys
+from tests.factories import event
+from tests.producer.conftest import Env
+
+URL = "/v1/accounts/acme/events"
+
+
+def auth(token: str = "tok-acme") -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+async def mailbox(env: Env, serial: str) -> list[PassEvent]:
+    raw = await env.redis.zrange(account_keys("acme").mailbox(serial), 0, -1)
+    return [PassEvent.from_wire(m[12:], "acme") for m in raw]
+
+
+class TestEventsRoute:
+    """The JSON events route: all-or-nothing, deduplicated, validated."""
+
+    async def test_single_event_is_enqueued_normalized(self, env: Env) -> None:
+        r = await env.http.post(
+            URL, json=event(1, email="Holder1@EXAMPLE.com", phone_number="(415) 555-0001"), headers=auth()
+        )
+        assert r.status_code == 202, r.text
+        assert r.json() == {"event_id": "evt-1", "status": "accepted", "duplicate": False}
+        [ev] = await mailbox(env, "SER00000001")
+        assert ev.email == "Holder1@example.com"
+        assert ev.phone_number == "+14155550001"
+        assert ev.pass_url == "https://passninja.com/p/SER00000001"
+        assert ev.source == "api"
+        assert ev.received_at >= ev.occurred_at
+        assert int(await env.redis.get(account_keys("acme").depth)) == 1
+        assert await env.redis.zscore(account_keys("acme").ready, "SER00000001") is not None
+
+    async def test_duplicate_answers_2xx_and_enqueues_nothing(self, env: Env) -> None:
+        assert (await env.http.post(URL, json=event(1), headers=auth())).status_code == 202
+        r = await env.http.post(URL, json=event(1), headers=auth())
+        assert r.status_code == 202
+        assert r.json()["duplicate"] is True
+        assert len(await mailbox(env, "SER00000001")) == 1
+        assert int(await env.redis.get(account_keys("acme").depth)) == 1
+
+    async def test_out_of_order_events_take_their_place_in_time(self, env: Env) -> None:
+        later = event(1, serial="S", kind="updated", occurred_at="2026-11-25T12:00:00Z")
+        earlier = event(2, serial="S", kind="created", occurred_at="2026-11-25T11:00:00Z")
+        tie = event(3, serial="S", kind="installed", occurred_at="2026-11-25T12:00:00Z")
+        for item in (later, earlier, tie):
+            assert (await env.http.post(URL, json=item, headers=auth())).status_code == 202
+        assert [e.event_id for e in await mailbox(env, "S")] == ["evt-2", "evt-1", "evt-3"]
+
+    async def test_array_is_all_or_nothing(self, env: Env) -> None:
+        items = [event(i) for i in range(5)]
+        items[3]["email"] = "not-an-email"
+        items[4]["kind"] = "exploded"
+        r = await env.http.post(URL, json=items, headers=auth())
+        assert r.status_code == 422
+        assert r.headers["content-type"] == "application/problem+json"
+        pointers = {e["pointer"] for e in r.json()["errors"]}
+        assert pointers == {"/3/email", "/4/kind"}
+        assert await env.redis.get(account_keys("acme").depth) is None
+
+    async def test_array_reports_each_result(self, env: Env) -> None:
+        await env.http.post(URL, json=event(0), headers=auth())
+        r = await env.http.post(URL, json=[event(i) for i in range(3)], headers=auth())
+        assert r.status_code == 202
+        body = r.json()
+        assert (body["accepted"], body["duplicates"]) == (2, 1)
+        assert [x["duplicate"] for x in body["results"]] == [True, False, False]
+
+    async def test_repeated_id_in_one_request_is_422(self, env: Env) -> None:
+        r = await env.http.post(URL, json=[event(1), event(2, event_id="evt-1")], headers=auth())
+        assert r.status_code == 422
+        assert r.json()["errors"][0]["pointer"] == "/1/event_id"
+
+    @pytest.mark.parametrize(
+        ("field", "value", "reason"),
+        [
+            ("event_id", "", "at least 1"),
+            ("kind", "exploded", "created"),
+            ("serial_number", "x" * 256, "at most 255"),
+            ("serial_number", "bad\nserial", "control"),
+            ("pass_type", "has space", "pattern"),
+            ("platform", "windows", "apple"),
+            ("occurred_at", "yesterday", "datetime"),
+            ("occurred_at", "2026-11-25T10:00:00", "timezone"),
+            ("occurred_at", "1970-01-01T00:00:00Z", "1990"),
+            ("email", "nope@", "email"),
+            ("phone_number", "+1555", "phone"),
+            ("phone_number", "12", "phone"),
+            ("pass_url", "ftp://x", "http"),
+            ("properties", {"$reserved": 1}, "reserved"),
+            ("properties", {"nested": {"a": 1}}, "JSON scalar"),
+            ("properties", {f"k{i}": i for i in range(101)}, "at most 100"),
+            ("properties", {"big": "x" * 10_001}, "longer than"),
+            ("surprise", 1, "Extra inputs"),
+        ],
+    )
+    async def test_every_invalid_field_is_422_naming_it(
+        self, env: Env, field: str, value: object, reason: str
+    ) -> None:
+        r = await env.http.post(URL, json=event(1, **{field: value}), headers=auth())
+        assert r.status_code == 422, r.text
+        [err] = r.json()["errors"]
+        assert err["pointer"].startswith(f"/{field}")
+        assert reason.lower() in err["detail"].lower(), err
+
+    async def test_missing_required_field(self, env: Env) -> None:
+        item = event(1)
+        del item["serial_number"]
+        r = await env.http.post(URL, json=item, headers=auth())
+        assert r.status_code == 422
+        assert r.json()["errors"][0] == {
+            "pointer": "/serial_number",
+            "field": "serial_number",
+            "detail": "Field required",
+        }
+
+    async def test_malformed_json_is_400(self, env: Env) -> None:
+        r = await env.http.post(URL, content=b"{nope", headers={**auth(), "content-type": "application/json"})
+        assert r.status_code == 400
+        assert r.json()["type"].endswith("/malformed-json")
+
+    async def test_oversize_body_is_413(self, env: Env) -> None:
+        big = orjson.dumps([event(i) for i in range(1001)])
+        r = await env.http.post(URL, content=big, headers=auth())
+        assert r.status_code == 413
+        huge = b"[" + b" " * (env.settings.max_body_bytes + 1) + b"]"
+        r = await env.http.post(URL, content=huge, headers=auth())
+        assert r.status_code == 413
+        assert "limit" in r.json()["detail"]
+
+    async def test_unknown_account_is_404(self, env: Env) -> None:
+        r = await env.http.post("/v1/accounts/nobody/events", json=event(1), headers=auth())
+        assert r.status_code == 404
+        assert r.json()["type"].endswith("/unknown-account")
+
+    async def test_wrong_or_missing_token_is_401(self, env: Env) -> None:
+        assert (await env.http.post(URL, json=event(1), headers=auth("wrong"))).status_code == 401
+        assert (await env.http.post(URL, json=event(1))).status_code == 401
+        assert await env.redis.get(account_keys("acme").depth) is None
+
+    async def test_unsynced_pass_type_is_acknowledged_and_skipped(self, env: Env) -> None:
+        from passbridge.accounts import AccountStore
+        from passbridge.crypto import load_cipher
+
+        store = AccountStore(
+            env.redis,
+            load_cipher(
+                env.settings.secret_key.get_secret_value(),  # type: ignore[union-attr]
+                env.settings.state_dir,
+            ),
+        )
+        acct = await store.get("acme")
+        await store.put(acct.model_copy(update={"sync_pass_types": ["ptk_other"]}))
+        import asyncio
+
+        await asyncio.sleep(2.1)  # the producer's account cache
+        r = await env.http.post(URL, json=event(1), headers=auth())
+        assert r.status_code == 202
+        assert r.json()["status"] == "skipped"
+        assert await env.redis.get(account_keys("acme").depth) is None
+
+
+class TestNdjsonRoute:
+    """Streaming NDJSON backfill: valid lines accepted, rejected ones reported by line number."""
+
+    async def test_mixed_stream(self, env: Env) -> None:
+        lines = [orjson.dumps(event(i)) for i in range(1200)]
+        lines[10] = b"{broken"
+        lines[20] = orjson.dumps(event(20, email="bad"))
+        lines[30] = orjson.dumps(event(0))  # duplicate id of line 1
+        body = b"\n".join(lines) + b"\n"
+
+        async def chunks():  # type: ignore[no-untyped-def]
+            for i in range(0, len(body), 7000):
+                yield body[i : i + 7000]
+
+        r = await env.http.post(URL + "/ndjson", content=chunks(), headers=auth())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert doc["lines"] == 1200
+        assert doc["accepted"] == 1197
+        assert doc["duplicates"] == 1
+        assert [x["line"] for x in doc["rejected"]] == [11, 21]
+        assert doc["rejected"][1]["errors"][0]["pointer"] == "/email"
+        assert int(await env.redis.get(account_keys("acme").depth)) == 1197
