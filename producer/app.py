@@ -34,7 +34,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(redis_url)
         publisher = Publisher(
-            redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
+            redis,
+            high_water=settings.backlog_high_water,
+            dedup_window_s=settings.dedup_ttl_s,
+            history_retention_s=settings.history_retention_s,
         )
         await publisher.start()
         cipher = load_cipher(

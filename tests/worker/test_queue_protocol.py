@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 
 import orjson
@@ -88,14 +89,34 @@ class TestSettle:
         (snap,) = await q.snapshot([lease])
         keys = account_keys("a")
         assert int(await redis.get(keys.depth)) == 3
-        done = await q.settle(lease, [snap.heads[0]], state=b'{"s":0}', history=[b'[1,"written","x"]'])
+        entry = b'[%d,"written","a-S1-0"]' % int(time.time() * 1000)
+        done = await q.settle(lease, [snap.heads[0]], state=b'{"s":0}', history=[entry])
         assert done.ok
         assert done.removed == 1
         assert done.heads == snap.heads[1:]
         assert int(await redis.get(keys.depth)) == 2
         assert await redis.hget(keys.state, "S1") == b'{"s":0}'
-        # An entry older than the retention is dropped as soon as it is written.
-        assert await redis.lrange(keys.history("S1"), 0, -1) == []
+        history = await redis.lrange(keys.history("S1"), 0, -1)
+        assert [orjson.loads(h)[1:] for h in history] == [
+            ["ingested", "a-S1-0"],
+            ["ingested", "a-S1-1"],
+            ["ingested", "a-S1-2"],
+            ["written", "a-S1-0"],
+        ]
+        assert 0 < await redis.pttl(keys.history("S1")) <= 7 * 86_400_000
+
+    async def test_history_older_than_the_retention_is_dropped(self, redis: Redis) -> None:
+        await put(redis, pass_event("a", "S1", 1), pass_event("a", "S1", 2))
+        keys = account_keys("a")
+        await redis.lpush(keys.history("S1"), b'[1000,"ingested","ancient"]')
+        q = WorkQueue(redis, worker_id="w", history_retention_ms=60_000)
+        (lease,) = (await q.claim(1)).leases
+        (snap,) = await q.snapshot([lease])
+        entry = b'[%d,"written","a-S1-1"]' % int(time.time() * 1000)
+        assert (await q.settle(lease, snap.heads[:1], history=[entry])).ok
+        history = [orjson.loads(h)[2] for h in await redis.lrange(keys.history("S1"), 0, -1)]
+        assert history == ["a-S1-1", "a-S1-2", "a-S1-1"]
+        assert 0 < await redis.pttl(keys.history("S1")) <= 60_000
 
     async def test_settle_with_a_foreign_token_writes_nothing(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1))
@@ -172,6 +193,19 @@ class TestRelease:
         assert (await q.claim(10)).leases == []
         score = await redis.zscore(account_keys("a").ready, "S1")
         assert score is not None
+
+    async def test_fresh_serial_of_an_account_with_only_parked_serials_is_due_at_once(
+        self, redis: Redis
+    ) -> None:
+        await put(redis, pass_event("a", "S1", 1))
+        q = wq(redis)
+        (lease,) = (await q.claim(1)).leases
+        await q.release(lease, delay_ms=60_000)
+        assert (await q.claim(1)).leases == []
+        # Nothing due: the account is scheduled seconds ahead (its lease expiry at the claim).
+        assert await redis.zscore(ACTIVE_ACCOUNTS, "a") > time.time() * 1000 + 5_000
+        await put(redis, pass_event("a", "S2", 1))
+        assert [lease.serial for lease in (await q.claim(10)).leases] == ["S2"]
 
     async def test_release_wakes_idle_workers_only_when_due(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
