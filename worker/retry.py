@@ -179,6 +179,8 @@ class RetryRecord:
     throttled: int = 0
     first_failure_ms: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
+    #: How often the event came back from the DLQ.
+    replays: int = 0
 
     #: Most errors kept per event (attempts are bounded by the policy; throttles are only counted).
     MAX_ERRORS = 50
@@ -202,6 +204,7 @@ class RetryRecord:
             "throttled": self.throttled,
             "first_failure_ms": self.first_failure_ms,
             "errors": self.errors,
+            "replays": self.replays,
         }
 
     @classmethod
@@ -212,5 +215,6 @@ class RetryRecord:
             attempts=int(doc.get("attempts", 0)),
             throttled=int(doc.get("throttled", 0)),
             first_failure_ms=int(doc.get("first_failure_ms", 0)),
-            errors=list(doc.get("errors", [])),
+            errors=list(doc.get("errors") or []),
+            replays=int(doc.get("replays", 0)),
         )

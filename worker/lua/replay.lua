@@ -8,7 +8,7 @@
 -- were, so the mailbox orders it among the serial's other events exactly as on first arrival; the state
 -- machine then keeps an old replayed event from regressing newer state (it is applied as stale). The serial
 -- is offered unless a worker holds it (that worker sees the entry when it reads the head again).
--- Returns one flag per id: 1 replayed, 0 not in the DLQ.
+-- Earlier errors move into the event's retry record. Returns one flag per id: 1 replayed, 0 not in the DLQ.
 local base, account, active, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local retention, extra = tonumber(ARGV[5]), ARGV[6]
 local entries, dlq = base .. ':dlq:e', base .. ':dlq'
@@ -25,6 +25,13 @@ for i = 7, #ARGV do
     local serial = entry['serial']
     redis.call('ZADD', base .. ':mb:' .. serial, entry['score'], entry['member'])
     redis.call('HDEL', entries, id)
+    -- A fresh attempt budget, but the earlier errors stay with the event: if it fails again, its DLQ
+    -- entry shows its whole history.
+    local errors = entry['errors']
+    if errors == nil or #errors == 0 then errors = cjson.decode('[]') end
+    redis.call('HSET', base .. ':retry', id, cjson.encode({
+      serial = serial, attempts = 0, throttled = 0, first_failure_ms = 0,
+      errors = errors, replays = (tonumber(entry['replays']) or 0) + 1}))
     redis.call('ZREM', dlq, id)
     redis.call('INCR', base .. ':depth')
     if retention > 0 then
