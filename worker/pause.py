@@ -109,9 +109,7 @@ async def resume_account(redis: Redis, store: AccountStore | None, account_id: s
     ``None`` if it was not paused. A registry entry left ``paused`` by an auth pause is set ``connected``."""
     keys = account_keys(account_id)
     pause = await get_pause(redis, account_id)
-    paused_ms = int(
-        await Scripts(redis).resume(args=[keys.base, account_id, ACTIVE_ACCOUNTS, NOTIFY, PAUSE_LOG_KEEP])
-    )
+    # Registry first: a worker woken by the resume must not read the old "paused" and pause again.
     if store is not None and pause is not None and pause.kind == "auth":
         try:
             account = await store.get(account_id)
@@ -119,6 +117,9 @@ async def resume_account(redis: Redis, store: AccountStore | None, account_id: s
             account = None
         if account is not None and account.state is AccountState.paused:
             await store.set_state(account_id, AccountState.connected, "")
+    paused_ms = int(
+        await Scripts(redis).resume(args=[keys.base, account_id, ACTIVE_ACCOUNTS, NOTIFY, PAUSE_LOG_KEEP])
+    )
     if paused_ms < 0:
         return None
     log.info("account_resumed", account=account_id, paused_ms=paused_ms)

@@ -26,7 +26,7 @@ def pass_event(
         "pass_type": "ptk_0x216",
         "platform": "apple",
         "occurred_at": occurred,
-        "received_at": occurred,
+        "received_at": datetime.now(UTC),
         "source": "api",
         "email": f"{serial.lower()}@example.com",
         "pass_url": f"https://passninja.com/p/{serial}",
