@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli import accounts_cmd, ingest_cmd, producer_cmd, redis_cmd, worker_cmd
+from passbridge.cli import accounts_cmd, ingest_cmd, producer_cmd, redis_cmd, sandbox_cmd, worker_cmd
 
 app = typer.Typer(
     name="passbridge",
@@ -17,6 +17,7 @@ app.add_typer(accounts_cmd.app, name="accounts")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)
 app.command("worker")(worker_cmd.worker)
+app.command("sandbox")(sandbox_cmd.sandbox)
 
 
 def main() -> None:
