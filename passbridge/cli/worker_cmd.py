@@ -9,7 +9,11 @@ from passbridge.cli.common import redis_url, settings
 
 def worker(
     concurrency: int = typer.Option(
-        None, "--concurrency", "-c", min=1, help="Serials worked on at once (default PASSBRIDGE_WORKER_MAX_JOBS)."
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        help="Serials worked on at once (default PASSBRIDGE_WORKER_MAX_JOBS).",
     ),
     lease_ttl: float = typer.Option(
         None, min=0.5, help="Lease TTL in seconds (default PASSBRIDGE_WORKER_LEASE_TTL_S)."
