@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -36,9 +36,9 @@ def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxClient]:
 @pytest.fixture
 async def pipeline(
     redis: Redis, sandbox: SandboxClient, sandbox_server: SandboxServer, settings: Settings, secret_key: str
-) -> AsyncIterator[Pipeline]:
+) -> Pipeline:
     s = settings.model_copy(update={"klaviyo_base_url": sandbox_server.url, "klaviyo_rate_scale": RATE_SCALE})
-    yield Pipeline(redis, sandbox, sandbox_server, secret_key, s)
+    return Pipeline(redis, sandbox, sandbox_server, secret_key, s)
 
 
 @pytest.fixture
