@@ -150,8 +150,8 @@ class Stack:
         self.redis_server.stop()
 
 
-async def wait_http(url: str, timeout: float = 30) -> None:
-    deadline = time.monotonic() + timeout
+async def wait_http(url: str, within_s: float = 30) -> None:
+    deadline = time.monotonic() + within_s
     async with httpx.AsyncClient() as c:
         while True:
             try:
@@ -186,10 +186,10 @@ async def depth(redis: Redis) -> int:
     return int(await redis.get(account_keys(ACCOUNT).depth) or 0)
 
 
-async def wait_drained(redis: Redis, timeout: float = 240) -> float:
+async def wait_drained(redis: Redis, within_s: float = 240) -> float:
     """Wait until nothing is pending or leased; returns when that was observed (monotonic)."""
     keys = account_keys(ACCOUNT)
-    deadline = time.monotonic() + timeout
+    deadline = time.monotonic() + within_s
     while await depth(redis) or await redis.zcard(keys.leased):
         if time.monotonic() > deadline:
             raise RuntimeError("the queue did not drain")
@@ -321,12 +321,7 @@ async def arq_noop(redis_url: str, jobs: int) -> dict[str, float]:
     from arq import create_pool
     from arq.connections import RedisSettings
 
-    proc = subprocess.Popen(
-        [sys.executable, __file__, "--arq-noop-worker", redis_url],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    proc = spawn_arq_noop_worker(redis_url)
     pool = await create_pool(RedisSettings.from_dsn(redis_url), default_queue_name="bench:arq")
     try:
         deadline = time.monotonic() + 30
@@ -338,7 +333,7 @@ async def arq_noop(redis_url: str, jobs: int) -> dict[str, float]:
         started = time.monotonic()
         for i in range(jobs):
             await pool.enqueue_job("noop", _job_id=f"noop-{i}")
-        while await pool.zcard("bench:arq"):
+        while await pool.zcard("bench:arq"):  # noqa: ASYNC110 - polling Redis, not a local condition
             await asyncio.sleep(0.02)
         elapsed = time.monotonic() - started
         cpu = cpu_s(proc.pid) - cpu0
@@ -347,6 +342,16 @@ async def arq_noop(redis_url: str, jobs: int) -> dict[str, float]:
         proc.wait(timeout=20)
         await pool.aclose()
     return {"jobs": jobs, "cpu_ms_per_job": cpu * 1000 / jobs, "jobs_per_s": jobs / elapsed}
+
+
+def spawn_arq_noop_worker(redis_url: str) -> subprocess.Popen[bytes]:
+    """This script again, as an arq worker for the no-op job (see ``run_arq_noop_worker``)."""
+    return subprocess.Popen(
+        [sys.executable, __file__, "--arq-noop-worker", redis_url],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
 
 
 def run_arq_noop_worker(redis_url: str) -> None:
