@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from worker.klaviyo.endpoints import OAUTH_SCOPES, OPERATIONS, Operation
 from tests.sync.spec import require_spec
+from worker.klaviyo.endpoints import OAUTH_SCOPES, OPERATIONS, Operation
 
 
 def _per(value: str) -> tuple[int, str]:

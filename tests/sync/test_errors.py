@@ -40,7 +40,8 @@ def _body(
 def test_5xx_but_501_is_transient(status: int) -> None:
     err = error_from_response("create_event", status, b"", {})
     assert type(err) is TransientError
-    assert err.status == status and err.endpoint == "create_event"
+    assert err.status == status
+    assert err.endpoint == "create_event"
 
 
 @pytest.mark.parametrize("status", [400, 404, 405, 409, 410, 413, 415, 422, 501])
@@ -58,7 +59,8 @@ def test_other_4xx_and_501_are_permanent(status: int) -> None:
         "Invalid email address",
         "/data/attributes/email",
     )
-    assert "Invalid email address" in str(err) and "/data/attributes/email" in str(err)
+    assert "Invalid email address" in str(err)
+    assert "/data/attributes/email" in str(err)
 
 
 @pytest.mark.parametrize("status", [401, 403])
@@ -70,15 +72,19 @@ def test_401_403_are_auth(status: int) -> None:
         {},
     )
     assert type(err) is AuthError
-    assert err.status == status and err.code == "authentication_failed"
+    assert err.status == status
+    assert err.code == "authentication_failed"
 
 
 def test_429_is_throttled_with_retry_after() -> None:
     err = error_from_response("create_event", 429, _body(429, "throttled"), {"retry-after": "7"})
     assert isinstance(err, ThrottledError)
-    assert err.retry_after_s == 7 and err.endpoint == "create_event" and err.status == 429
+    assert err.retry_after_s == 7
+    assert err.endpoint == "create_event"
+    assert err.status == 429
     fractional = error_from_response("create_event", 429, b"", {"retry-after": "0.25"})
-    assert isinstance(fractional, ThrottledError) and fractional.retry_after_s == 0.25
+    assert isinstance(fractional, ThrottledError)
+    assert fractional.retry_after_s == 0.25
 
 
 def test_409_keeps_meta() -> None:
@@ -95,7 +101,8 @@ def test_409_keeps_meta() -> None:
         {},
     )
     assert isinstance(err, PermanentError)
-    assert err.code == "duplicate_profile" and err.meta == {"duplicate_profile_id": "01ABC"}
+    assert err.code == "duplicate_profile"
+    assert err.meta == {"duplicate_profile_id": "01ABC"}
 
 
 def test_non_json_bodies_still_classify() -> None:
@@ -124,10 +131,12 @@ def test_hierarchy_and_records_are_loggable() -> None:
     for err in errs:
         assert isinstance(err, KlaviyoError)
         record = orjson.loads(orjson.dumps(err.as_record()))
-        assert record["endpoint"] == "create_event" and record["kind"] == err.kind
+        assert record["endpoint"] == "create_event"
+        assert record["kind"] == err.kind
         assert "create_event" in repr(err)
 
 
 def test_detail_is_bounded() -> None:
     err = error_from_response("e", 400, _body(400, detail="x" * 10_000), {})
-    assert isinstance(err, PermanentError) and len(err.detail) == 500
+    assert isinstance(err, PermanentError)
+    assert len(err.detail) == 500

@@ -127,7 +127,8 @@ def test_first_event_writes_all_three(kind: EventKind) -> None:
     )
     p = plan(None, e)
     assert not p.stale
-    assert p.new_state is not None and p.new_state.status is STATUS_OF[kind]
+    assert p.new_state is not None
+    assert p.new_state.status is STATUS_OF[kind]
     assert p.event == {
         "data": {
             "type": "event",
@@ -209,19 +210,23 @@ def test_lifecycle_in_order() -> None:
     statuses = []
     for i, kind in enumerate(kinds):
         p = plan(state, make_event(i, kind, i * 60, email="ada@example.com"))
-        assert not p.stale and p.new_state is not None and p.record is not None
+        assert not p.stale
+        assert p.new_state is not None
+        assert p.record is not None
         state = p.new_state
         statuses.append(state.status.value)
     assert statuses == ["active", "active", "active", "uninstalled", "deleted"]
     assert state is not None
-    assert state.created_at == T0 and state.updated_at == T0 + timedelta(minutes=4)
+    assert state.created_at == T0
+    assert state.updated_at == T0 + timedelta(minutes=4)
 
 
 def test_installed_after_created_skips_the_unchanged_profile() -> None:
     created = plan(None, make_event(1, EventKind.created, 0, email="ada@example.com"))
     installed = plan(created.new_state, make_event(2, EventKind.installed, 10, email="ada@example.com"))
     assert installed.profile is None  # status stays active, same fields: nothing to tell Klaviyo
-    assert installed.record is not None and installed.record["updated_at"] == "2026-11-25T10:00:10Z"
+    assert installed.record is not None
+    assert installed.record["updated_at"] == "2026-11-25T10:00:10Z"
 
 
 def test_stale_event_is_metric_only() -> None:
@@ -229,31 +234,43 @@ def test_stale_event_is_metric_only() -> None:
     p = plan(s1, make_event(2, EventKind.installed, 50, email="grace@example.org", props={"points": 5}))
     assert p.stale
     # points was unknown: filled in; the email is not overwritten, the status not regressed.
-    assert p.new_state is not None and p.new_state.status is PassStatus.uninstalled
-    assert p.new_state.email == "ada@example.com" and p.new_state.properties == {"points": 5}
+    assert p.new_state is not None
+    assert p.new_state.status is PassStatus.uninstalled
+    assert p.new_state.email == "ada@example.com"
+    assert p.new_state.properties == {"points": 5}
     assert p.new_state.created_at == T0 + timedelta(seconds=50)
     assert p.new_state.updated_at == T0 + timedelta(seconds=100)
     same = plan(
         p.new_state, make_event(3, EventKind.installed, 60, email="grace@example.org", props={"points": 7})
     )
-    assert same.stale and same.profile is None and same.record is None and same.new_state is None
+    assert same.stale
+    assert same.profile is None
+    assert same.record is None
+    assert same.new_state is None
     assert same.event["data"]["attributes"]["time"] == "2026-11-25T10:01:00Z"
 
 
 def test_stale_deletion_still_deletes_and_deleted_is_terminal() -> None:
     s1 = plan(None, make_event(1, EventKind.installed, 100)).new_state
     p = plan(s1, make_event(2, EventKind.deleted, 50))
-    assert p.stale and p.new_state is not None and p.new_state.status is PassStatus.deleted
-    assert p.record is not None and p.record["status"] == "deleted"
+    assert p.stale
+    assert p.new_state is not None
+    assert p.new_state.status is PassStatus.deleted
+    assert p.record is not None
+    assert p.record["status"] == "deleted"
     later = plan(p.new_state, make_event(3, EventKind.installed, 200))
-    assert later.new_state is not None and later.new_state.status is PassStatus.deleted
+    assert later.new_state is not None
+    assert later.new_state.status is PassStatus.deleted
 
 
 def test_redelivered_event_is_metric_only_on_the_state_it_produced() -> None:
     e = make_event(1, EventKind.installed, 0, email="ada@example.com")
     s1 = plan(None, e).new_state
     again = plan(s1, e)
-    assert not again.stale and again.new_state is None and again.profile is None and again.record is None
+    assert not again.stale
+    assert again.new_state is None
+    assert again.profile is None
+    assert again.record is None
     assert again.event == plan(None, e).event
 
 
@@ -264,14 +281,17 @@ def test_withheld_identifier_becomes_a_property() -> None:
     assert s is not None
     w = withhold(s, "email")
     body = profile_body(w)["data"]["attributes"]
-    assert "email" not in body and body["phone_number"] == "+14155550123"
+    assert "email" not in body
+    assert body["phone_number"] == "+14155550123"
     assert body["properties"]["wallet_pass_email"] == "ada@example.com"
     # The same email on the next event stays withheld; a different one is tried again.
     p = plan(w, make_event(2, EventKind.updated, 5, email="ada@example.com"))
-    assert p.new_state is not None and p.new_state.withheld == {"email": "ada@example.com"}
+    assert p.new_state is not None
+    assert p.new_state.withheld == {"email": "ada@example.com"}
     assert p.profile is None  # nothing changed in what the profile would get
     q = plan(w, make_event(3, EventKind.updated, 5, email="grace@example.org"))
-    assert q.profile is not None and q.profile["data"]["attributes"]["email"] == "grace@example.org"
+    assert q.profile is not None
+    assert q.profile["data"]["attributes"]["email"] == "grace@example.org"
 
 
 def test_state_json_round_trip() -> None:
@@ -301,7 +321,8 @@ def test_rules_hold_for_any_order(events: list[PassEvent]) -> None:
         assert p.stale == (state is not None and e.occurred_at < state.updated_at)
         new = p.new_state
         if new is None:
-            assert p.profile is None and p.record is None
+            assert p.profile is None
+            assert p.record is None
             continue
         assert new != state
         assert PassState.from_json(new.to_json()) == new
@@ -312,7 +333,8 @@ def test_rules_hold_for_any_order(events: list[PassEvent]) -> None:
             if state.status is PassStatus.deleted:
                 assert new.status is PassStatus.deleted
             if p.stale:
-                assert new.updated_at == state.updated_at and new.event_id == state.event_id
+                assert new.updated_at == state.updated_at
+                assert new.event_id == state.event_id
                 assert new.status in (state.status, PassStatus.deleted)
                 assert new.status is state.status or e.kind is EventKind.deleted
                 for f in ("email", "phone_number", "pass_type", "platform", "pass_url"):
@@ -322,7 +344,8 @@ def test_rules_hold_for_any_order(events: list[PassEvent]) -> None:
             assert (p.profile is None) == (profile_body(new) == profile_body(state))
             assert (p.record is None) == (record_of(new) == record_of(state))
         else:
-            assert p.profile is not None and p.record is not None
+            assert p.profile is not None
+            assert p.record is not None
         if p.profile is not None:
             assert p.profile == profile_body(new)
         if p.record is not None:
@@ -341,13 +364,15 @@ def test_any_arrival_order_converges_to_the_sorted_state(events: list[PassEvent]
     shuffled = list(events)
     rnd.shuffle(shuffled)
     a, b = fold(ordered), fold(shuffled)
-    assert a is not None and b is not None
+    assert a is not None
+    assert b is not None
     assert record_of(a) == record_of(b)
     assert profile_body(a) == profile_body(b)
     newest = ordered[-1]
     deleted = any(e.kind is EventKind.deleted for e in events)
     assert a.status is (PassStatus.deleted if deleted else STATUS_OF[newest.kind])
-    assert a.updated_at == newest.occurred_at and a.created_at == ordered[0].occurred_at
+    assert a.updated_at == newest.occurred_at
+    assert a.created_at == ordered[0].occurred_at
 
 
 @settings(max_examples=150, deadline=None)
@@ -382,7 +407,8 @@ def test_spec_validator_rejects_a_bad_body() -> None:
     body["data"]["attributes"]["time"] = "yesterday"
     del body["data"]["attributes"]["metric"]
     errors = spec.errors("EventCreateQueryV2", body)
-    assert any("metric" in e for e in errors) and any("yesterday" in e for e in errors)
+    assert any("metric" in e for e in errors)
+    assert any("yesterday" in e for e in errors)
 
 
 def test_next_state_of_nothing_is_the_event() -> None:
