@@ -15,7 +15,7 @@ from worker.klaviyo.ratelimit import RateLimiter
 
 
 async def test_burst_window_admits_exactly_the_burst(redis: Redis) -> None:
-    limiter = RateLimiter(redis)
+    limiter = RateLimiter(redis, pad_s=0.005)
     tier = Tier(burst=5, steady=100)
     waits = [await limiter.try_acquire("acme", "create_event", tier) for _ in range(6)]
     assert waits[:5] == [0.0] * 5
@@ -28,7 +28,7 @@ async def test_steady_window_and_scale(redis: Redis) -> None:
     tier = Tier(burst=100, steady=10)
     assert [await limiter.try_acquire("acme", "create_event", tier) for _ in range(10)] == [0.0] * 10
     wait = await limiter.try_acquire("acme", "create_event", tier)
-    assert 0.9 < wait <= 1.03
+    assert 0.9 < wait <= 1.05  # 1 s + 2 % + 20 ms of wall-clock pad
     await asyncio.sleep(wait)
     assert await limiter.try_acquire("acme", "create_event", tier) == 0.0
 
@@ -52,7 +52,7 @@ async def test_acquire_gives_up_beyond_max_wait(redis: Redis) -> None:
         await limiter.acquire("acme", "create_event", tier, max_wait_s=0.1)
     assert time.monotonic() - started < 0.05  # it did not sit out the wait it could not afford
     assert info.value.endpoint == "create_event"
-    assert 0.9 < info.value.retry_after_s <= 1.03
+    assert 0.9 < info.value.retry_after_s <= 1.05
 
 
 async def test_429_pause_holds_one_endpoint_of_one_account(redis: Redis) -> None:
