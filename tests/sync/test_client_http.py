@@ -195,7 +195,6 @@ async def test_our_limiter_keeps_us_under_klaviyos_limit(
     from klaviyo_sandbox.client import SandboxClient
     from klaviyo_sandbox.config import SandboxConfig
     from klaviyo_sandbox.testing import start_sandbox
-
     from tests.sync.conftest import sandbox_accounts
 
     server = start_sandbox(SandboxConfig(accounts=sandbox_accounts(), rate_scale=1.0))
@@ -223,7 +222,17 @@ async def test_secrets_stay_out_of_logs_errors_and_reprs(
         with pytest.raises(AuthError) as auth:
             await client.call(wrong, CREATE_OR_UPDATE_PROFILE, body=profile())
     text = " ".join(
-        [repr(logs), str(transient.value), repr(transient.value), str(auth.value), repr(auth.value), repr(client), str(auth.value.as_record()), repr(account), str(account)]
+        [
+            repr(logs),
+            str(transient.value),
+            repr(transient.value),
+            str(auth.value),
+            repr(auth.value),
+            repr(client),
+            str(auth.value.as_record()),
+            repr(account),
+            str(account),
+        ]
     )
     assert logs, "the failures were logged"
     for secret in (API_KEY, "pk_secret_never_shown_123"):
