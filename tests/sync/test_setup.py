@@ -287,3 +287,24 @@ async def test_cli_setup(settings: Settings, store: AccountStore, account: Accou
         "profiles:write",
     ]
     assert NOCO_ACCOUNT  # the sandbox account behind NOCO_KEY has no Custom Objects
+
+
+async def test_ingestion_failures_are_visible(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    """A record job answers 204 even for a bad record; the failure is read back from the ingestion log."""
+    from worker.ingestion import ingestion_failures
+
+    await provision(client, redis, account)
+    provisioned = await load_provisioned(redis, "acme")
+    assert provisioned is not None
+    assert await ingestion_failures(client, redis, account) == []
+    bad = {"serial_number": "SER-BAD", "status": "active", "created_at": "not a time"}
+    reply = await client.call(
+        account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(bad, provisioned.data_source_id)
+    )
+    assert reply.status == 204
+    sandbox.wait_idle()
+    failures = await ingestion_failures(client, redis, account)
+    assert len(failures) == 1
+    assert [e["property"] for e in failures[0].errors] == ["created_at"]
