@@ -173,6 +173,7 @@ async def test_revoked_grant_disconnects_the_account(
     assert secret not in stored.state_reason
 
 
+@pytest.mark.slow
 def test_two_processes_refresh_an_expiring_token_exactly_once(
     settings: Settings, store: AccountStore, oauth_server: Any, control: Any, tmp_path: Path
 ) -> None:

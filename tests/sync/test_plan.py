@@ -17,6 +17,7 @@ from worker.plan import (
     PROFILE_STATUS,
     PROFILE_TYPE,
     PROFILE_URL,
+    coalesce,
     next_state,
     plan,
     profile_body,
@@ -307,7 +308,8 @@ def test_state_json_round_trip() -> None:
 # --- properties over any sequence ----------------------------------------------------------------------------
 
 
-@settings(max_examples=400, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=250, deadline=None)
 @given(event_lists())
 def test_rules_hold_for_any_order(events: list[PassEvent]) -> None:
     state: PassState | None = None
@@ -357,7 +359,8 @@ def test_rules_hold_for_any_order(events: list[PassEvent]) -> None:
     )
 
 
-@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@pytest.mark.slow
+@settings(max_examples=250, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(event_lists(distinct_times=True, snapshots=True), st.randoms(use_true_random=False))
 def test_any_arrival_order_converges_to_the_sorted_state(events: list[PassEvent], rnd: Any) -> None:
     ordered = sorted(events, key=lambda e: e.occurred_at)
@@ -375,7 +378,8 @@ def test_any_arrival_order_converges_to_the_sorted_state(events: list[PassEvent]
     assert a.created_at == ordered[0].occurred_at
 
 
-@settings(max_examples=150, deadline=None)
+@pytest.mark.slow
+@settings(max_examples=100, deadline=None)
 @given(event_lists())
 def test_every_body_conforms_to_klaviyos_spec(events: list[PassEvent]) -> None:
     if shared_dir() is None:
@@ -421,3 +425,24 @@ def test_next_state_of_nothing_is_the_event() -> None:
         T0,
         "evt-1",
     )
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_lists())
+def test_coalesce_is_the_net_of_planning_one_by_one(events: list[PassEvent]) -> None:
+    """A batch of a serial's events nets to the same final writes as planning them one at a time."""
+    for split in range(len(events) + 1):
+        head, tail = events[:split], events[split:]
+        start = fold(head)
+        net = coalesce(start, tail)
+        assert net.events == [plan(None, e).event for e in tail]
+        assert len(net.notes) == len(tail)
+        end = fold(events)
+        if net.new_state is None:
+            assert end == start or not tail
+            assert net.profile is None
+            assert net.record is None
+            continue
+        assert net.new_state == end
+        assert (net.profile is None) == (start is not None and profile_body(start) == profile_body(end))
+        assert (net.record is None) == (start is not None and record_of(start) == record_of(end))
