@@ -38,3 +38,35 @@ def test_oauth_scopes_are_exactly_what_the_operations_need() -> None:
 def test_url_path_fills_and_quotes_ids() -> None:
     op = Operation("x", "GET", "/api/object-records/{id}", OPERATIONS[0].tier, ())
     assert op.url_path(id="01ABC:::serial/1") == "/api/object-records/01ABC:::serial%2F1"
+
+
+def test_request_checker_flags_what_klaviyo_would_refuse() -> None:
+    """The per-request spec check used on every recorded request can fail, for each reason it checks."""
+    spec = require_spec()
+    good = b'{"data":{"type":"data-source","attributes":{"title":"t"}}}'
+    headers = {"revision": "2026-10-15", "content-type": "application/vnd.api+json"}
+    assert spec.check_request("POST", "http://k/api/data-sources", headers, good) == []
+    assert spec.check_request("POST", "http://k/api/data-sources/", headers, good) == []
+    assert (
+        spec.check_request(
+            "GET", "http://k/api/data-sources?page%5Bcursor%5D=x", {"revision": "2026-07-15"}, None
+        )
+        == []
+    )
+    problems = [
+        spec.check_request("POST", "http://k/api/nope", headers, good),
+        spec.check_request("POST", "http://k/api/data-sources", {"content-type": "application/json"}, good),
+        spec.check_request("GET", "http://k/api/data-sources?bogus=1", {"revision": "2026-07-15"}, None),
+        spec.check_request("POST", "http://k/api/data-sources", headers, b'{"data":{"type":"data-source"}}'),
+        spec.check_request(
+            "POST", "http://k/api/data-sources", {**headers, "content-type": "text/plain"}, good
+        ),
+        spec.check_request("POST", "http://k/api/data-sources", headers, None),
+    ]
+    assert all(p for p in problems), problems
+    assert "no such operation" in problems[0][0]
+    assert "revision" in problems[1][0]
+    assert "bogus" in problems[2][0]
+    assert "attributes" in problems[3][0]
+    assert "content-type" in problems[4][0]
+    assert "body required" in problems[5][0]
