@@ -30,7 +30,7 @@ from klaviyo_sandbox.handlers import HANDLERS, Call, Reply
 from klaviyo_sandbox.ratelimit import format_seconds
 from klaviyo_sandbox.requestlog import LoggedRequest
 from klaviyo_sandbox.revisions import check_revision
-from klaviyo_sandbox.runtime import OperationInfo, Runtime
+from klaviyo_sandbox.runtime import OperationInfo, Runtime, log_failure
 from klaviyo_sandbox.validation import parse_query, validate_body
 
 log = structlog.get_logger("klaviyo_sandbox")
@@ -144,8 +144,8 @@ class SandboxApp:
             await _drop(send, receive)
             self._log(method, path, op_id, account_id, 0, started, arrived)
             return
-        except Exception:
-            log.exception("sandbox.handler_failed", operation=op_id)
+        except Exception as exc:
+            log_failure("sandbox.handler_failed", exc, operation=op_id)
             reply = Reply(500, error_document(500, "error", "A server error occurred.", pointer=None))
         if drop_after:
             await _drop(send, receive)

@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 import uvicorn
 
 from passbridge.cli.common import console, fail, settings
+
+if TYPE_CHECKING:
+    from klaviyo_sandbox.config import Outage
 
 
 def _error_rates(values: list[str]) -> tuple[tuple[int, float], ...]:
@@ -24,7 +29,8 @@ def _error_rates(values: list[str]) -> tuple[tuple[int, float], ...]:
     return tuple(rates)
 
 
-def _outages(values: list[str]) -> tuple[object, ...]:
+def _outages(values: list[str]) -> tuple[Outage, ...]:
+    # Imported here: the sandbox is loaded only when this command runs.
     from klaviyo_sandbox.config import Outage
 
     out = []
@@ -128,7 +134,7 @@ def sandbox(
             drop_rate=drop_rate,
             drop_after_processing=drop_after_processing,
             operations=frozenset(fault_operations),
-            outages=_outages(outage),  # type: ignore[arg-type]
+            outages=_outages(outage),
             seed=seed,
         ),
         access_token_ttl_s=token_ttl_s,

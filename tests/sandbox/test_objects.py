@@ -51,7 +51,7 @@ def test_data_sources(api: httpx.Client) -> None:
     assert [d["id"] for d in check_response("get_data_sources", api.get("/api/data-sources"))["data"]] == [
         ds["id"]
     ]
-    assert api.delete(f"/api/data-sources/{ds['id']}").status_code == 204
+    check_response("delete_data_source", api.delete(f"/api/data-sources/{ds['id']}"))
     assert_klaviyo_error(api.get(f"/api/data-sources/{ds['id']}"), 404, "not_found")
 
 
@@ -282,7 +282,7 @@ def test_profile_relationship_links_records_to_profiles(api: httpx.Client, sandb
             "meta": {"relationship_id": rel_id, "name": "holder"},
         }
     }
-    assert api.patch(rel_path, json=rename).status_code == 204
+    check_response("update_profile_schema_relationship", api.patch(rel_path, json=rename))
     assert api.get(rel_path).json()["data"][0]["meta"]["name"] == "holder"
     bad = {
         "data": {
@@ -298,12 +298,12 @@ def test_profile_relationship_links_records_to_profiles(api: httpx.Client, sandb
     remove = {
         "data": [{"type": "profile-object-schema", "id": "profile", "meta": {"relationship_id": rel_id}}]
     }
-    assert api.request("DELETE", rel_path, json=remove).status_code == 204
+    check_response("delete_profile_schema_relationship", api.request("DELETE", rel_path, json=remove))
     assert api.get(rel_path).json()["data"] == []
 
 
 def test_delete_object_type(api: httpx.Client) -> None:
     _, type_id = _setup(api)
-    assert api.delete(f"/api/object-types/{type_id}").status_code == 204
+    check_response("delete_object_type", api.delete(f"/api/object-types/{type_id}"))
     error = assert_klaviyo_error(api.get(f"/api/object-types/{type_id}"), 404, "not_found")
     assert error["detail"] == f"object-type with id `{type_id}` does not exist."

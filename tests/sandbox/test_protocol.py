@@ -144,3 +144,10 @@ def test_every_request_is_in_the_request_log(api: httpx.Client, sandbox: Sandbox
     assert summary["counts"]["get_profiles"] == {"200": 1, "401": 1}
     assert summary["counts"]["unknown"] == {"404": 1}
     assert all("Klaviyo-API-Key" not in str(entry) for entry in summary["recent"])
+
+
+def test_accounts_for_connection_checks(api: httpx.Client) -> None:
+    listed = check_response("get_accounts", api.get("/api/accounts"))
+    assert [a["id"] for a in listed["data"]] == ["main"]
+    check_response("get_account", api.get("/api/accounts/main/"))
+    assert_klaviyo_error(api.get("/api/accounts/basic"), 404, "not_found")  # another account is not visible
