@@ -3,9 +3,6 @@ and a KlaviyoClient whose every request is checked against Klaviyo's official sp
 
 from __future__ import annotations
 
-import base64
-import hashlib
-import secrets
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -21,7 +18,7 @@ from passbridge.crypto import load_cipher
 from passbridge.settings import Settings
 from tests.sync.spec import load_spec, shared_dir
 from worker.klaviyo.client import ClientOptions, KlaviyoClient
-from worker.klaviyo.endpoints import OAUTH_SCOPES
+from worker.klaviyo.oauth import authorize_url, pkce_pair
 
 if TYPE_CHECKING:
     from klaviyo_sandbox.client import SandboxClient
@@ -178,28 +175,19 @@ async def client(
         yield c
 
 
-def oauth_grant(base_url: str, scopes: tuple[str, ...] = OAUTH_SCOPES) -> dict[str, Any]:
+def oauth_grant(base_url: str) -> dict[str, Any]:
     """Connect the test app the way a merchant would: authorize (PKCE S256) and exchange the code."""
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
+    verifier, challenge = pkce_pair()
     redirect_uri = "http://127.0.0.1/callback"
-    with httpx.Client(base_url=base_url, timeout=10) as http:
-        r = http.get(
-            "/oauth/authorize",
-            params={
-                "response_type": "code",
-                "client_id": OAUTH_CLIENT_ID,
-                "redirect_uri": redirect_uri,
-                "scope": " ".join(scopes),
-                "state": "s1",
-                "code_challenge_method": "S256",
-                "code_challenge": challenge,
-            },
-        )
+    url = authorize_url(OAUTH_CLIENT_ID, redirect_uri, "s1", challenge, base=f"{base_url}/oauth/authorize")
+    with httpx.Client(timeout=10) as http:
+        r = http.get(url)
         assert r.status_code == 302, r.text
-        code = parse_qs(urlsplit(r.headers["location"]).query)["code"][0]
+        back = parse_qs(urlsplit(r.headers["location"]).query)
+        assert back["state"] == ["s1"]
+        code = back["code"][0]
         r = http.post(
-            "/oauth/token",
+            f"{base_url}/oauth/token",
             data={
                 "grant_type": "authorization_code",
                 "code": code,
