@@ -102,7 +102,7 @@ class SandboxApp:
             op_id, params = rt.router.match(method, path)
             info = rt.ops[op_id]
             if rt.faults.active:
-                fault = await self._fault(op_id, receive)
+                fault = await self._fault(op_id)
                 if fault is not None:
                     if fault.kind == "drop" and fault.after_processing:
                         drop_after = True
@@ -230,7 +230,7 @@ class SandboxApp:
 
     # -- faults -----------------------------------------------------------------------------------------------
 
-    async def _fault(self, op_id: str, receive: Any) -> Fault | None:
+    async def _fault(self, op_id: str) -> Fault | None:
         faults = self.runtime.faults
         delay = faults.latency_s()
         if delay > 0:

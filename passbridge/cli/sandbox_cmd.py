@@ -63,7 +63,9 @@ def sandbox(
     ),
     rate_scale: float = typer.Option(1.0, help="Run Klaviyo's rate-limit clock this many times faster."),
     unlimited: bool = typer.Option(False, "--unlimited", help="Turn rate limits off."),
-    error_rate: list[str] = typer.Option([], "--error-rate", help="STATUS=RATE, e.g. 503=0.05 (repeatable)."),
+    error_rate: list[str] = typer.Option(
+        [], "--error-rate", "--fault-rate", help="STATUS=RATE, e.g. 503=0.05 (repeatable)."
+    ),
     latency_ms: float = typer.Option(0.0, help="Added latency per /api request."),
     jitter_ms: float = typer.Option(0.0, help="Extra random latency, uniform 0..N ms."),
     hang_rate: float = typer.Option(0.0, help="Share of requests that never answer."),
