@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import orjson
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -33,7 +34,7 @@ from redis.asyncio import Redis  # noqa: E402
 
 from passbridge.accounts import Account, AccountSecrets, AccountStore  # noqa: E402
 from passbridge.event import EventIn, PassEvent, build_event  # noqa: E402
-from passbridge.keys import account_keys  # noqa: E402
+from passbridge.keys import ACTIVE_ACCOUNTS, WORKERS_INFO, account_keys  # noqa: E402
 from passbridge.queue import enqueue  # noqa: E402
 from passbridge.redis_server import free_port, start_redis  # noqa: E402
 from passbridge.settings import Settings  # noqa: E402
@@ -249,6 +250,52 @@ async def put(redis: Redis, account_id: str, events: Sequence[PassEvent], chunk:
             high_water=10_000_000,
             dedup_window_s=86_400,
         )
+
+
+def log_summary(workdir: Path) -> dict[str, Any]:
+    """What the worker logs of a run say: lines per event name, and retries/failures by endpoint and code."""
+    events: dict[str, int] = {}
+    why: dict[str, int] = {}
+    for path in sorted(workdir.glob("worker-*.log")):
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                doc = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            name = str(doc.get("event"))
+            events[name] = events.get(name, 0) + 1
+            if name in ("event_retry_scheduled", "klaviyo_call_failed", "event_throttled", "batch_failed"):
+                key = f"{name} {doc.get('endpoint')} {doc.get('status')} {doc.get('code')} {doc.get('error')}"
+                why[key] = why.get(key, 0) + 1
+    return {"events": events, "failures": why}
+
+
+async def worker_stats(redis: Redis) -> dict[str, int]:
+    """The engine counters of every live worker, summed (from their heartbeats)."""
+    out: dict[str, int] = {}
+    for raw in (await redis.hgetall(WORKERS_INFO)).values():
+        info = orjson.loads(raw)
+        info.update({f"sync_{k}": v for k, v in (info.pop("sync", None) or {}).items()})
+        for k, v in info.items():
+            if k not in ("pid", "started_ms", "beat_ms", "held", "max_serials") and isinstance(v, int) and not isinstance(v, bool):
+                out[k] = out.get(k, 0) + v
+    return out
+
+
+async def purge_account(redis: Redis, account_id: str) -> None:
+    """Delete whatever the account still has queued, leased or scheduled (its keys and its place in
+    ``pb:active``), so that a later phase of a benchmark does not drain it."""
+    keys = account_keys(account_id)
+    batch = []
+    async for key in redis.scan_iter(match=keys.base + ":*", count=1000):
+        if not key.endswith(b":cfg") and not key.endswith(b":klaviyo"):
+            batch.append(key)
+        if len(batch) >= 1000:
+            await redis.delete(*batch)
+            batch = []
+    if batch:
+        await redis.delete(*batch)
+    await redis.zrem(ACTIVE_ACCOUNTS, account_id)
 
 
 async def depth(redis: Redis, account_id: str) -> int:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from functools import lru_cache
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,19 @@ class Settings(BaseSettings):
     worker_fair_reserve: int | None = None
     #: Most events a serial is worked on under one lease before it goes to the back of the line.
     worker_events_per_lease: int = 200
+    #: How workers write to Klaviyo (README "Throughput at Klaviyo's limits"): ``adaptive`` single calls for a
+    #: small backlog and bulk endpoints as it grows, both budgets spent; ``single`` one call per operation,
+    #: nothing coalesced; ``bulk`` bulk endpoints for everything (tests of the bulk path).
+    worker_sync_mode: Literal["adaptive", "single", "bulk"] = "adaptive"
+    #: In adaptive/bulk mode: serials a worker holds at once (a bulk request carries hundreds of them) ...
+    worker_bulk_max_serials: int = 6000
+    #: ... most serials one claim hands out (and per account) ...
+    worker_bulk_claim_batch: int = 1000
+    #: ... and mailbox entries read per serial per round (its queued events coalesce into one write).
+    worker_bulk_heads: int = 32
+    #: Events received at most this long before they are worked on count as fresh: they are claimed ahead of
+    #: a backlog and take single calls first (lowest latency); older ones go by bulk.
+    worker_bulk_fresh_ms: int = 2000
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
     history_retention_s: int = 7 * 86_400
     #: Retry defaults; an account's ``retry_policy`` overrides any of them.

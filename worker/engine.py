@@ -48,7 +48,7 @@ from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
 from worker.history import HistoryKind, entry
-from worker.queue import Lease, WorkQueue, split_member
+from worker.queue import Lease, SettleRequest, WorkQueue, split_member
 from worker.retry import (
     DeadLetter,
     Failure,
@@ -87,6 +87,12 @@ class EngineConfig:
     capped_recheck_s: float = 0.05
     #: A throttled serial whose wait is at least this long defers its whole account (no claims meanwhile).
     defer_min_ms: int = 50
+    #: Mailbox entries read per serial at a claim and after each settle (a bulk strategy coalesces them).
+    heads_per_serial: int = 8
+    #: Fresh first: up to ``fresh_take`` serials per account and claim are the newest made ready within
+    #: ``fresh_ms`` (0 = off: strictly oldest first). See ``claim.lua``.
+    fresh_ms: int = 0
+    fresh_take: int = 0
     lease_ms: int = 10_000
     events_per_lease: int = 200
     history_retention_ms: int = 7 * 86_400_000
@@ -122,6 +128,18 @@ class Batch:
     account: Account
     policy: RetryPolicy
     works: list[SerialWork]
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """One serial's accepted events for :meth:`Engine.written_many`: its head ``members`` (in order), the
+    state to store (``None``: unchanged), and per event its id and timeline notes."""
+
+    work: SerialWork
+    members: Sequence[bytes]
+    state: PassState | None
+    event_ids: Sequence[str]
+    notes: Sequence[Sequence[str]]
 
 
 class BatchSync(Protocol):
@@ -173,6 +191,7 @@ class Engine:
             worker_id=self.worker_id,
             lease_ms=self.config.lease_ms,
             history_retention_ms=self.config.history_retention_ms,
+            head_batch=self.config.heads_per_serial,
         )
         self.stats: Counter[str] = Counter()
         self._held: dict[str, SerialWork] = {}
@@ -264,6 +283,8 @@ class Engine:
                     reserve=self.reserve,
                     free=free,
                     held=self._held_by_account(),
+                    fresh_ms=self.config.fresh_ms,
+                    fresh_take=self.config.fresh_take,
                 )
                 if claimed.taken_over:
                     self.stats["taken_over"] += claimed.taken_over
@@ -445,6 +466,44 @@ class Engine:
         self.stats["written"] += len(members)
         return True
 
+    async def written_many(self, items: Sequence[Written]) -> list[bool]:
+        """Several :meth:`written` settles (of different serials) in one Redis round trip.
+
+        Each item's events get their own timeline note (``notes[i]`` for ``event_ids[i]``), so a coalesced
+        write still says per event what it did (applied, stale, ...).
+        """
+        now = int(time.time() * 1000)
+        requests = []
+        for item in items:
+            hist = [
+                entry(HistoryKind.written, eid, now, worker=self.worker_id, notes=[n for n in notes if n])
+                for eid, notes in zip(item.event_ids, item.notes, strict=True)
+            ]
+            requests.append(
+                SettleRequest(
+                    item.work.lease,
+                    item.members,
+                    item.state.to_json() if item.state is not None else None,
+                    item.event_ids,
+                    hist,
+                )
+            )
+        done = await self.queue.settle_many(requests)
+        out = []
+        for item, settled in zip(items, done, strict=True):
+            work = item.work
+            if not settled.ok:
+                self._lost(work)
+                out.append(False)
+                continue
+            work.heads = settled.heads
+            if item.state is not None:
+                work.state = item.state
+            work.done_events += len(item.members)
+            self.stats["written"] += len(item.members)
+            out.append(True)
+        return out
+
     async def failed(
         self, work: SerialWork, member: bytes, event: PassEvent | None, exc: BaseException
     ) -> bool:
@@ -472,6 +531,7 @@ class Engine:
             "status": failure.status,
             "code": failure.code,
             "endpoint": failure.endpoint,
+            "error": failure.message[:200],
         }
         if isinstance(decision, Wait):
             record.add(failure, at_ms=now, worker_id=self.worker_id, counted=False)
@@ -539,6 +599,17 @@ class Engine:
         work.heads = done.heads
         work.done_events += 1
         return True
+
+    async def release_many(self, works: Sequence[SerialWork]) -> None:
+        """:meth:`release` of several serials that are done for now (no delay), in one Redis round trip."""
+        todo = [w for w in works if not w.released and not w.lost]
+        for work in todo:
+            work.releasing = True
+        flags = await self.queue.release_many([w.lease for w in todo])
+        for work, ok in zip(todo, flags, strict=True):
+            work.released = True
+            if not ok:
+                self._lost(work)
 
     async def defer_account(self, account_id: str, seconds: float) -> None:
         """Claim none of the account's serials for ``seconds`` (its Klaviyo budget is spent until then).
@@ -642,6 +713,9 @@ class Engine:
             "stopping": self._stopping,
             **self.stats,
         }
+        sync_stats = getattr(self.batch_sync, "stats", None)
+        if callable(sync_stats):
+            info["sync"] = sync_stats()
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(WORKERS, {self.worker_id: now})
             pipe.hset(WORKERS_INFO, self.worker_id, orjson.dumps(info))
@@ -662,9 +736,10 @@ class PerEventSync:
 
     async def run(self, engine: Engine, batch: Batch) -> None:
         """Work every serial of the batch concurrently."""
-        await asyncio.gather(*(self._serial(engine, batch, work) for work in batch.works))
+        await asyncio.gather(*(self.serial(engine, batch, work) for work in batch.works))
 
-    async def _serial(self, engine: Engine, batch: Batch, work: SerialWork) -> None:
+    async def serial(self, engine: Engine, batch: Batch, work: SerialWork) -> None:
+        """Work one serial of ``batch`` event by event until it is done, parked or out of budget; release it."""
         while engine.may_continue(work):
             member = work.heads[0]
             event: PassEvent | None = None

@@ -187,8 +187,7 @@ def next_state(state: PassState | None, event: PassEvent) -> PassState:
     )
 
 
-def event_body(event: PassEvent) -> dict[str, Any]:
-    """``POST /api/events`` body: the metric event, its profile identified by ``external_id`` only."""
+def _event_attributes(event: PassEvent) -> dict[str, Any]:
     properties: dict[str, Scalar] = {
         **event.properties,
         "serial_number": event.serial_number,
@@ -197,16 +196,29 @@ def event_body(event: PassEvent) -> dict[str, Any]:
         "pass_url": event.pass_url,
     }
     return {
-        "data": {
-            "type": "event",
-            "attributes": {
-                "properties": properties,
-                "time": _iso(event.occurred_at),
-                "unique_id": event.event_id,
-                "metric": {"data": {"type": "metric", "attributes": {"name": METRIC_NAMES[event.kind]}}},
-                "profile": {"data": {"type": "profile", "attributes": {"external_id": event.serial_number}}},
-            },
-        }
+        "properties": properties,
+        "time": _iso(event.occurred_at),
+        "unique_id": event.event_id,
+        "metric": {"data": {"type": "metric", "attributes": {"name": METRIC_NAMES[event.kind]}}},
+    }
+
+
+def event_body(event: PassEvent) -> dict[str, Any]:
+    """``POST /api/events`` body: the metric event, its profile identified by ``external_id`` only."""
+    attributes = _event_attributes(event)
+    attributes["profile"] = {"data": {"type": "profile", "attributes": {"external_id": event.serial_number}}}
+    return {"data": {"type": "event", "attributes": attributes}}
+
+
+def bulk_events_entry(serial: str, events: list[PassEvent]) -> dict[str, Any]:
+    """One profile's entry of an ``event-bulk-create-jobs`` body: the serial's metric events, in order, each
+    the same event :func:`event_body` sends alone (profile by ``external_id`` only)."""
+    return {
+        "type": "event-bulk-create",
+        "attributes": {
+            "profile": {"data": {"type": "profile", "attributes": {"external_id": serial}}},
+            "events": {"data": [{"type": "event", "attributes": _event_attributes(e)} for e in events]},
+        },
     }
 
 

@@ -60,6 +60,17 @@ class SerialSnapshot:
     state: bytes | None
 
 
+@dataclass(frozen=True, slots=True)
+class SettleRequest:
+    """One "written" settle of :meth:`WorkQueue.settle_many`."""
+
+    lease: Lease
+    members: Sequence[bytes]
+    state: bytes | None
+    retry_fields: Sequence[str]
+    history: Sequence[bytes]
+
+
 def split_member(member: bytes) -> tuple[int, bytes]:
     """A mailbox member's arrival sequence and event wire JSON."""
     return int(member[:SEQ_CHARS], 16), member[SEQ_CHARS:]
@@ -95,11 +106,14 @@ class WorkQueue:
         reserve: int = 0,
         free: int | None = None,
         held: Mapping[str, int] | None = None,
+        fresh_ms: int = 0,
+        fresh_take: int = 0,
     ) -> Claimed:
         """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts.
 
         With ``reserve`` R > 0, of the worker's ``free`` slots the last R are kept for accounts holding fewer
-        than R serials (``held``: account → serials this worker holds): see ``claim.lua``.
+        than R serials (``held``: account → serials this worker holds): see ``claim.lua``. With ``fresh_ms``,
+        up to ``fresh_take`` serials per account are the newest ones made ready within ``fresh_ms``.
         """
         held_args: list[str | int] = []
         for account_id, n in (held or {}).items():
@@ -117,6 +131,8 @@ class WorkQueue:
                 1000,
                 reserve,
                 max_serials if free is None else free,
+                fresh_ms,
+                fresh_take,
                 *held_args,
             ]
         )
@@ -147,7 +163,7 @@ class WorkQueue:
             args += [lease.serial, lease.token]
         return [bool(flag) for flag in await self.scripts.renew(args=args)]
 
-    async def settle(
+    def _settle_args(
         self,
         lease: Lease,
         members: Sequence[bytes],
@@ -157,10 +173,7 @@ class WorkQueue:
         history: Sequence[bytes] = (),
         dead: Sequence[tuple[str, bytes]] = (),
         heads: int | None = None,
-    ) -> Settled:
-        """Remove ``members`` from the serial's mailbox (and ``depth``), store ``state``, drop the retry
-        records ``retry_fields``, append ``history`` and put ``dead`` (event id, DLQ entry JSON) into the DLQ —
-        atomically, fenced by the lease. Returns the mailbox's next ``heads`` entries."""
+    ) -> list[str | int | bytes]:
         keys = account_keys(lease.account_id)
         fields = list(retry_fields)
         args: list[str | int | bytes] = [
@@ -180,10 +193,45 @@ class WorkQueue:
         ]
         for event_id, entry in dead:
             args += [event_id, entry]
-        raw = await self.scripts.settle(args=args)
+        return args
+
+    @staticmethod
+    def _settled(raw: list[bytes]) -> Settled:
         if int(raw[0]) == 0:
             return Settled(ok=False)
         return Settled(ok=True, removed=int(raw[1]), heads=list(raw[2:]))
+
+    async def settle(
+        self,
+        lease: Lease,
+        members: Sequence[bytes],
+        *,
+        state: bytes | None = None,
+        retry_fields: Iterable[str] = (),
+        history: Sequence[bytes] = (),
+        dead: Sequence[tuple[str, bytes]] = (),
+        heads: int | None = None,
+    ) -> Settled:
+        """Remove ``members`` from the serial's mailbox (and ``depth``), store ``state``, drop the retry
+        records ``retry_fields``, append ``history`` and put ``dead`` (event id, DLQ entry JSON) into the DLQ —
+        atomically, fenced by the lease. Returns the mailbox's next ``heads`` entries."""
+        args = self._settle_args(
+            lease, members, state=state, retry_fields=retry_fields, history=history, dead=dead, heads=heads
+        )
+        return self._settled(await self.scripts.settle(args=args))
+
+    async def settle_many(self, settles: Sequence[SettleRequest]) -> list[Settled]:
+        """Several :meth:`settle` steps (of any serials) in one round trip; each is atomic and fenced on its own."""
+        if not settles:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for req in settles:
+                args = self._settle_args(
+                    req.lease, req.members, state=req.state, retry_fields=req.retry_fields, history=req.history
+                )
+                await self.scripts.settle(args=args, client=pipe)
+            raw = await pipe.execute()
+        return [self._settled(r) for r in raw]
 
     async def release(
         self,
@@ -214,6 +262,28 @@ class WorkQueue:
             ]
         )
         return bool(int(raw[0]))
+
+    async def release_many(self, leases: Sequence[Lease]) -> list[bool]:
+        """:meth:`release` (no delay, no retry record, no history) of several serials in one round trip."""
+        if not leases:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                args: list[str | int | bytes] = [
+                    account_keys(lease.account_id).base,
+                    lease.account_id,
+                    lease.serial,
+                    lease.token,
+                    0,
+                    ACTIVE_ACCOUNTS,
+                    NOTIFY,
+                    self.history_retention_ms,
+                    "",
+                    b"",
+                ]
+                await self.scripts.release(args=args, client=pipe)
+            raw = await pipe.execute()
+        return [bool(int(r[0])) for r in raw]
 
     async def sweep(self, account_id: str) -> int:
         """Take over the account's expired leases and re-index it; returns how many leases were taken over."""

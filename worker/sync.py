@@ -72,7 +72,7 @@ class Syncer:
         data_source_id = await self.data_source_id(account) if p.record is not None else None
         if p.profile is not None:
             assert new_state is not None
-            new_state, conflict_notes = await self._write_profile(account, new_state)
+            new_state, conflict_notes = await self.write_profile(account, new_state)
             notes += conflict_notes
         if p.record is not None:
             assert data_source_id is not None
@@ -104,8 +104,14 @@ class Syncer:
         self._data_sources[account.account_id] = (provisioned.data_source_id, now)
         return provisioned.data_source_id
 
-    async def _write_profile(self, account: Account, state: PassState) -> tuple[PassState, list[str]]:
-        """Upsert the profile; on ``duplicate_profile`` retry without the identifiers another profile owns."""
+    async def write_profile(
+        self, account: Account, state: PassState, *, acquired: str | None = None
+    ) -> tuple[PassState, list[str]]:
+        """Upsert the profile; on ``duplicate_profile`` retry without the identifiers another profile owns.
+
+        Returns the state as written (withheld identifiers marked) and timeline notes. ``acquired``: the
+        rate-limit slot the caller already took for the first call.
+        """
         notes: list[str] = []
         other_profile = ""
         attempts = _withholding_orders(contact_identifiers(state))
@@ -113,8 +119,11 @@ class Syncer:
             candidate = state
             for f in drop:
                 candidate = withhold(candidate, f)
+            first, acquired = acquired, None
             try:
-                await self.client.call(account, CREATE_OR_UPDATE_PROFILE, body=profile_body(candidate))
+                await self.client.call(
+                    account, CREATE_OR_UPDATE_PROFILE, body=profile_body(candidate), acquired=first
+                )
             except PermanentError as exc:
                 if exc.code != "duplicate_profile" or i == len(attempts) - 1:
                     raise

@@ -10,6 +10,9 @@
 -- KEYS[1] burst log (zset, score = µs)   KEYS[2] steady log (zset)   KEYS[3] pause-until (string, µs)
 -- ARGV[1] burst limit   ARGV[2] burst window µs   ARGV[3] steady limit   ARGV[4] steady window µs
 -- ARGV[5] a unique member for this request
+-- ARGV[6], ARGV[7] (optional) slots of the burst / steady window this request must leave free: work that can
+-- wait (a backlog's overflow) keeps a share of the budget for work that cannot (a fresh event)
+-- ARGV[8] (optional) '1': only look — return 0 if a slot is free now, but do not take it
 -- Returns 0 when the slot is taken, else the µs to wait before asking again.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -22,7 +25,7 @@ end
 
 for i = 1, 2 do
   local key = KEYS[i]
-  local limit = tonumber(ARGV[2 * i - 1])
+  local limit = tonumber(ARGV[2 * i - 1]) - tonumber(ARGV[5 + i] or '0')
   local window = tonumber(ARGV[2 * i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window))
   local count = redis.call('ZCARD', key)
@@ -39,6 +42,9 @@ end
 
 if wait > 0 then
   return math.ceil(wait)
+end
+if ARGV[8] == '1' then
+  return 0
 end
 
 for i = 1, 2 do

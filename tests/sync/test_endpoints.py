@@ -31,6 +31,9 @@ def test_oauth_scopes_are_exactly_what_the_operations_need() -> None:
         "custom-objects:read",
         "custom-objects:write",
         "events:write",
+        "lists:read",
+        "lists:write",
+        "profiles:read",
         "profiles:write",
     }
 

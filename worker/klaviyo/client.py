@@ -30,7 +30,7 @@ from passbridge.settings import Settings
 from worker.klaviyo.endpoints import OAUTH_TOKEN_PATH, Operation
 from worker.klaviyo.errors import AuthError, KlaviyoError, ThrottledError, TransientError, error_from_response
 from worker.klaviyo.oauth import OAuthManager
-from worker.klaviyo.ratelimit import RateLimiter
+from worker.klaviyo.ratelimit import RateLimiter, new_slot
 
 log = structlog.get_logger(__name__)
 
@@ -67,6 +67,7 @@ class ClientOptions:
     oauth_refresh_skew_s: float = 60.0
     oauth_lock_ttl_s: float = 30.0
     rate_safety: float = 0.02
+    rate_burst_safety: float = 0.5
     rate_pad_s: float = 0.02
     #: A 429 whose Retry-After is at most ``max_slot_wait_s`` is waited out and sent again (the request was
     #: not processed) this many times before ThrottledError reaches the caller's retry policy.
@@ -119,7 +120,13 @@ class KlaviyoClient:
             event_hooks=event_hooks,
             follow_redirects=False,
         )
-        self.limiter = RateLimiter(redis, scale=rate_scale, safety=opts.rate_safety, pad_s=opts.rate_pad_s)
+        self.limiter = RateLimiter(
+            redis,
+            scale=rate_scale,
+            safety=opts.rate_safety,
+            pad_s=opts.rate_pad_s,
+            burst_safety=opts.rate_burst_safety,
+        )
         self.oauth = OAuthManager(
             redis,
             accounts,
@@ -168,17 +175,30 @@ class KlaviyoClient:
         body: Any = None,
         params: Mapping[str, str] | None = None,
         path_params: Mapping[str, str] | None = None,
+        content: bytes | None = None,
+        acquired: str | None = None,
     ) -> Reply:
-        """Send one request for ``account`` and return the 2xx :class:`Reply`, or raise a KlaviyoError."""
+        """Send one request for ``account`` and return the 2xx :class:`Reply`, or raise a KlaviyoError.
+
+        ``content`` is an already serialized JSON body (instead of ``body``: bulk requests are assembled from
+        items serialized once). ``acquired``: the name of the rate-limit slot the caller already took for the
+        first attempt (``RateLimiter.try_acquire(slot=...)``); retries take their own. A 429 gives the
+        attempt's slot back (Klaviyo did not count the request).
+        """
         path = op.url_path(**(path_params or {}))
-        content = orjson.dumps(body) if body is not None else None
+        if content is None and body is not None:
+            content = orjson.dumps(body)
         retried_auth = False
         throttled = 0
         while True:
             authorization, oauth_token = await self._authorization(account, op)
-            await self.limiter.acquire(
-                account.account_id, op.name, op.tier, max_wait_s=self.options.max_slot_wait_s
-            )
+            if acquired:
+                slot, acquired = acquired, None
+            else:
+                slot = new_slot()
+                await self.limiter.acquire(
+                    account.account_id, op.name, op.tier, max_wait_s=self.options.max_slot_wait_s, slot=slot
+                )
             response = await self._send(op, path, authorization, content, params)
             status = response.status_code
             if 200 <= status < 300:
@@ -194,6 +214,7 @@ class KlaviyoClient:
                 continue
             error = error_from_response(op.name, status, response.content, response.headers)
             if isinstance(error, ThrottledError):
+                await self.limiter.refund(account.account_id, op.name, slot)
                 await self.limiter.pause(account.account_id, op.name, error.retry_after_s)
                 if (
                     throttled < self.options.max_throttle_retries

@@ -20,6 +20,8 @@ class Tier:
 
 
 XS = Tier(1, 15)
+#: The record bulk endpoint's own tier (3/s but only 15/m): it is what caps a backlog of distinct serials.
+S_15 = Tier(3, 15)
 S = Tier(3, 60)
 M = Tier(10, 150)
 L = Tier(75, 750)
@@ -53,6 +55,38 @@ CREATE_OR_UPDATE_PROFILE = Operation(
 CREATE_EVENT = Operation("create_event", "POST", "/api/events", XL, ("events:write",))
 CREATE_DATA_SOURCE_RECORD = Operation(
     "create_data_source_record", "POST", "/api/data-source-record-create-jobs", L, _CO_W
+)
+
+# The bulk write path (worker/bulk.py), for backlogs: one request carries many operations.
+BULK_CREATE_EVENTS = Operation(
+    "bulk_create_events", "POST", "/api/event-bulk-create-jobs", M, ("events:write",)
+)
+BULK_IMPORT_PROFILES = Operation(
+    "bulk_import_profiles", "POST", "/api/profile-bulk-import-jobs", M, ("lists:write", "profiles:write")
+)
+GET_BULK_IMPORT_PROFILES_JOB = Operation(
+    "get_bulk_import_profiles_job",
+    "GET",
+    "/api/profile-bulk-import-jobs/{job_id}",
+    M,
+    ("lists:read", "profiles:read"),
+)
+GET_BULK_IMPORT_PROFILES_JOBS = Operation(
+    "get_bulk_import_profiles_jobs",
+    "GET",
+    "/api/profile-bulk-import-jobs",
+    M,
+    ("lists:read", "profiles:read"),
+)
+GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB = Operation(
+    "get_errors_for_bulk_import_profiles_job",
+    "GET",
+    "/api/profile-bulk-import-jobs/{id}/import-errors",
+    M,
+    ("profiles:read",),
+)
+BULK_CREATE_DATA_SOURCE_RECORDS = Operation(
+    "bulk_create_data_source_records", "POST", "/api/data-source-record-bulk-create-jobs", S_15, _CO_W
 )
 
 # Account set-up (``passbridge klaviyo setup``).
@@ -91,6 +125,12 @@ OPERATIONS: tuple[Operation, ...] = (
     CREATE_OR_UPDATE_PROFILE,
     CREATE_EVENT,
     CREATE_DATA_SOURCE_RECORD,
+    BULK_CREATE_EVENTS,
+    BULK_IMPORT_PROFILES,
+    GET_BULK_IMPORT_PROFILES_JOB,
+    GET_BULK_IMPORT_PROFILES_JOBS,
+    GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB,
+    BULK_CREATE_DATA_SOURCE_RECORDS,
     GET_DATA_SOURCES,
     CREATE_DATA_SOURCE,
     GET_OBJECT_TYPES,

@@ -8,8 +8,9 @@ endpoint back for that account only, until its ``Retry-After`` has passed.
 
 ``scale`` runs the clock faster exactly as the sandbox's ``--rate-scale`` does (windows of 1/scale s and
 60/scale s with the same counts), so a benchmark spends Klaviyo's real budget in 1/scale of the time.
-Windows are stretched by ``safety`` (a fraction) plus ``pad_s`` (wall-clock seconds) so that network jitter
-between our send time and Klaviyo's receive time does not push a request into a full window on Klaviyo's side.
+Windows are stretched by ``safety`` (a fraction; ``burst_safety`` for the one-second window) plus ``pad_s``
+(wall-clock seconds) so that the delay between taking a slot and Klaviyo receiving the request (a busy event
+loop, network jitter) does not push a request into a full window on Klaviyo's side.
 What still slips through is a 429 like any other: the request was not processed, the endpoint pauses.
 """
 
@@ -32,6 +33,11 @@ from worker.klaviyo.errors import ThrottledError
 log = structlog.get_logger(__name__)
 
 BURST_WINDOW_S = 1.0
+
+
+def new_slot() -> str:
+    """A fresh, unique slot name (the member a request is logged under in the windows)."""
+    return secrets.token_hex(8)
 STEADY_WINDOW_S = 60.0
 
 
@@ -45,12 +51,17 @@ class RateLimiter:
         scale: float = 1.0,
         safety: float = 0.02,
         pad_s: float = 0.02,
+        burst_safety: float = 0.5,
     ) -> None:
         if not scale > 0:
             raise ValueError("rate scale must be > 0")
         self.redis = redis
         self.scale = scale
-        self.burst_window_us = self._window_us(BURST_WINDOW_S, safety, pad_s)
+        # The burst window gets a wider margin: a request is sent a little after its slot was taken (an
+        # event loop busy for tens of ms), and a one-second window has little room for that. It costs no
+        # steady throughput: every tier can spend its minute budget in well under a minute at 2/3 of its
+        # burst rate.
+        self.burst_window_us = self._window_us(BURST_WINDOW_S, max(safety, burst_safety), pad_s)
         self.steady_window_us = self._window_us(STEADY_WINDOW_S, safety, pad_s)
         self._acquire = script(redis, "klaviyo_rate_acquire")
         self._pause = script(redis, "klaviyo_rate_pause")
@@ -59,8 +70,24 @@ class RateLimiter:
         # The pad is wall-clock (network jitter does not speed up with the scale); the safety share is not.
         return math.ceil((seconds / self.scale * (1 + safety) + pad_s) * 1_000_000)
 
-    async def try_acquire(self, account_id: str, endpoint: str, tier: Tier) -> float:
-        """Take a slot now if there is one (returns 0.0), else return the seconds until one may free up."""
+    async def try_acquire(
+        self,
+        account_id: str,
+        endpoint: str,
+        tier: Tier,
+        *,
+        reserve: float = 0.0,
+        peek: bool = False,
+        slot: str | None = None,
+    ) -> float:
+        """Take a slot now if there is one (returns 0.0), else return the seconds until one may free up.
+
+        ``reserve`` (a fraction of each window): take the slot only if that share of the window stays free,
+        for callers that must not be kept waiting (the bulk lanes keep it for fresh events). ``peek``: only
+        say whether a slot is free, without taking it (the caller takes it right before sending: a slot
+        taken long before its request leaves would let Klaviyo see the requests closer together than the
+        limiter admitted them). ``slot``: the name the slot is logged under (see :meth:`refund`).
+        """
         keys = account_keys(account_id)
         wait_us = await self._acquire(
             keys=[
@@ -73,13 +100,18 @@ class RateLimiter:
                 self.burst_window_us,
                 tier.steady,
                 self.steady_window_us,
-                secrets.token_hex(8),
+                slot or new_slot(),
+                min(tier.burst - 1, math.ceil(tier.burst * reserve)),
+                min(tier.steady - 1, math.ceil(tier.steady * reserve)),
+                "1" if peek else "0",
             ],
         )
         return int(wait_us) / 1_000_000
 
-    async def acquire(self, account_id: str, endpoint: str, tier: Tier, *, max_wait_s: float) -> float:
-        """Wait for a slot and take it; returns the seconds waited.
+    async def acquire(
+        self, account_id: str, endpoint: str, tier: Tier, *, max_wait_s: float, slot: str | None = None
+    ) -> float:
+        """Wait for a slot and take it (logged as ``slot``); returns the seconds waited.
 
         Raises :class:`ThrottledError` without waiting when the slot is further away than ``max_wait_s``
         (a long 429 pause, a spent minute budget): the caller's retry policy parks the work instead of
@@ -87,7 +119,7 @@ class RateLimiter:
         """
         started = time.monotonic()
         while True:
-            wait = await self.try_acquire(account_id, endpoint, tier)
+            wait = await self.try_acquire(account_id, endpoint, tier, slot=slot)
             if wait <= 0:
                 return time.monotonic() - started
             waited = time.monotonic() - started
@@ -97,6 +129,15 @@ class RateLimiter:
                 )
             # A little jitter so that waiters woken by the same free slot do not all race for it at once.
             await asyncio.sleep(wait + random.uniform(0, min(0.005, wait)))
+
+    async def refund(self, account_id: str, endpoint: str, slot: str) -> None:
+        """Give back a slot whose request Klaviyo refused with a 429: Klaviyo counts only what it admitted,
+        so keeping it in our log would cost a slot of the window for nothing (dear for a tier of 15/min)."""
+        keys = account_keys(account_id)
+        async with self.redis.pipeline(transaction=False) as pipe:
+            pipe.zrem(keys.rate_window(endpoint, "b"), slot)
+            pipe.zrem(keys.rate_window(endpoint, "s"), slot)
+            await pipe.execute()
 
     async def pause(self, account_id: str, endpoint: str, seconds: float) -> None:
         """Hold the endpoint back for this account for ``seconds`` (a 429's Retry-After, in real seconds)."""

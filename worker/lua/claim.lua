@@ -5,7 +5,8 @@
 -- ARGV[7] max serials per account         ARGV[8] max accounts to visit     ARGV[9] max expired leases taken
 --                                                                                   over per account
 -- ARGV[10] reserve R (0 = none)           ARGV[11] the worker's free slots F
--- ARGV[12..] pairs (account, serials this worker already holds of it)
+-- ARGV[12] fresh window ms (0 = off)      ARGV[13] most fresh serials per account per claim
+-- ARGV[14..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
 -- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
 -- to `ready`, the token is deleted so the old holder can no longer commit), then gives at most an equal
@@ -21,13 +22,19 @@
 -- of waiting for the backlog's serials to finish. A due account that got nothing because of this keeps its
 -- place and is reported, so the worker re-checks soon instead of sleeping.
 --
+-- Fresh first (bulk modes): within an account, up to ARGV[13] of the serials taken are the newest due ones
+-- made ready in the last ARGV[12] ms (a new event, not the backlog), the rest the oldest. A backlog is
+-- drained oldest first while an event that just arrived does not queue behind all of it; fresh serials may
+-- even use the reserve, so a worker full of an account's backlog still picks up that account's new events.
+--
 -- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease_ms, max_n = tonumber(ARGV[5]), tonumber(ARGV[6])
 local per_account, scan, max_takeover = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
 local reserve, free = tonumber(ARGV[10] or '0'), tonumber(ARGV[11] or ARGV[6])
 local held = {}
-for i = 12, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local fresh_ms, fresh_take = tonumber(ARGV[12] or '0'), tonumber(ARGV[13] or '0')
+for i = 14, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
 local accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now, 'LIMIT', 0, scan)
@@ -57,6 +64,7 @@ for _, account in ipairs(accounts) do
       out[1] = out[1] + 1
     end
     local take = math.min(per_account, math.ceil((max_n - got) / left))
+    local share = take
     if reserve > 0 then
       local allowance = math.max(reserve - (held[account] or 0), free - got - reserve)
       if allowance < take then
@@ -64,18 +72,24 @@ for _, account in ipairs(accounts) do
         out[2] = 1
       end
     end
-    local due = {}
-    if take > 0 then due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take) end
-    for _, serial in ipairs(due) do
-      local token = worker .. '.' .. redis.call('INCR', seqkey)
-      redis.call('ZREM', ready, serial)
-      redis.call('ZADD', leased, now + lease_ms, serial)
-      redis.call('HSET', tokens, serial, token)
-      out[#out + 1] = account
-      out[#out + 1] = serial
-      out[#out + 1] = token
-      got = got + 1
+    local function lease(serials)
+      for _, serial in ipairs(serials) do
+        local token = worker .. '.' .. redis.call('INCR', seqkey)
+        redis.call('ZREM', ready, serial)
+        redis.call('ZADD', leased, now + lease_ms, serial)
+        redis.call('HSET', tokens, serial, token)
+        out[#out + 1] = account
+        out[#out + 1] = serial
+        out[#out + 1] = token
+        got = got + 1
+      end
+      return #serials
     end
+    if share > 0 and fresh_ms > 0 and fresh_take > 0 then
+      take = math.max(0, take - lease(redis.call('ZREVRANGEBYSCORE', ready, now, now - fresh_ms, 'LIMIT', 0,
+        math.min(share, fresh_take))))
+    end
+    if take > 0 then lease(redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)) end
     local r = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
     local l = redis.call('ZRANGE', leased, 0, 0, 'WITHSCORES')
     if #r == 0 and #l == 0 then

@@ -1,0 +1,261 @@
+"""Profile bulk-import jobs: submit one, wait until Klaviyo completed it, map each import error to its item.
+
+A job is asynchronous: ``POST /api/profile-bulk-import-jobs`` answers 202 with a queued job, which Klaviyo
+processes later. DESIGN §4 defines "accepted" for an item as "the job completed without an import error for
+it", and requires that later profile writes for a serial wait while a job carrying it is not complete (else
+a job that completes late could overwrite a newer profile). Within one lease the serial's worker simply waits
+for its job. Across leases — a worker killed while its job runs — a marker per serial in Redis
+(``AccountKeys.profile_jobs``) carries the job id; whoever holds the serial next calls :meth:`ImportJobs.wait_clear`
+before writing its profile. The marker is written *before* the POST (without an id: a kill during the POST
+leaves a job we cannot name) and completed with the id after the 202; an unnamed marker waits until no job of
+the account that was created up to ``orphan_slack_s`` after it is still queued or processing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Sequence
+from datetime import datetime
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+import orjson
+import structlog
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account
+from passbridge.keys import account_keys
+from worker.batching import rejected_item
+from worker.klaviyo.client import KlaviyoClient
+from worker.klaviyo.endpoints import (
+    BULK_IMPORT_PROFILES,
+    GET_BULK_IMPORT_PROFILES_JOB,
+    GET_BULK_IMPORT_PROFILES_JOBS,
+    GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB,
+)
+from worker.klaviyo.errors import PermanentError, ThrottledError, TransientError
+
+log = structlog.get_logger(__name__)
+
+#: Where the profiles sit in the job body (import errors point into it).
+PROFILES_POINTER = "/data/attributes/profiles/data"
+DONE = frozenset({"complete", "cancelled"})
+
+
+def job_body(profiles: Sequence[bytes]) -> bytes:
+    """The ``POST /api/profile-bulk-import-jobs`` body around already serialized profile resource objects."""
+    return (
+        b'{"data":{"type":"profile-bulk-import-job","attributes":{"profiles":{"data":['
+        + b",".join(profiles)
+        + b"]}}}}"
+    )
+
+
+class ImportJobs:
+    """Runs profile bulk-import jobs for every account of a worker process."""
+
+    def __init__(
+        self,
+        client: KlaviyoClient,
+        redis: Redis,
+        *,
+        poll_first_s: float = 0.05,
+        poll_max_s: float = 2.0,
+        max_wait_s: float = 60.0,
+        orphan_slack_s: float = 5.0,
+    ) -> None:
+        self.client = client
+        self.redis = redis
+        self.poll_first_s = poll_first_s
+        self.poll_max_s = poll_max_s
+        self.max_wait_s = max_wait_s
+        self.orphan_slack_s = orphan_slack_s
+        self.jobs = 0
+
+    async def run(
+        self,
+        account: Account,
+        profiles: Sequence[bytes],
+        serials: Sequence[str],
+        *,
+        acquired: str | None = None,
+    ) -> list[PermanentError | None]:
+        """Import ``profiles`` (serialized profile resource objects; ``serials[i]`` is the serial of
+        ``profiles[i]``) as one job and wait for it. Per item: ``None`` (accepted) or its import error.
+
+        Raises the client's errors when the request itself fails; the markers of a job that may exist (an
+        answer lost in the network, a 5xx) stay, so the serials' next profile writes wait for it.
+        """
+        key = account_keys(account.account_id).profile_jobs
+        unnamed = orjson.dumps({"job": "", "at": int(time.time() * 1000)})
+        await self.redis.hset(key, mapping=dict.fromkeys(serials, unnamed))
+        try:
+            reply = await self.client.call(
+                account, BULK_IMPORT_PROFILES, content=job_body(profiles), acquired=acquired
+            )
+        except TransientError:
+            raise
+        except BaseException:
+            # Refused (4xx, 429, auth) or never sent: no job exists.
+            await self.redis.hdel(key, *serials)
+            raise
+        job_id = str(((reply.body or {}).get("data") or {}).get("id") or "")
+        if not job_id:
+            raise TransientError(BULK_IMPORT_PROFILES.name, "profile import job answered without a job id")
+        self.jobs += 1
+        named = orjson.dumps({"job": job_id, "at": int(time.time() * 1000)})
+        await self.redis.hset(key, mapping=dict.fromkeys(serials, named))
+        attrs = await self._wait(account, job_id)
+        if attrs.get("status") == "cancelled":
+            await self.redis.hdel(key, *serials)
+            raise TransientError(BULK_IMPORT_PROFILES.name, f"profile import job {job_id} was cancelled")
+        errors: list[PermanentError | None] = [None] * len(profiles)
+        if int(attrs.get("failed_count") or 0) > 0:
+            index = {s: i for i, s in enumerate(serials)}
+            for err in await self._errors(account, job_id):
+                i = _item_of(err, index)
+                if i is not None and errors[i] is None:
+                    errors[i] = _import_error(err)
+        await self.redis.hdel(key, *serials)
+        log.debug(
+            "profile_import_job_done",
+            account=account.account_id,
+            job=job_id,
+            profiles=len(profiles),
+            failed=sum(e is not None for e in errors),
+        )
+        return errors
+
+    async def wait_clear(self, account: Account, serials: Sequence[str]) -> None:
+        """Return once no profile import job that carries one of ``serials`` can still be running.
+
+        Called before a serial's profile is written. Usually nothing is marked (one ``HMGET``). Raises
+        :class:`TransientError` when a job is still running after ``max_wait_s`` (the serial is retried later).
+        """
+        if not serials:
+            return
+        key = account_keys(account.account_id).profile_jobs
+        raw = await self.redis.hmget(key, list(serials))
+        marked = [(s, orjson.loads(m)) for s, m in zip(serials, raw, strict=True) if m is not None]
+        if not marked:
+            return
+        jobs = {str(doc.get("job") or "") for _, doc in marked}
+        for job_id in sorted(jobs - {""}):
+            await self._wait(account, job_id)
+        if "" in jobs:
+            newest = max(int(doc.get("at") or 0) for _, doc in marked if not doc.get("job"))
+            await self._wait_orphans(account, newest + int(self.orphan_slack_s * 1000))
+        log.info("profile_import_jobs_waited", account=account.account_id, serials=len(marked), jobs=len(jobs))
+        await self.redis.hdel(key, *(s for s, _ in marked))
+
+    async def _wait(self, account: Account, job_id: str) -> dict[str, Any]:
+        """Poll the job until it is complete or cancelled (a job Klaviyo no longer knows counts as done)."""
+        delay = self.poll_first_s
+        deadline = time.monotonic() + self.max_wait_s
+        while True:
+            await asyncio.sleep(delay)
+            try:
+                reply = await self.client.call(
+                    account, GET_BULK_IMPORT_PROFILES_JOB, path_params={"job_id": job_id}
+                )
+            except PermanentError as exc:
+                if exc.status == 404:
+                    return {"status": "complete", "failed_count": 0}
+                raise
+            except ThrottledError as exc:
+                # The job runs on regardless; ask again once the status endpoint has budget.
+                if time.monotonic() + exc.retry_after_s > deadline:
+                    raise
+                delay = exc.retry_after_s
+                continue
+            attrs: dict[str, Any] = ((reply.body or {}).get("data") or {}).get("attributes") or {}
+            if attrs.get("status") in DONE:
+                return attrs
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    GET_BULK_IMPORT_PROFILES_JOB.name, f"profile import job {job_id} not complete yet"
+                )
+            delay = min(self.poll_max_s, delay * 2)
+
+    async def _errors(self, account: Account, job_id: str) -> list[dict[str, Any]]:
+        """Every import error of the job (pages of 100)."""
+        out: list[dict[str, Any]] = []
+        params: dict[str, str] = {"page[size]": "100"}
+        while True:
+            reply = await self.client.call(
+                account, GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB, path_params={"id": job_id}, params=params
+            )
+            body = reply.body or {}
+            out += [e for e in body.get("data") or [] if isinstance(e, dict)]
+            cursor = _next_cursor((body.get("links") or {}).get("next"))
+            if not cursor:
+                return out
+            params = {"page[size]": "100", "page[cursor]": cursor}
+
+    async def _wait_orphans(self, account: Account, created_before_ms: int) -> None:
+        """Wait until the account's oldest unfinished job (if any) was created after ``created_before_ms``."""
+        delay = self.poll_first_s
+        deadline = time.monotonic() + self.max_wait_s
+        while True:
+            reply = await self.client.call(
+                account,
+                GET_BULK_IMPORT_PROFILES_JOBS,
+                params={
+                    "filter": 'any(status,["queued","processing"])',
+                    "sort": "created_at",
+                    "page[size]": "1",
+                },
+            )
+            data = (reply.body or {}).get("data") or []
+            created = _ms((data[0].get("attributes") or {}).get("created_at")) if data else None
+            if created is None or created > created_before_ms:
+                return
+            if time.monotonic() > deadline:
+                raise TransientError(
+                    GET_BULK_IMPORT_PROFILES_JOBS.name, "an earlier profile import job is still running"
+                )
+            await asyncio.sleep(delay)
+            delay = min(self.poll_max_s, delay * 2)
+
+
+def _item_of(err: dict[str, Any], index: dict[str, int]) -> int | None:
+    """Which item of the job an import error is about: its pointer, else its payload's external_id."""
+    attrs = err.get("attributes") or {}
+    source = attrs.get("source") or {}
+    i = rejected_item(source.get("pointer") if isinstance(source, dict) else None, PROFILES_POINTER)
+    if i is not None and 0 <= i < len(index):
+        return i
+    payload = attrs.get("original_payload") or {}
+    external_id = ((payload.get("attributes") or {}) if isinstance(payload, dict) else {}).get("external_id")
+    return index.get(str(external_id)) if external_id is not None else None
+
+
+def _import_error(err: dict[str, Any]) -> PermanentError:
+    attrs = err.get("attributes") or {}
+    source = attrs.get("source") or {}
+    code = str(attrs.get("code") or "import_error")
+    return PermanentError(
+        409 if code == "duplicate_profile" else 400,
+        code,
+        str(attrs.get("detail") or attrs.get("title") or "")[:500],
+        str(source.get("pointer")) if isinstance(source, dict) and source.get("pointer") else None,
+        endpoint=BULK_IMPORT_PROFILES.name,
+    )
+
+
+def _next_cursor(link: Any) -> str | None:
+    """The ``page[cursor]`` of a JSON:API ``next`` link, or ``None`` on the last page."""
+    if not isinstance(link, str):
+        return None
+    values = parse_qs(urlsplit(link).query).get("page[cursor]")
+    return values[0] if values else None
+
+
+def _ms(value: Any) -> int | None:
+    if not isinstance(value, str):
+        return None
+    try:
+        return int(datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp() * 1000)
+    except ValueError:
+        return None
