@@ -205,6 +205,8 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
     elapsed = max(done.values())
     cpu = sum(cpu_s(p) - cpu0[p] for p in pids)
     counts = delta(await stack.sandbox_counts(), before)
+    await asyncio.sleep(2.5)  # one more heartbeat with the final counters
+    engine = await worker_stats(redis)
     await stack.stop_workers(redis, workers)
     return {
         "accounts": len(accounts),
@@ -216,6 +218,7 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
         "events_per_s": n * len(accounts) / elapsed,
         "worker_cpu_ms_per_event": cpu * 1000 / (n * len(accounts)),
         "requests": counts,
+        "engine": engine,
         "logs": log_summary(stack.workdir),
     }
 
@@ -296,7 +299,9 @@ def report(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     )
     if "five" in out:
         five = out["five"]
-        per = drain_ceiling(five["events_per_account"], five["serials_per_account"], rate_scale=args.five_rate_scale)
+        per = drain_ceiling(
+            five["events_per_account"], five["serials_per_account"], rate_scale=args.five_rate_scale
+        )
         n5, t5 = share_429(five["requests"])
         fig.update(
             {

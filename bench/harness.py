@@ -277,7 +277,11 @@ async def worker_stats(redis: Redis) -> dict[str, int]:
         info = orjson.loads(raw)
         info.update({f"sync_{k}": v for k, v in (info.pop("sync", None) or {}).items()})
         for k, v in info.items():
-            if k not in ("pid", "started_ms", "beat_ms", "held", "max_serials") and isinstance(v, int) and not isinstance(v, bool):
+            if (
+                k not in ("pid", "started_ms", "beat_ms", "held", "max_serials")
+                and isinstance(v, int)
+                and not isinstance(v, bool)
+            ):
                 out[k] = out.get(k, 0) + v
     return out
 

@@ -56,12 +56,10 @@ class LanePolicy:
     single_concurrency: int = 32
     #: Bytes of the bulk request's envelope around the items (for the byte limit).
     envelope_bytes: int = 512
-
-    @property
-    def tail_units(self) -> int:
-        """A remainder this small, with nothing more on its way, goes by single calls: a bulk request
-        carrying it would spend a scarce bulk slot on a sliver of its capacity."""
-        return min(self.bulk_max_units // 10, 50)
+    #: A remainder this small, with nothing more on its way, goes by single calls: a bulk request carrying
+    #: it would spend a bulk slot on a sliver of its capacity. Only worth it where bulk slots are scarce
+    #: (records: 15 a minute); 0 turns it off.
+    tail_units: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,7 +103,7 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
         return 0
     if mode is SyncMode.single or view.backlog_events < policy.small_backlog:
         return view.pending_items
-    if _tail(policy, view):
+    if is_tail(policy, view):
         return view.pending_items
     if not view.bulk_blocked:
         return min(view.pending_items, view.urgent_items)
@@ -138,16 +136,16 @@ def bulk_due(mode: SyncMode, policy: LanePolicy, view: LaneView) -> bool:
         # Single calls serve a small backlog; if their budget is spent the items age, and a bulk request
         # (rather than a long wait for single slots) takes them after a few lingers.
         return False
-    if _tail(policy, view):
+    if is_tail(policy, view):
         return False
     fillable = view.pending_units + view.upstream_units >= policy.bulk_max_units
     return full or (waited and not fillable)
 
 
-def _tail(policy: LanePolicy, view: LaneView) -> bool:
+def is_tail(policy: LanePolicy, view: LaneView) -> bool:
     """The lane holds the last few items of a backlog (nothing more to fill a bulk request is on its way)."""
     return (
-        view.pending_units <= policy.tail_units
+        0 < view.pending_units <= policy.tail_units
         and view.pending_units + view.upstream_units < policy.bulk_max_units
     )
 
@@ -237,7 +235,8 @@ def drain_ceiling(
     """
     need = {"metric events": events, "profiles": serials, "records": serials}
     seconds = {
-        kind: need[kind] / (budgets[kind].items_per_min * rate_scale / 60.0) for kind in ("metric events", "profiles", "records")
+        kind: need[kind] / (budgets[kind].items_per_min * rate_scale / 60.0)
+        for kind in ("metric events", "profiles", "records")
     }
     bound = max(seconds, key=lambda k: seconds[k])
     drain = seconds[bound]

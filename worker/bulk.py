@@ -52,6 +52,7 @@ from worker.batching import (
     bulk_due,
     bulk_take,
     halves,
+    is_tail,
     is_urgent,
     rejected_item,
     single_quota,
@@ -266,11 +267,12 @@ class Lane:
         view = self._view(now)
         quota = single_quota(self.mode, self.policy, view)
         small = view.backlog_events < self.policy.small_backlog
+        tail = is_tail(self.policy, view)
         sent = False
         while quota > 0 and self.pending and self._singles < self.policy.single_concurrency:
-            # Fresh events (and a small backlog) may spend the whole single budget; the overflow of a big
-            # backlog leaves a share of it to them.
-            first = bool(self._urgent) or small
+            # Fresh events, a small backlog and the last of a backlog may spend the whole single budget; the
+            # overflow of a big backlog leaves a share of it to fresh events.
+            first = bool(self._urgent) or small or tail
             if now < (self._urgent_at if first else self._single_at):
                 break
             slot = new_slot()
@@ -290,6 +292,9 @@ class Lane:
             item = self._pop_single(small)
             if item is None:
                 break
+            # Why it went alone: fresh, a small backlog, the last of a backlog, or the bulk overflow.
+            why = "urgent" if item.urgent else "small" if small else "tail" if tail else "overflow"
+            self.stats[f"single_{why}"] += 1
             quota -= 1
             self._singles += 1
             self._spawn(self._single(account, item, slot))
@@ -316,7 +321,7 @@ class Lane:
             return 0.0
         waits = []
         if quota > 0 and self._singles < self.policy.single_concurrency:
-            waits.append((self._urgent_at if self._urgent or small else self._single_at) - now)
+            waits.append((self._urgent_at if self._urgent or small or tail else self._single_at) - now)
         if due:
             waits.append(self._bulk_at - now)
         elif self.pending and self.mode is not SyncMode.single:
@@ -477,11 +482,11 @@ class AccountLanes:
         self._refresher: asyncio.Task[None] | None = None
         # Fresh serials jump the queue only this often (a token bucket): a flood of new events is a
         # backlog like any other and must not spend the single budget the fresh ones need.
+        client = sync.client
+        scale = client.limiter.scale
         self._urgent_rate = sync.options.urgent_per_s * scale
         self._urgent_tokens = sync.options.urgent_burst
         self._urgent_at = time.monotonic()
-        client = sync.client
-        scale = client.limiter.scale
         mode = sync.options.mode
         opts = sync.options
         self.profiles = Lane(
@@ -499,7 +504,9 @@ class AccountLanes:
         self.records = Lane(
             "records",
             mode=mode,
-            policy=LanePolicy(500, int(3.6 * MB), opts.small_backlog, opts.linger_records_s / scale),
+            policy=LanePolicy(
+                500, int(3.6 * MB), opts.small_backlog, opts.linger_records_s / scale, tail_units=50
+            ),
             client=client,
             single_op=CREATE_DATA_SOURCE_RECORD,
             bulk_op=BULK_CREATE_DATA_SOURCE_RECORDS,
@@ -695,31 +702,6 @@ class BulkSync:
         self._batchers: dict[int, EngineBatchers] = {}
         self._per_event = PerEventSync()
 
-    async def _debug_loop(self, engine: Engine) -> None:  # TEMP
-        import gc
-        gcs = {"n": 0, "t": 0.0, "max": 0.0, "start": 0.0}
-        def cb(phase, info):
-            if phase == "start": gcs["start"] = time.perf_counter()
-            else:
-                d = time.perf_counter() - gcs["start"]
-                if info.get("generation") == 2:
-                    gcs["n"] += 1
-                gcs["t"] += d; gcs["max"] = max(gcs["max"], d)
-        gc.callbacks.append(cb)
-        last = time.monotonic()
-        lag_max = 0.0
-        n = 0
-        while True:
-            await asyncio.sleep(0.1)
-            now = time.monotonic()
-            lag_max = max(lag_max, now - last - 0.1)
-            last = now
-            n += 1
-            if n % 20 == 0:
-                parts = {a: (l.in_flight, l.profiles.pending, l.records.pending, l.events.pending, len(l.records._urgent)) for a, l in self._lanes.items()}
-                log.warning("DBG", held=engine.held, lanes=str(parts), lag_max=round(lag_max, 3), stats=str(self.stats()), gc=str({k: round(v, 3) for k, v in gcs.items()}))
-                lag_max = 0.0
-
     def lanes(self, account: Account) -> AccountLanes:
         """The account's lanes in this process (created on first use)."""
         lanes = self._lanes.get(account.account_id)
@@ -751,9 +733,6 @@ class BulkSync:
             return
         settler = self._batchers.get(id(engine))
         if settler is None:
-            import os as _os
-            if _os.environ.get("PB_DBG"):
-                self._dbg = asyncio.create_task(self._debug_loop(engine))
             settler = self._batchers[id(engine)] = EngineBatchers.of(engine, self.options.settle_chunk)
         lanes = self.lanes(batch.account)
         lanes.in_flight += len(batch.works)

@@ -103,6 +103,8 @@ class EngineConfig:
     account_cache_s: float = 2.0
     #: Parking delay for serials of an account that is not registered (events wait for it to be added).
     unknown_account_delay_ms: int = 60_000
+    #: Parking delay for the serials of a batch whose strategy raised (a bug must not spin the worker).
+    failed_batch_delay_ms: int = 1000
     heartbeat_s: float = 2.0
     retry: RetryPolicy = field(default_factory=RetryPolicy)
 
@@ -364,6 +366,7 @@ class Engine:
             return None
 
     async def _run_batch(self, account_id: str, works: list[SerialWork]) -> None:
+        delay_ms = 0
         try:
             account = await self._account(account_id)
             if account is None:
@@ -392,11 +395,13 @@ class Engine:
             await self.batch_sync.run(self, Batch(account, self._policy(account), works))
         except Exception:
             log.exception("batch_failed", account=account_id, worker=self.worker_id)
+            # A strategy that fails outright would fail again at once: back off instead of spinning.
+            delay_ms = self.config.failed_batch_delay_ms
         finally:
             for work in works:
                 if not work.released and not work.lost:
                     with contextlib.suppress(RedisError):
-                        await self.release(work)
+                        await self.release(work, delay_ms=delay_ms)
                 self._forget(work)
 
     def _forget(self, work: SerialWork) -> None:

@@ -146,7 +146,9 @@ class ImportJobs:
         if "" in jobs:
             newest = max(int(doc.get("at") or 0) for _, doc in marked if not doc.get("job"))
             await self._wait_orphans(account, newest + int(self.orphan_slack_s * 1000))
-        log.info("profile_import_jobs_waited", account=account.account_id, serials=len(marked), jobs=len(jobs))
+        log.info(
+            "profile_import_jobs_waited", account=account.account_id, serials=len(marked), jobs=len(jobs)
+        )
         await self.redis.hdel(key, *(s for s, _ in marked))
 
     async def _wait(self, account: Account, job_id: str) -> dict[str, Any]:

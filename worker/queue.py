@@ -227,7 +227,11 @@ class WorkQueue:
         async with self.redis.pipeline(transaction=False) as pipe:
             for req in settles:
                 args = self._settle_args(
-                    req.lease, req.members, state=req.state, retry_fields=req.retry_fields, history=req.history
+                    req.lease,
+                    req.members,
+                    state=req.state,
+                    retry_fields=req.retry_fields,
+                    history=req.history,
                 )
                 await self.scripts.settle(args=args, client=pipe)
             raw = await pipe.execute()

@@ -81,6 +81,9 @@ async def test_bearer_token_and_exact_scopes(
         "custom-objects:read",
         "custom-objects:write",
         "events:write",
+        "lists:read",
+        "lists:write",
+        "profiles:read",
         "profiles:write",
     ]
     async with make_client(redis, store, oauth_server.url, recorder) as client:

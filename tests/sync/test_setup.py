@@ -284,6 +284,9 @@ async def test_cli_setup(settings: Settings, store: AccountStore, account: Accou
         "custom-objects:read",
         "custom-objects:write",
         "events:write",
+        "lists:read",
+        "lists:write",
+        "profiles:read",
         "profiles:write",
     ]
     assert NOCO_ACCOUNT  # the sandbox account behind NOCO_KEY has no Custom Objects

@@ -38,6 +38,8 @@ BURST_WINDOW_S = 1.0
 def new_slot() -> str:
     """A fresh, unique slot name (the member a request is logged under in the windows)."""
     return secrets.token_hex(8)
+
+
 STEADY_WINDOW_S = 60.0
 
 
