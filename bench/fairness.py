@@ -44,6 +44,7 @@ from bench.harness import (
     setup_accounts,
     summary,
     trickle,
+    worker_stats,
 )
 from passbridge.event import PassEvent
 from worker import history
@@ -98,6 +99,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cpu = sum(cpu_s(p) for p in pids) - cpu0
         await asyncio.sleep(2)
         busy = summary(await latencies_ms(redis, B, b_busy))
+        out["workers"] = await worker_stats(redis)
         if args.debug:
             await slow_timelines(redis, b_busy)
         out["b_busy"] = busy

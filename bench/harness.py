@@ -277,11 +277,11 @@ async def worker_stats(redis: Redis) -> dict[str, int]:
         info = orjson.loads(raw)
         info.update({f"sync_{k}": v for k, v in (info.pop("sync", None) or {}).items()})
         for k, v in info.items():
-            if (
-                k not in ("pid", "started_ms", "beat_ms", "held", "max_serials")
-                and isinstance(v, int)
-                and not isinstance(v, bool)
-            ):
+            if not isinstance(v, int) or isinstance(v, bool):
+                continue
+            if k in ("loop_lag_ms", "loop_lag_max_ms"):
+                out[k] = max(out.get(k, 0), v)
+            elif k not in ("pid", "started_ms", "beat_ms", "held", "max_serials"):
                 out[k] = out.get(k, 0) + v
     return out
 

@@ -110,6 +110,8 @@ class BulkOptions:
     backlog_refresh_s: float = 0.25
     #: Serials of a claimed batch started per event-loop turn.
     start_slice: int = 50
+    #: Serial steps (a round's parse and coalesce, the next write after an answer) per event-loop turn.
+    serials_per_turn: int = 40
 
 
 class Verdict(Enum):
@@ -673,6 +675,48 @@ class TickBatcher(Generic[T, R]):
                 fut.set_result(result)
 
 
+class TurnGate:
+    """Lets at most ``per_turn`` callers through per event-loop turn, the rest in arrival order after.
+
+    A claim starts hundreds of serials and a bulk answer wakes hundreds at once; each then does a few hundred
+    µs of CPU (parse, coalesce, serialize). Unthrottled, that is one loop turn of a tenth of a second or more,
+    during which no other account's request, lease renewal or answer is handled. Through the gate the same
+    work is spread over many short turns.
+    """
+
+    def __init__(self, per_turn: int) -> None:
+        self.per_turn = per_turn
+        self._used = 0
+        self._waiters: deque[asyncio.Future[None]] = deque()
+        self._scheduled = False
+
+    async def __call__(self) -> None:
+        """Wait for a place in this or a later turn."""
+        self._schedule()
+        if self._used < self.per_turn and not self._waiters:
+            self._used += 1
+            return
+        fut: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._waiters.append(fut)
+        await fut
+
+    def _schedule(self) -> None:
+        if not self._scheduled:
+            self._scheduled = True
+            asyncio.get_running_loop().call_soon(self._next_turn)
+
+    def _next_turn(self) -> None:
+        self._scheduled = False
+        self._used = 0
+        while self._waiters and self._used < self.per_turn:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                self._used += 1
+        if self._waiters or self._used:
+            self._schedule()
+
+
 @dataclass(slots=True)
 class EngineBatchers:
     """The settle and release batchers of one engine."""
@@ -700,6 +744,7 @@ class BulkSync:
         self.jobs = ImportJobs(self.client, syncer.redis)
         self._lanes: dict[str, AccountLanes] = {}
         self._batchers: dict[int, EngineBatchers] = {}
+        self._gate = TurnGate(self.options.serials_per_turn)
         self._per_event = PerEventSync()
 
     def lanes(self, account: Account) -> AccountLanes:
@@ -817,10 +862,15 @@ class BulkSync:
         """One coalesced round of a serial's queued events through the lanes, then one settle."""
         account = batch.account
         lanes.observe(len(events))
-        sp = coalesce(work.state, events)
         now_ms = int(time.time() * 1000)
         oldest = min(int(e.received_at.timestamp() * 1000) for e in events)
         urgent = is_urgent(oldest, now_ms, self.options.urgent_age_ms) and lanes.take_urgent()
+        # A backlog's serials take turns with everything else in the process; fresh events and accounts
+        # with a small backlog (another account's next event) go straight through.
+        gated = not urgent and lanes.backlog()[0] >= self.options.small_backlog
+        if gated:
+            await self._gate()
+        sp = coalesce(work.state, events)
         serial = work.lease.serial
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]
@@ -834,10 +884,13 @@ class BulkSync:
 
         async def through(lane: Lane, it: Item) -> Outcome:
             try:
-                return await lane.submit(account, it)
+                outcome = await lane.submit(account, it)
             except asyncio.CancelledError:
                 it.future.cancel()
                 raise
+            if gated:
+                await self._gate()
+            return outcome
 
         if sp.profile is not None:
             assert state is not None

@@ -206,6 +206,8 @@ class Engine:
         self._wakers: set[asyncio.Task[None]] = set()
         self._account_cache: dict[str, tuple[Account | None, float]] = {}
         self._started_ms = int(time.time() * 1000)
+        self._lag_max_ms = 0
+        self._lag_ever_ms = 0
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -226,6 +228,7 @@ class Engine:
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._renew_loop(), name="engine-renew"),
             asyncio.create_task(self._heartbeat_loop(), name="engine-heartbeat"),
+            asyncio.create_task(self._lag_loop(), name="engine-lag"),
         ]
         log.info("engine_started", worker=self.worker_id, max_serials=self.config.max_serials)
 
@@ -703,6 +706,16 @@ class Engine:
                     if not ok and not work.released and not work.releasing:
                         self._lost(work)
 
+    async def _lag_loop(self) -> None:
+        """Measure how late the event loop runs a 50 ms timer: a busy loop delays every request and lease."""
+        interval = 0.05
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(interval)
+            lag_ms = int((time.monotonic() - started - interval) * 1000)
+            if lag_ms > self._lag_max_ms:
+                self._lag_max_ms = lag_ms
+
     async def _heartbeat_loop(self) -> None:
         while True:
             await asyncio.sleep(self.config.heartbeat_s)
@@ -720,8 +733,13 @@ class Engine:
             "held": len(self._held),
             "max_serials": self.config.max_serials,
             "stopping": self._stopping,
+            #: The longest event-loop stall since the previous heartbeat, and ever.
+            "loop_lag_ms": self._lag_max_ms,
+            "loop_lag_max_ms": max(self._lag_max_ms, self._lag_ever_ms),
             **self.stats,
         }
+        self._lag_ever_ms = max(self._lag_ever_ms, self._lag_max_ms)
+        self._lag_max_ms = 0
         sync_stats = getattr(self.batch_sync, "stats", None)
         if callable(sync_stats):
             info["sync"] = sync_stats()

@@ -72,7 +72,7 @@ def engine_config(settings: Settings) -> EngineConfig:
 #: walked all of them every few seconds and held the event loop for up to 0.6 s (measured with
 #: ``bench/drain.py``), which delayed requests past their rate-limit slots. Young collections stay frequent
 #: and cheap; full ones become rare.
-GC_THRESHOLDS = (25_000, 10, 100)
+GC_THRESHOLDS = (5_000, 10, 100)
 
 
 def tune_gc() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 import time
+from collections.abc import Callable
 from typing import Any
 
 from klaviyo_sandbox import ids, paging
@@ -49,9 +50,17 @@ def _job_field(job: ImportJob, name: str) -> Any:
     return job.status if name == "status" else None
 
 
-def _run(state: AccountState, job: ImportJob) -> None:
-    """Apply every profile in order; failures become import errors."""
-    for i, item in enumerate(job.profiles):
+#: Profiles applied per event-loop callback: Klaviyo processes a job in the background, so a big job must not
+#: hold up the requests of every other account the sandbox serves meanwhile (``completed_count`` grows).
+SLICE = 500
+
+
+def _run(state: AccountState, job: ImportJob, later: Callable[[float, Callable[[], None]], None]) -> None:
+    """Apply the next slice of profiles in order (failures become import errors); the job is complete after
+    the last slice."""
+    start = job.completed_count + job.failed_count
+    for i in range(start, min(start + SLICE, len(job.profiles))):
+        item = job.profiles[i]
         attrs = item.get("attributes") or {}
         try:
             profile, _ = rules.upsert(state, attrs, item.get("id"), item.get("meta"), time.time())
@@ -74,6 +83,9 @@ def _run(state: AccountState, job: ImportJob) -> None:
         else:
             job.completed_count += 1
             job.profile_ids.append(profile.id)
+    if job.completed_count + job.failed_count < len(job.profiles):
+        later(0.0, lambda: _run(state, job, later))
+        return
     job.status = "complete"
     job.completed = time.time()
 
@@ -102,7 +114,7 @@ def bulk_import_profiles(call: Call) -> Reply:
     def start() -> None:
         job.status = "processing"
         job.started = time.time()
-        call.runtime.later(step, lambda: _run(state, job))
+        call.runtime.later(step, lambda: _run(state, job, call.runtime.later))
 
     call.later(step, start)
     return Reply(202, document(_resource(job, call.base_url), call.self_url))

@@ -59,7 +59,7 @@ class ClientOptions:
     write_timeout_s: float = 30.0
     pool_timeout_s: float = 10.0
     max_connections: int = 100
-    max_keepalive_connections: int = 20
+    max_keepalive_connections: int = 100
     keepalive_expiry_s: float = 30.0
     #: Longest a call waits for a rate-limit slot before raising ThrottledError instead.
     max_slot_wait_s: float = 5.0
