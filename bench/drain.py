@@ -125,6 +125,20 @@ async def single_phase(stack: Stack, redis: Redis, args: argparse.Namespace) -> 
     }
 
 
+async def trace(stack: Stack, t0: float) -> None:
+    """``--trace``: the writes per kind each second of the drain (where a drain loses time)."""
+    prev = await stack.sandbox_counts()
+    while True:
+        await asyncio.sleep(1.0)
+        now = await stack.sandbox_counts()
+        d = delta(now, prev)
+        prev = now
+        row = {
+            op.replace("create_", "").replace("data_source_", "ds_"): sum(by.values()) for op, by in d.items()
+        }
+        print(f"  t={time.monotonic() - t0:5.1f}s {row}", file=sys.stderr)
+
+
 async def one_account(stack: Stack, redis: Redis, args: argparse.Namespace) -> dict[str, Any]:
     """The one-account backlog in adaptive mode, with fresh probe events while it drains."""
     account = "one"
@@ -151,6 +165,7 @@ async def one_account(stack: Stack, redis: Redis, args: argparse.Namespace) -> d
             n += int(args.probe_rate)
 
     prober = asyncio.create_task(probe())
+    tracer = asyncio.create_task(trace(stack, t0)) if args.trace else None
     keys = account_keys(account)
     while True:
         depth = int(await redis.get(keys.depth) or 0)
@@ -161,6 +176,8 @@ async def one_account(stack: Stack, redis: Redis, args: argparse.Namespace) -> d
             break
         await asyncio.sleep(0.01)
     elapsed = time.monotonic() - t0
+    if tracer is not None:
+        tracer.cancel()
     cpu = sum(cpu_s(p) - cpu0[p] for p in pids)
     delivered = args.events + len(probes)
     counts = delta(await stack.sandbox_counts(), before)
@@ -228,6 +245,19 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"rate_scale": args.rate_scale, "five_rate_scale": args.five_rate_scale}
     if args.only_five:
         return await five_only(root, args, out)
+    if args.only_one:
+        (root / "one").mkdir()
+        stack = Stack(root / "one", args.rate_scale)
+        redis = Redis.from_url(stack.redis_url)
+        try:
+            await stack.start_sandbox(["one"])
+            await setup_accounts(stack, redis, ["one"])
+            out["one"] = await one_account(stack, redis, args)
+            print(f"  {out['one']}", file=sys.stderr)
+        finally:
+            await redis.aclose()
+            stack.stop()
+        return out
     (root / "one").mkdir()
     stack = Stack(root / "one", args.rate_scale)
     redis = Redis.from_url(stack.redis_url)
@@ -270,8 +300,8 @@ async def five_only(root: Path, args: argparse.Namespace, out: dict[str, Any]) -
 
 
 def report(out: dict[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    if "one" not in out:
-        return {"five": out.get("five")}
+    if "one" not in out or "single" not in out:
+        return {k: out[k] for k in ("one", "five") if k in out}
     one, single, arq = out["one"], out["single"], out["arq"]
     ceiling = drain_ceiling(args.events, args.serials, rate_scale=args.rate_scale)
     n429, total = share_429(one["requests"])
@@ -337,6 +367,8 @@ if __name__ == "__main__":
     parser.add_argument("--arq-jobs", type=int, default=3000)
     parser.add_argument("--skip-five", action="store_true", help="only phases 1-3")
     parser.add_argument("--only-five", action="store_true", help="only phase 4 (development)")
+    parser.add_argument("--only-one", action="store_true", help="only phase 3 (development)")
+    parser.add_argument("--trace", action="store_true", help="print the writes per kind each second")
     ns = parser.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(main(ns))

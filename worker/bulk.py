@@ -84,6 +84,8 @@ R = TypeVar("R")
 MB = 1024 * 1024
 EVENTS_POINTER = "/data/attributes/events-bulk-create/data"
 RECORDS_POINTER = "/data/attributes/data-source-records/data"
+#: Most profiles one bulk-import job carries (see ``AccountLanes``).
+PROFILE_JOB_ITEMS = 2_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -491,10 +493,15 @@ class AccountLanes:
         self._urgent_at = time.monotonic()
         mode = sync.options.mode
         opts = sync.options
+        # Profile jobs carry at most PROFILE_JOB_ITEMS of Klaviyo's 10,000: each serial's record and metric
+        # events wait until its job is complete, and a smaller job completes sooner, while the profile bulk
+        # budget (150 jobs a minute) stays far from the bottleneck either way.
         self.profiles = Lane(
             "profiles",
             mode=mode,
-            policy=LanePolicy(10_000, int(4.5 * MB), opts.small_backlog, opts.linger_profiles_s / scale),
+            policy=LanePolicy(
+                PROFILE_JOB_ITEMS, int(4.5 * MB), opts.small_backlog, opts.linger_profiles_s / scale
+            ),
             client=client,
             single_op=CREATE_OR_UPDATE_PROFILE,
             bulk_op=BULK_IMPORT_PROFILES,

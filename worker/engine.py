@@ -688,23 +688,31 @@ class Engine:
     # --- leases and liveness -----------------------------------------------------------------------
 
     async def _renew_loop(self) -> None:
-        interval = self.config.lease_ms / 3000
+        # Four renewals per TTL: one that runs late (a busy loop, a slow Redis) still lands before expiry.
+        interval = self.config.lease_ms / 4000
         while True:
             await asyncio.sleep(interval)
+            started = time.monotonic()
             by_account: dict[str, list[SerialWork]] = defaultdict(list)
             for work in list(self._held.values()):
                 if not work.released and not work.lost:
                     by_account[work.lease.account_id].append(work)
+            try:
+                flags = await self.queue.renew_many(
+                    {a: [w.lease for w in works] for a, works in by_account.items()}
+                )
+            except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
+                log.warning("renew_failed", worker=self.worker_id, error=str(exc))
+                continue
             for account_id, works in by_account.items():
-                try:
-                    flags = await self.queue.renew(account_id, [w.lease for w in works])
-                except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
-                    log.warning("renew_failed", account=account_id, error=str(exc))
-                    continue
-                for work, ok in zip(works, flags, strict=True):
+                for work, ok in zip(works, flags.get(account_id, []), strict=True):
                     # A serial released meanwhile has no token any more; that is not a lost lease.
                     if not ok and not work.released and not work.releasing:
                         self._lost(work)
+            took = time.monotonic() - started
+            if took > interval:
+                # Leases renewed this late are close to expiring: another worker may take them over.
+                log.warning("renew_slow", worker=self.worker_id, seconds=round(took, 2), held=len(self._held))
 
     async def _lag_loop(self) -> None:
         """Measure how late the event loop runs a 50 ms timer: a busy loop delays every request and lease."""

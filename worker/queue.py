@@ -163,6 +163,21 @@ class WorkQueue:
             args += [lease.serial, lease.token]
         return [bool(flag) for flag in await self.scripts.renew(args=args)]
 
+    async def renew_many(self, by_account: Mapping[str, Sequence[Lease]]) -> dict[str, list[bool]]:
+        """:meth:`renew` for several accounts in one round trip (a worker holding thousands of serials
+        must not spend one event-loop wait per account: a busy loop then renews late)."""
+        todo = [(a, leases) for a, leases in by_account.items() if leases]
+        if not todo:
+            return {}
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for account_id, leases in todo:
+                args: list[str | int] = [account_keys(account_id).base, self.lease_ms]
+                for lease in leases:
+                    args += [lease.serial, lease.token]
+                await self.scripts.renew(args=args, client=pipe)
+            raw = await pipe.execute()
+        return {a: [bool(flag) for flag in flags] for (a, _), flags in zip(todo, raw, strict=True)}
+
     def _settle_args(
         self,
         lease: Lease,

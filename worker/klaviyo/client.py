@@ -60,7 +60,9 @@ class ClientOptions:
     pool_timeout_s: float = 10.0
     max_connections: int = 100
     max_keepalive_connections: int = 100
-    keepalive_expiry_s: float = 30.0
+    #: Below the shortest idle timeout servers commonly use (uvicorn: 5 s): a pooled connection the server
+    #: has just closed fails the next request with a ReadError instead of being replaced quietly.
+    keepalive_expiry_s: float = 4.0
     #: Longest a call waits for a rate-limit slot before raising ThrottledError instead.
     max_slot_wait_s: float = 5.0
     #: Refresh an OAuth token this long before it expires.
