@@ -50,7 +50,11 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
         "acme", "S1", 1, kind="updated", email="new@example.com", properties=same["properties"]
     )
     after = pass_event("acme", "S1", 2, kind="updated", **same)
-    await pipeline.put([poison, after])
+    # One at a time: queued together, the two would coalesce into one round whose net profile (the email
+    # back to what Klaviyo has) needs no profile write at all.
+    await pipeline.put([poison])
+    await async_wait_for(pipeline.drained, timeout=30)
+    await pipeline.put([after])
     await async_wait_for(pipeline.drained, timeout=30)
     (entry,) = await dlq.list_entries(pipeline.redis, "acme")
     assert entry.event_id == poison.event_id
@@ -80,8 +84,9 @@ async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(
     pipeline: Pipeline, workers: Workers
 ) -> None:
     await pipeline.add_account("acme")
-    # Slow Klaviyo: each call takes ~150 ms, so the victim is mid-serial when it dies.
-    pipeline.sandbox.set_faults(latency_ms=150)
+    # Slow Klaviyo: each call takes ~1 s, so the victim is mid-serial when it dies (a serial's queued
+    # events coalesce into one round of three writes).
+    pipeline.sandbox.set_faults(latency_ms=1000)
     (victim,) = workers.start(1)
     events = [pass_event("acme", f"S{s}", n) for s in range(6) for n in range(5)]
     await pipeline.put(events)
@@ -124,12 +129,17 @@ async def test_sigterm_finishes_or_releases_within_the_grace_period(
     pipeline: Pipeline, workers: Workers
 ) -> None:
     await pipeline.add_account("acme")
-    pipeline.sandbox.set_faults(latency_ms=100)
+    # The worker holds 4 of the 8 serials at a time, and each request takes ~300 ms: at the SIGTERM it is
+    # in the middle of their rounds (a few requests each), with the other serials not started.
+    pipeline.sandbox.set_faults(latency_ms=300)
+    workers.env.update(PASSBRIDGE_WORKER_BULK_MAX_SERIALS="4", PASSBRIDGE_WORKER_MAX_JOBS="4")
     (first,) = workers.start(1)
     events = [pass_event("acme", f"S{s}", n) for s in range(8) for n in range(6)]
     await pipeline.put(events)
     keys = account_keys("acme")
-    await async_wait_for(lambda: _leased(pipeline, 4), timeout=30)
+    # (3, not 4: one slot is the fair-share reserve kept for other accounts)
+    await async_wait_for(lambda: _leased(pipeline, 3), timeout=30)
+    await asyncio.sleep(0.5)  # their first writes are on their way
     started = time.monotonic()
     assert workers.terminate(first, timeout=15) == 0, workers.logs()
     took = time.monotonic() - started
