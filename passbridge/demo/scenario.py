@@ -257,12 +257,12 @@ def build_scenario(n_passes: int = 5000, *, accounts: int = 3, seed: int = 7) ->
             plan.events.append("installed")
 
         for _ in range(rng.choice([0, 1, 1, 2, 2, 3, 4])):
-            d = webhook("updated")
-            lane.append(d)
+            upd = webhook("updated")
+            lane.append(upd)
             plan.events.append("updated")
             if rng.random() < 0.05:  # the platform redelivers the same webhook
                 lane.append(
-                    Delivery(d.account_id, serial, "webhook", "duplicate", "updated", d.msg_id, d.body)
+                    Delivery(upd.account_id, serial, "webhook", "duplicate", "updated", upd.msg_id, upd.body)
                 )
 
         if installed and rng.random() < 0.3:
@@ -304,9 +304,9 @@ def build_scenario(n_passes: int = 5000, *, accounts: int = 3, seed: int = 7) ->
 
     for acct_id, items in backfill.items():
         for i in range(0, len(items), 97):  # about 1 % invalid lines
-            bad = dict(items[i])
-            bad["event_id"] = f"bad-{acct_id}-{i}"
-            bad["email"] = "broken@"
-            items.insert(i + 1, bad)
+            bad_line = dict(items[i])
+            bad_line["event_id"] = f"bad_line-{acct_id}-{i}"
+            bad_line["email"] = "broken@"
+            items.insert(i + 1, bad_line)
             backfill_invalid[acct_id] += 1
     return Scenario(accts, backfill, backfill_invalid, lanes, passes)
