@@ -121,8 +121,8 @@ def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
             raise ValueError(f"property names starting with '$' are reserved by Klaviyo: {key!r}")
         if isinstance(value, str) and len(value) > MAX_PROPERTY_STRING_CHARS:
             raise ValueError(f"property {key!r} is longer than {MAX_PROPERTY_STRING_CHARS} characters")
-        if isinstance(value, float) and value != value:  # NaN has no JSON form
-            raise ValueError(f"property {key!r} is NaN")
+        if isinstance(value, float) and (value != value or value in (float("inf"), float("-inf"))):
+            raise ValueError(f"property {key!r} is not a finite number (JSON has no NaN or Infinity)")
     if len(orjson.dumps(props)) > MAX_PROPERTIES_BYTES:
         raise ValueError(f"custom properties exceed {MAX_PROPERTIES_BYTES} bytes serialized")
     return props
