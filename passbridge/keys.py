@@ -81,6 +81,20 @@ class AccountKeys:
         """Hash of counters (ingested by source, duplicates, rejected by reason, ...)."""
         return f"{self.base}:stats"
 
+    def oauth_pending(self, nonce: str) -> str:
+        """String (expiring): a started OAuth connect — PKCE verifier, redirect URI, client (secret encrypted)."""
+        return f"{self.base}:oauth:{nonce}"
+
+    @property
+    def oauth_pending_pattern(self) -> str:
+        """SCAN pattern matching the account's pending OAuth connects."""
+        return f"{self.base}:oauth:*"
+
+    @property
+    def oauth_lock(self) -> str:
+        """String (expiring): held by whoever refreshes the account's OAuth tokens, so one refresh runs at a time."""
+        return f"{self.base}:oauth-lock"
+
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.

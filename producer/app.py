@@ -12,7 +12,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from passbridge.accounts import AccountStore
-from passbridge.crypto import load_cipher
+from passbridge.crypto import cipher_from_settings
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
@@ -37,9 +37,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
         )
         await publisher.start()
-        cipher = load_cipher(
-            settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
-        )
+        cipher = cipher_from_settings(settings)
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
         try:
             yield

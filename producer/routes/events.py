@@ -14,7 +14,13 @@ from passbridge.event import PassEvent, utcnow
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
-from producer.routes.common import authenticate_ingest, enqueue_or_503, json_response, read_body
+from producer.routes.common import (
+    authenticate_ingest,
+    count_skipped_or_log,
+    enqueue_or_503,
+    json_response,
+    read_body,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -95,6 +101,10 @@ async def _publish(ctx: ProducerContext, account: Account, events: list[PassEven
     """Enqueue the events of synced pass types; report each as accepted, duplicate or skipped."""
     synced = [e for e in events if account.syncs(e.pass_type)]
     flags = iter(await enqueue_or_503(ctx, account.account_id, synced))
+    if len(synced) < len(events):
+        await count_skipped_or_log(
+            ctx, account.account_id, [e.pass_type for e in events if not account.syncs(e.pass_type)]
+        )
     out = []
     for ev in events:
         if not account.syncs(ev.pass_type):
