@@ -192,6 +192,13 @@ class AccountStore:
         raw = await self.redis.hmget(account_keys(account_id).config, ["config", "secrets"])
         return self._load(account_id, raw)
 
+    async def find(self, account_id: str) -> Account | None:
+        """The account, or ``None`` when it does not exist."""
+        try:
+            return await self.get(account_id)
+        except AccountNotFound:
+            return None
+
     async def update(
         self, account_id: str, change: Callable[[Account | None], Account | None]
     ) -> tuple[Account | None, Account | None]:

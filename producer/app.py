@@ -12,12 +12,13 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from passbridge.accounts import AccountStore
+from passbridge.accounts_file import apply_accounts_file
 from passbridge.crypto import cipher_from_settings
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
-from producer.routes import events, health, webhooks
+from producer.routes import events, health, oauth, webhooks
 
 log = structlog.get_logger(__name__)
 
@@ -33,6 +34,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(redis_url)
+        try:
+            # A deployment's accounts.yaml (PASSBRIDGE_ACCOUNTS_FILE); a bad file stops the start.
+            await apply_accounts_file(redis, settings)
+        except BaseException:
+            await redis.aclose()
+            raise
         publisher = Publisher(
             redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
         )
@@ -60,4 +67,5 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
     return app
