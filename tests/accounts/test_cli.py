@@ -82,9 +82,8 @@ class TestAdd:
         a = cli.account("acme")
         assert a.check_ingest_token("my-ingest-token")
         assert [s.get_secret_value() for s in a.secrets.webhook_secrets] == [secret]
-        assert (
-            a.secrets.apple_token_secret and a.secrets.apple_token_secret.get_secret_value() == "apple-s3cret"
-        )
+        assert a.secrets.apple_token_secret
+        assert a.secrets.apple_token_secret.get_secret_value() == "apple-s3cret"
         assert a.apple_pass_types == {"pass.com.acme.loyalty": "ptk_0x216"}
         assert (a.google_issuer_id, a.google_keys_file) == ("3388000000022", "/etc/google-keys.json")
         assert a.google_classes == {"3388000000022.loyalty": "ptk_0x216"}
@@ -101,7 +100,8 @@ class TestAdd:
     def test_secret_read_from_stdin_stays_out_of_argv(self, cli: Cli) -> None:
         cli.ok("accounts", "add", "acme", "--klaviyo-api-key", "-", input=KEY + "\n")
         key = cli.account("acme").secrets.klaviyo_api_key
-        assert key is not None and key.get_secret_value() == KEY
+        assert key is not None
+        assert key.get_secret_value() == KEY
 
     def test_existing_account_is_refused_and_kept(self, cli: Cli) -> None:
         first = cli.json("accounts", "add", "acme")["shown_once"]["ingest_token"]
@@ -153,7 +153,10 @@ class TestListAndShow:
         assert rows["bolt"]["klaviyo_auth"] is None
         assert cli.redis.hget(account_keys("acme").stats, "skipped:ptk_other") == b"2"
         table = cli.ok("accounts", "list").stdout
-        assert "acme" in table and "bolt" in table and "ptk_0x216" in table and "api_key" in table
+        assert "acme" in table
+        assert "bolt" in table
+        assert "ptk_0x216" in table
+        assert "api_key" in table
 
     def test_list_empty_registry_says_how_to_start(self, cli: Cli) -> None:
         assert cli.json("accounts", "list") == []
@@ -174,7 +177,8 @@ class TestListAndShow:
             for value in (secret, KEY, "apple-secret-value", "oauth-client-secret-value", "ingest-token-value-1",
                           hash_token("ingest-token-value-1")):  # fmt: skip
                 assert value not in output
-            assert secret[-4:] in output and KEY[-4:] in output
+            assert secret[-4:] in output
+            assert KEY[-4:] in output
         doc = cli.json("accounts", "show", "acme")
         assert doc["secrets"]["apple_token_secret"] == "set"
         assert doc["secrets"]["klaviyo_oauth"]["client_secret"] == "set"
@@ -216,7 +220,8 @@ class TestUpdate:
         old = cli.json("accounts", "add", "acme")["shown_once"]["ingest_token"]
         new = cli.json("accounts", "update", "acme", "--new-ingest-token")["shown_once"]["ingest_token"]
         stored = cli.account("acme")
-        assert stored.check_ingest_token(new) and not stored.check_ingest_token(old)
+        assert stored.check_ingest_token(new)
+        assert not stored.check_ingest_token(old)
 
     def test_clear_options_and_overrides(self, cli: Cli) -> None:
         cli.ok(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import httpx
@@ -112,7 +113,8 @@ class TestApplyCommand:
         asyncio.run(grant())
         path.write_text(YAML.replace("Bolt Bikes", "Bolt"))
         report = cli.json("accounts", "apply", str(path), env=env)
-        assert report["updated"] == ["bolt"] and report["unchanged"] == ["acme"]
+        assert report["updated"] == ["bolt"]
+        assert report["unchanged"] == ["acme"]
         bolt = cli.account("bolt")
         assert bolt.name == "Bolt"
         assert bolt.secrets.klaviyo_oauth is not None
@@ -126,7 +128,8 @@ class TestApplyCommand:
             str(write(tmp_path, "accounts:\n  acme: {klaviyo_api_key: null, sync_pass_types: null}\n")),
         )
         acme = cli.account("acme")
-        assert acme.secrets.klaviyo_api_key is None and acme.sync_pass_types == []
+        assert acme.secrets.klaviyo_api_key is None
+        assert acme.sync_pass_types == []
         assert acme.name == "Acme Coffee"
 
     def test_missing_env_var_names_account_and_field_and_writes_nothing(
@@ -187,7 +190,9 @@ def test_interpolation_happens_after_parsing() -> None:
     )
     assert specs["acme"].name == "a: b\n- c"
     assert specs["acme"].klaviyo_api_key == SecretStr("pk_x${NOT_EXPANDED_AGAIN}")
-    with pytest.raises(AccountsFileError, match="accounts.acme.name: environment variable NAME is not set"):
+    with pytest.raises(
+        AccountsFileError, match=re.escape("accounts.acme.name: environment variable NAME is not set")
+    ):
         parse_accounts({"accounts": {"acme": {"name": "${NAME}"}}}, {})
 
 
@@ -224,6 +229,8 @@ class TestProducerStart:
     ) -> None:
         settings.accounts_file = write(tmp_path, "accounts:\n  acme: {nonsense: 1}\n")
         app = create_app(settings, redis_url)
-        with pytest.raises(AccountsFileError, match="accounts.acme.nonsense: Extra inputs are not permitted"):
+        with pytest.raises(
+            AccountsFileError, match=re.escape("accounts.acme.nonsense: Extra inputs are not permitted")
+        ):
             async with app.router.lifespan_context(app):
                 pytest.fail("the producer started with an invalid accounts file")
