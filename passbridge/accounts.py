@@ -176,7 +176,13 @@ class AccountStore:
         if raw[0] is None:
             raise AccountNotFound(account_id)
         data = orjson.loads(raw[0])
-        data["secrets"] = orjson.loads(decrypt(self.cipher, raw[1].decode())) if raw[1] else {}
+        try:
+            data["secrets"] = orjson.loads(decrypt(self.cipher, raw[1].decode())) if raw[1] else {}
+        except SecretKeyError:
+            raise SecretKeyError(
+                f"the secrets of account {account_id!r} do not decrypt with any configured "
+                "PASSBRIDGE_SECRET_KEY (was a key removed before `passbridge accounts rotate-key`?)"
+            ) from None
         return Account.model_validate(data)
 
     async def put(self, account: Account) -> None:

@@ -108,6 +108,8 @@ async def _registry() -> AsyncIterator[AccountStore]:
     redis = Redis.from_url(redis_url(s))
     try:
         yield AccountStore(redis, _cipher())
+    except SecretKeyError as exc:
+        fail(str(exc))
     finally:
         await redis.aclose()
 

@@ -54,6 +54,9 @@ class Cli:
         assert "Traceback" not in result.stderr
         return " ".join(result.stderr.split())
 
+    def account_state_dir(self) -> Path:
+        return Path(self.env["PASSBRIDGE_STATE_DIR"])
+
     def account(self, account_id: str, key: str | None = None) -> Account:
         """The stored account, decrypted with ``key`` (default: the environment's)."""
         import asyncio
