@@ -16,7 +16,9 @@ from typer.testing import CliRunner, Result
 from passbridge.accounts import Account, AccountStore
 from passbridge.cli.main import app
 from passbridge.crypto import load_cipher
-from passbridge.settings import get_settings
+from passbridge.settings import Settings, get_settings
+from producer.app import create_app
+from tests.conftest import LiveServer, serve
 
 
 @dataclass
@@ -88,3 +90,11 @@ def cli(redis_url: str, tmp_path: Path, secret_key: str, monkeypatch: pytest.Mon
     client = redis_sync.Redis.from_url(redis_url)
     yield Cli(env, client)
     client.close()
+
+
+@pytest.fixture
+def producer(settings: Settings, redis_url: str) -> Iterator[LiveServer]:
+    """The producer over real HTTP on loopback."""
+    server = serve(create_app(settings, redis_url))
+    yield server
+    server.stop()
