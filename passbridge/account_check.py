@@ -233,7 +233,9 @@ async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> 
 
 
 def _plural(n: int, word: str) -> str:
-    return f"{n} {word}" + ("" if n == 1 else "s")
+    if n == 1:
+        return f"{n} {word}"
+    return f"{n} {word}" + ("es" if word.endswith("s") else "s")
 
 
 def judge_credentials(account: Account, facts: KlaviyoFacts | None) -> Finding:
