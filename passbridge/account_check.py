@@ -94,7 +94,7 @@ class Answer:
 SCOPE_PROBES: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("GET", "/api/accounts", ("accounts:read",)),
     ("GET", "/api/profiles?page[size]=1", ("profiles:read",)),
-    ("GET", "/api/lists?page[size]=1", ("lists:read",)),
+    ("GET", "/api/profile-bulk-import-jobs?page[size]=1", ("lists:read", "profiles:read")),
     ("GET", "/api/data-sources", ("custom-objects:read",)),
     ("POST", "/api/events", ("events:write",)),
     ("POST", "/api/profile-import", ("profiles:write",)),
@@ -190,8 +190,22 @@ async def probe_klaviyo(
             facts.granted_scopes = tuple(account.secrets.klaviyo_oauth.scopes)
     base = settings.klaviyo_base_url.rstrip("/")
     headers = auth_headers(account, settings.klaviyo_revision)
+    first = await _call(http, "GET", base + "/api/accounts", headers)
+    oauth = account.secrets.klaviyo_oauth
+    if first.status == 401 and auth == "oauth" and refresh and oauth is not None:
+        # As every Klaviyo client does: a 401 on an access token means refresh once, then retry.
+        try:
+            account = await refresh_tokens(
+                redis, store, settings, http, account.account_id, rejected=oauth.access_token
+            )
+        except OAuthError as exc:
+            facts.refresh_error = str(exc)
+            return facts
+        headers = auth_headers(account, settings.klaviyo_revision)
+        first = await _call(http, "GET", base + "/api/accounts", headers)
+    facts.answers["/api/accounts"] = first
     # An OAuth grant lists its scopes; only a private key needs every scope probed.
-    probes = SCOPE_PROBES if facts.granted_scopes is None else SCOPE_PROBES[:1] + SCOPE_PROBES[3:4]
+    probes = SCOPE_PROBES[1:] if facts.granted_scopes is None else SCOPE_PROBES[3:4]
     for method, path, _ in probes:
         facts.answers[path] = await _call(http, method, base + path, headers)
     if facts.answers["/api/data-sources"].status == 200:
@@ -313,12 +327,15 @@ def judge_scopes(facts: KlaviyoFacts | None) -> Finding:
     unknown: list[str] = []
     for _, path, scopes in SCOPE_PROBES:
         answer = facts.answers.get(path)
-        if answer is None or answer.status is None or answer.status == 429 or answer.status >= 500:
+        if answer is None or answer.status is None or answer.revision_refused:
             unknown.append(path)
         elif answer.status == 403:
             refused.append(scopes)
-        elif not answer.revision_refused:
+        elif answer.status < 300 or answer.status in (400, 409, 422):
+            # Past the permission check: served, or refused only for the (deliberately empty) body.
             present.update(scopes)
+        else:
+            unknown.append(path)
     # A 403 on an endpoint needing two scopes blames only those no other probe proved present.
     suspects = {s for scopes in refused for s in scopes}
     missing = sorted(suspects - present or suspects)

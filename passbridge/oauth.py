@@ -321,13 +321,20 @@ def needs_refresh(oauth: OAuthTokens, now: float | None = None) -> bool:
 
 
 async def refresh_tokens(
-    redis: Redis, store: AccountStore, settings: Settings, http: httpx.AsyncClient, account_id: str
+    redis: Redis,
+    store: AccountStore,
+    settings: Settings,
+    http: httpx.AsyncClient,
+    account_id: str,
+    *,
+    rejected: SecretStr | None = None,
 ) -> Account:
     """Refresh the account's OAuth tokens unless someone else just did; one refresh at a time per account.
 
-    Holds ``AccountKeys.oauth_lock`` while refreshing; a caller that finds the lock taken waits for it and
-    then reads the tokens the holder stored. Raises :class:`OAuthError` when Klaviyo refuses the refresh
-    token (the grant was revoked: the account must be connected again).
+    Refreshes when the stored access token is (nearly) expired, or is ``rejected`` — the token Klaviyo just
+    answered 401 to. Holds ``AccountKeys.oauth_lock`` while refreshing; a caller that finds the lock taken
+    waits for it and then reads the tokens the holder stored. Raises :class:`OAuthError` when Klaviyo refuses
+    the refresh token (the grant was revoked: the account must be connected again).
     """
     keys = account_keys(account_id)
     token = uuid.uuid4().hex
@@ -341,8 +348,8 @@ async def refresh_tokens(
         oauth = account.secrets.klaviyo_oauth
         if oauth is None or oauth.refresh_token is None:
             raise OAuthError(f"account {account_id!r} has no OAuth grant to refresh", code="no-grant")
-        if not needs_refresh(oauth):
-            return account  # refreshed by whoever held the lock before us
+        if not needs_refresh(oauth) and (rejected is None or oauth.access_token != rejected):
+            return account  # still good, or refreshed by whoever held the lock before us
         grant = await _token_request(
             http,
             token_url(settings),

@@ -52,7 +52,7 @@ def key_facts(**answers: Answer) -> KlaviyoFacts:
     base = {
         "/api/accounts": OK,
         "/api/profiles?page[size]=1": Answer(200, body={"data": []}),
-        "/api/lists?page[size]=1": Answer(200, body={"data": []}),
+        "/api/profile-bulk-import-jobs?page[size]=1": Answer(200, body={"data": []}),
         "/api/data-sources": Answer(200, body={"data": []}),
         "/api/events": INVALID,
         "/api/profile-import": INVALID,
