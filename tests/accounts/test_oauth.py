@@ -172,3 +172,30 @@ def test_a_state_works_once_and_only_for_its_account(cli: Cli) -> None:
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def test_default_scopes_are_exactly_what_the_endpoints_we_call_require() -> None:
+    """The scopes `connect` asks for = the union of `x-klaviyo-scopes` of every operation passbridge calls."""
+    from tests.conftest import SHARED
+
+    spec_file = SHARED / "klaviyo" / "stable.json"
+    if not spec_file.exists():
+        pytest.skip(f"the Klaviyo spec is not at {spec_file}")
+    paths = orjson.loads(spec_file.read_bytes())["paths"]
+    used = [
+        ("get", "/api/accounts"),  # accounts check
+        ("post", "/api/profile-import"),
+        ("post", "/api/profile-bulk-import-jobs"),
+        ("get", "/api/profile-bulk-import-jobs/{job_id}"),
+        ("get", "/api/profile-bulk-import-jobs/{id}/import-errors"),
+        ("post", "/api/events"),
+        ("post", "/api/event-bulk-create-jobs"),
+        ("post", "/api/data-source-record-create-jobs"),
+        ("post", "/api/data-source-record-bulk-create-jobs"),
+        ("get", "/api/data-sources"),  # provisioning
+        ("post", "/api/data-sources"),
+        ("get", "/api/object-types"),
+        ("post", "/api/object-types"),
+    ]
+    needed = {scope for method, path in used for scope in paths[path][method]["x-klaviyo-scopes"]}
+    assert needed == set(DEFAULT_SCOPES)
