@@ -28,16 +28,17 @@ from passbridge.accounts import (
     hash_token,
 )
 
-#: Klaviyo endpoints whose limits an account may override (``*`` = all of them), by path under ``/api/``.
+#: Klaviyo operations whose limits an account may override (``*`` = all of them), by Klaviyo's operationId —
+#: the name the workers' rate limiter gives each bucket (``worker/klaviyo/endpoints.py``).
 RATE_LIMITED_ENDPOINTS = frozenset(
     {
         "*",
-        "events",
-        "event-bulk-create-jobs",
-        "profile-import",
-        "profile-bulk-import-jobs",
-        "data-source-record-create-jobs",
-        "data-source-record-bulk-create-jobs",
+        "create_event",  # POST /api/events
+        "bulk_create_events",  # POST /api/event-bulk-create-jobs
+        "create_or_update_profile",  # POST /api/profile-import
+        "bulk_import_profiles",  # POST /api/profile-bulk-import-jobs
+        "create_data_source_record",  # POST /api/data-source-record-create-jobs
+        "bulk_create_data_source_records",  # POST /api/data-source-record-bulk-create-jobs
     }
 )
 

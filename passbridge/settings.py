@@ -42,18 +42,17 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = 1.0
-    #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
-    #: www.klaviyo.com, the sandbox on its own base URL).
-    klaviyo_authorize_url: str = ""
+    # Secrets at rest
+    secret_key: SecretStr | None = None
 
-    # Accounts
+    # Accounts (see README "Accounts")
     #: A declarative accounts.yaml applied when the producer (and workers) start; empty = none.
     accounts_file: Path | None = None
     #: The producer's public base URL, from which the OAuth redirect URI is built; empty = the bind address.
     public_url: str = ""
-
-    # Secrets at rest
-    secret_key: SecretStr | None = None
+    #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
+    #: www.klaviyo.com, the sandbox on its own base URL).
+    klaviyo_authorize_url: str = ""
 
     def oauth_authorize_url(self) -> str:
         """Klaviyo's authorize endpoint for this deployment."""

@@ -62,10 +62,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
     app.add_api_route("/readyz", health.readyz, methods=["GET"])
+    app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
     app.add_api_route(
         "/v1/accounts/{account_id}/events", events.post_events, methods=["POST"], status_code=202
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
-    app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
     return app

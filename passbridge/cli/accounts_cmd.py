@@ -82,7 +82,7 @@ ClientSecretOpt = Annotated[
 RateLimitOpt = Annotated[
     list[str] | None,
     typer.Option(
-        help="ENDPOINT.FIELD=VALUE, e.g. events.burst=100 or '*.fraction=0.5' (repeatable; replaces the "
+        help="ENDPOINT.FIELD=VALUE, e.g. create_event.burst=100 or '*.fraction=0.5' (repeatable; replaces the "
         "stored overrides). FIELD: burst (per s), steady (per min), fraction (of Klaviyo's tier)."
     ),
 ]
@@ -214,7 +214,7 @@ def _print_once(shown: dict[str, Any]) -> None:
 
 
 def _overrides(doc: dict[str, Any]) -> str:
-    """``{"events": {"burst": 100}}`` → ``events burst=100``; ``{"max_attempts": 5}`` → ``max_attempts=5``."""
+    """``{"create_event": {"burst": 100}}`` → ``create_event burst=100``; ``{"max_attempts": 5}`` → ``max_attempts=5``."""
     parts = []
     for key, value in doc.items():
         if isinstance(value, dict):

@@ -13,7 +13,7 @@ from starlette.responses import Response
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
-from passbridge.queue import BacklogFull, count_skipped
+from passbridge.queue import BacklogFull
 from producer.context import ProducerContext
 from producer.problems import Problem, unavailable
 
@@ -70,12 +70,3 @@ async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence
         raise unavailable(
             "the queue store is unreachable; nothing was written", ctx.settings.retry_after_s
         ) from None
-
-
-async def count_skipped_or_log(ctx: ProducerContext, account_id: str, pass_types: Sequence[str]) -> None:
-    """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
-    (the events were rightly acknowledged and not enqueued either way)."""
-    try:
-        await count_skipped(ctx.redis, account_id, pass_types)
-    except (RedisError, OSError) as exc:
-        log.warning("skipped events not counted", account_id=account_id, error=type(exc).__name__)

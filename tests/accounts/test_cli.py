@@ -73,8 +73,8 @@ class TestAdd:
             "--sync-pass-type", "ptk_0x216",
             "--klaviyo-oauth-client-id", "client-1",
             "--klaviyo-oauth-client-secret", "client-secret-1",
-            "--rate-limit", "events.burst=100",
-            "--rate-limit", "events.steady=2000",
+            "--rate-limit", "create_event.burst=100",
+            "--rate-limit", "create_event.steady=2000",
             "--rate-limit", "*.fraction=0.5",
             "--retry", "max_attempts=5",
             "--retry", "max_age_s=3600",
@@ -94,7 +94,10 @@ class TestAdd:
         assert a.secrets.klaviyo_oauth.client_id == "client-1"
         assert a.secrets.klaviyo_oauth.client_secret.get_secret_value() == "client-secret-1"
         assert a.klaviyo_auth() is None  # a client without a grant is not a connection yet
-        assert a.rate_limit_overrides == {"events": {"burst": 100, "steady": 2000}, "*": {"fraction": 0.5}}
+        assert a.rate_limit_overrides == {
+            "create_event": {"burst": 100, "steady": 2000},
+            "*": {"fraction": 0.5},
+        }
         assert a.retry_policy == {"max_attempts": 5, "max_age_s": 3600.0}
 
     def test_secret_read_from_stdin_stays_out_of_argv(self, cli: Cli) -> None:
@@ -120,8 +123,8 @@ class TestAdd:
             (["acme", "--pass-url-template", "https://x/p"], "must contain {serial_number}"),
             (["acme", "--pass-url-template", "ftp://x/{serial_number}"], "http(s)"),
             (["acme", "--rate-limit", "evnts.burst=1"], "unknown endpoint 'evnts'"),
-            (["acme", "--rate-limit", "events.burst=0"], "greater than 0"),
-            (["acme", "--rate-limit", "events=1"], "ENDPOINT.FIELD=VALUE"),
+            (["acme", "--rate-limit", "create_event.burst=0"], "greater than 0"),
+            (["acme", "--rate-limit", "create_event=1"], "ENDPOINT.FIELD=VALUE"),
             (["acme", "--retry", "max_attempts=zero"], "retry.max_attempts"),
             (["acme", "--retry", "tries=3"], "retry.tries"),
             (["acme", "--apple-pass-type", "pass.x"], "KEY=VALUE"),
@@ -231,7 +234,7 @@ class TestUpdate:
             "--klaviyo-api-key",
             KEY,
             "--rate-limit",
-            "events.burst=9",
+            "create_event.burst=9",
             "--retry",
             "max_attempts=2",
         )

@@ -32,7 +32,7 @@ accounts:
     sync_pass_types: [ptk_0x216]
     pass_url_template: https://wallet.acme.com/p/{serial_number}
     rate_limits:
-      events: {burst: 50}
+      create_event: {burst: 50}
     retry: {max_attempts: 4}
   bolt:
     name: Bolt Bikes
@@ -68,7 +68,7 @@ class TestApplyCommand:
         assert [s.get_secret_value() for s in acme.secrets.webhook_secrets] == [env["ACME_WEBHOOK_SECRET"]]
         assert acme.secrets.klaviyo_api_key == SecretStr(env["ACME_KLAVIYO_KEY"])
         assert acme.sync_pass_types == ["ptk_0x216"]
-        assert acme.rate_limit_overrides == {"events": {"burst": 50}}
+        assert acme.rate_limit_overrides == {"create_event": {"burst": 50}}
         assert acme.retry_policy == {"max_attempts": 4}
         assert cli.account("bolt").check_ingest_token("test")  # sha256("test") in the file
         raw = cli.redis.hgetall(account_keys("acme").config)
