@@ -81,6 +81,33 @@ class AccountKeys:
         """Hash of counters (ingested by source, duplicates, rejected by reason, ...)."""
         return f"{self.base}:stats"
 
+    # --- Klaviyo side (worker/klaviyo, worker/setup.py) ---
+
+    @property
+    def klaviyo(self) -> str:
+        """Hash: ids provisioned in the account's Klaviyo by ``passbridge klaviyo setup`` (data source, ...)."""
+        return f"{self.base}:klaviyo"
+
+    def rate_window(self, endpoint: str, window: str) -> str:
+        """Sorted set: send times (µs) of requests to a Klaviyo endpoint in one sliding window (b|s)."""
+        return f"{self.base}:rl:{endpoint}:{window}"
+
+    def rate_pause(self, endpoint: str) -> str:
+        """String: until when (µs, Redis clock) a 429 paused this Klaviyo endpoint for the account."""
+        return f"{self.base}:rl:{endpoint}:pause"
+
+    @property
+    def oauth_lock(self) -> str:
+        """Lock held by the one process refreshing the account's OAuth tokens."""
+        return f"{self.base}:oauth-lock"
+
+    @property
+    def setup_lock(self) -> str:
+        """Lock held while ``passbridge klaviyo setup`` provisions the account."""
+        return f"{self.base}:setup-lock"
+
+    # --- Accounts: OAuth connect (passbridge/oauth.py) ---
+
     def oauth_pending(self, nonce: str) -> str:
         """String (expiring): a started OAuth connect — PKCE verifier, redirect URI, client (secret encrypted)."""
         return f"{self.base}:oauth:{nonce}"
@@ -89,11 +116,6 @@ class AccountKeys:
     def oauth_pending_pattern(self) -> str:
         """SCAN pattern matching the account's pending OAuth connects."""
         return f"{self.base}:oauth:*"
-
-    @property
-    def oauth_lock(self) -> str:
-        """String (expiring): held by whoever refreshes the account's OAuth tokens, so one refresh runs at a time."""
-        return f"{self.base}:oauth-lock"
 
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli import accounts_cmd, ingest_cmd, producer_cmd, redis_cmd, sandbox_cmd
+from passbridge.cli import accounts_cmd, ingest_cmd, klaviyo_cmd, producer_cmd, redis_cmd, sandbox_cmd
 
 app = typer.Typer(
     name="passbridge",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(redis_cmd.app, name="redis")
 app.add_typer(accounts_cmd.app, name="accounts")
+app.add_typer(klaviyo_cmd.app, name="klaviyo")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)
 app.command("sandbox")(sandbox_cmd.sandbox)
