@@ -125,7 +125,7 @@ class FlowFacts:
     leased: int
     expired_leases: int
     stats: dict[str, int]
-    provisioning: dict[str, str] | None  # the sync branch's record of provisioned ids, when it exists
+    provisioning: dict[str, str] | None  # what `passbridge klaviyo setup` recorded (AccountKeys.klaviyo)
 
 
 def _answer(response: httpx.Response) -> Answer:
@@ -227,12 +227,9 @@ async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> 
         pipe.zcount(keys.leased, "-inf", now_ms)
         pipe.hgetall(keys.stats)
         depth, ready, stalled, oldest, leased, expired, stats = await pipe.execute()
-    # The sync branch records provisioned Klaviyo ids under ``AccountKeys.klaviyo`` (a hash) once it lands.
-    provisioning_key = getattr(keys, "klaviyo", None)
-    provisioning = None
-    if isinstance(provisioning_key, str):
-        raw = await redis.hgetall(provisioning_key)
-        provisioning = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
+    # What `passbridge klaviyo setup` recorded (worker/setup.py: data_source_id, object_type_id, ...).
+    raw = await redis.hgetall(keys.klaviyo)
+    provisioning = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
     oldest_stalled = (now_ms - oldest[0][1]) / 1000 if stalled and oldest else None
     return FlowFacts(
         depth=int(depth or 0),
@@ -392,12 +389,18 @@ def judge_custom_objects(account_id: str, facts: KlaviyoFacts | None, flow: Flow
         return Finding(
             "custom objects", Status.warn, f"Klaviyo answered {data_sources.status} to GET /api/data-sources"
         )
+    # The provisioned object type by its id; before provisioning, any type titled WalletPass.
+    wanted = (flow.provisioning or {}).get("object_type_id")
     walletpass = None
     types = facts.object_types
     if types is not None and types.status == 200 and isinstance(types.body, dict):
         for item in types.body.get("data") or []:
             attrs = item.get("attributes") if isinstance(item, dict) else None
-            if isinstance(attrs, dict) and attrs.get("title") == WALLETPASS_TITLE:
+            if not isinstance(attrs, dict):
+                continue
+            if (wanted and item.get("id") == wanted) or (
+                not wanted and attrs.get("title") == WALLETPASS_TITLE
+            ):
                 walletpass = attrs
     if flow.provisioning is None:
         if walletpass is not None:
@@ -416,7 +419,8 @@ def judge_custom_objects(account_id: str, facts: KlaviyoFacts | None, flow: Flow
         return Finding(
             "custom objects",
             Status.fail,
-            f"provisioned earlier, but Klaviyo has no {WALLETPASS_TITLE} object type now — {setup} to repair it",
+            f"provisioned earlier, but Klaviyo no longer has that {WALLETPASS_TITLE} object type — {setup} to "
+            "repair it",
         )
     status = walletpass.get("status")
     if status != "active":

@@ -11,11 +11,13 @@ from typing import Any
 import orjson
 import pytest
 import redis as redis_sync
+import structlog
 from typer.testing import CliRunner, Result
 
 from passbridge.accounts import Account, AccountStore
 from passbridge.cli.main import app
 from passbridge.crypto import load_cipher
+from passbridge.logging import configure_logging
 from passbridge.settings import Settings, get_settings
 from producer.app import create_app
 from tests.conftest import LiveServer, serve
@@ -78,9 +80,17 @@ class Cli:
         return asyncio.run(get())
 
 
+def configure_uncached(level: str = "info", fmt: str = "auto") -> None:
+    """The product's logging set-up, minus caching loggers on first use: commands run inside the test process,
+    and a logger cached with a command's configuration would ignore later tests' ``capture_logs``."""
+    configure_logging(level, fmt)
+    structlog.configure(cache_logger_on_first_use=False)
+
+
 @pytest.fixture
 def cli(redis_url: str, tmp_path: Path, secret_key: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
     monkeypatch.chdir(tmp_path)  # no stray .env from the repo
+    monkeypatch.setattr("passbridge.cli.common.configure_logging", configure_uncached)
     env = {
         "REDIS_URL": redis_url,
         "PASSBRIDGE_SECRET_KEY": secret_key,
@@ -90,6 +100,7 @@ def cli(redis_url: str, tmp_path: Path, secret_key: str, monkeypatch: pytest.Mon
     client = redis_sync.Redis.from_url(redis_url)
     yield Cli(env, client)
     client.close()
+    structlog.reset_defaults()
 
 
 @pytest.fixture

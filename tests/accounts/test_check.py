@@ -167,15 +167,16 @@ class TestCustomObjects:
     def test_provisioned_and_active(self) -> None:
         facts = key_facts()
         facts.object_types = self.walletpass
-        f = judge_custom_objects("acme", facts, flow(provisioning={"data_source_id": "1"}))
+        f = judge_custom_objects("acme", facts, flow(provisioning={"object_type_id": "01K"}))
         assert f.status == Status.ok
         assert "entitled and provisioned" in f.words
 
     def test_provisioned_but_gone(self) -> None:
         facts = key_facts()
-        facts.object_types = Answer(200, body={"data": []})
-        f = judge_custom_objects("acme", facts, flow(provisioning={"data_source_id": "1"}))
+        facts.object_types = self.walletpass  # a WalletPass type, but not the one provisioned
+        f = judge_custom_objects("acme", facts, flow(provisioning={"object_type_id": "01OTHER"}))
         assert f.status == Status.fail
+        assert "no longer has that WalletPass object type" in f.words
 
     def test_no_read_scope(self) -> None:
         f = judge_custom_objects("acme", key_facts(**{"/api/data-sources": FORBIDDEN}), flow())

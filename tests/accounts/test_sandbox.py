@@ -236,6 +236,32 @@ class TestCheck:
                 headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
             )
 
+    def test_provisioned_by_klaviyo_setup(self, world: World) -> None:
+        world.cli.ok("accounts", "add", "acme", "--klaviyo-api-key", FULL_KEY)
+        setup = world.run("accounts", "check", "acme")  # before: points at setup
+        assert "passbridge klaviyo setup --account acme" in " ".join(setup.stdout.split())
+        done = world.run("klaviyo", "setup", "--account", "acme", "--json")
+        assert done.exit_code == 0, done.stderr
+        try:
+            code, f = world.check("acme")
+            assert code == 0
+            assert f["custom objects"] == {
+                "topic": "custom objects",
+                "status": "ok",
+                "words": "entitled and provisioned (WalletPass schema active)",
+            }
+        finally:
+            provisioned = world.cli.redis.hget(account_keys("acme").klaviyo, "object_type_id")
+            assert provisioned is not None
+            httpx.delete(
+                f"{world.sandbox}/api/object-types/{provisioned.decode()}",
+                headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
+            )
+        # The object type is gone from Klaviyo (deleted above): the check notices and says how to repair.
+        code, f = world.check("acme")
+        assert code == 1
+        assert "klaviyo setup --account acme` to repair it" in f["custom objects"]["words"]
+
     @pytest.mark.parametrize("how", ["stored expiry passed", "Klaviyo answers 401"])
     def test_oauth_grant_expired_token_is_refreshed(self, world: World, how: str) -> None:
         world.cli.ok("accounts", "add", "acme")

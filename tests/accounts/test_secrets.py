@@ -15,10 +15,10 @@ from redis.asyncio import Redis
 from passbridge.accounts import Account, AccountSecrets, AccountStore, OAuthTokens, hash_token
 from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
-from passbridge.logging import configure_logging, redact_text
+from passbridge.logging import redact_text
 from passbridge.oauth import start_connect
 from passbridge.settings import Settings
-from tests.accounts.conftest import Cli
+from tests.accounts.conftest import Cli, configure_uncached
 from tests.factories import webhook_secret
 
 SECRETS = {
@@ -145,7 +145,7 @@ class TestNeverPrinted:
     def test_logs_redact_secret_keys_and_values(self, monkeypatch: pytest.MonkeyPatch) -> None:
         stream = io.StringIO()
         monkeypatch.setattr(sys, "stderr", stream)
-        configure_logging("info", "json")
+        configure_uncached("info", "json")
         try:
             log = structlog.get_logger("test")
             log.info(
