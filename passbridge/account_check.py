@@ -23,8 +23,10 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountState, AccountStore
 from passbridge.keys import account_keys
-from passbridge.oauth import DEFAULT_SCOPES, OAuthError, needs_refresh, refresh_tokens
+from passbridge.oauth import DEFAULT_SCOPES, token_url
 from passbridge.settings import Settings
+from worker.klaviyo.errors import AuthError, KlaviyoError
+from worker.klaviyo.oauth import OAuthManager
 
 #: The oldest revision with Custom Objects GA (data sources, object types).
 CUSTOM_OBJECTS_REVISION = "2026-07-15"
@@ -109,6 +111,7 @@ class KlaviyoFacts:
 
     auth: str  # "oauth" | "api_key"
     refresh_error: str = ""
+    refresh_fatal: bool = True  # the grant is gone (reconnect), not a passing token-endpoint failure
     answers: dict[str, Answer] = field(default_factory=dict)  # by probe path
     granted_scopes: tuple[str, ...] | None = None  # known for OAuth grants
     object_types: Answer | None = None
@@ -153,11 +156,20 @@ async def _call(http: httpx.AsyncClient, method: str, url: str, headers: dict[st
     return _answer(response)
 
 
-def auth_headers(account: Account, revision: str) -> dict[str, str]:
-    """The Klaviyo headers for the account's credential (the one :meth:`Account.klaviyo_auth` names)."""
+def _refresh_failed(facts: KlaviyoFacts, exc: KlaviyoError) -> KlaviyoFacts:
+    facts.refresh_error = str(exc)
+    facts.refresh_fatal = isinstance(exc, AuthError)
+    return facts
+
+
+def auth_headers(account: Account, revision: str, access_token: str | None = None) -> dict[str, str]:
+    """The Klaviyo headers for the account's credential (the one :meth:`Account.klaviyo_auth` names);
+    ``access_token`` overrides the stored one (a token just refreshed)."""
     headers = {"revision": revision, "accept": "application/vnd.api+json"}
     oauth = account.secrets.klaviyo_oauth
-    if account.klaviyo_auth() == "oauth" and oauth is not None and oauth.access_token is not None:
+    if access_token is not None:
+        headers["authorization"] = f"Bearer {access_token}"
+    elif account.klaviyo_auth() == "oauth" and oauth is not None and oauth.access_token is not None:
         headers["authorization"] = f"Bearer {oauth.access_token.get_secret_value()}"
     elif account.secrets.klaviyo_api_key is not None:
         headers["authorization"] = f"Klaviyo-API-Key {account.secrets.klaviyo_api_key.get_secret_value()}"
@@ -178,31 +190,29 @@ async def probe_klaviyo(
     if auth is None:
         return None
     facts = KlaviyoFacts(auth=auth)
-    oauth = account.secrets.klaviyo_oauth
-    if auth == "oauth" and oauth is not None:
-        if refresh and needs_refresh(oauth):
-            try:
-                account = await refresh_tokens(redis, store, settings, http, account.account_id)
-            except OAuthError as exc:
-                facts.refresh_error = str(exc)
-                return facts
-        if account.secrets.klaviyo_oauth is not None:
-            facts.granted_scopes = tuple(account.secrets.klaviyo_oauth.scopes)
     base = settings.klaviyo_base_url.rstrip("/")
-    headers = auth_headers(account, settings.klaviyo_revision)
+    token: str | None = None
+    # OAuth tokens are refreshed exactly as the workers refresh them (one refresh at a time per account, under
+    # AccountKeys.oauth_lock; a refused grant marks the account disconnected).
+    manager = OAuthManager(redis, store, http, token_url(settings))
+    if auth == "oauth" and refresh:
+        try:
+            token = await manager.access_token(account)
+        except KlaviyoError as exc:
+            return _refresh_failed(facts, exc)
+    headers = auth_headers(account, settings.klaviyo_revision, token)
     first = await _call(http, "GET", base + "/api/accounts", headers)
-    oauth = account.secrets.klaviyo_oauth
-    if first.status == 401 and auth == "oauth" and refresh and oauth is not None:
+    if first.status == 401 and token is not None:
         # As every Klaviyo client does: a 401 on an access token means refresh once, then retry.
         try:
-            account = await refresh_tokens(
-                redis, store, settings, http, account.account_id, rejected=oauth.access_token
-            )
-        except OAuthError as exc:
-            facts.refresh_error = str(exc)
-            return facts
-        headers = auth_headers(account, settings.klaviyo_revision)
+            token = await manager.refresh(account, stale=token)
+        except KlaviyoError as exc:
+            return _refresh_failed(facts, exc)
+        headers = auth_headers(account, settings.klaviyo_revision, token)
         first = await _call(http, "GET", base + "/api/accounts", headers)
+    if auth == "oauth":
+        oauth = (await store.get(account.account_id)).secrets.klaviyo_oauth
+        facts.granted_scopes = tuple(oauth.scopes) if oauth else ()
     facts.answers["/api/accounts"] = first
     # An OAuth grant lists its scopes; only a private key needs every scope probed.
     probes = SCOPE_PROBES[1:] if facts.granted_scopes is None else SCOPE_PROBES[3:4]
@@ -267,6 +277,12 @@ def judge_credentials(account: Account, facts: KlaviyoFacts | None) -> Finding:
             f"{account.account_id} --klaviyo-api-key ...` or connect with {connect}",
         )
     kind = "the OAuth grant" if facts.auth == "oauth" else "the private API key"
+    if facts.refresh_error and not facts.refresh_fatal:
+        return Finding(
+            "credentials",
+            Status.fail,
+            f"the access token could not be refreshed just now ({facts.refresh_error}); check again shortly",
+        )
     if facts.refresh_error:
         return Finding(
             "credentials",

@@ -1,5 +1,7 @@
 """Connecting an account to Klaviyo with OAuth (authorization code + PKCE S256) and refreshing its tokens.
 
+Refreshing tokens is the workers' job (``worker.klaviyo.oauth.OAuthManager``); this module only connects.
+
 The flow: :func:`start_connect` makes a PKCE pair and a ``state`` of the form ``<account_id>.<nonce>``,
 keeps the verifier, redirect URI and client (secret encrypted) under the account's pending key for
 :data:`PENDING_TTL_S`, and returns Klaviyo's authorize URL. Klaviyo sends the merchant back to the producer's
@@ -11,12 +13,10 @@ nonce exists only under that account's key.
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import hashlib
 import secrets
 import time
-import uuid
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlencode
@@ -31,7 +31,6 @@ from redis.asyncio import Redis
 from passbridge.accounts import Account, AccountState, AccountStore, OAuthTokens
 from passbridge.crypto import SecretKeyError, decrypt, encrypt
 from passbridge.keys import account_keys
-from passbridge.scripts import script
 from passbridge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -50,9 +49,6 @@ DEFAULT_SCOPES = (
     "custom-objects:read",
     "custom-objects:write",
 )
-#: Refresh this long before the access token expires.
-REFRESH_MARGIN_S = 60
-LOCK_TTL_MS = 30_000
 
 
 class OAuthError(Exception):
@@ -270,25 +266,20 @@ async def exchange_code(http: httpx.AsyncClient, url: str, pending: Pending, cod
     )
 
 
-def _with_grant(oauth: OAuthTokens, grant: TokenGrant) -> OAuthTokens:
-    return oauth.model_copy(
-        update={
-            "access_token": grant.access_token,
-            # Klaviyo may or may not rotate the refresh token: keep the old one when none comes back.
-            "refresh_token": grant.refresh_token or oauth.refresh_token,
-            "expires_at": grant.expires_at,
-            "scopes": list(grant.scopes) or oauth.scopes,
-        }
-    )
-
-
 async def complete_connect(
     redis: Redis, store: AccountStore, settings: Settings, http: httpx.AsyncClient, *, state: str, code: str
 ) -> Account:
     """Finish a connect: exchange ``code`` and store the tokens in the account ``state`` names."""
     pending = await take_pending(redis, store.cipher, state)
     grant = await exchange_code(http, token_url(settings), pending, code)
-    oauth = _with_grant(OAuthTokens(client_id=pending.client_id, client_secret=pending.client_secret), grant)
+    oauth = OAuthTokens(
+        client_id=pending.client_id,
+        client_secret=pending.client_secret,
+        access_token=grant.access_token,
+        refresh_token=grant.refresh_token,
+        expires_at=grant.expires_at,
+        scopes=list(grant.scopes),
+    )
 
     def connect(current: Account | None) -> Account | None:
         if current is None:
@@ -310,67 +301,6 @@ async def complete_connect(
         scopes=list(oauth.scopes),
     )
     return account
-
-
-def needs_refresh(oauth: OAuthTokens, now: float | None = None) -> bool:
-    """Whether the access token is missing, expired or about to expire."""
-    now = time.time() if now is None else now
-    if oauth.access_token is None:
-        return True
-    return oauth.expires_at is not None and oauth.expires_at - REFRESH_MARGIN_S <= now
-
-
-async def refresh_tokens(
-    redis: Redis,
-    store: AccountStore,
-    settings: Settings,
-    http: httpx.AsyncClient,
-    account_id: str,
-    *,
-    rejected: SecretStr | None = None,
-) -> Account:
-    """Refresh the account's OAuth tokens unless someone else just did; one refresh at a time per account.
-
-    Refreshes when the stored access token is (nearly) expired, or is ``rejected`` — the token Klaviyo just
-    answered 401 to. Holds ``AccountKeys.oauth_lock`` while refreshing; a caller that finds the lock taken
-    waits for it and then reads the tokens the holder stored. Raises :class:`OAuthError` when Klaviyo refuses
-    the refresh token (the grant was revoked: the account must be connected again).
-    """
-    keys = account_keys(account_id)
-    token = uuid.uuid4().hex
-    deadline = time.monotonic() + LOCK_TTL_MS / 1000
-    while not await redis.set(keys.oauth_lock, token, nx=True, px=LOCK_TTL_MS):
-        if time.monotonic() > deadline:
-            raise OAuthError("another process holds the token-refresh lock", status=503, code="locked")
-        await asyncio.sleep(0.05)
-    try:
-        account = await store.get(account_id)
-        oauth = account.secrets.klaviyo_oauth
-        if oauth is None or oauth.refresh_token is None:
-            raise OAuthError(f"account {account_id!r} has no OAuth grant to refresh", code="no-grant")
-        if not needs_refresh(oauth) and (rejected is None or oauth.access_token != rejected):
-            return account  # still good, or refreshed by whoever held the lock before us
-        grant = await _token_request(
-            http,
-            token_url(settings),
-            oauth.client_id,
-            oauth.client_secret,
-            {"grant_type": "refresh_token", "refresh_token": oauth.refresh_token.get_secret_value()},
-        )
-        used = oauth.refresh_token
-
-        def store_grant(current: Account | None) -> Account | None:
-            cur = current.secrets.klaviyo_oauth if current else None
-            if current is None or cur is None or cur.refresh_token != used:
-                return None  # the grant changed meanwhile (a new connect): keep the newer one
-            secrets = current.secrets.model_copy(update={"klaviyo_oauth": _with_grant(cur, grant)})
-            return current.model_copy(update={"secrets": secrets})
-
-        _, after = await store.update(account_id, store_grant)
-        log.info("oauth tokens refreshed", account_id=account_id)
-        return after if after is not None else account
-    finally:
-        await script(redis, "unlock")(keys=[keys.oauth_lock], args=[token])
 
 
 async def rotate_pending(redis: Redis, cipher: MultiFernet, account_ids: list[str]) -> int:

@@ -18,6 +18,7 @@ import pytest
 
 from klaviyo_sandbox.config import ALL_SCOPES, AccountConfig, ApiKeyConfig, OAuthClientConfig, SandboxConfig
 from klaviyo_sandbox.testing import SandboxServer, start_sandbox
+from passbridge.accounts import AccountState
 from passbridge.keys import account_keys
 from passbridge.oauth import DEFAULT_SCOPES
 from passbridge.settings import Settings
@@ -301,6 +302,14 @@ class TestCheck:
         assert f["credentials"]["status"] == "fail"
         assert "invalid_grant" in f["credentials"]["words"]
         assert "passbridge accounts connect acme" in f["credentials"]["words"]
+        # As a worker would: the refused grant disconnects the account until it is connected again …
+        account = world.cli.account("acme")
+        assert account.state == AccountState.disconnected
+        assert "invalid_grant" in account.state_reason
+        # … and connecting again makes it connected.
+        assert world.connect("acme", "cid-ok", "cs-ok").status_code == 200
+        assert world.cli.account("acme").state == AccountState.connected
+        assert world.check("acme")[0] == 0
 
     def test_narrow_oauth_grant_names_missing_scopes(self, world: World) -> None:
         world.cli.ok("accounts", "add", "acme")
