@@ -1,6 +1,6 @@
-"""Connecting an account to Klaviyo with OAuth (authorization code + PKCE S256) and refreshing its tokens.
+"""Connecting an account to Klaviyo with OAuth (authorization code + PKCE S256).
 
-Refreshing tokens is the workers' job (``worker.klaviyo.oauth.OAuthManager``); this module only connects.
+Refreshing the tokens later is the workers' job (``worker.klaviyo.oauth.OAuthManager``).
 
 The flow: :func:`start_connect` makes a PKCE pair and a ``state`` of the form ``<account_id>.<nonce>``,
 keeps the verifier, redirect URI and client (secret encrypted) under the account's pending key for
@@ -81,16 +81,6 @@ class Pending:
     client_secret: SecretStr
     verifier: SecretStr
     redirect_uri: str
-    scopes: tuple[str, ...]
-
-
-@dataclass(frozen=True)
-class TokenGrant:
-    """What Klaviyo's token endpoint answered."""
-
-    access_token: SecretStr
-    refresh_token: SecretStr | None
-    expires_at: float | None
     scopes: tuple[str, ...]
 
 
@@ -213,12 +203,18 @@ def _token_error(response: httpx.Response) -> OAuthError:
     )
 
 
-async def _token_request(
-    http: httpx.AsyncClient, url: str, client_id: str, client_secret: SecretStr, form: dict[str, str]
-) -> TokenGrant:
+async def exchange_code(http: httpx.AsyncClient, url: str, pending: Pending, code: str) -> OAuthTokens:
+    """Trade an authorization code (and the PKCE verifier) for the grant's tokens."""
+    form = {
+        "grant_type": "authorization_code",
+        "code": code,
+        "redirect_uri": pending.redirect_uri,
+        "code_verifier": pending.verifier.get_secret_value(),
+    }
+    started = time.time()
     try:
         response = await http.post(
-            url, data=form, auth=httpx.BasicAuth(client_id, client_secret.get_secret_value())
+            url, data=form, auth=httpx.BasicAuth(pending.client_id, pending.client_secret.get_secret_value())
         )
     except httpx.HTTPError as exc:
         raise OAuthError(
@@ -236,33 +232,14 @@ async def _token_request(
     expires_in = body.get("expires_in")
     refresh = body.get("refresh_token")
     scope = body.get("scope")
-    return TokenGrant(
+    return OAuthTokens(
+        client_id=pending.client_id,
+        client_secret=pending.client_secret,
         access_token=SecretStr(access),
         refresh_token=SecretStr(str(refresh)) if refresh else None,
-        expires_at=time.time() + float(expires_in) if isinstance(expires_in, int | float) else None,
-        scopes=tuple(str(scope).split()) if scope else (),
-    )
-
-
-async def exchange_code(http: httpx.AsyncClient, url: str, pending: Pending, code: str) -> TokenGrant:
-    """Trade an authorization code (and the PKCE verifier) for tokens."""
-    grant = await _token_request(
-        http,
-        url,
-        pending.client_id,
-        pending.client_secret,
-        {
-            "grant_type": "authorization_code",
-            "code": code,
-            "redirect_uri": pending.redirect_uri,
-            "code_verifier": pending.verifier.get_secret_value(),
-        },
-    )
-    # Klaviyo may leave out `scope`; then the grant holds what was asked for.
-    return (
-        grant
-        if grant.scopes
-        else TokenGrant(grant.access_token, grant.refresh_token, grant.expires_at, pending.scopes)
+        expires_at=started + float(expires_in) if isinstance(expires_in, int | float) else None,
+        # Klaviyo may leave out `scope`; then the grant holds what was asked for.
+        scopes=str(scope).split() if scope else list(pending.scopes),
     )
 
 
@@ -271,15 +248,7 @@ async def complete_connect(
 ) -> Account:
     """Finish a connect: exchange ``code`` and store the tokens in the account ``state`` names."""
     pending = await take_pending(redis, store.cipher, state)
-    grant = await exchange_code(http, token_url(settings), pending, code)
-    oauth = OAuthTokens(
-        client_id=pending.client_id,
-        client_secret=pending.client_secret,
-        access_token=grant.access_token,
-        refresh_token=grant.refresh_token,
-        expires_at=grant.expires_at,
-        scopes=list(grant.scopes),
-    )
+    oauth = await exchange_code(http, token_url(settings), pending, code)
 
     def connect(current: Account | None) -> Account | None:
         if current is None:
