@@ -8,6 +8,7 @@ operator may see).
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets as pysecrets
@@ -110,6 +111,11 @@ def hash_token(token: str) -> str:
 def new_token(prefix: str) -> str:
     """A fresh random credential such as an ingest token (``pbi_...``) or webhook secret (``whsec_...``)."""
     return f"{prefix}{pysecrets.token_urlsafe(32)}"
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks signing secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(pysecrets.token_bytes(32)).decode()
 
 
 def _tail(value: SecretStr, prefix: str = "") -> str:

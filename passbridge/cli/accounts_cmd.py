@@ -7,8 +7,6 @@ generated credentials are printed exactly once. ``show`` and ``list`` mask every
 
 from __future__ import annotations
 
-import base64
-import os
 import sys
 import time
 from collections.abc import AsyncIterator
@@ -26,7 +24,15 @@ from rich.table import Table
 
 from passbridge.account_check import Status, check_account
 from passbridge.account_spec import AccountSpec, build
-from passbridge.accounts import Account, AccountNotFound, AccountState, AccountStore, masked, new_token
+from passbridge.accounts import (
+    Account,
+    AccountNotFound,
+    AccountState,
+    AccountStore,
+    masked,
+    new_token,
+    new_webhook_secret,
+)
 from passbridge.accounts_file import AccountsFileError, ApplyReport, apply_specs, load_accounts_file
 from passbridge.cli.common import emit_json, fail, redis_url, run, settings
 from passbridge.crypto import SecretKeyError, cipher_from_settings
@@ -73,12 +79,7 @@ KlaviyoKeyOpt = Annotated[str | None, typer.Option(help="Klaviyo private API key
 ClientIdOpt = Annotated[
     str | None, typer.Option(help="Klaviyo OAuth client id (tokens come from `connect`).")
 ]
-ClientSecretOpt = Annotated[
-    str | None,
-    typer.Option(
-        envvar="PASSBRIDGE_KLAVIYO_CLIENT_SECRET", help="Klaviyo OAuth client secret ('-' reads stdin)."
-    ),
-]
+ClientSecretOpt = Annotated[str | None, typer.Option(help="Klaviyo OAuth client secret ('-' reads stdin).")]
 RateLimitOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -197,10 +198,6 @@ def _build(account_id: str, spec: AccountSpec, current: Account | None) -> Accou
         fail(str(exc))
 
 
-def _new_webhook_secret() -> str:
-    return "whsec_" + base64.b64encode(os.urandom(32)).decode()
-
-
 def _missing(account_id: str) -> NoReturn:
     fail(f"no account {account_id!r}; `passbridge accounts list` shows the accounts")
 
@@ -314,7 +311,7 @@ def add(
         token = SecretStr(new_token("pbi_"))
         shown["ingest_token"] = token.get_secret_value()
     if not webhook_secret:
-        webhook_secret = [_new_webhook_secret()]
+        webhook_secret = [new_webhook_secret()]
         shown["webhook_secret"] = webhook_secret
     apple = _secret(apple_token_secret, "--apple-token-secret")
     if apple is None:
@@ -374,7 +371,7 @@ def update(
     add_webhook_secret: Annotated[
         list[str] | None, typer.Option(help="Add an active webhook secret whsec_... (repeatable).")
     ] = None,
-    new_webhook_secret: Annotated[
+    generate_webhook_secret: Annotated[
         bool,
         typer.Option("--new-webhook-secret", help="Generate and add a webhook secret (rotation step 1)."),
     ] = False,
@@ -417,8 +414,8 @@ def update(
         token = SecretStr(new_token("pbi_"))
         shown["ingest_token"] = token.get_secret_value()
     added = list(add_webhook_secret or [])
-    if new_webhook_secret:
-        added.append(_new_webhook_secret())
+    if generate_webhook_secret:
+        added.append(new_webhook_secret())
         shown["webhook_secret"] = added[-1]
     for flag, value, option in (
         (sync_all, sync_pass_type, "--sync-pass-type"),

@@ -90,6 +90,15 @@ class TestConnectCommand:
         assert q["client_id"] == ["cid"]
         assert q["scope"] == ["accounts:read events:write"]
 
+    def test_client_secret_from_the_environment(self, cli: Cli) -> None:
+        env = {"PASSBRIDGE_KLAVIYO_CLIENT_SECRET": "env-secret"}
+        cli.ok("accounts", "add", "acme", env=env)  # only `connect` reads it: other commands ignore it
+        cli.ok("accounts", "update", "acme", "--name", "Acme", env=env)
+        cli.ok("accounts", "connect", "acme", "--client-id", "cid", env=env)
+        [key] = list(cli.redis.scan_iter(match=account_keys("acme").oauth_pending_pattern))
+        cipher = load_cipher(cli.env["PASSBRIDGE_SECRET_KEY"], cli.account_state_dir())
+        assert orjson.loads(cipher.decrypt(cli.redis.get(key)))["client_secret"] == "env-secret"
+
     def test_refusals(self, cli: Cli) -> None:
         assert "no account 'acme'" in cli.fails(
             "accounts", "connect", "acme", "--client-id", "c", "--client-secret", "s"
