@@ -146,6 +146,8 @@ async def apply_specs(
     for account_id, spec in specs.items():
         try:
             build(account_id, spec, await store.find(account_id))
+        except ValidationError as exc:
+            raise AccountsFileError(_describe(exc, f"accounts.{account_id}")) from None  # never quotes input
         except ValueError as exc:
             raise AccountsFileError(f"accounts.{account_id}: {exc}") from None
     report = ApplyReport()

@@ -470,7 +470,7 @@ def update(
                     )
                 webhook.remove(hits[0])
             webhook += added
-            result = _build(account_id, AccountSpec.model_validate({"webhook_secrets": webhook}), result)
+            result = _build(account_id, _spec({"webhook_secrets": webhook}), result)
         return result
 
     async def go() -> Account:

@@ -219,6 +219,13 @@ class TestUpdate:
         cli.ok("accounts", "update", "acme", "--add-webhook-secret", added, "--remove-webhook-secret", new)
         assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [added]
 
+    def test_invalid_added_secret_is_refused_without_echoing_secrets(self, cli: Cli) -> None:
+        old = cli.json("accounts", "add", "acme")["shown_once"]["webhook_secret"][0]
+        error = cli.fails("accounts", "update", "acme", "--add-webhook-secret", "not-a-secret")
+        assert "webhook_secrets: a webhook secret starts with whsec_" in error
+        assert old[6:20] not in error  # pydantic would quote the input list; ours never does
+        assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [old]
+
     def test_new_ingest_token_replaces_the_old(self, cli: Cli) -> None:
         old = cli.json("accounts", "add", "acme")["shown_once"]["ingest_token"]
         new = cli.json("accounts", "update", "acme", "--new-ingest-token")["shown_once"]["ingest_token"]
