@@ -108,7 +108,7 @@ def record(
         timestamp=ts,
         received=now,
         seq=state.next_seq(),
-        uuid=ids.time_uuid(),
+        uuid="",
         properties=props,
         unique_id=unique_id,
         value=attrs.get("value"),
@@ -137,7 +137,7 @@ def resource(event: Event, base_url: str) -> dict[str, Any]:
             "timestamp": event.timestamp,
             "event_properties": dict(event.properties),
             "datetime": ids.iso_seconds(event.timestamp),
-            "uuid": event.uuid,
+            "uuid": event.uuid or _uuid(event),
         },
         "relationships": {
             "profile": {
@@ -151,6 +151,12 @@ def resource(event: Event, base_url: str) -> dict[str, Any]:
         },
         "links": {"self": self_link},
     }
+
+
+def _uuid(event: Event) -> str:
+    # Made on first read: a time-based UUID costs more than the rest of storing an event.
+    event.uuid = ids.time_uuid(event.received, hash(event.id) & 0xFFFFFFFFFFFFFFFF)
+    return event.uuid
 
 
 def metric_resource(metric: Metric, base_url: str) -> dict[str, Any]:

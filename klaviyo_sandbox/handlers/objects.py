@@ -307,24 +307,30 @@ def get_profile_schema_relationships(call: Call) -> Reply:
 
 
 def update_profile_schema_relationship(call: Call) -> Reply:
-    """``PATCH .../relationships/profile-object-schemas``: updates name/description; 204."""
+    """``PATCH .../relationships/profile-object-schemas``: rename/describe one relationship; 204."""
     s = _schema(call.state, call.params["id"])
-    for item in _relationship_items(call):
-        meta = item.get("meta") or {}
-        rid = meta.get("relationship_id") or next(iter(s.profile_relationships), None)
-        if rid is None or rid not in s.profile_relationships:
-            raise not_found("relationship", str(rid))
-        for key in ("name", "description"):
-            if meta.get(key) is not None:
-                s.profile_relationships[rid][key] = meta[key]
+    item = data(call)
+    if item["id"] != "profile":
+        raise invalid("The related id must be 'profile'.", pointer="/data/id")
+    meta = item.get("meta") or {}
+    rid = meta.get("relationship_id")
+    if rid not in s.profile_relationships:
+        raise not_found("relationship", str(rid))
+    for key in ("name", "description"):
+        if meta.get(key) is not None:
+            s.profile_relationships[rid][key] = meta[key]
     return Reply(204)
 
 
 def delete_profile_schema_relationship(call: Call) -> Reply:
-    """``DELETE .../relationships/profile-object-schemas``: 204."""
+    """``DELETE .../relationships/profile-object-schemas``: the named relationships (all without ids); 204."""
     s = _schema(call.state, call.params["id"])
-    _relationship_items(call)
-    s.profile_relationships.clear()
+    for item in _relationship_items(call):
+        rid = (item.get("meta") or {}).get("relationship_id")
+        if rid is None:
+            s.profile_relationships.clear()
+        elif s.profile_relationships.pop(rid, None) is None:
+            raise not_found("relationship", str(rid))
     return Reply(204)
 
 
@@ -361,25 +367,22 @@ def get_object_record(call: Call) -> Reply:
 
 
 def bulk_delete_object_records(call: Call) -> Reply:
-    """``POST /api/object-record-bulk-delete-jobs``: 202; records are deleted at once."""
-    d = data(call)
-    items = d["attributes"].get("object-records", {}).get("data", [])
-    for item in items:
-        type_id, _, record_id = str(item.get("id", "")).partition(":::")
-        call.state.records.get(type_id, {}).pop(record_id, None)
-    job_id = ids.ulid(call.now)
-    return Reply(
-        202,
-        {
-            "data": {
-                "type": "object-record-bulk-delete-job",
-                "id": job_id,
-                "attributes": {"status": "complete"},
-                "links": {"self": f"{call.base_url}/api/object-record-bulk-delete-jobs/{job_id}/"},
-            },
-            "links": {"self": call.self_url},
-        },
-    )
+    """``POST /api/object-record-bulk-delete-jobs``: 202 with an empty body; ≤ 500 ids; deleted later."""
+    items = data(call)["relationships"]["object-records"].get("data") or []
+    if len(items) > MAX_BULK_RECORDS:
+        raise invalid(
+            f"A bulk delete may name at most {MAX_BULK_RECORDS} records ({len(items)} given).",
+            pointer="/data/relationships/object-records/data",
+        )
+    keys = [str(item["id"]).partition(":::") for item in items]
+    state = call.state
+
+    def run() -> None:
+        for type_id, _, record_id in keys:
+            state.records.get(type_id, {}).pop(record_id, None)
+
+    call.later(call.runtime.config.ingest_delay_s, run)
+    return Reply(202)
 
 
 def _log_field(log: IngestionLog, name: str) -> Any:

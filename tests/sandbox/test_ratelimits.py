@@ -28,6 +28,13 @@ def scaled() -> Iterator[SandboxServer]:
     server.stop()
 
 
+@pytest.fixture
+def fast() -> Iterator[SandboxServer]:
+    server = start_sandbox(config(unlimited=False, rate_scale=120.0, request_log_size=1_000_000))
+    yield server
+    server.stop()
+
+
 def test_429_throttled_with_whole_second_retry_after(limited: SandboxServer) -> None:
     with httpx.Client(base_url=limited.url, headers=klaviyo_headers()) as api:
         ok = api.get("/api/accounts")  # XS tier: 1/s, 15/m
@@ -54,19 +61,21 @@ def test_rate_scale_divides_retry_after(scaled: SandboxServer) -> None:
         assert api.get("/api/accounts").status_code == 200
 
 
-def test_steady_windows_admit_within_two_percent_of_the_tier(scaled: SandboxServer) -> None:
-    """get_metrics is 10/s, 150/m; at scale 60 the steady window is 1 s. Hammer for > 5 windows, then read
+def test_steady_windows_admit_within_two_percent_of_the_tier(fast: SandboxServer) -> None:
+    """get_data_sources is 3/s, 60/m; at scale 120 the steady window is 0.5 s and the burst window 8.3 ms, so a
+    window's 60 admissions need ~0.17 s of a client faster than 360 req/s. Hammer for > 5 windows, then read
     the server's admission times back from its request log."""
-    window = 60 / 60.0
-    steady = 150
+    scaled = fast
+    window = 60 / 120.0
+    steady = 60
     with httpx.Client(base_url=scaled.url, headers=klaviyo_headers()) as api:
         deadline = time.monotonic() + 5.3 * window
         while time.monotonic() < deadline:
-            api.get("/api/metrics")
+            api.get("/api/data-sources")
     with SandboxClient(scaled.url, account="main") as sandbox:
         log = sandbox.requests(limit=100_000)["recent"]
-    admitted = sorted(e["at"] for e in log if e["operation"] == "get_metrics" and e["status"] == 200)
-    throttled = [e for e in log if e["operation"] == "get_metrics" and e["status"] == 429]
+    admitted = sorted(e["at"] for e in log if e["operation"] == "get_data_sources" and e["status"] == 200)
+    throttled = [e for e in log if e["operation"] == "get_data_sources" and e["status"] == 429]
     assert throttled, "the client was not faster than the tier; the test proves nothing"
     t0 = admitted[0]
     in_five = [t for t in admitted if t < t0 + 5 * window]
