@@ -80,13 +80,15 @@ class World:
         doc = orjson.loads(result.stdout)
         return result.exit_code, {f["topic"]: f for f in doc["findings"]}
 
-    def connect(self, account_id: str, client_id: str, secret: str) -> httpx.Response:
+    def connect(
+        self, account_id: str, client_id: str, secret: str, *extra: str, accept: str = "application/json"
+    ) -> httpx.Response:
         """``accounts connect``, then the merchant's browser: authorize → redirect → our callback."""
         doc = self.cli.json(
             "accounts", "connect", account_id, "--client-id", client_id, "--client-secret", secret,
-            "--redirect-uri", f"{self.producer}/oauth/klaviyo/callback", env=self.env,
+            "--redirect-uri", f"{self.producer}/oauth/klaviyo/callback", *extra, env=self.env,
         )  # fmt: skip
-        return httpx.get(doc["authorize_url"], follow_redirects=True, timeout=10)
+        return httpx.get(doc["authorize_url"], follow_redirects=True, timeout=10, headers={"accept": accept})
 
 
 @pytest.fixture
@@ -139,11 +141,7 @@ class TestOAuthConnect:
 
     def test_browser_sees_a_page(self, world: World) -> None:
         world.cli.ok("accounts", "add", "acme", "--name", "Acme <Coffee>")
-        doc = world.cli.json(
-            "accounts", "connect", "acme", "--client-id", "cid-ok", "--client-secret", "cs-ok",
-            "--redirect-uri", f"{world.producer}/oauth/klaviyo/callback", env=world.env,
-        )  # fmt: skip
-        r = httpx.get(doc["authorize_url"], follow_redirects=True, headers={"accept": "text/html"})
+        r = world.connect("acme", "cid-ok", "cs-ok", accept="text/html")
         assert r.status_code == 200
         assert "Acme &lt;Coffee&gt; is now connected to Klaviyo" in r.text
 
@@ -313,12 +311,10 @@ class TestCheck:
 
     def test_narrow_oauth_grant_names_missing_scopes(self, world: World) -> None:
         world.cli.ok("accounts", "add", "acme")
-        doc = world.cli.json(
-            "accounts", "connect", "acme", "--client-id", "cid-narrow", "--client-secret", "cs-narrow",
-            "--scope", "accounts:read", "--scope", "events:write",
-            "--redirect-uri", f"{world.producer}/oauth/klaviyo/callback", env=world.env,
-        )  # fmt: skip
-        assert httpx.get(doc["authorize_url"], follow_redirects=True).status_code == 200
+        r = world.connect(
+            "acme", "cid-narrow", "cs-narrow", "--scope", "accounts:read", "--scope", "events:write"
+        )
+        assert r.status_code == 200
         code, f = world.check("acme")
         assert code == 1
         assert "the OAuth grant lacks custom-objects:read" in f["scopes"]["words"]
