@@ -106,6 +106,17 @@ class AccountKeys:
         """Lock held while ``passbridge klaviyo setup`` provisions the account."""
         return f"{self.base}:setup-lock"
 
+    # --- Accounts: OAuth connect (passbridge/oauth.py) ---
+
+    def oauth_pending(self, nonce: str) -> str:
+        """String (expiring): a started OAuth connect — PKCE verifier, redirect URI, client (secret encrypted)."""
+        return f"{self.base}:oauth:{nonce}"
+
+    @property
+    def oauth_pending_pattern(self) -> str:
+        """SCAN pattern matching the account's pending OAuth connects."""
+        return f"{self.base}:oauth:*"
+
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.

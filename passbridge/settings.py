@@ -42,9 +42,31 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = 1.0
-
     # Secrets at rest
     secret_key: SecretStr | None = None
+
+    # Accounts (see README "Accounts")
+    #: A declarative accounts.yaml applied when the producer (and workers) start; empty = none.
+    accounts_file: Path | None = None
+    #: The producer's public base URL, from which the OAuth redirect URI is built; empty = the bind address.
+    public_url: str = ""
+    #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
+    #: www.klaviyo.com, the sandbox on its own base URL).
+    klaviyo_authorize_url: str = ""
+
+    def oauth_authorize_url(self) -> str:
+        """Klaviyo's authorize endpoint for this deployment."""
+        if self.klaviyo_authorize_url:
+            return self.klaviyo_authorize_url
+        base = self.klaviyo_base_url.rstrip("/")
+        if base == "https://a.klaviyo.com":
+            return "https://www.klaviyo.com/oauth/authorize"
+        return f"{base}/oauth/authorize"
+
+    def oauth_redirect_uri(self) -> str:
+        """Where Klaviyo sends the merchant back: the producer's ``/oauth/klaviyo/callback``."""
+        base = self.public_url or f"http://{self.producer_host}:{self.producer_port}"
+        return base.rstrip("/") + "/oauth/klaviyo/callback"
 
 
 @lru_cache(maxsize=1)
