@@ -61,9 +61,11 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class _CurrentStderr:
-    """Writes to whatever ``sys.stderr`` is at the time of writing, not at configuration: loggers are cached
-    on first use, and a replaced stream (a test runner's capture, a CLI runner) must not leave them writing
-    to a closed file."""
+    """Writes to whatever ``sys.stderr`` is at the time of the write.
+
+    Loggers are cached on first use; bound to the stream object of configure time they would keep writing to it
+    after it was replaced and closed (a test runner's capture, a CLI runner), which raises on every log line.
+    """
 
     def write(self, text: str) -> int:
         return sys.stderr.write(text)

@@ -10,11 +10,11 @@ from redis.commands.core import AsyncScript
 
 
 @cache
-def lua_source(name: str) -> str:
-    """The text of ``passbridge/lua/<name>.lua``."""
-    return (files("passbridge") / "lua" / f"{name}.lua").read_text()
+def lua_source(name: str, package: str = "passbridge") -> str:
+    """The text of ``<package>/lua/<name>.lua`` (``passbridge`` for the producer, ``worker`` for the engine)."""
+    return (files(package) / "lua" / f"{name}.lua").read_text()
 
 
-def script(redis: Redis, name: str) -> AsyncScript:
+def script(redis: Redis, name: str, package: str = "passbridge") -> AsyncScript:
     """A callable script bound to ``redis``."""
-    return redis.register_script(lua_source(name))
+    return redis.register_script(lua_source(name, package))

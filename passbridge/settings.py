@@ -42,6 +42,30 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = 1.0
+
+    # Engine (worker/): see docs/architecture.md and README "The ordered engine"
+    #: Serials one worker process works on at once; also arq's ``max_jobs``.
+    worker_max_jobs: int = 64
+    #: arq's poll delay (only arq's own jobs - the cron sweeps - wait on it; the engine wakes via BLPOP).
+    worker_poll_delay_s: float = 0.5
+    #: Lease TTL: a SIGKILLed worker's serials are taken over at most this long after its last renewal.
+    worker_lease_ttl_s: float = 10.0
+    #: SIGTERM: how long in-flight serials may finish their current event before they are released.
+    worker_grace_s: float = 8.0
+    #: Most serials one claim hands out, and most per account per claim.
+    worker_claim_batch: int = 32
+    #: Most events a serial is worked on under one lease before it goes to the back of the line.
+    worker_events_per_lease: int = 200
+    #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
+    history_retention_s: int = 7 * 86_400
+    #: Retry defaults; an account's ``retry_policy`` overrides any of them.
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 300.0
+    retry_max_attempts: int = 8
+    retry_max_age_s: float = 24 * 3600.0
+    #: How often the sweep checks a paused account's credentials (resuming it when they work again).
+    pause_probe_interval_s: float = 60.0
+
     # Secrets at rest
     secret_key: SecretStr | None = None
 

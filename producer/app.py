@@ -41,7 +41,10 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             await redis.aclose()
             raise
         publisher = Publisher(
-            redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
+            redis,
+            high_water=settings.backlog_high_water,
+            dedup_window_s=settings.dedup_ttl_s,
+            history_retention_s=settings.history_retention_s,
         )
         await publisher.start()
         cipher = cipher_from_settings(settings)

@@ -4,7 +4,17 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli import accounts_cmd, ingest_cmd, klaviyo_cmd, producer_cmd, redis_cmd, sandbox_cmd
+from passbridge.cli import (
+    accounts_cmd,
+    dlq_cmd,
+    engine_cmd,
+    ingest_cmd,
+    klaviyo_cmd,
+    producer_cmd,
+    redis_cmd,
+    sandbox_cmd,
+    worker_cmd,
+)
 
 app = typer.Typer(
     name="passbridge",
@@ -17,7 +27,10 @@ app.add_typer(accounts_cmd.app, name="accounts")
 app.add_typer(klaviyo_cmd.app, name="klaviyo")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)
+app.command("worker")(worker_cmd.worker)
 app.command("sandbox")(sandbox_cmd.sandbox)
+app.add_typer(dlq_cmd.app, name="dlq")
+app.add_typer(engine_cmd.app, name="engine")
 
 
 def main() -> None:
