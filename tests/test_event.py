@@ -55,7 +55,7 @@ class TestNormalization:
 
     @pytest.mark.parametrize("raw", ["+15555555555", "+999123", "12", "call me"])
     def test_bad_phone(self, raw: str) -> None:
-        with pytest.raises(ValueError, match="phone|country"):
+        with pytest.raises(ValueError, match=r"phone|country"):
             normalize_phone(raw, "US")
 
     def test_bad_phone_names_the_field(self) -> None:

@@ -6,6 +6,7 @@ import typer
 
 from passbridge.cli import (
     accounts_cmd,
+    demo_cmd,
     dlq_cmd,
     engine_cmd,
     ingest_cmd,
@@ -31,6 +32,7 @@ app.command("worker")(worker_cmd.worker)
 app.command("sandbox")(sandbox_cmd.sandbox)
 app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(engine_cmd.app, name="engine")
+app.command("demo")(demo_cmd.demo)
 
 
 def main() -> None:
