@@ -17,7 +17,7 @@ from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
-from producer.routes import events, health, webhooks
+from producer.routes import apple, events, google, health, webhooks
 
 log = structlog.get_logger(__name__)
 
@@ -62,4 +62,18 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    _apple_routes(app)
+    app.add_api_route("/google/{account_id}/callback", google.post_callback, methods=["POST"])
     return app
+
+
+def _apple_routes(app: FastAPI) -> None:
+    """The PassKit web service; the pass's ``webServiceURL`` is ``<base>/apple/<account_id>``."""
+    base = "/apple/{account_id}/v1"
+    registration = base + "/devices/{device_id}/registrations/{pass_type_id}/{serial:path}"
+    app.add_api_route(registration, apple.post_registration, methods=["POST"])
+    app.add_api_route(registration, apple.delete_registration, methods=["DELETE"])
+    app.add_api_route(
+        base + "/devices/{device_id}/registrations/{pass_type_id}", apple.get_registrations, methods=["GET"]
+    )
+    app.add_api_route(base + "/log", apple.post_log, methods=["POST"])

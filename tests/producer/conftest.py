@@ -32,6 +32,11 @@ class Env:
     secret: str
     redis: Redis
     settings: Settings
+    producer: LiveServer
+
+    def forget_account(self, account_id: str) -> None:
+        """Drop the producer's cached copy of an account, so a registry change applies at once."""
+        self.producer.server.config.app.state.ctx.forget(account_id)
 
 
 @pytest.fixture
@@ -42,5 +47,11 @@ async def env(producer: LiveServer, redis: Redis, settings: Settings) -> AsyncIt
     account = await make_account(redis, cipher)
     async with httpx.AsyncClient(base_url=producer.url, timeout=10) as http:
         yield Env(
-            http, account, "tok-acme", account.secrets.webhook_secrets[0].get_secret_value(), redis, settings
+            http,
+            account,
+            "tok-acme",
+            account.secrets.webhook_secrets[0].get_secret_value(),
+            redis,
+            settings,
+            producer,
         )
