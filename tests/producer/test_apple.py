@@ -94,7 +94,8 @@ class TestRegistration:
         second_uninstall = (await unregister(env, "dev1", "SER1")).json()["event_id"]
         ids = [first_install, first_uninstall, second_install, second_uninstall]
         assert len(set(ids)) == 4, ids
-        assert first_install.endswith(":1") and second_install.endswith(":2")
+        assert first_install.endswith(":1")
+        assert second_install.endswith(":2")
         assert [e.event_id for e in await mailbox(env, "SER1")] == ids
         assert int(await env.redis.get(account_keys("acme").depth)) == 4
 
