@@ -161,16 +161,7 @@ class TestRegistration:
         assert [e.serial_number for e in await mailbox(env, serial)] == [serial]
 
     async def test_unsynced_pass_type_registers_without_event(self, env: Env) -> None:
-        from passbridge.accounts import AccountStore
-        from passbridge.crypto import load_cipher
-
-        store = AccountStore(
-            env.redis,
-            load_cipher(env.settings.secret_key.get_secret_value(), env.settings.state_dir),  # type: ignore[union-attr]
-        )
-        acct = await store.get("acme")
-        await store.put(acct.model_copy(update={"sync_pass_types": ["ptk_other"]}))
-        env.forget_account("acme")
+        await env.update_account(sync_pass_types=["ptk_other"])
         r = await register(env, "dev1", "SER1")
         assert r.status_code == 201
         assert r.json()["event_id"] is None
