@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -13,6 +14,7 @@ from starlette.responses import Response
 
 from passbridge.accounts import AccountStore
 from passbridge.crypto import load_cipher
+from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
@@ -24,7 +26,7 @@ log = structlog.get_logger(__name__)
 
 def redis_client(url: str) -> Redis:
     """An asyncio Redis client with explicit timeouts, so a dead Redis turns into a prompt 503."""
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+    return fast_redis(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
@@ -41,6 +43,9 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
         )
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
+        # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
+        gc.freeze()
         try:
             yield
         finally:
