@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -14,18 +15,19 @@ from starlette.responses import Response
 from passbridge.accounts import AccountStore
 from passbridge.accounts_file import apply_accounts_file
 from passbridge.crypto import cipher_from_settings
+from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
-from producer.routes import events, health, oauth, webhooks
+from producer.routes import apple, events, google, health, oauth, webhooks
 
 log = structlog.get_logger(__name__)
 
 
 def redis_client(url: str) -> Redis:
     """An asyncio Redis client with explicit timeouts, so a dead Redis turns into a prompt 503."""
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+    return fast_redis(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
@@ -49,6 +51,9 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         await publisher.start()
         cipher = cipher_from_settings(settings)
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
+        # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
+        gc.freeze()
         try:
             yield
         finally:
@@ -71,4 +76,18 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    _apple_routes(app)
+    app.add_api_route("/google/{account_id}/callback", google.post_callback, methods=["POST"])
     return app
+
+
+def _apple_routes(app: FastAPI) -> None:
+    """The PassKit web service; the pass's ``webServiceURL`` is ``<base>/apple/<account_id>``."""
+    base = "/apple/{account_id}/v1"
+    registration = base + "/devices/{device_id}/registrations/{pass_type_id}/{serial:path}"
+    app.add_api_route(registration, apple.post_registration, methods=["POST"])
+    app.add_api_route(registration, apple.delete_registration, methods=["DELETE"])
+    app.add_api_route(
+        base + "/devices/{device_id}/registrations/{pass_type_id}", apple.get_registrations, methods=["GET"]
+    )
+    app.add_api_route(base + "/log", apple.post_log, methods=["POST"])

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
@@ -58,11 +59,19 @@ async def authenticate_ingest(request: Request, ctx: ProducerContext) -> Account
 
 async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
     """Enqueue through the shared publisher; Redis down or backlog full become a 503 with Retry-After."""
-    try:
+    with store_errors_as_503(ctx, account_id):
         return await ctx.publisher.publish(account_id, events)
+
+
+@contextmanager
+def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]:
+    """Turn a full backlog or an unreachable Redis inside the block into a 503 problem with Retry-After."""
+    try:
+        yield
     except BacklogFull as exc:
+        depth = f"{exc.depth} pending events" if exc.depth >= 0 else "a backlog"
         raise unavailable(
-            f"account {account_id} has {exc.depth} pending events, over its high-water mark",
+            f"account {account_id} has {depth} over its high-water mark; nothing was written",
             ctx.settings.retry_after_s,
         ) from None
     except (RedisError, OSError) as exc:
