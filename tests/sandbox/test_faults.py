@@ -32,6 +32,14 @@ def test_error_rates_per_operation(api: httpx.Client, faults: SandboxClient) -> 
     assert statuses == {500, 502, 200}
 
 
+def test_injected_throttle_looks_like_klaviyos(api: httpx.Client, faults: SandboxClient) -> None:
+    faults.set_faults(error_rates={429: 1.0}, operations=["create_event"])
+    r = api.post("/api/events", json=payloads.event())
+    assert_klaviyo_error(r, 429, "throttled")
+    assert float(r.headers["retry-after"]) > 0
+    assert faults.count("create_event", 429) == 1
+
+
 def test_latency(api: httpx.Client, faults: SandboxClient) -> None:
     faults.set_faults(latency_ms=80, jitter_ms=20)
     started = time.perf_counter()
