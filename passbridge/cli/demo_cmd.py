@@ -23,8 +23,12 @@ def demo(
 ) -> None:
     """Start Redis, the Klaviyo sandbox, the producer and workers; play a day of events; verify Klaviyo."""
     from passbridge.demo.run import DemoOptions, run_demo, summary_table
+    from passbridge.logging import configure_logging
 
-    settings()
+    s = settings()
+    # The demo's own process talks through its progress bars and summary; its library logs (set-up steps)
+    # would only interleave with them. The stack's processes keep logging to their files in the state dir.
+    configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
     report = run_demo(
         DemoOptions(
             passes=passes,

@@ -147,12 +147,14 @@ class Player:
             assert d.msg_id is not None
             now = datetime.now(UTC)
             key = (d.account_id, d.serial)
+            ts = now
             if d.event_kind == "created":
-                self.result.created_at[key] = now
+                # Issued a minute before its webhook arrives, so a late event can claim a time between the
+                # creation and the install (which Apple and Google stamp on arrival).
+                ts = now - timedelta(seconds=60)
+                self.result.created_at[key] = ts
             if d.stale_of is not None:
                 ts = self.result.created_at.get(key, now - timedelta(days=30)) + timedelta(seconds=d.stale_of)
-            else:
-                ts = now
             body = orjson.dumps({**d.body, "timestamp": _iso(ts)}).decode()
             secret = creds.webhook_secret
             if d.tamper:

@@ -104,14 +104,18 @@ class DemoReport:
         }
 
 
-def _sandbox_args(opts: DemoOptions) -> list[str]:
-    args = ["--seed", str(opts.seed)]
+def _inject_faults(stack: Stack, opts: DemoOptions) -> None:
+    """Turn the sandbox's faults on once the set-up is done: injected 5xx and 429 answers on the sync path."""
+    from klaviyo_sandbox.client import SandboxClient
+
+    rates: dict[int, float] = {}
     if opts.error_rate:
-        for status in (500, 502, 503):
-            args += ["--error-rate", f"{status}={opts.error_rate / 3:.4f}"]
+        rates.update({status: opts.error_rate / 3 for status in (500, 502, 503)})
     if opts.throttle_rate:
-        args += ["--error-rate", f"429={opts.throttle_rate:.4f}"]
-    return args
+        rates[429] = opts.throttle_rate
+    if rates:
+        with SandboxClient(stack.klaviyo_url) as sandbox:
+            sandbox.set_faults(error_rates=rates, seed=opts.seed)
 
 
 async def _register_accounts(
@@ -200,7 +204,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
         workers=opts.workers,
         rate_scale=opts.rate_scale,
         sandbox_api_keys=[a.klaviyo_api_key for a in scenario.accounts],
-        sandbox_args=_sandbox_args(opts),
         secret_key=secret_key,
         admin_token=new_token("adm_"),
     )
@@ -212,6 +215,7 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
         with run_stack(cfg) as stack:
             report.dashboard_url = f"{stack.producer_url}/dashboard"
             creds = asyncio.run(_register_accounts(stack, scenario, cipher, state_dir))
+            _inject_faults(stack, opts)
             with Progress(
                 TextColumn("{task.description}"),
                 BarColumn(),

@@ -48,6 +48,7 @@ class Verification:
 def verify_sandbox(sandbox_url: str, scenario: Scenario) -> Verification:
     """Read every account back through the sandbox's inspection API and compare with ``scenario``."""
     from klaviyo_sandbox.client import SandboxClient
+    from klaviyo_sandbox.config import account_id_for_key
 
     result = Verification()
     with SandboxClient(sandbox_url) as sandbox:
@@ -55,10 +56,11 @@ def verify_sandbox(sandbox_url: str, scenario: Scenario) -> Verification:
         for acct in scenario.accounts:
             a = acct.account_id
             plans = {s: p for (acc, s), p in scenario.passes.items() if acc == a}
-            profiles = sandbox.profiles(a)
+            k = account_id_for_key(acct.klaviyo_api_key)  # the sandbox account behind this merchant's key
+            profiles = sandbox.profiles(k)
             by_external = {p["attributes"].get("external_id"): p for p in profiles}
             external_of = {p["id"]: p["attributes"].get("external_id") for p in profiles}
-            events = sandbox.all_events(a)
+            events = sandbox.all_events(k)
             ids = Counter(e["attributes"]["event_properties"].get("$event_id") for e in events)
             per_pass: Counter[str] = Counter()
             metrics: Counter[str] = Counter()
@@ -69,7 +71,7 @@ def verify_sandbox(sandbox_url: str, scenario: Scenario) -> Verification:
                 r["attributes"]["record_properties"].get("serial_number"): r["attributes"][
                     "record_properties"
                 ]
-                for r in sandbox.object_records(a, object_type="WalletPass")
+                for r in sandbox.object_records(k, object_type="WalletPass")
             }
 
             result.add(f"{a}: profiles, one per pass", len(plans), sum(1 for s in plans if s in by_external))
