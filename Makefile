@@ -32,6 +32,10 @@ test: lint typecheck pytest
 demo: $(STAMP)
 	$(BIN)/passbridge demo
 
+## The same stack, kept running for manual use (Ctrl-C stops it).
+run: $(STAMP)
+	$(BIN)/passbridge up
+
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done
 

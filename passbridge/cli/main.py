@@ -14,6 +14,7 @@ from passbridge.cli import (
     producer_cmd,
     redis_cmd,
     sandbox_cmd,
+    up_cmd,
     worker_cmd,
 )
 
@@ -33,6 +34,7 @@ app.command("sandbox")(sandbox_cmd.sandbox)
 app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(engine_cmd.app, name="engine")
 app.command("demo")(demo_cmd.demo)
+app.command("up")(up_cmd.up)
 
 
 def main() -> None:
