@@ -140,7 +140,8 @@ class Server:
     port: int
 
     def worker_pids(self) -> list[int]:
-        return children(self.proc.pid)
+        # uvicorn --workers N > 1 runs the app in child processes; with 1 the process itself serves.
+        return children(self.proc.pid) or [self.proc.pid]
 
     def cpu(self) -> float:
         return sum(cpu_seconds(p) for p in self.worker_pids())
@@ -303,7 +304,9 @@ def _request(path: str, body: bytes, msg_id: str, ts: str, signature: str) -> by
     ).encode() + body
 
 
-def _loadgen_worker(conn: Any, port: int, path: str, n: int, offset: int, run: str, connections: int) -> None:
+def _loadgen_worker(
+    conn: Any, port: int, path: str, n: int, offset: int, run: str, connections: int, rounds: int
+) -> None:
     """A load-generator process: pre-sign webhooks, then replay them on command.
 
     Every webhook phase gets ``n`` requests of its own (unique ``webhook-id``s: nothing is a duplicate);
@@ -317,7 +320,8 @@ def _loadgen_worker(conn: Any, port: int, path: str, n: int, offset: int, run: s
     now = datetime.now(UTC)
     ts = str(int(now.timestamp()))
     presigned: dict[str, list[bytes]] = {}
-    sizes = {"bare": min(n, 5000), "warmhook": max(1000, n // 8), "hook1": n, "hook2": n}
+    sizes = {"bare": min(n, 5000), "warmhook": max(1000, n // 8)}
+    sizes.update({f"hook{r}": n for r in range(1, rounds + 1)})
     for phase, size in sizes.items():
         reqs = []
         for i in range(offset, offset + size):
@@ -419,7 +423,11 @@ def webhook_phases(server: Server, redis_pid: int, secret: str, args: argparse.N
     run = f"w{random.randrange(1 << 30):x}"
     # Each phase is (name, the load generator's request set). Bare and webhook phases alternate so that a
     # change in the machine's background load hits both alike.
-    phases = [("bare1", "bare"), ("hook1", "hook1"), ("bare2", "bare"), ("hook2", "hook2")]
+    phases = [
+        (f"{kind}{r}", "bare" if kind == "bare" else f"hook{r}")
+        for r in range(1, args.rounds + 1)
+        for kind in ("bare", "hook")
+    ]
     n = args.presigned
     pipes = []
     procs = []
@@ -427,7 +435,7 @@ def webhook_phases(server: Server, redis_pid: int, secret: str, args: argparse.N
         parent, child = mp.Pipe()
         p = mp.Process(
             target=_loadgen_worker,
-            args=(child, server.port, f"/webhooks/{ACCOUNT}", n, k * n, run, args.connections),
+            args=(child, server.port, f"/webhooks/{ACCOUNT}", n, k * n, run, args.connections, args.rounds),
         )
         p.start()
         parent.send(secret)
@@ -504,16 +512,17 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--events", type=int, default=200_000, help="NDJSON events to ingest")
-    parser.add_argument("--uploads", type=int, default=4, help="concurrent NDJSON upload processes")
+    parser.add_argument("--uploads", type=int, default=8, help="concurrent NDJSON upload processes")
     parser.add_argument("--lines-per-request", type=int, default=10_000)
     parser.add_argument("--workers", type=int, default=2, help="uvicorn worker processes of the producer")
-    parser.add_argument("--seconds", type=float, default=8.0, help="length of each webhook/bare phase")
+    parser.add_argument("--seconds", type=float, default=6.0, help="length of each webhook/bare phase")
+    parser.add_argument("--rounds", type=int, default=4, help="bare/webhook phase pairs, alternating")
     parser.add_argument("--loadgen-procs", type=int, default=2)
     parser.add_argument(
         "--connections", type=int, default=32, help="keep-alive connections per load generator"
     )
     parser.add_argument(
-        "--presigned", type=int, default=40_000, help="pre-signed webhooks per load generator and phase"
+        "--presigned", type=int, default=20_000, help="pre-signed webhooks per load generator and phase"
     )
     parser.add_argument(
         "--only", choices=["ndjson", "webhooks"], help="run one part (development; ok is false)"
@@ -563,8 +572,8 @@ def main() -> None:
             print(orjson.dumps({"ndjson": nd, "ok": False}).decode())
             return
         hooks = webhook_phases(server, redis_server.pid, secret, args)
-        bare = [hooks["bare1"], hooks["bare2"]]
-        hook = [hooks["hook1"], hooks["hook2"]]
+        bare = [v for k, v in hooks.items() if k.startswith("bare")]
+        hook = [v for k, v in hooks.items() if k.startswith("hook")]
         bare_rps = _sum(bare, "requests") / _sum(bare, "seconds")
         hook_rps = _sum(hook, "requests") / _sum(hook, "seconds")
         ratio = hook_rps / bare_rps
@@ -591,9 +600,16 @@ def main() -> None:
             "webhook_to_bare_ratio": round(ratio, 3),
             "target_ratio": TARGET_RATIO,
             "loadgen_max_utilization_vs_bare": gen_busy,
-            "loadgen_cpu_us_per_request": hooks["bare1"]["loadgen_cpu_us_per_request"],
-            "server_cpu_us_per_request_bare": hooks["bare1"]["server_cpu_us_per_request"],
-            "server_cpu_us_per_request_webhook": hooks["hook1"]["server_cpu_us_per_request"],
+            "loadgen_cpu_us_per_request": round(
+                _sum(bare, "loadgen_cpu_s") / _sum(bare, "requests") * 1e6, 1
+            ),
+            "server_cpu_us_per_request_bare": round(
+                _sum(bare, "server_cpu_s") / _sum(bare, "requests") * 1e6, 1
+            ),
+            "server_cpu_us_per_request_webhook": round(
+                _sum(hook, "server_cpu_s") / _sum(hook, "requests") * 1e6, 1
+            ),
+            "presigned_exhausted": any(r["presigned_exhausted"] for r in hook),
             "workers": args.workers,
             "cpus": os.cpu_count(),
             "ok": ok,

@@ -8,6 +8,7 @@ instead of copying it.
 from __future__ import annotations
 
 import re
+import weakref
 from functools import cache
 from importlib.resources import files
 
@@ -24,6 +25,13 @@ def lua_source(name: str) -> str:
     return _INCLUDE.sub(lambda m: lua_source(m.group(1)), text)
 
 
+_bound: weakref.WeakKeyDictionary[Redis, dict[str, AsyncScript]] = weakref.WeakKeyDictionary()
+
+
 def script(redis: Redis, name: str) -> AsyncScript:
-    """A callable script bound to ``redis``."""
-    return redis.register_script(lua_source(name))
+    """A callable script bound to ``redis`` (made once per client: it hashes the source)."""
+    scripts = _bound.setdefault(redis, {})
+    bound = scripts.get(name)
+    if bound is None:
+        bound = scripts[name] = redis.register_script(lua_source(name))
+    return bound

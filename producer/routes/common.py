@@ -29,8 +29,11 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or a 413 problem as soon as it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+    if declared and declared.isdigit():
+        if int(declared) > limit:
+            raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+        # The server stops at the declared length, so the body cannot grow past it: read it in one go.
+        return await request.body()
     chunks = []
     size = 0
     async for chunk in request.stream():
