@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli import accounts_cmd, ingest_cmd, producer_cmd, redis_cmd
+from passbridge.cli import accounts_cmd, apple_cmd, ingest_cmd, producer_cmd, redis_cmd
 
 app = typer.Typer(
     name="passbridge",
@@ -14,6 +14,7 @@ app = typer.Typer(
 )
 app.add_typer(redis_cmd.app, name="redis")
 app.add_typer(accounts_cmd.app, name="accounts")
+app.add_typer(apple_cmd.app, name="apple")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)
 

@@ -9,6 +9,7 @@ from typing import Any
 import orjson
 import structlog
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -75,6 +76,14 @@ def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]
         depth = f"{exc.depth} pending events" if exc.depth >= 0 else "a backlog"
         raise unavailable(
             f"account {account_id} has {depth} over its high-water mark; nothing was written",
+            ctx.settings.retry_after_s,
+        ) from None
+    except (RedisTimeoutError, TimeoutError) as exc:
+        log.warning("redis timed out", error=type(exc).__name__)
+        # The command may have run before the reply was lost: say so, and that a retry is safe.
+        raise unavailable(
+            "the queue store did not answer in time; the outcome is unknown and retrying is safe "
+            "(the event id deduplicates it)",
             ctx.settings.retry_after_s,
         ) from None
     except (RedisError, OSError) as exc:
