@@ -18,7 +18,11 @@ the script reports the CPU each party used per phase (server workers, Redis, loa
 ``/proc``): the load generator's CPU per request and its utilization (below 100 % means it waited on the
 server).
 
-The last line of output is one JSON object with the figures and the targets checked.
+The last line of output is one JSON object with the figures and the targets checked (``ok`` judges the measured
+rates only). It also holds CPU-normalized figures, which other processes on a shared machine disturb less:
+``ndjson_events_per_cpu_s`` (events per CPU-second of producer workers + Redis; on N idle cores the rate can
+approach N times it) and ``webhook_to_bare_cpu_ratio`` (CPU per bare request over CPU per webhook request,
+Redis included), with the load average before and after.
 """
 
 from __future__ import annotations
@@ -557,6 +561,7 @@ def main() -> None:
         asyncio.run(setup())
         server = start_server(redis_server.url, secret_key, args.workers, tmp)
         redis = Redis.from_url(redis_server.url)
+        load_before = round(os.getloadavg()[0], 2)
         print(
             f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; producer: {args.workers} "
             f"uvicorn workers (uvloop, httptools); Redis 6.2 embedded, AOF everysec",
@@ -591,6 +596,11 @@ def main() -> None:
             and hook_ok
             and args.only is None
         )
+        # CPU-normalized views, less sensitive to other processes on a shared machine: what the pipeline's own
+        # CPU time (producer workers + Redis) buys per core-second; and bare vs webhook cost per request.
+        nd_cpu = nd["server_cpu_s"] + nd["redis_cpu_s"]
+        hook_cpu = (_sum(hook, "server_cpu_s") + _sum(hook, "redis_cpu_s")) / _sum(hook, "requests")
+        bare_cpu = (_sum(bare, "server_cpu_s") + _sum(bare, "redis_cpu_s")) / _sum(bare, "requests")
         summary = {
             "ndjson_events_per_s": nd["events_per_s"],
             "target_ndjson_events_per_s": TARGET_EVENTS_PER_S,
@@ -610,6 +620,10 @@ def main() -> None:
                 _sum(hook, "server_cpu_s") / _sum(hook, "requests") * 1e6, 1
             ),
             "presigned_exhausted": any(r["presigned_exhausted"] for r in hook),
+            "ndjson_events_per_cpu_s": round(nd["in_redis"] / nd_cpu) if nd_cpu else None,
+            "webhook_to_bare_cpu_ratio": round(bare_cpu / hook_cpu, 3) if hook_cpu else None,
+            "load_average_before": load_before,
+            "load_average_after": round(os.getloadavg()[0], 2),
             "workers": args.workers,
             "cpus": os.cpu_count(),
             "ok": ok,
