@@ -93,6 +93,9 @@ def normalize_phone(value: str, default_region: str) -> str:
     return to_e164(value, default_region)
 
 
+_INF = float("inf")
+
+
 def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
     if len(props) > MAX_PROPERTIES:
         raise ValueError(f"at most {MAX_PROPERTIES} custom properties are allowed, got {len(props)}")
@@ -107,8 +110,8 @@ def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
             if not -(2**63) <= value < 2**64:  # what JSON encoders (and Klaviyo) take
                 raise ValueError(f"property {key!r} is outside the 64-bit integer range")
         elif kind is float:
-            if value != value:  # NaN has no JSON form
-                raise ValueError(f"property {key!r} is NaN")
+            if value != value or value in (_INF, -_INF):  # JSON has no NaN or Infinity
+                raise ValueError(f"property {key!r} is not a finite number (JSON has no NaN or Infinity)")
         elif kind is not bool and value is not None:
             if not isinstance(value, str | int | float | bool):
                 raise ValueError(f"property {key!r} must be a string, number, boolean or null (JSON scalar)")

@@ -81,12 +81,103 @@ class AccountKeys:
         """Hash of counters (ingested by source, duplicates, rejected by reason, ...)."""
         return f"{self.base}:stats"
 
+    # --- the engine (worker/): leases, applied state, retries, DLQ, history, pauses -------------------
+
+    @property
+    def lease_tokens(self) -> str:
+        """Hash: leased serial → its lease token (fencing: only the holder may commit or release)."""
+        return f"{self.base}:tok"
+
+    @property
+    def state(self) -> str:
+        """Hash: serial → the last applied ``PassState`` (``PassState.to_json()``)."""
+        return f"{self.base}:state"
+
+    @property
+    def retries(self) -> str:
+        """Hash: event_id → JSON retry record (attempts, first attempt, errors) of a failing head event."""
+        return f"{self.base}:retry"
+
+    @property
+    def dlq(self) -> str:
+        """Sorted set: dead-lettered event ids; score = when dead-lettered (ms)."""
+        return f"{self.base}:dlq"
+
+    @property
+    def dlq_entries(self) -> str:
+        """Hash: event_id → JSON DLQ entry (the event, its mailbox member, reason, every attempt's error)."""
+        return f"{self.base}:dlq:e"
+
+    def history(self, serial: str) -> str:
+        """List: the serial's event history (ingested, attempts, written, dead-lettered, replayed)."""
+        return f"{self.base}:h:{serial}"
+
+    @property
+    def history_prefix(self) -> str:
+        return f"{self.base}:h:"
+
+    @property
+    def paused(self) -> str:
+        """Hash (present while the engine must not claim the account): since_ms, reason."""
+        return f"{self.base}:paused"
+
+    @property
+    def pause_log(self) -> str:
+        """List of closed pause intervals ``"<start_ms>:<end_ms>"`` (newest last), for max-age accounting."""
+        return f"{self.base}:pauses"
+
+    # --- Klaviyo side (worker/klaviyo, worker/setup.py) ---
+
+    @property
+    def klaviyo(self) -> str:
+        """Hash: ids provisioned in the account's Klaviyo by ``passbridge klaviyo setup`` (data source, ...)."""
+        return f"{self.base}:klaviyo"
+
+    def rate_window(self, endpoint: str, window: str) -> str:
+        """Sorted set: send times (µs) of requests to a Klaviyo endpoint in one sliding window (b|s)."""
+        return f"{self.base}:rl:{endpoint}:{window}"
+
+    def rate_pause(self, endpoint: str) -> str:
+        """String: until when (µs, Redis clock) a 429 paused this Klaviyo endpoint for the account."""
+        return f"{self.base}:rl:{endpoint}:pause"
+
+    @property
+    def oauth_lock(self) -> str:
+        """Lock held by the one process refreshing the account's OAuth tokens."""
+        return f"{self.base}:oauth-lock"
+
+    @property
+    def setup_lock(self) -> str:
+        """Lock held while ``passbridge klaviyo setup`` provisions the account."""
+        return f"{self.base}:setup-lock"
+
+    # --- Accounts: OAuth connect (passbridge/oauth.py) ---
+
+    def oauth_pending(self, nonce: str) -> str:
+        """String (expiring): a started OAuth connect — PKCE verifier, redirect URI, client (secret encrypted)."""
+        return f"{self.base}:oauth:{nonce}"
+
+    @property
+    def oauth_pending_pattern(self) -> str:
+        """SCAN pattern matching the account's pending OAuth connects."""
+        return f"{self.base}:oauth:*"
+
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.
 NOTIFY = f"{PREFIX}:notify"
-#: Sorted set of account ids with ready serials; score = when the account last became non-empty.
+#: Sorted set of account ids with queued work; score = when the engine should look at the account next
+#: (its earliest due serial or lease expiry; after a claim, the claim time, which rotates it to the back).
 ACTIVE_ACCOUNTS = f"{PREFIX}:active"
+#: What every account's keys start with (``AccountKeys.base`` = this + account id); claim.lua walks accounts.
+ACCOUNT_BASE_PREFIX = f"{PREFIX}:a:"
+#: Integer: lease counter; a lease token is ``<worker id>.<counter>`` so tokens never repeat.
+LEASE_SEQ = f"{PREFIX}:lease-seq"
+#: Sorted set: worker id → last heartbeat (ms); hash ``WORKERS_INFO``: worker id → JSON (host, pid, counts).
+WORKERS = f"{PREFIX}:workers"
+WORKERS_INFO = f"{PREFIX}:workers:info"
+#: arq's queue (cron sweeps); its health-check key is this + ``:health-check``.
+ARQ_QUEUE = f"{PREFIX}:arq"
 
 
 def account_keys(account_id: str) -> AccountKeys:

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -11,6 +12,9 @@ from redis.asyncio import Redis
 from passbridge.event import PassEvent
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
 from passbridge.scripts import script
+
+#: How long per-event history is kept by default (``Settings.history_retention_s``).
+DEFAULT_HISTORY_RETENTION_S = 7 * 86_400
 
 
 class BacklogFull(Exception):
@@ -42,12 +46,14 @@ async def enqueue(
     *,
     high_water: int,
     dedup_window_s: int,
+    history_retention_s: int = DEFAULT_HISTORY_RETENTION_S,
     now_ms: int | None = None,
 ) -> EnqueueResult:
     """Deduplicate ``events`` by ``event_id`` and append the new ones to their serials' mailboxes.
 
     All-or-nothing: raises :class:`BacklogFull` (writing nothing) when the new events would push the
-    account's backlog over ``high_water``.
+    account's backlog over ``high_water``. Each new event gets an "ingested" entry in its serial's history
+    (kept ``history_retention_s``; 0 turns history off).
     """
     if not events:
         return EnqueueResult([], 0)
@@ -61,6 +67,7 @@ async def enqueue(
         NOTIFY,
         ACTIVE_ACCOUNTS,
         account_id,
+        history_retention_s * 1000,
     ]
     for ev in events:
         args += [ev.event_id, ev.serial_number, ev.occurred_ms, ev.to_wire()]
@@ -68,3 +75,21 @@ async def enqueue(
     if status == 0:
         raise BacklogFull(account_id, int(depth))
     return EnqueueResult([bool(f) for f in flags], int(depth))
+
+
+async def count_skipped(redis: Redis, account_id: str, pass_types: Iterable[str]) -> int:
+    """Count events acknowledged but not synced (their pass type is not among the account's synced ones).
+
+    Adds to ``skipped`` and ``skipped:<pass_type>`` in the account's stats hash; returns how many.
+    """
+    counts = Counter(pass_types)
+    if not counts:
+        return 0
+    key = account_keys(account_id).stats
+    total = sum(counts.values())
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hincrby(key, "skipped", total)
+        for pass_type, n in counts.items():
+            pipe.hincrby(key, f"skipped:{pass_type}", n)
+        await pipe.execute()
+    return total

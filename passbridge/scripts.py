@@ -19,19 +19,20 @@ _INCLUDE = re.compile(r"^--!include ([A-Za-z0-9_]+)[ \t]*$", re.MULTILINE)
 
 
 @cache
-def lua_source(name: str) -> str:
-    """The text of ``passbridge/lua/<name>.lua`` with its ``--!include`` lines expanded."""
-    text = (files("passbridge") / "lua" / f"{name}.lua").read_text()
-    return _INCLUDE.sub(lambda m: lua_source(m.group(1)), text)
+def lua_source(name: str, package: str = "passbridge") -> str:
+    """The text of ``<package>/lua/<name>.lua`` (``passbridge`` for the producer, ``worker`` for the engine)
+    with its ``--!include`` lines expanded from the same package."""
+    text = (files(package) / "lua" / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: lua_source(m.group(1), package), text)
 
 
-_bound: weakref.WeakKeyDictionary[Redis, dict[str, AsyncScript]] = weakref.WeakKeyDictionary()
+_bound: weakref.WeakKeyDictionary[Redis, dict[tuple[str, str], AsyncScript]] = weakref.WeakKeyDictionary()
 
 
-def script(redis: Redis, name: str) -> AsyncScript:
-    """A callable script bound to ``redis`` (made once per client: it hashes the source)."""
+def script(redis: Redis, name: str, package: str = "passbridge") -> AsyncScript:
+    """A callable script bound to ``redis`` (made once per client and script: it hashes the source)."""
     scripts = _bound.setdefault(redis, {})
-    bound = scripts.get(name)
+    bound = scripts.get((package, name))
     if bound is None:
-        bound = scripts[name] = redis.register_script(lua_source(name))
+        bound = scripts[package, name] = redis.register_script(lua_source(name, package))
     return bound

@@ -43,8 +43,54 @@ class Settings(BaseSettings):
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = 1.0
 
+    # Engine (worker/): see docs/architecture.md and README "The ordered engine"
+    #: Serials one worker process works on at once; also arq's ``max_jobs``.
+    worker_max_jobs: int = 64
+    #: arq's poll delay (only arq's own jobs - the cron sweeps - wait on it; the engine wakes via BLPOP).
+    worker_poll_delay_s: float = 0.5
+    #: Lease TTL: a SIGKILLed worker's serials are taken over at most this long after its last renewal.
+    worker_lease_ttl_s: float = 10.0
+    #: SIGTERM: how long in-flight serials may finish their current event before they are released.
+    worker_grace_s: float = 8.0
+    #: Most serials one claim hands out, and most per account per claim.
+    worker_claim_batch: int = 32
+    #: Most events a serial is worked on under one lease before it goes to the back of the line.
+    worker_events_per_lease: int = 200
+    #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
+    history_retention_s: int = 7 * 86_400
+    #: Retry defaults; an account's ``retry_policy`` overrides any of them.
+    retry_base_delay_s: float = 1.0
+    retry_max_delay_s: float = 300.0
+    retry_max_attempts: int = 8
+    retry_max_age_s: float = 24 * 3600.0
+    #: How often the sweep checks a paused account's credentials (resuming it when they work again).
+    pause_probe_interval_s: float = 60.0
+
     # Secrets at rest
     secret_key: SecretStr | None = None
+
+    # Accounts (see README "Accounts")
+    #: A declarative accounts.yaml applied when the producer (and workers) start; empty = none.
+    accounts_file: Path | None = None
+    #: The producer's public base URL, from which the OAuth redirect URI is built; empty = the bind address.
+    public_url: str = ""
+    #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
+    #: www.klaviyo.com, the sandbox on its own base URL).
+    klaviyo_authorize_url: str = ""
+
+    def oauth_authorize_url(self) -> str:
+        """Klaviyo's authorize endpoint for this deployment."""
+        if self.klaviyo_authorize_url:
+            return self.klaviyo_authorize_url
+        base = self.klaviyo_base_url.rstrip("/")
+        if base == "https://a.klaviyo.com":
+            return "https://www.klaviyo.com/oauth/authorize"
+        return f"{base}/oauth/authorize"
+
+    def oauth_redirect_uri(self) -> str:
+        """Where Klaviyo sends the merchant back: the producer's ``/oauth/klaviyo/callback``."""
+        base = self.public_url or f"http://{self.producer_host}:{self.producer_port}"
+        return base.rstrip("/") + "/oauth/klaviyo/callback"
 
 
 @lru_cache(maxsize=1)

@@ -13,13 +13,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 
 from passbridge.accounts import AccountStore
-from passbridge.crypto import load_cipher
+from passbridge.accounts_file import apply_accounts_file
+from passbridge.crypto import cipher_from_settings
 from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
-from producer.routes import apple, events, google, health, webhooks
+from producer.routes import apple, events, google, health, oauth, webhooks
 
 log = structlog.get_logger(__name__)
 
@@ -35,13 +36,20 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(redis_url)
+        try:
+            # A deployment's accounts.yaml (PASSBRIDGE_ACCOUNTS_FILE); a bad file stops the start.
+            await apply_accounts_file(redis, settings)
+        except BaseException:
+            await redis.aclose()
+            raise
         publisher = Publisher(
-            redis, high_water=settings.backlog_high_water, dedup_window_s=settings.dedup_ttl_s
+            redis,
+            high_water=settings.backlog_high_water,
+            dedup_window_s=settings.dedup_ttl_s,
+            history_retention_s=settings.history_retention_s,
         )
         await publisher.start()
-        cipher = load_cipher(
-            settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
-        )
+        cipher = cipher_from_settings(settings)
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
         # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
@@ -62,6 +70,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
     app.add_api_route("/readyz", health.readyz, methods=["GET"])
+    app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
     app.add_api_route(
         "/v1/accounts/{account_id}/events", events.post_events, methods=["POST"], status_code=202
     )

@@ -19,7 +19,7 @@ import structlog
 from redis.asyncio import Redis
 
 from passbridge.event import PassEvent
-from passbridge.queue import enqueue
+from passbridge.queue import DEFAULT_HISTORY_RETENTION_S, enqueue
 
 log = structlog.get_logger(__name__)
 
@@ -36,8 +36,17 @@ class _Pending:
 class Publisher:
     """Coalesces concurrent enqueue requests into shared Lua calls (see module docstring)."""
 
-    def __init__(self, redis: Redis, *, high_water: int, dedup_window_s: int, max_batch: int = 2000) -> None:
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        high_water: int,
+        dedup_window_s: int,
+        max_batch: int = 2000,
+        history_retention_s: int = DEFAULT_HISTORY_RETENTION_S,
+    ) -> None:
         self.redis = redis
+        self.history_retention_s = history_retention_s
         self.high_water = high_water
         self.dedup_window_s = dedup_window_s
         self.max_batch = max_batch
@@ -103,7 +112,12 @@ class Publisher:
         events = [e for p in chunk for e in p.events]
         try:
             result = await enqueue(
-                self.redis, account_id, events, high_water=self.high_water, dedup_window_s=self.dedup_window_s
+                self.redis,
+                account_id,
+                events,
+                high_water=self.high_water,
+                dedup_window_s=self.dedup_window_s,
+                history_retention_s=self.history_retention_s,
             )
         except Exception as exc:  # handed to every waiting request; each answers for itself
             for p in chunk:

@@ -42,6 +42,7 @@ class Limits:
 
     high_water: int
     dedup_window_s: int
+    history_retention_s: int = 0
 
 
 def _split_wire(event: PassEvent) -> tuple[str, str]:
@@ -96,6 +97,7 @@ async def _call(
             prefix,
             head,
             tail,
+            limits.history_retention_s * 1000,
         ],
     )
     if int(code) == 503:

@@ -1,6 +1,8 @@
 -- Shared by enqueue.lua and the Apple registration scripts (included with `--!include _enqueue_core`).
 --
--- enqueue_events(base, now, hwm, window, width, notify, active, account, events)
+-- enqueue_events(base, now, hwm, window, width, notify, active, account, history_ms, events)
+--   history_ms: how long the serial's history list lives past its newest entry (0 = no "ingested" entry;
+--   see worker/history.py)
 --   events: array of {event_id, serial, occurred_ms, payload}
 -- Deduplicates by event_id (against the dedup buckets covering the window and earlier events of the same
 -- batch) and appends the new events to their serials' mailboxes. All-or-nothing: when the new events would
@@ -29,7 +31,7 @@ local function call_sliced(cmd, key, opts, args, step)
   return results
 end
 
-local function enqueue_events(base, now, hwm, window, width, notify, active, account, events)
+local function enqueue_events(base, now, hwm, window, width, notify, active, account, history_ms, events)
   local bucket = math.floor(now / 1000 / width)
   local oldest = bucket - math.ceil(window / width)
   local n = #events
@@ -76,6 +78,11 @@ local function enqueue_events(base, now, hwm, window, width, notify, active, acc
       redis.call('ZADD', base .. ':mb:' .. serial, tonumber(ev[3]), string.format('%012x', seq) .. ev[4])
       dd[#dd + 1] = ev[1]
       dd[#dd + 1] = serial
+      if history_ms > 0 then
+        local hkey = base .. ':h:' .. serial
+        redis.call('RPUSH', hkey, '[' .. now .. ',"ingested",' .. cjson.encode(ev[1]) .. ']')
+        redis.call('PEXPIRE', hkey, history_ms)
+      end
       if not is_new_serial[serial] then
         is_new_serial[serial] = true
         serials[#serials + 1] = serial
@@ -98,7 +105,8 @@ local function enqueue_events(base, now, hwm, window, width, notify, active, acc
   if #offer > 0 then call_sliced('ZADD', base .. ':ready', {'NX'}, offer, 2) end
 
   depth = redis.call('INCRBY', base .. ':depth', fresh)
-  redis.call('ZADD', active, 'NX', now, account)
+  -- LT, not NX: an account the engine scheduled for later (only parked serials) is due now again.
+  redis.call('ZADD', active, 'LT', now, account)
   if redis.call('LLEN', notify) < 1000 then redis.call('RPUSH', notify, account) end
   return 1, depth, flags
 end

@@ -115,7 +115,11 @@ def _event(
 
 
 def _limits(ctx: ProducerContext) -> Limits:
-    return Limits(high_water=ctx.settings.backlog_high_water, dedup_window_s=ctx.settings.dedup_ttl_s)
+    return Limits(
+        high_water=ctx.settings.backlog_high_water,
+        dedup_window_s=ctx.settings.dedup_ttl_s,
+        history_retention_s=ctx.settings.history_retention_s,
+    )
 
 
 async def post_registration(request: Request) -> Response:

@@ -8,11 +8,13 @@ from typing import Any
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
+from passbridge.queue import count_skipped
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
@@ -99,6 +101,10 @@ async def publish_events(
     """Enqueue the events of synced pass types; report each as accepted, duplicate or skipped."""
     synced = [e for e in events if account.syncs(e.pass_type)]
     flags = iter(await enqueue_or_503(ctx, account.account_id, synced))
+    if len(synced) < len(events):
+        await _count_skipped(
+            ctx, account.account_id, [e.pass_type for e in events if not account.syncs(e.pass_type)]
+        )
     out = []
     for ev in events:
         if not account.syncs(ev.pass_type):
@@ -120,6 +126,15 @@ async def publish_events(
                 }
             )
     return out
+
+
+async def _count_skipped(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
+    """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
+    (the events were rightly acknowledged and not enqueued either way)."""
+    try:
+        await count_skipped(ctx.redis, account_id, pass_types)
+    except (RedisError, OSError) as exc:
+        log.warning("skipped events not counted", account_id=account_id, error=type(exc).__name__)
 
 
 @dataclass
@@ -160,6 +175,10 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     fresh = sum(flags)
     tally.accepted += fresh
     tally.duplicates += len(flags) - fresh
+    if len(synced) < len(batch.events):
+        await _count_skipped(
+            ctx, account.account_id, [e.pass_type for e in batch.events if not account.syncs(e.pass_type)]
+        )
     tally.skipped += len(batch.events) - len(synced)
 
 

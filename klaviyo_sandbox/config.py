@@ -1,0 +1,151 @@
+"""Sandbox configuration: accounts (private keys, OAuth clients, entitlements), limits, faults, timings.
+
+Plain dataclasses so tests build them inline; ``SandboxConfig.with_api_keys`` is what ``--api-key`` does.
+Secrets (keys, client secrets) are excluded from ``repr`` so a logged config never leaks them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from typing import Any
+
+#: Every scope the emulated operations ask for; a key or client without an explicit list gets all of them.
+ALL_SCOPES: frozenset[str] = frozenset(
+    {
+        "accounts:read",
+        "profiles:read",
+        "profiles:write",
+        "events:read",
+        "events:write",
+        "metrics:read",
+        "lists:read",
+        "lists:write",
+        "custom-objects:read",
+        "custom-objects:write",
+    }
+)
+
+
+@dataclass(frozen=True)
+class ApiKeyConfig:
+    """One private API key (``pk_...``); ``scopes`` None means full access."""
+
+    key: str = field(repr=False)
+    scopes: frozenset[str] | None = None
+
+
+@dataclass(frozen=True)
+class OAuthClientConfig:
+    """An OAuth app installed on an account.
+
+    ``redirect_uris`` empty allows any redirect URI; ``approve`` False makes the authorize endpoint deny (as a
+    user clicking "Deny" would); ``scopes`` caps what the app may be granted.
+    """
+
+    client_id: str
+    client_secret: str = field(repr=False)
+    redirect_uris: tuple[str, ...] = ()
+    scopes: frozenset[str] = ALL_SCOPES
+    approve: bool = True
+
+
+@dataclass(frozen=True)
+class AccountConfig:
+    """One sandbox Klaviyo account."""
+
+    account_id: str
+    api_keys: tuple[ApiKeyConfig, ...] = ()
+    oauth_clients: tuple[OAuthClientConfig, ...] = ()
+    custom_objects: bool = True
+    name: str = "Sandbox account"
+    timezone: str = "UTC"
+    currency: str = "USD"
+
+
+@dataclass(frozen=True)
+class Outage:
+    """A scheduled outage: from ``start_s`` after the app starts (or after it is scheduled through the control
+    API) for ``duration_s`` seconds every /api request answers ``status`` (0 drops the connection instead)."""
+
+    start_s: float
+    duration_s: float
+    status: int = 503
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected failures. Rates are probabilities per /api request (drawn in this order, at most one fires).
+
+    ``latency_ms`` is added to every /api request, plus a uniform random 0..``jitter_ms``. A hung request never
+    answers until the client gives up (or ``hang_s`` passes). A dropped request closes the connection without
+    a response; with ``drop_after_processing`` the request is applied first (the answer is lost, not the
+    write). ``operations`` limits faults to those operation ids (empty = all).
+    """
+
+    error_rates: tuple[tuple[int, float], ...] = ()
+    latency_ms: float = 0.0
+    jitter_ms: float = 0.0
+    hang_rate: float = 0.0
+    hang_s: float = 300.0
+    drop_rate: float = 0.0
+    drop_after_processing: bool = False
+    operations: frozenset[str] = frozenset()
+    outages: tuple[Outage, ...] = ()
+    seed: int | None = None
+
+    @property
+    def active(self) -> bool:
+        """Whether any fault can fire (the hot path skips the fault machinery otherwise)."""
+        return bool(
+            self.error_rates
+            or self.latency_ms
+            or self.jitter_ms
+            or self.hang_rate
+            or self.drop_rate
+            or self.outages
+        )
+
+
+@dataclass(frozen=True)
+class SandboxConfig:
+    """Everything the sandbox app needs.
+
+    ``rate_scale`` F runs Klaviyo's rate-limit clock F times faster (windows of 1/F s and 60/F s, the same
+    counts, Retry-After divided by F); ``unlimited`` turns rate limits off. ``ingest_delay_s`` is how long
+    data-source records wait before they are processed (Klaviyo ingests them asynchronously);
+    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing.
+    """
+
+    accounts: tuple[AccountConfig, ...] = ()
+    rate_scale: float = 1.0
+    unlimited: bool = False
+    faults: FaultConfig = FaultConfig()
+    access_token_ttl_s: float = 3600.0
+    rotate_refresh_tokens: bool = False
+    ingest_delay_s: float = 0.05
+    job_step_s: float = 0.05
+    request_log_size: int = 10_000
+    base_url: str | None = None
+
+    @classmethod
+    def with_api_keys(cls, *keys: str, custom_objects: bool = True, **options: Any) -> SandboxConfig:
+        """One account per key, each with exactly that private key and full access (what ``--api-key`` does);
+        ``options`` are the other ``SandboxConfig`` fields (``rate_scale=60``, ``unlimited=True``, ...).
+
+        Account ids are derived from the key (stable across restarts), never the key itself."""
+        accounts = tuple(
+            AccountConfig(
+                account_id=account_id_for_key(key),
+                api_keys=(ApiKeyConfig(key),),
+                custom_objects=custom_objects,
+            )
+            for key in keys
+        )
+        return cls(accounts=accounts, **options)
+
+
+def account_id_for_key(key: str) -> str:
+    """A 6-character account id derived from a key (Klaviyo account ids are 6 characters)."""
+    digest = hashlib.sha256(key.encode()).hexdigest()
+    return "S" + digest[:5].upper()

@@ -1,0 +1,332 @@
+"""``passbridge dlq list|show|replay|purge``: the dead-letter queue of every account.
+
+Selections take the same filters everywhere: ``--account``, ``--code`` (a Klaviyo error code, an HTTP status or
+an error kind seen in any attempt), ``--serial``, ``--since``/``--until`` (ISO 8601 or a relative age such as
+``30m``, ``2h``, ``7d``). Operations on more than one entry ask for confirmation (``--yes`` skips it) and
+show a progress bar; ``--json`` prints machine-readable output.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime
+from typing import Any
+
+import typer
+from redis.asyncio import Redis
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
+from rich.table import Table
+
+from passbridge.accounts import AccountStore
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.crypto import load_cipher
+from worker import dlq, history
+from worker.dlq import DLQEntry, DLQFilter
+
+app = typer.Typer(
+    help="Dead-lettered events: inspect, replay into their serials, purge.", no_args_is_help=True
+)
+
+_RELATIVE = re.compile(r"^(\d+(?:\.\d+)?)\s*([smhdw])$")
+_UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+AccountOpt = typer.Option(None, "--account", "-a", help="Only this account (default: every account).")
+CodeOpt = typer.Option(None, "--code", help="Error code, HTTP status or kind seen in any attempt.")
+SerialOpt = typer.Option(None, "--serial", help="Only this pass serial.")
+SinceOpt = typer.Option(None, "--since", help="Dead-lettered at/after: ISO 8601 or an age like 30m, 2h, 7d.")
+UntilOpt = typer.Option(None, "--until", help="Dead-lettered at/before: ISO 8601 or an age like 30m, 2h, 7d.")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+YesOpt = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+
+
+def parse_when(text: str, *, now: datetime | None = None) -> int:
+    """Epoch ms of ``text``: an ISO 8601 time (UTC when it has no offset) or an age (``90s``, ``30m``, ``7d``)."""
+    now = now or datetime.now(UTC)
+    m = _RELATIVE.match(text.strip())
+    if m:
+        return int((now.timestamp() - float(m.group(1)) * _UNIT_S[m.group(2)]) * 1000)
+    try:
+        when = datetime.fromisoformat(text.strip().replace("Z", "+00:00"))
+    except ValueError:
+        raise typer.BadParameter(
+            f"{text!r} is neither ISO 8601 (2026-11-25T10:00Z) nor an age (30m, 2h, 7d)"
+        ) from None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return int(when.timestamp() * 1000)
+
+
+def _filter(code: str | None, serial: str | None, since: str | None, until: str | None) -> DLQFilter:
+    return DLQFilter(
+        code=code,
+        serial=serial,
+        since_ms=parse_when(since) if since else None,
+        until_ms=parse_when(until) if until else None,
+    )
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def summary(account_id: str, entry: DLQEntry) -> dict[str, Any]:
+    """One line of ``dlq list``."""
+    last = entry.errors[-1] if entry.errors else {}
+    event = entry.event
+    return {
+        "account": account_id,
+        "event_id": entry.event_id,
+        "serial": entry.serial,
+        "kind": event.get("k"),
+        "occurred_at": event.get("o"),
+        "dead_at": _iso(entry.dead_at_ms),
+        "attempts": len(entry.errors),
+        "status": last.get("status"),
+        "code": last.get("code") or last.get("kind"),
+        "reason": entry.reason,
+        "replays": entry.replays,
+    }
+
+
+async def _with_redis(fn: Callable[[Redis, AccountStore], Awaitable[Any]]) -> Any:
+    s = settings()
+    redis = Redis.from_url(redis_url(s))
+    try:
+        secret = s.secret_key.get_secret_value() if s.secret_key else None
+        return await fn(redis, AccountStore(redis, load_cipher(secret, s.state_dir)))
+    finally:
+        await redis.aclose()
+
+
+async def _accounts(store: AccountStore, account: str | None) -> list[str]:
+    if account:
+        return [account]
+    return await store.list_ids()
+
+
+async def _select(
+    redis: Redis, store: AccountStore, account: str | None, flt: DLQFilter, ids: list[str]
+) -> dict[str, list[str]]:
+    """account → event ids chosen by explicit ids (looked up in every account unless --account) or filters."""
+    chosen: dict[str, list[str]] = {}
+    for account_id in await _accounts(store, account):
+        if ids:
+            found = [
+                i for i in ids if (e := await dlq.get(redis, account_id, i)) is not None and flt.matches(e)
+            ]
+        else:
+            found = [e.event_id async for e in dlq.iter_entries(redis, account_id, flt)]
+        if found:
+            chosen[account_id] = found
+    return chosen
+
+
+@app.command("list")
+def list_(
+    account: str | None = AccountOpt,
+    code: str | None = CodeOpt,
+    serial: str | None = SerialOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    limit: int = typer.Option(100, min=1, help="At most this many entries per account."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Dead-lettered events, oldest first, with their last error."""
+    flt = _filter(code, serial, since, until)
+
+    async def go(redis: Redis, store: AccountStore) -> tuple[list[dict[str, Any]], dict[str, int]]:
+        rows, totals = [], {}
+        for account_id in await _accounts(store, account):
+            totals[account_id] = await dlq.count(redis, account_id)
+            rows += [
+                summary(account_id, e) for e in await dlq.list_entries(redis, account_id, flt, limit=limit)
+            ]
+        return rows, totals
+
+    rows, totals = run(_with_redis(go))
+    if as_json:
+        emit_json({"entries": rows, "totals": totals})
+        return
+    if not rows:
+        typer.echo("no dead-lettered events match")
+        return
+    table = Table("account", "event id", "serial", "kind", "dead at", "tries", "error", "reason")
+    for r in rows:
+        table.add_row(
+            r["account"],
+            r["event_id"],
+            r["serial"],
+            str(r["kind"]),
+            r["dead_at"],
+            str(r["attempts"]),
+            f"{r['status'] or ''} {r['code'] or ''}".strip(),
+            r["reason"][:80],
+        )
+    console.print(table)
+    console.print(f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{a} {n}" for a, n in totals.items() if n))
+
+
+@app.command()
+def show(
+    event_id: str = typer.Argument(..., help="The dead-lettered event's id."),
+    account: str | None = AccountOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """One entry in full: the event, the reason, every attempt's error and the event's history."""
+
+    async def go(redis: Redis, store: AccountStore) -> tuple[str, DLQEntry, list[dict[str, Any]]] | None:
+        for account_id in await _accounts(store, account):
+            entry = await dlq.get(redis, account_id, event_id)
+            if entry is not None:
+                hist = await history.event_history(redis, account_id, event_id, entry.serial)
+                return account_id, entry, [h.to_doc() for h in hist]
+        return None
+
+    found = run(_with_redis(go))
+    if found is None:
+        fail(f"no dead-lettered event {event_id!r}" + (f" in account {account!r}" if account else ""))
+    account_id, entry, hist = found
+    doc = {"account": account_id, **entry.to_doc(), "event": entry.event, "history": hist}
+    doc.pop("member")
+    if as_json:
+        emit_json(doc)
+        return
+    console.print(f"[bold]{entry.event_id}[/] (account {account_id}, serial {entry.serial})")
+    console.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {entry.worker}: {entry.reason}")
+    console.print_json(data=entry.event)
+    table = Table("time", "worker", "kind", "status", "code", "endpoint", "detail")
+    for err in entry.errors:
+        table.add_row(
+            _iso(int(err.get("at_ms", 0))),
+            str(err.get("worker", "")),
+            str(err.get("kind", "")),
+            str(err.get("status") or ""),
+            str(err.get("code") or ""),
+            str(err.get("endpoint") or ""),
+            str(err.get("detail") or err.get("message") or "")[:100],
+        )
+    console.print(table)
+    for h in hist:
+        console.print(f"  {_iso(int(h['at_ms']))} {h['kind']}")
+
+
+def _bulk(
+    verb: str,
+    action: Callable[[Redis, str, list[str], Callable[[int], None]], Awaitable[int]],
+    ids: list[str],
+    account: str | None,
+    flt: DLQFilter,
+    everything: bool,
+    yes: bool,
+    as_json: bool,
+) -> None:
+    if not ids and flt == DLQFilter() and not everything:
+        fail(
+            f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
+        )
+
+    async def pick(redis: Redis, store: AccountStore) -> dict[str, list[str]]:
+        return await _select(redis, store, account, flt, ids)
+
+    chosen = run(_with_redis(pick))
+    total = sum(len(v) for v in chosen.values())
+    if total == 0:
+        if as_json:
+            emit_json({verb: 0, "selected": 0, "accounts": {}})
+            return
+        fail("no dead-lettered events match", code=1)
+    if total > 1 and not yes:
+        where = ", ".join(f"{a}: {len(v)}" for a, v in chosen.items())
+        if not typer.confirm(f"{verb} {total} dead-lettered events ({where})?", err=True):
+            fail("aborted")
+
+    async def go(redis: Redis, _: AccountStore) -> dict[str, int]:
+        done: dict[str, int] = {}
+        with Progress(
+            TextColumn(f"{verb} {{task.description}}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeRemainingColumn(),
+            console=console,
+            disable=total <= 1 or as_json,
+        ) as progress:
+            for account_id, event_ids in chosen.items():
+                task = progress.add_task(account_id, total=len(event_ids))
+
+                def advance(n: int, task: TaskID = task) -> None:
+                    progress.advance(task, n)
+
+                done[account_id] = await action(redis, account_id, event_ids, advance)
+        return done
+
+    done = run(_with_redis(go))
+    if as_json:
+        emit_json({verb: sum(done.values()), "selected": total, "accounts": done})
+    else:
+        typer.echo(f"{verb}: {sum(done.values())} of {total} selected")
+
+
+@app.command()
+def replay(
+    event_ids: list[str] = typer.Argument(None, help="Event ids (default: everything the filters select)."),
+    account: str | None = AccountOpt,
+    code: str | None = CodeOpt,
+    serial: str | None = SerialOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    everything: bool = typer.Option(False, "--all", help="Every entry (of --account, or of all accounts)."),
+    yes: bool = YesOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Put entries back into their serials' mailboxes, in their original place in time.
+
+    A replayed event older than what its serial has applied since is written as a metric event only:
+    the pass's state never goes backwards.
+    """
+    retention_ms = settings().history_retention_s * 1000
+
+    async def action(redis: Redis, account_id: str, ids: list[str], progress: Callable[[int], None]) -> int:
+        return await dlq.replay(
+            redis, account_id, ids, history_retention_ms=retention_ms, by="cli", progress=progress
+        )
+
+    _bulk(
+        "replayed",
+        action,
+        event_ids or [],
+        account,
+        _filter(code, serial, since, until),
+        everything,
+        yes,
+        as_json,
+    )
+
+
+@app.command()
+def purge(
+    event_ids: list[str] = typer.Argument(None, help="Event ids (default: everything the filters select)."),
+    account: str | None = AccountOpt,
+    code: str | None = CodeOpt,
+    serial: str | None = SerialOpt,
+    since: str | None = SinceOpt,
+    until: str | None = UntilOpt,
+    everything: bool = typer.Option(False, "--all", help="Every entry (of --account, or of all accounts)."),
+    yes: bool = YesOpt,
+    as_json: bool = JsonOpt,
+) -> None:
+    """Delete entries for good (their events are not sent)."""
+
+    async def action(redis: Redis, account_id: str, ids: list[str], progress: Callable[[int], None]) -> int:
+        return await dlq.purge(redis, account_id, ids, progress=progress)
+
+    _bulk(
+        "purged",
+        action,
+        event_ids or [],
+        account,
+        _filter(code, serial, since, until),
+        everything,
+        yes,
+        as_json,
+    )

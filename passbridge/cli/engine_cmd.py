@@ -1,0 +1,189 @@
+"""``passbridge engine status|resume|history``: the ordered engine as an operator sees it."""
+
+from __future__ import annotations
+
+import time
+from datetime import UTC, datetime
+from typing import Any
+
+import orjson
+import typer
+from redis.asyncio import Redis
+from rich.table import Table
+
+from passbridge.accounts import AccountNotFound, AccountStore
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.crypto import load_cipher
+from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
+from worker import dlq, history, pause
+
+app = typer.Typer(
+    help="The ordered engine: queues, leases, pauses, workers, event history.", no_args_is_help=True
+)
+
+
+def _iso(ms: int) -> str:
+    return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def _store(redis: Redis) -> AccountStore:
+    s = settings()
+    return AccountStore(
+        redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
+    )
+
+
+async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str, Any]:
+    """Queue figures of one account (what ``engine status`` shows)."""
+    keys = account_keys(account_id)
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.get(keys.depth)
+        pipe.zcount(keys.ready, "-inf", now_ms)
+        pipe.zcount(keys.ready, f"({now_ms}", "+inf")
+        pipe.zcard(keys.leased)
+        pipe.zrange(keys.ready, 0, 0, withscores=True)
+        depth, due, parked, leased, _ = await pipe.execute()
+    next_parked = await redis.zrangebyscore(keys.ready, f"({now_ms}", "+inf", start=0, num=1, withscores=True)
+    p = await pause.get_pause(redis, account_id)
+    return {
+        "account": account_id,
+        "pending_events": int(depth or 0),
+        "ready_serials": int(due),
+        "parked_serials": int(parked),
+        "next_attempt": _iso(int(next_parked[0][1])) if next_parked else None,
+        "leased_serials": int(leased),
+        "dlq": await dlq.count(redis, account_id),
+        "paused": None if p is None else {"since": _iso(p.since_ms), "kind": p.kind, "reason": p.reason},
+    }
+
+
+@app.command()
+def status(as_json: bool = typer.Option(False, "--json")) -> None:
+    """Per account: pending events, ready/parked/leased serials, DLQ size, pause; and the live workers."""
+
+    async def go() -> dict[str, Any]:
+        redis = Redis.from_url(redis_url(settings()))
+        try:
+            now = int(time.time() * 1000)
+            accounts = [await account_status(redis, a, now) for a in await _store(redis).list_ids()]
+            workers = []
+            for wid, beat in await redis.zrange(WORKERS, 0, -1, withscores=True):
+                raw = await redis.hget(WORKERS_INFO, wid)
+                info = orjson.loads(raw) if raw else {}
+                workers.append({**info, "worker": wid.decode(), "beat_age_s": round((now - beat) / 1000, 1)})
+            return {"accounts": accounts, "workers": workers}
+        finally:
+            await redis.aclose()
+
+    doc = run(go())
+    if as_json:
+        emit_json(doc)
+        return
+    table = Table("account", "pending", "ready", "parked", "next attempt", "leased", "DLQ", "paused")
+    for a in doc["accounts"]:
+        paused = a["paused"]
+        table.add_row(
+            a["account"],
+            str(a["pending_events"]),
+            str(a["ready_serials"]),
+            str(a["parked_serials"]),
+            a["next_attempt"] or "",
+            str(a["leased_serials"]),
+            str(a["dlq"]),
+            f"{paused['kind']}: {paused['reason']}"[:60] if paused else "",
+        )
+    console.print(table)
+    wt = Table("worker", "held", "written", "retried", "dead-lettered", "heartbeat")
+    for w in doc["workers"]:
+        wt.add_row(
+            w["worker"],
+            f"{w.get('held', 0)}/{w.get('max_serials', '?')}",
+            str(w.get("written", 0)),
+            str(w.get("retried", 0)),
+            str(w.get("dead_lettered", 0)),
+            f"{w['beat_age_s']} s ago",
+        )
+    console.print(wt)
+
+
+@app.command()
+def resume(
+    account: str = typer.Argument(..., help="The paused account."),
+    check: bool = typer.Option(
+        False,
+        "--check",
+        help="First make one cheap Klaviyo call with the account's credentials; resume only if it works.",
+    ),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """Resume an account the engine paused (e.g. after its Klaviyo credentials were fixed)."""
+    from worker.klaviyo.client import KlaviyoClient
+    from worker.main import probe_credentials
+
+    s = settings()
+
+    async def go() -> dict[str, Any]:
+        redis = Redis.from_url(redis_url(s))
+        try:
+            store = _store(redis)
+            try:
+                await store.get(account)
+            except AccountNotFound:
+                fail(f"no account {account!r}")
+            if check:
+                async with KlaviyoClient.from_settings(s, redis, store) as client:
+                    if not await probe_credentials(client, store, redis, account):
+                        return {"account": account, "resumed": False, "reason": "credentials still rejected"}
+            paused_ms = await pause.resume_account(redis, store, account)
+            if paused_ms is None:
+                return {"account": account, "resumed": False, "reason": "not paused"}
+            return {"account": account, "resumed": True, "paused_s": round(paused_ms / 1000, 1)}
+        finally:
+            await redis.aclose()
+
+    doc = run(go())
+    if as_json:
+        emit_json(doc)
+    elif doc["resumed"]:
+        typer.echo(f"resumed {account} (paused {doc['paused_s']} s)")
+    else:
+        typer.echo(f"{account} not resumed: {doc['reason']}")
+    if not doc["resumed"] and doc["reason"] != "not paused":
+        raise typer.Exit(1)
+
+
+@app.command("history")
+def history_(
+    account: str = typer.Argument(...),
+    serial: str | None = typer.Option(None, "--serial", help="The serial's whole timeline."),
+    event_id: str | None = typer.Option(None, "--event", help="One event's history."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """What happened to a serial's events (ingested, attempts, written, dead-lettered, replayed)."""
+    if not serial and not event_id:
+        fail("give --serial or --event")
+
+    async def go() -> list[dict[str, Any]]:
+        redis = Redis.from_url(redis_url(settings()))
+        try:
+            if event_id:
+                entries = await history.event_history(redis, account, event_id, serial)
+            else:
+                assert serial is not None
+                entries = await history.timeline(redis, account, serial)
+            return [e.to_doc() for e in entries]
+        finally:
+            await redis.aclose()
+
+    rows = run(go())
+    if as_json:
+        emit_json(rows)
+        return
+    if not rows:
+        typer.echo("no history (unknown, or older than the retention)")
+        return
+    for r in rows:
+        detail = {k: v for k, v in r.items() if k not in ("at_ms", "kind", "event_id")}
+        console.print(
+            f"{_iso(int(r['at_ms']))}  {r['kind']:<10} {r['event_id']}  {orjson.dumps(detail).decode() if detail else ''}"
+        )

@@ -1,0 +1,52 @@
+"""``passbridge worker``: run one engine worker process (arq), or check that workers are alive."""
+
+from __future__ import annotations
+
+import typer
+
+from passbridge.cli.common import redis_url, settings
+
+
+def worker(
+    concurrency: int = typer.Option(
+        None,
+        "--concurrency",
+        "-c",
+        min=1,
+        help="Serials worked on at once (default PASSBRIDGE_WORKER_MAX_JOBS).",
+    ),
+    lease_ttl: float = typer.Option(
+        None, min=0.5, help="Lease TTL in seconds (default PASSBRIDGE_WORKER_LEASE_TTL_S)."
+    ),
+    grace: float = typer.Option(
+        None, min=0, help="Seconds to finish in-flight events on SIGTERM (default PASSBRIDGE_WORKER_GRACE_S)."
+    ),
+    check: bool = typer.Option(
+        False, "--check", help="Exit 0 if a worker recorded its health in the last few seconds, else 1."
+    ),
+) -> None:
+    """Run a worker: claims serials, writes their events to Klaviyo in order, retries and dead-letters.
+
+    Start as many as you like, on one machine or many, against the same Redis. SIGTERM stops claiming,
+    lets in-flight events finish (up to --grace) and hands the rest back at once.
+    """
+    from arq.worker import check_health, run_worker
+
+    from worker.main import worker_settings
+
+    s = settings()
+    updates = {
+        k: v
+        for k, v in {
+            "worker_max_jobs": concurrency,
+            "worker_lease_ttl_s": lease_ttl,
+            "worker_grace_s": grace,
+        }.items()
+        if v is not None
+    }
+    s = s.model_copy(update=updates)
+    url = redis_url(s, start=not check)
+    kwargs = worker_settings(s, url)
+    if check:
+        raise typer.Exit(check_health(kwargs))
+    run_worker(kwargs)

@@ -1,0 +1,209 @@
+"""``passbridge dlq ...`` and ``passbridge engine ...`` against a real Redis (typer's CliRunner, in-process)."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import pytest
+import structlog
+from cryptography.fernet import Fernet, MultiFernet
+from redis.asyncio import Redis
+from typer.testing import CliRunner
+
+from passbridge.accounts import AccountStore
+from passbridge.cli import app
+from passbridge.cli.dlq_cmd import parse_when
+from passbridge.keys import account_keys
+from passbridge.settings import get_settings
+from tests.factories import make_account
+from worker import dlq, pause
+from worker.dlq import DLQEntry
+from worker.queue import WorkQueue
+
+from .helpers import pass_event, put
+
+
+@pytest.fixture
+def cli_env(
+    redis_url: str, tmp_path: Path, secret_key: str, monkeypatch: pytest.MonkeyPatch
+) -> Iterator[str]:
+    monkeypatch.setenv("REDIS_URL", redis_url)
+    monkeypatch.setenv("PASSBRIDGE_SECRET_KEY", secret_key)
+    monkeypatch.setenv("PASSBRIDGE_STATE_DIR", str(tmp_path / "state"))
+    monkeypatch.setenv("PASSBRIDGE_LOG_FORMAT", "console")
+    # The commands would configure structlog to cache loggers bound to CliRunner's stream, which is closed
+    # after each invocation; later tests in this process would then log into a closed file.
+    monkeypatch.setattr("passbridge.cli.common.configure_logging", _log_to_real_stderr)
+    get_settings.cache_clear()
+    yield redis_url
+    get_settings.cache_clear()
+    structlog.reset_defaults()
+
+
+def _log_to_real_stderr(*_: object, **__: object) -> None:
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__), cache_logger_on_first_use=False
+    )
+
+
+def seed(redis_url: str, secret_key: str) -> None:
+    """Two accounts; four dead-lettered events (codes invalid/404, two serials), one ordinary event queued."""
+
+    async def go() -> None:
+        redis = Redis.from_url(redis_url)
+        cipher = MultiFernet([Fernet(secret_key.encode())])
+        for a in ("acme", "globex"):
+            await make_account(redis, cipher, a)
+        await put(redis, *(pass_event("acme", s, n) for s in ("S1", "S2") for n in range(2)))
+        await put(redis, pass_event("globex", "G1", 0), pass_event("globex", "G1", 1))
+        q = WorkQueue(redis, worker_id="w1")
+        codes = {"S1": ("invalid", 400), "S2": ("not_found", 404), "G1": ("invalid", 400)}
+        for _ in range(3):
+            for lease in (await q.claim(10)).leases:
+                keys = account_keys(lease.account_id)
+                (member, score) = (await redis.zrange(keys.mailbox(lease.serial), 0, 0, withscores=True))[0]
+                code, status = codes[lease.serial]
+                now = int(time.time() * 1000)
+                entry = DLQEntry(
+                    event_id=orjson.loads(member[12:])["id"],
+                    serial=lease.serial,
+                    member=member.decode(),
+                    score=int(score),
+                    reason=f"permanent error: HTTP {status} {code}",
+                    dead_at_ms=now,
+                    worker="w1",
+                    errors=[
+                        {"at_ms": now, "worker": "w1", "kind": "permanent", "status": status, "code": code}
+                    ],
+                )
+                if lease.serial != "G1" or entry.event_id.endswith("-0"):
+                    await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])
+                await q.release(lease)
+        await redis.aclose()
+
+    asyncio.run(go())
+
+
+def invoke(*args: str, input: str | None = None) -> tuple[int, str]:
+    """Exit code and output: stdout alone for --json (log lines go to stderr), else everything."""
+    result = CliRunner().invoke(app, list(args), input=input)
+    return result.exit_code, result.stdout if "--json" in args else result.output
+
+
+def test_list_filters_and_show(cli_env: str, secret_key: str) -> None:
+    seed(cli_env, secret_key)
+    code, out = invoke("dlq", "list", "--json")
+    assert code == 0, out
+    doc = orjson.loads(out)
+    assert sorted(e["event_id"] for e in doc["entries"]) == [
+        "acme-S1-0",
+        "acme-S1-1",
+        "acme-S2-0",
+        "acme-S2-1",
+        "globex-G1-0",
+    ]
+    assert doc["totals"] == {"acme": 4, "globex": 1}
+    _, out = invoke("dlq", "list", "--json", "--code", "invalid", "--account", "acme")
+    assert sorted(e["event_id"] for e in orjson.loads(out)["entries"]) == ["acme-S1-0", "acme-S1-1"]
+    _, out = invoke("dlq", "list", "--json", "--code", "404", "--serial", "S2")
+    assert sorted(e["event_id"] for e in orjson.loads(out)["entries"]) == ["acme-S2-0", "acme-S2-1"]
+    _, out = invoke("dlq", "list", "--json", "--until", "1h")
+    assert orjson.loads(out)["entries"] == []
+    code, out = invoke("dlq", "list")
+    assert code == 0
+    assert "5 shown; in the DLQ: acme 4, globex 1" in out
+
+    code, out = invoke("dlq", "show", "globex-G1-0", "--json")
+    assert code == 0, out
+    doc = orjson.loads(out)
+    assert doc["account"] == "globex"
+    assert doc["event"]["id"] == "globex-G1-0"
+    assert doc["errors"][0]["code"] == "invalid"
+    assert [h["kind"] for h in doc["history"]] == ["ingested"]
+    assert "member" not in doc
+    code, out = invoke("dlq", "show", "nope")
+    assert code == 1
+    assert "no dead-lettered event" in out
+
+
+def test_replay_needs_a_selection_and_confirms_bulk(cli_env: str, secret_key: str) -> None:
+    seed(cli_env, secret_key)
+    code, out = invoke("dlq", "replay")
+    assert code == 1
+    assert "--all" in out
+    code, out = invoke("dlq", "replay", "--account", "acme", "--code", "invalid", input="n\n")
+    assert code == 1
+    assert "replayed 2 dead-lettered events (acme: 2)?" in out
+    assert "aborted" in out
+    code, out = invoke("dlq", "replay", "--account", "acme", "--code", "invalid", "--yes", "--json")
+    assert code == 0, out
+    assert orjson.loads(out) == {"replayed": 2, "selected": 2, "accounts": {"acme": 2}}
+
+    async def check() -> None:
+        redis = Redis.from_url(cli_env)
+        assert await dlq.count(redis, "acme") == 2
+        members = await redis.zrange(account_keys("acme").mailbox("S1"), 0, -1)
+        assert [orjson.loads(m[12:])["id"] for m in members] == ["acme-S1-0", "acme-S1-1"]
+        await redis.aclose()
+
+    asyncio.run(check())
+    # A single named entry needs no confirmation.
+    code, out = invoke("dlq", "replay", "acme-S2-0")
+    assert code == 0, out
+    assert "replayed: 1 of 1" in out
+
+
+def test_purge_all_of_one_account(cli_env: str, secret_key: str) -> None:
+    seed(cli_env, secret_key)
+    code, out = invoke("dlq", "purge", "--account", "acme", "--all", "--yes", "--json")
+    assert code == 0, out
+    assert orjson.loads(out)["purged"] == 4
+    _, out = invoke("dlq", "list", "--json")
+    assert orjson.loads(out)["totals"] == {"acme": 0, "globex": 1}
+
+
+def test_engine_status_history_and_resume(cli_env: str, secret_key: str) -> None:
+    seed(cli_env, secret_key)
+
+    async def pause_acme() -> None:
+        redis = Redis.from_url(cli_env)
+        store = AccountStore(redis, MultiFernet([Fernet(secret_key.encode())]))
+        await pause.pause_account(redis, store, "acme", "HTTP 401 not_authenticated")
+        await redis.aclose()
+
+    asyncio.run(pause_acme())
+    code, out = invoke("engine", "status", "--json")
+    assert code == 0, out
+    rows = {r["account"]: r for r in orjson.loads(out)["accounts"]}
+    assert rows["acme"]["dlq"] == 4
+    assert rows["acme"]["paused"]["reason"] == "HTTP 401 not_authenticated"
+    assert rows["globex"]["pending_events"] == 1
+    assert rows["globex"]["paused"] is None
+    code, out = invoke("engine", "history", "globex", "--serial", "G1", "--json")
+    assert code == 0, out
+    assert [(h["kind"], h["event_id"]) for h in orjson.loads(out)] == [
+        ("ingested", "globex-G1-0"),
+        ("ingested", "globex-G1-1"),
+    ]
+    code, out = invoke("engine", "resume", "acme", "--json")
+    assert code == 0, out
+    assert orjson.loads(out)["resumed"] is True
+    code, out = invoke("engine", "resume", "acme")
+    assert code == 0
+    assert "not paused" in out
+    code, out = invoke("engine", "resume", "nobody")
+    assert code == 1
+
+
+def test_parse_when() -> None:
+    now = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+    assert parse_when("2h", now=now) == int(datetime(2026, 11, 25, 10, 0, tzinfo=UTC).timestamp() * 1000)
+    assert parse_when("2026-11-25T10:00:00Z") == parse_when("2026-11-25T10:00:00")
+    with pytest.raises(Exception, match="neither ISO 8601"):
+        parse_when("yesterday")

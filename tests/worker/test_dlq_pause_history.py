@@ -1,0 +1,190 @@
+"""DLQ storage/replay/purge, account pauses and the per-event history, against a real Redis."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import pytest
+from cryptography.fernet import Fernet, MultiFernet
+from redis.asyncio import Redis
+
+from passbridge.accounts import AccountState, AccountStore
+from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
+from tests.factories import make_account
+from worker import dlq, history, pause
+from worker.dlq import DLQEntry, DLQFilter
+from worker.queue import Lease, WorkQueue
+
+from .helpers import pass_event, put
+
+DAY_MS = 86_400_000
+
+
+def entry_for(lease: Lease, member: bytes, score: int, *, code: str, status: int, at_ms: int) -> DLQEntry:
+    event = orjson.loads(member[12:])
+    return DLQEntry(
+        event_id=event["id"],
+        serial=lease.serial,
+        member=member.decode(),
+        score=score,
+        reason=f"permanent error: HTTP {status} {code}",
+        dead_at_ms=at_ms,
+        worker=lease.worker_id,
+        errors=[
+            {"at_ms": at_ms, "worker": lease.worker_id, "kind": "permanent", "status": status, "code": code}
+        ],
+    )
+
+
+async def dead_letter_head(q: WorkQueue, redis: Redis, account: str, serial: str, **kw: object) -> DLQEntry:
+    """Claim ``serial``, dead-letter its head event, release it."""
+    claimed = await q.claim(50)
+    (lease,) = [lease for lease in claimed.leases if lease.serial == serial]
+    for other in claimed.leases:
+        if other is not lease:
+            await q.release(other)
+    keys = account_keys(account)
+    (member, score) = (await redis.zrange(keys.mailbox(serial), 0, 0, withscores=True))[0]
+    entry = entry_for(lease, member, int(score), **kw)  # type: ignore[arg-type]
+    done = await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])
+    assert done.ok
+    assert await q.release(lease)
+    return entry
+
+
+class TestDLQ:
+    """Entries are listed, filtered, replayed into place and purged."""
+
+    async def test_replay_puts_the_event_back_in_its_place(self, redis: Redis) -> None:
+        await put(redis, *(pass_event("a", "S1", n) for n in range(3)))
+        q = WorkQueue(redis, worker_id="w1", history_retention_ms=DAY_MS)
+        now = int(time.time() * 1000)
+        entry = await dead_letter_head(q, redis, "a", "S1", code="invalid", status=400, at_ms=now)
+        keys = account_keys("a")
+        assert entry.event_id == "a-S1-0"
+        assert int(await redis.get(keys.depth)) == 2
+        assert await dlq.count(redis, "a") == 1
+        assert (await dlq.get(redis, "a", "a-S1-0")) == entry
+        assert entry.event["id"] == "a-S1-0"
+
+        replayed = await dlq.replay(redis, "a", ["a-S1-0", "missing"], history_retention_ms=DAY_MS)
+        assert replayed == 1
+        assert await dlq.count(redis, "a") == 0
+        assert int(await redis.get(keys.depth)) == 3
+        members = await redis.zrange(keys.mailbox("S1"), 0, -1)
+        assert [orjson.loads(m[12:])["id"] for m in members] == ["a-S1-0", "a-S1-1", "a-S1-2"]
+        # Its earlier errors wait in its retry record, with a fresh attempt budget.
+        record = orjson.loads(await redis.hget(keys.retries, "a-S1-0"))
+        assert record["attempts"] == 0
+        assert record["replays"] == 1
+        assert [e["code"] for e in record["errors"]] == ["invalid"]
+        # The serial is offered again.
+        assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
+        kinds = [e.kind for e in await history.event_history(redis, "a", "a-S1-0")]
+        assert kinds == ["ingested", "replayed"]
+
+    async def test_filters(self, redis: Redis) -> None:
+        await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1), pass_event("a", "S3", 1))
+        q = WorkQueue(redis, worker_id="w1")
+        await dead_letter_head(q, redis, "a", "S1", code="invalid", status=400, at_ms=1_000)
+        await dead_letter_head(q, redis, "a", "S2", code="not_found", status=404, at_ms=2_000)
+        await dead_letter_head(q, redis, "a", "S3", code="invalid", status=400, at_ms=3_000)
+
+        async def ids(**kw: object) -> list[str]:
+            return [e.event_id for e in await dlq.list_entries(redis, "a", DLQFilter(**kw))]  # type: ignore[arg-type]
+
+        assert sorted(await ids()) == ["a-S1-1", "a-S2-1", "a-S3-1"]
+        assert sorted(await ids(code="invalid")) == ["a-S1-1", "a-S3-1"]
+        assert await ids(code="404") == ["a-S2-1"]
+        assert await ids(serial="S3") == ["a-S3-1"]
+        assert await ids(code="invalid", serial="S2") == []
+        # The time range is checked against the entry's dead-letter time (these entries have synthetic ones).
+        assert DLQFilter(since_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
+        assert not DLQFilter(until_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
+        assert len(await dlq.list_entries(redis, "a", limit=2)) == 2
+
+    async def test_purge(self, redis: Redis) -> None:
+        await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
+        q = WorkQueue(redis, worker_id="w1")
+        await dead_letter_head(q, redis, "a", "S1", code="x", status=400, at_ms=1)
+        await dead_letter_head(q, redis, "a", "S2", code="x", status=400, at_ms=1)
+        seen: list[int] = []
+        assert await dlq.purge(redis, "a", ["a-S1-1", "a-S2-1", "nope"], progress=seen.append) == 2
+        assert seen == [3]
+        assert await dlq.count(redis, "a") == 0
+        assert await redis.hlen(account_keys("a").dlq_entries) == 0
+
+
+@pytest.fixture
+def store(redis: Redis) -> AccountStore:
+    return AccountStore(redis, MultiFernet([Fernet(Fernet.generate_key())]))
+
+
+class TestPause:
+    """Auth pauses stop claims, mark the registry, and end on resume, probe or operator update."""
+
+    async def test_auth_pause_and_resume(self, redis: Redis, store: AccountStore) -> None:
+        await make_account(redis, store.cipher, "a")
+        await put(redis, pass_event("a", "S1", 1))
+        assert await pause.pause_account(redis, store, "a", "HTTP 401")
+        assert not await pause.pause_account(redis, store, "a", "again")  # keeps the first pause
+        account = await store.get("a")
+        assert account.state is AccountState.paused
+        assert account.state_reason == "HTTP 401"
+        q = WorkQueue(redis, worker_id="w")
+        assert (await q.claim(5)).leases == []
+        assert await pause.reconcile(redis, store, "a", probe=_false) == "still_paused"
+        assert (await q.claim(5)).leases == []
+        assert await pause.reconcile(redis, store, "a", probe=_true) == "resumed"
+        assert (await store.get("a")).state is AccountState.connected
+        assert await redis.zscore(ACTIVE_ACCOUNTS, "a") is not None
+        assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
+        (interval,) = await pause.pause_intervals(redis, "a")
+        assert interval[0] <= interval[1]
+        assert await pause.resume_account(redis, store, "a") is None
+
+    async def test_operator_state_is_mirrored(self, redis: Redis, store: AccountStore) -> None:
+        await make_account(redis, store.cipher, "a")
+        await put(redis, pass_event("a", "S1", 1))
+        await store.set_state("a", AccountState.disconnected, "offboarding")
+        assert await pause.reconcile(redis, store, "a") == "paused"
+        p = await pause.get_pause(redis, "a")
+        assert p is not None
+        assert (p.kind, p.reason) == ("operator", "offboarding")
+        # A probe does not lift an operator's pause; reconnecting does.
+        assert await pause.reconcile(redis, store, "a", probe=_true) == "still_paused"
+        await store.set_state("a", AccountState.connected)
+        assert await pause.reconcile(redis, store, "a") == "resumed"
+        assert await pause.get_pause(redis, "a") is None
+
+
+async def _true(_: str) -> bool:
+    return True
+
+
+async def _false(_: str) -> bool:
+    return False
+
+
+class TestHistory:
+    """Entries round-trip and are found by event id."""
+
+    def test_entry_round_trip(self) -> None:
+        raw = history.entry(history.HistoryKind.attempt, "e1", 123, status=503, code="", worker="w")
+        parsed = history.parse(raw)
+        assert parsed == history.HistoryEntry(123, "attempt", "e1", {"status": 503, "worker": "w"})
+        assert parsed.to_doc() == {
+            "at_ms": 123,
+            "kind": "attempt",
+            "event_id": "e1",
+            "status": 503,
+            "worker": "w",
+        }
+
+    async def test_event_history_uses_the_dedup_index(self, redis: Redis) -> None:
+        await put(redis, pass_event("a", "S9", 1), pass_event("a", "S9", 2))
+        assert await history.serial_of(redis, "a", "a-S9-2") == "S9"
+        assert [e.event_id for e in await history.timeline(redis, "a", "S9")] == ["a-S9-1", "a-S9-2"]
+        assert [e.kind for e in await history.event_history(redis, "a", "a-S9-2")] == ["ingested"]
+        assert await history.event_history(redis, "a", "unknown") == []

@@ -1,0 +1,148 @@
+"""End to end: real worker processes against the Klaviyo sandbox."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from passbridge.keys import account_keys
+from tests.conftest import async_wait_for
+from worker import dlq
+
+from .e2e import Pipeline, Workers
+from .helpers import pass_event
+
+pytestmark = pytest.mark.slow
+
+
+async def test_two_workers_deliver_everything_in_order(pipeline: Pipeline, workers: Workers) -> None:
+    await pipeline.add_account("acme")
+    workers.start(2)
+    events = [
+        pass_event("acme", f"S{s}", n, offset_s=(n * 7) % 5 + n / 10) for s in range(10) for n in range(4)
+    ]
+    await pipeline.put(events)
+    await async_wait_for(pipeline.drained, timeout=60)
+    pipeline.sandbox.wait_idle()
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+    pipeline.sandbox.wait_idle()
+    records = pipeline.records("acme")
+    for s in range(10):
+        newest = max((e for e in events if e.serial_number == f"S{s}"), key=lambda e: e.occurred_at)
+        assert records[f"S{s}"]["updated_at"] == newest.occurred_at.isoformat().replace("+00:00", "Z")
+
+
+async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_delivers_it(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    await pipeline.add_account("acme")
+    workers.start(1)
+    same = {"email": "holder@example.com", "properties": {"points": 1, "tier": "gold"}}
+    first = pass_event("acme", "S1", 0, kind="created", **same)
+    await pipeline.put([first])
+    await async_wait_for(pipeline.drained, timeout=30)
+    # Klaviyo now rejects every profile write of this account with a permanent 400. The poison event changes
+    # the pass's email (a profile write); the next event changes only its record and metric.
+    pipeline.sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+    poison = pass_event(
+        "acme", "S1", 1, kind="updated", email="new@example.com", properties=same["properties"]
+    )
+    after = pass_event("acme", "S1", 2, kind="updated", **same)
+    await pipeline.put([poison, after])
+    await async_wait_for(pipeline.drained, timeout=30)
+    (entry,) = await dlq.list_entries(pipeline.redis, "acme")
+    assert entry.event_id == poison.event_id
+    assert entry.reason.startswith("permanent error: HTTP 400")
+    (err,) = entry.errors
+    assert err["status"] == 400
+    assert err["endpoint"] == "create_or_update_profile"
+    assert err["worker"].split(":")[1] == str(workers.procs[0].pid)
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted([first.event_id, after.event_id])
+    pipeline.sandbox.wait_idle()
+    assert pipeline.records("acme")["S1"]["updated_at"] == "2026-11-25T10:00:02Z"
+    # The cause is fixed; replay delivers the event. It is older than what was applied since, so it lands
+    # as a metric event only and the pass's state does not go back.
+    pipeline.sandbox.clear_faults()
+    assert await dlq.replay(pipeline.redis, "acme", [entry.event_id], history_retention_ms=86_400_000) == 1
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in (first, poison, after))
+    assert await dlq.count(pipeline.redis, "acme") == 0
+    pipeline.sandbox.wait_idle()
+    assert pipeline.records("acme")["S1"]["updated_at"] == "2026-11-25T10:00:02Z"
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["email"] == "holder@example.com"
+
+
+async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    await pipeline.add_account("acme")
+    # Slow Klaviyo: each call takes ~150 ms, so the victim is mid-serial when it dies.
+    pipeline.sandbox.set_faults(latency_ms=150)
+    (victim,) = workers.start(1)
+    events = [pass_event("acme", f"S{s}", n) for s in range(6) for n in range(5)]
+    await pipeline.put(events)
+    keys = account_keys("acme")
+    prefix = f":{victim.pid}:"
+
+    async def victim_holds() -> bool:
+        tokens = await pipeline.redis.hgetall(keys.lease_tokens)
+        return sum(prefix in t.decode() for t in tokens.values()) >= 3
+
+    await async_wait_for(victim_holds, timeout=30)
+    (rescuer,) = workers.start(1)
+    await asyncio.sleep(2.0)  # the rescuer is up and idle (the victim holds everything)
+    held = {
+        s.decode()
+        for s, t in (await pipeline.redis.hgetall(keys.lease_tokens)).items()
+        if prefix in t.decode()
+    }
+    workers.kill(victim)
+    killed_at = time.monotonic()
+
+    async def taken_over() -> bool:
+        tokens = {
+            s.decode(): t.decode() for s, t in (await pipeline.redis.hgetall(keys.lease_tokens)).items()
+        }
+        return all(s not in tokens or prefix not in tokens[s] for s in held) and any(
+            f":{rescuer.pid}:" in t for t in tokens.values()
+        )
+
+    await async_wait_for(taken_over, timeout=10, interval=0.02)
+    took = time.monotonic() - killed_at
+    assert took <= 2.0 + 1.0, f"takeover took {took:.2f} s with a 2 s lease"
+    await async_wait_for(pipeline.drained, timeout=60)
+    stored = pipeline.stored_unique_ids("acme")
+    assert sorted(set(stored)) == sorted(e.event_id for e in events)
+    assert len(stored) == len(set(stored))
+
+
+async def test_sigterm_finishes_or_releases_within_the_grace_period(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    await pipeline.add_account("acme")
+    pipeline.sandbox.set_faults(latency_ms=100)
+    (first,) = workers.start(1)
+    events = [pass_event("acme", f"S{s}", n) for s in range(8) for n in range(6)]
+    await pipeline.put(events)
+    keys = account_keys("acme")
+    await async_wait_for(lambda: _leased(pipeline, 4), timeout=30)
+    started = time.monotonic()
+    assert workers.terminate(first, timeout=15) == 0, workers.logs()
+    took = time.monotonic() - started
+    assert took < 5 + 2, f"shutdown took {took:.1f} s\n{workers.logs()}"
+    # Everything it held was handed back at once: no lease waits to expire.
+    assert await pipeline.redis.zcard(keys.leased) == 0, workers.logs()
+    assert await pipeline.redis.hlen(keys.lease_tokens) == 0, workers.logs()
+    left = int(await pipeline.redis.get(keys.depth))
+    assert 0 < left < len(events), f"{left} events left\n{workers.logs()}"
+    workers.start(1)
+    await async_wait_for(pipeline.drained, timeout=60)
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+
+
+async def _leased(pipeline: Pipeline, n: int) -> bool:
+    return int(await pipeline.redis.zcard(account_keys("acme").leased)) >= n

@@ -1,0 +1,1 @@
+"""The worker side of passbridge: the ordered engine and the Klaviyo sync."""

@@ -1,0 +1,211 @@
+"""The dead-letter queue, per account: events the engine gave up on, with every attempt's error.
+
+Layout (``docs/architecture.md``): ``AccountKeys.dlq`` is a sorted set of event ids scored by when they were
+dead-lettered, ``AccountKeys.dlq_entries`` a hash event id → :class:`DLQEntry` JSON. An entry keeps the event's
+exact mailbox member (arrival sequence + wire JSON) and score (``occurred_at`` ms), so :func:`replay` puts it
+back into its serial's mailbox in its original place in time. Entries are written by the engine inside the
+fenced ``settle.lua`` step that removes the event from its mailbox, so an event is always in exactly one of
+the two places.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from redis.asyncio import Redis
+
+from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
+from worker.queue import split_member
+from worker.scripts import Scripts
+
+#: Entries read or replayed per Redis call in bulk operations.
+CHUNK = 200
+
+
+@dataclass(slots=True)
+class DLQEntry:
+    """One dead-lettered event."""
+
+    event_id: str
+    serial: str
+    member: str
+    score: int
+    reason: str
+    dead_at_ms: int
+    worker: str
+    errors: list[dict[str, Any]] = field(default_factory=list)
+    #: How often the event was replayed before (an entry that fails again keeps its earlier errors).
+    replays: int = 0
+
+    @property
+    def event(self) -> dict[str, Any]:
+        """The event's wire JSON, decoded (see ``PassEvent.to_wire``)."""
+        return dict(orjson.loads(split_member(self.member.encode())[1]))
+
+    @property
+    def codes(self) -> set[str]:
+        """Every error code and HTTP status seen in its attempts (what ``--code`` filters on)."""
+        out: set[str] = set()
+        for err in self.errors:
+            if err.get("code"):
+                out.add(str(err["code"]))
+            if err.get("status") is not None:
+                out.add(str(err["status"]))
+            if err.get("kind"):
+                out.add(str(err["kind"]))
+        return out
+
+    def to_doc(self) -> dict[str, Any]:
+        """JSON-able form (what is stored, plus nothing secret: events and Klaviyo errors only)."""
+        return {
+            "event_id": self.event_id,
+            "serial": self.serial,
+            "member": self.member,
+            "score": self.score,
+            "reason": self.reason,
+            "dead_at_ms": self.dead_at_ms,
+            "worker": self.worker,
+            "errors": self.errors,
+            "replays": self.replays,
+        }
+
+    def to_json(self) -> bytes:
+        """Stored form."""
+        return orjson.dumps(self.to_doc())
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> DLQEntry:
+        """Inverse of :meth:`to_json`."""
+        d = orjson.loads(raw)
+        return cls(
+            event_id=d["event_id"],
+            serial=d["serial"],
+            member=d["member"],
+            score=int(d["score"]),
+            reason=d["reason"],
+            dead_at_ms=int(d["dead_at_ms"]),
+            worker=d["worker"],
+            errors=list(d.get("errors", [])),
+            replays=int(d.get("replays", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class DLQFilter:
+    """Which entries an operator means: by error code/status/kind, dead-lettered time range, serial."""
+
+    code: str | None = None
+    since_ms: int | None = None
+    until_ms: int | None = None
+    serial: str | None = None
+
+    def matches(self, entry: DLQEntry) -> bool:
+        """Whether ``entry`` passes every given criterion."""
+        if self.serial is not None and entry.serial != self.serial:
+            return False
+        if self.code is not None and self.code not in entry.codes:
+            return False
+        if self.since_ms is not None and entry.dead_at_ms < self.since_ms:
+            return False
+        return not (self.until_ms is not None and entry.dead_at_ms > self.until_ms)
+
+
+async def count(redis: Redis, account_id: str) -> int:
+    """How many entries the account's DLQ holds."""
+    return int(await redis.zcard(account_keys(account_id).dlq))
+
+
+async def iter_entries(
+    redis: Redis, account_id: str, flt: DLQFilter | None = None, *, limit: int | None = None
+) -> AsyncIterator[DLQEntry]:
+    """Entries in the order they were dead-lettered, filtered; the time range is applied in Redis."""
+    flt = flt or DLQFilter()
+    keys = account_keys(account_id)
+    lo = flt.since_ms if flt.since_ms is not None else "-inf"
+    hi = flt.until_ms if flt.until_ms is not None else "+inf"
+    offset = 0
+    yielded = 0
+    while True:
+        ids = await redis.zrangebyscore(keys.dlq, lo, hi, start=offset, num=CHUNK)
+        if not ids:
+            return
+        offset += len(ids)
+        for raw in await redis.hmget(keys.dlq_entries, ids):
+            if raw is None:  # purged or replayed meanwhile
+                continue
+            entry = DLQEntry.from_json(raw)
+            if flt.matches(entry):
+                yield entry
+                yielded += 1
+                if limit is not None and yielded >= limit:
+                    return
+
+
+async def list_entries(
+    redis: Redis, account_id: str, flt: DLQFilter | None = None, *, limit: int | None = None
+) -> list[DLQEntry]:
+    """:func:`iter_entries` as a list."""
+    return [e async for e in iter_entries(redis, account_id, flt, limit=limit)]
+
+
+async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
+    """One entry by event id."""
+    raw = await redis.hget(account_keys(account_id).dlq_entries, event_id)
+    return DLQEntry.from_json(raw) if raw is not None else None
+
+
+async def replay(
+    redis: Redis,
+    account_id: str,
+    event_ids: Sequence[str],
+    *,
+    history_retention_ms: int,
+    by: str = "operator",
+    progress: Callable[[int], None] | None = None,
+) -> int:
+    """Put entries back into their serials' mailboxes (see ``replay.lua``); returns how many were replayed.
+
+    Their earlier errors move into the event's retry record, so one that fails again lands in the DLQ with
+    its whole history. ``progress`` is called with the number done after each chunk.
+    """
+    scripts = Scripts(redis)
+    keys = account_keys(account_id)
+    done = 0
+    for i in range(0, len(event_ids), CHUNK):
+        chunk = list(event_ids[i : i + CHUNK])
+        flags = await scripts.replay(
+            args=[
+                keys.base,
+                account_id,
+                ACTIVE_ACCOUNTS,
+                NOTIFY,
+                history_retention_ms,
+                orjson.dumps({"by": by}),
+                *chunk,
+            ]
+        )
+        done += sum(int(f) for f in flags)
+        if progress:
+            progress(len(chunk))
+    return done
+
+
+async def purge(
+    redis: Redis, account_id: str, event_ids: Sequence[str], *, progress: Callable[[int], None] | None = None
+) -> int:
+    """Delete entries for good; returns how many existed."""
+    keys = account_keys(account_id)
+    removed = 0
+    for i in range(0, len(event_ids), CHUNK):
+        chunk = list(event_ids[i : i + CHUNK])
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.hdel(keys.dlq_entries, *chunk)
+            pipe.zrem(keys.dlq, *chunk)
+            deleted, _ = await pipe.execute()
+        removed += int(deleted)
+        if progress:
+            progress(len(chunk))
+    return removed

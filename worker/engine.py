@@ -1,0 +1,653 @@
+"""The ordered engine: turns the producer's per-serial mailboxes into Klaviyo writes, in order, losing nothing.
+
+One :class:`Engine` runs in each worker process (hosted by arq, see :mod:`worker.main`). Its loop:
+
+1. **claim** — ``claim.lua`` leases up to ``claim_batch`` due serials, round-robin across accounts, taking over
+   expired leases on the way; one pipelined read fetches each serial's first mailbox entries and stored state.
+2. **sync** — the claimed serials of one account form a :class:`Batch` handed to the :class:`BatchSync`
+   strategy. The default, :class:`PerEventSync`, works the serials concurrently and each serial strictly in
+   mailbox order (``occurred_at``, ties by arrival), one :meth:`Syncer.sync_event` at a time. A bulk strategy
+   (issue 6) gets the same batch and the same fenced operations and may coalesce a serial's events.
+3. **settle** — every outcome is one fenced Lua step: written (remove from mailbox, store the applied
+   ``PassState``, history), dead-lettered (remove + DLQ entry), parked (release with a not-before time and the
+   retry record), or released (done, shutdown, or lease lost).
+
+Leases are renewed every third of their TTL while held; a lease that could not be renewed is lost and the
+serial's work stops at its next step (its writes are refused by the token check anyway). When idle, the loop
+blocks on ``BLPOP pb:notify`` (the producer pushes on every enqueue) with a timeout that ends at the next due
+parked serial or lease expiry, so neither latency nor takeover waits on arq's polling.
+
+Shutdown (:meth:`Engine.stop`): stop claiming; each serial finishes the event in flight and is released (its
+remaining events are immediately claimable elsewhere); after the grace period the remaining tasks are
+cancelled and their leases released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import random
+import socket
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import orjson
+import structlog
+from pydantic import ValidationError
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from passbridge.accounts import Account, AccountNotFound, AccountState, AccountStore
+from passbridge.event import PassEvent
+from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, WORKERS, WORKERS_INFO, account_keys
+from worker import pause
+from worker.dlq import DLQEntry
+from worker.failures import UnreadableEvent, classify
+from worker.history import HistoryKind, entry
+from worker.queue import Lease, WorkQueue, split_member
+from worker.retry import (
+    DeadLetter,
+    Failure,
+    PauseAccount,
+    Retry,
+    RetryPolicy,
+    RetryRecord,
+    Wait,
+    active_age_ms,
+    decide,
+)
+from worker.state import PassState
+from worker.sync import SyncResult
+
+log = structlog.get_logger(__name__)
+
+
+class Syncer(Protocol):
+    """What the engine needs from the Klaviyo sync (``worker.sync.Syncer`` implements it)."""
+
+    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
+        """Apply ``event`` on top of ``state``; raise a ``KlaviyoError`` subclass on failure. Idempotent."""
+        ...
+
+
+@dataclass(frozen=True, slots=True)
+class EngineConfig:
+    """Tunables (``Settings.worker_*``, ``history_retention_s``, ``retry_*``)."""
+
+    max_serials: int = 64
+    claim_batch: int = 32
+    lease_ms: int = 10_000
+    events_per_lease: int = 200
+    history_retention_ms: int = 7 * 86_400_000
+    #: Longest idle BLPOP: bounds how late a worker notices a parked serial coming due or a lease expiring
+    #: that was scheduled after it went to sleep.
+    idle_wait_s: float = 1.0
+    #: How long a process trusts its cached copy of an account (state, retry policy, credentials).
+    account_cache_s: float = 2.0
+    #: Parking delay for serials of an account that is not registered (events wait for it to be added).
+    unknown_account_delay_ms: int = 60_000
+    heartbeat_s: float = 2.0
+    retry: RetryPolicy = field(default_factory=RetryPolicy)
+
+
+@dataclass(slots=True)
+class SerialWork:
+    """A leased serial inside a batch: its lease, mailbox head and applied state, kept current as it moves."""
+
+    lease: Lease
+    heads: list[bytes]
+    state: PassState | None
+    lost: bool = False
+    released: bool = False
+    done_events: int = 0
+
+
+@dataclass(slots=True)
+class Batch:
+    """Claimed serials of one account, handed to a :class:`BatchSync` together."""
+
+    account: Account
+    policy: RetryPolicy
+    works: list[SerialWork]
+
+
+class BatchSync(Protocol):
+    """How a batch is synced. :class:`PerEventSync` is the default; a bulk strategy can replace it."""
+
+    async def run(self, engine: Engine, batch: Batch) -> None:
+        """Sync the batch through ``engine``'s fenced operations; every serial must end released."""
+        ...
+
+
+def _event_id_of(member: bytes) -> str:
+    try:
+        return str(orjson.loads(split_member(member)[1])["id"])
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return ""
+
+
+def default_worker_id() -> str:
+    """``<host>:<pid>:<random>``: unique per process start, readable in the DLQ and in lease tokens."""
+    return f"{socket.gethostname()}:{os.getpid()}:{os.urandom(2).hex()}"
+
+
+class Engine:
+    """Claims, syncs and settles serials for one worker process (see the module docstring)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        accounts: AccountStore,
+        syncer: Syncer,
+        *,
+        config: EngineConfig | None = None,
+        worker_id: str | None = None,
+        blocking_redis: Redis | None = None,
+        batch_sync: BatchSync | None = None,
+        rand: Callable[[], float] = random.random,
+    ) -> None:
+        self.redis = redis
+        self.accounts = accounts
+        self.syncer = syncer
+        self.config = config or EngineConfig()
+        self.worker_id = worker_id or default_worker_id()
+        #: BLPOP blocks its connection; it gets its own client so commands of the workers never queue behind it.
+        self.blocking_redis = blocking_redis
+        self.batch_sync: BatchSync = batch_sync or PerEventSync()
+        self.rand = rand
+        self.queue = WorkQueue(
+            redis,
+            worker_id=self.worker_id,
+            lease_ms=self.config.lease_ms,
+            history_retention_ms=self.config.history_retention_ms,
+        )
+        self.stats: Counter[str] = Counter()
+        self._held: dict[str, SerialWork] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._slot_freed = asyncio.Event()
+        self._stopping = False
+        self._loops: list[asyncio.Task[None]] = []
+        self._idle: asyncio.Future[None] | None = None
+        self._wakers: set[asyncio.Task[None]] = set()
+        self._account_cache: dict[str, tuple[Account | None, float]] = {}
+        self._started_ms = int(time.time() * 1000)
+
+    # --- lifecycle ---------------------------------------------------------------------------------
+
+    @property
+    def stopping(self) -> bool:
+        """True once :meth:`stop` was called: serials finish their current event and are released."""
+        return self._stopping
+
+    @property
+    def held(self) -> int:
+        """Serials this process holds right now."""
+        return len(self._held)
+
+    async def start(self) -> None:
+        """Start claiming, renewing and heart-beating."""
+        await self._heartbeat_once()
+        self._loops = [
+            asyncio.create_task(self._claim_loop(), name="engine-claim"),
+            asyncio.create_task(self._renew_loop(), name="engine-renew"),
+            asyncio.create_task(self._heartbeat_loop(), name="engine-heartbeat"),
+        ]
+        log.info("engine_started", worker=self.worker_id, max_serials=self.config.max_serials)
+
+    async def stop(self, grace_s: float) -> None:
+        """Stop claiming; let in-flight events finish for up to ``grace_s``; release everything still held."""
+        if self._stopping:
+            return
+        self._stopping = True
+        # Wake the claim loop wherever it waits; it then sees `stopping` and ends. It is not cancelled
+        # mid-claim: a claim whose answer was lost would leave leases nobody renews until they expire.
+        self._slot_freed.set()
+        if self._idle is not None:
+            self._idle.cancel()
+        claim_loop = self._loops[0] if self._loops else None
+        if claim_loop:
+            done, _ = await asyncio.wait({claim_loop}, timeout=5)
+            if not done:
+                claim_loop.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await claim_loop
+        pending = set(self._tasks)
+        if pending:
+            _, pending = await asyncio.wait(pending, timeout=grace_s)
+        for task in pending:
+            task.cancel()
+        if pending:
+            await asyncio.gather(*pending, return_exceptions=True)
+        # Whatever a cancelled task still held goes back at once (fenced: a lost lease stays lost).
+        for work in list(self._held.values()):
+            if not work.released and not work.lost:
+                with contextlib.suppress(RedisError):
+                    await self.queue.release(work.lease)
+            self._held.pop(work.lease.token, None)
+        for task in self._loops[1:]:
+            task.cancel()
+        await asyncio.gather(*self._loops[1:], return_exceptions=True)
+        with contextlib.suppress(RedisError):
+            async with self.redis.pipeline(transaction=True) as pipe:
+                pipe.zrem(WORKERS, self.worker_id)
+                pipe.hdel(WORKERS_INFO, self.worker_id)
+                await pipe.execute()
+        log.info("engine_stopped", worker=self.worker_id, cancelled=len(pending), **self.stats)
+
+    # --- claiming ----------------------------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while not self._stopping:
+            free = self.config.max_serials - len(self._held)
+            if free <= 0:
+                self._slot_freed.clear()
+                await self._slot_freed.wait()
+                continue
+            try:
+                claimed = await self.queue.claim(
+                    min(free, self.config.claim_batch), per_account=self.config.claim_batch
+                )
+                if claimed.taken_over:
+                    self.stats["taken_over"] += claimed.taken_over
+                    log.info("leases_taken_over", worker=self.worker_id, count=claimed.taken_over)
+                if claimed.leases:
+                    await self._launch(claimed.leases)
+                    continue
+                self._idle = asyncio.ensure_future(self._idle_wait())
+                try:
+                    await self._idle
+                except asyncio.CancelledError:
+                    if not self._stopping:
+                        raise
+                finally:
+                    self._idle = None
+            except RedisError as exc:
+                log.warning("claim_failed", worker=self.worker_id, error=str(exc))
+                await asyncio.sleep(0.5)
+            except Exception:
+                # A bug must not silently stop this process from claiming: log it and go on.
+                log.exception("claim_loop_error", worker=self.worker_id)
+                await asyncio.sleep(1.0)
+
+    async def _idle_wait(self) -> None:
+        """Sleep until the producer notifies, or the next scheduled account comes due (at most idle_wait_s)."""
+        timeout = self.config.idle_wait_s
+        head = await self.redis.zrange(ACTIVE_ACCOUNTS, 0, 0, withscores=True)
+        if head:
+            timeout = min(timeout, max(0.01, (float(head[0][1]) - time.time() * 1000) / 1000))
+        if self.blocking_redis is not None:
+            await self.blocking_redis.blpop([NOTIFY], timeout=timeout)
+        else:
+            await asyncio.sleep(timeout)
+
+    async def _launch(self, leases: Sequence[Lease]) -> None:
+        # Held (and renewed, and released on stop) from the moment they are claimed.
+        works = [SerialWork(lease, [], None) for lease in leases]
+        for work in works:
+            self._held[work.lease.token] = work
+        try:
+            snapshots = await self.queue.snapshot(leases)
+        except RedisError:
+            for work in works:
+                with contextlib.suppress(RedisError):
+                    await self.release(work)
+                self._forget(work)
+            raise
+        by_account: dict[str, list[SerialWork]] = defaultdict(list)
+        for work, snap in zip(works, snapshots, strict=True):
+            work.heads = snap.heads
+            work.state = self._load_state(work.lease, snap.state)
+            by_account[work.lease.account_id].append(work)
+        for account_id, works in by_account.items():
+            task = asyncio.create_task(self._run_batch(account_id, works), name=f"batch-{account_id}")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+    def _load_state(self, lease: Lease, raw: bytes | None) -> PassState | None:
+        if raw is None:
+            return None
+        try:
+            return PassState.from_json(raw)
+        except ValidationError as exc:
+            # A state we cannot read would silently disable the stale-event guard; say so loudly.
+            log.error("state_unreadable", account=lease.account_id, serial=lease.serial, error=str(exc)[:300])
+            return None
+
+    async def _run_batch(self, account_id: str, works: list[SerialWork]) -> None:
+        try:
+            account = await self._account(account_id)
+            if account is None:
+                log.warning("account_unknown", account=account_id, serials=len(works))
+                for work in works:
+                    await self.release(work, delay_ms=self.config.unknown_account_delay_ms)
+                return
+            if account.state is not AccountState.connected:
+                # The cached copy may predate a resume: decide on a fresh read.
+                account = await self._account(account_id, fresh=True)
+            if account is not None and account.state is not AccountState.connected:
+                await pause.pause_account(
+                    self.redis,
+                    self.accounts,
+                    account_id,
+                    account.state_reason or f"account is {account.state}",
+                    kind="operator",
+                )
+                for work in works:
+                    await self.release(work)
+                return
+            if account is None:
+                for work in works:
+                    await self.release(work, delay_ms=self.config.unknown_account_delay_ms)
+                return
+            await self.batch_sync.run(self, Batch(account, self._policy(account), works))
+        except Exception:
+            log.exception("batch_failed", account=account_id, worker=self.worker_id)
+        finally:
+            for work in works:
+                if not work.released and not work.lost:
+                    with contextlib.suppress(RedisError):
+                        await self.release(work)
+                self._forget(work)
+
+    def _forget(self, work: SerialWork) -> None:
+        if self._held.pop(work.lease.token, None) is not None:
+            self._slot_freed.set()
+
+    async def _account(self, account_id: str, *, fresh: bool = False) -> Account | None:
+        cached = self._account_cache.get(account_id)
+        now = time.monotonic()
+        if not fresh and cached is not None and now - cached[1] < self.config.account_cache_s:
+            return cached[0]
+        try:
+            account: Account | None = await self.accounts.get(account_id)
+        except AccountNotFound:
+            account = None
+        self._account_cache[account_id] = (account, now)
+        return account
+
+    def _policy(self, account: Account) -> RetryPolicy:
+        if not account.retry_policy:
+            return self.config.retry
+        try:
+            return self.config.retry.with_overrides(account.retry_policy)
+        except ValueError as exc:
+            log.error("retry_policy_invalid", account=account.account_id, error=str(exc))
+            return self.config.retry
+
+    # --- fenced operations, for BatchSync strategies -----------------------------------------------
+
+    def may_continue(self, work: SerialWork) -> bool:
+        """Whether ``work`` should go on with its next event (not stopping, lease held, budget left)."""
+        return (
+            bool(work.heads)
+            and not self._stopping
+            and not work.lost
+            and not work.released
+            and work.done_events < self.config.events_per_lease
+        )
+
+    async def written(
+        self, work: SerialWork, members: Sequence[bytes], result: SyncResult, event_ids: Sequence[str]
+    ) -> bool:
+        """Klaviyo accepted ``members`` (the serial's head, in order): remove them and store the new state."""
+        now = int(time.time() * 1000)
+        hist = [
+            entry(HistoryKind.written, eid, now, worker=self.worker_id, notes=[n for n in result.notes if n])
+            for eid in event_ids
+        ]
+        done = await self.queue.settle(
+            work.lease,
+            members,
+            state=result.state.to_json() if result.state is not None else None,
+            retry_fields=event_ids,
+            history=hist,
+        )
+        if not done.ok:
+            self._lost(work)
+            return False
+        work.heads = done.heads
+        if result.state is not None:
+            work.state = result.state
+        work.done_events += len(members)
+        self.stats["written"] += len(members)
+        return True
+
+    async def failed(
+        self, work: SerialWork, member: bytes, event: PassEvent | None, exc: BaseException
+    ) -> bool:
+        """The head event ``member`` failed with ``exc``: apply the retry policy.
+
+        Returns True when the serial may go on with its next event (the failed one was dead-lettered), False
+        when the serial was released (parked, throttled, account paused, or lease lost).
+        """
+        failure = classify(exc)
+        account_id = work.lease.account_id
+        keys = account_keys(account_id)
+        event_id = event.event_id if event is not None else _event_id_of(member) or member[:12].decode()
+        raw = await self.redis.hget(keys.retries, event_id)
+        record = RetryRecord.from_doc(orjson.loads(raw)) if raw else RetryRecord(work.lease.serial)
+        now = int(time.time() * 1000)
+        received_ms = int(event.received_at.timestamp() * 1000) if event is not None else now
+        age = active_age_ms(received_ms, now, await pause.pause_intervals(self.redis, account_id))
+        policy = await self._policy_for(account_id)
+        decision = decide(policy, failure, attempts=record.attempts, age_ms=age, rand=self.rand)
+        log_kw = {
+            "account": account_id,
+            "serial": work.lease.serial,
+            "event_id": event_id,
+            "kind": failure.kind.value,
+            "status": failure.status,
+            "code": failure.code,
+            "endpoint": failure.endpoint,
+        }
+        if isinstance(decision, Wait):
+            record.add(failure, at_ms=now, worker_id=self.worker_id, counted=False)
+            self.stats["throttled"] += 1
+            log.info("event_throttled", wait_s=decision.delay_s, **log_kw)
+            hist = entry(
+                HistoryKind.throttled,
+                event_id,
+                now,
+                endpoint=failure.endpoint,
+                wait_ms=int(decision.delay_s * 1000),
+            )
+            await self.release(
+                work, delay_ms=int(decision.delay_s * 1000), record=(event_id, record), history=[hist]
+            )
+            return False
+        if isinstance(decision, Retry):
+            record.add(failure, at_ms=now, worker_id=self.worker_id, counted=True)
+            self.stats["retried"] += 1
+            delay_ms = int(decision.delay_s * 1000)
+            log.info("event_retry_scheduled", attempt=decision.attempt, delay_ms=delay_ms, **log_kw)
+            hist = entry(
+                HistoryKind.attempt,
+                event_id,
+                now,
+                **_error_detail(failure),
+                worker=self.worker_id,
+                attempt=decision.attempt,
+                next_attempt_ms=now + delay_ms,
+            )
+            await self.release(work, delay_ms=delay_ms, record=(event_id, record), history=[hist])
+            return False
+        if isinstance(decision, PauseAccount):
+            self.stats["paused"] += 1
+            log.warning("account_auth_failed", reason=decision.reason, **log_kw)
+            await pause.pause_account(self.redis, self.accounts, account_id, decision.reason, kind="auth")
+            self._account_cache.pop(account_id, None)
+            hist = entry(HistoryKind.paused, event_id, now, **_error_detail(failure), reason=decision.reason)
+            await self.release(work, history=[hist])
+            return False
+        assert isinstance(decision, DeadLetter)
+        record.add(failure, at_ms=now, worker_id=self.worker_id, counted=True)
+        score = event.occurred_ms if event is not None else await self._score(work, member)
+        dead = DLQEntry(
+            event_id=event_id,
+            serial=work.lease.serial,
+            member=member.decode(errors="replace"),
+            score=score,
+            reason=decision.reason,
+            dead_at_ms=now,
+            worker=self.worker_id,
+            errors=record.errors,
+            replays=record.replays,
+        )
+        hist = entry(HistoryKind.dead, event_id, now, **_error_detail(failure), reason=decision.reason)
+        done = await self.queue.settle(
+            work.lease, [member], retry_fields=[event_id], history=[hist], dead=[(event_id, dead.to_json())]
+        )
+        if not done.ok:
+            self._lost(work)
+            return False
+        self.stats["dead_lettered"] += 1
+        log.warning("event_dead_lettered", reason=decision.reason, **log_kw)
+        work.heads = done.heads
+        work.done_events += 1
+        return True
+
+    async def release(
+        self,
+        work: SerialWork,
+        *,
+        delay_ms: int = 0,
+        record: tuple[str, RetryRecord] | None = None,
+        history: Sequence[bytes] = (),
+    ) -> None:
+        """End the serial's lease (events left go back to ``ready`` after ``delay_ms``)."""
+        if work.released or work.lost:
+            return
+        retry = (record[0], orjson.dumps(record[1].to_doc())) if record is not None else None
+        ok = await self.queue.release(work.lease, delay_ms=delay_ms, retry=retry, history=history)
+        work.released = True
+        if not ok:
+            self._lost(work)
+        elif delay_ms > 0 and not self._stopping:
+            # Idle workers computed their BLPOP timeouts before this park; wake one when it comes due
+            # (if this process dies first, the idle timeout of the others still bounds the delay).
+            asyncio.get_running_loop().call_later(delay_ms / 1000, self._wake_later, work.lease.account_id)
+
+    def _wake_later(self, account_id: str) -> None:
+        task = asyncio.create_task(self._notify(account_id))
+        self._wakers.add(task)
+        task.add_done_callback(self._wakers.discard)
+
+    async def _notify(self, account_id: str) -> None:
+        with contextlib.suppress(RedisError):
+            async with self.redis.pipeline(transaction=False) as pipe:
+                pipe.rpush(NOTIFY, account_id)
+                pipe.ltrim(NOTIFY, 0, 999)
+                await pipe.execute()
+
+    def _lost(self, work: SerialWork) -> None:
+        work.lost = True
+        self.stats["leases_lost"] += 1
+        log.warning(
+            "lease_lost", account=work.lease.account_id, serial=work.lease.serial, worker=self.worker_id
+        )
+
+    async def _policy_for(self, account_id: str) -> RetryPolicy:
+        account = await self._account(account_id)
+        return self._policy(account) if account is not None else self.config.retry
+
+    async def _score(self, work: SerialWork, member: bytes) -> int:
+        score = await self.redis.zscore(
+            account_keys(work.lease.account_id).mailbox(work.lease.serial), member
+        )
+        return int(score) if score is not None else 0
+
+    # --- leases and liveness -----------------------------------------------------------------------
+
+    async def _renew_loop(self) -> None:
+        interval = self.config.lease_ms / 3000
+        while True:
+            await asyncio.sleep(interval)
+            by_account: dict[str, list[SerialWork]] = defaultdict(list)
+            for work in list(self._held.values()):
+                if not work.released and not work.lost:
+                    by_account[work.lease.account_id].append(work)
+            for account_id, works in by_account.items():
+                try:
+                    flags = await self.queue.renew(account_id, [w.lease for w in works])
+                except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
+                    log.warning("renew_failed", account=account_id, error=str(exc))
+                    continue
+                for work, ok in zip(works, flags, strict=True):
+                    # A serial released meanwhile has no token any more; that is not a lost lease.
+                    if not ok and not work.released:
+                        self._lost(work)
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.config.heartbeat_s)
+            with contextlib.suppress(RedisError):
+                await self._heartbeat_once()
+
+    async def _heartbeat_once(self) -> None:
+        now = int(time.time() * 1000)
+        info = {
+            "worker": self.worker_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "started_ms": self._started_ms,
+            "beat_ms": now,
+            "held": len(self._held),
+            "max_serials": self.config.max_serials,
+            "stopping": self._stopping,
+            **self.stats,
+        }
+        async with self.redis.pipeline(transaction=True) as pipe:
+            pipe.zadd(WORKERS, {self.worker_id: now})
+            pipe.hset(WORKERS_INFO, self.worker_id, orjson.dumps(info))
+            await pipe.execute()
+
+
+def _error_detail(failure: Failure) -> dict[str, object]:
+    return {
+        "status": failure.status,
+        "code": failure.code,
+        "endpoint": failure.endpoint,
+        "error": failure.message,
+    }
+
+
+class PerEventSync:
+    """The default :class:`BatchSync`: serials in parallel, each one event at a time in mailbox order."""
+
+    async def run(self, engine: Engine, batch: Batch) -> None:
+        """Work every serial of the batch concurrently."""
+        await asyncio.gather(*(self._serial(engine, batch, work) for work in batch.works))
+
+    async def _serial(self, engine: Engine, batch: Batch, work: SerialWork) -> None:
+        while engine.may_continue(work):
+            member = work.heads[0]
+            event: PassEvent | None = None
+            try:
+                event = PassEvent.from_wire(split_member(member)[1], batch.account.account_id)
+                if event.serial_number != work.lease.serial:
+                    raise UnreadableEvent(
+                        f"event of serial {event.serial_number!r} in mailbox of {work.lease.serial!r}"
+                    )
+            except (ValidationError, ValueError, KeyError, TypeError, orjson.JSONDecodeError) as exc:
+                if not await engine.failed(
+                    work, member, None, UnreadableEvent(f"unreadable event: {exc}"[:500])
+                ):
+                    return
+                continue
+            except UnreadableEvent as exc:
+                if not await engine.failed(work, member, event, exc):
+                    return
+                continue
+            try:
+                result = await engine.syncer.sync_event(batch.account, work.state, event)
+            except Exception as exc:
+                if not await engine.failed(work, member, event, exc):
+                    return
+                continue
+            if not await engine.written(work, [member], result, [event.event_id]):
+                return
+        await engine.release(work)

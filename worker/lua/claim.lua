@@ -1,0 +1,68 @@
+-- Claim up to N due serials across accounts, fairly, each under a fresh lease token.
+--
+-- ARGV[1] account key prefix (pb:a:)      ARGV[2] active-accounts zset     ARGV[3] lease counter key
+-- ARGV[4] worker id                       ARGV[5] lease ms                  ARGV[6] max serials in total
+-- ARGV[7] max serials per account         ARGV[8] max accounts to visit     ARGV[9] max expired leases taken
+--                                                                                   over per account
+-- Accounts are visited in the order of their score in `active` (the least recently served due account
+-- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
+-- to `ready`, the token is deleted so the old holder can no longer commit), then gives at most an equal
+-- share of what is left of N. Its score then becomes its next due time: "now" if it still has due serials
+-- (the back of the rotation), else its earliest not-before or lease expiry; an account with neither
+-- leaves `active` (the next enqueue puts it back). A paused account leaves `active` until it is resumed.
+--
+-- Returns {taken_over, account1, serial1, token1, account2, ...}.
+local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local lease_ms, max_n = tonumber(ARGV[5]), tonumber(ARGV[6])
+local per_account, scan, max_takeover = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+
+local now = clock_ms()
+local accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now, 'LIMIT', 0, scan)
+local out = {0}
+local got = 0
+local left = #accounts
+
+for _, account in ipairs(accounts) do
+  -- Accounts not reached keep their place in the rotation.
+  if got >= max_n then break end
+  local base = prefix .. account
+  local ready, leased, tokens = base .. ':ready', base .. ':leased', base .. ':tok'
+  if redis.call('EXISTS', base .. ':paused') == 1 then
+    redis.call('ZREM', active, account)
+  else
+    local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, max_takeover)
+    for _, serial in ipairs(expired) do
+      redis.call('ZREM', leased, serial)
+      redis.call('HDEL', tokens, serial)
+      if redis.call('EXISTS', base .. ':mb:' .. serial) == 1 then
+        redis.call('ZADD', ready, now, serial)
+      end
+      out[1] = out[1] + 1
+    end
+    local take = math.min(per_account, math.ceil((max_n - got) / left))
+    local due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)
+    for _, serial in ipairs(due) do
+      local token = worker .. '.' .. redis.call('INCR', seqkey)
+      redis.call('ZREM', ready, serial)
+      redis.call('ZADD', leased, now + lease_ms, serial)
+      redis.call('HSET', tokens, serial, token)
+      out[#out + 1] = account
+      out[#out + 1] = serial
+      out[#out + 1] = token
+      got = got + 1
+    end
+    local r = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
+    local l = redis.call('ZRANGE', leased, 0, 0, 'WITHSCORES')
+    if #r == 0 and #l == 0 then
+      redis.call('ZREM', active, account)
+    else
+      local next_due = nil
+      if #r > 0 then next_due = tonumber(r[2]) end
+      if #l > 0 and (next_due == nil or tonumber(l[2]) < next_due) then next_due = tonumber(l[2]) end
+      if next_due < now then next_due = now end
+      redis.call('ZADD', active, next_due, account)
+    end
+  end
+  left = left - 1
+end
+return out

@@ -1,0 +1,33 @@
+-- Helpers shared by the engine's scripts; worker/scripts.py prepends this file to each of them.
+--
+-- Every engine script reads the clock from Redis (TIME), so leases and not-before times of all worker
+-- hosts are measured on one clock. Scripts are replicated by effects (the default since Redis 5), which
+-- is what makes TIME followed by writes allowed.
+
+local function clock_ms()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
+end
+
+-- Append history entries ARGV[first..last] (JSON arrays starting with their ms timestamp) to `key`,
+-- drop entries older than the retention from its head, and keep the list `retention_ms` past its newest entry.
+local function push_history(key, first, last, now, retention_ms)
+  if retention_ms <= 0 or last < first then return end
+  for i = first, last do redis.call('RPUSH', key, ARGV[i]) end
+  for _ = 1, 16 do
+    local head = redis.call('LINDEX', key, 0)
+    if not head then break end
+    local ts = tonumber(string.match(head, '^%[(%d+)'))
+    if ts and ts < now - retention_ms then redis.call('LPOP', key) else break end
+  end
+  redis.call('PEXPIRE', key, retention_ms)
+end
+
+-- Offer a serial with pending events to the claimers: `ready` at `not_before`, its account into the
+-- scheduling index no later than that, and a wake-up for idle workers when it is due now.
+local function offer(base, account, serial, not_before, now, active, notify)
+  redis.call('ZADD', base .. ':ready', not_before, serial)
+  redis.call('ZADD', active, 'LT', not_before, account)
+  if not_before <= now and redis.call('LLEN', notify) < 1000 then redis.call('RPUSH', notify, account) end
+end
+

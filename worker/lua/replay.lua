@@ -1,0 +1,51 @@
+-- Put dead-lettered events back into their serials' mailboxes, in their original place in time.
+--
+-- ARGV[1] account key base   ARGV[2] account id   ARGV[3] active-accounts key   ARGV[4] notify key
+-- ARGV[5] history retention ms   ARGV[6] history entry template suffix (JSON object text, e.g. {"by":"cli"})
+-- ARGV[7..] event ids
+--
+-- Each entry's mailbox member (arrival seq + wire JSON) and score (occurred_at ms) are restored as they
+-- were, so the mailbox orders it among the serial's other events exactly as on first arrival; the state
+-- machine then keeps an old replayed event from regressing newer state (it is applied as stale). The serial
+-- is offered unless a worker holds it (that worker sees the entry when it reads the head again).
+-- Earlier errors move into the event's retry record. Returns one flag per id: 1 replayed, 0 not in the DLQ.
+local base, account, active, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+local retention, extra = tonumber(ARGV[5]), ARGV[6]
+local entries, dlq = base .. ':dlq:e', base .. ':dlq'
+local now = clock_ms()
+local out = {}
+local woke = false
+for i = 7, #ARGV do
+  local id = ARGV[i]
+  local raw = redis.call('HGET', entries, id)
+  if not raw then
+    out[#out + 1] = 0
+  else
+    local entry = cjson.decode(raw)
+    local serial = entry['serial']
+    redis.call('ZADD', base .. ':mb:' .. serial, entry['score'], entry['member'])
+    redis.call('HDEL', entries, id)
+    -- A fresh attempt budget, but the earlier errors stay with the event: if it fails again, its DLQ
+    -- entry shows its whole history.
+    local errors = entry['errors']
+    if errors == nil or #errors == 0 then errors = cjson.decode('[]') end
+    redis.call('HSET', base .. ':retry', id, cjson.encode({
+      serial = serial, attempts = 0, throttled = 0, first_failure_ms = 0,
+      errors = errors, replays = (tonumber(entry['replays']) or 0) + 1}))
+    redis.call('ZREM', dlq, id)
+    redis.call('INCR', base .. ':depth')
+    if retention > 0 then
+      local key = base .. ':h:' .. serial
+      redis.call('RPUSH', key, string.format('[%d,"replayed",%s,%s]', math.floor(now), cjson.encode(id), extra))
+      redis.call('PEXPIRE', key, retention)
+    end
+    if not redis.call('ZSCORE', base .. ':leased', serial) then
+      redis.call('ZADD', base .. ':ready', 'NX', now, serial)
+      redis.call('ZADD', active, 'LT', now, account)
+      woke = true
+    end
+    out[#out + 1] = 1
+  end
+end
+if woke and redis.call('LLEN', notify) < 1000 then redis.call('RPUSH', notify, account) end
+return out

@@ -1,0 +1,184 @@
+"""The worker process: an arq ``Worker`` hosting the engine.
+
+arq gives the process its lifecycle (signal handling, ``on_startup``/``on_shutdown``), its health check
+(``<queue>:health-check``, read by ``passbridge worker --check``) and its cron, which runs the housekeeping
+sweep once per tick across all workers (arq's unique cron job ids). The engine itself does not run as arq
+jobs: it claims serials through our own Lua scripts and wakes on ``BLPOP pb:notify``, because arq's polling
+and its killed-job delay (job timeout + 10 s) are too slow for latency and takeover (DESIGN §3).
+
+Run it with ``passbridge worker`` (or ``arq worker.main.WorkerSettings``, which reads ``PASSBRIDGE_*`` and
+``REDIS_URL`` from the environment at import).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import structlog
+from arq import cron
+from arq.connections import RedisSettings
+from redis.asyncio import Redis
+
+from passbridge.accounts import AccountStore
+from passbridge.crypto import load_cipher
+from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, WORKERS_INFO, account_keys
+from passbridge.settings import Settings, get_settings
+from worker import pause
+from worker.engine import Engine, EngineConfig
+from worker.klaviyo.client import KlaviyoClient
+from worker.klaviyo.endpoints import GET_DATA_SOURCES
+from worker.klaviyo.errors import KlaviyoError
+from worker.retry import RetryPolicy
+from worker.setup import load_provisioned
+from worker.sync import Syncer
+
+log = structlog.get_logger(__name__)
+
+#: How often the sweep runs (arq cron seconds).
+SWEEP_EVERY_S = 5
+#: A worker whose heartbeat is older than this is dropped from the registry of live workers.
+WORKER_STALE_MS = 60_000
+HEALTH_CHECK_INTERVAL_S = 10
+
+
+def engine_config(settings: Settings) -> EngineConfig:
+    """The engine's tunables from settings."""
+    return EngineConfig(
+        max_serials=settings.worker_max_jobs,
+        claim_batch=settings.worker_claim_batch,
+        lease_ms=int(settings.worker_lease_ttl_s * 1000),
+        events_per_lease=settings.worker_events_per_lease,
+        history_retention_ms=settings.history_retention_s * 1000,
+        retry=RetryPolicy(
+            base_delay_s=settings.retry_base_delay_s,
+            max_delay_s=settings.retry_max_delay_s,
+            max_attempts=settings.retry_max_attempts,
+            max_age_s=settings.retry_max_age_s,
+        ),
+    )
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup``: one Klaviyo client, syncer and engine per process; start the engine."""
+    settings: Settings = ctx["settings"]
+    url: str = ctx["redis_url"]
+    redis = Redis.from_url(url)
+    blocking = Redis.from_url(url)
+    secret = settings.secret_key.get_secret_value() if settings.secret_key else None
+    store = AccountStore(redis, load_cipher(secret, settings.state_dir))
+    client = KlaviyoClient.from_settings(settings, redis, store)
+    engine = Engine(
+        redis, store, Syncer(client, redis), config=engine_config(settings), blocking_redis=blocking
+    )
+    ctx.update(pb_redis=redis, pb_blocking=blocking, store=store, client=client, engine=engine)
+    await engine.start()
+
+
+async def shutdown(ctx: dict[str, Any]) -> None:
+    """arq ``on_shutdown`` (after SIGTERM/SIGINT): stop claiming, finish or release, close clients."""
+    settings: Settings = ctx["settings"]
+    engine: Engine | None = ctx.get("engine")
+    if engine is not None:
+        await engine.stop(settings.worker_grace_s)
+    client: KlaviyoClient | None = ctx.get("client")
+    if client is not None:
+        await client.aclose()
+    for name in ("pb_blocking", "pb_redis"):
+        r: Redis | None = ctx.get(name)
+        if r is not None:
+            await r.aclose()
+
+
+async def probe_credentials(
+    client: KlaviyoClient, store: AccountStore, redis: Redis, account_id: str
+) -> bool:
+    """Whether the account's Klaviyo credentials work (and it is provisioned): one cheap read."""
+    if await load_provisioned(redis, account_id) is None:
+        return False
+    try:
+        account = await store.get(account_id)
+        await client.call(account, GET_DATA_SOURCES)
+    except KlaviyoError as exc:
+        log.info("credentials_probe_failed", account=account_id, error=str(exc))
+        return False
+    return True
+
+
+async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
+    """arq cron: take over expired leases everywhere, mirror/lift pauses, prune dead workers.
+
+    Claims take over expired leases of the accounts they visit anyway; the sweep is the safety net for
+    accounts no claim visits (e.g. one that fell out of the scheduling index) and the place where paused
+    accounts get their credentials probed (at most every ``pause_probe_interval_s``).
+    """
+    settings: Settings = ctx["settings"]
+    engine: Engine = ctx["engine"]
+    redis: Redis = ctx["pb_redis"]
+    store: AccountStore = ctx["store"]
+    client: KlaviyoClient = ctx["client"]
+    interval_ms = int(settings.pause_probe_interval_s * 1000)
+
+    async def probe(account_id: str) -> bool:
+        # One probe per account per interval across all workers: the paused hash remembers the last one.
+        key = account_keys(account_id).paused
+        now = int(time.time() * 1000)
+        last = await redis.hget(key, "probed_ms")
+        if last is not None and now - int(last) < interval_ms:
+            return False
+        await redis.hset(key, "probed_ms", now)
+        return await probe_credentials(client, store, redis, account_id)
+
+    ids = set(await store.list_ids())
+    ids |= {m.decode() for m in await redis.zrange(ACTIVE_ACCOUNTS, 0, -1)}
+    taken = resumed = 0
+    for account_id in sorted(ids):
+        taken += await engine.queue.sweep(account_id)
+        if await pause.reconcile(redis, store, account_id, probe=probe) == "resumed":
+            resumed += 1
+    stale = await redis.zrangebyscore(WORKERS, "-inf", int(time.time() * 1000) - WORKER_STALE_MS)
+    if stale:
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.zrem(WORKERS, *stale)
+            pipe.hdel(WORKERS_INFO, *stale)
+            await pipe.execute()
+    if taken or resumed or stale:
+        log.info("sweep", taken_over=taken, resumed=resumed, workers_pruned=len(stale))
+    return {"taken_over": taken, "resumed": resumed, "workers_pruned": len(stale)}
+
+
+def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker`` (what ``WorkerSettings`` holds, built from explicit settings)."""
+    return {
+        "functions": [],
+        "cron_jobs": [
+            cron(
+                sweep,
+                name="passbridge-sweep",
+                second=set(range(0, 60, SWEEP_EVERY_S)),
+                timeout=60,
+                unique=True,
+            )
+        ],
+        "on_startup": startup,
+        "on_shutdown": shutdown,
+        "redis_settings": RedisSettings.from_dsn(redis_url),
+        "queue_name": ARQ_QUEUE,
+        "max_jobs": settings.worker_max_jobs,
+        "poll_delay": settings.worker_poll_delay_s,
+        "job_timeout": 60,
+        "keep_result": 0,
+        "health_check_interval": HEALTH_CHECK_INTERVAL_S,
+        "ctx": {"settings": settings, "redis_url": redis_url},
+    }
+
+
+def __getattr__(name: str) -> Any:
+    """``WorkerSettings`` for ``arq worker.main.WorkerSettings``, built from the environment when asked for
+    (not at import): ``REDIS_URL`` and ``PASSBRIDGE_*``."""
+    if name == "WorkerSettings":
+        settings = get_settings()
+        if not settings.redis_url:
+            raise RuntimeError("WorkerSettings needs REDIS_URL; or run `passbridge worker`")
+        return worker_settings(settings, settings.redis_url)
+    raise AttributeError(name)

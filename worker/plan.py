@@ -1,0 +1,284 @@
+"""PURE: what one pass event writes to Klaviyo, given what was already applied for its serial.
+
+:func:`plan` maps (applied state, event) to at most three writes and the state to store afterwards:
+
+- the **metric event** (``POST /api/events``) — always, even for a stale event: metric
+  ``Pass Created|Installed|Updated|Uninstalled|Deleted``, ``time`` = occurred_at, ``unique_id`` = event_id,
+  the profile identified by ``external_id`` only (contact details travel only through profile writes);
+- the **profile upsert** (``POST /api/profile-import``) — external_id = serial, email, E.164 phone and the
+  marketer-facing properties (custom fields + ``wallet_pass_*``) of the new state; left out when it would not
+  change anything Klaviyo holds;
+- the **WalletPass record** (``POST /api/data-source-record-create-jobs``) — the full record of the new state,
+  keyed by serial (Klaviyo replaces the object record with the same id).
+
+Ordering rules (DESIGN §2.4, "state never goes backwards"):
+
+- an event not older than the applied state (``occurred_at >= updated_at``) is applied: the status follows
+  :data:`worker.state.STATUS_OF`, fields come from the event (a field it does not carry keeps its value);
+- ``deleted`` is terminal: a deleted pass stays deleted whatever comes later, and a ``deleted`` event applies
+  even when it is stale;
+- any other stale event sends its metric and changes no value the pass already has. It may only *fill in*
+  what the state lacks — an earlier ``created_at``, a contact or custom field the pass has no value for — so a
+  late backfill still lands its data. With events that carry the pass's fields (as every source sends them),
+  any arrival order converges to the state of the sorted order.
+
+Nothing here does I/O; ``tests/sync/test_plan.py`` checks these rules with hypothesis.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Literal
+
+from passbridge.event import EventKind, PassEvent, Scalar
+from worker.state import STATUS_OF, PassState, PassStatus
+
+METRIC_NAMES: dict[EventKind, str] = {
+    EventKind.created: "Pass Created",
+    EventKind.installed: "Pass Installed",
+    EventKind.updated: "Pass Updated",
+    EventKind.uninstalled: "Pass Uninstalled",
+    EventKind.deleted: "Pass Deleted",
+}
+
+#: Profile properties passbridge owns (custom fields of the same name are overridden by them).
+PROFILE_STATUS = "wallet_pass_status"
+PROFILE_PLATFORM = "wallet_pass_platform"
+PROFILE_TYPE = "wallet_pass_type"
+PROFILE_URL = "wallet_pass_url"
+#: Where a contact identifier owned by another profile goes instead (see DESIGN §4, identity conflicts).
+WITHHELD_PROPERTY: dict[Literal["email", "phone_number"], str] = {
+    "email": "wallet_pass_email",
+    "phone_number": "wallet_pass_phone_number",
+}
+
+Identifier = Literal["email", "phone_number"]
+
+
+@dataclass(frozen=True, slots=True)
+class Plan:
+    """The Klaviyo writes for one event, and the serial's state once they are all accepted."""
+
+    #: ``EventCreateQueryV2`` body for ``POST /api/events``; always sent.
+    event: dict[str, Any]
+    #: ``ProfileUpsertQuery`` body for ``POST /api/profile-import``, or ``None`` when nothing would change.
+    profile: dict[str, Any] | None
+    #: The WalletPass record (the raw JSON a data-source record carries), or ``None``.
+    record: dict[str, Any] | None
+    #: The state to store once the writes are accepted; ``None`` when it does not change.
+    new_state: PassState | None
+    #: The event is older than the applied state.
+    stale: bool
+    #: Why the event did (not) change the pass, for the serial's timeline.
+    note: str
+
+
+def plan(state: PassState | None, event: PassEvent) -> Plan:
+    """The writes for ``event`` given the serial's applied ``state`` (``None``: nothing applied yet)."""
+    stale = state is not None and event.occurred_at < state.updated_at
+    new = next_state(state, event)
+    if state is not None and new == state:
+        if stale:
+            note = f"stale (older than {_iso(state.updated_at)}): metric only"
+        else:
+            note = "already applied: metric only"
+        return Plan(event_body(event), None, None, None, stale, note)
+    profile = profile_body(new)
+    record = record_of(new)
+    if state is None:
+        note = f"applied: {new.status.value}"
+    elif stale:
+        became_deleted = new.status is not state.status
+        note = "stale deletion: deleted (terminal)" if became_deleted else "stale: filled in missing fields"
+    else:
+        note = f"applied: {new.status.value}"
+    return Plan(
+        event=event_body(event),
+        profile=None if state is not None and profile == profile_body(state) else profile,
+        record=None if state is not None and record == record_of(state) else record,
+        new_state=new,
+        stale=stale,
+        note=note,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class SerialPlan:
+    """The net writes of several queued events of one serial (what a batch sends through bulk endpoints)."""
+
+    #: One metric event body per event, in order (every event keeps its own metric event).
+    events: list[dict[str, Any]]
+    #: The final profile body, or ``None`` when the profile ends where it started.
+    profile: dict[str, Any] | None
+    #: The final WalletPass record, or ``None`` when it ends where it started.
+    record: dict[str, Any] | None
+    new_state: PassState | None
+    notes: list[str]
+
+
+def coalesce(state: PassState | None, events: list[PassEvent]) -> SerialPlan:
+    """Fold a serial's queued events (in order) into their net writes: each metric event, and only the last
+    profile and record state — the intermediate ones would be overwritten anyway (upserts keyed by serial)."""
+    current = state
+    bodies: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for event in events:
+        p = plan(current, event)
+        bodies.append(p.event)
+        notes.append(p.note)
+        if p.new_state is not None:
+            current = p.new_state
+    if current is None or current == state:
+        return SerialPlan(bodies, None, None, None, notes)
+    profile = profile_body(current)
+    record = record_of(current)
+    return SerialPlan(
+        events=bodies,
+        profile=None if state is not None and profile == profile_body(state) else profile,
+        record=None if state is not None and record == record_of(state) else record,
+        new_state=current,
+        notes=notes,
+    )
+
+
+def next_state(state: PassState | None, event: PassEvent) -> PassState:
+    """The pass's state after ``event`` (equal to ``state`` when the event changes nothing)."""
+    if state is None:
+        return PassState(
+            serial_number=event.serial_number,
+            pass_type=event.pass_type,
+            platform=event.platform,
+            status=STATUS_OF[event.kind],
+            pass_url=event.pass_url,
+            email=event.email,
+            phone_number=event.phone_number,
+            properties=dict(event.properties),
+            created_at=event.occurred_at,
+            updated_at=event.occurred_at,
+            event_id=event.event_id,
+        )
+    if event.occurred_at >= state.updated_at:
+        # Newer (or a tie, which the engine already put in arrival order): the event's fields win.
+        deleted = state.status is PassStatus.deleted or event.kind is EventKind.deleted
+        return state.model_copy(
+            update={
+                "pass_type": event.pass_type,
+                "platform": event.platform,
+                "status": PassStatus.deleted if deleted else STATUS_OF[event.kind],
+                "pass_url": event.pass_url,
+                "email": event.email if event.email is not None else state.email,
+                "phone_number": event.phone_number if event.phone_number is not None else state.phone_number,
+                "properties": {**state.properties, **event.properties},
+                "created_at": min(state.created_at, event.occurred_at),
+                "updated_at": event.occurred_at,
+                "event_id": event.event_id,
+            }
+        )
+    # Stale: never change a value the pass has; a deletion still deletes, gaps are filled in.
+    return state.model_copy(
+        update={
+            "status": PassStatus.deleted if event.kind is EventKind.deleted else state.status,
+            "email": state.email if state.email is not None else event.email,
+            "phone_number": state.phone_number if state.phone_number is not None else event.phone_number,
+            "properties": {**event.properties, **state.properties},
+            "created_at": min(state.created_at, event.occurred_at),
+        }
+    )
+
+
+def event_body(event: PassEvent) -> dict[str, Any]:
+    """``POST /api/events`` body: the metric event, its profile identified by ``external_id`` only."""
+    properties: dict[str, Scalar] = {
+        **event.properties,
+        "serial_number": event.serial_number,
+        "pass_type": event.pass_type,
+        "platform": event.platform.value,
+        "pass_url": event.pass_url,
+    }
+    return {
+        "data": {
+            "type": "event",
+            "attributes": {
+                "properties": properties,
+                "time": _iso(event.occurred_at),
+                "unique_id": event.event_id,
+                "metric": {"data": {"type": "metric", "attributes": {"name": METRIC_NAMES[event.kind]}}},
+                "profile": {"data": {"type": "profile", "attributes": {"external_id": event.serial_number}}},
+            },
+        }
+    }
+
+
+def profile_body(state: PassState) -> dict[str, Any]:
+    """``POST /api/profile-import`` body for the pass's profile (identifiers another profile owns withheld)."""
+    attributes: dict[str, Any] = {"external_id": state.serial_number}
+    properties: dict[str, Scalar] = dict(state.properties)
+    for field in ("email", "phone_number"):
+        value = state.email if field == "email" else state.phone_number
+        if value is None:
+            continue
+        if state.withheld.get(field) == value:
+            properties[WITHHELD_PROPERTY[field]] = value
+        else:
+            attributes[field] = value
+    properties.update(
+        {
+            PROFILE_STATUS: state.status.value,
+            PROFILE_PLATFORM: state.platform.value,
+            PROFILE_TYPE: state.pass_type,
+            PROFILE_URL: state.pass_url,
+        }
+    )
+    attributes["properties"] = properties
+    return {"data": {"type": "profile", "attributes": attributes}}
+
+
+def record_of(state: PassState) -> dict[str, Any]:
+    """The WalletPass record: the fields of the object schema, keyed by ``serial_number``."""
+    return {
+        "serial_number": state.serial_number,
+        "pass_url": state.pass_url,
+        "pass_type": state.pass_type,
+        "platform": state.platform.value,
+        "status": state.status.value,
+        "created_at": _iso(state.created_at),
+        "updated_at": _iso(state.updated_at),
+    }
+
+
+def record_job_body(record: dict[str, Any], data_source_id: str) -> dict[str, Any]:
+    """``POST /api/data-source-record-create-jobs`` body: one record into the account's data source."""
+    return {
+        "data": {
+            "type": "data-source-record-create-job",
+            "attributes": {
+                "data-source-record": {
+                    "data": {"type": "data-source-record", "attributes": {"record": record}}
+                }
+            },
+            "relationships": {"data-source": {"data": {"type": "data-source", "id": data_source_id}}},
+        }
+    }
+
+
+def withhold(state: PassState, field: Identifier) -> PassState:
+    """``state`` with its current ``field`` value marked as owned by another profile (written as a property)."""
+    value = state.email if field == "email" else state.phone_number
+    if value is None:
+        return state
+    return state.model_copy(update={"withheld": {**state.withheld, field: value}})
+
+
+def contact_identifiers(state: PassState) -> list[Identifier]:
+    """The contact identifiers the profile write for ``state`` would carry (not already withheld)."""
+    out: list[Identifier] = []
+    if state.email is not None and state.withheld.get("email") != state.email:
+        out.append("email")
+    if state.phone_number is not None and state.withheld.get("phone_number") != state.phone_number:
+        out.append("phone_number")
+    return out
+
+
+def _iso(value: datetime) -> str:
+    return value.isoformat().replace("+00:00", "Z")

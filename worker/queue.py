@@ -1,0 +1,204 @@
+"""The consumer side of the queue protocol: claim, renew, settle, release, sweep (see docs/architecture.md).
+
+Each operation is one Lua script, so it is atomic, and every operation on a held serial is fenced by its
+lease token: once a lease was taken over (it expired and another claim moved the serial back to ``ready``),
+the old holder can neither commit nor release, and its writes are refused without touching anything.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from redis.asyncio import Redis
+
+from passbridge.keys import ACCOUNT_BASE_PREFIX, ACTIVE_ACCOUNTS, LEASE_SEQ, NOTIFY, account_keys
+from worker.scripts import Scripts
+
+#: Length of the arrival-sequence prefix of a mailbox member (12 hex digits, see enqueue.lua).
+SEQ_CHARS = 12
+
+
+@dataclass(frozen=True, slots=True)
+class Lease:
+    """One serial held by one worker under ``token``."""
+
+    account_id: str
+    serial: str
+    token: str
+
+    @property
+    def worker_id(self) -> str:
+        """The worker that holds the lease (tokens are ``<worker id>.<counter>``)."""
+        return self.token.rsplit(".", 1)[0]
+
+
+@dataclass(frozen=True, slots=True)
+class Claimed:
+    """What one claim returned: the new leases and how many expired leases it took over on the way."""
+
+    leases: list[Lease]
+    taken_over: int
+
+
+@dataclass(frozen=True, slots=True)
+class Settled:
+    """Outcome of :meth:`WorkQueue.settle`: ``ok`` is False when the lease was lost (nothing written)."""
+
+    ok: bool
+    removed: int = 0
+    heads: list[bytes] = field(default_factory=list)
+
+
+@dataclass(frozen=True, slots=True)
+class SerialSnapshot:
+    """A leased serial's first mailbox entries and its stored state, read right after the claim."""
+
+    heads: list[bytes]
+    state: bytes | None
+
+
+def split_member(member: bytes) -> tuple[int, bytes]:
+    """A mailbox member's arrival sequence and event wire JSON."""
+    return int(member[:SEQ_CHARS], 16), member[SEQ_CHARS:]
+
+
+class WorkQueue:
+    """The engine's operations on the Redis queue, for one worker (``worker_id``)."""
+
+    def __init__(
+        self,
+        redis: Redis,
+        *,
+        worker_id: str,
+        lease_ms: int = 10_000,
+        history_retention_ms: int = 7 * 86_400_000,
+        head_batch: int = 8,
+    ) -> None:
+        if not worker_id:
+            raise ValueError("worker_id must not be empty")
+        self.redis = redis
+        self.worker_id = worker_id
+        self.lease_ms = lease_ms
+        self.history_retention_ms = history_retention_ms
+        self.head_batch = head_batch
+        self.scripts = Scripts(redis)
+
+    async def claim(
+        self, max_serials: int, *, per_account: int | None = None, scan_accounts: int = 64
+    ) -> Claimed:
+        """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts."""
+        raw = await self.scripts.claim(
+            args=[
+                ACCOUNT_BASE_PREFIX,
+                ACTIVE_ACCOUNTS,
+                LEASE_SEQ,
+                self.worker_id,
+                self.lease_ms,
+                max_serials,
+                per_account or max_serials,
+                scan_accounts,
+                1000,
+            ]
+        )
+        taken_over = int(raw[0])
+        leases = [
+            Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(1, len(raw), 3)
+        ]
+        return Claimed(leases, taken_over)
+
+    async def snapshot(self, leases: Sequence[Lease]) -> list[SerialSnapshot]:
+        """For each lease (one round trip for all): the mailbox's first entries and the stored state."""
+        if not leases:
+            return []
+        async with self.redis.pipeline(transaction=False) as pipe:
+            for lease in leases:
+                keys = account_keys(lease.account_id)
+                pipe.zrange(keys.mailbox(lease.serial), 0, self.head_batch - 1)
+                pipe.hget(keys.state, lease.serial)
+            raw = await pipe.execute()
+        return [SerialSnapshot(list(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+
+    async def renew(self, account_id: str, leases: Sequence[Lease]) -> list[bool]:
+        """Extend the leases (all of ``account_id``); per lease whether it is still held."""
+        if not leases:
+            return []
+        args: list[str | int] = [account_keys(account_id).base, self.lease_ms]
+        for lease in leases:
+            args += [lease.serial, lease.token]
+        return [bool(flag) for flag in await self.scripts.renew(args=args)]
+
+    async def settle(
+        self,
+        lease: Lease,
+        members: Sequence[bytes],
+        *,
+        state: bytes | None = None,
+        retry_fields: Iterable[str] = (),
+        history: Sequence[bytes] = (),
+        dead: Sequence[tuple[str, bytes]] = (),
+        heads: int | None = None,
+    ) -> Settled:
+        """Remove ``members`` from the serial's mailbox (and ``depth``), store ``state``, drop the retry
+        records ``retry_fields``, append ``history`` and put ``dead`` (event id, DLQ entry JSON) into the DLQ —
+        atomically, fenced by the lease. Returns the mailbox's next ``heads`` entries."""
+        keys = account_keys(lease.account_id)
+        fields = list(retry_fields)
+        args: list[str | int | bytes] = [
+            keys.base,
+            lease.serial,
+            lease.token,
+            state if state is not None else b"",
+            self.history_retention_ms,
+            self.head_batch if heads is None else heads,
+            len(members),
+            len(fields),
+            len(history),
+            len(dead),
+            *members,
+            *fields,
+            *history,
+        ]
+        for event_id, entry in dead:
+            args += [event_id, entry]
+        raw = await self.scripts.settle(args=args)
+        if int(raw[0]) == 0:
+            return Settled(ok=False)
+        return Settled(ok=True, removed=int(raw[1]), heads=list(raw[2:]))
+
+    async def release(
+        self,
+        lease: Lease,
+        *,
+        delay_ms: int = 0,
+        retry: tuple[str, bytes] | None = None,
+        history: Sequence[bytes] = (),
+    ) -> bool:
+        """End the lease; if events remain, the serial is ready again after ``delay_ms`` (parked when > 0).
+
+        ``retry`` stores a retry record (event id, JSON) in the same step. False when the lease was lost.
+        """
+        keys = account_keys(lease.account_id)
+        raw = await self.scripts.release(
+            args=[
+                keys.base,
+                lease.account_id,
+                lease.serial,
+                lease.token,
+                max(0, delay_ms),
+                ACTIVE_ACCOUNTS,
+                NOTIFY,
+                self.history_retention_ms,
+                retry[0] if retry else "",
+                retry[1] if retry else b"",
+                *history,
+            ]
+        )
+        return bool(int(raw[0]))
+
+    async def sweep(self, account_id: str) -> int:
+        """Take over the account's expired leases and re-index it; returns how many leases were taken over."""
+        raw = await self.scripts.sweep(
+            args=[account_keys(account_id).base, account_id, ACTIVE_ACCOUNTS, NOTIFY]
+        )
+        return int(raw[0])

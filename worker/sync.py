@@ -1,0 +1,165 @@
+"""Apply one pass event to Klaviyo: the I/O half of :mod:`worker.plan`.
+
+For each event the syncer sends, in this order, the writes :func:`worker.plan.plan` chose:
+
+1. the profile upsert — first, so a flow triggered by the metric event finds the profile's contact details;
+2. the WalletPass record (into the account's data source, provisioned by ``passbridge klaviyo setup``);
+3. the metric event — last, so its flows see the new profile properties.
+
+Every write is idempotent (profile and record are upserts keyed by serial, the metric event carries
+``unique_id`` = event_id), so calling :meth:`Syncer.sync_event` again for an event whose writes partly went
+through is safe. Identity conflicts (409 ``duplicate_profile``: the pass's email or phone belongs to another
+pass's profile) are resolved here and never escape: the profile is written without the conflicting identifier,
+the contact is kept as a profile property and a note goes on the serial's timeline.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import structlog
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account
+from passbridge.event import PassEvent
+from worker.klaviyo.client import KlaviyoClient
+from worker.klaviyo.endpoints import CREATE_DATA_SOURCE_RECORD, CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
+from worker.klaviyo.errors import NotProvisionedError, PermanentError
+from worker.plan import (
+    WITHHELD_PROPERTY,
+    Identifier,
+    contact_identifiers,
+    plan,
+    profile_body,
+    record_job_body,
+    withhold,
+)
+from worker.setup import load_provisioned
+from worker.state import PassState
+
+log = structlog.get_logger(__name__)
+
+#: How long a process trusts its cached copy of an account's provisioned data source id.
+PROVISIONED_CACHE_S = 60.0
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    """What the engine stores after an event: ``state`` (``None`` = unchanged) and timeline ``notes``."""
+
+    state: PassState | None
+    notes: list[str] = field(default_factory=list)
+
+
+class Syncer:
+    """Writes pass events to Klaviyo through a shared :class:`KlaviyoClient`."""
+
+    def __init__(self, client: KlaviyoClient, redis: Redis) -> None:
+        self.client = client
+        self.redis = redis
+        self._data_sources: dict[str, tuple[str, float]] = {}
+
+    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
+        """Apply ``event`` on top of ``state`` (the serial's applied state) and return the state to store.
+
+        Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here).
+        """
+        p = plan(state, event)
+        notes = [p.note]
+        new_state = p.new_state
+        data_source_id = await self.data_source_id(account) if p.record is not None else None
+        if p.profile is not None:
+            assert new_state is not None
+            new_state, conflict_notes = await self._write_profile(account, new_state)
+            notes += conflict_notes
+        if p.record is not None:
+            assert data_source_id is not None
+            await self.client.call(
+                account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(p.record, data_source_id)
+            )
+        await self.client.call(account, CREATE_EVENT, body=p.event)
+        log.debug(
+            "pass_event_synced",
+            account=account.account_id,
+            serial=event.serial_number,
+            event_id=event.event_id,
+            kind=event.kind.value,
+            stale=p.stale,
+            profile=p.profile is not None,
+            record=p.record is not None,
+        )
+        return SyncResult(new_state, notes)
+
+    async def data_source_id(self, account: Account) -> str:
+        """The account's provisioned data source (cached briefly); :class:`NotProvisionedError` if none."""
+        cached = self._data_sources.get(account.account_id)
+        now = time.monotonic()
+        if cached is not None and now - cached[1] < PROVISIONED_CACHE_S:
+            return cached[0]
+        provisioned = await load_provisioned(self.redis, account.account_id)
+        if provisioned is None:
+            raise NotProvisionedError(account.account_id, CREATE_DATA_SOURCE_RECORD.name)
+        self._data_sources[account.account_id] = (provisioned.data_source_id, now)
+        return provisioned.data_source_id
+
+    async def _write_profile(self, account: Account, state: PassState) -> tuple[PassState, list[str]]:
+        """Upsert the profile; on ``duplicate_profile`` retry without the identifiers another profile owns."""
+        notes: list[str] = []
+        other_profile = ""
+        attempts = _withholding_orders(contact_identifiers(state))
+        for i, drop in enumerate(attempts):
+            candidate = state
+            for f in drop:
+                candidate = withhold(candidate, f)
+            try:
+                await self.client.call(account, CREATE_OR_UPDATE_PROFILE, body=profile_body(candidate))
+            except PermanentError as exc:
+                if exc.code != "duplicate_profile" or i == len(attempts) - 1:
+                    raise
+                log.info(
+                    "profile_identity_conflict",
+                    account=account.account_id,
+                    serial=state.serial_number,
+                    tried_without=list(drop),
+                    other_profile=exc.meta.get("duplicate_profile_id"),
+                )
+                other_profile = other_profile or str(exc.meta.get("duplicate_profile_id") or "")
+                continue
+            if drop:
+                owner = f" ({other_profile})" if other_profile else ""
+                notes.append(
+                    "identity conflict: "
+                    + ", ".join(
+                        f"{f} {_mask(getattr(state, f))} belongs to another Klaviyo profile{owner}; "
+                        f"written as property {WITHHELD_PROPERTY[f]}"
+                        for f in drop
+                    )
+                )
+            return candidate, notes
+        raise AssertionError("unreachable: the last attempt either returns or raises")  # pragma: no cover
+
+
+def _withholding_orders(identifiers: Sequence[Identifier]) -> list[tuple[Identifier, ...]]:
+    """Which identifiers to leave out, attempt by attempt: none, then each alone, then all.
+
+    Klaviyo's 409 does not say *which* identifier clashed, so with both an email and a phone the syncer first
+    keeps the email (drops the phone), then keeps the phone, then drops both; at most four calls, and only
+    for the first event that meets the conflict (the state remembers withheld values).
+    """
+    if not identifiers:
+        return [()]
+    if len(identifiers) == 1:
+        return [(), (identifiers[0],)]
+    return [(), *((f,) for f in reversed(identifiers)), tuple(identifiers)]
+
+
+def _mask(value: str | None) -> str:
+    """Enough of a contact to recognise it on a timeline without spelling it out."""
+    if not value:
+        return ""
+    if "@" in value:
+        local, _, domain = value.partition("@")
+        return f"{local[:1]}***@{domain}"
+    return f"***{value[-4:]}"
