@@ -367,12 +367,24 @@ def _ndjson_worker(port: int, bodies: list[bytes], start_at: float, out: Any) ->
 # ------------------------------------------------------------------------------------------------ phases
 
 
+def runqueue_wait_s(pid: int) -> float:
+    """Time the process spent runnable but waiting for a CPU (/proc/<pid>/schedstat): other processes'
+    share of the machine, as opposed to time it was idle by choice (waiting for I/O)."""
+    try:
+        return int(Path(f"/proc/{pid}/schedstat").read_text().split()[1]) / 1e9
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
 def measure(fn: Callable[[], Any], server: Server, redis_pid: int) -> tuple[Any, dict[str, float]]:
+    pids = server.worker_pids()
     s0, r0, t0 = server.cpu(), cpu_seconds(redis_pid), time.monotonic()
+    w0 = sum(runqueue_wait_s(p) for p in pids)
     out = fn()
     return out, {
         "server_cpu_s": server.cpu() - s0,
         "redis_cpu_s": cpu_seconds(redis_pid) - r0,
+        "server_runqueue_wait_s": sum(runqueue_wait_s(p) for p in pids) - w0,
         "wall_s": time.monotonic() - t0,
     }
 
@@ -419,6 +431,7 @@ def ndjson_phase(server: Server, redis: Redis, redis_pid: int, args: argparse.Na
         "lines_per_request": per,
         "server_cpu_s": round(cpu["server_cpu_s"], 2),
         "redis_cpu_s": round(cpu["redis_cpu_s"], 2),
+        "server_runqueue_wait_s": round(cpu["server_runqueue_wait_s"], 2),
         "uploader_cpu_s": round(sum(o["cpu"] for o in outs), 2),
     }
 
@@ -474,6 +487,7 @@ def webhook_phases(server: Server, redis_pid: int, secret: str, args: argparse.N
             "requests_per_s": round(done / wall) if wall else 0,
             "server_cpu_s": round(cpu["server_cpu_s"], 2),
             "redis_cpu_s": round(cpu["redis_cpu_s"], 2),
+            "server_runqueue_wait_s": round(cpu["server_runqueue_wait_s"], 2),
             "loadgen_cpu_s": round(gen_cpu, 2),
             "loadgen_cpu_us_per_request": round(gen_cpu / done * 1e6, 1) if done else None,
             "server_cpu_us_per_request": round(cpu["server_cpu_s"] / done * 1e6, 1) if done else None,
@@ -491,7 +505,8 @@ def webhook_phases(server: Server, redis_pid: int, secret: str, args: argparse.N
         print(
             f"  {phase}: {r['requests_per_s']} req/s, statuses {r['statuses']}, server {r['server_cpu_us_per_request']} "
             f"µs CPU/req, load generator {r['loadgen_cpu_us_per_request']} µs CPU/req "
-            f"({r['loadgen_utilization']:.0%} busy)",
+            f"({r['loadgen_utilization']:.0%} busy); workers {r['server_cpu_s']} s on CPU, "
+            f"{r['server_runqueue_wait_s']} s waiting for one",
             flush=True,
         )
     for pipe in pipes:
