@@ -17,7 +17,13 @@ async def bare(request: Request) -> Response:
     return Response(status_code=202)
 
 
-# Registered exactly like the product's routes (FastAPI add_api_route with a Request parameter).
+# Registered exactly like the product's routes (FastAPI add_api_route with a Request parameter), and placed
+# just before the webhook route so that both cost the router the same to find.
 app.add_api_route("/bare", bare, methods=["POST"], status_code=202)
+_routes = app.router.routes
+_routes.insert(
+    next(i for i, r in enumerate(_routes) if getattr(r, "path", "") == "/webhooks/{account_id}"),
+    _routes.pop(),
+)
 
 __all__ = ["app"]

@@ -297,8 +297,17 @@ _new_object = object.__new__
 _set_attr = object.__setattr__
 
 
+_last_iso: tuple[datetime | None, str] = (None, "")
+
+
 def _iso(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+    # The events of one request (or one NDJSON chunk) share their received_at object: format it once.
+    global _last_iso
+    if _last_iso[0] is value:
+        return _last_iso[1]
+    text = value.isoformat().replace("+00:00", "Z")
+    _last_iso = (value, text)
+    return text
 
 
 def build_event(

@@ -8,6 +8,7 @@ instead of copying it.
 from __future__ import annotations
 
 import re
+import weakref
 from functools import cache
 from importlib.resources import files
 
@@ -25,6 +26,13 @@ def lua_source(name: str, package: str = "passbridge") -> str:
     return _INCLUDE.sub(lambda m: lua_source(m.group(1), package), text)
 
 
+_bound: weakref.WeakKeyDictionary[Redis, dict[tuple[str, str], AsyncScript]] = weakref.WeakKeyDictionary()
+
+
 def script(redis: Redis, name: str, package: str = "passbridge") -> AsyncScript:
-    """A callable script bound to ``redis``."""
-    return redis.register_script(lua_source(name, package))
+    """A callable script bound to ``redis`` (made once per client and script: it hashes the source)."""
+    scripts = _bound.setdefault(redis, {})
+    bound = scripts.get((package, name))
+    if bound is None:
+        bound = scripts[package, name] = redis.register_script(lua_source(name, package))
+    return bound

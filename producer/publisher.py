@@ -88,6 +88,10 @@ class Publisher:
         by_account: dict[str, list[_Pending]] = defaultdict(list)
         for p in batch:
             by_account[p.account_id].append(p)
+        if len(by_account) == 1:  # the common case needs no task per account
+            [(account_id, pendings)] = by_account.items()
+            await self._flush_account(account_id, pendings)
+            return
         await asyncio.gather(*(self._flush_account(a, ps) for a, ps in by_account.items()))
 
     async def _flush_account(self, account_id: str, pendings: list[_Pending]) -> None:

@@ -6,6 +6,7 @@ import typer
 
 from passbridge.cli import (
     accounts_cmd,
+    apple_cmd,
     demo_cmd,
     dlq_cmd,
     engine_cmd,
@@ -26,6 +27,7 @@ app = typer.Typer(
 )
 app.add_typer(redis_cmd.app, name="redis")
 app.add_typer(accounts_cmd.app, name="accounts")
+app.add_typer(apple_cmd.app, name="apple")
 app.add_typer(klaviyo_cmd.app, name="klaviyo")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)

@@ -243,8 +243,8 @@ async def post_ndjson(request: Request) -> Response:
             *complete, buffer = buffer.split(b"\n")
             for line in complete:
                 take(line)
-            if len(batch.events) >= NDJSON_CHUNK:
-                await send()
+                if len(batch.events) >= NDJSON_CHUNK:  # a network chunk may hold thousands of lines
+                    await send()
         if buffer:
             take(buffer)
         if batch.events:

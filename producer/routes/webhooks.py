@@ -136,7 +136,12 @@ async def post_webhook(request: Request) -> Response:
     ctx: ProducerContext = request.app.state.ctx
     account = await ctx.account(request.path_params["account_id"])
     body = await read_body(request, ctx.settings.max_body_bytes)
-    headers = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+    # Straight from the ASGI scope (names are lower-case bytes there): only the three webhook-* headers.
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in request.scope["headers"]
+        if k.startswith(b"webhook-")
+    }
     verify([s.get_secret_value() for s in account.secrets.webhook_secrets], body, headers)
     try:
         doc = orjson.loads(body)

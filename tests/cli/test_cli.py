@@ -160,3 +160,19 @@ def test_embedded_redis_lifecycle_and_state_file_discovery(
     assert "stopped" in stopped.stderr
     assert run(["redis", "status"], env, tmp_path).returncode == 1
     assert "no embedded Redis" in run(["redis", "stop"], env, tmp_path).stderr
+
+
+async def test_apple_token_command(redis: Redis, redis_url: str, tmp_path: Path, secret_key: str) -> None:
+    """The token printed is the one the Apple routes accept for that pass."""
+    from producer.sources.apple import pass_token
+
+    await make_account(redis, cipher(secret_key, tmp_path / "state"))
+    env = cli_env(tmp_path / "state", secret_key, redis_url)
+    result = run(
+        ["apple", "token", "SER 1", "-a", "acme", "--pass-type-id", "pass.com.acme.loyalty"], env, tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == pass_token("apple-secret-acme", "pass.com.acme.loyalty", "SER 1")
+    other = run(["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.other"], env, tmp_path)
+    assert other.returncode == 1
+    assert "not one of the account's Apple pass types" in other.stderr
