@@ -25,7 +25,6 @@ def up(
 
     from passbridge.demo.local import ensure_local_account
     from passbridge.demo.stack import StackConfig, run_stack
-
     from passbridge.logging import configure_logging
 
     s = settings()
