@@ -11,13 +11,16 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import AccountStore
 from passbridge.crypto import load_cipher
 from passbridge.settings import Settings
+from producer import dashboard
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
 from producer.routes import events, health, webhooks
+from producer.routes.metrics import get_metrics
 
 log = structlog.get_logger(__name__)
 
@@ -44,10 +47,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
         )
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        flusher = metrics.start_flusher(redis)
         try:
             yield
         finally:
             await publisher.close()
+            await metrics.stop_flusher(flusher, redis)
             await redis.aclose()
 
     app = FastAPI(
@@ -56,6 +61,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> Response:
+        metrics.rejected(exc.kind)
         return exc.response(request.url.path)
 
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
@@ -65,4 +71,6 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    app.add_api_route("/metrics", get_metrics, methods=["GET"], include_in_schema=False)
+    dashboard.mount(app)
     return app

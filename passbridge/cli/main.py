@@ -9,6 +9,7 @@ from passbridge.cli import (
     dlq_cmd,
     engine_cmd,
     ingest_cmd,
+    inspect_cmd,
     producer_cmd,
     redis_cmd,
     sandbox_cmd,
@@ -29,6 +30,10 @@ app.command("worker")(worker_cmd.worker)
 app.command("sandbox")(sandbox_cmd.sandbox)
 app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(engine_cmd.app, name="engine")
+app.command("status")(inspect_cmd.status)
+app.command("serial")(inspect_cmd.serial)
+app.command("event")(inspect_cmd.event)
+app.command("report")(inspect_cmd.report)
 
 
 def main() -> None:

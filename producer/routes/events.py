@@ -9,6 +9,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
 from producer.context import ProducerContext
@@ -201,6 +202,7 @@ async def post_ndjson(request: Request) -> Response:
         take(buffer)
     if pending:
         await flush()
+    metrics.rejected("invalid-line", len(rejected))
     log.info(
         "ndjson ingested",
         account_id=account.account_id,
