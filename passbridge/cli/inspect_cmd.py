@@ -79,11 +79,17 @@ def status(
         "Klaviyo 5m req·429",
         title=f"accounts at {doc['at']}",
     )
+    notes: list[str] = []
     for a in doc["accounts"]:
-        state = a["state"] + (f": {a['state_reason']}"[:60] if a["state_reason"] else "")
+        state = a["state"]
+        if state != "connected":
+            since = f" since {a['paused']['since']}" if a["paused"] else ""
+            notes.append(f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}")
+        if a["dlq"]:
+            notes.append(f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}")
         table.add_row(
             a["account"],
-            state if a["state"] == "connected" else f"[red]{state}[/]",
+            state if state == "connected" else f"[red]{state}[/]",
             str(a["pending_events"]),
             _age(a["oldest_event_age_s"]) if a["pending_events"] else "-",
             str(a["ready_serials"]),
@@ -95,6 +101,8 @@ def status(
             f"{a['klaviyo_requests_5m']} · {a['klaviyo_429s_5m']}",
         )
     console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=True)
     if not doc["workers"]:
         console.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
         return

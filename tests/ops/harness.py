@@ -20,6 +20,7 @@ import httpx
 import orjson
 import redis as redis_sync
 from cryptography.fernet import Fernet
+from prometheus_client.multiprocess import MultiProcessCollector
 from redis.asyncio import Redis
 
 from klaviyo_sandbox.client import SandboxClient
@@ -228,6 +229,15 @@ class Stack:
             },
             timeout=10,
         )
+
+    def producer_pids_counting(self, metric: str) -> set[str]:
+        """Pids of the producer processes whose multiprocess files hold a non-zero ``metric`` sample."""
+        pids = set()
+        for path in (self.tmp / "prom").glob("counter_*.db"):
+            families = MultiProcessCollector.merge([str(path)], accumulate=True)
+            if any(s.name == metric and s.value > 0 for f in families for s in f.samples):
+                pids.add(path.stem.rsplit("_", 1)[1])
+        return pids
 
     def drained(self, account_id: str) -> bool:
         r = self.sync_redis()

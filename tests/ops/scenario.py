@@ -3,7 +3,8 @@
 | account  | what happened                                                           | left behind                  |
 | -------- | ----------------------------------------------------------------------- | ---------------------------- |
 | acme     | 9 events over the API (one request each), 1 duplicate, 2 NDJSON lines   | everything delivered         |
-|          | and 1 bad line, 1 request with a wrong token                            |                              |
+|          | and 1 bad line, requests with a wrong token until both producer         |                              |
+|          | processes answered some                                                 |                              |
 | globex   | Klaviyo rejects profile writes (400) while G1 is sent; then G2 is fine  | G1 in the DLQ                |
 | initech  | registered as paused ("billing hold")                                   | 2 events queued, paused      |
 | hooli    | Klaviyo answers 503 to create_event; retry delays up to an hour         | H1 parked, next attempt late |
@@ -55,6 +56,8 @@ class Known:
     stack: Stack
     #: Sandbox answers to create_event by status, counted by the sandbox itself.
     create_event: dict[str, int] = field(default_factory=dict)
+    #: Requests refused for a wrong ingest token.
+    unauthorized: int = 0
     built_at: float = 0.0
 
 
@@ -83,7 +86,17 @@ def build(stack: Stack) -> Known:
         nd = stack.post_ndjson("acme", [orjson.dumps(i) for i in ACME_NDJSON] + [b"{not json"])
         assert nd.status_code == 200, nd.text
         assert (nd.json()["accepted"], len(nd.json()["rejected"])) == (2, 1), nd.text
-        assert stack.post("acme", [item("x", "X", "created")], token="pbi_wrong").status_code == 401
+        unauthorized = 0
+
+        def both_producers_counted() -> bool:
+            # Requests with a wrong token change nothing but a counter: send them until both producer
+            # processes have answered some, so the metrics test sees counts of two processes added up.
+            nonlocal unauthorized
+            assert stack.post("acme", [item("x", "X", "created")], token="pbi_wrong").status_code == 401
+            unauthorized += 1
+            return len(stack.producer_pids_counting("passbridge_rejected_total")) >= 2
+
+        wait_until(both_producers_counted, 30, "both producer processes answering")
         wait_until(lambda: stack.drained("acme"), 60, "acme delivered")
 
         sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
@@ -120,7 +133,7 @@ def build(stack: Stack) -> Known:
         counts = sandbox.requests(limit=0)["counts"].get("create_event", {})
         # Every process flushes its activity counts every 2 s.
         time.sleep(2.5)
-        return Known(stack, {str(k): int(v) for k, v in counts.items()}, time.time())
+        return Known(stack, {str(k): int(v) for k, v in counts.items()}, unauthorized, time.time())
     except Exception:
         print(stack.logs())
         raise
