@@ -14,6 +14,7 @@ processes' recorders write (:mod:`passbridge.metrics`).
 
 from __future__ import annotations
 
+import asyncio
 import math
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -35,6 +36,8 @@ from worker.report import ReportRow
 WORKER_ALIVE_MS = 10_000
 #: Serials whose mailbox heads are read to estimate an account's oldest pending event (see ``queue_figures``).
 OLDEST_SAMPLE = 100
+#: Accounts :func:`overview` reads concurrently.
+OVERVIEW_CONCURRENCY = 8
 #: Most pending events :func:`serial_detail` lists.
 PENDING_LIMIT = 200
 
@@ -299,7 +302,14 @@ async def overview(redis: Redis, accounts: list[str] | None = None) -> tuple[int
     """Redis's time and the overview of every account (or of ``accounts``)."""
     now = await now_ms(redis)
     ids = accounts if accounts is not None else await account_ids(redis)
-    return now, [await account_overview(redis, a, now) for a in ids]
+    # A few accounts at a time: the round trips overlap without opening a connection per account.
+    gate = asyncio.Semaphore(OVERVIEW_CONCURRENCY)
+
+    async def one(account_id: str) -> AccountOverview:
+        async with gate:
+            return await account_overview(redis, account_id, now)
+
+    return now, list(await asyncio.gather(*(one(a) for a in ids)))
 
 
 # --- workers ---------------------------------------------------------------------------------------------

@@ -84,9 +84,13 @@ def status(
         state = a["state"]
         if state != "connected":
             since = f" since {a['paused']['since']}" if a["paused"] else ""
-            notes.append(f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}")
+            notes.append(
+                f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}"
+            )
         if a["dlq"]:
-            notes.append(f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}")
+            notes.append(
+                f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}"
+            )
         table.add_row(
             a["account"],
             state if state == "connected" else f"[red]{state}[/]",

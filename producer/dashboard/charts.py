@@ -37,13 +37,26 @@ def polyline_segments(values: Sequence[float | None], width: float, height: floa
             continue
         runs[-1].append((i * step, height - 1 - v * scale))
     out = []
+    half = max(1.0, step * 0.4)
     for run in runs:
         if len(run) == 1:
             x, y = run[0]
-            run = [(max(0.0, x - 1), y), (x + 1, y)]
+            run = [(max(0.0, x - half), y), (min(width, x + half), y)]
         if run:
             out.append(" ".join(f"{x:.1f},{y:.1f}" for x, y in run))
     return out
+
+
+def recent(series: dict[str, list[float | None]], *, min_points: int) -> dict[str, list[float | None]]:
+    """``series`` without the leading stretch in which nothing was recorded (keeping at least ``min_points``),
+    so a young system's charts are not a flat line with everything squeezed against the right edge."""
+    length = min((len(v) for v in series.values()), default=0)
+    first = next(
+        (i for i in range(length) if any(v[i] not in (None, 0) for v in series.values())),
+        length,
+    )
+    start = max(0, min(first, length - min_points))
+    return {name: values[start:] for name, values in series.items()}
 
 
 def line_chart(

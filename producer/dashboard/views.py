@@ -25,7 +25,7 @@ from starlette.responses import HTMLResponse, RedirectResponse, Response
 from passbridge.metrics import BUCKET_S
 from producer.context import ProducerContext
 from producer.dashboard import auth
-from producer.dashboard.charts import Line, line_chart
+from producer.dashboard.charts import Line, line_chart, recent
 from worker import dlq, inspect
 from worker.dlq import DLQFilter
 
@@ -234,30 +234,54 @@ async def static(request: Request) -> Response:
 # --- overview ----------------------------------------------------------------------------------------------
 
 
+def _charts_of(
+    a: inspect.AccountOverview, series: inspect.Series, *, width: int, height: int
+) -> list[Markup]:
+    """Depth/DLQ and in/out throughput charts (plus Klaviyo requests on the wide account page).
+
+    The current bucket's depth and DLQ size are the live figures (samples are taken once per bucket), so a
+    chart's last value agrees with the table beside it.
+    """
+    values: dict[str, list[float | None]] = {k: list(v) for k, v in series.values.items()}
+    values["depth"][-1] = a.queue.pending_events
+    values["dlq"][-1] = a.queue.dlq
+    for name in ("in", "out"):
+        values[name] = [(v or 0) / BUCKET_S for v in values[name]]
+    values = recent(values, min_points=5 * 60 // BUCKET_S)
+    account_id = a.info.account_id
+    charts = [
+        line_chart(
+            f"pending events and DLQ size of {account_id}",
+            [Line("pending", values["depth"], "line-depth"), Line("DLQ", values["dlq"], "line-dlq")],
+            width=width,
+            height=height,
+        ),
+        line_chart(
+            f"events per second in and out of {account_id}",
+            [Line("in", values["in"], "line-in"), Line("out", values["out"], "line-out")],
+            width=width,
+            height=height,
+            unit="/s",
+        ),
+    ]
+    if width > 400:
+        charts.append(
+            line_chart(
+                f"Klaviyo requests and 429s per 10 s of {account_id}",
+                [Line("requests", values["req"], "line-req"), Line("429s", values["429"], "line-429")],
+                width=width,
+                height=height,
+            )
+        )
+    return charts
+
+
 async def _overview_values(page: Page) -> dict[str, Any]:
     now, accounts = await inspect.overview(page.redis)
     rows = []
     for a in accounts:
         series = await inspect.activity_series(page.redis, a.info.account_id, now / 1000, minutes=30)
-        per_s = {n: [(v or 0) / BUCKET_S for v in series.values[n]] for n in ("in", "out")}
-        rows.append(
-            {
-                "a": a,
-                "doc": a.to_doc(now),
-                "depth_chart": line_chart(
-                    f"pending events of {a.info.account_id}, last 30 minutes",
-                    [
-                        Line("pending", series.values["depth"], "line-depth"),
-                        Line("DLQ", series.values["dlq"], "line-dlq"),
-                    ],
-                ),
-                "rate_chart": line_chart(
-                    f"events per second of {a.info.account_id}, last 30 minutes",
-                    [Line("in", per_s["in"], "line-in"), Line("out", per_s["out"], "line-out")],
-                    unit="/s",
-                ),
-            }
-        )
+        rows.append({"a": a, "doc": a.to_doc(now), "charts": _charts_of(a, series, width=240, height=48)})
     workers = await inspect.workers(page.redis)
     return {"rows": rows, "workers": [w.to_doc(now) for w in workers], "now_ms": now}
 
@@ -288,36 +312,7 @@ async def account(page: Page) -> Response:
     now = await inspect.now_ms(page.redis)
     a = await inspect.account_overview(page.redis, account_id, now)
     series = await inspect.activity_series(page.redis, account_id, now / 1000, minutes=60)
-    charts = [
-        line_chart(
-            "pending events and DLQ size, last hour",
-            [
-                Line("pending", series.values["depth"], "line-depth"),
-                Line("DLQ", series.values["dlq"], "line-dlq"),
-            ],
-            width=720,
-            height=120,
-        ),
-        line_chart(
-            "events per second in and out, last hour",
-            [
-                Line("in", [(v or 0) / BUCKET_S for v in series.values["in"]], "line-in"),
-                Line("out", [(v or 0) / BUCKET_S for v in series.values["out"]], "line-out"),
-            ],
-            width=720,
-            height=120,
-            unit="/s",
-        ),
-        line_chart(
-            "Klaviyo requests and 429s per 10 s, last hour",
-            [
-                Line("requests", series.values["req"], "line-req"),
-                Line("429s", series.values["429"], "line-429"),
-            ],
-            width=720,
-            height=120,
-        ),
-    ]
+    charts = _charts_of(a, series, width=720, height=120)
     return await page.render(
         "account.html",
         a=a,

@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -86,6 +87,8 @@ class Stack:
     producer: subprocess.Popen[bytes] | None = None
     workers: Workers | None = None
     tokens: dict[str, str] = field(default_factory=dict)
+    #: passbridge account → its sandbox (Klaviyo) account id
+    sandbox_accounts: dict[str, str] = field(default_factory=dict)
 
     @property
     def redis_url(self) -> str:
@@ -197,11 +200,14 @@ class Stack:
                 await pipeline.add_account(
                     account_id, name=account_id.title(), ingest_token_sha256=hash_token(token), **fields
                 )
+                self.sandbox_accounts[account_id] = pipeline.accounts[account_id]
             finally:
                 sandbox.close()
                 await redis.aclose()
 
-        asyncio.run(go())
+        # In a thread of its own: Playwright's sync API keeps an event loop running in this one.
+        with ThreadPoolExecutor(1) as pool:
+            pool.submit(asyncio.run, go()).result()
         self.tokens[account_id] = token
         return token
 
@@ -229,6 +235,11 @@ class Stack:
             },
             timeout=10,
         )
+
+    def stored_unique_ids(self, account_id: str) -> set[str]:
+        """``unique_id`` of every metric event the sandbox holds for the account (= delivered event ids)."""
+        state = self.sandbox_server.app.runtime.states[self.sandbox_accounts[account_id]]
+        return {str(e.unique_id) for e in list(state.events.values())}
 
     def producer_pids_counting(self, metric: str) -> set[str]:
         """Pids of the producer processes whose multiprocess files hold a non-zero ``metric`` sample."""
