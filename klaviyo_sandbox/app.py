@@ -30,7 +30,7 @@ from klaviyo_sandbox.handlers import HANDLERS, Call, Reply
 from klaviyo_sandbox.ratelimit import format_seconds
 from klaviyo_sandbox.requestlog import LoggedRequest
 from klaviyo_sandbox.revisions import check_revision
-from klaviyo_sandbox.runtime import OperationInfo, Runtime
+from klaviyo_sandbox.runtime import OperationInfo, Runtime, log_failure
 from klaviyo_sandbox.validation import parse_query, validate_body
 
 log = structlog.get_logger("klaviyo_sandbox")
@@ -102,7 +102,7 @@ class SandboxApp:
             op_id, params = rt.router.match(method, path)
             info = rt.ops[op_id]
             if rt.faults.active:
-                fault = await self._fault(op_id, receive)
+                fault = await self._fault(op_id)
                 if fault is not None:
                     if fault.kind == "drop" and fault.after_processing:
                         drop_after = True
@@ -144,8 +144,8 @@ class SandboxApp:
             await _drop(send, receive)
             self._log(method, path, op_id, account_id, 0, started, arrived)
             return
-        except Exception:
-            log.exception("sandbox.handler_failed", operation=op_id)
+        except Exception as exc:
+            log_failure("sandbox.handler_failed", exc, operation=op_id)
             reply = Reply(500, error_document(500, "error", "A server error occurred.", pointer=None))
         if drop_after:
             await _drop(send, receive)
@@ -230,7 +230,7 @@ class SandboxApp:
 
     # -- faults -----------------------------------------------------------------------------------------------
 
-    async def _fault(self, op_id: str, receive: Any) -> Fault | None:
+    async def _fault(self, op_id: str) -> Fault | None:
         faults = self.runtime.faults
         delay = faults.latency_s()
         if delay > 0:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 from dataclasses import dataclass, field
+from typing import Any
 
 #: Every scope the emulated operations ask for; a key or client without an explicit list gets all of them.
 ALL_SCOPES: frozenset[str] = frozenset(
@@ -128,14 +129,20 @@ class SandboxConfig:
     base_url: str | None = None
 
     @classmethod
-    def with_api_keys(cls, *keys: str, **kwargs: object) -> SandboxConfig:
-        """One account per key, each with exactly that private key and full access (what ``--api-key`` does).
+    def with_api_keys(cls, *keys: str, custom_objects: bool = True, **options: Any) -> SandboxConfig:
+        """One account per key, each with exactly that private key and full access (what ``--api-key`` does);
+        ``options`` are the other ``SandboxConfig`` fields (``rate_scale=60``, ``unlimited=True``, ...).
 
         Account ids are derived from the key (stable across restarts), never the key itself."""
         accounts = tuple(
-            AccountConfig(account_id=account_id_for_key(key), api_keys=(ApiKeyConfig(key),)) for key in keys
+            AccountConfig(
+                account_id=account_id_for_key(key),
+                api_keys=(ApiKeyConfig(key),),
+                custom_objects=custom_objects,
+            )
+            for key in keys
         )
-        return cls(accounts=accounts, **kwargs)  # type: ignore[arg-type]
+        return cls(accounts=accounts, **options)
 
 
 def account_id_for_key(key: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import traceback
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -20,6 +21,17 @@ from klaviyo_sandbox.schema.loader import SpecDocument, load_spec
 from klaviyo_sandbox.store import AccountState
 
 log = structlog.get_logger("klaviyo_sandbox")
+
+
+def log_failure(event: str, exc: BaseException, **fields: object) -> None:
+    """Log an unexpected exception with a plain traceback. Not ``log.exception``: rendered tracebacks may show
+    frame locals, and the request pipeline's locals hold the caller's Authorization header."""
+    log.error(
+        event,
+        error=f"{type(exc).__name__}: {exc}",
+        traceback="".join(traceback.format_tb(exc.__traceback__)),
+        **fields,
+    )
 
 
 @dataclass(frozen=True)
@@ -93,7 +105,7 @@ class Runtime:
             self.pending -= 1
             try:
                 fn()
-            except Exception:
-                log.exception("sandbox.background_failed")
+            except Exception as exc:
+                log_failure("sandbox.background_failed", exc)
 
         asyncio.get_running_loop().call_later(max(0.0, delay_s), run)

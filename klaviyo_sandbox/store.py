@@ -39,7 +39,7 @@ LOCATION_FIELDS = (
 )
 
 
-@dataclass
+@dataclass(slots=True)
 class Profile:
     """A Klaviyo profile."""
 
@@ -52,7 +52,7 @@ class Profile:
     last_event: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Metric:
     """A metric (event name)."""
 
@@ -62,7 +62,7 @@ class Metric:
     service: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class Event:
     """A stored metric event."""
 
@@ -133,7 +133,7 @@ class ObjectType:
     current_schema_id: str | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class ObjectRecord:
     """An ingested object record: ``<type id>:::<record id>``."""
 

@@ -103,6 +103,45 @@ def plan(state: PassState | None, event: PassEvent) -> Plan:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class SerialPlan:
+    """The net writes of several queued events of one serial (what a batch sends through bulk endpoints)."""
+
+    #: One metric event body per event, in order (every event keeps its own metric event).
+    events: list[dict[str, Any]]
+    #: The final profile body, or ``None`` when the profile ends where it started.
+    profile: dict[str, Any] | None
+    #: The final WalletPass record, or ``None`` when it ends where it started.
+    record: dict[str, Any] | None
+    new_state: PassState | None
+    notes: list[str]
+
+
+def coalesce(state: PassState | None, events: list[PassEvent]) -> SerialPlan:
+    """Fold a serial's queued events (in order) into their net writes: each metric event, and only the last
+    profile and record state — the intermediate ones would be overwritten anyway (upserts keyed by serial)."""
+    current = state
+    bodies: list[dict[str, Any]] = []
+    notes: list[str] = []
+    for event in events:
+        p = plan(current, event)
+        bodies.append(p.event)
+        notes.append(p.note)
+        if p.new_state is not None:
+            current = p.new_state
+    if current is None or current == state:
+        return SerialPlan(bodies, None, None, None, notes)
+    profile = profile_body(current)
+    record = record_of(current)
+    return SerialPlan(
+        events=bodies,
+        profile=None if state is not None and profile == profile_body(state) else profile,
+        record=None if state is not None and record == record_of(state) else record,
+        new_state=current,
+        notes=notes,
+    )
+
+
 def next_state(state: PassState | None, event: PassEvent) -> PassState:
     """The pass's state after ``event`` (equal to ``state`` when the event changes nothing)."""
     if state is None:

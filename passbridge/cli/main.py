@@ -10,6 +10,7 @@ from passbridge.cli import (
     engine_cmd,
     ingest_cmd,
     inspect_cmd,
+    klaviyo_cmd,
     producer_cmd,
     redis_cmd,
     sandbox_cmd,
@@ -24,6 +25,7 @@ app = typer.Typer(
 )
 app.add_typer(redis_cmd.app, name="redis")
 app.add_typer(accounts_cmd.app, name="accounts")
+app.add_typer(klaviyo_cmd.app, name="klaviyo")
 app.command("producer")(producer_cmd.producer)
 app.command("ingest")(ingest_cmd.ingest)
 app.command("worker")(worker_cmd.worker)

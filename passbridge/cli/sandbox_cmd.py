@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import typer
 import uvicorn
 
 from passbridge.cli.common import console, fail, settings
+
+if TYPE_CHECKING:
+    from klaviyo_sandbox.config import Outage
 
 
 def _error_rates(values: list[str]) -> tuple[tuple[int, float], ...]:
@@ -24,7 +29,8 @@ def _error_rates(values: list[str]) -> tuple[tuple[int, float], ...]:
     return tuple(rates)
 
 
-def _outages(values: list[str]) -> tuple[object, ...]:
+def _outages(values: list[str]) -> tuple[Outage, ...]:
+    # Imported here: the sandbox is loaded only when this command runs.
     from klaviyo_sandbox.config import Outage
 
     out = []
@@ -57,7 +63,9 @@ def sandbox(
     ),
     rate_scale: float = typer.Option(1.0, help="Run Klaviyo's rate-limit clock this many times faster."),
     unlimited: bool = typer.Option(False, "--unlimited", help="Turn rate limits off."),
-    error_rate: list[str] = typer.Option([], "--error-rate", help="STATUS=RATE, e.g. 503=0.05 (repeatable)."),
+    error_rate: list[str] = typer.Option(
+        [], "--error-rate", "--fault-rate", help="STATUS=RATE, e.g. 503=0.05 (repeatable)."
+    ),
     latency_ms: float = typer.Option(0.0, help="Added latency per /api request."),
     jitter_ms: float = typer.Option(0.0, help="Extra random latency, uniform 0..N ms."),
     hang_rate: float = typer.Option(0.0, help="Share of requests that never answer."),
@@ -128,7 +136,7 @@ def sandbox(
             drop_rate=drop_rate,
             drop_after_processing=drop_after_processing,
             operations=frozenset(fault_operations),
-            outages=_outages(outage),  # type: ignore[arg-type]
+            outages=_outages(outage),
             seed=seed,
         ),
         access_token_ttl_s=token_ttl_s,

@@ -38,7 +38,7 @@ def config(**overrides: Any) -> SandboxConfig:
         "accounts": accounts,
         "unlimited": True,
         "ingest_delay_s": 0.01,
-        "job_step_s": 0.01,
+        "job_step_s": 0.1,  # long enough for a poller to see "processing"
     }
     base.update(overrides)
     return SandboxConfig(**base)

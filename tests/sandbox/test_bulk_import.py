@@ -45,7 +45,7 @@ def test_job_lifecycle_and_import_errors(api: httpx.Client, sandbox: SandboxClie
             "get_bulk_import_profiles_job", api.get(f"/api/profile-bulk-import-jobs/{job['id']}")
         )
         statuses.add(got["data"]["attributes"]["status"])
-        time.sleep(0.002)
+        time.sleep(0.01)
     assert statuses == {"queued", "processing", "complete"}
     final = api.get(f"/api/profile-bulk-import-jobs/{job['id']}/").json()["data"]["attributes"]
     assert (final["completed_count"], final["failed_count"]) == (2, 2)

@@ -30,7 +30,7 @@ def scaled() -> Iterator[SandboxServer]:
 
 @pytest.fixture
 def fast() -> Iterator[SandboxServer]:
-    server = start_sandbox(config(unlimited=False, rate_scale=120.0))
+    server = start_sandbox(config(unlimited=False, rate_scale=120.0, request_log_size=1_000_000))
     yield server
     server.stop()
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import sys
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -36,12 +37,19 @@ def cli_env(
     monkeypatch.setenv("PASSBRIDGE_SECRET_KEY", secret_key)
     monkeypatch.setenv("PASSBRIDGE_STATE_DIR", str(tmp_path / "state"))
     monkeypatch.setenv("PASSBRIDGE_LOG_FORMAT", "console")
+    # The commands would configure structlog to cache loggers bound to CliRunner's stream, which is closed
+    # after each invocation; later tests in this process would then log into a closed file.
+    monkeypatch.setattr("passbridge.cli.common.configure_logging", _log_to_real_stderr)
     get_settings.cache_clear()
-    structlog.reset_defaults()
     yield redis_url
     get_settings.cache_clear()
-    # The commands configured structlog to print to CliRunner's (now closed) stream.
     structlog.reset_defaults()
+
+
+def _log_to_real_stderr(*_: object, **__: object) -> None:
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__), cache_logger_on_first_use=False
+    )
 
 
 def seed(redis_url: str, secret_key: str) -> None:

@@ -3,7 +3,9 @@
 Every call: credentials for the account (private key, or an OAuth token refreshed when needed), a slot from
 the shared rate limiter, the ``revision`` header, JSON:API content types, explicit timeouts; the answer is
 either the parsed body or a typed :mod:`worker.klaviyo.errors` exception. A 401 on an OAuth account is
-refreshed and retried exactly once; a 429 pauses the endpoint for the account before it is raised.
+refreshed and retried exactly once. A 429 pauses the endpoint for the account (every process's limiter honours
+it); a short one (Retry-After within ``max_slot_wait_s``) is waited out and the request sent again, at most
+``max_throttle_retries`` times, since Klaviyo did not process it; a longer one is raised as ThrottledError.
 
 Open it with the worker (``async with KlaviyoClient(...)`` or ``aclose()`` on shutdown).
 """
@@ -13,7 +15,7 @@ from __future__ import annotations
 import re
 import time
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -66,7 +68,10 @@ class ClientOptions:
     oauth_refresh_skew_s: float = 60.0
     oauth_lock_ttl_s: float = 30.0
     rate_safety: float = 0.02
-    rate_pad_s: float = 0.005
+    rate_pad_s: float = 0.02
+    #: A 429 whose Retry-After is at most ``max_slot_wait_s`` is waited out and sent again (the request was
+    #: not processed) this many times before ThrottledError reaches the caller's retry policy.
+    max_throttle_retries: int = 2
     user_agent: str = "passbridge/0.1 (+https://github.com/passbridge)"
 
 
@@ -91,7 +96,9 @@ class KlaviyoClient:
         rate_scale: float = 1.0,
         options: ClientOptions | None = None,
         transport: httpx.AsyncBaseTransport | None = None,
+        event_hooks: Mapping[str, list[Callable[..., Any]]] | None = None,
     ) -> None:
+        """``transport`` and ``event_hooks`` go to httpx as they are (tests record requests with a hook)."""
         self.options = opts = options or ClientOptions()
         self.base_url = base_url.rstrip("/")
         self.revision = check_revision(revision)
@@ -110,6 +117,7 @@ class KlaviyoClient:
             ),
             headers={"user-agent": opts.user_agent, "accept-encoding": "gzip, deflate"},
             transport=transport,
+            event_hooks=event_hooks,
             follow_redirects=False,
         )
         self.limiter = RateLimiter(redis, scale=rate_scale, safety=opts.rate_safety, pad_s=opts.rate_pad_s)
@@ -166,6 +174,7 @@ class KlaviyoClient:
         path = op.url_path(**(path_params or {}))
         content = orjson.dumps(body) if body is not None else None
         retried_auth = False
+        throttled = 0
         while True:
             authorization, oauth_token = await self._authorization(account, op)
             await self.limiter.acquire(
@@ -188,6 +197,13 @@ class KlaviyoClient:
             error = error_from_response(op.name, status, response.content, response.headers)
             if isinstance(error, ThrottledError):
                 await self.limiter.pause(account.account_id, op.name, error.retry_after_s)
+                if (
+                    throttled < self.options.max_throttle_retries
+                    and error.retry_after_s <= self.options.max_slot_wait_s
+                ):
+                    # Klaviyo did not process the request; the limiter now holds us until Retry-After.
+                    throttled += 1
+                    continue
             log.info(
                 "klaviyo_call_failed",
                 account=account.account_id,

@@ -8,8 +8,9 @@ endpoint back for that account only, until its ``Retry-After`` has passed.
 
 ``scale`` runs the clock faster exactly as the sandbox's ``--rate-scale`` does (windows of 1/scale s and
 60/scale s with the same counts), so a benchmark spends Klaviyo's real budget in 1/scale of the time.
-Windows are stretched by ``safety`` (a fraction) plus ``pad_s`` so that network jitter between our send time
-and Klaviyo's receive time does not push a request into a full window on Klaviyo's side.
+Windows are stretched by ``safety`` (a fraction) plus ``pad_s`` (wall-clock seconds) so that network jitter
+between our send time and Klaviyo's receive time does not push a request into a full window on Klaviyo's side.
+What still slips through is a 429 like any other: the request was not processed, the endpoint pauses.
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ class RateLimiter:
         *,
         scale: float = 1.0,
         safety: float = 0.02,
-        pad_s: float = 0.005,
+        pad_s: float = 0.02,
     ) -> None:
         if not scale > 0:
             raise ValueError("rate scale must be > 0")
@@ -55,7 +56,8 @@ class RateLimiter:
         self._pause = script(redis, "klaviyo_rate_pause")
 
     def _window_us(self, seconds: float, safety: float, pad_s: float) -> int:
-        return math.ceil((seconds / self.scale * (1 + safety) + pad_s / self.scale) * 1_000_000)
+        # The pad is wall-clock (network jitter does not speed up with the scale); the safety share is not.
+        return math.ceil((seconds / self.scale * (1 + safety) + pad_s) * 1_000_000)
 
     async def try_acquire(self, account_id: str, endpoint: str, tier: Tier) -> float:
         """Take a slot now if there is one (returns 0.0), else return the seconds until one may free up."""

@@ -1,0 +1,101 @@
+"""``passbridge klaviyo setup|status|scopes``: an account's Klaviyo side (Custom Objects provisioning)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import typer
+from redis.asyncio import Redis
+
+from passbridge.accounts import AccountNotFound, AccountStore
+from passbridge.cli.common import emit_json, fail, redis_url, run, settings
+from passbridge.crypto import load_cipher
+
+app = typer.Typer(
+    help="The Klaviyo side of an account: set-up and what passbridge needs.", no_args_is_help=True
+)
+
+
+@app.command()
+def setup(
+    account: str = typer.Option(..., "--account", "-a", help="The passbridge account id."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Provision the WalletPass custom object in the account's Klaviyo (safe to run again; repairs)."""
+    from worker.klaviyo.client import KlaviyoClient
+    from worker.setup import SetupError, provision
+
+    s = settings()
+
+    async def go() -> dict[str, Any]:
+        redis = Redis.from_url(redis_url(s))
+        try:
+            store = AccountStore(
+                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
+            )
+            try:
+                acct = await store.get(account)
+            except AccountNotFound:
+                fail(f"no account {account!r} (create it with `passbridge accounts add {account}`)")
+            async with KlaviyoClient.from_settings(s, redis, store) as client:
+                try:
+                    report = await provision(client, redis, acct)
+                except SetupError as exc:
+                    fail(str(exc))
+            return report.as_dict()
+        finally:
+            await redis.aclose()
+
+    doc = run(go())
+    if as_json:
+        emit_json(doc)
+        return
+    for step in doc["steps"]:
+        typer.echo(f"{step['step']:<24} {step['outcome']}")
+    ids = doc["provisioned"]
+    typer.echo(
+        f"{'WalletPass ready' if not doc['changed'] else 'WalletPass provisioned'} for {account}: "
+        f"data source {ids['data_source_id']}, object type {ids['object_type_id']}"
+    )
+
+
+@app.command()
+def status(
+    account: str = typer.Option(..., "--account", "-a", help="The passbridge account id."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """The Klaviyo ids recorded by the last successful setup (exit 1 when the account is not set up)."""
+    from dataclasses import asdict
+
+    from worker.setup import load_provisioned
+
+    s = settings()
+
+    async def go() -> dict[str, Any] | None:
+        redis = Redis.from_url(redis_url(s))
+        try:
+            found = await load_provisioned(redis, account)
+            return asdict(found) if found else None
+        finally:
+            await redis.aclose()
+
+    doc = run(go())
+    if doc is None:
+        if as_json:
+            emit_json({"account_id": account, "provisioned": None})
+        fail(
+            f"account {account!r} is not set up in Klaviyo: run `passbridge klaviyo setup --account {account}`"
+        )
+    if as_json:
+        emit_json({"account_id": account, "provisioned": doc})
+    else:
+        for key, value in doc.items():
+            typer.echo(f"{key:<20} {value}")
+
+
+@app.command()
+def scopes() -> None:
+    """The OAuth scopes passbridge asks for: exactly those of the Klaviyo endpoints it calls."""
+    from worker.klaviyo.endpoints import OAUTH_SCOPES
+
+    typer.echo(" ".join(OAUTH_SCOPES))

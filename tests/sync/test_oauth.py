@@ -1,0 +1,268 @@
+"""OAuth accounts against the sandbox (refresh tokens rotate there, so a second refresh of the same grant would
+fail loudly): bearer calls, refresh on 401 and before expiry, one refresh for many coroutines and for two
+processes at once, and a revoked grant that disconnects the account instead of looping."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from passbridge.accounts import AccountState, AccountStore
+from passbridge.settings import Settings
+from tests.sync.conftest import (
+    OAUTH_CLIENT_ID,
+    OAUTH_CLIENT_SECRET,
+    RATE_SCALE,
+    RequestRecorder,
+    make_client,
+    put_oauth_account,
+    sandbox_accounts,
+)
+from worker.klaviyo.endpoints import CREATE_EVENT
+from worker.klaviyo.errors import AuthError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def event(i: int) -> dict[str, Any]:
+    return {
+        "data": {
+            "type": "event",
+            "attributes": {
+                "properties": {"n": i},
+                "unique_id": f"oauth-{i}",
+                "metric": {"data": {"type": "metric", "attributes": {"name": "Pass Updated"}}},
+                "profile": {"data": {"type": "profile", "attributes": {"external_id": "OAUTH-1"}}},
+            },
+        }
+    }
+
+
+@pytest.fixture(scope="module")
+def oauth_server() -> Iterator[Any]:
+    config = pytest.importorskip(
+        "klaviyo_sandbox.config", reason="the Klaviyo sandbox package is not present"
+    )
+    from klaviyo_sandbox.testing import start_sandbox
+
+    server = start_sandbox(
+        config.SandboxConfig(accounts=sandbox_accounts(), rate_scale=RATE_SCALE, rotate_refresh_tokens=True)
+    )
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def control(oauth_server: Any) -> Iterator[Any]:
+    from klaviyo_sandbox.client import SandboxClient
+
+    with SandboxClient(oauth_server.url, account="KSYNC1") as c:
+        c.reset()
+        yield c
+
+
+async def test_bearer_token_and_exact_scopes(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    account = await put_oauth_account(store, oauth_server.url)
+    assert account.secrets.klaviyo_oauth is not None
+    assert sorted(account.secrets.klaviyo_oauth.scopes) == [
+        "custom-objects:read",
+        "custom-objects:write",
+        "events:write",
+        "profiles:write",
+    ]
+    async with make_client(redis, store, oauth_server.url, recorder) as client:
+        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
+        assert client.oauth.refreshes == 0
+    token = account.secrets.klaviyo_oauth.access_token
+    assert token is not None
+    assert recorder.api_requests()[0].headers["authorization"] == f"Bearer {token.get_secret_value()}"
+
+
+async def test_expired_token_is_refreshed_once_for_many_coroutines(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    account = await put_oauth_account(store, oauth_server.url)
+    old = account.secrets.klaviyo_oauth
+    assert old is not None
+    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=0) as client:
+        await client.call(account, CREATE_EVENT, body=event(0))
+        assert control.expire_access_tokens() >= 1
+        replies = await asyncio.gather(
+            *(client.call(account, CREATE_EVENT, body=event(i)) for i in range(1, 11))
+        )
+        assert all(r.status == 202 for r in replies)
+        assert client.oauth.refreshes == 1
+    stored = (await store.get(account.account_id)).secrets.klaviyo_oauth
+    assert stored is not None
+    assert stored.access_token is not None
+    assert old.access_token is not None
+    assert stored.access_token.get_secret_value() != old.access_token.get_secret_value()
+    assert stored.refresh_token != old.refresh_token  # the sandbox rotated it and we kept the new one
+    assert control.count("create_event", 401) >= 1
+    assert control.count("create_event", 202) == 11
+
+
+async def test_token_is_refreshed_before_it_expires(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    account = await put_oauth_account(store, oauth_server.url)
+    assert account.secrets.klaviyo_oauth is not None
+    soon = account.model_copy(
+        update={
+            "secrets": account.secrets.model_copy(
+                update={
+                    "klaviyo_oauth": account.secrets.klaviyo_oauth.model_copy(
+                        update={"expires_at": time.time() + 30}
+                    )
+                }
+            )
+        }
+    )
+    await store.put(soon)
+    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=60) as client:
+        assert (await client.call(soon, CREATE_EVENT, body=event(1))).status == 202
+        assert client.oauth.refreshes == 1
+        assert (await client.call(soon, CREATE_EVENT, body=event(2))).status == 202
+        assert client.oauth.refreshes == 1  # the new token lasts an hour
+    assert control.count("create_event", 401) == 0
+
+
+async def test_revoked_grant_disconnects_the_account(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    account = await put_oauth_account(store, oauth_server.url)
+    assert account.secrets.klaviyo_oauth is not None
+    assert account.secrets.klaviyo_oauth.refresh_token is not None
+    async with httpx.AsyncClient() as http:
+        revoked = await http.post(
+            f"{oauth_server.url}/oauth/revoke",
+            data={"token": account.secrets.klaviyo_oauth.refresh_token.get_secret_value()},
+            auth=(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET),
+        )
+    assert revoked.status_code == 200
+    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=0) as client:
+        with pytest.raises(AuthError) as first:
+            await client.call(account, CREATE_EVENT, body=event(1))
+        assert first.value.code == "disconnected"
+        assert client.oauth.refreshes == 1
+        stored = await store.get(account.account_id)
+        assert stored.state is AccountState.disconnected
+        assert "invalid_grant" in stored.state_reason
+        assert "reconnect" in stored.state_reason
+        # No loop: later calls fail at once and never ask the token endpoint again.
+        for i in range(3):
+            with pytest.raises(AuthError):
+                await client.call(account, CREATE_EVENT, body=event(2 + i))
+        assert client.oauth.refreshes == 1
+    secret = account.secrets.klaviyo_oauth.refresh_token.get_secret_value()
+    assert secret not in str(first.value)
+    assert secret not in repr(first.value)
+    assert secret not in stored.state_reason
+
+
+@pytest.mark.slow
+def test_two_processes_refresh_an_expiring_token_exactly_once(
+    settings: Settings, store: AccountStore, oauth_server: Any, control: Any, tmp_path: Path
+) -> None:
+    """Two worker processes use the same OAuth account; its token expires under them mid-run."""
+    account = asyncio.run(_put_oauth(settings, oauth_server.url))
+    before = asyncio.run(_stored_tokens(settings, account))
+    assert settings.secret_key is not None
+    procs = [
+        subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "tests.sync.oauth_proc",
+                name,
+                oauth_server.url,
+                str(settings.redis_url),
+                settings.secret_key.get_secret_value(),
+                account,
+                str(tmp_path),
+            ],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "PASSBRIDGE_LOG_LEVEL": "warning"},
+        )
+        for name in ("w1", "w2")
+    ]
+    try:
+        deadline = time.monotonic() + 30
+        while not all((tmp_path / f"started-{n}").exists() for n in ("w1", "w2")):
+            assert time.monotonic() < deadline, "worker processes did not start"
+            assert all(p.poll() is None for p in procs), [p.communicate() for p in procs]
+            time.sleep(0.02)
+        time.sleep(0.2)
+        assert control.expire_access_tokens() >= 1  # mid-run, while both are sending
+        time.sleep(1.0)
+        (tmp_path / "stop").touch()
+        outputs = [p.communicate(timeout=30) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+    reports = []
+    for out, err in outputs:
+        assert out.strip(), err
+        reports.append(orjson.loads(out.strip().splitlines()[-1]))
+    assert [r["errors"] for r in reports] == [[], []]
+    assert all(r["got_401"] >= 1 for r in reports), reports  # both met the expired token
+    assert sum(r["refreshes"] for r in reports) == 1, reports  # and exactly one of them refreshed it
+    assert all(r["ok"] > 5 for r in reports)
+    after = asyncio.run(_stored_tokens(settings, account))
+    assert after != before
+    # With rotation on, a second refresh with the old refresh token would have been refused (invalid_grant)
+    # and the account disconnected: it is still connected.
+    assert asyncio.run(_state(settings, account)) is AccountState.connected
+
+
+async def _put_oauth(settings: Settings, base_url: str) -> str:
+    redis, store = _store(settings)
+    try:
+        return (await put_oauth_account(store, base_url, "twoprocs")).account_id
+    finally:
+        await redis.aclose()
+
+
+async def _stored_tokens(settings: Settings, account_id: str) -> tuple[str, str]:
+    redis, store = _store(settings)
+    try:
+        oauth = (await store.get(account_id)).secrets.klaviyo_oauth
+        assert oauth is not None
+        assert oauth.access_token is not None
+        assert oauth.refresh_token is not None
+        return oauth.access_token.get_secret_value(), oauth.refresh_token.get_secret_value()
+    finally:
+        await redis.aclose()
+
+
+async def _state(settings: Settings, account_id: str) -> AccountState:
+    redis, store = _store(settings)
+    try:
+        return (await store.get(account_id)).state
+    finally:
+        await redis.aclose()
+
+
+def _store(settings: Settings) -> tuple[Redis, AccountStore]:
+    from passbridge.crypto import load_cipher
+
+    assert settings.secret_key is not None
+    redis = Redis.from_url(str(settings.redis_url))
+    return redis, AccountStore(redis, load_cipher(settings.secret_key.get_secret_value(), settings.state_dir))

@@ -1,0 +1,310 @@
+"""``passbridge klaviyo setup`` against the sandbox: provisions, is idempotent, repairs, explains a 403."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account, AccountStore
+from passbridge.settings import Settings
+from tests.sync.conftest import NOCO_ACCOUNT, NOCO_KEY, RATE_SCALE, REVISION, put_account
+from worker.klaviyo.client import KlaviyoClient
+from worker.klaviyo.endpoints import (
+    CREATE_DATA_SOURCE,
+    CREATE_DATA_SOURCE_RECORD,
+    CREATE_OBJECT_TYPE,
+    CREATE_OR_UPDATE_PROFILE,
+    GET_DATA_SOURCES,
+    GET_OBJECT_TYPES,
+)
+from worker.plan import record_job_body
+from worker.setup import (
+    DATA_SOURCE_TITLE,
+    OBJECT_TYPE_TITLE,
+    SCHEMA_PROPERTIES,
+    SetupError,
+    load_provisioned,
+    property_mappings,
+    provision,
+    schema_properties,
+)
+
+WRITES = (
+    "create_data_source",
+    "create_object_type",
+    "create_object_schema",
+    "update_object_schema",
+    "update_source_mapping",
+    "create_profile_schema_relationship",
+)
+
+
+def writes(sandbox: Any) -> dict[str, int]:
+    return {op: sandbox.count(op) for op in WRITES if sandbox.count(op)}
+
+
+async def check_working_setup(client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any) -> None:
+    """What setup promises, observed: a record pushed into the data source becomes a WalletPass object record
+    with every schema property, linked to the profile whose external_id is the serial."""
+    provisioned = await load_provisioned(redis, account.account_id)
+    assert provisioned is not None
+    assert provisioned.revision == REVISION
+    await client.call(
+        account,
+        CREATE_OR_UPDATE_PROFILE,
+        body={"data": {"type": "profile", "attributes": {"external_id": "SER-1"}}},
+    )
+    record = {
+        "serial_number": "SER-1",
+        "pass_url": "https://passninja.com/p/SER-1",
+        "pass_type": "ptk_0x216",
+        "platform": "apple",
+        "status": "active",
+        "created_at": "2026-11-25T10:00:00Z",
+        "updated_at": "2026-11-25T10:05:00Z",
+    }
+    await client.call(
+        account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(record, provisioned.data_source_id)
+    )
+    sandbox.wait_idle()
+    assert sandbox.ingestion_logs() == []
+    records = sandbox.object_records(object_type=OBJECT_TYPE_TITLE)
+    assert len(records) == 1
+    assert records[0]["id"] == f"{provisioned.object_type_id}:::SER-1"
+    assert records[0]["attributes"]["record_properties"] == record
+    profile = sandbox.profile("SER-1")
+    assert records[0]["relationships"] == {
+        provisioned.relationship_id: {
+            "identifier_type": "external-id",
+            "value": "SER-1",
+            "profile_id": profile["id"],
+        }
+    }
+
+
+async def test_setup_provisions_the_walletpass_object(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    report = await provision(client, redis, account)
+    assert report.changed
+    outcomes = dict(report.steps)
+    assert outcomes["data source"] == "created"
+    assert outcomes["object type WalletPass"] == "created"
+    assert outcomes["schema"] == "published"
+    types = (await client.call(account, GET_OBJECT_TYPES)).body["data"]
+    assert [t["attributes"]["title"] for t in types] == [OBJECT_TYPE_TITLE]
+    assert types[0]["attributes"]["status"] == "active"
+    await check_working_setup(client, redis, account, sandbox)
+
+
+async def test_setup_twice_changes_nothing(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    first = await provision(client, redis, account)
+    before = writes(sandbox)
+    second = await provision(client, redis, account)
+    assert not second.changed
+    assert all(outcome == "ok" for _, outcome in second.steps)
+    assert writes(sandbox) == before  # the second run only read
+    assert second.provisioned == first.provisioned
+    sources = (await client.call(account, GET_DATA_SOURCES)).body["data"]
+    assert [s["attributes"]["title"] for s in sources] == [DATA_SOURCE_TITLE]
+
+
+async def test_setup_completes_a_half_finished_run(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    """A run that died after creating the data source and the object type (draft schema, no relationship)."""
+    ds = await client.call(
+        account,
+        CREATE_DATA_SOURCE,
+        body={"data": {"type": "data-source", "attributes": {"title": DATA_SOURCE_TITLE}}},
+    )
+    ds_id = ds.body["data"]["id"]
+    await client.call(
+        account,
+        CREATE_OBJECT_TYPE,
+        body={
+            "data": {
+                "type": "object-type",
+                "attributes": {
+                    "title": OBJECT_TYPE_TITLE,
+                    "object-schema": {
+                        "data": {
+                            "type": "object-schema",
+                            "attributes": {
+                                "properties": schema_properties()[:3],  # an older, shorter schema
+                                "status": "draft",
+                                "source-mapping": {
+                                    "data": {
+                                        "type": "source-mapping",
+                                        "attributes": {"property_mappings": property_mappings(ds_id)[:3]},
+                                    }
+                                },
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
+    report = await provision(client, redis, account)
+    outcomes = dict(report.steps)
+    assert outcomes["data source"] == "ok"
+    assert outcomes["object type WalletPass"] == "ok"
+    assert outcomes["schema properties"] == "updated"
+    assert outcomes["profile relationship"] == "created"
+    assert outcomes["source mapping"] == "updated"
+    assert outcomes["schema"] == "published"
+    assert sandbox.count("create_data_source") == 1
+    assert sandbox.count("create_object_type") == 1
+    await check_working_setup(client, redis, account, sandbox)
+
+
+async def test_setup_replaces_an_active_schema_that_is_wrong(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    """A WalletPass type someone published by hand (no relationship): a new schema version is completed."""
+    ds = await client.call(
+        account,
+        CREATE_DATA_SOURCE,
+        body={"data": {"type": "data-source", "attributes": {"title": DATA_SOURCE_TITLE}}},
+    )
+    await client.call(
+        account,
+        CREATE_OBJECT_TYPE,
+        body={
+            "data": {
+                "type": "object-type",
+                "attributes": {
+                    "title": OBJECT_TYPE_TITLE,
+                    "object-schema": {
+                        "data": {
+                            "type": "object-schema",
+                            "attributes": {
+                                "properties": schema_properties(),
+                                "status": "active",
+                                "source-mapping": {
+                                    "data": {
+                                        "type": "source-mapping",
+                                        "attributes": {
+                                            "property_mappings": property_mappings(ds.body["data"]["id"])
+                                        },
+                                    }
+                                },
+                            },
+                        }
+                    },
+                },
+            }
+        },
+    )
+    report = await provision(client, redis, account)
+    outcomes = dict(report.steps)
+    assert outcomes["schema draft"] == "created"
+    assert outcomes["schema"] == "published"
+    await check_working_setup(client, redis, account, sandbox)
+    assert not (await provision(client, redis, account)).changed
+
+
+async def test_missing_custom_objects_entitlement_is_explained(
+    client: KlaviyoClient, redis: Redis, store: AccountStore, sandbox: Any
+) -> None:
+    noco = await put_account(store, "noco", klaviyo_api_key=NOCO_KEY)
+    with pytest.raises(SetupError) as info:
+        await provision(client, redis, noco)
+    message = str(info.value)
+    assert "does not have Custom Objects" in message
+    assert "paid Klaviyo feature" in message
+    assert "Entitlement to create object type not found." in message
+    assert await load_provisioned(redis, "noco") is None
+    assert sandbox.count("create_object_type", 403) == 1
+
+
+def test_schema_has_the_right_types() -> None:
+    types = {name: kind for _, name, kind, _ in SCHEMA_PROPERTIES}
+    assert types == {
+        "serial_number": "string",
+        "pass_url": "string",
+        "pass_type": "string",
+        "platform": "string",
+        "status": "string",
+        "created_at": "timestamp",
+        "updated_at": "timestamp",
+    }
+
+
+def _cli(settings: Settings, base_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+    assert settings.secret_key is not None
+    env = {
+        **os.environ,
+        "REDIS_URL": str(settings.redis_url),
+        "PASSBRIDGE_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "PASSBRIDGE_STATE_DIR": str(settings.state_dir),
+        "PASSBRIDGE_KLAVIYO_BASE_URL": base_url,
+        "PASSBRIDGE_KLAVIYO_REVISION": REVISION,
+        "PASSBRIDGE_KLAVIYO_RATE_SCALE": str(RATE_SCALE),
+        "PASSBRIDGE_LOG_FORMAT": "json",
+    }
+    cli = Path(sys.executable).with_name("passbridge")
+    return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+
+
+async def test_cli_setup(settings: Settings, store: AccountStore, account: Account, sandbox: Any) -> None:
+    await put_account(store, "noco", klaviyo_api_key=NOCO_KEY)
+    first = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme", "--json")
+    assert first.returncode == 0, first.stderr
+    doc = orjson.loads(first.stdout)
+    assert doc["changed"] is True
+    assert doc["provisioned"]["data_source_id"]
+    second = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme")
+    assert second.returncode == 0, second.stderr
+    assert "WalletPass ready for acme" in second.stdout
+    status = _cli(settings, sandbox.base_url, "klaviyo", "status", "--account", "acme", "--json")
+    assert orjson.loads(status.stdout)["provisioned"] == doc["provisioned"]
+    refused = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "noco")
+    assert refused.returncode == 1
+    assert "does not have Custom Objects" in refused.stderr
+    assert NOCO_KEY not in refused.stderr + refused.stdout
+    missing = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "nobody")
+    assert missing.returncode == 1
+    assert "no account 'nobody'" in missing.stderr
+    unset = _cli(settings, sandbox.base_url, "klaviyo", "status", "--account", "noco")
+    assert unset.returncode == 1
+    assert "not set up" in unset.stderr
+    scopes = _cli(settings, sandbox.base_url, "klaviyo", "scopes")
+    assert scopes.stdout.split() == [
+        "custom-objects:read",
+        "custom-objects:write",
+        "events:write",
+        "profiles:write",
+    ]
+    assert NOCO_ACCOUNT  # the sandbox account behind NOCO_KEY has no Custom Objects
+
+
+async def test_ingestion_failures_are_visible(
+    client: KlaviyoClient, redis: Redis, account: Account, sandbox: Any
+) -> None:
+    """A record job answers 204 even for a bad record; the failure is read back from the ingestion log."""
+    from worker.ingestion import ingestion_failures
+
+    await provision(client, redis, account)
+    provisioned = await load_provisioned(redis, "acme")
+    assert provisioned is not None
+    assert await ingestion_failures(client, redis, account) == []
+    bad = {"serial_number": "SER-BAD", "status": "active", "created_at": "not a time"}
+    reply = await client.call(
+        account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(bad, provisioned.data_source_id)
+    )
+    assert reply.status == 204
+    sandbox.wait_idle()
+    failures = await ingestion_failures(client, redis, account)
+    assert len(failures) == 1
+    assert [e["property"] for e in failures[0].errors] == ["created_at"]
