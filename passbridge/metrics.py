@@ -70,7 +70,7 @@ DUPLICATES = Counter(
 REJECTED = Counter(
     "passbridge_rejected",
     "Requests (and NDJSON lines) the producer refused, by reason (the problem type, e.g. unauthorized, "
-    "validation-failed, unavailable).",
+    "validation, unavailable).",
     ["reason"],
 )
 DELIVERED = Counter(
