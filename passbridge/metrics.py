@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import os
 import threading
 import time
@@ -317,6 +318,18 @@ RECORDER = Recorder()
 # --- hooks: one call where the thing happens -------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=16_384)
+def _counter(metric: Counter, *labels: str) -> Counter:
+    # prometheus-client validates and locks on every labels() call (~3 µs); the children never change.
+    return metric.labels(*labels)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _histogram(metric: Histogram, *labels: str) -> Histogram:
+    return metric.labels(*labels)
+
+
+
 def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequence[bool]) -> None:
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
     fresh: Tally[str] = Tally()
@@ -330,9 +343,9 @@ def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequ
         else:
             dups[event.source] += 1
     for source, n in fresh.items():
-        INGESTED.labels(account_id, source).inc(n)
+        _counter(INGESTED, account_id, source).inc(n)
     for source, n in dups.items():
-        DUPLICATES.labels(account_id, source).inc(n)
+        _counter(DUPLICATES, account_id, source).inc(n)
     RECORDER.count(account_id, "in", fresh.total())
     RECORDER.count(account_id, "dup", dups.total())
 
@@ -340,24 +353,24 @@ def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequ
 def rejected(reason: str, n: int = 1) -> None:
     """The producer refused a request (or ``n`` NDJSON lines) for ``reason``."""
     if n > 0:
-        REJECTED.labels(reason).inc(n)
+        _counter(REJECTED, reason).inc(n)
 
 
 def klaviyo_response(account_id: str, endpoint: str, status: int) -> None:
     """Klaviyo answered a request with ``status``."""
-    KLAVIYO_REQUESTS.labels(account_id, endpoint, str(status)).inc()
+    _counter(KLAVIYO_REQUESTS, account_id, endpoint, str(status)).inc()
     RECORDER.count(account_id, "req")
     if status == 429:
-        KLAVIYO_THROTTLED.labels(account_id, endpoint).inc()
+        _counter(KLAVIYO_THROTTLED, account_id, endpoint).inc()
         RECORDER.count(account_id, "429")
 
 
 def events_written(account_id: str, members: Sequence[bytes], *, now_s: float | None = None) -> None:
     """The engine settled ``members`` (mailbox entries) as accepted by Klaviyo; observes their latency."""
     now = time.time() if now_s is None else now_s
-    DELIVERED.labels(account_id).inc(len(members))
+    _counter(DELIVERED, account_id).inc(len(members))
     RECORDER.count(account_id, "out", len(members), at_s=now)
-    histogram = LATENCY.labels(account_id)
+    histogram = _histogram(LATENCY, account_id)
     for member in members:
         received = _received_s(member)
         if received is not None:
@@ -366,13 +379,13 @@ def events_written(account_id: str, members: Sequence[bytes], *, now_s: float | 
 
 def event_dead_lettered(account_id: str) -> None:
     """The engine moved an event to the DLQ."""
-    DEAD_LETTERED.labels(account_id).inc()
+    _counter(DEAD_LETTERED, account_id).inc()
     RECORDER.count(account_id, "dead")
 
 
 def retry_scheduled(account_id: str, kind: str) -> None:
     """The engine parked a serial to try its failed head event again."""
-    RETRIES.labels(account_id, kind).inc()
+    _counter(RETRIES, account_id, kind).inc()
     RECORDER.count(account_id, "retry")
 
 
