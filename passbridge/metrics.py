@@ -329,7 +329,6 @@ def _histogram(metric: Histogram, *labels: str) -> Histogram:
     return metric.labels(*labels)
 
 
-
 def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequence[bool]) -> None:
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
     fresh: Tally[str] = Tally()

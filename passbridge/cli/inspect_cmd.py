@@ -11,6 +11,7 @@ from typing import Any, TypeVar
 import orjson
 import typer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.table import Table
 
 from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
@@ -22,14 +23,30 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 
 def _query(fn: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run ``fn`` against the configured Redis (never starting the embedded one); a clear error if unreachable."""
+    url = redis_url(settings(), start=False)
+
     async def go() -> T:
-        redis = Redis.from_url(redis_url(settings(), start=False))
+        redis = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
         try:
             return await fn(redis)
         finally:
             await redis.aclose()
 
-    return run(go())
+    try:
+        return run(go())
+    except (RedisError, OSError) as exc:
+        fail(f"cannot read the queue from Redis at {_redacted(url)}: {exc}")
+
+
+def _redacted(url: str) -> str:
+    """``url`` without a password (``redis://:secret@host`` → ``redis://:***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
 
 
 def _age(seconds: float) -> str:
@@ -134,10 +151,13 @@ def serial(
     """One pass: its pending events in order, applied state, lease holder, attempts and timeline."""
     detail = _query(lambda r: inspect.serial_detail(r, account, serial_number))
     doc = detail.to_doc()
+    unknown = not detail.pending_total and not detail.timeline and detail.applied is None
     if as_json:
         emit_json(doc)
+        if unknown:
+            raise typer.Exit(1)
         return
-    if not detail.pending_total and not detail.timeline and detail.applied is None:
+    if unknown:
         fail(f"nothing known about serial {serial_number!r} of account {account!r}")
     line = f"[bold]{serial_number}[/] of {account}: {doc['status']}"
     if detail.lease is not None:

@@ -7,7 +7,7 @@
 |          | processes answered some                                                 |                              |
 | globex   | Klaviyo rejects profile writes (400) while G1 is sent; then G2 is fine  | G1 in the DLQ                |
 | initech  | registered as paused ("billing hold")                                   | 2 events queued, paused      |
-| hooli    | Klaviyo answers 503 to create_event; retry delays up to an hour         | H1 parked, next attempt late |
+| hooli    | Klaviyo answers 503 to create_event; retry delays up to 30 days         | H1 parked, next attempt late |
 | umbrella | Klaviyo answers 429 to create_event for a moment                        | delivered after the 429s     |
 """
 
@@ -59,6 +59,8 @@ class Known:
     #: Requests refused for a wrong ingest token.
     unauthorized: int = 0
     built_at: float = 0.0
+    #: Every answer of the sandbox: operation → status → count (provisioning included).
+    answered: dict[str, dict[str, int]] = field(default_factory=dict)
 
 
 def _retry_record(r: redis_sync.Redis, account_id: str, event_id: str) -> dict[str, Any] | None:
@@ -70,7 +72,9 @@ def build(stack: Stack) -> Known:
     """Run the scenario of the module docstring; returns once every account is in its final state."""
     for account_id in ("acme", "globex", "umbrella"):
         stack.add_account(account_id)
-    stack.add_account("hooli", retry_policy={"base_delay_s": 3600, "max_delay_s": 3600})
+    # Full-jitter delays drawn from [0, 30 days): parked for less than PARKED_AT_LEAST_S once in ~9,000 runs.
+    month = 30 * 86_400
+    stack.add_account("hooli", retry_policy={"base_delay_s": month, "max_delay_s": month})
     stack.add_account("initech", state=AccountState.paused, state_reason="billing hold")
     stack.start_producer(processes=2)
     stack.start_worker()
@@ -117,8 +121,7 @@ def build(stack: Stack) -> Known:
             score = r.zscore(keys.ready, "H1")
             return score is not None and score > (time.time() + PARKED_AT_LEAST_S) * 1000
 
-        # Full jitter can draw a short delay; the fault stays on until a draw parks the serial for long.
-        wait_until(parked_long, 60, "hooli's serial parked for a long time")
+        wait_until(parked_long, 30, "hooli's serial parked for a long time")
         sandbox.clear_faults()
 
         sandbox.set_faults(error_rates={429: 1.0}, operations=["create_event"])
@@ -130,10 +133,11 @@ def build(stack: Stack) -> Known:
         )
         sandbox.clear_faults()
         wait_until(lambda: stack.drained("umbrella"), 30, "umbrella delivered")
-        counts = sandbox.requests(limit=0)["counts"].get("create_event", {})
+        counts = sandbox.requests(limit=0)["counts"]
         # Every process flushes its activity counts every 2 s.
         time.sleep(2.5)
-        return Known(stack, {str(k): int(v) for k, v in counts.items()}, unauthorized, time.time())
+        answered = {op: {str(k): int(v) for k, v in c.items()} for op, c in counts.items()}
+        return Known(stack, answered.get("create_event", {}), unauthorized, time.time(), answered)
     except Exception:
         print(stack.logs())
         raise

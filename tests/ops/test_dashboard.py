@@ -161,7 +161,7 @@ def test_bulk_actions_need_csrf_and_confirmation(known: Known) -> None:
     assert known.stack.dlq_size("globex") == 1  # nothing was replayed without the confirmation
 
 
-def test_static_files_and_disabled_dashboard(known: Known) -> None:
+def test_static_files_and_disabled_dashboard(known: Known, redis_url: str) -> None:
     base = known.stack.producer_url
     js = httpx.get(f"{base}/dashboard/static/dashboard.js", timeout=10)
     assert js.status_code == 200
@@ -170,8 +170,9 @@ def test_static_files_and_disabled_dashboard(known: Known) -> None:
 
     from producer.app import create_app
 
-    settings = known.stack.settings().model_copy(update={"admin_token": None})
-    server = serve(create_app(settings, known.stack.redis_url))
+    # Served from this process on the session Redis: its flusher must not touch the scenario's Redis.
+    settings = known.stack.settings().model_copy(update={"admin_token": None, "redis_url": redis_url})
+    server = serve(create_app(settings, redis_url))
     try:
         r = httpx.get(f"{server.url}/dashboard", headers={"authorization": "Bearer anything"}, timeout=10)
         assert r.status_code == 404
