@@ -512,8 +512,8 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
 async def serial_of(redis: Redis, account_id: str, event_id: str, dedup_window_s: int) -> str | None:
     """The serial of an event id from the producer's dedup index (event id → serial, kept for the window).
 
-    Reads the buckets covering ``dedup_window_s`` directly; falls back to scanning the account's buckets
-    (slow on a large Redis) when the window setting differs from the producer's.
+    Reads exactly the buckets covering ``dedup_window_s`` (``PASSBRIDGE_DEDUP_TTL_S``, the producer's setting):
+    a handful of ``HGET``s, never a keyspace scan, however large Redis is.
     """
     keys = account_keys(account_id)
     width = dedup_bucket_width(dedup_window_s)
@@ -523,9 +523,7 @@ async def serial_of(redis: Redis, account_id: str, event_id: str, dedup_window_s
         for b in buckets:
             pipe.hget(f"{keys.dedup_prefix}{b}", event_id)
         found = [s for s in await pipe.execute() if s is not None]
-    if found:
-        return str(found[0].decode())
-    return await history.serial_of(redis, account_id, event_id)
+    return str(found[0].decode()) if found else None
 
 
 @dataclass(slots=True)
