@@ -131,7 +131,10 @@ Handler = Callable[[Page], Awaitable[Response]]
 
 def _login_page(request: Request, *, status: int, error: str = "", next_url: str = "/dashboard") -> Response:
     html = ENV.get_template("login.html").render(error=error, next_url=next_url)
-    return HTMLResponse(html, status_code=status, headers=SECURITY_HEADERS)
+    headers = dict(SECURITY_HEADERS)
+    if status == 401:
+        headers["WWW-Authenticate"] = 'Bearer realm="passbridge dashboard"'
+    return HTMLResponse(html, status_code=status, headers=headers)
 
 
 def _token(request: Request) -> str | None:
@@ -158,7 +161,11 @@ def protected(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return _disabled()
         if not (auth.bearer_ok(request, token) or auth.cookie_ok(request, token)):
             if request.headers.get("x-dashboard-fragment"):
-                return Response("session expired", status_code=401, headers=SECURITY_HEADERS)
+                return Response(
+                    "session expired",
+                    status_code=401,
+                    headers={**SECURITY_HEADERS, "WWW-Authenticate": 'Bearer realm="passbridge dashboard"'},
+                )
             target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
             return _login_page(
                 request, status=401, next_url=target if request.method == "GET" else "/dashboard"

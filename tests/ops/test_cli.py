@@ -3,6 +3,7 @@ worker; see ``scenario.py``)."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterator
 from typing import Any
 
@@ -24,11 +25,20 @@ def cli(known: Known, monkeypatch: pytest.MonkeyPatch) -> Iterator[Known]:
         if key.startswith("PASSBRIDGE_") or key == "REDIS_URL":
             monkeypatch.setenv(key, value)
     monkeypatch.setenv("PASSBRIDGE_LOG_FORMAT", "console")
+    # The commands would configure structlog to cache loggers bound to CliRunner's stream, which is closed
+    # after each invocation; later tests in this process would then log into a closed file.
+    monkeypatch.setattr("passbridge.cli.common.configure_logging", _log_to_real_stderr)
     get_settings.cache_clear()
     structlog.reset_defaults()
     yield known
     get_settings.cache_clear()
     structlog.reset_defaults()
+
+
+def _log_to_real_stderr(*_: object, **__: object) -> None:
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__), cache_logger_on_first_use=False
+    )
 
 
 def invoke(*args: str) -> tuple[int, str]:

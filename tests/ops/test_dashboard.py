@@ -53,6 +53,7 @@ def test_no_token_no_dashboard(known: Known) -> None:
     base = known.stack.producer_url
     r = httpx.get(f"{base}/dashboard", timeout=10)
     assert r.status_code == 401
+    assert r.headers["www-authenticate"].startswith("Bearer")
     assert 'name="token"' in r.text  # the login form
     r = httpx.get(f"{base}/dashboard", headers={"authorization": "Bearer wrong"}, timeout=10)
     assert r.status_code == 401
