@@ -33,10 +33,10 @@ def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
 
 
 class _CurrentStderr:
-    """Writes to whatever ``sys.stderr`` is when a line is logged, not when logging was configured.
+    """Writes to whatever ``sys.stderr`` is at the time of the write.
 
-    Loggers are cached on first use; bound to the stream object of that moment, they would keep writing to it
-    after it was replaced and closed (a test runner's capture, typer's CliRunner), failing every later log call.
+    Loggers are cached on first use; bound to the stream object of configure time they would keep writing to it
+    after it was replaced and closed (a test runner's capture, a CLI runner), which raises on every log line.
     """
 
     def write(self, text: str) -> int:

@@ -270,6 +270,10 @@ class Engine:
             except RedisError as exc:
                 log.warning("claim_failed", worker=self.worker_id, error=str(exc))
                 await asyncio.sleep(0.5)
+            except Exception:
+                # A bug must not silently stop this process from claiming: log it and go on.
+                log.exception("claim_loop_error", worker=self.worker_id)
+                await asyncio.sleep(1.0)
 
     async def _idle_wait(self) -> None:
         """Sleep until the producer notifies, or the next scheduled account comes due (at most idle_wait_s)."""
@@ -574,7 +578,7 @@ class Engine:
             for account_id, works in by_account.items():
                 try:
                     flags = await self.queue.renew(account_id, [w.lease for w in works])
-                except RedisError as exc:
+                except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
                     log.warning("renew_failed", account=account_id, error=str(exc))
                     continue
                 for work, ok in zip(works, flags, strict=True):

@@ -131,6 +131,24 @@ class TestOrderAndParallelism:
         await assert_clean(redis, "acme")
 
 
+class TestFairness:
+    """One account's backlog does not hold another account's events back."""
+
+    async def test_small_account_is_served_while_a_big_backlog_drains(
+        self, redis: Redis, store: AccountStore, engines: EngineFactory
+    ) -> None:
+        for a in ("big", "small"):
+            await make_account(redis, store.cipher, a)
+        await put(redis, *(pass_event("big", f"B{i}", n) for i in range(200) for n in range(2)))
+        syncer = ScriptedSyncer(delay_s=0.01)
+        await engines(syncer, max_serials=8, claim_batch=8)
+        await async_wait_for(lambda: _written_total(syncer, "big", 16), timeout=10)
+        await put(redis, *(pass_event("small", f"S{i}", 0) for i in range(3)))
+        await async_wait_for(lambda: drained(redis, "small"), timeout=10)
+        # The small account's 3 events went through while most of the big backlog was still queued.
+        assert int(await redis.get(account_keys("big").depth)) > 200
+
+
 class TestFailures:
     """Retries, 429s, the DLQ and auth pauses."""
 
@@ -341,6 +359,10 @@ class TestLeases:
         assert await redis.zrange(keys.ready, 0, -1) == [b"S1"]
         info = await redis.hgetall("pb:workers:info")
         assert engine.worker_id.encode() not in info
+
+
+async def _written_total(syncer: ScriptedSyncer, account: str, n: int) -> bool:
+    return sum(len(v) for k, v in syncer.written.items() if k[0] == account) >= n
 
 
 async def _paused(redis: Redis, account: str) -> bool:
