@@ -66,6 +66,10 @@ class Settings(BaseSettings):
     #: How often the sweep checks a paused account's credentials (resuming it when they work again).
     pause_probe_interval_s: float = 60.0
 
+    # Operations (README "Operations"): each worker's Prometheus endpoint (unset = none) and its bind address.
+    worker_metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
     # Secrets at rest
     secret_key: SecretStr | None = None
 

@@ -12,15 +12,18 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import AccountStore
 from passbridge.accounts_file import apply_accounts_file
 from passbridge.crypto import cipher_from_settings
 from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
+from producer import dashboard
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
 from producer.routes import apple, events, google, health, oauth, webhooks
+from producer.routes.metrics import get_metrics
 
 log = structlog.get_logger(__name__)
 
@@ -54,10 +57,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
         # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
         gc.freeze()
+        flusher = metrics.start_flusher(redis)
         try:
             yield
         finally:
             await publisher.close()
+            await metrics.stop_flusher(flusher, redis)
             await redis.aclose()
 
     app = FastAPI(
@@ -66,6 +71,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> Response:
+        metrics.rejected(exc.kind)
         return exc.response(request.url.path)
 
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
@@ -78,6 +84,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
     _apple_routes(app)
     app.add_api_route("/google/{account_id}/callback", google.post_callback, methods=["POST"])
+    app.add_api_route("/metrics", get_metrics, methods=["GET"], include_in_schema=False)
+    dashboard.mount(app)
     return app
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 from redis.asyncio import Redis
 
+from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.queue import DEFAULT_HISTORY_RETENTION_S, enqueue
 
@@ -124,6 +125,7 @@ class Publisher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        metrics.events_ingested(account_id, events, result.accepted)
         offset = 0
         for p in chunk:
             n = len(p.events)

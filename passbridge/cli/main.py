@@ -11,6 +11,7 @@ from passbridge.cli import (
     dlq_cmd,
     engine_cmd,
     ingest_cmd,
+    inspect_cmd,
     klaviyo_cmd,
     producer_cmd,
     redis_cmd,
@@ -37,6 +38,10 @@ app.add_typer(dlq_cmd.app, name="dlq")
 app.add_typer(engine_cmd.app, name="engine")
 app.command("demo")(demo_cmd.demo)
 app.command("up")(up_cmd.up)
+app.command("status")(inspect_cmd.status)
+app.command("serial")(inspect_cmd.serial)
+app.command("event")(inspect_cmd.event)
+app.command("report")(inspect_cmd.report)
 
 
 def main() -> None:

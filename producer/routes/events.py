@@ -12,6 +12,7 @@ from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
 from passbridge.queue import count_skipped
@@ -254,6 +255,7 @@ async def post_ndjson(request: Request) -> Response:
     finally:
         if in_flight is not None and not in_flight.done():
             in_flight.cancel()
+    metrics.rejected("invalid-line", len(tally.rejected))
     log.info(
         "ndjson ingested",
         account_id=account.account_id,
