@@ -34,8 +34,6 @@ class Settings(BaseSettings):
     backlog_high_water: int = 1_000_000
     retry_after_s: int = 5
     default_phone_region: str = "US"
-    default_pass_url_template: str = "https://passninja.com/p/{serial_number}"
-    webhook_tolerance_s: int = 300
     admin_token: SecretStr | None = None
 
     # Klaviyo
