@@ -10,7 +10,7 @@ from passbridge.cli.common import console, emit_json, settings
 
 
 def demo(
-    passes: int = typer.Option(5000, help="Passes to play (about four accepted events each)."),
+    passes: int = typer.Option(3000, help="Passes to play (about four accepted events each)."),
     accounts: int = typer.Option(3, help="Merchant accounts."),
     rate_scale: float = typer.Option(20.0, help="Klaviyo's rate-limit clock runs this many times faster."),
     workers: int = typer.Option(2, help="Worker processes."),

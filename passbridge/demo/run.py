@@ -38,7 +38,7 @@ from producer.sources.google_sign import GoogleSigner
 class DemoOptions:
     """Size and shape of the demo run."""
 
-    passes: int = 5000
+    passes: int = 3000
     accounts: int = 3
     rate_scale: float = 20.0
     workers: int = 2
