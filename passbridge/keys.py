@@ -122,6 +122,12 @@ class AccountKeys:
         return f"{self.base}:paused"
 
     @property
+    def deferred(self) -> str:
+        """String with a TTL: while it exists the engine claims none of the account's serials (an endpoint
+        every event needs is out of Klaviyo budget; claiming serials only to park them would churn)."""
+        return f"{self.base}:defer"
+
+    @property
     def pause_log(self) -> str:
         """List of closed pause intervals ``"<start_ms>:<end_ms>"`` (newest last), for max-age accounting."""
         return f"{self.base}:pauses"

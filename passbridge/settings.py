@@ -52,6 +52,9 @@ class Settings(BaseSettings):
     worker_grace_s: float = 8.0
     #: Most serials one claim hands out, and most per account per claim.
     worker_claim_batch: int = 32
+    #: Fair share: slots of a worker kept free for accounts holding fewer than this many serials there
+    #: (unset: an eighth of ``worker_max_jobs``). One account's backlog never fills a worker.
+    worker_fair_reserve: int | None = None
     #: Most events a serial is worked on under one lease before it goes to the back of the line.
     worker_events_per_lease: int = 200
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.

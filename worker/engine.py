@@ -81,6 +81,13 @@ class EngineConfig:
 
     max_serials: int = 64
     claim_batch: int = 32
+    #: Free slots kept for accounts holding fewer than this many serials in the process (fair share: one
+    #: account's backlog cannot fill every slot; see ``claim.lua``). ``None``: an eighth of max_serials.
+    fair_reserve: int | None = None
+    #: How soon a worker whose only due work was held back by the reserve looks again (seconds).
+    capped_recheck_s: float = 0.05
+    #: A throttled serial whose wait is at least this long defers its whole account (no claims meanwhile).
+    defer_min_ms: int = 50
     lease_ms: int = 10_000
     events_per_lease: int = 200
     history_retention_ms: int = 7 * 86_400_000
@@ -104,6 +111,8 @@ class SerialWork:
     state: PassState | None
     lost: bool = False
     released: bool = False
+    #: A release is on its way to Redis: a renewal answering "not held" meanwhile is that release, not a loss.
+    releasing: bool = False
     done_events: int = 0
 
 
@@ -168,6 +177,7 @@ class Engine:
         )
         self.stats: Counter[str] = Counter()
         self._held: dict[str, SerialWork] = {}
+        self._held_per_account: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
         self._slot_freed = asyncio.Event()
         self._stopping = False
@@ -228,7 +238,7 @@ class Engine:
             if not work.released and not work.lost:
                 with contextlib.suppress(RedisError):
                     await self.queue.release(work.lease)
-            self._held.pop(work.lease.token, None)
+            self._forget(work)
         for task in self._loops[1:]:
             task.cancel()
         await asyncio.gather(*self._loops[1:], return_exceptions=True)
@@ -250,7 +260,11 @@ class Engine:
                 continue
             try:
                 claimed = await self.queue.claim(
-                    min(free, self.config.claim_batch), per_account=self.config.claim_batch
+                    min(free, self.config.claim_batch),
+                    per_account=self.config.claim_batch,
+                    reserve=self.reserve,
+                    free=free,
+                    held=self._held_by_account(),
                 )
                 if claimed.taken_over:
                     self.stats["taken_over"] += claimed.taken_over
@@ -259,7 +273,7 @@ class Engine:
                 if claimed.leases:
                     await self._launch(claimed.leases)
                     continue
-                self._idle = asyncio.ensure_future(self._idle_wait())
+                self._idle = asyncio.ensure_future(self._idle_wait(capped=claimed.capped))
                 try:
                     await self._idle
                 except asyncio.CancelledError:
@@ -275,10 +289,24 @@ class Engine:
                 log.exception("claim_loop_error", worker=self.worker_id)
                 await asyncio.sleep(1.0)
 
-    async def _idle_wait(self) -> None:
-        """Sleep until the producer notifies, or the next scheduled account comes due (at most idle_wait_s)."""
-        timeout = self.config.idle_wait_s
-        head = await self.redis.zrange(ACTIVE_ACCOUNTS, 0, 0, withscores=True)
+    @property
+    def reserve(self) -> int:
+        """Slots kept free for accounts holding few serials here (``EngineConfig.fair_reserve``)."""
+        if self.config.fair_reserve is not None:
+            return self.config.fair_reserve
+        return max(1, self.config.max_serials // 8)
+
+    def _held_by_account(self) -> dict[str, int]:
+        return {a: n for a, n in self._held_per_account.items() if n > 0}
+
+    async def _idle_wait(self, *, capped: bool = False) -> None:
+        """Sleep until the producer notifies, or the next scheduled account comes due (at most idle_wait_s).
+
+        ``capped``: due work exists but the fair-share reserve held it back; look again soon (a slot of that
+        account frees up as its serials finish) while still waking at once for another account's events.
+        """
+        timeout = self.config.capped_recheck_s if capped else self.config.idle_wait_s
+        head = None if capped else await self.redis.zrange(ACTIVE_ACCOUNTS, 0, 0, withscores=True)
         if head:
             timeout = min(timeout, max(0.01, (float(head[0][1]) - time.time() * 1000) / 1000))
         if self.blocking_redis is not None:
@@ -291,6 +319,7 @@ class Engine:
         works = [SerialWork(lease, [], None) for lease in leases]
         for work in works:
             self._held[work.lease.token] = work
+            self._held_per_account[work.lease.account_id] += 1
         try:
             snapshots = await self.queue.snapshot(leases)
         except RedisError:
@@ -357,6 +386,10 @@ class Engine:
 
     def _forget(self, work: SerialWork) -> None:
         if self._held.pop(work.lease.token, None) is not None:
+            account_id = work.lease.account_id
+            self._held_per_account[account_id] -= 1
+            if self._held_per_account[account_id] <= 0:
+                del self._held_per_account[account_id]
             self._slot_freed.set()
 
     async def _account(self, account_id: str, *, fresh: bool = False) -> Account | None:
@@ -450,6 +483,7 @@ class Engine:
         if isinstance(decision, Wait):
             record.add(failure, at_ms=now, worker_id=self.worker_id, counted=False)
             self.stats["throttled"] += 1
+            await self.defer_account(account_id, decision.delay_s)
             log.info("event_throttled", wait_s=decision.delay_s, **log_kw)
             hist = entry(
                 HistoryKind.throttled,
@@ -515,6 +549,17 @@ class Engine:
         work.done_events += 1
         return True
 
+    async def defer_account(self, account_id: str, seconds: float) -> None:
+        """Claim none of the account's serials for ``seconds`` (its Klaviyo budget is spent until then).
+
+        Without this every freed slot would claim another serial of the account only to park it again: the
+        backlog would churn through claims and fill every serial's history with "throttled".
+        """
+        ms = int(seconds * 1000)
+        if ms >= self.config.defer_min_ms:
+            with contextlib.suppress(RedisError):
+                await self.redis.set(account_keys(account_id).deferred, b"1", px=ms)
+
     async def release(
         self,
         work: SerialWork,
@@ -527,6 +572,7 @@ class Engine:
         if work.released or work.lost:
             return
         retry = (record[0], orjson.dumps(record[1].to_doc())) if record is not None else None
+        work.releasing = True
         ok = await self.queue.release(work.lease, delay_ms=delay_ms, retry=retry, history=history)
         work.released = True
         if not ok:
@@ -583,7 +629,7 @@ class Engine:
                     continue
                 for work, ok in zip(works, flags, strict=True):
                     # A serial released meanwhile has no token any more; that is not a lost lease.
-                    if not ok and not work.released:
+                    if not ok and not work.released and not work.releasing:
                         self._lost(work)
 
     async def _heartbeat_loop(self) -> None:

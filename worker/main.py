@@ -49,6 +49,7 @@ def engine_config(settings: Settings) -> EngineConfig:
     return EngineConfig(
         max_serials=settings.worker_max_jobs,
         claim_batch=settings.worker_claim_batch,
+        fair_reserve=settings.worker_fair_reserve,
         lease_ms=int(settings.worker_lease_ttl_s * 1000),
         events_per_lease=settings.worker_events_per_lease,
         history_retention_ms=settings.history_retention_s * 1000,

@@ -7,7 +7,7 @@ the old holder can neither commit nor release, and its writes are refused withou
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
@@ -39,6 +39,8 @@ class Claimed:
 
     leases: list[Lease]
     taken_over: int
+    #: Some due account got fewer serials than it asked for because of the fair-share reserve.
+    capped: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -85,9 +87,23 @@ class WorkQueue:
         self.scripts = Scripts(redis)
 
     async def claim(
-        self, max_serials: int, *, per_account: int | None = None, scan_accounts: int = 64
+        self,
+        max_serials: int,
+        *,
+        per_account: int | None = None,
+        scan_accounts: int = 64,
+        reserve: int = 0,
+        free: int | None = None,
+        held: Mapping[str, int] | None = None,
     ) -> Claimed:
-        """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts."""
+        """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts.
+
+        With ``reserve`` R > 0, of the worker's ``free`` slots the last R are kept for accounts holding fewer
+        than R serials (``held``: account → serials this worker holds): see ``claim.lua``.
+        """
+        held_args: list[str | int] = []
+        for account_id, n in (held or {}).items():
+            held_args += [account_id, n]
         raw = await self.scripts.claim(
             args=[
                 ACCOUNT_BASE_PREFIX,
@@ -99,13 +115,16 @@ class WorkQueue:
                 per_account or max_serials,
                 scan_accounts,
                 1000,
+                reserve,
+                max_serials if free is None else free,
+                *held_args,
             ]
         )
         taken_over = int(raw[0])
         leases = [
-            Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(1, len(raw), 3)
+            Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in range(2, len(raw), 3)
         ]
-        return Claimed(leases, taken_over)
+        return Claimed(leases, taken_over, capped=bool(int(raw[1])))
 
     async def snapshot(self, leases: Sequence[Lease]) -> list[SerialSnapshot]:
         """For each lease (one round trip for all): the mailbox's first entries and the stored state."""

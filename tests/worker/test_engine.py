@@ -238,6 +238,27 @@ class TestFailures:
         assert kinds == ["ingested", "throttled", "throttled", "throttled", "written"]
         await assert_clean(redis, "acme")
 
+    async def test_a_long_429_defers_the_account_instead_of_parking_every_serial(
+        self, redis: Redis, store: AccountStore, engines: EngineFactory
+    ) -> None:
+        await make_account(redis, store.cipher, "acme")
+        await make_account(redis, store.cipher, "globex")
+        throttle = {f"acme-S{i}-0": [ThrottledError(0.6, "create_event")] for i in range(40)}
+        syncer = ScriptedSyncer(failures=throttle)
+        await put(redis, *(pass_event("acme", f"S{i}", 0) for i in range(40)))
+        await engines(syncer, max_serials=8, claim_batch=4)
+        await asyncio.sleep(0.3)
+        # Only the serials claimed before the first 429 came back were tried and parked; the rest wait in
+        # `ready` untouched (no claim, no "throttled" history) while the account's budget is spent ...
+        tried = [e for e, n in syncer.attempts.items() if n]
+        assert 1 <= len(tried) <= 8
+        assert await redis.pttl(account_keys("acme").deferred) > 0
+        # ... and another account is not held up by it.
+        await put(redis, pass_event("globex", "G1", 0))
+        await async_wait_for(lambda: _written(syncer, "globex", "G1", 1), timeout=2)
+        await async_wait_for(lambda: drained(redis, "acme", "globex"), timeout=10)
+        assert sum(len(v) for v in syncer.written.values()) == 41
+
     async def test_failing_serial_blocks_only_itself(
         self, redis: Redis, store: AccountStore, engines: EngineFactory
     ) -> None:

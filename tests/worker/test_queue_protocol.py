@@ -306,6 +306,53 @@ class TestFairness:
         got = await wq(redis).claim(20, per_account=5)
         assert len(got.leases) == 5
 
+    async def test_reserve_keeps_slots_for_an_account_holding_few(self, redis: Redis) -> None:
+        await put(redis, *(pass_event("big", f"B{i}", 1) for i in range(100)))
+        q = wq(redis)
+        # A worker with 16 free slots and a reserve of 4: the backlog alone fills 12 of them.
+        first = await q.claim(16, reserve=4, free=16)
+        assert len(first.leases) == 12
+        assert first.capped
+        # Holding 12, with 4 free: nothing more for "big" ...
+        again = await q.claim(4, reserve=4, free=4, held={"big": 12})
+        assert again.leases == []
+        assert again.capped
+        # ... while a newcomer may use the reserve at once.
+        await put(redis, *(pass_event("small", f"S{i}", 1) for i in range(2)))
+        got = await q.claim(4, reserve=4, free=4, held={"big": 12})
+        assert Counter(lease.account_id for lease in got.leases) == {"small": 2}
+
+    async def test_an_account_holding_few_may_grow_to_the_reserve(self, redis: Redis) -> None:
+        await put(redis, *(pass_event("a", f"S{i}", 1) for i in range(10)))
+        got = await wq(redis).claim(8, reserve=4, free=5, held={"a": 1, "b": 50})
+        # max(4 - 1, 5 - 4) = 3.
+        assert len(got.leases) == 3
+
+    async def test_no_reserve_is_the_plain_claim(self, redis: Redis) -> None:
+        await put(redis, *(pass_event("a", f"S{i}", 1) for i in range(10)))
+        got = await wq(redis).claim(10, reserve=0, free=10, held={"a": 50})
+        assert len(got.leases) == 10
+        assert not got.capped
+
+
+class TestDefer:
+    """An account out of Klaviyo budget is not claimed until the budget returns."""
+
+    async def test_deferred_account_is_rescheduled_and_claimed_after(self, redis: Redis) -> None:
+        await put(redis, pass_event("a", "S1", 1), pass_event("b", "S1", 1))
+        keys = account_keys("a")
+        await redis.set(keys.deferred, b"1", px=300)
+        q = wq(redis)
+        assert [lease.account_id for lease in (await q.claim(10)).leases] == ["b"]
+        # Not due before the deferral ends, even after a fresh enqueue made it due.
+        score = await redis.zscore(ACTIVE_ACCOUNTS, "a")
+        assert score is not None
+        assert score > time.time() * 1000 + 100
+        await put(redis, pass_event("a", "S2", 1))
+        assert (await q.claim(10)).leases == []
+        await asyncio.sleep(0.35)
+        assert sorted(lease.serial for lease in (await q.claim(10)).leases) == ["S1", "S2"]
+
 
 class TestPause:
     """A paused account is not claimed until it is resumed."""

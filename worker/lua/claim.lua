@@ -4,21 +4,34 @@
 -- ARGV[4] worker id                       ARGV[5] lease ms                  ARGV[6] max serials in total
 -- ARGV[7] max serials per account         ARGV[8] max accounts to visit     ARGV[9] max expired leases taken
 --                                                                                   over per account
+-- ARGV[10] reserve R (0 = none)           ARGV[11] the worker's free slots F
+-- ARGV[12..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
 -- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
 -- to `ready`, the token is deleted so the old holder can no longer commit), then gives at most an equal
 -- share of what is left of N. Its score then becomes its next due time: "now" if it still has due serials
 -- (the back of the rotation), else its earliest not-before or lease expiry; an account with neither
 -- leaves `active` (the next enqueue puts it back). A paused account leaves `active` until it is resumed.
+-- A deferred account (`:defer` exists: its Klaviyo budget is spent) is rescheduled for when the key expires.
 --
--- Returns {taken_over, account1, serial1, token1, account2, ...}.
+-- Fair share inside one worker: the last R of its F free slots are a reserve no single account may fill
+-- beyond R serials of its own. An account may take max(R - held, free left - R) serials: up to R for
+-- itself out of the reserve, more only while more than R slots stay free. So one account's backlog never
+-- takes every slot of every worker, and another account's fresh event finds a free slot at once instead
+-- of waiting for the backlog's serials to finish. A due account that got nothing because of this keeps its
+-- place and is reported, so the worker re-checks soon instead of sleeping.
+--
+-- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease_ms, max_n = tonumber(ARGV[5]), tonumber(ARGV[6])
 local per_account, scan, max_takeover = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
+local reserve, free = tonumber(ARGV[10] or '0'), tonumber(ARGV[11] or ARGV[6])
+local held = {}
+for i = 12, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
 local accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now, 'LIMIT', 0, scan)
-local out = {0}
+local out = {0, 0}
 local got = 0
 local left = #accounts
 
@@ -27,8 +40,12 @@ for _, account in ipairs(accounts) do
   if got >= max_n then break end
   local base = prefix .. account
   local ready, leased, tokens = base .. ':ready', base .. ':leased', base .. ':tok'
+  local deferred = redis.call('PTTL', base .. ':defer')
   if redis.call('EXISTS', base .. ':paused') == 1 then
     redis.call('ZREM', active, account)
+  elseif deferred > 0 then
+    -- Out of Klaviyo budget: not due again before the budget returns (an enqueue may have made it due).
+    redis.call('ZADD', active, now + deferred, account)
   else
     local expired = redis.call('ZRANGEBYSCORE', leased, '-inf', now, 'LIMIT', 0, max_takeover)
     for _, serial in ipairs(expired) do
@@ -40,7 +57,15 @@ for _, account in ipairs(accounts) do
       out[1] = out[1] + 1
     end
     local take = math.min(per_account, math.ceil((max_n - got) / left))
-    local due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)
+    if reserve > 0 then
+      local allowance = math.max(reserve - (held[account] or 0), free - got - reserve)
+      if allowance < take then
+        take = math.max(0, allowance)
+        out[2] = 1
+      end
+    end
+    local due = {}
+    if take > 0 then due = redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take) end
     for _, serial in ipairs(due) do
       local token = worker .. '.' .. redis.call('INCR', seqkey)
       redis.call('ZREM', ready, serial)

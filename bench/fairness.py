@@ -1,0 +1,148 @@
+"""Fair share across accounts: does a huge backlog of account A delay account B's events?
+
+    python bench/fairness.py [--rate-scale 2] [--seconds 45] [--backlog 100000] [--serials 40000]
+
+Two ``passbridge worker`` processes (default settings) drain into the Klaviyo sandbox with Klaviyo's real rate
+tiers on a clock ``--rate-scale`` times faster (the same factor in ``passbridge sandbox --rate-scale`` and the
+workers' ``PASSBRIDGE_KLAVIYO_RATE_SCALE``). Account B receives 5 events/s (one event per enqueue, each a new
+serial) for ``--seconds``:
+
+1. with account A idle — B's ingest-to-Klaviyo latency alone;
+2. right after A's backlog of ``--backlog`` realistic events over ``--serials`` serials was enqueued, while the
+   workers drain it.
+
+Latency per event is read from its serial's history: the "ingested" entry (written by ``enqueue.lua`` in the
+same step as the mailbox entry) to the "written" entry (recorded right after Klaviyo's 2xx for the event's
+last write). Target: B's p99 during A's drain ≤ 2 × B's p99 with A idle. The last line of output is one JSON
+object with the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from redis.asyncio import Redis
+
+from bench.harness import (
+    Stack,
+    backlog,
+    cpu_s,
+    depth,
+    latencies_ms,
+    put,
+    setup_accounts,
+    summary,
+    trickle,
+)
+from passbridge.event import PassEvent
+from worker import history
+
+A, B = "acct-a", "acct-b"
+B_RATE = 5.0
+TARGET_RATIO = 2.0
+
+
+async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: int = 150) -> None:
+    """Print the history of B's events slower than ``over_ms`` (``--debug``)."""
+    for ev in events:
+        tl = await history.timeline(redis, B, ev.serial_number)
+        marks = {h.kind: h.at_ms for h in tl}
+        if marks.get("written", 0) - marks.get("ingested", 0) > over_ms:
+            print([(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl], file=sys.stderr)
+
+
+async def main(args: argparse.Namespace) -> dict[str, Any]:
+    workdir = Path(tempfile.mkdtemp(prefix="pb-fair-"))
+    env = {"PASSBRIDGE_WORKER_SYNC_MODE": args.sync_mode} if args.sync_mode else {}
+    stack = Stack(workdir, args.rate_scale, **env)
+    redis = Redis.from_url(stack.redis_url)
+    out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir)}
+    try:
+        await stack.start_sandbox([A, B])
+        await setup_accounts(stack, redis, [A, B])
+        print(f"building A's backlog ({args.backlog} events, {args.serials} serials) ...", file=sys.stderr)
+        a_events = backlog(A, args.backlog, args.serials)
+        workers = await stack.start_workers(redis, 2)
+        pids = [w.pid for w in workers]
+
+        print(f"phase 1: B at {B_RATE:g}/s for {args.seconds:g} s, A idle ...", file=sys.stderr)
+        b_idle = await trickle(redis, B, B_RATE, args.seconds, first_id=10_000_000, serial_base=10_000_000)
+        await asyncio.sleep(2)
+        idle = summary(await latencies_ms(redis, B, b_idle))
+        if args.debug:
+            await slow_timelines(redis, b_idle)
+        out["b_idle"] = idle
+        print(f"  {idle}", file=sys.stderr)
+
+        print("phase 2: enqueue A's backlog, then B while A drains ...", file=sys.stderr)
+        t0 = time.monotonic()
+        await put(redis, A, a_events)
+        out["a_enqueue_s"] = round(time.monotonic() - t0, 1)
+        a_depth0 = await depth(redis, A)
+        cpu0 = sum(cpu_s(p) for p in pids)
+        t1 = time.monotonic()
+        b_busy = await trickle(redis, B, B_RATE, args.seconds, first_id=20_000_000, serial_base=20_000_000)
+        elapsed = time.monotonic() - t1
+        a_done = a_depth0 - await depth(redis, A)
+        cpu = sum(cpu_s(p) for p in pids) - cpu0
+        await asyncio.sleep(2)
+        busy = summary(await latencies_ms(redis, B, b_busy))
+        if args.debug:
+            await slow_timelines(redis, b_busy)
+        out["b_busy"] = busy
+        out["a_drained_events"] = a_done
+        out["a_events_per_s"] = round(a_done / elapsed, 1)
+        out["a_events_per_s_unscaled"] = round(a_done / elapsed / args.rate_scale, 1)
+        out["workers_cpu_share"] = round(cpu / elapsed / 2, 2)
+        print(f"  {busy}; A drained {a_done} events ({out['a_events_per_s']}/s)", file=sys.stderr)
+    finally:
+        await redis.aclose()
+        stack.stop()
+    return out
+
+
+def report(out: dict[str, Any]) -> dict[str, Any]:
+    idle, busy = out["b_idle"]["p99_ms"], out["b_busy"]["p99_ms"]
+    ratio = busy / idle if idle else float("inf")
+    return {
+        "rate_scale": out["rate_scale"],
+        "b_p99_idle_ms": idle,
+        "b_p99_busy_ms": busy,
+        "b_p50_idle_ms": out["b_idle"]["p50_ms"],
+        "b_p50_busy_ms": out["b_busy"]["p50_ms"],
+        "b_events_idle": out["b_idle"]["n"],
+        "b_events_busy": out["b_busy"]["n"],
+        "a_events_per_s": out["a_events_per_s"],
+        "p99_ratio": round(ratio, 2),
+        "target_p99_ratio": TARGET_RATIO,
+        "ok": ratio <= TARGET_RATIO and out["b_busy"]["n"] >= int(B_RATE * 0.9 * 10),
+    }
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rate-scale", type=float, default=2.0)
+    parser.add_argument("--seconds", type=float, default=45.0)
+    parser.add_argument("--backlog", type=int, default=100_000)
+    parser.add_argument("--serials", type=int, default=40_000)
+    parser.add_argument("--debug", action="store_true", help="print the timelines of B's slow events")
+    parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
+    ns = parser.parse_args()
+    t0 = time.monotonic()
+    result = asyncio.run(main(ns))
+    figures = report(result)
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"details: {json.dumps(result)}")
+    print(f"total time: {time.monotonic() - t0:.0f} s")
+    print(json.dumps(figures))

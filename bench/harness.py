@@ -1,0 +1,312 @@
+"""Shared pieces of the rate-limited benchmarks (``bench/fairness.py``, ``bench/drain.py``).
+
+Everything runs on this machine as separate processes: an embedded Redis (AOF on, as in production), the
+Klaviyo sandbox with Klaviyo's real rate tiers on a clock ``rate_scale`` times faster (``passbridge sandbox
+--rate-scale``), and ``passbridge worker`` processes whose limiter runs on the same clock
+(``PASSBRIDGE_KLAVIYO_RATE_SCALE``). Events are enqueued through the producer's own ``enqueue.lua`` (the
+step the producer's routes end in), so "ingested" is the moment the event is durably queued.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import statistics
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from cryptography.fernet import Fernet, MultiFernet  # noqa: E402
+from redis.asyncio import Redis  # noqa: E402
+
+from passbridge.accounts import Account, AccountSecrets, AccountStore  # noqa: E402
+from passbridge.event import EventIn, PassEvent, build_event  # noqa: E402
+from passbridge.keys import account_keys  # noqa: E402
+from passbridge.queue import enqueue  # noqa: E402
+from passbridge.redis_server import free_port, start_redis  # noqa: E402
+from passbridge.settings import Settings  # noqa: E402
+from worker import history  # noqa: E402
+from worker.klaviyo.client import KlaviyoClient  # noqa: E402
+from worker.setup import provision  # noqa: E402
+
+BIN = Path(sys.executable).parent / "passbridge"
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def klaviyo_key(account_id: str) -> str:
+    """The sandbox private key of a bench account."""
+    return f"pk_bench_{account_id}"
+
+
+class Stack:
+    """Redis, the sandbox and worker processes of one benchmark run."""
+
+    def __init__(self, workdir: Path, rate_scale: float, **worker_env: str) -> None:
+        self.workdir = workdir
+        self.rate_scale = rate_scale
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+        self.redis_server = start_redis(workdir / "redis")
+        self.redis_url = self.redis_server.url
+        self.secret_key = Fernet.generate_key().decode()
+        self.sandbox_url = f"http://127.0.0.1:{free_port()}"
+        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_")}
+        self.env.update(
+            {
+                "REDIS_URL": self.redis_url,
+                "PASSBRIDGE_SECRET_KEY": self.secret_key,
+                "PASSBRIDGE_STATE_DIR": str(workdir / "state"),
+                "PASSBRIDGE_KLAVIYO_BASE_URL": self.sandbox_url,
+                "PASSBRIDGE_KLAVIYO_RATE_SCALE": f"{rate_scale:g}",
+                "PASSBRIDGE_LOG_LEVEL": "warning",
+                "PASSBRIDGE_LOG_FORMAT": "json",
+                **worker_env,
+            }
+        )
+
+    def account_store(self, redis: Redis) -> AccountStore:
+        """The registry on ``redis`` with this run's secret key."""
+        return AccountStore(redis, MultiFernet([Fernet(self.secret_key.encode())]))
+
+    def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+        """Start ``passbridge ARGS`` in its own session, output to ``<workdir>/<name>.log``."""
+        log = (self.workdir / f"{name}.log").open("ab")
+        proc = subprocess.Popen(
+            [str(BIN), *args],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+        log.close()
+        self.procs[name] = proc
+        return proc
+
+    async def start_sandbox(self, accounts: Sequence[str], *extra: str) -> None:
+        """The sandbox with one Klaviyo account per bench account, real tiers on the scaled clock."""
+        args = [
+            "sandbox",
+            "--port",
+            self.sandbox_url.rsplit(":", 1)[1],
+            "--rate-scale",
+            f"{self.rate_scale:g}",
+        ]
+        for account_id in accounts:
+            args += ["--api-key", klaviyo_key(account_id)]
+        self.spawn("sandbox", *args, *extra)
+        await wait_http(f"{self.sandbox_url}/_sandbox/health")
+
+    async def start_workers(self, redis: Redis, n: int = 2, **env: str) -> list[subprocess.Popen[bytes]]:
+        """``n`` worker processes; returns once all heart-beat."""
+        before = await redis.zcard("pb:workers")
+        procs = [self.spawn(f"worker-{len(self.procs)}-{i}", "worker", env=env) for i in range(n)]
+        deadline = time.monotonic() + 30
+        while await redis.zcard("pb:workers") < before + n:
+            if time.monotonic() > deadline:
+                raise RuntimeError("workers did not start")
+            await asyncio.sleep(0.05)
+        return procs
+
+    async def stop_workers(self, redis: Redis, procs: Sequence[subprocess.Popen[bytes]]) -> None:
+        """SIGTERM and wait (they release what they hold)."""
+        for proc in procs:
+            proc.send_signal(signal.SIGTERM)
+        for proc in procs:
+            proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        """Stop every process and Redis."""
+        for proc in self.procs.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        for proc in self.procs.values():
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGKILL)
+                proc.wait()
+        self.redis_server.stop()
+
+    async def sandbox_counts(self) -> dict[str, dict[str, int]]:
+        """Requests answered by the sandbox so far: operation → status → count."""
+        async with httpx.AsyncClient(base_url=self.sandbox_url) as c:
+            doc = (await c.get("/_sandbox/requests", params={"limit": 0})).json()
+        return {op: {s: int(n) for s, n in by.items()} for op, by in doc["counts"].items()}
+
+
+async def wait_http(url: str, within_s: float = 30) -> None:
+    """Wait until ``url`` answers below 500."""
+    deadline = time.monotonic() + within_s
+    async with httpx.AsyncClient() as c:
+        while True:
+            try:
+                if (await c.get(url)).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"{url} did not come up")
+            await asyncio.sleep(0.1)
+
+
+async def setup_accounts(stack: Stack, redis: Redis, accounts: Sequence[str]) -> None:
+    """Register and provision each account (its own sandbox Klaviyo account)."""
+    store = stack.account_store(redis)
+    settings = Settings(
+        redis_url=stack.redis_url,
+        klaviyo_base_url=stack.sandbox_url,
+        klaviyo_rate_scale=stack.rate_scale,
+        log_level="warning",
+    )
+    async with KlaviyoClient.from_settings(settings, redis, store) as client:
+        for account_id in accounts:
+            account = Account(
+                account_id=account_id,
+                secrets=AccountSecrets.model_validate({"klaviyo_api_key": klaviyo_key(account_id)}),
+            )
+            await store.put(account)
+            await provision(client, redis, account)
+
+
+BASE_TIME = datetime(2026, 11, 25, 9, 0, tzinfo=UTC)
+
+
+def event_doc(i: int, serial: int, kind: str = "updated") -> dict[str, Any]:
+    """A realistic events-API item: email, phone, five properties (as ``bench/pipeline.py``)."""
+    return {
+        "event_id": f"evt-{i}",
+        "kind": kind,
+        "serial_number": f"SER{serial:08d}",
+        "pass_type": "ptk_0x216",
+        "platform": "apple" if i % 2 == 0 else "google",
+        "email": f"holder{serial}@example.com",
+        # Unique per serial (below 8M serials): every pass is its own profile, no identity conflicts.
+        "phone_number": f"+1415{200 + (serial // 10000) % 800:03d}{serial % 10000:04d}",
+        "occurred_at": (BASE_TIME + timedelta(milliseconds=i)).isoformat(),
+        "properties": {
+            "points": i * 10,
+            "tier": "gold",
+            "member_since": "2024-03-01",
+            "store": "SF-01",
+            "opt_in": True,
+        },
+    }
+
+
+def build(account_id: str, doc: dict[str, Any]) -> PassEvent:
+    """The canonical event the producer would enqueue for ``doc``."""
+    return build_event(
+        EventIn.model_validate(doc),
+        account_id=account_id,
+        source="api",
+        received_at=datetime.now(UTC),
+        default_region="US",
+        pass_url_template="https://passninja.com/p/{serial_number}",
+    )
+
+
+def backlog(
+    account_id: str, events: int, serials: int, *, seed: int = 1, first_id: int = 0
+) -> list[PassEvent]:
+    """``events`` realistic events over ``serials`` serials (each serial at least once, the first event of a
+    serial a ``created``), in time order."""
+    rng = random.Random(seed)
+    order = list(range(serials)) + [rng.randrange(serials) for _ in range(events - serials)]
+    rng.shuffle(order)
+    seen: set[int] = set()
+    out = []
+    for n, serial in enumerate(order):
+        kind = "updated" if serial in seen else "created"
+        seen.add(serial)
+        out.append(build(account_id, event_doc(first_id + n, serial, kind)))
+    return out
+
+
+async def put(redis: Redis, account_id: str, events: Sequence[PassEvent], chunk: int = 1000) -> None:
+    """Enqueue through ``enqueue.lua`` in chunks (what the producer does per request)."""
+    for i in range(0, len(events), chunk):
+        await enqueue(
+            redis,
+            account_id,
+            events[i : i + chunk],
+            high_water=10_000_000,
+            dedup_window_s=86_400,
+        )
+
+
+async def depth(redis: Redis, account_id: str) -> int:
+    """Pending events of an account."""
+    return int(await redis.get(account_keys(account_id).depth) or 0)
+
+
+async def pending(redis: Redis, account_ids: Sequence[str]) -> int:
+    """Pending events plus leased serials over the accounts (0 = drained)."""
+    total = 0
+    for account_id in account_ids:
+        total += await depth(redis, account_id) + await redis.zcard(account_keys(account_id).leased)
+    return total
+
+
+async def latencies_ms(redis: Redis, account_id: str, events: Sequence[PassEvent]) -> list[int]:
+    """Per event: its "written" history time minus its "ingested" one (events not yet written are left out)."""
+    marks: dict[str, dict[str, int]] = {}
+    for serial in {e.serial_number for e in events}:
+        for h in await history.timeline(redis, account_id, serial):
+            marks.setdefault(h.event_id, {})[h.kind] = h.at_ms
+    out = []
+    for e in events:
+        m = marks.get(e.event_id, {})
+        if "ingested" in m and "written" in m:
+            out.append(m["written"] - m["ingested"])
+    return sorted(out)
+
+
+def pct(values: Sequence[float], q: float) -> float:
+    """The ``q`` quantile (nearest rank) of sorted ``values``."""
+    if not values:
+        return float("nan")
+    return float(values[min(len(values) - 1, int(len(values) * q))])
+
+
+def summary(values: Sequence[float]) -> dict[str, float]:
+    """p50 / p99 / max of sorted ``values``."""
+    return {
+        "n": len(values),
+        "p50_ms": round(statistics.median(values), 1) if values else float("nan"),
+        "p99_ms": round(pct(values, 0.99), 1),
+        "max_ms": round(values[-1], 1) if values else float("nan"),
+    }
+
+
+async def trickle(
+    redis: Redis, account_id: str, rate_per_s: float, seconds: float, *, first_id: int, serial_base: int
+) -> list[PassEvent]:
+    """Enqueue one event at a time at a steady ``rate_per_s`` (each a fresh serial); returns them."""
+    sent: list[PassEvent] = []
+    start = time.monotonic()
+    n = int(rate_per_s * seconds)
+    for i in range(n):
+        delay = start + i / rate_per_s - time.monotonic()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        ev = build(account_id, event_doc(first_id + i, serial_base + i, "created"))
+        await put(redis, account_id, [ev])
+        sent.append(ev)
+    return sent
