@@ -122,7 +122,8 @@ def list_(
         for account_id in await _accounts(store, account):
             totals[account_id] = await dlq.count(redis, account_id)
             rows += [
-                dlq_summary(account_id, e) for e in await dlq.list_entries(redis, account_id, flt, limit=limit)
+                dlq_summary(account_id, e)
+                for e in await dlq.list_entries(redis, account_id, flt, limit=limit)
             ]
         return rows, totals
 
