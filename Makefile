@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
-.PHONY: install test lint typecheck pytest demo run bench clean
+.PHONY: install test lint typecheck pytest chromium demo run bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
@@ -25,12 +25,26 @@ typecheck: $(STAMP)
 pytest: $(STAMP)
 	$(BIN)/python -m pytest
 
+## Debian's Chromium for the dashboard's browser test: installed only when missing and we are root; if that
+## fails the test skips and says why.
+chromium:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+		echo "installing Debian's chromium for the dashboard browser test"; \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null \
+		|| (apt-get update -q >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium >/dev/null) \
+		|| echo "could not install chromium: the browser test will be skipped"; \
+	fi
+
 ## The one command for tests: lint, types, then the whole suite (it starts its own Redis and servers).
-test: lint typecheck pytest
+test: lint typecheck chromium pytest
 
 ## The one command to see the product work end to end on this machine.
 demo: $(STAMP)
 	$(BIN)/passbridge demo
+
+## The same stack, kept running for manual use (Ctrl-C stops it).
+run: $(STAMP)
+	$(BIN)/passbridge up
 
 bench: $(STAMP)
 	@for b in bench/*.py; do echo "== $$b"; $(BIN)/python $$b || exit 1; done

@@ -240,7 +240,16 @@ class SandboxApp:
     async def _apply_fault(
         self, fault: Fault, scope: Scope, receive: Any, send: Any, op_id: str, started: float
     ) -> None:
-        if fault.kind == "status":
+        if fault.kind == "status" and fault.status == 429:
+            # An injected throttle looks exactly like a real one: code, detail and a one-second Retry-After
+            # on Klaviyo's (scaled) clock.
+            retry = self.runtime.limiter.retry_after_header(1.0 / self.runtime.limiter.scale)
+            body = error_document(
+                429, "throttled", "Request was throttled. Expected available in 1 second.", pointer="/data"
+            )
+            await _respond(send, Reply(429, body, {"retry-after": retry}), [])
+            self._log(scope["method"], scope["path"], op_id, "", 429, started)
+        elif fault.kind == "status":
             body = error_document(fault.status, "error", "A server error occurred.", pointer=None)
             await _respond(send, Reply(fault.status, body), [])
             self._log(scope["method"], scope["path"], op_id, "", fault.status, started)

@@ -2,23 +2,28 @@
 
 Layout: ``pb:a:<id>:cfg`` with field ``config`` (JSON, no secrets) and field ``secrets`` (Fernet token of
 the JSON of :class:`AccountSecrets`); ``pb:accounts`` is the set of account ids. The raw Redis value never
-holds a secret in clear text, and ``repr``/``str`` of every secret is masked.
+holds a secret in clear text, and ``repr``/``str`` of every secret is masked (:func:`masked` is the view an
+operator may see).
 """
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import hmac
 import secrets as pysecrets
+import time
+from collections.abc import Callable
 from enum import StrEnum
-from typing import Any
+from typing import Any, Literal
 
 import orjson
-from cryptography.fernet import MultiFernet
+from cryptography.fernet import InvalidToken, MultiFernet
 from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
-from passbridge.crypto import decrypt, encrypt
+from passbridge.crypto import SecretKeyError, decrypt, encrypt
 from passbridge.keys import ACCOUNTS_INDEX, account_keys
 
 DEFAULT_PASS_URL_TEMPLATE = "https://passninja.com/p/{serial_number}"
@@ -87,6 +92,16 @@ class Account(BaseModel):
         """Whether events of ``pass_type`` go to Klaviyo (others are acknowledged and counted as skipped)."""
         return not self.sync_pass_types or pass_type in self.sync_pass_types
 
+    def klaviyo_auth(self) -> Literal["oauth", "api_key"] | None:
+        """Which Klaviyo credential the account uses: an OAuth grant (preferred once it holds tokens), a
+        private API key, or none yet."""
+        oauth = self.secrets.klaviyo_oauth
+        if oauth is not None and oauth.refresh_token is not None:
+            return "oauth"
+        if self.secrets.klaviyo_api_key is not None:
+            return "api_key"
+        return None
+
 
 def hash_token(token: str) -> str:
     """SHA-256 of an ingest token: only the hash is stored."""
@@ -96,6 +111,45 @@ def hash_token(token: str) -> str:
 def new_token(prefix: str) -> str:
     """A fresh random credential such as an ingest token (``pbi_...``) or webhook secret (``whsec_...``)."""
     return f"{prefix}{pysecrets.token_urlsafe(32)}"
+
+
+def new_webhook_secret() -> str:
+    """A fresh Standard Webhooks signing secret: ``whsec_`` + base64 of 32 random bytes."""
+    return "whsec_" + base64.b64encode(pysecrets.token_bytes(32)).decode()
+
+
+def _tail(value: SecretStr, prefix: str = "") -> str:
+    """A secret reduced to a recognizable prefix and its last four characters."""
+    raw = value.get_secret_value()
+    head = prefix if raw.startswith(prefix) else ""
+    return f"{head}…{raw[-4:]}" if len(raw) >= 12 else f"{head}…"
+
+
+def masked(account: Account, now: float | None = None) -> dict[str, Any]:
+    """The account as an operator may see it: every secret replaced by a mask (a hint of its tail at most)."""
+    now = time.time() if now is None else now
+    doc = account.model_dump(mode="json", exclude={"secrets"})
+    sec = account.secrets
+    oauth = sec.klaviyo_oauth
+    doc["secrets"] = {
+        "webhook_secrets": [_tail(s, "whsec_") for s in sec.webhook_secrets],
+        "apple_token_secret": "set" if sec.apple_token_secret else None,
+        "klaviyo_api_key": _tail(sec.klaviyo_api_key, "pk_") if sec.klaviyo_api_key else None,
+        "klaviyo_oauth": {
+            "client_id": oauth.client_id,
+            "client_secret": "set",
+            "access_token": "set" if oauth.access_token else None,
+            "refresh_token": "set" if oauth.refresh_token else None,
+            "expires_at": oauth.expires_at,
+            "expires_in_s": round(oauth.expires_at - now) if oauth.expires_at else None,
+            "scopes": oauth.scopes,
+        }
+        if oauth
+        else None,
+    }
+    doc["klaviyo_auth"] = account.klaviyo_auth()
+    doc["ingest_token_sha256"] = doc["ingest_token_sha256"][:8] + "…" if doc["ingest_token_sha256"] else ""
+    return doc
 
 
 def _unwrap(value: Any) -> Any:
@@ -119,24 +173,106 @@ class AccountStore:
         self.redis = redis
         self.cipher = cipher
 
-    async def put(self, account: Account) -> None:
-        """Create or replace an account."""
+    def _fields(self, account: Account) -> dict[str, bytes | str]:
         config = account.model_dump(mode="json", exclude={"secrets"})
         sealed = encrypt(self.cipher, orjson.dumps(_unwrap(account.secrets)))
+        return {"config": orjson.dumps(config), "secrets": sealed}
+
+    def _load(self, account_id: str, raw: list[bytes | None]) -> Account:
+        if raw[0] is None:
+            raise AccountNotFound(account_id)
+        data = orjson.loads(raw[0])
+        try:
+            data["secrets"] = orjson.loads(decrypt(self.cipher, raw[1].decode())) if raw[1] else {}
+        except SecretKeyError:
+            raise SecretKeyError(
+                f"the secrets of account {account_id!r} do not decrypt with any configured "
+                "PASSBRIDGE_SECRET_KEY (was a key removed before `passbridge accounts rotate-key`?)"
+            ) from None
+        return Account.model_validate(data)
+
+    async def put(self, account: Account) -> None:
+        """Create or replace an account."""
         key = account_keys(account.account_id).config
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping={"config": orjson.dumps(config), "secrets": sealed})
+            pipe.hset(key, mapping=self._fields(account))
             pipe.sadd(ACCOUNTS_INDEX, account.account_id)
             await pipe.execute()
 
     async def get(self, account_id: str) -> Account:
         """The account, secrets decrypted; raises :class:`AccountNotFound`."""
         raw = await self.redis.hmget(account_keys(account_id).config, ["config", "secrets"])
-        if raw[0] is None:
-            raise AccountNotFound(account_id)
-        data = orjson.loads(raw[0])
-        data["secrets"] = orjson.loads(decrypt(self.cipher, raw[1].decode())) if raw[1] else {}
-        return Account.model_validate(data)
+        return self._load(account_id, raw)
+
+    async def find(self, account_id: str) -> Account | None:
+        """The account, or ``None`` when it does not exist."""
+        try:
+            return await self.get(account_id)
+        except AccountNotFound:
+            return None
+
+    async def update(
+        self, account_id: str, change: Callable[[Account | None], Account | None]
+    ) -> tuple[Account | None, Account | None]:
+        """Read-modify-write one account atomically (optimistic: WATCH, retried when another writer won).
+
+        ``change`` gets the current account (``None`` when absent) and returns the new one, or ``None`` to
+        leave it as it is. Returns ``(before, after)``. Used wherever two writers may race on one account —
+        the OAuth callback storing tokens while ``accounts.yaml`` is applied or an operator edits it — so
+        neither silently undoes the other.
+        """
+        key = account_keys(account_id).config
+        async with self.redis.pipeline(transaction=True) as pipe:
+            while True:
+                try:
+                    await pipe.watch(key)
+                    raw = await pipe.hmget(key, ["config", "secrets"])
+                    before = None if raw[0] is None else self._load(account_id, raw)
+                    after = change(before)
+                    if after is None or after == before:
+                        await pipe.unwatch()
+                        return before, before
+                    if after.account_id != account_id:
+                        raise ValueError("an update cannot change the account id")
+                    pipe.multi()
+                    pipe.hset(key, mapping=self._fields(after))
+                    pipe.sadd(ACCOUNTS_INDEX, account_id)
+                    await pipe.execute()
+                    return before, after
+                except WatchError:
+                    continue
+
+    async def rotate_key(self) -> int:
+        """Re-encrypt every account's secrets with the newest key (the first of ``PASSBRIDGE_SECRET_KEY``).
+
+        After it, older keys can be dropped from the configuration. Returns how many accounts were
+        re-encrypted; raises :class:`SecretKeyError` naming an account no configured key can decrypt.
+        """
+        rotated = 0
+        for account_id in await self.list_ids():
+            key = account_keys(account_id).config
+            async with self.redis.pipeline(transaction=True) as pipe:
+                while True:
+                    try:
+                        await pipe.watch(key)
+                        sealed = await pipe.hget(key, "secrets")
+                        if sealed is None:
+                            await pipe.unwatch()
+                            break
+                        try:
+                            fresh = self.cipher.rotate(sealed).decode()
+                        except InvalidToken:
+                            raise SecretKeyError(
+                                f"the secrets of account {account_id!r} do not decrypt with any configured key"
+                            ) from None
+                        pipe.multi()
+                        pipe.hset(key, "secrets", fresh)
+                        await pipe.execute()
+                        rotated += 1
+                        break
+                    except WatchError:
+                        continue
+        return rotated
 
     async def list_ids(self) -> list[str]:
         """Every account id, sorted."""

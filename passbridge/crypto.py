@@ -8,8 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from cryptography.fernet import Fernet, InvalidToken, MultiFernet
+
+if TYPE_CHECKING:
+    from passbridge.settings import Settings
 
 
 class SecretKeyError(RuntimeError):
@@ -32,6 +36,12 @@ def load_cipher(secret_key: str | None, state_dir: Path) -> MultiFernet:
         raise SecretKeyError(
             "PASSBRIDGE_SECRET_KEY must be urlsafe-base64 Fernet keys, comma-separated"
         ) from exc
+
+
+def cipher_from_settings(settings: Settings) -> MultiFernet:
+    """The cipher for ``PASSBRIDGE_SECRET_KEY`` (or the generated key in the state dir)."""
+    key = settings.secret_key.get_secret_value() if settings.secret_key else None
+    return load_cipher(key, settings.state_dir)
 
 
 def encrypt(cipher: MultiFernet, plaintext: bytes) -> str:

@@ -12,12 +12,13 @@ from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal
+from urllib.parse import quote
 
 import orjson
-import phonenumbers
 from email_validator import EmailNotValidError, validate_email
-from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+
+from passbridge.phones import to_e164
 
 SCHEMA_VERSION = 1
 
@@ -57,7 +58,6 @@ EventId = Annotated[
 Serial = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 
@@ -87,45 +87,53 @@ def normalize_email(value: str) -> str:
 def normalize_phone(value: str, default_region: str) -> str:
     """Parse a phone number (E.164, or national in ``default_region``) and return it in E.164.
 
-    Validity is libphonenumber's ``is_valid_number`` (the same rule Klaviyo applies). E.164 input skips the
-    general-purpose parser, which costs more than the validity check itself.
+    Validity is libphonenumber's ``is_valid_number`` (the same rule Klaviyo applies); E.164 input takes the
+    precompiled path of :mod:`passbridge.phones`.
     """
-    if _E164.match(value):
-        digits = value[1:]
-        for width in (1, 2, 3):
-            code = int(digits[:width])
-            if code in COUNTRY_CODE_TO_REGION_CODE:
-                number = phonenumbers.PhoneNumber(country_code=code, national_number=int(digits[width:]))
-                if phonenumbers.is_valid_number(number):
-                    return value
-                raise ValueError("not a valid phone number for its country")
-        raise ValueError("unknown country calling code")
-    try:
-        number = phonenumbers.parse(value, None if value.startswith("+") else default_region)
-    except phonenumbers.NumberParseException as exc:
-        raise ValueError(f"not a phone number: {exc}") from None
-    if not phonenumbers.is_valid_number(number):
-        raise ValueError("not a valid phone number for its region")
-    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+    return to_e164(value, default_region)
+
+
+_INF = float("inf")
 
 
 def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
     if len(props) > MAX_PROPERTIES:
         raise ValueError(f"at most {MAX_PROPERTIES} custom properties are allowed, got {len(props)}")
+    chars = 0
     for key, value in props.items():
-        if not isinstance(value, str | int | float | bool) and value is not None:
-            raise ValueError(f"property {key!r} must be a string, number, boolean or null (JSON scalar)")
+        kind = type(value)
+        if kind is str:
+            if len(value) > MAX_PROPERTY_STRING_CHARS:
+                raise ValueError(f"property {key!r} is longer than {MAX_PROPERTY_STRING_CHARS} characters")
+            chars += len(value)
+        elif kind is int:
+            if not -(2**63) <= value < 2**64:  # what JSON encoders (and Klaviyo) take
+                raise ValueError(f"property {key!r} is outside the 64-bit integer range")
+        elif kind is float:
+            if value != value or value in (_INF, -_INF):  # JSON has no NaN or Infinity
+                raise ValueError(f"property {key!r} is not a finite number (JSON has no NaN or Infinity)")
+        elif kind is not bool and value is not None:
+            if not isinstance(value, str | int | float | bool):
+                raise ValueError(f"property {key!r} must be a string, number, boolean or null (JSON scalar)")
+            return _check_properties({k: _plain(v) for k, v in props.items()})  # subclasses, e.g. enums
         if not key or len(key) > MAX_PROPERTY_KEY_CHARS:
             raise ValueError(f"property names must be 1..{MAX_PROPERTY_KEY_CHARS} characters: {key[:40]!r}")
-        if key.startswith("$"):
+        if key[0] == "$":
             raise ValueError(f"property names starting with '$' are reserved by Klaviyo: {key!r}")
-        if isinstance(value, str) and len(value) > MAX_PROPERTY_STRING_CHARS:
-            raise ValueError(f"property {key!r} is longer than {MAX_PROPERTY_STRING_CHARS} characters")
-        if isinstance(value, float) and value != value:  # NaN has no JSON form
-            raise ValueError(f"property {key!r} is NaN")
-    if len(orjson.dumps(props)) > MAX_PROPERTIES_BYTES:
+        chars += len(key)
+    # A character takes at most 6 bytes of JSON (\uXXXX) and a scalar with its punctuation at most 32, so
+    # small property sets skip serializing; only ones that might be near the limit are measured exactly.
+    if chars * 6 + len(props) * 32 > MAX_PROPERTIES_BYTES and len(orjson.dumps(props)) > MAX_PROPERTIES_BYTES:
         raise ValueError(f"custom properties exceed {MAX_PROPERTIES_BYTES} bytes serialized")
     return props
+
+
+def _plain(value: Any) -> Any:
+    """A JSON scalar's plain type (a ``str``/``int`` enum member becomes its value)."""
+    for kind in (bool, int, float, str):
+        if isinstance(value, kind):
+            return kind(value)
+    return value
 
 
 class EventIn(BaseModel):
@@ -212,6 +220,21 @@ class PassEvent(BaseModel):
             raise ValueError("timestamps must be timezone-aware")
         return self
 
+    @classmethod
+    def trusted(cls, **fields: Any) -> PassEvent:
+        """Build from values that are already valid, skipping validation (what ``model_construct`` does,
+        without its per-field default handling: every field must be given). Used on the ingest hot path."""
+        if len(fields) != len(_PASS_EVENT_FIELDS):
+            raise TypeError(
+                f"PassEvent.trusted needs every field: {sorted(_PASS_EVENT_FIELDS - set(fields))}"
+            )
+        event = _new_object(cls)
+        _set_attr(event, "__dict__", fields)
+        _set_attr(event, "__pydantic_fields_set__", set(_PASS_EVENT_FIELDS))
+        _set_attr(event, "__pydantic_extra__", None)
+        _set_attr(event, "__pydantic_private__", None)
+        return event
+
     @property
     def occurred_ms(self) -> int:
         """``occurred_at`` in epoch milliseconds: the mailbox's ordering score."""
@@ -269,8 +292,22 @@ class PassEvent(BaseModel):
         )
 
 
+_PASS_EVENT_FIELDS = frozenset(PassEvent.model_fields)
+_new_object = object.__new__
+_set_attr = object.__setattr__
+
+
+_last_iso: tuple[datetime | None, str] = (None, "")
+
+
 def _iso(value: datetime) -> str:
-    return value.isoformat().replace("+00:00", "Z")
+    # The events of one request (or one NDJSON chunk) share their received_at object: format it once.
+    global _last_iso
+    if _last_iso[0] is value:
+        return _last_iso[1]
+    text = value.isoformat().replace("+00:00", "Z")
+    _last_iso = (value, text)
+    return text
 
 
 def build_event(
@@ -292,7 +329,7 @@ def build_event(
             phone = normalize_phone(item.phone_number, default_region)
         except ValueError as exc:
             raise FieldError("phone_number", str(exc)) from None
-    return PassEvent.model_construct(
+    return PassEvent.trusted(
         schema_version=1,
         event_id=item.event_id,
         account_id=account_id,
@@ -311,13 +348,18 @@ def build_event(
     )
 
 
-def render_pass_url(template: str, serial_number: str, pass_type: str) -> str:
-    """The account's pass-URL template with ``{serial_number}`` and ``{pass_type}`` filled in."""
-    from urllib.parse import quote
+_URL_SAFE = re.compile(r"^[A-Za-z0-9_.~\-]*$")
 
-    return template.replace("{serial_number}", quote(serial_number, safe="")).replace(
-        "{pass_type}", quote(pass_type, safe="")
-    )
+
+def render_pass_url(template: str, serial_number: str, pass_type: str) -> str:
+    """The account's pass-URL template with ``{serial_number}`` and ``{pass_type}`` filled in (URL-quoted)."""
+    serial = serial_number if _URL_SAFE.match(serial_number) else quote(serial_number, safe="")
+    url = template.replace("{serial_number}", serial)
+    if "{pass_type}" in url:
+        url = url.replace(
+            "{pass_type}", pass_type if _URL_SAFE.match(pass_type) else quote(pass_type, safe="")
+        )
+    return url
 
 
 class FieldError(ValueError):

@@ -174,6 +174,32 @@ class AccountKeys:
         """Lock held while ``passbridge klaviyo setup`` provisions the account."""
         return f"{self.base}:setup-lock"
 
+    # --- Accounts: OAuth connect (passbridge/oauth.py) ---
+
+    def oauth_pending(self, nonce: str) -> str:
+        """String (expiring): a started OAuth connect — PKCE verifier, redirect URI, client (secret encrypted)."""
+        return f"{self.base}:oauth:{nonce}"
+
+    @property
+    def oauth_pending_pattern(self) -> str:
+        """SCAN pattern matching the account's pending OAuth connects."""
+        return f"{self.base}:oauth:*"
+
+    # --- operations (worker/inspect.py, passbridge/metrics.py): activity series and report counters ---
+
+    def series(self, hour: int) -> str:
+        """Hash of one hour's 10-second activity buckets: ``"<bucket>:<name>"`` → count (or sampled value).
+
+        ``bucket`` is epoch seconds // 10 and ``hour`` is bucket // 360; names are listed in
+        ``passbridge.metrics.SERIES``. Written by every process's ``Recorder``; expires after a few hours.
+        """
+        return f"{self.base}:ts:{hour}"
+
+    def report(self, day: str) -> str:
+        """Hash of one UTC day's (``YYYYMMDD``, by ``occurred_at``) ingested events for ``passbridge report``:
+        ``"<HH>|<kind>|<platform>|<pass type>"`` → count."""
+        return f"{self.base}:rep:{day}"
+
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.
@@ -188,6 +214,9 @@ LEASE_SEQ = f"{PREFIX}:lease-seq"
 #: Sorted set: worker id → last heartbeat (ms); hash ``WORKERS_INFO``: worker id → JSON (host, pid, counts).
 WORKERS = f"{PREFIX}:workers"
 WORKERS_INFO = f"{PREFIX}:workers:info"
+#: ``SET NX`` gate per 10-second bucket (``+ <bucket>``): one process samples every account's depth into the
+#: activity series per bucket.
+SERIES_SAMPLED = f"{PREFIX}:ts-sampled:"
 #: arq's queue (cron sweeps); its health-check key is this + ``:health-check``.
 ARQ_QUEUE = f"{PREFIX}:arq"
 

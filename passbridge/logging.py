@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import logging
+import re
 import sys
 from typing import Any
 
 import structlog
+from structlog.tracebacks import ExceptionDictTransformer
 
 _SECRET_KEYS = frozenset(
     {
@@ -20,15 +22,41 @@ _SECRET_KEYS = frozenset(
         "ingest_token",
         "client_secret",
         "webhook_secret",
+        "code_verifier",
+        "verifier",
+        "apple_token_secret",
+        "klaviyo_api_key",
     }
 )
 
 
+#: Secret-shaped text: Klaviyo private keys, webhook secrets, ingest tokens, Authorization header values.
+_SECRET_TEXT = re.compile(
+    r"(?P<keep>Bearer\s+|Klaviyo-API-Key\s+|ApplePass\s+)[^\s,;\"']+"
+    r"|\bpk_[A-Za-z0-9]{6,}|\bwhsec_[A-Za-z0-9+/=]{8,}|\bpbi_[A-Za-z0-9_\-]{8,}"
+)
+
+
+def redact_text(text: str) -> str:
+    """``text`` with every secret-shaped token replaced by ``***``."""
+    return _SECRET_TEXT.sub(lambda m: (m.group("keep") or "") + "***", text)
+
+
+def _scrub(value: Any) -> Any:
+    if isinstance(value, str):
+        return redact_text(value)
+    if isinstance(value, dict):
+        return {k: "***" if str(k).lower() in _SECRET_KEYS else _scrub(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_scrub(v) for v in value]
+    return value
+
+
 def _redact(_: Any, __: str, event_dict: dict[str, Any]) -> dict[str, Any]:
-    """Last line of defence: a secret-named key never reaches the output, whatever a caller bound."""
-    for key in event_dict:
-        if key.lower() in _SECRET_KEYS:
-            event_dict[key] = "***"
+    """Last line of defence: a secret-named key or a secret-shaped value never reaches the output, whatever
+    a caller bound (an exception text quoting a header, a dict of credentials)."""
+    for key, value in event_dict.items():
+        event_dict[key] = "***" if key.lower() in _SECRET_KEYS else _scrub(value)
     return event_dict
 
 
@@ -59,9 +87,13 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         _redact,
     ]
     if as_json:
-        processors += [structlog.processors.dict_tracebacks, structlog.processors.JSONRenderer()]
+        # Tracebacks as data, but never with frame locals: a local may hold a credential.
+        processors += [
+            structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            structlog.processors.JSONRenderer(),
+        ]
     else:
-        processors += [structlog.dev.ConsoleRenderer()]
+        processors += [structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),

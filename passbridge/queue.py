@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from redis.asyncio import Redis
@@ -74,3 +75,21 @@ async def enqueue(
     if status == 0:
         raise BacklogFull(account_id, int(depth))
     return EnqueueResult([bool(f) for f in flags], int(depth))
+
+
+async def count_skipped(redis: Redis, account_id: str, pass_types: Iterable[str]) -> int:
+    """Count events acknowledged but not synced (their pass type is not among the account's synced ones).
+
+    Adds to ``skipped`` and ``skipped:<pass_type>`` in the account's stats hash; returns how many.
+    """
+    counts = Counter(pass_types)
+    if not counts:
+        return 0
+    key = account_keys(account_id).stats
+    total = sum(counts.values())
+    async with redis.pipeline(transaction=False) as pipe:
+        pipe.hincrby(key, "skipped", total)
+        for pass_type, n in counts.items():
+            pipe.hincrby(key, f"skipped:{pass_type}", n)
+        await pipe.execute()
+    return total

@@ -35,8 +35,6 @@ class Settings(BaseSettings):
     backlog_high_water: int = 1_000_000
     retry_after_s: int = 5
     default_phone_region: str = "US"
-    default_pass_url_template: str = "https://passninja.com/p/{serial_number}"
-    webhook_tolerance_s: int = 300
     admin_token: SecretStr | None = None
 
     # Klaviyo
@@ -83,8 +81,35 @@ class Settings(BaseSettings):
     #: How often the sweep checks a paused account's credentials (resuming it when they work again).
     pause_probe_interval_s: float = 60.0
 
+    # Operations (README "Operations"): each worker's Prometheus endpoint (unset = none) and its bind address.
+    worker_metrics_port: int | None = None
+    metrics_host: str = "127.0.0.1"
+
     # Secrets at rest
     secret_key: SecretStr | None = None
+
+    # Accounts (see README "Accounts")
+    #: A declarative accounts.yaml applied when the producer (and workers) start; empty = none.
+    accounts_file: Path | None = None
+    #: The producer's public base URL, from which the OAuth redirect URI is built; empty = the bind address.
+    public_url: str = ""
+    #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
+    #: www.klaviyo.com, the sandbox on its own base URL).
+    klaviyo_authorize_url: str = ""
+
+    def oauth_authorize_url(self) -> str:
+        """Klaviyo's authorize endpoint for this deployment."""
+        if self.klaviyo_authorize_url:
+            return self.klaviyo_authorize_url
+        base = self.klaviyo_base_url.rstrip("/")
+        if base == "https://a.klaviyo.com":
+            return "https://www.klaviyo.com/oauth/authorize"
+        return f"{base}/oauth/authorize"
+
+    def oauth_redirect_uri(self) -> str:
+        """Where Klaviyo sends the merchant back: the producer's ``/oauth/klaviyo/callback``."""
+        base = self.public_url or f"http://{self.producer_host}:{self.producer_port}"
+        return base.rstrip("/") + "/oauth/klaviyo/callback"
 
 
 @lru_cache(maxsize=1)

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
-from passbridge.queue import enqueue
+from passbridge.queue import count_skipped, enqueue
 from producer.ingest import ItemError, Source, to_event
 
 
@@ -71,6 +71,7 @@ async def publish_iter(
 ) -> AsyncIterator[int]:
     """Like :func:`publish`, yielding the number of items handled after each chunk (for progress bars)."""
     pending: list[PassEvent] = []
+    skipped: list[str] = []
     handled = 0
 
     async def flush() -> None:
@@ -82,6 +83,8 @@ async def publish_iter(
         summary.accepted += sum(flags)
         summary.duplicates += len(flags) - sum(flags)
         pending.clear()
+        await count_skipped(redis, account.account_id, skipped)
+        skipped.clear()
 
     for index, raw in enumerate(items, start=1):
         handled += 1
@@ -92,13 +95,14 @@ async def publish_iter(
         except ItemError as exc:
             summary.rejected.append({"line": index, "errors": exc.errors})
             continue
-        if not account.syncs(ev.pass_type):
+        if account.syncs(ev.pass_type):
+            pending.append(ev)
+        else:
             summary.skipped += 1
-            continue
-        pending.append(ev)
-        if len(pending) >= chunk:
+            skipped.append(ev.pass_type)
+        if len(pending) + len(skipped) >= chunk:
             await flush()
             yield handled
-    if pending:
+    if pending or skipped:
         await flush()
     yield handled

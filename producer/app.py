@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -11,20 +12,25 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import AccountStore
-from passbridge.crypto import load_cipher
+from passbridge.accounts_file import apply_accounts_file
+from passbridge.crypto import cipher_from_settings
+from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
+from producer import dashboard
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
-from producer.routes import events, health, webhooks
+from producer.routes import apple, events, google, health, oauth, webhooks
+from producer.routes.metrics import get_metrics
 
 log = structlog.get_logger(__name__)
 
 
 def redis_client(url: str) -> Redis:
     """An asyncio Redis client with explicit timeouts, so a dead Redis turns into a prompt 503."""
-    return Redis.from_url(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
+    return fast_redis(url, socket_timeout=5, socket_connect_timeout=2, health_check_interval=30)
 
 
 def create_app(settings: Settings, redis_url: str) -> FastAPI:
@@ -33,6 +39,12 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         redis = redis_client(redis_url)
+        try:
+            # A deployment's accounts.yaml (PASSBRIDGE_ACCOUNTS_FILE); a bad file stops the start.
+            await apply_accounts_file(redis, settings)
+        except BaseException:
+            await redis.aclose()
+            raise
         publisher = Publisher(
             redis,
             high_water=settings.backlog_high_water,
@@ -40,14 +52,17 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             history_retention_s=settings.history_retention_s,
         )
         await publisher.start()
-        cipher = load_cipher(
-            settings.secret_key.get_secret_value() if settings.secret_key else None, settings.state_dir
-        )
+        cipher = cipher_from_settings(settings)
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
+        # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
+        gc.freeze()
+        flusher = metrics.start_flusher(redis)
         try:
             yield
         finally:
             await publisher.close()
+            await metrics.stop_flusher(flusher, redis)
             await redis.aclose()
 
     app = FastAPI(
@@ -56,13 +71,31 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
 
     @app.exception_handler(Problem)
     async def _problem(request: Request, exc: Problem) -> Response:
+        metrics.rejected(exc.kind)
         return exc.response(request.url.path)
 
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
     app.add_api_route("/readyz", health.readyz, methods=["GET"])
+    app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
     app.add_api_route(
         "/v1/accounts/{account_id}/events", events.post_events, methods=["POST"], status_code=202
     )
     app.add_api_route("/v1/accounts/{account_id}/events/ndjson", events.post_ndjson, methods=["POST"])
     app.add_api_route("/webhooks/{account_id}", webhooks.post_webhook, methods=["POST"], status_code=202)
+    _apple_routes(app)
+    app.add_api_route("/google/{account_id}/callback", google.post_callback, methods=["POST"])
+    app.add_api_route("/metrics", get_metrics, methods=["GET"], include_in_schema=False)
+    dashboard.mount(app)
     return app
+
+
+def _apple_routes(app: FastAPI) -> None:
+    """The PassKit web service; the pass's ``webServiceURL`` is ``<base>/apple/<account_id>``."""
+    base = "/apple/{account_id}/v1"
+    registration = base + "/devices/{device_id}/registrations/{pass_type_id}/{serial:path}"
+    app.add_api_route(registration, apple.post_registration, methods=["POST"])
+    app.add_api_route(registration, apple.delete_registration, methods=["DELETE"])
+    app.add_api_route(
+        base + "/devices/{device_id}/registrations/{pass_type_id}", apple.get_registrations, methods=["GET"]
+    )
+    app.add_api_route(base + "/log", apple.post_log, methods=["POST"])

@@ -6,10 +6,11 @@ import time
 from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 
 from passbridge.accounts import Account, AccountNotFound, AccountStore
 from passbridge.settings import Settings
-from producer.problems import Problem
+from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
 
 #: Accounts are read from Redis at most this often per process; registry changes apply within it.
@@ -27,7 +28,7 @@ class ProducerContext:
     _cache: dict[str, tuple[float, Account]] = field(default_factory=dict)
 
     async def account(self, account_id: str) -> Account:
-        """The account (cached briefly); a 404 problem when it does not exist."""
+        """The account (cached briefly); a 404 problem when it does not exist, 503 when Redis is unreachable."""
         now = time.monotonic()
         hit = self._cache.get(account_id)
         if hit and hit[0] > now:
@@ -36,6 +37,10 @@ class ProducerContext:
             account = await self.accounts.get(account_id)
         except AccountNotFound:
             raise Problem(404, "unknown-account", "Unknown account", f"no account {account_id!r}") from None
+        except (RedisError, OSError):
+            raise unavailable(
+                "the account registry is unreachable; nothing was written", self.settings.retry_after_s
+            ) from None
         self._cache[account_id] = (now + ACCOUNT_CACHE_S, account)
         return account
 

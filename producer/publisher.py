@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import structlog
 from redis.asyncio import Redis
 
+from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.queue import DEFAULT_HISTORY_RETENTION_S, enqueue
 
@@ -88,6 +89,10 @@ class Publisher:
         by_account: dict[str, list[_Pending]] = defaultdict(list)
         for p in batch:
             by_account[p.account_id].append(p)
+        if len(by_account) == 1:  # the common case needs no task per account
+            [(account_id, pendings)] = by_account.items()
+            await self._flush_account(account_id, pendings)
+            return
         await asyncio.gather(*(self._flush_account(a, ps) for a, ps in by_account.items()))
 
     async def _flush_account(self, account_id: str, pendings: list[_Pending]) -> None:
@@ -120,6 +125,7 @@ class Publisher:
                 if not p.future.done():
                     p.future.set_exception(exc)
             return
+        metrics.events_ingested(account_id, events, result.accepted)
         offset = 0
         for p in chunk:
             n = len(p.events)

@@ -41,6 +41,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
+from passbridge import metrics
 from passbridge.accounts import Account, AccountNotFound, AccountState, AccountStore
 from passbridge.event import PassEvent
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, WORKERS, WORKERS_INFO, account_keys
@@ -293,6 +294,7 @@ class Engine:
                 )
                 if claimed.taken_over:
                     self.stats["taken_over"] += claimed.taken_over
+                    metrics.leases_taken_over(claimed.taken_over)
                     log.info("leases_taken_over", worker=self.worker_id, count=claimed.taken_over)
                 if claimed.leases:
                     await self._launch(claimed.leases)
@@ -476,6 +478,7 @@ class Engine:
             work.state = result.state
         work.done_events += len(members)
         self.stats["written"] += len(members)
+        metrics.events_written(work.lease.account_id, members)
         return True
 
     async def written_many(self, items: Sequence[Written]) -> list[bool]:
@@ -564,6 +567,7 @@ class Engine:
         if isinstance(decision, Retry):
             record.add(failure, at_ms=now, worker_id=self.worker_id, counted=True)
             self.stats["retried"] += 1
+            metrics.retry_scheduled(account_id, failure.kind.value)
             delay_ms = int(decision.delay_s * 1000)
             log.info("event_retry_scheduled", attempt=decision.attempt, delay_ms=delay_ms, **log_kw)
             hist = entry(
@@ -607,6 +611,7 @@ class Engine:
             self._lost(work)
             return False
         self.stats["dead_lettered"] += 1
+        metrics.event_dead_lettered(account_id)
         log.warning("event_dead_lettered", reason=decision.reason, **log_kw)
         work.heads = done.heads
         work.done_events += 1

@@ -21,6 +21,7 @@ from arq import cron
 from arq.connections import RedisSettings
 from redis.asyncio import Redis
 
+from passbridge import metrics
 from passbridge.accounts import AccountStore
 from passbridge.crypto import load_cipher
 from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, WORKERS_INFO, account_keys
@@ -29,6 +30,7 @@ from worker import pause
 from worker.batching import SyncMode
 from worker.bulk import BulkOptions, BulkSync
 from worker.engine import Engine, EngineConfig
+from worker.exporter import ProcessOps
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import GET_DATA_SOURCES
 from worker.klaviyo.errors import KlaviyoError
@@ -105,6 +107,9 @@ async def startup(ctx: dict[str, Any]) -> None:
     tune_gc()
     ctx.update(pb_redis=redis, pb_blocking=blocking, store=store, client=client, engine=engine)
     await engine.start()
+    ctx["ops"] = await ProcessOps.start(
+        redis, metrics_host=settings.metrics_host, metrics_port=settings.worker_metrics_port
+    )
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
@@ -113,6 +118,8 @@ async def shutdown(ctx: dict[str, Any]) -> None:
     engine: Engine | None = ctx.get("engine")
     if engine is not None:
         await engine.stop(settings.worker_grace_s)
+    if (ops := ctx.get("ops")) is not None:
+        await ops.stop()
     client: KlaviyoClient | None = ctx.get("client")
     if client is not None:
         await client.aclose()
@@ -168,6 +175,7 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         taken += await engine.queue.sweep(account_id)
         if await pause.reconcile(redis, store, account_id, probe=probe) == "resumed":
             resumed += 1
+    metrics.leases_taken_over(taken)
     stale = await redis.zrangebyscore(WORKERS, "-inf", int(time.time() * 1000) - WORKER_STALE_MS)
     if stale:
         async with redis.pipeline(transaction=True) as pipe:

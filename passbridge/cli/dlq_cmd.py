@@ -23,6 +23,7 @@ from passbridge.cli.common import console, emit_json, fail, redis_url, run, sett
 from passbridge.crypto import load_cipher
 from worker import dlq, history
 from worker.dlq import DLQEntry, DLQFilter
+from worker.inspect import dlq_summary
 
 app = typer.Typer(
     help="Dead-lettered events: inspect, replay into their serials, purge.", no_args_is_help=True
@@ -68,25 +69,6 @@ def _filter(code: str | None, serial: str | None, since: str | None, until: str 
 
 def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
-
-
-def summary(account_id: str, entry: DLQEntry) -> dict[str, Any]:
-    """One line of ``dlq list``."""
-    last = entry.errors[-1] if entry.errors else {}
-    event = entry.event
-    return {
-        "account": account_id,
-        "event_id": entry.event_id,
-        "serial": entry.serial,
-        "kind": event.get("k"),
-        "occurred_at": event.get("o"),
-        "dead_at": _iso(entry.dead_at_ms),
-        "attempts": len(entry.errors),
-        "status": last.get("status"),
-        "code": last.get("code") or last.get("kind"),
-        "reason": entry.reason,
-        "replays": entry.replays,
-    }
 
 
 async def _with_redis(fn: Callable[[Redis, AccountStore], Awaitable[Any]]) -> Any:
@@ -140,7 +122,8 @@ def list_(
         for account_id in await _accounts(store, account):
             totals[account_id] = await dlq.count(redis, account_id)
             rows += [
-                summary(account_id, e) for e in await dlq.list_entries(redis, account_id, flt, limit=limit)
+                dlq_summary(account_id, e)
+                for e in await dlq.list_entries(redis, account_id, flt, limit=limit)
             ]
         return rows, totals
 

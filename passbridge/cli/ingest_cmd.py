@@ -13,7 +13,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from passbridge.accounts import AccountNotFound, AccountStore
 from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
-from passbridge.crypto import load_cipher
+from passbridge.crypto import cipher_from_settings
 
 
 def _lines(path: Path, bad: list[dict[str, Any]]) -> Iterator[Any]:
@@ -48,9 +48,7 @@ def ingest(
     async def go() -> PublishSummary:
         redis = Redis.from_url(url)
         try:
-            store = AccountStore(
-                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
-            )
+            store = AccountStore(redis, cipher_from_settings(s))
             try:
                 acct = await store.get(account)
             except AccountNotFound:

@@ -20,8 +20,13 @@ def producer(
 
     if workers > 1:
         import os
+        from pathlib import Path
+
+        from passbridge.metrics import setup_multiprocess
 
         os.environ["REDIS_URL"] = url
+        # Every process counts into files here; a scrape of any one of them adds them all up.
+        setup_multiprocess(Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or s.state_dir / "prometheus"))
         uvicorn.run(
             "producer.main:app",
             host=host or s.producer_host,

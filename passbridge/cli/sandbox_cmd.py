@@ -21,9 +21,9 @@ def _error_rates(values: list[str]) -> tuple[tuple[int, float], ...]:
             code, probability = int(status), float(rate)
         except ValueError:
             fail(f"--error-rate takes STATUS=RATE (e.g. 503=0.05), not {value!r}")
-        if not sep or code not in (500, 502, 503, 504) or not 0 <= probability <= 1:
+        if not sep or code not in (429, 500, 502, 503, 504) or not 0 <= probability <= 1:
             fail(
-                f"--error-rate takes STATUS=RATE with STATUS 500/502/503/504 and 0 ≤ RATE ≤ 1, not {value!r}"
+                f"--error-rate takes STATUS=RATE with STATUS 429/500/502/503/504 and 0 ≤ RATE ≤ 1, not {value!r}"
             )
         rates.append((code, probability))
     return tuple(rates)

@@ -21,6 +21,12 @@ def worker(
     grace: float = typer.Option(
         None, min=0, help="Seconds to finish in-flight events on SIGTERM (default PASSBRIDGE_WORKER_GRACE_S)."
     ),
+    metrics_port: int = typer.Option(
+        None,
+        "--metrics-port",
+        min=0,
+        help="Serve Prometheus /metrics on this port (0 = any free port; default PASSBRIDGE_WORKER_METRICS_PORT).",
+    ),
     check: bool = typer.Option(
         False, "--check", help="Exit 0 if a worker recorded its health in the last few seconds, else 1."
     ),
@@ -41,6 +47,7 @@ def worker(
             "worker_max_jobs": concurrency,
             "worker_lease_ttl_s": lease_ttl,
             "worker_grace_s": grace,
+            "worker_metrics_port": metrics_port,
         }.items()
         if v is not None
     }

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 
 import orjson
 import structlog
 from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.requests import Request
 from starlette.responses import Response
 
@@ -28,8 +30,11 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
 async def read_body(request: Request, limit: int) -> bytes:
     """The request body, or a 413 problem as soon as it exceeds ``limit`` bytes."""
     declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > limit:
-        raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+    if declared and declared.isdigit():
+        if int(declared) > limit:
+            raise Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+        # The server stops at the declared length, so the body cannot grow past it: read it in one go.
+        return await request.body()
     chunks = []
     size = 0
     async for chunk in request.stream():
@@ -58,11 +63,27 @@ async def authenticate_ingest(request: Request, ctx: ProducerContext) -> Account
 
 async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
     """Enqueue through the shared publisher; Redis down or backlog full become a 503 with Retry-After."""
-    try:
+    with store_errors_as_503(ctx, account_id):
         return await ctx.publisher.publish(account_id, events)
+
+
+@contextmanager
+def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]:
+    """Turn a full backlog or an unreachable Redis inside the block into a 503 problem with Retry-After."""
+    try:
+        yield
     except BacklogFull as exc:
+        depth = f"{exc.depth} pending events" if exc.depth >= 0 else "a backlog"
         raise unavailable(
-            f"account {account_id} has {exc.depth} pending events, over its high-water mark",
+            f"account {account_id} has {depth} over its high-water mark; nothing was written",
+            ctx.settings.retry_after_s,
+        ) from None
+    except (RedisTimeoutError, TimeoutError) as exc:
+        log.warning("redis timed out", error=type(exc).__name__)
+        # The command may have run before the reply was lost: say so, and that a retry is safe.
+        raise unavailable(
+            "the queue store did not answer in time; the outcome is unknown and retrying is safe "
+            "(the event id deduplicates it)",
             ctx.settings.retry_after_s,
         ) from None
     except (RedisError, OSError) as exc:

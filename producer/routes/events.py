@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import asyncio
+from dataclasses import dataclass, field
 from typing import Any
 
 import orjson
 import structlog
+from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
+from passbridge.queue import count_skipped
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
@@ -77,7 +82,7 @@ async def post_events(request: Request) -> Response:
     if errors:
         raise unprocessable(errors)
 
-    results = await _publish(ctx, account, events)
+    results = await publish_events(ctx, account, events)
     if single:
         return json_response(results[0], 202)
     return json_response(
@@ -91,10 +96,16 @@ async def post_events(request: Request) -> Response:
     )
 
 
-async def _publish(ctx: ProducerContext, account: Account, events: list[PassEvent]) -> list[dict[str, Any]]:
+async def publish_events(
+    ctx: ProducerContext, account: Account, events: list[PassEvent]
+) -> list[dict[str, Any]]:
     """Enqueue the events of synced pass types; report each as accepted, duplicate or skipped."""
     synced = [e for e in events if account.syncs(e.pass_type)]
     flags = iter(await enqueue_or_503(ctx, account.account_id, synced))
+    if len(synced) < len(events):
+        await _count_skipped(
+            ctx, account.account_id, [e.pass_type for e in events if not account.syncs(e.pass_type)]
+        )
     out = []
     for ev in events:
         if not account.syncs(ev.pass_type):
@@ -118,104 +129,148 @@ async def _publish(ctx: ProducerContext, account: Account, events: list[PassEven
     return out
 
 
+async def _count_skipped(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
+    """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
+    (the events were rightly acknowledged and not enqueued either way)."""
+    try:
+        await count_skipped(ctx.redis, account_id, pass_types)
+    except (RedisError, OSError) as exc:
+        log.warning("skipped events not counted", account_id=account_id, error=type(exc).__name__)
+
+
+@dataclass
+class _Batch:
+    """NDJSON events on their way to Redis, and the line the first of them came from."""
+
+    first_line: int
+    events: list[PassEvent] = field(default_factory=list)
+
+
+@dataclass
+class _Tally:
+    lines: int = 0
+    accepted: int = 0
+    duplicates: int = 0
+    skipped: int = 0
+    rejected: list[dict[str, Any]] = field(default_factory=list)
+
+
+async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, tally: _Tally) -> None:
+    """Enqueue one NDJSON batch and count the outcome; a 503 says from which line to resume."""
+    synced = batch.events
+    if account.sync_pass_types:
+        synced = [e for e in batch.events if account.syncs(e.pass_type)]
+    try:
+        flags = await enqueue_or_503(ctx, account.account_id, synced)
+    except Problem as exc:
+        # Lines before this batch stay accepted; the client resumes after them.
+        exc.extra.update(
+            {
+                "lines_read": tally.lines,
+                "accepted": tally.accepted,
+                "duplicates": tally.duplicates,
+                "resume_after_line": batch.first_line - 1,
+            }
+        )
+        raise
+    fresh = sum(flags)
+    tally.accepted += fresh
+    tally.duplicates += len(flags) - fresh
+    if len(synced) < len(batch.events):
+        await _count_skipped(
+            ctx, account.account_id, [e.pass_type for e in batch.events if not account.syncs(e.pass_type)]
+        )
+    tally.skipped += len(batch.events) - len(synced)
+
+
+def _line_error(line: int, detail: str) -> dict[str, Any]:
+    return {"line": line, "errors": [{"pointer": "", "field": "(line)", "detail": detail}]}
+
+
 async def post_ndjson(request: Request) -> Response:
-    """Streaming NDJSON backfill: valid lines are accepted, rejected ones reported with line numbers."""
+    """Streaming NDJSON backfill: valid lines are accepted, rejected ones reported with line numbers.
+
+    Lines are validated as they arrive and enqueued in batches of ``NDJSON_CHUNK``. While one batch is in
+    Redis the next is being validated (one batch in flight at a time, so batches reach Redis in file order).
+    """
     ctx: ProducerContext = request.app.state.ctx
     account = await authenticate_ingest(request, ctx)
     region = ctx.settings.default_phone_region
-    lines = accepted = duplicates = skipped = 0
-    rejected: list[dict[str, Any]] = []
-    pending: list[PassEvent] = []
+    tally = _Tally()
+    batch = _Batch(1)
+    in_flight: asyncio.Task[None] | None = None
     buffer = b""
-
-    async def flush() -> None:
-        nonlocal accepted, duplicates, skipped, pending
-        batch, pending = pending, []
-        try:
-            results = await _publish(ctx, account, batch)
-        except Problem as exc:
-            # What was accepted before stays accepted; tell the client where to resume.
-            exc.extra.update(
-                {
-                    "lines_read": lines,
-                    "accepted": accepted,
-                    "duplicates": duplicates,
-                    "resume_after_line": lines - len(batch),
-                }
-            )
-            raise
-        for r in results:
-            if r["status"] == "accepted":
-                accepted += 1
-            elif r["status"] == "duplicate":
-                duplicates += 1
-            else:
-                skipped += 1
+    received = utcnow()
 
     def take(line: bytes) -> None:
-        nonlocal lines
-        lines += 1
+        tally.lines += 1
         if not line.strip():
             return
         if len(line) > MAX_NDJSON_LINE:
-            rejected.append(
-                {
-                    "line": lines,
-                    "errors": [
-                        {
-                            "pointer": "",
-                            "field": "(line)",
-                            "detail": f"line longer than {MAX_NDJSON_LINE} bytes",
-                        }
-                    ],
-                }
-            )
+            tally.rejected.append(_line_error(tally.lines, f"line longer than {MAX_NDJSON_LINE} bytes"))
             return
         try:
             raw = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            rejected.append(
-                {"line": lines, "errors": [{"pointer": "", "field": "(line)", "detail": str(exc)}]}
-            )
+            tally.rejected.append(_line_error(tally.lines, str(exc)))
             return
         try:
-            pending.append(
-                to_event(raw, account=account, source="ndjson", received_at=utcnow(), default_region=region)
+            event = to_event(
+                raw, account=account, source="ndjson", received_at=received, default_region=region
             )
         except ItemError as exc:
-            rejected.append({"line": lines, "errors": exc.errors})
+            tally.rejected.append({"line": tally.lines, "errors": exc.errors})
+            return
+        if not batch.events:
+            batch.first_line = tally.lines
+        batch.events.append(event)
 
-    async for chunk in request.stream():
-        buffer += chunk
-        if b"\n" not in buffer:
-            if len(buffer) > MAX_NDJSON_LINE * 2:
-                take(buffer)  # reported as too long
-                buffer = b""
-            continue
-        *complete, buffer = buffer.split(b"\n")
-        for line in complete:
-            take(line)
-        if len(pending) >= NDJSON_CHUNK:
-            await flush()
-    if buffer:
-        take(buffer)
-    if pending:
-        await flush()
+    async def send() -> None:
+        nonlocal batch, in_flight
+        if in_flight is not None:
+            await in_flight
+        in_flight = asyncio.create_task(_publish_batch(ctx, account, batch, tally))
+        batch = _Batch(tally.lines + 1)
+
+    try:
+        async for chunk in request.stream():
+            received = utcnow()  # the receive time of the lines in this chunk
+            buffer += chunk
+            if b"\n" not in buffer:
+                if len(buffer) > MAX_NDJSON_LINE * 2:
+                    take(buffer)  # reported as too long
+                    buffer = b""
+                continue
+            *complete, buffer = buffer.split(b"\n")
+            for line in complete:
+                take(line)
+                if len(batch.events) >= NDJSON_CHUNK:  # a network chunk may hold thousands of lines
+                    await send()
+        if buffer:
+            take(buffer)
+        if batch.events:
+            await send()
+        if in_flight is not None:
+            await in_flight
+    finally:
+        if in_flight is not None and not in_flight.done():
+            in_flight.cancel()
+    metrics.rejected("invalid-line", len(tally.rejected))
     log.info(
         "ndjson ingested",
         account_id=account.account_id,
-        lines=lines,
-        accepted=accepted,
-        duplicates=duplicates,
-        rejected=len(rejected),
+        lines=tally.lines,
+        accepted=tally.accepted,
+        duplicates=tally.duplicates,
+        rejected=len(tally.rejected),
     )
     return json_response(
         {
-            "lines": lines,
-            "accepted": accepted,
-            "duplicates": duplicates,
-            "skipped": skipped,
-            "rejected": rejected,
+            "lines": tally.lines,
+            "accepted": tally.accepted,
+            "duplicates": tally.duplicates,
+            "skipped": tally.skipped,
+            "rejected": tally.rejected,
         },
         200,
     )

@@ -26,7 +26,7 @@ from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
 from producer.routes.common import enqueue_or_503, json_response, read_body
-from producer.routes.events import _publish
+from producer.routes.events import publish_events
 
 WEBHOOK_TYPES = {f"pass.{k}": k for k in ("created", "installed", "updated", "uninstalled", "deleted")}
 
@@ -136,7 +136,12 @@ async def post_webhook(request: Request) -> Response:
     ctx: ProducerContext = request.app.state.ctx
     account = await ctx.account(request.path_params["account_id"])
     body = await read_body(request, ctx.settings.max_body_bytes)
-    headers = {k: v for k, v in request.headers.items() if k.startswith("webhook-")}
+    # Straight from the ASGI scope (names are lower-case bytes there): only the three webhook-* headers.
+    headers = {
+        k.decode("latin-1"): v.decode("latin-1")
+        for k, v in request.scope["headers"]
+        if k.startswith(b"webhook-")
+    }
     verify([s.get_secret_value() for s in account.secrets.webhook_secrets], body, headers)
     try:
         doc = orjson.loads(body)
@@ -153,7 +158,7 @@ async def post_webhook(request: Request) -> Response:
         )
     except ItemError as exc:
         raise unprocessable(_repoint(exc.errors)) from None
-    result = (await _publish(ctx, account, [event]))[0]
+    result = (await publish_events(ctx, account, [event]))[0]
     return json_response(result, 202)
 
 

@@ -148,21 +148,7 @@ class TestEventsRoute:
         assert await env.redis.get(account_keys("acme").depth) is None
 
     async def test_unsynced_pass_type_is_acknowledged_and_skipped(self, env: Env) -> None:
-        from passbridge.accounts import AccountStore
-        from passbridge.crypto import load_cipher
-
-        store = AccountStore(
-            env.redis,
-            load_cipher(
-                env.settings.secret_key.get_secret_value(),  # type: ignore[union-attr]
-                env.settings.state_dir,
-            ),
-        )
-        acct = await store.get("acme")
-        await store.put(acct.model_copy(update={"sync_pass_types": ["ptk_other"]}))
-        import asyncio
-
-        await asyncio.sleep(2.1)  # the producer's account cache
+        await env.update_account(sync_pass_types=["ptk_other"])
         r = await env.http.post(URL, json=event(1), headers=auth())
         assert r.status_code == 202
         assert r.json()["status"] == "skipped"

@@ -15,6 +15,10 @@ from klaviyo_sandbox.faults import FaultInjector
 from tests.sandbox import payloads
 from tests.sandbox.conftest import assert_klaviyo_error
 
+#: A dropped connection reaches the client as a closed stream or, when the close races the request's last
+#: bytes, as a reset: both mean "no answer".
+DROPPED = (httpx.RemoteProtocolError, httpx.ReadError)
+
 
 @pytest.fixture
 def faults(sandbox: SandboxClient) -> Iterator[SandboxClient]:
@@ -30,6 +34,14 @@ def test_error_rates_per_operation(api: httpx.Client, faults: SandboxClient) -> 
     faults.set_faults(error_rates={500: 0.5, 502: 0.5}, seed=7)
     statuses = {api.get("/api/profiles").status_code for _ in range(40)}
     assert statuses == {500, 502, 200}
+
+
+def test_injected_throttle_looks_like_klaviyos(api: httpx.Client, faults: SandboxClient) -> None:
+    faults.set_faults(error_rates={429: 1.0}, operations=["create_event"])
+    r = api.post("/api/events", json=payloads.event())
+    assert_klaviyo_error(r, 429, "throttled")
+    assert float(r.headers["retry-after"]) > 0
+    assert faults.count("create_event", 429) == 1
 
 
 def test_latency(api: httpx.Client, faults: SandboxClient) -> None:
@@ -49,11 +61,11 @@ def test_hung_request_never_answers(api: httpx.Client, faults: SandboxClient) ->
 
 def test_dropped_connection_before_and_after_processing(api: httpx.Client, faults: SandboxClient) -> None:
     faults.set_faults(drop_rate=1.0, operations=["create_event"])
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(DROPPED):
         api.post("/api/events", json=payloads.event(unique_id="lost"))
     assert faults.profiles() == []  # dropped before the write
     faults.set_faults(drop_rate=1.0, drop_after_processing=True, operations=["create_event"])
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(DROPPED):
         api.post("/api/events", json=payloads.event(unique_id="written"))
     profile = faults.profile("serial-1")
     assert profile is not None
@@ -70,7 +82,7 @@ def test_scheduled_outage(api: httpx.Client, faults: SandboxClient) -> None:
     time.sleep(0.35)
     assert api.get("/api/profiles").status_code == 200
     faults.add_outage(duration_s=0.3, status=0)
-    with pytest.raises(httpx.RemoteProtocolError):
+    with pytest.raises(DROPPED):
         api.get("/api/profiles")
 
 

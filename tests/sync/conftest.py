@@ -15,10 +15,11 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountSecrets, AccountStore, OAuthTokens
 from passbridge.crypto import load_cipher
+from passbridge.oauth import authorize_url, pkce_pair
 from passbridge.settings import Settings
 from tests.sync.spec import load_spec, shared_dir
 from worker.klaviyo.client import ClientOptions, KlaviyoClient
-from worker.klaviyo.oauth import authorize_url, pkce_pair
+from worker.klaviyo.endpoints import OAUTH_SCOPES
 
 if TYPE_CHECKING:
     from klaviyo_sandbox.client import SandboxClient
@@ -179,7 +180,14 @@ def oauth_grant(base_url: str) -> dict[str, Any]:
     """Connect the test app the way a merchant would: authorize (PKCE S256) and exchange the code."""
     verifier, challenge = pkce_pair()
     redirect_uri = "http://127.0.0.1/callback"
-    url = authorize_url(OAUTH_CLIENT_ID, redirect_uri, "s1", challenge, base=f"{base_url}/oauth/authorize")
+    url = authorize_url(
+        f"{base_url}/oauth/authorize",
+        client_id=OAUTH_CLIENT_ID,
+        redirect_uri=redirect_uri,
+        scopes=tuple(OAUTH_SCOPES),
+        state="s1",
+        challenge=challenge,
+    )
     with httpx.Client(timeout=10) as http:
         r = http.get(url)
         assert r.status_code == 302, r.text

@@ -290,6 +290,12 @@ class TestFailures:
         await engines(syncer)
         await async_wait_for(lambda: drained(redis, "globex"), timeout=10)
         await async_wait_for(lambda: _paused(redis, "acme"), timeout=5)
+
+        # The pause key is written first, the registry's state right after it (pause.pause_account).
+        async def registry_paused() -> bool:
+            return (await store.get("acme")).state is AccountState.paused
+
+        await async_wait_for(registry_paused, timeout=5)
         account = await store.get("acme")
         assert account.state is AccountState.paused
         assert "not_authenticated" in account.state_reason

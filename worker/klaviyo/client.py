@@ -25,6 +25,7 @@ import orjson
 import structlog
 from redis.asyncio import Redis
 
+from passbridge import metrics
 from passbridge.accounts import Account, AccountStore
 from passbridge.settings import Settings
 from worker.klaviyo.endpoints import OAUTH_TOKEN_PATH, Operation
@@ -203,6 +204,7 @@ class KlaviyoClient:
                 )
             response = await self._send(op, path, authorization, content, params)
             status = response.status_code
+            metrics.klaviyo_response(account.account_id, op.name, status)
             if 200 <= status < 300:
                 self.calls[(op.name, str(status))] += 1
                 return Reply(status, _json_or_none(response.content))

@@ -16,13 +16,9 @@ is refreshed shortly before it expires or when Klaviyo answers 401 ``authenticat
 from __future__ import annotations
 
 import asyncio
-import base64
-import hashlib
-import secrets
 import time
 from dataclasses import dataclass
 from typing import NoReturn
-from urllib.parse import urlencode
 
 import httpx
 import orjson
@@ -33,7 +29,6 @@ from redis.exceptions import LockError
 
 from passbridge.accounts import Account, AccountState, AccountStore, OAuthTokens
 from passbridge.keys import account_keys
-from worker.klaviyo.endpoints import OAUTH_SCOPES
 from worker.klaviyo.errors import AuthError, ThrottledError, TransientError, parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -233,35 +228,6 @@ class OAuthManager:
         self._cache.pop(account_id, None)
         log.warning("klaviyo_account_disconnected", account=account_id, reason=reason)
         raise AuthError(401, TOKEN_ENDPOINT, code="disconnected", detail=reason)
-
-
-#: Where a merchant approves the app (a browser redirect; token calls go to a.klaviyo.com).
-AUTHORIZE_URL = "https://www.klaviyo.com/oauth/authorize"
-
-
-def pkce_pair() -> tuple[str, str]:
-    """A PKCE (S256) ``(code_verifier, code_challenge)``; Klaviyo requires PKCE."""
-    verifier = secrets.token_urlsafe(48)
-    challenge = base64.urlsafe_b64encode(hashlib.sha256(verifier.encode()).digest()).decode().rstrip("=")
-    return verifier, challenge
-
-
-def authorize_url(
-    client_id: str, redirect_uri: str, state: str, code_challenge: str, *, base: str = AUTHORIZE_URL
-) -> str:
-    """The URL that asks a merchant to connect passbridge, for exactly :data:`OAUTH_SCOPES`."""
-    query = urlencode(
-        {
-            "response_type": "code",
-            "client_id": client_id,
-            "redirect_uri": redirect_uri,
-            "scope": " ".join(OAUTH_SCOPES),
-            "state": state,
-            "code_challenge_method": "S256",
-            "code_challenge": code_challenge,
-        }
-    )
-    return f"{base}?{query}"
 
 
 def _oauth(account: Account) -> OAuthTokens:

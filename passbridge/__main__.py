@@ -1,0 +1,5 @@
+"""``python -m passbridge``: the CLI."""
+
+from passbridge.cli import main
+
+main()

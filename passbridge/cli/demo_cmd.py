@@ -1,0 +1,59 @@
+"""``passbridge demo``: the whole product on this machine, verified."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from passbridge.cli.common import console, emit_json, settings
+
+
+def demo(
+    passes: int = typer.Option(3000, help="Passes to play (about four accepted events each)."),
+    accounts: int = typer.Option(3, help="Merchant accounts."),
+    rate_scale: float = typer.Option(20.0, help="Klaviyo's rate-limit clock runs this many times faster."),
+    workers: int = typer.Option(2, help="Worker processes."),
+    error_rate: float = typer.Option(0.02, help="Share of Klaviyo requests answered 500/502/503."),
+    throttle_rate: float = typer.Option(0.01, help="Share of Klaviyo requests answered 429."),
+    seed: int = typer.Option(7, help="Scenario seed."),
+    keep: bool = typer.Option(False, help="Keep the demo's state dir (logs, Redis data)."),
+    state_dir: Path = typer.Option(None, help="Where the demo keeps its processes' state."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Start Redis, the Klaviyo sandbox, the producer and workers; play a day of events; verify Klaviyo."""
+    from passbridge.demo.run import DemoOptions, run_demo, summary_table
+    from passbridge.logging import configure_logging
+
+    s = settings()
+    # The demo's own process talks through its progress bars and summary; its library logs (set-up steps)
+    # would only interleave with them. The stack's processes keep logging to their files in the state dir.
+    configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
+    report = run_demo(
+        DemoOptions(
+            passes=passes,
+            accounts=accounts,
+            rate_scale=rate_scale,
+            workers=workers,
+            error_rate=error_rate,
+            throttle_rate=throttle_rate,
+            seed=seed,
+            keep=keep,
+            state_dir=state_dir,
+            quiet=as_json,
+        )
+    )
+    if as_json:
+        emit_json(report.as_dict())
+    else:
+        console.print(summary_table(report))
+        v = report.verification
+        for check in v.checks if v else []:
+            if not check.ok:
+                console.print(f"[red]✗[/] {check.name}: expected {check.expected}, got {check.got}")
+        for line in (v.problems if v else [])[:10]:
+            console.print(f"  {line}")
+        for line in report.mismatched_answers[:10]:
+            console.print(f"  answer: {line}")
+    if not report.ok:
+        raise typer.Exit(1)

@@ -1,0 +1,275 @@
+"""``passbridge status|serial|event|report``: what is stuck, where and why — read through ``worker.inspect``.
+
+Every command prints tables for people and, with ``--json``, one JSON document on stdout (logs go to stderr).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import orjson
+import typer
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+from rich.table import Table
+
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from worker import inspect
+from worker.report import summarize
+
+T = TypeVar("T")
+JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
+
+
+def _query(fn: Callable[[Redis], Awaitable[T]]) -> T:
+    """Run ``fn`` against the configured Redis (never starting the embedded one); a clear error if unreachable."""
+    url = redis_url(settings(), start=False)
+
+    async def go() -> T:
+        redis = Redis.from_url(url, socket_connect_timeout=3, socket_timeout=10)
+        try:
+            return await fn(redis)
+        finally:
+            await redis.aclose()
+
+    try:
+        return run(go())
+    except (RedisError, OSError) as exc:
+        fail(f"cannot read the queue from Redis at {_redacted(url)}: {exc}")
+
+
+def _redacted(url: str) -> str:
+    """``url`` without a password (``redis://:secret@host`` → ``redis://:***@host``)."""
+    scheme, sep, rest = url.partition("://")
+    creds, at, host = rest.rpartition("@")
+    if not at:
+        return url
+    user = creds.split(":", 1)[0]
+    return f"{scheme}{sep}{user}:***@{host}"
+
+
+def _age(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{seconds:.0f} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60} s"
+    return f"{s // 3600} h {s % 3600 // 60} min"
+
+
+def _detail(d: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in d.items()) if d else ""
+
+
+def status(
+    account: list[str] = typer.Option(None, "--account", "-a", help="Only these accounts (repeatable)."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Per account: queued events, ready/parked/leased serials, oldest event, DLQ, rates, Klaviyo calls and
+    429s, state; and the worker processes with their last heartbeat."""
+
+    async def go(redis: Redis) -> dict[str, Any]:
+        now, accounts = await inspect.overview(redis, account or None)
+        workers = await inspect.workers(redis)
+        return {
+            "at": inspect.iso(now),
+            "accounts": [a.to_doc(now) for a in accounts],
+            "workers": [w.to_doc(now) for w in workers],
+        }
+
+    doc = _query(go)
+    if as_json:
+        emit_json(doc)
+        return
+    table = Table(
+        "account",
+        "state",
+        "pending",
+        "oldest",
+        "ready",
+        "parked (next attempt)",
+        "leased",
+        "DLQ",
+        "in/s 1m·5m",
+        "out/s 1m·5m",
+        "Klaviyo 5m req·429",
+        title=f"accounts at {doc['at']}",
+    )
+    notes: list[str] = []
+    for a in doc["accounts"]:
+        state = a["state"]
+        if state != "connected":
+            since = f" since {a['paused']['since']}" if a["paused"] else ""
+            notes.append(
+                f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}"
+            )
+        if a["dlq"]:
+            notes.append(
+                f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}"
+            )
+        table.add_row(
+            a["account"],
+            state if state == "connected" else f"[red]{state}[/]",
+            str(a["pending_events"]),
+            _age(a["oldest_event_age_s"]) if a["pending_events"] else "-",
+            str(a["ready_serials"]),
+            f"{a['parked_serials']}" + (f" ({a['next_attempt']})" if a["next_attempt"] else ""),
+            str(a["leased_serials"]),
+            f"[red]{a['dlq']}[/]" if a["dlq"] else "0",
+            f"{a['ingested_per_s']['1m']:.2f} · {a['ingested_per_s']['5m']:.2f}",
+            f"{a['delivered_per_s']['1m']:.2f} · {a['delivered_per_s']['5m']:.2f}",
+            f"{a['klaviyo_requests_5m']} · {a['klaviyo_429s_5m']}",
+        )
+    console.print(table)
+    for note in notes:
+        console.print(note, soft_wrap=True)
+    if not doc["workers"]:
+        console.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
+        return
+    wt = Table(
+        "worker", "alive", "last heartbeat", "held", "written", "retried", "dead-lettered", title="workers"
+    )
+    for w in doc["workers"]:
+        wt.add_row(
+            w["worker"],
+            "yes" if w["alive"] else "[red]no[/]",
+            f"{w['last_heartbeat']} ({w['heartbeat_age_s']} s ago)",
+            f"{w['held_serials']}/{w['max_serials']}",
+            str(w["written"]),
+            str(w["retried"]),
+            str(w["dead_lettered"]),
+        )
+    console.print(wt)
+
+
+def serial(
+    account: str = typer.Argument(..., help="The account."),
+    serial_number: str = typer.Argument(..., metavar="SERIAL", help="The pass serial number."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """One pass: its pending events in order, applied state, lease holder, attempts and timeline."""
+    detail = _query(lambda r: inspect.serial_detail(r, account, serial_number))
+    doc = detail.to_doc()
+    unknown = not detail.pending_total and not detail.timeline and detail.applied is None
+    if as_json:
+        emit_json(doc)
+        if unknown:
+            raise typer.Exit(1)
+        return
+    if unknown:
+        fail(f"nothing known about serial {serial_number!r} of account {account!r}")
+    line = f"[bold]{serial_number}[/] of {account}: {doc['status']}"
+    if detail.lease is not None:
+        line += f", held by {detail.lease.worker_id} (lease until {inspect.iso(detail.lease.expires_ms)})"
+    if doc["next_attempt"]:
+        line += f", next attempt {doc['next_attempt']}"
+    console.print(line)
+    if detail.pending:
+        table = Table(
+            "#", "event id", "kind", "occurred", "received", "attempts", title="pending, in send order"
+        )
+        for i, p in enumerate(doc["pending"], 1):
+            table.add_row(
+                str(i), p["event_id"], p["kind"], p["occurred_at"], p["received_at"], str(p["attempts"])
+            )
+        console.print(table)
+    else:
+        console.print("nothing pending")
+    for event_id, record in detail.retries.items():
+        for err in record.get("errors", [])[-3:]:
+            console.print(
+                f"  {event_id} failed {inspect.iso(err.get('at_ms'))}: {err.get('status') or ''} "
+                f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"[
+                    :200
+                ]
+            )
+    if detail.dead:
+        console.print("dead-lettered: " + ", ".join(e.event_id for e in detail.dead))
+    console.print("applied state:" if detail.applied else "applied state: none yet")
+    if detail.applied:
+        console.print_json(data=detail.applied)
+    tl = Table("time", "what", "event id", "detail", title="timeline")
+    for h in detail.timeline:
+        tl.add_row(inspect.iso(h.at_ms) or "", h.kind, h.event_id, _detail(h.detail)[:120])
+    console.print(tl)
+
+
+def event(
+    account: str = typer.Argument(..., help="The account."),
+    event_id: str = typer.Argument(..., help="The event id."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Where one event is now (queued, dead-lettered, delivered) and its history."""
+    window = settings().dedup_ttl_s
+    found = _query(lambda r: inspect.find_event(r, account, event_id, window))
+    if as_json:
+        emit_json(found.to_doc())
+        if found.where == "unknown":
+            raise typer.Exit(1)
+        return
+    if found.where == "unknown" and found.serial is None:
+        fail(f"event {event_id!r} of account {account!r}: {found.detail}")
+    console.print(f"[bold]{event_id}[/] (serial {found.serial}): [bold]{found.where}[/] — {found.detail}")
+    for h in found.history:
+        console.print(f"  {inspect.iso(h.at_ms)}  {h.kind:<10} {_detail(h.detail)[:140]}")
+    if found.event:
+        console.print_json(orjson.dumps(found.event).decode())
+    if found.where == "unknown":
+        raise typer.Exit(1)
+
+
+def report(
+    account: str = typer.Argument(..., help="The account."),
+    since: str = typer.Option("30d", help="From: ISO 8601 or an age (7d, 24h)."),
+    until: str = typer.Option("now", help="To (exclusive): ISO 8601, an age, or now."),
+    as_json: bool = JsonOpt,
+) -> None:
+    """Pass save rate (installed/created) and install-to-uninstall ratio, by platform and pass type, for the
+    events that occurred in a time range (hour granularity)."""
+    try:
+        since_ms, until_ms = inspect.parse_when(since), inspect.parse_when(until)
+    except ValueError as exc:
+        fail(str(exc))
+    if since_ms >= until_ms:
+        fail(f"--since ({inspect.iso(since_ms)}) must be before --until ({inspect.iso(until_ms)})")
+    rows = _query(lambda r: inspect.report_rows(r, account, since_ms, until_ms))
+    doc: dict[str, Any] = {"account": account, "since": inspect.iso(since_ms), "until": inspect.iso(until_ms)}
+    doc.update(summarize(rows).to_doc())
+    if as_json:
+        emit_json(doc)
+        return
+    console.print(f"[bold]{account}[/]: events that occurred {doc['since']} – {doc['until']}")
+
+    def pct(v: float | None) -> str:
+        return "-" if v is None else f"{v:.1%}"
+
+    def ratio(v: float | None) -> str:
+        return "-" if v is None else f"{v:.2f}"
+
+    table = Table(
+        "platform",
+        "pass type",
+        "created",
+        "installed",
+        "updated",
+        "uninstalled",
+        "deleted",
+        "save rate",
+        "install:uninstall",
+    )
+    lines: list[tuple[str, str, dict[str, Any]]] = [
+        (r["platform"], r["pass_type"], r) for r in doc["by_platform_and_pass_type"]
+    ]
+    lines += [(p, "(all)", t) for p, t in doc["by_platform"].items()]
+    lines += [("(all)", t, v) for t, v in doc["by_pass_type"].items()]
+    lines.append(("(all)", "(all)", doc["total"]))
+    for platform, pass_type, t in lines:
+        table.add_row(
+            platform,
+            pass_type,
+            *(str(t[k]) for k in ("created", "installed", "updated", "uninstalled", "deleted")),
+            pct(t["save_rate"]),
+            ratio(t["install_uninstall_ratio"]),
+        )
+    console.print(table)

@@ -1,0 +1,64 @@
+"""``passbridge up``: the local stack, kept running for manual use (what ``make run`` starts)."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import typer
+
+from passbridge.cli.common import console, settings
+
+
+def up(
+    workers: int = typer.Option(2, help="Worker processes."),
+    rate_scale: float = typer.Option(1.0, help="Klaviyo's rate-limit clock in the sandbox and workers."),
+    producer_port: int = typer.Option(8000, help="Producer port."),
+    sandbox_port: int = typer.Option(8089, help="Sandbox port (ignored with PASSBRIDGE_KLAVIYO_BASE_URL)."),
+    account: str = typer.Option("local", help="An account to create (with the sandbox's key) if missing."),
+    state_dir: Path = typer.Option(Path(".passbridge/up"), help="Logs and Redis data."),
+) -> None:
+    """Start embedded Redis, the Klaviyo sandbox, the producer and workers; print the URLs; Ctrl-C stops."""
+    import asyncio
+    import os
+
+    from passbridge.demo.local import ensure_local_account
+    from passbridge.demo.stack import StackConfig, run_stack
+    from passbridge.logging import configure_logging
+
+    s = settings()
+    configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
+    external = os.environ.get("PASSBRIDGE_KLAVIYO_BASE_URL")
+    key = "pk_local_" + "0" * 24
+    admin = s.admin_token.get_secret_value() if s.admin_token else "local-admin"
+    cfg = StackConfig(
+        state_dir=state_dir,
+        workers=workers,
+        rate_scale=rate_scale,
+        sandbox=not external,
+        sandbox_api_keys=[key],
+        klaviyo_base_url=external,
+        producer_port=producer_port,
+        sandbox_port=sandbox_port,
+        admin_token=admin,
+        secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
+    )
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    with run_stack(cfg) as stack:
+        creds = asyncio.run(ensure_local_account(stack, account, None if external else key))
+        console.print(f"[bold]passbridge is up[/] (logs in {stack.logs})")
+        console.print(f"  producer   {stack.producer_url}   (API docs {stack.producer_url}/docs)")
+        console.print(f"  dashboard  {stack.producer_url}/dashboard   admin token: {admin}")
+        console.print(f"  metrics    {stack.producer_url}/metrics")
+        console.print(f"  Klaviyo    {stack.klaviyo_url}")
+        console.print(f"  Redis      {stack.redis_url}")
+        if creds:
+            console.print(f"  account {account!r}: ingest token {creds[0]}  webhook secret {creds[1]}")
+        console.print("Ctrl-C stops everything.")
+        try:
+            while not stop.wait(0.5):
+                pass
+        except KeyboardInterrupt:
+            pass

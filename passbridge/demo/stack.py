@@ -1,0 +1,163 @@
+"""Start and stop the local stack as real processes: embedded Redis, Klaviyo sandbox, producer, workers.
+
+Used by ``passbridge up`` (keep it running), ``passbridge demo`` and the end-to-end tests. Every process is a
+``passbridge`` CLI subprocess, so what runs here is exactly what runs in the compose stack.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import httpx
+
+from passbridge.redis_server import RedisServer, free_port, start_redis
+
+
+class StackError(RuntimeError):
+    """A process of the stack did not start."""
+
+
+@dataclass
+class StackConfig:
+    """What to start."""
+
+    state_dir: Path
+    workers: int = 2
+    rate_scale: float = 1.0
+    sandbox: bool = True
+    sandbox_api_keys: list[str] = field(default_factory=list)
+    sandbox_args: list[str] = field(default_factory=list)
+    klaviyo_base_url: str | None = None
+    producer_port: int = 0
+    sandbox_port: int = 0
+    redis_url: str | None = None
+    secret_key: str | None = None
+    admin_token: str | None = None
+    extra_env: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class Stack:
+    """The running stack's URLs and processes."""
+
+    redis_url: str
+    producer_url: str
+    klaviyo_url: str
+    env: dict[str, str]
+    procs: dict[str, subprocess.Popen[bytes]]
+    redis: RedisServer | None
+    logs: Path
+
+    def worker_pids(self) -> list[int]:
+        return [p.pid for name, p in self.procs.items() if name.startswith("worker")]
+
+    def start_worker(self, name: str) -> subprocess.Popen[bytes]:
+        """Start one more worker process (for scale-out and kill tests)."""
+        proc = _spawn(["worker"], self.env, self.logs / f"{name}.log")
+        self.procs[name] = proc
+        return proc
+
+
+def _cli() -> list[str]:
+    return [sys.executable, "-m", "passbridge"]
+
+
+def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    log.parent.mkdir(parents=True, exist_ok=True)
+    with log.open("ab") as fh:
+        return subprocess.Popen(  # noqa: S603 - our own CLI
+            [*_cli(), *args],
+            env=env,
+            stdout=fh,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+
+
+def _wait_http(url: str, proc: subprocess.Popen[bytes], name: str, log: Path, timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace")[-2000:] if log.exists() else ""
+            raise StackError(f"{name} exited with {proc.returncode}:\n{tail}")
+        try:
+            if httpx.get(url, timeout=1.0).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise StackError(f"{name} did not answer {url} within {timeout:.0f} s (log: {log})")
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
+    """SIGTERM, wait up to ``timeout``, then SIGKILL."""
+    if proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(5)
+
+
+@contextmanager
+def run_stack(cfg: StackConfig) -> Iterator[Stack]:
+    """Start the stack, yield it, and stop every process on exit (workers first, Redis last)."""
+    cfg.state_dir.mkdir(parents=True, exist_ok=True)
+    logs = cfg.state_dir / "logs"
+    redis = None
+    if cfg.redis_url:
+        redis_url = cfg.redis_url
+    else:
+        redis = start_redis(cfg.state_dir / "redis")
+        redis_url = redis.url
+    env = {
+        **os.environ,
+        **cfg.extra_env,
+        "REDIS_URL": redis_url,
+        "PASSBRIDGE_STATE_DIR": str(cfg.state_dir),
+        "PASSBRIDGE_KLAVIYO_RATE_SCALE": str(cfg.rate_scale),
+        "PASSBRIDGE_LOG_FORMAT": "json",
+    }
+    if cfg.secret_key:
+        env["PASSBRIDGE_SECRET_KEY"] = cfg.secret_key
+    if cfg.admin_token:
+        env["PASSBRIDGE_ADMIN_TOKEN"] = cfg.admin_token
+    procs: dict[str, subprocess.Popen[bytes]] = {}
+    try:
+        if cfg.sandbox:
+            port = cfg.sandbox_port or free_port()
+            args = ["sandbox", "--port", str(port), "--rate-scale", str(cfg.rate_scale), *cfg.sandbox_args]
+            for key in cfg.sandbox_api_keys:
+                args += ["--api-key", key]
+            procs["sandbox"] = _spawn(args, env, logs / "sandbox.log")
+            klaviyo_url = f"http://127.0.0.1:{port}"
+            _wait_http(klaviyo_url + "/_sandbox/health", procs["sandbox"], "sandbox", logs / "sandbox.log")
+        else:
+            klaviyo_url = cfg.klaviyo_base_url or "https://a.klaviyo.com"
+        env["PASSBRIDGE_KLAVIYO_BASE_URL"] = klaviyo_url
+        pport = cfg.producer_port or free_port()
+        procs["producer"] = _spawn(
+            ["producer", "--host", "127.0.0.1", "--port", str(pport)], env, logs / "producer.log"
+        )
+        producer_url = f"http://127.0.0.1:{pport}"
+        _wait_http(producer_url + "/readyz", procs["producer"], "producer", logs / "producer.log")
+        stack = Stack(redis_url, producer_url, klaviyo_url, env, procs, redis, logs)
+        for i in range(cfg.workers):
+            stack.start_worker(f"worker-{i + 1}")
+        yield stack
+    finally:
+        for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n)):
+            stop_process(procs[name])
+        if redis:
+            redis.stop()

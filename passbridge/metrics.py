@@ -1,0 +1,402 @@
+"""What producer and worker processes count as things happen: Prometheus metrics and the activity recorder.
+
+Every hook below is one call at the place where the thing happens, and feeds two sinks:
+
+1. **prometheus-client** counters and a histogram in the process, scraped at ``/metrics`` (the producer's
+   route, each worker's ``--metrics-port``). With several producer processes set ``PROMETHEUS_MULTIPROC_DIR``
+   before they start (``passbridge producer --workers N`` does, see :func:`setup_multiprocess`): each process
+   then writes its values to files there and a scrape of any one process adds them all up.
+2. **the recorder** (:data:`RECORDER`): the same per-account counts, buffered in memory and added to Redis every
+   :data:`FLUSH_S` seconds in 10-second buckets (``AccountKeys.series``) plus hourly pass-lifecycle counters
+   (``AccountKeys.report``). That is what ``passbridge status``, the dashboard's charts and ``passbridge
+   report`` read, so they see every process's activity without a Prometheus server. A process killed with
+   SIGKILL loses at most its last unflushed :data:`FLUSH_S` seconds of counts (rates only, never events).
+
+Gauges (queue depth, oldest event age, DLQ size, account state, workers) are not counted here: they are read
+from Redis at scrape time (``worker/exporter.py`` over ``worker/inspect.py``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import os
+import threading
+import time
+from collections import Counter as Tally
+from collections.abc import Iterable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+
+import orjson
+import structlog
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    generate_latest,
+    multiprocess,
+)
+from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
+from redis.asyncio import Redis
+from redis.exceptions import RedisError
+
+from passbridge.event import PassEvent
+from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
+
+log = structlog.get_logger(__name__)
+
+CONTENT_TYPE = CONTENT_TYPE_LATEST
+
+# --- Prometheus ------------------------------------------------------------------------------------------
+
+if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    # In multiprocess mode every metric below opens a file there as it is created: the directory must exist.
+    Path(_multiproc_dir).mkdir(parents=True, exist_ok=True)
+
+INGESTED = Counter(
+    "passbridge_ingested_events",
+    "Events the producer accepted and enqueued (duplicates not included), by account and source.",
+    ["account", "source"],
+)
+DUPLICATES = Counter(
+    "passbridge_duplicate_events",
+    "Events the producer acknowledged as duplicates of an event id seen within the dedup window.",
+    ["account", "source"],
+)
+REJECTED = Counter(
+    "passbridge_rejected",
+    "Requests (and NDJSON lines) the producer refused, by reason (the problem type, e.g. unauthorized, "
+    "validation, unavailable).",
+    ["reason"],
+)
+DELIVERED = Counter(
+    "passbridge_delivered_events",
+    "Events Klaviyo accepted and the engine removed from the queue.",
+    ["account"],
+)
+DEAD_LETTERED = Counter(
+    "passbridge_dead_lettered_events", "Events the engine moved to the dead-letter queue.", ["account"]
+)
+RETRIES = Counter(
+    "passbridge_retries",
+    "Failed attempts the engine scheduled for another try, by failure kind (transient, internal, ...).",
+    ["account", "kind"],
+)
+KLAVIYO_REQUESTS = Counter(
+    "passbridge_klaviyo_requests",
+    "Klaviyo API answers, by account, endpoint (Klaviyo operationId) and HTTP status.",
+    ["account", "endpoint", "status"],
+)
+KLAVIYO_THROTTLED = Counter(
+    "passbridge_klaviyo_throttled",
+    "Klaviyo 429 answers (also counted in passbridge_klaviyo_requests_total{status='429'}).",
+    ["account", "endpoint"],
+)
+LATENCY = Histogram(
+    "passbridge_end_to_end_latency_seconds",
+    "From the producer receiving an event to Klaviyo accepting it (retries and pauses included).",
+    ["account"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 300, 900, 3600, 6 * 3600, 86_400),
+)
+TAKEOVERS = Counter(
+    "passbridge_lease_takeovers",
+    "Expired leases taken over by another worker or the sweep (a worker died or stalled).",
+)
+
+
+def setup_multiprocess(directory: Path) -> Path:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at ``directory``, emptied of metric files, for child processes.
+
+    prometheus-client chooses its storage when it is first imported, so this must run before the processes
+    that record metrics start (they inherit the environment); the calling process itself is not switched.
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    # Values of earlier runs would be added to this run's; only prometheus-client's own files are removed.
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
+    return directory
+
+
+class _Families(Collector):
+    """Hands precomputed metric families (the scrape-time gauges) to a registry."""
+
+    def __init__(self, families: Sequence[Metric]) -> None:
+        self.families = families
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def exposition(extra: Sequence[Metric] = ()) -> bytes:
+    """The text exposition of this process's metrics (all processes' in multiprocess mode) plus ``extra``."""
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+        base = generate_latest(registry)
+    else:
+        base = generate_latest(REGISTRY)
+    if not extra:
+        return base
+    scraped = CollectorRegistry(auto_describe=False)
+    scraped.register(_Families(extra))
+    return base + generate_latest(scraped)
+
+
+# --- the recorder ---------------------------------------------------------------------------------------
+
+#: Width of one activity bucket, seconds.
+BUCKET_S = 10
+#: Buckets per ``AccountKeys.series`` hash (one hour).
+BUCKETS_PER_HOUR = 3600 // BUCKET_S
+#: How long activity buckets are kept (the dashboard charts the last 30 minutes).
+SERIES_TTL_S = 6 * 3600
+#: How long report counters are kept after their day.
+REPORT_TTL_S = 400 * 86_400
+#: How often a process adds its buffered counts to Redis.
+FLUSH_S = 2.0
+
+#: Counted series: ingested (``in``), duplicates (``dup``), delivered (``out``), dead-lettered (``dead``),
+#: retries scheduled (``retry``), Klaviyo answers (``req``) and 429s (``429``).
+SERIES = ("in", "dup", "out", "dead", "retry", "req", "429")
+#: Sampled once per bucket by one process: pending events (``depth``) and DLQ size (``dlq``).
+SAMPLED = ("depth", "dlq")
+
+_SEQ_CHARS = 12  # a mailbox member starts with the arrival sequence, 12 hex digits (enqueue.lua)
+
+
+def bucket_of(epoch_s: float) -> int:
+    """The activity bucket holding ``epoch_s``."""
+    return int(epoch_s) // BUCKET_S
+
+
+def report_field(hour: int, kind: str, platform: str, pass_type: str) -> str:
+    """A field of an ``AccountKeys.report`` hash."""
+    return f"{hour:02d}|{kind}|{platform}|{pass_type}"
+
+
+class Recorder:
+    """Per-account counts buffered in the process; :meth:`flush` adds them to Redis (see the module docstring).
+
+    Thread-safe: tests run producers in threads of one process, each flushing the same recorder.
+    """
+
+    #: Buffered entries beyond which counts are dropped while Redis is unreachable (memory bound).
+    MAX_PENDING = 100_000
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._series: Tally[tuple[str, int, str]] = Tally()
+        self._report: Tally[tuple[str, str, str]] = Tally()
+
+    def count(self, account_id: str, name: str, n: int = 1, *, at_s: float | None = None) -> None:
+        """Add ``n`` to series ``name`` (one of :data:`SERIES`) of the account, in the current bucket."""
+        if n <= 0:
+            return
+        bucket = bucket_of(time.time() if at_s is None else at_s)
+        with self._lock:
+            self._series[(account_id, bucket, name)] += n
+
+    def tally(self, account_id: str, occurred: datetime, kind: str, platform: str, pass_type: str) -> None:
+        """Count one pass lifecycle event for the report, in the UTC hour it occurred."""
+        at = occurred.astimezone(UTC)
+        field = report_field(at.hour, kind, platform, pass_type)
+        with self._lock:
+            self._report[(account_id, at.strftime("%Y%m%d"), field)] += 1
+
+    def take(self) -> tuple[Tally[tuple[str, int, str]], Tally[tuple[str, str, str]]]:
+        """Everything buffered so far (the buffers start empty again)."""
+        with self._lock:
+            series, report = self._series, self._report
+            self._series, self._report = Tally(), Tally()
+        return series, report
+
+    def put_back(self, series: Tally[tuple[str, int, str]], report: Tally[tuple[str, str, str]]) -> None:
+        """Return counts a failed flush took (dropped if the buffer is already too large)."""
+        with self._lock:
+            if len(self._series) + len(self._report) < self.MAX_PENDING:
+                self._series.update(series)
+                self._report.update(report)
+
+    async def flush(self, redis: Redis, *, now_s: float | None = None) -> int:
+        """Add the buffered counts to Redis and sample depths if this process is first in the bucket.
+
+        Returns how many counters were written. Counts survive a failed flush (see :meth:`put_back`).
+        """
+        series, report = self.take()
+        written = 0
+        if series or report:
+            try:
+                await _write(redis, series, report)
+                written = len(series) + len(report)
+            except (RedisError, OSError):
+                self.put_back(series, report)
+                raise
+        await sample(redis, time.time() if now_s is None else now_s)
+        return written
+
+    async def run(self, redis: Redis, interval_s: float = FLUSH_S) -> None:
+        """Flush every ``interval_s`` until cancelled (see :func:`start_flusher`)."""
+        while True:
+            await asyncio.sleep(interval_s)
+            try:
+                await self.flush(redis)
+            except (RedisError, OSError) as exc:
+                log.warning("activity_flush_failed", error=type(exc).__name__)
+
+
+def start_flusher(redis: Redis, interval_s: float = FLUSH_S) -> asyncio.Task[None]:
+    """Start flushing :data:`RECORDER` to ``redis`` in the background (one per process and event loop)."""
+    return asyncio.create_task(RECORDER.run(redis, interval_s), name="activity-flusher")
+
+
+async def stop_flusher(task: asyncio.Task[None], redis: Redis) -> None:
+    """Stop the flusher and flush what is left (best effort: Redis may be gone already)."""
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    with contextlib.suppress(RedisError, OSError):
+        await RECORDER.flush(redis)
+
+
+async def _write(
+    redis: Redis, series: Tally[tuple[str, int, str]], report: Tally[tuple[str, str, str]]
+) -> None:
+    touched: dict[str, int] = {}
+    async with redis.pipeline(transaction=False) as pipe:
+        for (account_id, bucket, name), n in series.items():
+            key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
+            pipe.hincrby(key, f"{bucket}:{name}", n)
+            touched[key] = SERIES_TTL_S
+        for (account_id, day, field), n in report.items():
+            key = account_keys(account_id).report(day)
+            pipe.hincrby(key, field, n)
+            day_end = int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC).timestamp()) + 86_400
+            pipe.expireat(key, day_end + REPORT_TTL_S)
+        for key, ttl in touched.items():
+            pipe.expire(key, ttl)
+        await pipe.execute()
+
+
+async def sample(redis: Redis, now_s: float) -> bool:
+    """Record every account's depth and DLQ size in the current bucket, once per bucket across all processes.
+
+    Returns whether this call took the sample.
+    """
+    bucket = bucket_of(now_s)
+    if not await redis.set(SERIES_SAMPLED + str(bucket), 1, nx=True, ex=BUCKET_S * 6):
+        return False
+    ids = {m.decode() for m in await redis.smembers(ACCOUNTS_INDEX)}
+    ids |= {m.decode() for m in await redis.zrange(ACTIVE_ACCOUNTS, 0, -1)}
+    ordered = sorted(ids)
+    async with redis.pipeline(transaction=False) as pipe:
+        for account_id in ordered:
+            keys = account_keys(account_id)
+            pipe.get(keys.depth)
+            pipe.zcard(keys.dlq)
+        values = await pipe.execute()
+    async with redis.pipeline(transaction=False) as pipe:
+        for i, account_id in enumerate(ordered):
+            key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
+            pipe.hset(
+                key, mapping={f"{bucket}:depth": int(values[2 * i] or 0), f"{bucket}:dlq": values[2 * i + 1]}
+            )
+            pipe.expire(key, SERIES_TTL_S)
+        await pipe.execute()
+    return True
+
+
+#: The process's recorder; the hooks below feed it.
+RECORDER = Recorder()
+
+
+# --- hooks: one call where the thing happens -------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=16_384)
+def _counter(metric: Counter, *labels: str) -> Counter:
+    # prometheus-client validates and locks on every labels() call (~3 µs); the children never change.
+    return metric.labels(*labels)
+
+
+@functools.lru_cache(maxsize=4_096)
+def _histogram(metric: Histogram, *labels: str) -> Histogram:
+    return metric.labels(*labels)
+
+
+def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequence[bool]) -> None:
+    """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
+    fresh: Tally[str] = Tally()
+    dups: Tally[str] = Tally()
+    for event, new in zip(events, accepted, strict=True):
+        if new:
+            fresh[event.source] += 1
+            RECORDER.tally(
+                account_id, event.occurred_at, event.kind.value, event.platform.value, event.pass_type
+            )
+        else:
+            dups[event.source] += 1
+    for source, n in fresh.items():
+        _counter(INGESTED, account_id, source).inc(n)
+    for source, n in dups.items():
+        _counter(DUPLICATES, account_id, source).inc(n)
+    RECORDER.count(account_id, "in", fresh.total())
+    RECORDER.count(account_id, "dup", dups.total())
+
+
+def rejected(reason: str, n: int = 1) -> None:
+    """The producer refused a request (or ``n`` NDJSON lines) for ``reason``."""
+    if n > 0:
+        _counter(REJECTED, reason).inc(n)
+
+
+def klaviyo_response(account_id: str, endpoint: str, status: int) -> None:
+    """Klaviyo answered a request with ``status``."""
+    _counter(KLAVIYO_REQUESTS, account_id, endpoint, str(status)).inc()
+    RECORDER.count(account_id, "req")
+    if status == 429:
+        _counter(KLAVIYO_THROTTLED, account_id, endpoint).inc()
+        RECORDER.count(account_id, "429")
+
+
+def events_written(account_id: str, members: Sequence[bytes], *, now_s: float | None = None) -> None:
+    """The engine settled ``members`` (mailbox entries) as accepted by Klaviyo; observes their latency."""
+    now = time.time() if now_s is None else now_s
+    _counter(DELIVERED, account_id).inc(len(members))
+    RECORDER.count(account_id, "out", len(members), at_s=now)
+    histogram = _histogram(LATENCY, account_id)
+    for member in members:
+        received = _received_s(member)
+        if received is not None:
+            histogram.observe(max(0.0, now - received))
+
+
+def event_dead_lettered(account_id: str) -> None:
+    """The engine moved an event to the DLQ."""
+    _counter(DEAD_LETTERED, account_id).inc()
+    RECORDER.count(account_id, "dead")
+
+
+def retry_scheduled(account_id: str, kind: str) -> None:
+    """The engine parked a serial to try its failed head event again."""
+    _counter(RETRIES, account_id, kind).inc()
+    RECORDER.count(account_id, "retry")
+
+
+def leases_taken_over(n: int) -> None:
+    """``n`` expired leases were taken over."""
+    if n > 0:
+        TAKEOVERS.inc(n)
+
+
+def _received_s(member: bytes) -> float | None:
+    try:
+        received = orjson.loads(member[_SEQ_CHARS:])["r"]
+        return datetime.fromisoformat(received).timestamp()
+    except (orjson.JSONDecodeError, KeyError, TypeError, ValueError):
+        return None

@@ -1,0 +1,178 @@
+"""The ``passbridge`` command as a real process: ingest, the embedded Redis, state-file discovery."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from pathlib import Path
+
+import orjson
+import pytest
+import redis as redis_sync
+from cryptography.fernet import MultiFernet
+from redis.asyncio import Redis
+
+from passbridge.crypto import load_cipher
+from passbridge.keys import account_keys
+from tests.factories import event, make_account
+
+PASSBRIDGE = str(Path(sys.executable).parent / "passbridge")
+
+
+def cli_env(state_dir: Path, secret_key: str, redis_url: str | None) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(
+        PASSBRIDGE_STATE_DIR=str(state_dir),
+        PASSBRIDGE_SECRET_KEY=secret_key,
+        PASSBRIDGE_LOG_FORMAT="console",
+        COLUMNS="120",
+    )
+    if redis_url:
+        env["REDIS_URL"] = redis_url
+    return env
+
+
+def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [PASSBRIDGE, *args], env=env, cwd=cwd, capture_output=True, text=True, timeout=60, check=False
+    )
+
+
+def ndjson(path: Path, n: int, bad: dict[int, bytes] | None = None) -> Path:
+    lines = [orjson.dumps(event(i)) for i in range(n)]
+    for number, line in (bad or {}).items():
+        lines[number - 1] = line
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    return path
+
+
+def cipher(secret_key: str, state_dir: Path) -> MultiFernet:
+    return load_cipher(secret_key, state_dir)
+
+
+class TestIngest:
+    """``passbridge ingest FILE --account A`` against the test Redis (REDIS_URL set)."""
+
+    async def test_reports_rejected_lines_with_numbers_and_exits_non_zero(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        bad = {11: b"{broken", 21: orjson.dumps(event(20, email="nope@")), 40: orjson.dumps(event(0))}
+        path = ndjson(tmp_path / "backfill.ndjson", 1200, bad)
+        result = run(
+            ["ingest", str(path), "--account", "acme"],
+            cli_env(tmp_path / "state", secret_key, redis_url),
+            tmp_path,
+        )
+        assert result.returncode == 2, result.stderr
+        assert "1197 accepted, 1 duplicates, 0 skipped, 2 rejected" in result.stderr
+        assert "line 11: (line):" in result.stderr
+        assert "line 21: email:" in result.stderr
+        assert "1200/1200" in result.stderr  # the progress bar's final state
+        assert int(await redis.get(account_keys("acme").depth)) == 1197
+
+    async def test_json_summary_and_clean_exit(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        path = ndjson(tmp_path / "ok.ndjson", 50)
+        env = cli_env(tmp_path / "state", secret_key, redis_url)
+        result = run(["ingest", str(path), "--account", "acme", "--json"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        doc = orjson.loads(result.stdout)
+        assert (doc["lines"], doc["accepted"], doc["rejected"]) == (50, 50, [])
+        again = orjson.loads(run(["ingest", str(path), "-a", "acme", "--json"], env, tmp_path).stdout)
+        assert (again["accepted"], again["duplicates"]) == (0, 50)
+
+    async def test_json_lists_rejections(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        path = ndjson(tmp_path / "b.ndjson", 5, {3: orjson.dumps(event(2, kind="exploded"))})
+        result = run(
+            ["ingest", str(path), "-a", "acme", "--json"],
+            cli_env(tmp_path / "state", secret_key, redis_url),
+            tmp_path,
+        )
+        assert result.returncode == 2
+        [rejected] = orjson.loads(result.stdout)["rejected"]
+        assert rejected["line"] == 3
+        assert rejected["errors"][0]["pointer"] == "/kind"
+
+    def test_unknown_account_and_missing_file(self, redis_url: str, tmp_path: Path, secret_key: str) -> None:
+        env = cli_env(tmp_path / "state", secret_key, redis_url)
+        path = ndjson(tmp_path / "x.ndjson", 1)
+        result = run(["ingest", str(path), "--account", "nobody"], env, tmp_path)
+        assert result.returncode == 1
+        assert "no account 'nobody'" in result.stderr
+        result = run(["ingest", str(tmp_path / "missing.ndjson"), "--account", "acme"], env, tmp_path)
+        assert result.returncode == 2
+        assert "Invalid value for 'file'" in result.stderr
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state dir whose embedded Redis is stopped after the test whatever happens."""
+    state = tmp_path / "state"
+    yield state
+    record = state / "redis.json"
+    if record.exists():
+        pid = int(orjson.loads(record.read_bytes())["pid"])
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 15)
+
+
+def test_embedded_redis_lifecycle_and_state_file_discovery(
+    state_dir: Path, tmp_path: Path, secret_key: str
+) -> None:
+    """With REDIS_URL unset every command finds the server ``redis start`` recorded in the state dir."""
+    env = cli_env(state_dir, secret_key, None)
+    status = run(["redis", "status"], env, tmp_path)
+    assert status.returncode == 1
+    assert "not running" in status.stdout
+
+    started = run(["redis", "start"], env, tmp_path)
+    assert started.returncode == 0, started.stderr
+    url = started.stdout.strip()
+    assert url.startswith("redis://127.0.0.1:")
+    assert not url.startswith("redis://127.0.0.1:6379/")
+    doc = orjson.loads(run(["redis", "status", "--json"], env, tmp_path).stdout)
+    assert (doc["running"], doc["url"]) == (True, url)
+    assert run(["redis", "start"], env, tmp_path).stdout.strip() == url  # idempotent: finds it
+
+    added = run(["accounts", "add", "acme", "--ingest-token", "tok", "--json"], env, tmp_path)
+    assert added.returncode == 0, added.stderr
+    path = ndjson(tmp_path / "in.ndjson", 20)
+    ingested = run(["ingest", str(path), "--account", "acme", "--json"], env, tmp_path)
+    assert ingested.returncode == 0, ingested.stderr
+    client = redis_sync.Redis.from_url(url)
+    try:
+        assert int(client.get(account_keys("acme").depth)) == 20
+        assert client.config_get("appendonly")["appendonly"] == "yes"
+    finally:
+        client.close()
+
+    stopped = run(["redis", "stop"], env, tmp_path)
+    assert stopped.returncode == 0
+    assert "stopped" in stopped.stderr
+    assert run(["redis", "status"], env, tmp_path).returncode == 1
+    assert "no embedded Redis" in run(["redis", "stop"], env, tmp_path).stderr
+
+
+async def test_apple_token_command(redis: Redis, redis_url: str, tmp_path: Path, secret_key: str) -> None:
+    """The token printed is the one the Apple routes accept for that pass."""
+    from producer.sources.apple import pass_token
+
+    await make_account(redis, cipher(secret_key, tmp_path / "state"))
+    env = cli_env(tmp_path / "state", secret_key, redis_url)
+    result = run(
+        ["apple", "token", "SER 1", "-a", "acme", "--pass-type-id", "pass.com.acme.loyalty"], env, tmp_path
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == pass_token("apple-secret-acme", "pass.com.acme.loyalty", "SER 1")
+    other = run(["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.other"], env, tmp_path)
+    assert other.returncode == 1
+    assert "not one of the account's Apple pass types" in other.stderr

@@ -1,0 +1,39 @@
+"""An NDJSON upload refused midway says exactly where to resume."""
+
+from __future__ import annotations
+
+import orjson
+import pytest
+
+from passbridge.keys import account_keys
+from passbridge.settings import Settings
+from tests.factories import event
+from tests.producer.conftest import Env
+
+URL = "/v1/accounts/acme/events/ndjson"
+AUTH = {"Authorization": "Bearer tok-acme"}
+
+
+@pytest.fixture
+def settings(settings: Settings) -> Settings:
+    """Room for one 500-event batch, not two."""
+    return settings.model_copy(update={"backlog_high_water": 600})
+
+
+async def test_backlog_full_midway_reports_the_resume_line(env: Env) -> None:
+    lines = [orjson.dumps(event(i)) for i in range(1100)]
+    lines[99] = b"{broken"  # line 100 is rejected: the first batch spans lines 1..501
+    body = b"\n".join(lines) + b"\n"
+    r = await env.http.post(URL, content=body, headers=AUTH)
+    assert r.status_code == 503, r.text
+    doc = r.json()
+    assert doc["accepted"] == 500
+    assert doc["resume_after_line"] == 501
+    assert int(await env.redis.get(account_keys("acme").depth)) == 500
+
+    # resuming after that line (the engine drained meanwhile) loses and repeats nothing
+    await env.redis.set(account_keys("acme").depth, 0)
+    rest = b"\n".join(lines[501:]) + b"\n"
+    r = await env.http.post(URL, content=rest, headers=AUTH)
+    assert r.status_code == 200, r.text
+    assert (r.json()["accepted"], r.json()["duplicates"]) == (1100 - 501, 0)
