@@ -1,4 +1,5 @@
-"""``passbridge klaviyo setup|status|scopes``: an account's Klaviyo side (Custom Objects provisioning)."""
+"""``passbridge klaviyo setup|status|ingestion-failures|scopes``: an account's Klaviyo side (Custom Objects
+provisioning, and the WalletPass records Klaviyo could not ingest)."""
 
 from __future__ import annotations
 
@@ -91,6 +92,58 @@ def status(
     else:
         for key, value in doc.items():
             typer.echo(f"{key:<20} {value}")
+
+
+@app.command("ingestion-failures")
+def ingestion_failures(
+    account: str = typer.Option(..., "--account", "-a", help="The passbridge account id."),
+    as_json: bool = typer.Option(False, "--json"),
+) -> None:
+    """WalletPass records Klaviyo accepted (204) but could not ingest, newest first (its ingestion log).
+
+    Record writes, single and bulk, are answered before Klaviyo validates them against the object schema: a
+    bad record shows up only here. Exit 1 when there is any (so a cron can alert on it).
+    """
+    from dataclasses import asdict
+
+    from worker.ingestion import ingestion_failures as read_failures
+    from worker.klaviyo.client import KlaviyoClient
+    from worker.klaviyo.errors import KlaviyoError
+
+    s = settings()
+
+    async def go() -> list[dict[str, Any]]:
+        redis = Redis.from_url(redis_url(s))
+        try:
+            store = AccountStore(
+                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
+            )
+            try:
+                acct = await store.get(account)
+            except AccountNotFound:
+                fail(f"no account {account!r} (create it with `passbridge accounts add {account}`)")
+            async with KlaviyoClient.from_settings(s, redis, store) as client:
+                try:
+                    found = await read_failures(client, redis, acct)
+                except KlaviyoError as exc:
+                    fail(f"cannot read the ingestion log of {account!r}: {exc}")
+            return [asdict(f) for f in found]
+        finally:
+            await redis.aclose()
+
+    docs = run(go())
+    if as_json:
+        emit_json({"account_id": account, "failures": docs})
+    elif not docs:
+        typer.echo(f"no WalletPass ingestion failures for {account}")
+    else:
+        for doc in docs:
+            why = "; ".join(
+                f"{e.get('property')}: {e.get('message') or e.get('detail') or e}" for e in doc["errors"]
+            )
+            typer.echo(f"{doc['timestamp']}  {doc['summary']}  {why}")
+    if docs:
+        raise typer.Exit(1)
 
 
 @app.command()

@@ -311,3 +311,32 @@ async def test_ingestion_failures_are_visible(
     failures = await ingestion_failures(client, redis, account)
     assert len(failures) == 1
     assert [e["property"] for e in failures[0].errors] == ["created_at"]
+
+
+async def test_cli_shows_ingestion_failures(
+    client: KlaviyoClient, redis: Redis, settings: Settings, account: Account, sandbox: Any
+) -> None:
+    """Operators see record failures with ``passbridge klaviyo ingestion-failures`` (exit 1 while any)."""
+    await provision(client, redis, account)
+    clean = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme")
+    assert clean.returncode == 0, clean.stderr
+    assert "no WalletPass ingestion failures for acme" in clean.stdout
+    provisioned = await load_provisioned(redis, "acme")
+    assert provisioned is not None
+    bad = {"serial_number": "SER-BAD", "status": "active", "created_at": "not a time"}
+    await client.call(
+        account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(bad, provisioned.data_source_id)
+    )
+    sandbox.wait_idle()
+    shown = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme")
+    assert shown.returncode == 1
+    assert "created_at" in shown.stdout
+    doc = orjson.loads(
+        _cli(
+            settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme", "--json"
+        ).stdout
+    )
+    assert [e["property"] for f in doc["failures"] for e in f["errors"]] == ["created_at"]
+    missing = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "nobody")
+    assert missing.returncode == 1
+    assert "no account 'nobody'" in missing.stderr
