@@ -615,9 +615,16 @@ class AccountLanes:
     # events: the payload is the serial's events (in order); single calls send each one alone.
 
     async def _events_single(self, account: Account, item: Item, slot: str) -> Outcome:
+        # A failure after some of the serial's events were accepted says how many (``value``): those are
+        # settled as written, so neither a retry nor the per-event path sends them again.
         first: str | None = slot
-        for event in item.payload:
-            await self.sync.client.call(account, CREATE_EVENT, body=event_body(event), acquired=first)
+        for i, event in enumerate(item.payload):
+            try:
+                await self.sync.client.call(account, CREATE_EVENT, body=event_body(event), acquired=first)
+            except PermanentError as exc:
+                return Outcome(Verdict.rejected, exc, value=i)
+            except Exception as exc:
+                return Outcome(Verdict.failed, exc, value=i)
             first = None
         return OK
 
@@ -914,6 +921,14 @@ class BulkSync:
         blob = orjson.dumps(bulk_events_entry(serial, events))
         out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:
+            accepted = out.value if isinstance(out.value, int) else 0
+            if accepted > 0:
+                # The profile and record already carry the whole round's state; the accepted events are
+                # written. The rest are retried (or isolated) from the first one Klaviyo did not accept.
+                ids = [e.event_id for e in events[:accepted]]
+                if not await settler.written(Written(work, members[:accepted], state, ids, notes[:accepted])):
+                    return _Step.stop
+                members, events = members[accepted:], events[accepted:]
             return await self._not_ok(engine, work, members, events, out)
         written = Written(work, members, state, [e.event_id for e in events], notes)
         return _Step.next if await settler.written(written) else _Step.stop

@@ -516,6 +516,7 @@ class Engine:
                 work.state = item.state
             work.done_events += len(item.members)
             self.stats["written"] += len(item.members)
+            metrics.events_written(work.lease.account_id, item.members, now_s=now / 1000)
             out.append(True)
         return out
 
