@@ -780,12 +780,35 @@ class BulkSync:
         return dict(out)
 
     async def run(self, engine: Engine, batch: Batch) -> None:
-        """Wait out profile jobs a previous holder left running, then work every serial of the batch."""
+        """Work every serial of the batch; those a previous holder's profile job may still carry wait for
+        that job first (only they: the rest of the batch starts at once)."""
+        try:
+            marked = set(await self.jobs.marked(batch.account, [w.lease.serial for w in batch.works]))
+        except Exception as exc:
+            for work in batch.works:
+                await self._fail_head(engine, batch, work, exc)
+            return
+        if marked:
+            waiting = [w for w in batch.works if w.lease.serial in marked]
+            rest = [w for w in batch.works if w.lease.serial not in marked]
+            await asyncio.gather(
+                self._after_jobs(engine, Batch(batch.account, batch.policy, waiting)),
+                self._run(engine, Batch(batch.account, batch.policy, rest)),
+            )
+            return
+        await self._run(engine, batch)
+
+    async def _after_jobs(self, engine: Engine, batch: Batch) -> None:
         try:
             await self.jobs.wait_clear(batch.account, [w.lease.serial for w in batch.works])
         except Exception as exc:
             for work in batch.works:
                 await self._fail_head(engine, batch, work, exc)
+            return
+        await self._run(engine, batch)
+
+    async def _run(self, engine: Engine, batch: Batch) -> None:
+        if not batch.works:
             return
         if self.options.mode is SyncMode.single:
             await self._per_event.run(engine, batch)
