@@ -24,8 +24,7 @@
 --
 -- Fresh first (bulk modes): within an account, up to ARGV[13] of the serials taken are the newest due ones
 -- made ready in the last ARGV[12] ms (a new event, not the backlog), the rest the oldest. A backlog is
--- drained oldest first while an event that just arrived does not queue behind all of it; fresh serials may
--- even use the reserve, so a worker full of an account's backlog still picks up that account's new events.
+-- drained oldest first while an event that just arrived does not queue behind all of it.
 --
 -- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -64,7 +63,6 @@ for _, account in ipairs(accounts) do
       out[1] = out[1] + 1
     end
     local take = math.min(per_account, math.ceil((max_n - got) / left))
-    local share = take
     if reserve > 0 then
       local allowance = math.max(reserve - (held[account] or 0), free - got - reserve)
       if allowance < take then
@@ -85,9 +83,9 @@ for _, account in ipairs(accounts) do
       end
       return #serials
     end
-    if share > 0 and fresh_ms > 0 and fresh_take > 0 then
-      take = math.max(0, take - lease(redis.call('ZREVRANGEBYSCORE', ready, now, now - fresh_ms, 'LIMIT', 0,
-        math.min(share, fresh_take))))
+    if take > 0 and fresh_ms > 0 and fresh_take > 0 then
+      take = take - lease(redis.call('ZREVRANGEBYSCORE', ready, now, now - fresh_ms, 'LIMIT', 0,
+        math.min(take, fresh_take)))
     end
     if take > 0 then lease(redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)) end
     local r = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
