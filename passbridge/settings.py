@@ -69,8 +69,9 @@ class Settings(BaseSettings):
     #: ... and mailbox entries read per serial per round (its queued events coalesce into one write).
     worker_bulk_heads: int = 32
     #: Events received at most this long before they are worked on count as fresh: they are claimed ahead of
-    #: a backlog and take single calls first (lowest latency); older ones go by bulk.
-    worker_bulk_fresh_ms: int = 2000
+    #: a backlog and take single calls first (a few per second per account; the rest go by bulk). Long
+    #: enough that a fresh event which waited for a free slot is still fresh when it gets one.
+    worker_bulk_fresh_ms: int = 30_000
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
     history_retention_s: int = 7 * 86_400
     #: Retry defaults; an account's ``retry_policy`` overrides any of them.

@@ -47,10 +47,6 @@ WORKER_STALE_MS = 60_000
 HEALTH_CHECK_INTERVAL_S = 10
 
 
-#: Serials made ready this recently are claimed newest first (bulk modes; the rest oldest first).
-CLAIM_FRESH_WINDOW_MS = 30_000
-
-
 def engine_config(settings: Settings) -> EngineConfig:
     """The engine's tunables from settings (the bulk modes hold and claim many more serials at once)."""
     bulk = settings.worker_sync_mode != "single"
@@ -58,9 +54,7 @@ def engine_config(settings: Settings) -> EngineConfig:
         max_serials=settings.worker_bulk_max_serials if bulk else settings.worker_max_jobs,
         claim_batch=settings.worker_bulk_claim_batch if bulk else settings.worker_claim_batch,
         heads_per_serial=settings.worker_bulk_heads if bulk else 8,
-        # A fresh event that waits for a free slot must stay ahead of the backlog until it gets one, so the
-        # claim's window is wider than the time an event counts as fresh for the lanes.
-        fresh_ms=CLAIM_FRESH_WINDOW_MS if bulk else 0,
+        fresh_ms=settings.worker_bulk_fresh_ms if bulk else 0,
         fresh_take=16 if bulk else 0,
         fair_reserve=settings.worker_fair_reserve,
         lease_ms=int(settings.worker_lease_ttl_s * 1000),

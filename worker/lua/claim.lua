@@ -24,7 +24,9 @@
 --
 -- Fresh first (bulk modes): within an account, up to ARGV[13] of the serials taken are the newest due ones
 -- made ready in the last ARGV[12] ms (a new event, not the backlog), the rest the oldest. A backlog is
--- drained oldest first while an event that just arrived does not queue behind all of it.
+-- drained oldest first while an event that just arrived does not queue behind all of it. While an account
+-- has few fresh serials (at most 4 x ARGV[13]: a trickle, not a big batch just enqueued) they may also use
+-- the reserve, so a worker full of the account's backlog still picks up its new events at once.
 --
 -- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
@@ -63,6 +65,7 @@ for _, account in ipairs(accounts) do
       out[1] = out[1] + 1
     end
     local take = math.min(per_account, math.ceil((max_n - got) / left))
+    local share = take
     if reserve > 0 then
       local allowance = math.max(reserve - (held[account] or 0), free - got - reserve)
       if allowance < take then
@@ -83,9 +86,17 @@ for _, account in ipairs(accounts) do
       end
       return #serials
     end
-    if take > 0 and fresh_ms > 0 and fresh_take > 0 then
-      take = take - lease(redis.call('ZREVRANGEBYSCORE', ready, now, now - fresh_ms, 'LIMIT', 0,
-        math.min(take, fresh_take)))
+    if fresh_ms > 0 and fresh_take > 0 then
+      local limit = take
+      -- A trickle of fresh serials (a few new events while the account's backlog drains) may use the
+      -- reserve; a flood (a big batch just enqueued) is a backlog like any other and must not fill it.
+      if share > take and redis.call('ZCOUNT', ready, now - fresh_ms, now) <= 4 * fresh_take then
+        limit = share
+      end
+      if limit > 0 then
+        take = math.max(0, take - lease(redis.call('ZREVRANGEBYSCORE', ready, now, now - fresh_ms, 'LIMIT', 0,
+          math.min(limit, fresh_take))))
+      end
     end
     if take > 0 then lease(redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)) end
     local r = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
