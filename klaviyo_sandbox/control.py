@@ -36,6 +36,7 @@ _FAULT_FIELDS = {
     "drop_after_processing",
     "operations",
     "seed",
+    "reject_external_ids",
 }
 
 
@@ -262,6 +263,7 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 drop_after_processing=bool(doc.get("drop_after_processing", False)),
                 operations=frozenset(doc.get("operations") or ()),
                 seed=doc.get("seed"),
+                reject_external_ids=_identities(doc.get("reject_external_ids")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")
@@ -317,9 +319,19 @@ def _event_doc(state: Any, event: Any, base_url: str) -> dict[str, Any]:
     return doc
 
 
+def _identities(value: Any) -> frozenset[str]:
+    """``reject_external_ids``: a list of strings (``None``: none)."""
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError("reject_external_ids must be a list of non-empty strings")
+    return frozenset(value)
+
+
 def _fault_doc(config: FaultConfig) -> dict[str, Any]:
     doc = asdict(config)
     doc["error_rates"] = {str(k): v for k, v in config.error_rates}
     doc["operations"] = sorted(config.operations)
+    doc["reject_external_ids"] = sorted(config.reject_external_ids)
     doc["outages"] = [asdict(o) for o in config.outages]
     return doc

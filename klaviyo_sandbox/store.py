@@ -180,6 +180,8 @@ class ImportJob:
     failed_count: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     profile_ids: list[str] = field(default_factory=list)
+    #: Items the injected ``reject_external_ids`` fault refuses (decided when the job was created).
+    rejected: frozenset[int] = frozenset()
 
 
 @dataclass
