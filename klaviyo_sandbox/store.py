@@ -144,6 +144,8 @@ class ObjectRecord:
     created: float
     updated: float
     seq: int
+    #: How many times the record was ingested (a replacement counts): for inspection, not in Klaviyo's API.
+    writes: int = 1
 
     @property
     def full_id(self) -> str:
