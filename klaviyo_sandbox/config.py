@@ -86,7 +86,8 @@ class FaultConfig:
     record of those identities the way Klaviyo refuses a bad item (a 400 ``invalid`` whose ``source.pointer``
     names the item; inside a profile bulk-import job an import error for that item while the rest of the job
     is imported). Profiles and metric events are matched by their profile's ``external_id``, records by their
-    top-level ``external_id`` or ``serial_number``. ``operations`` limits it like the other faults.
+    top-level ``external_id`` or ``serial_number``. ``reject_operations`` limits it to those operation ids
+    (e.g. only the bulk endpoints, while other faults hit every operation); empty: ``operations`` applies.
     """
 
     error_rates: tuple[tuple[int, float], ...] = ()
@@ -100,6 +101,7 @@ class FaultConfig:
     outages: tuple[Outage, ...] = ()
     seed: int | None = None
     reject_external_ids: frozenset[str] = frozenset()
+    reject_operations: frozenset[str] = frozenset()
 
     @property
     def active(self) -> bool:

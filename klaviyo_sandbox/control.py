@@ -37,6 +37,7 @@ _FAULT_FIELDS = {
     "operations",
     "seed",
     "reject_external_ids",
+    "reject_operations",
 }
 
 
@@ -263,7 +264,8 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 drop_after_processing=bool(doc.get("drop_after_processing", False)),
                 operations=frozenset(doc.get("operations") or ()),
                 seed=doc.get("seed"),
-                reject_external_ids=_identities(doc.get("reject_external_ids")),
+                reject_external_ids=_strings(doc, "reject_external_ids"),
+                reject_operations=_strings(doc, "reject_operations"),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")
@@ -319,12 +321,13 @@ def _event_doc(state: Any, event: Any, base_url: str) -> dict[str, Any]:
     return doc
 
 
-def _identities(value: Any) -> frozenset[str]:
-    """``reject_external_ids``: a list of strings (``None``: none)."""
+def _strings(doc: dict[str, Any], name: str) -> frozenset[str]:
+    """A field holding a list of non-empty strings (absent or ``null``: none)."""
+    value = doc.get(name)
     if value is None:
         return frozenset()
     if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError("reject_external_ids must be a list of non-empty strings")
+        raise ValueError(f"{name} must be a list of non-empty strings")
     return frozenset(value)
 
 
@@ -333,5 +336,6 @@ def _fault_doc(config: FaultConfig) -> dict[str, Any]:
     doc["error_rates"] = {str(k): v for k, v in config.error_rates}
     doc["operations"] = sorted(config.operations)
     doc["reject_external_ids"] = sorted(config.reject_external_ids)
+    doc["reject_operations"] = sorted(config.reject_operations)
     doc["outages"] = [asdict(o) for o in config.outages]
     return doc

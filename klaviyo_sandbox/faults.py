@@ -67,7 +67,8 @@ class FaultInjector:
         c = self.config
         if not c.reject_external_ids or not isinstance(identity, str):
             return False
-        if c.operations and operation_id not in c.operations:
+        scope = c.reject_operations or c.operations
+        if scope and operation_id not in scope:
             return False
         return identity in c.reject_external_ids
 

@@ -207,6 +207,8 @@ class AccountState:
     ingestion_logs: dict[str, list[IngestionLog]] = field(default_factory=dict)
     import_jobs: dict[str, ImportJob] = field(default_factory=dict)
     seq: int = 0
+    #: Events accepted (2xx) but dropped as duplicates of stored ones: for inspection, not in Klaviyo's API.
+    duplicate_events: int = 0
 
     def next_seq(self) -> int:
         """A per-account arrival counter (stable tie-breaks)."""

@@ -180,11 +180,29 @@ def test_operations_filter_limits_the_rejection(api: httpx.Client, sandbox: Sand
     assert api.post("/api/event-bulk-create-jobs", json=_bulk_events([BAD])).status_code == 202
 
 
+def test_reject_operations_scope_the_rejection_apart_from_other_faults(
+    api: httpx.Client, sandbox: SandboxClient
+) -> None:
+    # Status errors only on reads; rejections only on the bulk events endpoint.
+    doc = sandbox.set_faults(
+        error_rates={503: 1.0},
+        operations=["get_profiles"],
+        reject_external_ids=[BAD],
+        reject_operations=["bulk_create_events"],
+    )
+    assert doc["reject_operations"] == ["bulk_create_events"]
+    assert_klaviyo_error(api.get("/api/profiles"), 503, "error")
+    assert api.post("/api/events", json=payloads.event(external_id=BAD, unique_id="u1")).status_code == 202
+    assert_klaviyo_error(api.post("/api/event-bulk-create-jobs", json=_bulk_events([BAD])), 400, "invalid")
+
+
 def test_control_api_checks_the_list(sandbox: SandboxClient) -> None:
     with pytest.raises(SandboxError, match="reject_external_ids must be a list"):
         sandbox._send("PUT", "/_sandbox/faults", {"reject_external_ids": "bad-serial"})
     with pytest.raises(SandboxError, match="reject_external_ids must be a list"):
         sandbox._send("PUT", "/_sandbox/faults", {"reject_external_ids": [1]})
+    with pytest.raises(SandboxError, match="reject_operations must be a list"):
+        sandbox._send("PUT", "/_sandbox/faults", {"reject_operations": "bulk_create_events"})
     assert sandbox._get("/_sandbox/faults")["reject_external_ids"] == []
 
 
@@ -196,5 +214,15 @@ def test_rejection_policy() -> None:
     assert not injector.rejects("create_event", "other")
     assert not injector.rejects("bulk_create_events", BAD)
     assert not injector.rejects("create_event", None)
+    scoped = FaultInjector(
+        FaultConfig(
+            reject_external_ids=frozenset({BAD}),
+            operations=frozenset({"create_event"}),
+            reject_operations=frozenset({"bulk_create_events"}),
+        ),
+        now=0.0,
+    )
+    assert scoped.rejects("bulk_create_events", BAD)
+    assert not scoped.rejects("create_event", BAD)
     # Not a per-request fault: requests are not slowed down or drawn against.
     assert injector.active is False
