@@ -1,20 +1,43 @@
-"""End to end: real worker processes against the Klaviyo sandbox."""
+"""End to end: real worker processes against the Klaviyo sandbox.
+
+The takeover and shutdown tests need a worker that is still busy when it is killed or stopped; they run in
+``single`` mode (one call per operation), whose pace the sandbox's latency sets. In the default ``adaptive``
+mode a serial's queued events coalesce into one round and the same backlog is gone before the kill.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
+from klaviyo_sandbox.testing import SandboxServer
 from passbridge.keys import account_keys
 from tests.conftest import async_wait_for
 from worker import dlq
 
-from .e2e import Pipeline, Workers
+from .e2e import Pipeline, Workers, worker_env
 from .helpers import pass_event
 
 pytestmark = pytest.mark.slow
+
+
+@pytest.fixture
+def single_workers(
+    redis_url: str, sandbox_server: SandboxServer, secret_key: str, tmp_path: Path
+) -> Iterator[Workers]:
+    """Workers in ``single`` mode: one Klaviyo call per operation, no coalescing."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    env = worker_env(
+        redis_url, sandbox_server.url, secret_key, tmp_path / "state", PASSBRIDGE_WORKER_SYNC_MODE="single"
+    )
+    w = Workers(env, logs)
+    yield w
+    w.stop_all()
 
 
 async def test_two_workers_deliver_everything_in_order(pipeline: Pipeline, workers: Workers) -> None:
@@ -50,7 +73,11 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
         "acme", "S1", 1, kind="updated", email="new@example.com", properties=same["properties"]
     )
     after = pass_event("acme", "S1", 2, kind="updated", **same)
-    await pipeline.put([poison, after])
+    # One after the other: queued together, the two would coalesce into one round whose net profile is
+    # unchanged (the email comes back), so no profile write would be sent for the poison to be refused.
+    await pipeline.put([poison])
+    await async_wait_for(pipeline.drained, timeout=30)
+    await pipeline.put([after])
     await async_wait_for(pipeline.drained, timeout=30)
     (entry,) = await dlq.list_entries(pipeline.redis, "acme")
     assert entry.event_id == poison.event_id
@@ -77,8 +104,9 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
 
 
 async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(
-    pipeline: Pipeline, workers: Workers
+    pipeline: Pipeline, single_workers: Workers
 ) -> None:
+    workers = single_workers
     await pipeline.add_account("acme")
     # Slow Klaviyo: each call takes ~150 ms, so the victim is mid-serial when it dies.
     pipeline.sandbox.set_faults(latency_ms=150)
@@ -121,8 +149,9 @@ async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(
 
 
 async def test_sigterm_finishes_or_releases_within_the_grace_period(
-    pipeline: Pipeline, workers: Workers
+    pipeline: Pipeline, single_workers: Workers
 ) -> None:
+    workers = single_workers
     await pipeline.add_account("acme")
     pipeline.sandbox.set_faults(latency_ms=100)
     (first,) = workers.start(1)

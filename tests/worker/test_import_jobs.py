@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import AsyncIterator, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -19,14 +20,16 @@ from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.config import SandboxConfig
 from klaviyo_sandbox.testing import SandboxServer, start_sandbox
 from passbridge.accounts import Account
-from passbridge.keys import account_keys
+from passbridge.keys import WORKERS, account_keys
 from passbridge.settings import Settings
+from tests.conftest import async_wait_for
 from worker.import_jobs import ImportJobs, job_body
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
 from worker.klaviyo.errors import PermanentError, TransientError
 
-from .e2e import RATE_SCALE, Pipeline
+from .e2e import RATE_SCALE, Pipeline, Workers, worker_env
+from .helpers import pass_event
 
 JOB_STEP_S = 0.4
 
@@ -234,3 +237,110 @@ async def test_markers_stay_when_the_post_may_have_created_a_job(
         await jobs.run(account, [profile("C")], ["C"])
     assert await markers(pipeline.redis, account) == {}
     assert jobs.jobs == 0
+
+
+# --- across processes: a worker killed while its profile job runs ---------------------------------------------
+
+SLOW_STEP_S = 2.0
+
+
+@pytest.fixture(scope="module")
+def very_slow_jobs_server() -> Iterator[SandboxServer]:
+    """Profile jobs take 2 × 2 s: long enough for the lease (2 s) to expire and an idle worker to take over."""
+    server = start_sandbox(SandboxConfig(rate_scale=RATE_SCALE, job_step_s=SLOW_STEP_S))
+    yield server
+    server.stop()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_the_profile(
+    redis: Redis,
+    redis_url: str,
+    very_slow_jobs_server: SandboxServer,
+    settings: Settings,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    server = very_slow_jobs_server
+    s = settings.model_copy(update={"klaviyo_base_url": server.url, "klaviyo_rate_scale": RATE_SCALE})
+    with SandboxClient(server.url) as sandbox:
+        pipeline = Pipeline(redis, sandbox, server, secret_key, s)
+        await pipeline.add_account("acme")
+
+        logs = tmp_path / "logs"
+        logs.mkdir()
+        env = worker_env(
+            redis_url, server.url, secret_key, tmp_path / "state", PASSBRIDGE_WORKER_SYNC_MODE="bulk"
+        )
+        workers = Workers(env, logs)
+        try:
+            # Two workers, both up and idle before the event arrives: one takes the serial, the other one takes
+            # it over as soon as the lease expires.
+            procs = workers.start(2)
+
+            async def up() -> bool:
+                ids = await redis.zrange(WORKERS, 0, -1)
+                return all(any(f":{p.pid}:".encode() in w for w in ids) for p in procs)
+
+            await async_wait_for(up, timeout=30, interval=0.02)
+            first = pass_event("acme", "S1", 0, kind="created", properties={"points": 1})
+            await pipeline.put([first])
+            key = account_keys("acme").profile_jobs
+
+            async def named() -> bool:
+                raw = await redis.hget(key, "S1")
+                return raw is not None and bool(orjson.loads(raw)["job"])
+
+            # The holder's job is queued at Klaviyo (the marker names it); the holder dies before it completes.
+            await async_wait_for(named, timeout=30, interval=0.01)
+            job_id = orjson.loads(await redis.hget(key, "S1"))["job"]
+            token = (await redis.hget(account_keys("acme").lease_tokens, "S1") or b"").decode()
+            (victim,) = [p for p in procs if f":{p.pid}:" in token]
+            workers.kill(victim)
+            killed_at = time.time()
+            newer = pass_event("acme", "S1", 5, kind="updated", properties={"points": 2})
+            await pipeline.put([newer])
+            try:
+                await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
+            except BaseException:
+                print(workers.logs())
+                raise
+            sandbox.wait_idle(timeout=20)
+        finally:
+            workers.stop_all()
+        state = server.app.runtime.states[pipeline.accounts["acme"]]
+        old_job = state.import_jobs[job_id]
+        assert old_job.status == "complete"
+        assert old_job.completed is not None
+        # Worker B asked about the old job while it was still running (it waited for it) ...
+        polls = [
+            r
+            for r in server.app.runtime.requests.recent
+            if r.operation == "get_bulk_import_profiles_job" and killed_at < r.at < old_job.completed
+        ]
+        trace = [
+            (round(r.at - killed_at, 3), r.operation, r.status)
+            for r in server.app.runtime.requests.recent
+            if r.at > killed_at - 1
+        ]
+        assert polls, (
+            f"the next holder never waited for the running job: job created {old_job.created - killed_at:.3f}, "
+            f"completed {old_job.completed - killed_at:.3f} s after the kill; requests: {trace}"
+        )
+        # ... and wrote the serial's profile only after that job completed: the old job cannot overwrite it.
+        later = [j for j in state.import_jobs.values() if j.id != job_id]
+        singles = [
+            r
+            for r in server.app.runtime.requests.recent
+            if r.operation == "create_or_update_profile" and r.at > killed_at
+        ]
+        assert later
+        assert all(j.created >= old_job.completed for j in later)
+        assert all(r.at >= old_job.completed for r in singles)
+        profile = sandbox.profile("S1", pipeline.accounts["acme"])
+        assert profile is not None
+        assert profile["attributes"]["properties"]["points"] == 2
+        assert profile["attributes"]["properties"]["wallet_pass_status"] == "active"
+        assert await redis.hlen(key) == 0
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted([first.event_id, newer.event_id])
