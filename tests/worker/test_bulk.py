@@ -434,3 +434,27 @@ async def test_adaptive_single_calls_never_resend_an_accepted_metric_event(
     # Every metric event was accepted once: no 202 for an event Klaviyo already had.
     assert pipeline.duplicate_events("acme") == 0
     assert delta(before, after, "create_event", 202) == len(events)
+
+
+async def test_adaptive_fresh_event_goes_by_single_calls_while_a_backlog_drains(
+    pipeline: Pipeline, start_workers: StartWorkers
+) -> None:
+    await pipeline.add_account("acme")
+    events = backlog("acme", serials=300, per_serial=2)
+    await pipeline.put(events)
+    workers = start_workers("adaptive")
+
+    async def bulk_started() -> bool:
+        return bool(jobs_items(pipeline, "acme"))
+
+    await async_wait_for(bulk_started, timeout=30, interval=0.01)
+    # The backlog is still there when the fresh event arrives.
+    assert int(await pipeline.redis.get(account_keys("acme").depth) or 0) >= 100
+    fresh = pass_event("acme", "FRESH", 0, kind="installed")
+    await pipeline.put([fresh])
+    await drained(pipeline, workers, timeout=90)
+    # It jumped the backlog: its profile and record went by single calls, not in the bulk requests.
+    assert "FRESH" not in jobs_items(pipeline, "acme")
+    assert record_writes(pipeline, "acme")["FRESH"] == 1
+    assert fresh.event_id in pipeline.stored_unique_ids("acme")
+    assert len(set(jobs_items(pipeline, "acme"))) >= 200
