@@ -169,7 +169,12 @@ class SandboxClient:
 
     def set_faults(self, **config: Any) -> dict[str, Any]:
         """Replace the fault configuration: ``error_rates={503: 0.1}``, ``latency_ms``, ``jitter_ms``,
-        ``hang_rate``, ``hang_s``, ``drop_rate``, ``drop_after_processing``, ``operations``, ``seed``."""
+        ``hang_rate``, ``hang_s``, ``drop_rate``, ``drop_after_processing``, ``operations``, ``seed``,
+        ``reject_external_ids=["serial-1"]`` (those identities' writes are refused as bad items) and
+        ``reject_operations`` (where; default: ``operations``)."""
+        for name in ("reject_external_ids", "reject_operations"):
+            if name in config:
+                config[name] = sorted(config[name])
         if "error_rates" in config:
             config["error_rates"] = {str(k): v for k, v in config["error_rates"].items()}
         if "operations" in config:

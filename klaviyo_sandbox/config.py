@@ -81,6 +81,13 @@ class FaultConfig:
     answers until the client gives up (or ``hang_s`` passes). A dropped request closes the connection without
     a response; with ``drop_after_processing`` the request is applied first (the answer is lost, not the
     write). ``operations`` limits faults to those operation ids (empty = all).
+
+    ``reject_external_ids`` refuses, deterministically, every profile write, metric event and data-source
+    record of those identities the way Klaviyo refuses a bad item (a 400 ``invalid`` whose ``source.pointer``
+    names the item; inside a profile bulk-import job an import error for that item while the rest of the job
+    is imported). Profiles and metric events are matched by their profile's ``external_id``, records by their
+    top-level ``external_id`` or ``serial_number``. ``reject_operations`` limits it to those operation ids
+    (e.g. only the bulk endpoints, while other faults hit every operation); empty: ``operations`` applies.
     """
 
     error_rates: tuple[tuple[int, float], ...] = ()
@@ -93,6 +100,8 @@ class FaultConfig:
     operations: frozenset[str] = frozenset()
     outages: tuple[Outage, ...] = ()
     seed: int | None = None
+    reject_external_ids: frozenset[str] = frozenset()
+    reject_operations: frozenset[str] = frozenset()
 
     @property
     def active(self) -> bool:

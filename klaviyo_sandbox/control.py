@@ -36,6 +36,8 @@ _FAULT_FIELDS = {
     "drop_after_processing",
     "operations",
     "seed",
+    "reject_external_ids",
+    "reject_operations",
 }
 
 
@@ -262,6 +264,8 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 drop_after_processing=bool(doc.get("drop_after_processing", False)),
                 operations=frozenset(doc.get("operations") or ()),
                 seed=doc.get("seed"),
+                reject_external_ids=_strings(doc, "reject_external_ids"),
+                reject_operations=_strings(doc, "reject_operations"),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")
@@ -317,9 +321,21 @@ def _event_doc(state: Any, event: Any, base_url: str) -> dict[str, Any]:
     return doc
 
 
+def _strings(doc: dict[str, Any], name: str) -> frozenset[str]:
+    """A field holding a list of non-empty strings (absent or ``null``: none)."""
+    value = doc.get(name)
+    if value is None:
+        return frozenset()
+    if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+        raise ValueError(f"{name} must be a list of non-empty strings")
+    return frozenset(value)
+
+
 def _fault_doc(config: FaultConfig) -> dict[str, Any]:
     doc = asdict(config)
     doc["error_rates"] = {str(k): v for k, v in config.error_rates}
     doc["operations"] = sorted(config.operations)
+    doc["reject_external_ids"] = sorted(config.reject_external_ids)
+    doc["reject_operations"] = sorted(config.reject_operations)
     doc["outages"] = [asdict(o) for o in config.outages]
     return doc

@@ -93,6 +93,7 @@ def record(
     unique_id = attrs.get("unique_id")
     key = dedup_key(profile.id, metric.id, unique_id, ts)
     if key in state.event_keys:
+        state.duplicate_events += 1
         return None
     state.event_keys.add(key)
     props = dict(attrs.get("properties") or {})

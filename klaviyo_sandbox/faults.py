@@ -61,6 +61,17 @@ class FaultInjector:
         extra = self.rng.uniform(0, c.jitter_ms) if c.jitter_ms else 0.0
         return (c.latency_ms + extra) / 1000.0
 
+    def rejects(self, operation_id: str, identity: object) -> bool:
+        """Whether the item of ``identity`` (an ``external_id``, or a record's serial) sent to ``operation_id``
+        is to be refused as a bad item (``reject_external_ids``)."""
+        c = self.config
+        if not c.reject_external_ids or not isinstance(identity, str):
+            return False
+        scope = c.reject_operations or c.operations
+        if scope and operation_id not in scope:
+            return False
+        return identity in c.reject_external_ids
+
     def decide(self, operation_id: str, now: float) -> Fault | None:
         """The fault for a request to ``operation_id`` at ``now``, if any."""
         for o in self.outages:

@@ -463,6 +463,7 @@ def _ingest_one(
         created=existing.created if existing else now,
         updated=now,
         seq=existing.seq if existing else state.next_seq(),
+        writes=existing.writes + 1 if existing else 1,
     )
 
 

@@ -144,6 +144,8 @@ class ObjectRecord:
     created: float
     updated: float
     seq: int
+    #: How many times the record was ingested (a replacement counts): for inspection, not in Klaviyo's API.
+    writes: int = 1
 
     @property
     def full_id(self) -> str:
@@ -180,6 +182,8 @@ class ImportJob:
     failed_count: int = 0
     errors: list[dict[str, Any]] = field(default_factory=list)
     profile_ids: list[str] = field(default_factory=list)
+    #: Items the injected ``reject_external_ids`` fault refuses (decided when the job was created).
+    rejected: frozenset[int] = frozenset()
 
 
 @dataclass
@@ -203,6 +207,8 @@ class AccountState:
     ingestion_logs: dict[str, list[IngestionLog]] = field(default_factory=dict)
     import_jobs: dict[str, ImportJob] = field(default_factory=dict)
     seq: int = 0
+    #: Events accepted (2xx) but dropped as duplicates of stored ones: for inspection, not in Klaviyo's API.
+    duplicate_events: int = 0
 
     def next_seq(self) -> int:
         """A per-account arrival counter (stable tie-breaks)."""

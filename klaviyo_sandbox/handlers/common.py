@@ -81,6 +81,20 @@ def check_path_id(call: Call, name: str = "id") -> None:
         )
 
 
+def refuse_rejected(call: Call, identity: Any, pointer: str) -> None:
+    """The injected ``reject_external_ids`` fault: refuse the item of ``identity`` as Klaviyo refuses a bad
+    item, a 400 ``invalid`` pointing at it."""
+    if call.runtime.faults.rejects(call.operation, identity):
+        raise invalid(f"'{identity}' is not a valid value (refused by the sandbox's fault).", pointer=pointer)
+
+
+def record_identity(record: Any) -> Any:
+    """What ``reject_external_ids`` matches a data-source record by: its ``external_id`` or ``serial_number``."""
+    if not isinstance(record, dict):
+        return None
+    return record.get("external_id", record.get("serial_number"))
+
+
 def document(resource: Any, self_url: str) -> dict[str, Any]:
     """A single-resource document."""
     return {"data": resource, "links": {"self": self_url}}

@@ -10,7 +10,7 @@ from klaviyo_sandbox import events as rules
 from klaviyo_sandbox import paging
 from klaviyo_sandbox.errors import invalid, not_found
 from klaviyo_sandbox.filters import matches
-from klaviyo_sandbox.handlers.common import Call, Reply, data, document
+from klaviyo_sandbox.handlers.common import Call, Reply, data, document, refuse_rejected
 from klaviyo_sandbox.store import Event
 
 MAX_BULK_EVENTS = 1000
@@ -21,6 +21,11 @@ def create_event(call: Call) -> Reply:
     attrs = data(call)["attributes"]
     profile = attrs["profile"]["data"]
     ts = rules.check_event(attrs, profile, "/data/attributes", call.now)
+    refuse_rejected(
+        call,
+        (profile.get("attributes") or {}).get("external_id"),
+        "/data/attributes/profile/data/attributes/external_id",
+    )
     rules.record(call.state, profile, attrs, ts, call.now)
     return Reply(202)
 
@@ -54,6 +59,11 @@ def bulk_create_events(call: Call) -> Reply:
         base = f"/data/attributes/events-bulk-create/data/{i}/attributes"
         profile = entry["attributes"]["profile"]["data"]
         rules.check_profile(profile, f"{base}/profile/data")
+        refuse_rejected(
+            call,
+            (profile.get("attributes") or {}).get("external_id"),
+            f"{base}/profile/data/attributes/external_id",
+        )
         who = _identity(call, profile)
         for j, event in enumerate(entry["attributes"]["events"]["data"]):
             attrs = event["attributes"]

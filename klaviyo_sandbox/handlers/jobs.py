@@ -63,6 +63,11 @@ def _run(state: AccountState, job: ImportJob, later: Callable[[float, Callable[[
         item = job.profiles[i]
         attrs = item.get("attributes") or {}
         try:
+            if i in job.rejected:
+                raise invalid(
+                    f"'{attrs.get('external_id')}' is not a valid value (refused by the sandbox's fault).",
+                    pointer="/data/attributes/external_id",
+                )
             profile, _ = rules.upsert(state, attrs, item.get("id"), item.get("meta"), time.time())
         except ApiError as exc:
             job.failed_count += 1
@@ -90,6 +95,18 @@ def _run(state: AccountState, job: ImportJob, later: Callable[[float, Callable[[
     job.completed = time.time()
 
 
+def _rejected(call: Call, profiles: list[dict[str, Any]]) -> frozenset[int]:
+    """The items the injected ``reject_external_ids`` fault refuses (decided when the job is created)."""
+    if not call.runtime.faults.config.reject_external_ids:
+        return frozenset()
+    faults = call.runtime.faults
+    return frozenset(
+        i
+        for i, p in enumerate(profiles)
+        if faults.rejects(call.operation, (p.get("attributes") or {}).get("external_id"))
+    )
+
+
 def bulk_import_profiles(call: Call) -> Reply:
     """``POST /api/profile-bulk-import-jobs``: 202 with the queued job."""
     d = data(call)
@@ -106,6 +123,7 @@ def bulk_import_profiles(call: Call) -> Reply:
         created=call.now,
         profiles=profiles,
         list_ids=[x["id"] for x in lists],
+        rejected=_rejected(call, profiles),
     )
     call.state.import_jobs[job.id] = job
     state = call.state

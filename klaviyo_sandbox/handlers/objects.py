@@ -13,7 +13,15 @@ from klaviyo_sandbox import ids, paging
 from klaviyo_sandbox import objects as rules
 from klaviyo_sandbox.errors import ApiError, invalid, not_found
 from klaviyo_sandbox.filters import matches
-from klaviyo_sandbox.handlers.common import Call, Reply, check_path_id, data, document
+from klaviyo_sandbox.handlers.common import (
+    Call,
+    Reply,
+    check_path_id,
+    data,
+    document,
+    record_identity,
+    refuse_rejected,
+)
 from klaviyo_sandbox.store import AccountState, IngestionLog, ObjectSchema, ObjectType
 
 MAX_RECORD_BYTES = 512 * 1024
@@ -103,6 +111,11 @@ def create_data_source_record(call: Call) -> Reply:
             "A record may be at most 512 KB.",
             pointer="/data/attributes/data-source-record/data/attributes/record",
         )
+    refuse_rejected(
+        call,
+        record_identity(record),
+        "/data/attributes/data-source-record/data/attributes/record",
+    )
     _schedule(call, ds_id, [record])
     return Reply(204)
 
@@ -129,6 +142,9 @@ def bulk_create_data_source_records(call: Call) -> Reply:
                 "A record may be at most 512 KB.",
                 pointer=f"/data/attributes/data-source-records/data/{i}/attributes/record",
             )
+        refuse_rejected(
+            call, record_identity(record), f"/data/attributes/data-source-records/data/{i}/attributes/record"
+        )
         records.append(record)
     _schedule(call, ds_id, records)
     return Reply(204)

@@ -9,7 +9,7 @@ from klaviyo_sandbox import paging
 from klaviyo_sandbox import profiles as rules
 from klaviyo_sandbox.errors import not_found
 from klaviyo_sandbox.filters import matches
-from klaviyo_sandbox.handlers.common import Call, Reply, check_path_id, data, document
+from klaviyo_sandbox.handlers.common import Call, Reply, check_path_id, data, document, refuse_rejected
 from klaviyo_sandbox.store import Profile
 
 
@@ -21,6 +21,7 @@ def _fields(call: Call) -> list[str] | None:
 def create_or_update_profile(call: Call) -> Reply:
     """``POST /api/profile-import``: 201 created / 200 updated."""
     d = data(call)
+    refuse_rejected(call, d["attributes"].get("external_id"), "/data/attributes/external_id")
     profile, created = rules.upsert(call.state, d["attributes"], d.get("id"), d.get("meta"), call.now)
     body = document(rules.resource(profile, call.base_url, _fields(call)), call.self_url)
     return Reply(201 if created else 200, body)

@@ -70,9 +70,10 @@ def test_serves_accounts_for_each_api_key_with_scaled_limits(tmp_path: Path) -> 
                 time.sleep(0.1)
         for key in ("pk_cli_one", "pk_cli_two"):
             headers = {"Authorization": f"Klaviyo-API-Key {key}", "revision": "2026-10-15"}
-            first = httpx.get(f"{base}/api/accounts/", headers=headers)
-            assert first.json()["data"][0]["id"] == account_id_for_key(key)
-            throttled = httpx.get(f"{base}/api/accounts/", headers=headers)
+            with httpx.Client(base_url=base, headers=headers) as http:
+                first = http.get("/api/accounts/")
+                assert first.json()["data"][0]["id"] == account_id_for_key(key)
+                throttled = http.get("/api/accounts/")
             assert throttled.status_code == 429
             assert throttled.headers["retry-after"] == "0.5"
     finally:

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from klaviyo_sandbox.client import SandboxClient
+from klaviyo_sandbox.testing import SandboxServer
 from tests.sandbox import payloads
 from tests.sandbox.conftest import assert_klaviyo_error, check_response
 
@@ -31,13 +32,17 @@ def test_without_unique_id_same_profile_metric_and_second_collide(
     assert seen == [(0, "Pass Installed"), (0, "Pass Updated"), (1, "Pass Installed")]
 
 
-def test_unique_id_dedup_is_per_profile_and_metric(api: httpx.Client, sandbox: SandboxClient) -> None:
+def test_unique_id_dedup_is_per_profile_and_metric(
+    api: httpx.Client, sandbox: SandboxClient, sandbox_server: SandboxServer
+) -> None:
     api.post("/api/events", json=payloads.event("Pass Installed", unique_id="u"))
     api.post("/api/events", json=payloads.event("Pass Installed", unique_id="u", time="2026-07-02T00:00:00Z"))
     api.post("/api/events", json=payloads.event("Pass Updated", unique_id="u"))
     api.post("/api/events", json=payloads.event("Pass Installed", unique_id="u", external_id="serial-2"))
     assert len(_events(sandbox)) == 2
     assert len(_events(sandbox, "serial-2")) == 1
+    # The accepted duplicate is counted (for tests that check duplicate sends).
+    assert sandbox_server.app.runtime.states["main"].duplicate_events == 1
 
 
 def test_event_profile_attributes_create_and_update_the_profile(

@@ -161,6 +161,11 @@ class Pipeline:
         state = self.server.app.runtime.states[self.accounts[account_id]]
         return [str(e.unique_id) for e in list(state.events.values())]
 
+    def duplicate_events(self, account_id: str) -> int:
+        """Metric events the sandbox accepted but dropped as duplicates (a send repeated after a kill or a
+        lost answer), whichever endpoint carried them."""
+        return self.server.app.runtime.states[self.accounts[account_id]].duplicate_events
+
     def records(self, account_id: str) -> dict[str, dict[str, object]]:
         """WalletPass records the sandbox ingested, by serial."""
         docs = self.sandbox.object_records(self.accounts[account_id], object_type="WalletPass")
