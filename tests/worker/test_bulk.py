@@ -404,16 +404,6 @@ async def test_adaptive_big_backlog_uses_the_bulk_endpoints(
 # --- known bug -----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker/bulk.py AccountLanes._events_single sends a serial's metric events one call after another and "
-        "returns one Outcome for all of them; when call k fails (5xx/429/timeout) after calls 1..k-1 got 202, "
-        "BulkSync._not_ok hands the failure to engine.failed(work, members[0], events[0], ...) and the whole "
-        "round is retried, so events 1..k-1 are sent again (Klaviyo dedups by unique_id, but an accepted "
-        "event is re-sent after a clean success, and the attempt is charged to the head event, not to event k)"
-    ),
-)
 async def test_adaptive_single_calls_never_resend_an_accepted_metric_event(
     pipeline: Pipeline, start_workers: StartWorkers
 ) -> None:

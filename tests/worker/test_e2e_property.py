@@ -225,12 +225,7 @@ async def run_example(pipeline: Pipeline, workers: Workers, sc: Scenario, mode: 
         assert len(stored) == len(set(stored))
         assert sorted(stored) == sorted(e.event_id for e in delivered if e.account_id == account_id)
     # A duplicate send needs a kill or a lost answer: never after a clean success.
-    # Except, for now, adaptive mode under 5xx/429 faults: a serial's metric events sent by single calls go one
-    # after another, and a failure part-way retries the whole round, sending the accepted ones again (a known
-    # bug, pinned by test_bulk.py::test_adaptive_single_calls_never_resend_an_accepted_metric_event, a strict
-    # xfail; drop this exception together with that xfail).
-    known_resend = mode == "adaptive" and bool(sc.error_503 or sc.error_429)
-    if not sc.kill_after and not sc.drop_after_processing and not known_resend:
+    if not sc.kill_after and not sc.drop_after_processing:
         assert duplicates == 0
 
     arrival = {e.event_id: i for i, e in enumerate(events)}

@@ -348,17 +348,6 @@ async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_t
 
 @pytest.mark.slow
 @pytest.mark.timeout(120)
-@pytest.mark.xfail(
-    strict=True,
-    reason=(
-        "worker/bulk.py BulkSync.run awaits self.jobs.wait_clear(batch.account, <every serial of the claimed "
-        "batch>) before working any serial: a profile job left running for ONE serial (a killed worker's, or an "
-        "unnamed orphan marker, which waits for every job of the account created around it) holds back every "
-        "other serial of the batch until it completes (up to max_wait_s = 60 s), and if it times out "
-        "BulkSync._fail_head charges an attempt to every serial of the batch. DESIGN §2.2: a slow serial never "
-        "blocks other serials."
-    ),
-)
 async def test_a_running_job_of_one_serial_does_not_hold_back_the_others(
     redis: Redis,
     redis_url: str,
