@@ -7,11 +7,15 @@ from pathlib import Path
 import typer
 
 from passbridge.cli.common import console, emit_json, settings
-from passbridge.demo.defaults import DEMO_PASSES, DEMO_RATE_SCALE, DEMO_SAMPLE
+from passbridge.demo.defaults import DEMO_KLAVIYO_PASSES, DEMO_PASSES, DEMO_RATE_SCALE, DEMO_SAMPLE
 
 
 def demo(
-    passes: int = typer.Option(DEMO_PASSES, help="Passes to play (about four accepted events each)."),
+    passes: int = typer.Option(
+        None,
+        help=f"Passes to play, about four accepted events each (default {DEMO_PASSES} against the sandbox, "
+        f"{DEMO_KLAVIYO_PASSES} against a real Klaviyo).",
+    ),
     accounts: int = typer.Option(3, help="Merchant accounts."),
     rate_scale: float = typer.Option(
         None,
@@ -46,7 +50,7 @@ def demo(
     try:
         report = run_demo(
             DemoOptions(
-                passes=passes,
+                passes=passes or (DEMO_KLAVIYO_PASSES if real else DEMO_PASSES),
                 accounts=accounts,
                 rate_scale=rate_scale,
                 workers=workers,

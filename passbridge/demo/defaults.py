@@ -14,5 +14,7 @@ DEMO_RATE_SCALE = 20.0
 DEMO_DRAIN_TIMEOUT_S = 240.0
 #: Against a real Klaviyo (real tiers: profile-import and record jobs at 750/min per account).
 KLAVIYO_DRAIN_TIMEOUT_S = 1800.0
+#: Passes played against a real Klaviyo (its tiers at real speed): about 600 events, 1,800 calls.
+DEMO_KLAVIYO_PASSES = 150
 #: Passes read back through Klaviyo's own read API in the real-Klaviyo mode.
 DEMO_SAMPLE = 50

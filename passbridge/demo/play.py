@@ -72,7 +72,11 @@ class Player:
         self.result = PlayResult()
 
     def _client(self, connections: int) -> httpx.AsyncClient:
-        limits = httpx.Limits(max_connections=connections, max_keepalive_connections=connections)
+        # Idle connections are dropped after 2 s, well before uvicorn's 5 s keep-alive timeout: with both at
+        # 5 s, a connection the server is closing can be picked for the next request (a ReadError).
+        limits = httpx.Limits(
+            max_connections=connections, max_keepalive_connections=connections, keepalive_expiry=2.0
+        )
         # Plain HTTP on loopback: no TLS context (building one loads the CA bundle).
         return httpx.AsyncClient(base_url=self.url, timeout=30, limits=limits, verify=False)  # noqa: S501
 

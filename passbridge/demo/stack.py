@@ -59,6 +59,25 @@ class Stack:
     def worker_pids(self) -> list[int]:
         return [p.pid for name, p in self.procs.items() if name.startswith("worker")]
 
+    def cpu_seconds(self) -> dict[str, float]:
+        """CPU time (user + system) each running process of the stack has used so far (Linux ``/proc``;
+        empty elsewhere). The demo reports it to show where its time goes."""
+        tick = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+        out: dict[str, float] = {}
+        for name, proc in self.procs.items():
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            out[name] = (int(fields[11]) + int(fields[12])) / tick  # utime, stime (fields 14 and 15)
+        if self.redis is not None:
+            try:
+                fields = Path(f"/proc/{self.redis.pid}/stat").read_text().rsplit(")", 1)[1].split()
+                out["redis"] = (int(fields[11]) + int(fields[12])) / tick
+            except (OSError, IndexError, AttributeError):
+                pass
+        return out
+
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         """Start one more worker process (for scale-out and kill tests)."""
         proc = _spawn(["worker"], self.env, self.logs / f"{name}.log")
