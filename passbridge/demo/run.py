@@ -421,7 +421,7 @@ async def _verify_klaviyo(
     try:
         store = AccountStore(redis, cipher)
         accounts = {a.account_id: await store.get(a.account_id) for a in scenario.accounts}
-        settings = Settings(_env_file=None, klaviyo_base_url=stack.klaviyo_url, klaviyo_rate_scale=opts.scale)
+        settings = Settings(klaviyo_base_url=stack.klaviyo_url, klaviyo_rate_scale=opts.scale)
         async with KlaviyoClient.from_settings(settings, redis, store) as client:
             verification = await verify_sample(
                 client, accounts, sample, settle_s=opts.settle_s, progress=progress
