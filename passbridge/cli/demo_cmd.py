@@ -7,7 +7,13 @@ from pathlib import Path
 import typer
 
 from passbridge.cli.common import console, emit_json, settings
-from passbridge.demo.defaults import DEMO_KLAVIYO_PASSES, DEMO_PASSES, DEMO_RATE_SCALE, DEMO_SAMPLE
+from passbridge.demo.defaults import (
+    DEMO_KLAVIYO_PASSES,
+    DEMO_PASSES,
+    DEMO_RATE_SCALE,
+    DEMO_SAMPLE,
+    DEMO_SETTLE_S,
+)
 
 
 def demo(
@@ -28,6 +34,9 @@ def demo(
     seed: int = typer.Option(7, help="Scenario seed."),
     sample: int = typer.Option(
         DEMO_SAMPLE, help="Passes read back through Klaviyo's API (real Klaviyo only)."
+    ),
+    settle: float = typer.Option(
+        DEMO_SETTLE_S, help="Seconds a sampled pass may take to show up in Klaviyo (real Klaviyo only)."
     ),
     keep: bool = typer.Option(False, help="Keep the demo's state dir (logs, Redis data)."),
     state_dir: Path = typer.Option(None, help="Where the demo keeps its processes' state."),
@@ -63,6 +72,7 @@ def demo(
                 klaviyo_base_url=s.klaviyo_base_url if real else None,
                 klaviyo_api_keys=[k.strip() for k in keys.split(",") if k.strip()],
                 sample=sample,
+                settle_s=settle,
             )
         )
     except DemoError as exc:

@@ -16,5 +16,8 @@ DEMO_DRAIN_TIMEOUT_S = 240.0
 KLAVIYO_DRAIN_TIMEOUT_S = 1800.0
 #: Passes played against a real Klaviyo (its tiers at real speed): about 600 events, 1,800 calls.
 DEMO_KLAVIYO_PASSES = 150
+#: How long sampled passes may take to show up in a real Klaviyo (events and record jobs are processed
+#: asynchronously there); a pass that still differs after this is a failure.
+DEMO_SETTLE_S = 300.0
 #: Passes read back through Klaviyo's own read API in the real-Klaviyo mode.
 DEMO_SAMPLE = 50

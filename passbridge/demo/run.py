@@ -37,6 +37,7 @@ from passbridge.demo.defaults import (
     DEMO_PASSES,
     DEMO_RATE_SCALE,
     DEMO_SAMPLE,
+    DEMO_SETTLE_S,
     KLAVIYO_DRAIN_TIMEOUT_S,
 )
 from passbridge.demo.play import Credentials, Player, PlayResult
@@ -79,7 +80,7 @@ class DemoOptions:
     #: Passes read back through Klaviyo's API in that mode.
     sample: int = DEMO_SAMPLE
     #: How long sampled passes may take to show up in Klaviyo (it processes writes asynchronously).
-    settle_s: float = 120.0
+    settle_s: float = DEMO_SETTLE_S
 
     @property
     def real_klaviyo(self) -> bool:
