@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from passbridge.event import PassEvent
 from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
+from passbridge.scripts import script
 
 log = structlog.get_logger(__name__)
 
@@ -206,8 +207,9 @@ class Recorder:
         """Count one pass lifecycle event for the report, in the UTC hour it occurred."""
         at = occurred.astimezone(UTC)
         field = report_field(at.hour, kind, platform, pass_type)
+        day = f"{at.year:04d}{at.month:02d}{at.day:02d}"  # strftime("%Y%m%d"), without its cost per event
         with self._lock:
-            self._report[(account_id, at.strftime("%Y%m%d"), field)] += 1
+            self._report[(account_id, day, field)] += 1
 
     def take(self) -> tuple[Tally[tuple[str, int, str]], Tally[tuple[str, str, str]]]:
         """Everything buffered so far (the buffers start empty again)."""
@@ -264,23 +266,39 @@ async def stop_flusher(task: asyncio.Task[None], redis: Redis) -> None:
         await RECORDER.flush(redis)
 
 
+#: Increments per ``record_counts.lua`` call: a large flush is split so that no call holds Redis for long.
+_WRITE_CHUNK = 2000
+
+
 async def _write(
     redis: Redis, series: Tally[tuple[str, int, str]], report: Tally[tuple[str, str, str]]
 ) -> None:
-    touched: dict[str, int] = {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for (account_id, bucket, name), n in series.items():
-            key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
-            pipe.hincrby(key, f"{bucket}:{name}", n)
-            touched[key] = SERIES_TTL_S
-        for (account_id, day, field), n in report.items():
-            key = account_keys(account_id).report(day)
-            pipe.hincrby(key, field, n)
-            day_end = int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC).timestamp()) + 86_400
-            pipe.expireat(key, day_end + REPORT_TTL_S)
-        for key, ttl in touched.items():
-            pipe.expire(key, ttl)
-        await pipe.execute()
+    # Lua calls (record_counts.lua) with the increments, each with one EXPIREAT per hash it touched.
+    counts: list[tuple[str, str, int, int]] = []
+    series_end = int(time.time()) + SERIES_TTL_S
+    for (account_id, bucket, name), n in series.items():
+        counts.append(
+            (account_keys(account_id).series(bucket // BUCKETS_PER_HOUR), f"{bucket}:{name}", n, series_end)
+        )
+    for (account_id, day, field), n in report.items():
+        counts.append((account_keys(account_id).report(day), field, n, _day_end(day) + REPORT_TTL_S))
+    call = script(redis, "record_counts")
+    for start in range(0, len(counts), _WRITE_CHUNK):
+        part = counts[start : start + _WRITE_CHUNK]
+        args: list[str | int] = [len(part)]
+        expire_at: dict[str, int] = {}
+        for key, field, n, at in part:
+            args += [key, field, n]
+            expire_at[key] = at
+        for key, at in expire_at.items():
+            args += [key, at]
+        await call(args=args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_end(day: str) -> int:
+    """Epoch seconds at the end of a ``YYYYMMDD`` UTC day."""
+    return int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC).timestamp()) + 86_400
 
 
 async def sample(redis: Redis, now_s: float) -> bool:
