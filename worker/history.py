@@ -3,7 +3,10 @@
 Each serial has one Redis list (``AccountKeys.history``) of compact JSON arrays
 ``[at_ms, kind, event_id]`` or ``[at_ms, kind, event_id, {detail}]``, oldest first:
 
-- ``ingested``  — written by the producer's ``enqueue.lua`` in the same step as the mailbox entry
+- ``ingested``  — at the event's ``received_at``: derived from its mailbox entry while the event is pending
+  (:func:`timeline` reads the mailbox too) and stored by the engine's settle step together with the event's
+  ``written`` or ``dead`` entry (:meth:`worker.queue.WorkQueue.settle`). The producer writes no history,
+  which keeps two Redis writes per event off the ingest path.
 - ``attempt``   — a failed attempt (detail: status, code, endpoint, worker, next attempt)
 - ``throttled`` — a 429 (not an attempt)
 - ``written``   — Klaviyo accepted the event (detail: worker, stale flag, notes)
@@ -14,11 +17,17 @@ Each serial has one Redis list (``AccountKeys.history``) of compact JSON arrays
 Cheap by construction: one ``RPUSH`` per entry inside scripts that run anyway, and the list expires
 ``history_retention_s`` after its newest entry; entries older than the retention are dropped from the
 head whenever the engine appends. It is not part of the queue: nothing reads it to make decisions.
+
+:func:`timeline` shows each event's ``ingested`` step exactly once, in its place in time (stored entries keep
+their stored order; an event's ``ingested`` comes before its other entries), whether it came from the mailbox
+or the list (a replayed event is settled again, and each settle stores its ``ingested`` entry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -69,10 +78,56 @@ def parse(raw: bytes) -> HistoryEntry:
     return HistoryEntry(int(doc[0]), str(doc[1]), str(doc[2]), dict(doc[3]) if len(doc) > 3 else {})
 
 
+def ingested_entry(member: bytes) -> bytes | None:
+    """The stored ``ingested`` entry of a mailbox member (arrival sequence + wire JSON): at its
+    ``received_at``. None when the member cannot be read (it is then shown without that step)."""
+    try:
+        doc = orjson.loads(member[member.index(b"{") :])
+        at = datetime.fromisoformat(doc["r"])
+        return entry(HistoryKind.ingested, str(doc["id"]), int(at.timestamp() * 1000))
+    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+
+
+def merge(stored: Sequence[HistoryEntry], pending: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """One timeline from the stored list and the ``ingested`` entries of pending events (pure).
+
+    Entries other than ``ingested`` keep their stored order. Each event's first ``ingested`` entry (stored or
+    pending; repeats dropped) goes in by its time, and never after another entry of the same event.
+    """
+    ingested: dict[str, HistoryEntry] = {}
+    others: list[HistoryEntry] = []
+    for e in (*stored, *pending):
+        if e.kind != HistoryKind.ingested:
+            others.append(e)
+        elif e.event_id not in ingested:
+            ingested[e.event_id] = e
+    waiting = sorted(ingested.values(), key=lambda e: e.at_ms)  # stable: arrival order on equal times
+    out: list[HistoryEntry] = []
+    placed: set[str] = set()
+    i = 0
+    for e in others:
+        due = e.event_id in ingested and e.event_id not in placed
+        while i < len(waiting) and (due or waiting[i].at_ms <= e.at_ms):
+            placed.add(waiting[i].event_id)
+            out.append(waiting[i])
+            if waiting[i].event_id == e.event_id:
+                due = False
+            i += 1
+        out.append(e)
+    out += waiting[i:]
+    return out
+
+
 async def timeline(redis: Redis, account_id: str, serial: str) -> list[HistoryEntry]:
-    """Every kept entry of the serial, oldest first."""
-    raw = await redis.lrange(account_keys(account_id).history(serial), 0, -1)
-    return [parse(r) for r in raw]
+    """Every kept entry of the serial, oldest first, with the ``ingested`` step of its pending events."""
+    keys = account_keys(account_id)
+    async with redis.pipeline(transaction=True) as pipe:  # one snapshot: an event settles in neither or both
+        pipe.lrange(keys.history(serial), 0, -1)
+        pipe.zrange(keys.mailbox(serial), 0, -1)
+        raw, members = await pipe.execute()
+    pending = [parse(r) for r in (ingested_entry(m) for m in members) if r is not None]
+    return merge([parse(r) for r in raw], pending)
 
 
 async def serial_of(redis: Redis, account_id: str, event_id: str) -> str | None:
