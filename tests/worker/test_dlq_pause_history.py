@@ -192,7 +192,7 @@ class TestHistory:
         # The producer wrote no history; the pending event's step comes from its mailbox entry.
         assert await redis.llen(keys.history("S7")) == 0
         assert await history.timeline(redis, "a", "S7") == [
-            history.HistoryEntry(received_ms, "ingested", "a-S7-1", {})
+            history.HistoryEntry(received_ms, "ingested", "a-S7-1", {}, stamp=1)
         ]
         # Dead-lettered: the engine stores "ingested" with "dead", in one step.
         q = WorkQueue(redis, worker_id="w1", history_retention_ms=DAY_MS)
@@ -244,6 +244,24 @@ class TestHistory:
         ]
         assert history.merge([], []) == []
         assert history.ingested_entry(b"000000000001not json") is None
+
+    def test_merge_places_ingested_by_arrival_stamps_not_clocks(self) -> None:
+        e = history.HistoryEntry
+        stored = [
+            e(100, "ingested", "A", {}, stamp=1),
+            e(200, "written", "A", {}, stamp=1),  # written before B was queued ...
+            e(300, "written", "B", {}, stamp=3),
+        ]
+        # ... although B was received (its clock) before A's write: the stamps decide, not the clocks.
+        pending = [e(150, "ingested", "B", {}, stamp=2), e(120, "ingested", "C", {}, stamp=3)]
+        merged = [(x.kind, x.event_id) for x in history.merge(stored, pending)]
+        assert merged == [
+            ("ingested", "A"),
+            ("written", "A"),
+            ("ingested", "B"),
+            ("ingested", "C"),
+            ("written", "B"),
+        ]
 
     async def test_event_history_uses_the_dedup_index(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S9", 1), pass_event("a", "S9", 2))

@@ -101,7 +101,10 @@ class TestSettle:
         # The producer writes no history: the settled event's "ingested" entry is stored with its "written"
         # one (at its received_at); the pending events' steps are read from the mailbox.
         history = await redis.lrange(keys.history("S1"), 0, -1)
-        assert [orjson.loads(h)[1:] for h in history] == [["ingested", "a-S1-0"], ["written", "a-S1-0"]]
+        assert [orjson.loads(h)[1:3] for h in history] == [["ingested", "a-S1-0"], ["written", "a-S1-0"]]
+        # Stamps: the ingested entry carries the event's arrival sequence, the written one the account's
+        # last sequence when it was stored (all three events had arrived).
+        assert [orjson.loads(h)[4] for h in history] == [split_member(snap.heads[0])[0], 3]
         received = orjson.loads(split_member(snap.heads[0])[1])["r"]
         assert orjson.loads(history[0])[0] == int(datetime.fromisoformat(received).timestamp() * 1000)
         assert 0 < await redis.pttl(keys.history("S1")) <= 7 * 86_400_000
@@ -121,7 +124,7 @@ class TestSettle:
         (snap,) = await q.snapshot([lease])
         entry = b'[%d,"written","a-S1-1"]' % int(time.time() * 1000)
         assert (await q.settle(lease, snap.heads[:1], history=[entry])).ok
-        history = [orjson.loads(h)[1:] for h in await redis.lrange(keys.history("S1"), 0, -1)]
+        history = [orjson.loads(h)[1:3] for h in await redis.lrange(keys.history("S1"), 0, -1)]
         assert history == [["ingested", "a-S1-1"], ["written", "a-S1-1"]]
         assert 0 < await redis.pttl(keys.history("S1")) <= 60_000
 
