@@ -211,6 +211,17 @@ class Recorder:
         with self._lock:
             self._report[(account_id, day, field)] += 1
 
+    def tally_hours(self, account_id: str, counts: Tally[tuple[int, int, int, int, str, str, str]]) -> None:
+        """:meth:`tally` for many events at once: ``counts`` by (year, month, day, hour of ``occurred_at`` in
+        UTC, kind, platform, pass type). The report's keys are formatted once per distinct hour, not per event."""
+        entries = [
+            ((f"{y:04d}{mo:02d}{d:02d}", report_field(h, kind, platform, pass_type)), n)
+            for (y, mo, d, h, kind, platform, pass_type), n in counts.items()
+        ]
+        with self._lock:
+            for (day, field), n in entries:
+                self._report[(account_id, day, field)] += n
+
     def take(self) -> tuple[Tally[tuple[str, int, str]], Tally[tuple[str, str, str]]]:
         """Everything buffered so far (the buffers start empty again)."""
         with self._lock:
@@ -351,14 +362,20 @@ def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequ
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
     fresh: Tally[str] = Tally()
     dups: Tally[str] = Tally()
+    hours: Tally[tuple[int, int, int, int, str, str, str]] = Tally()
     for event, new in zip(events, accepted, strict=True):
         if new:
             fresh[event.source] += 1
-            RECORDER.tally(
-                account_id, event.occurred_at, event.kind.value, event.platform.value, event.pass_type
-            )
+            at = event.occurred_at
+            if at.tzinfo is not UTC:
+                at = at.astimezone(UTC)
+            hours[
+                (at.year, at.month, at.day, at.hour, event.kind.value, event.platform.value, event.pass_type)
+            ] += 1
         else:
             dups[event.source] += 1
+    if hours:
+        RECORDER.tally_hours(account_id, hours)
     for source, n in fresh.items():
         _counter(INGESTED, account_id, source).inc(n)
     for source, n in dups.items():

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import random
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 from pydantic import ValidationError
 
@@ -85,3 +87,19 @@ class TestWire:
         back = PassEvent.from_wire(ev.to_wire(), "acme")
         assert back == ev
         assert len(ev.to_wire()) < 400
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_timestamps_are_isoformat_with_z(self, seed: int) -> None:
+        """orjson writes the timestamps; the text is what isoformat() gives, "+00:00" written "Z" — also for a
+        read-back event (pydantic's own UTC tzinfo) and for whole seconds (no fraction)."""
+        rng = random.Random(seed)
+        base = build()
+        for _ in range(500):
+            at = datetime(1990, 1, 1, tzinfo=UTC) + timedelta(
+                seconds=rng.randrange(2_000_000_000), microseconds=rng.choice([0, rng.randrange(1_000_000)])
+            )
+            ev = PassEvent.from_wire(base.model_copy(update={"occurred_at": at}).to_wire(), "acme")
+            for e in (ev, ev.model_copy(update={"received_at": at})):
+                wire = orjson.loads(e.to_wire())
+                assert wire["o"] == e.occurred_at.isoformat().replace("+00:00", "Z")
+                assert wire["r"] == e.received_at.isoformat().replace("+00:00", "Z")
