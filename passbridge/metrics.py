@@ -211,15 +211,10 @@ class Recorder:
         with self._lock:
             self._report[(account_id, day, field)] += 1
 
-    def tally_hours(self, account_id: str, counts: Tally[tuple[int, int, int, int, str, str, str]]) -> None:
-        """:meth:`tally` for many events at once: ``counts`` by (year, month, day, hour of ``occurred_at`` in
-        UTC, kind, platform, pass type). The report's keys are formatted once per distinct hour, not per event."""
-        entries = [
-            ((f"{y:04d}{mo:02d}{d:02d}", report_field(h, kind, platform, pass_type)), n)
-            for (y, mo, d, h, kind, platform, pass_type), n in counts.items()
-        ]
+    def tally_report(self, account_id: str, counts: Tally[tuple[str, str]]) -> None:
+        """:meth:`tally` for many events at once: ``counts`` by (day, field) from :func:`report_key`."""
         with self._lock:
-            for (day, field), n in entries:
+            for (day, field), n in counts.items():
                 self._report[(account_id, day, field)] += n
 
     def take(self) -> tuple[Tally[tuple[str, int, str]], Tally[tuple[str, str, str]]]:
@@ -347,6 +342,15 @@ RECORDER = Recorder()
 # --- hooks: one call where the thing happens -------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=65_536)
+def report_key(
+    year: int, month: int, day: int, hour: int, kind: str, platform: str, pass_type: str
+) -> tuple[str, str]:
+    """The report's (day, field) for an event that occurred in that UTC hour; cached, as a backfill repeats
+    the same few thousand hours, kinds and platforms over and over."""
+    return f"{year:04d}{month:02d}{day:02d}", report_field(hour, kind, platform, pass_type)
+
+
 @functools.lru_cache(maxsize=16_384)
 def _counter(metric: Counter, *labels: str) -> Counter:
     # prometheus-client validates and locks on every labels() call (~3 µs); the children never change.
@@ -362,20 +366,21 @@ def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequ
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
     fresh: Tally[str] = Tally()
     dups: Tally[str] = Tally()
-    hours: Tally[tuple[int, int, int, int, str, str, str]] = Tally()
+    report: Tally[tuple[str, str]] = Tally()
     for event, new in zip(events, accepted, strict=True):
         if new:
             fresh[event.source] += 1
             at = event.occurred_at
             if at.tzinfo is not UTC:
                 at = at.astimezone(UTC)
-            hours[
-                (at.year, at.month, at.day, at.hour, event.kind.value, event.platform.value, event.pass_type)
-            ] += 1
+            key = report_key(
+                at.year, at.month, at.day, at.hour, event.kind.value, event.platform.value, event.pass_type
+            )
+            report[key] += 1
         else:
             dups[event.source] += 1
-    if hours:
-        RECORDER.tally_hours(account_id, hours)
+    if report:
+        RECORDER.tally_report(account_id, report)
     for source, n in fresh.items():
         _counter(INGESTED, account_id, source).inc(n)
     for source, n in dups.items():
