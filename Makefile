@@ -38,9 +38,11 @@ chromium:
 ## The one command for tests: lint, types, then the whole suite (it starts its own Redis and servers).
 test: lint typecheck chromium pytest
 
-## The one command to see the product work end to end on this machine.
+## The one command to see the product work end to end on this machine. Size and speed defaults live in
+## passbridge/demo/defaults.py; per run: make demo DEMO_ARGS="--passes 5000 --rate-scale 30".
+DEMO_ARGS ?=
 demo: $(STAMP)
-	$(BIN)/passbridge demo
+	$(BIN)/passbridge demo $(DEMO_ARGS)
 
 ## The same stack, kept running for manual use (Ctrl-C stops it).
 run: $(STAMP)

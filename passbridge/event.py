@@ -193,6 +193,117 @@ class EventIn(BaseModel):
         return _check_properties(v)
 
 
+_EVENT_IN_FIELDS = frozenset(EventIn.model_fields)
+_IDENTIFIER = re.compile(r"[A-Za-z0-9_.:\-]{1,255}")  # used with fullmatch: "$" would allow a final "\n"
+#: RFC 3339 timestamps in the forms clients send (``Z`` or ``±HH:MM``, no fraction or 1–6 digits): the only
+#: ``occurred_at`` strings the fast path parses itself; any other form goes to pydantic.
+_RFC3339 = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d(?:\.\d{1,6})?(?:Z|[+-]\d\d:\d\d)")  # fullmatch
+_KINDS = {k.value: k for k in EventKind}
+_PLATFORMS = {p.value: p for p in Platform}
+
+
+def _plain_str(value: Any, max_chars: int) -> bool:
+    """A ``str`` that pydantic would take as it is: no surrounding whitespace to strip, within the limit."""
+    return type(value) is str and len(value) <= max_chars and (not value or value == value.strip())
+
+
+def fast_event_in(raw: Any) -> EventIn | None:
+    """:class:`EventIn` for an item in the common, unambiguous shape, without pydantic's machinery; None for
+    anything else (the caller then validates with pydantic, which also words the errors).
+
+    Accepts exactly what :class:`EventIn` validation accepts and returns an equal model for those inputs (plain
+    ``str`` values with nothing to strip, an RFC 3339 ``occurred_at``, a ``dict`` of properties); everything
+    unusual or invalid falls through. ``tests/test_event.py`` holds it to pydantic on a fuzzed corpus.
+    """
+    if type(raw) is not dict or not raw.keys() <= _EVENT_IN_FIELDS:
+        return None
+    get = raw.get
+    event_id, serial, pass_type = get("event_id"), get("serial_number"), get("pass_type")
+    kind_raw, platform_raw = get("kind"), get("platform")
+    if type(kind_raw) is not str or type(platform_raw) is not str:
+        return None
+    kind, platform = _KINDS.get(kind_raw), _PLATFORMS.get(platform_raw)
+    if (
+        kind is None
+        or platform is None
+        or not _plain_str(event_id, MAX_EVENT_ID_CHARS)
+        or not event_id
+        or not _plain_str(serial, 255)
+        or not serial
+        or _CONTROL.search(serial)
+        or type(pass_type) is not str
+        or not _IDENTIFIER.fullmatch(pass_type)
+    ):
+        return None
+    occurred = get("occurred_at")
+    if occurred is not None:
+        if type(occurred) is not str or not _RFC3339.fullmatch(occurred):
+            return None
+        try:
+            occurred = datetime.fromisoformat(occurred).astimezone(UTC)
+        except ValueError:
+            return None
+        if occurred.year < 1990:
+            return None
+    email, phone, url, device = get("email"), get("phone_number"), get("pass_url"), get("device_id")
+    if email is not None:
+        if not _plain_str(email, 254):
+            return None
+        if email:
+            try:
+                email = normalize_email(email)
+            except ValueError:
+                return None
+        else:
+            email = None
+    if phone is not None and not _plain_str(phone, 32):
+        return None
+    if url is not None:
+        if not _plain_str(url, MAX_URL_CHARS):
+            return None
+        if not url:
+            url = None
+        elif not url.startswith(("https://", "http://")):
+            return None
+    if device is not None and not _plain_str(device, 255):
+        return None
+    props = get("properties", _MISSING)
+    if props is _MISSING:
+        props = {}
+    elif type(props) is not dict or not all(type(k) is str and k == k.strip() for k in props):
+        return None  # pydantic strips (and type-checks) the keys too
+    else:
+        try:
+            props = _check_properties(dict(props))
+        except ValueError:
+            return None
+    item = _new_object(EventIn)
+    _set_attr(
+        item,
+        "__dict__",
+        {
+            "event_id": event_id,
+            "kind": kind,
+            "serial_number": serial,
+            "pass_type": pass_type,
+            "platform": platform,
+            "occurred_at": occurred,
+            "email": email,
+            "phone_number": phone,
+            "pass_url": url,
+            "device_id": device,
+            "properties": props,
+        },
+    )
+    _set_attr(item, "__pydantic_fields_set__", set(raw))
+    _set_attr(item, "__pydantic_extra__", None)
+    _set_attr(item, "__pydantic_private__", None)
+    return item
+
+
+_MISSING = object()
+
+
 class PassEvent(BaseModel):
     """The canonical, normalized pass event as stored in Redis and consumed by the workers."""
 
@@ -244,6 +355,8 @@ class PassEvent(BaseModel):
         """Compact JSON for Redis: ``None`` fields and the account (already in the key) left out.
 
         Built by hand rather than with ``model_dump``: this runs once per ingested event on the hot path.
+        Timestamps are ISO 8601 with ``Z`` for UTC, serialized by orjson itself (``OPT_UTC_Z``: the same text
+        as ``isoformat()`` with ``+00:00`` written ``Z``, which ``tests/test_event.py`` checks).
         """
         data: dict[str, Any] = {
             "v": self.schema_version,
@@ -252,8 +365,8 @@ class PassEvent(BaseModel):
             "s": self.serial_number,
             "t": self.pass_type,
             "p": self.platform.value,
-            "o": _iso(self.occurred_at),
-            "r": _iso(self.received_at),
+            "o": self.occurred_at,
+            "r": self.received_at,
             "src": self.source,
             "u": self.pass_url,
         }
@@ -265,7 +378,7 @@ class PassEvent(BaseModel):
             data["d"] = self.device_id
         if self.properties:
             data["x"] = self.properties
-        return orjson.dumps(data)
+        return orjson.dumps(data, option=orjson.OPT_UTC_Z)
 
     @classmethod
     def from_wire(cls, raw: bytes | str, account_id: str) -> PassEvent:
@@ -295,19 +408,6 @@ class PassEvent(BaseModel):
 _PASS_EVENT_FIELDS = frozenset(PassEvent.model_fields)
 _new_object = object.__new__
 _set_attr = object.__setattr__
-
-
-_last_iso: tuple[datetime | None, str] = (None, "")
-
-
-def _iso(value: datetime) -> str:
-    # The events of one request (or one NDJSON chunk) share their received_at object: format it once.
-    global _last_iso
-    if _last_iso[0] is value:
-        return _last_iso[1]
-    text = value.isoformat().replace("+00:00", "Z")
-    _last_iso = (value, text)
-    return text
 
 
 def build_event(

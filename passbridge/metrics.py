@@ -47,6 +47,7 @@ from redis.exceptions import RedisError
 
 from passbridge.event import PassEvent
 from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
+from passbridge.scripts import script
 
 log = structlog.get_logger(__name__)
 
@@ -206,8 +207,15 @@ class Recorder:
         """Count one pass lifecycle event for the report, in the UTC hour it occurred."""
         at = occurred.astimezone(UTC)
         field = report_field(at.hour, kind, platform, pass_type)
+        day = f"{at.year:04d}{at.month:02d}{at.day:02d}"  # strftime("%Y%m%d"), without its cost per event
         with self._lock:
-            self._report[(account_id, at.strftime("%Y%m%d"), field)] += 1
+            self._report[(account_id, day, field)] += 1
+
+    def tally_report(self, account_id: str, counts: Tally[tuple[str, str]]) -> None:
+        """:meth:`tally` for many events at once: ``counts`` by (day, field) from :func:`report_key`."""
+        with self._lock:
+            for (day, field), n in counts.items():
+                self._report[(account_id, day, field)] += n
 
     def take(self) -> tuple[Tally[tuple[str, int, str]], Tally[tuple[str, str, str]]]:
         """Everything buffered so far (the buffers start empty again)."""
@@ -264,23 +272,39 @@ async def stop_flusher(task: asyncio.Task[None], redis: Redis) -> None:
         await RECORDER.flush(redis)
 
 
+#: Increments per ``record_counts.lua`` call: a large flush is split so that no call holds Redis for long.
+_WRITE_CHUNK = 2000
+
+
 async def _write(
     redis: Redis, series: Tally[tuple[str, int, str]], report: Tally[tuple[str, str, str]]
 ) -> None:
-    touched: dict[str, int] = {}
-    async with redis.pipeline(transaction=False) as pipe:
-        for (account_id, bucket, name), n in series.items():
-            key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
-            pipe.hincrby(key, f"{bucket}:{name}", n)
-            touched[key] = SERIES_TTL_S
-        for (account_id, day, field), n in report.items():
-            key = account_keys(account_id).report(day)
-            pipe.hincrby(key, field, n)
-            day_end = int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC).timestamp()) + 86_400
-            pipe.expireat(key, day_end + REPORT_TTL_S)
-        for key, ttl in touched.items():
-            pipe.expire(key, ttl)
-        await pipe.execute()
+    # Lua calls (record_counts.lua) with the increments, each with one EXPIREAT per hash it touched.
+    counts: list[tuple[str, str, int, int]] = []
+    series_end = int(time.time()) + SERIES_TTL_S
+    for (account_id, bucket, name), n in series.items():
+        counts.append(
+            (account_keys(account_id).series(bucket // BUCKETS_PER_HOUR), f"{bucket}:{name}", n, series_end)
+        )
+    for (account_id, day, field), n in report.items():
+        counts.append((account_keys(account_id).report(day), field, n, _day_end(day) + REPORT_TTL_S))
+    call = script(redis, "record_counts")
+    for start in range(0, len(counts), _WRITE_CHUNK):
+        part = counts[start : start + _WRITE_CHUNK]
+        args: list[str | int] = [len(part)]
+        expire_at: dict[str, int] = {}
+        for key, field, n, at in part:
+            args += [key, field, n]
+            expire_at[key] = at
+        for key, at in expire_at.items():
+            args += [key, at]
+        await call(args=args)
+
+
+@functools.lru_cache(maxsize=1024)
+def _day_end(day: str) -> int:
+    """Epoch seconds at the end of a ``YYYYMMDD`` UTC day."""
+    return int(datetime.strptime(day, "%Y%m%d").replace(tzinfo=UTC).timestamp()) + 86_400
 
 
 async def sample(redis: Redis, now_s: float) -> bool:
@@ -318,6 +342,15 @@ RECORDER = Recorder()
 # --- hooks: one call where the thing happens -------------------------------------------------------------
 
 
+@functools.lru_cache(maxsize=65_536)
+def report_key(
+    year: int, month: int, day: int, hour: int, kind: str, platform: str, pass_type: str
+) -> tuple[str, str]:
+    """The report's (day, field) for an event that occurred in that UTC hour; cached, as a backfill repeats
+    the same few thousand hours, kinds and platforms over and over."""
+    return f"{year:04d}{month:02d}{day:02d}", report_field(hour, kind, platform, pass_type)
+
+
 @functools.lru_cache(maxsize=16_384)
 def _counter(metric: Counter, *labels: str) -> Counter:
     # prometheus-client validates and locks on every labels() call (~3 µs); the children never change.
@@ -333,14 +366,21 @@ def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequ
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
     fresh: Tally[str] = Tally()
     dups: Tally[str] = Tally()
+    report: Tally[tuple[str, str]] = Tally()
     for event, new in zip(events, accepted, strict=True):
         if new:
             fresh[event.source] += 1
-            RECORDER.tally(
-                account_id, event.occurred_at, event.kind.value, event.platform.value, event.pass_type
+            at = event.occurred_at
+            if at.tzinfo is not UTC:
+                at = at.astimezone(UTC)
+            key = report_key(
+                at.year, at.month, at.day, at.hour, event.kind.value, event.platform.value, event.pass_type
             )
+            report[key] += 1
         else:
             dups[event.source] += 1
+    if report:
+        RECORDER.tally_report(account_id, report)
     for source, n in fresh.items():
         _counter(INGESTED, account_id, source).inc(n)
     for source, n in dups.items():

@@ -13,9 +13,6 @@ from passbridge.event import PassEvent
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
 from passbridge.scripts import script
 
-#: How long per-event history is kept by default (``Settings.history_retention_s``).
-DEFAULT_HISTORY_RETENTION_S = 7 * 86_400
-
 
 class BacklogFull(Exception):
     """The account's backlog is over its high-water mark; nothing of the batch was written."""
@@ -46,14 +43,13 @@ async def enqueue(
     *,
     high_water: int,
     dedup_window_s: int,
-    history_retention_s: int = DEFAULT_HISTORY_RETENTION_S,
     now_ms: int | None = None,
 ) -> EnqueueResult:
     """Deduplicate ``events`` by ``event_id`` and append the new ones to their serials' mailboxes.
 
     All-or-nothing: raises :class:`BacklogFull` (writing nothing) when the new events would push the
-    account's backlog over ``high_water``. Each new event gets an "ingested" entry in its serial's history
-    (kept ``history_retention_s``; 0 turns history off).
+    account's backlog over ``high_water``. No history entry is written: a pending event's "ingested" step is
+    read from its mailbox entry (``worker.history.timeline``) and stored when the engine settles it.
     """
     if not events:
         return EnqueueResult([], 0)
@@ -67,7 +63,6 @@ async def enqueue(
         NOTIFY,
         ACTIVE_ACCOUNTS,
         account_id,
-        history_retention_s * 1000,
     ]
     for ev in events:
         args += [ev.event_id, ev.serial_number, ev.occurred_ms, ev.to_wire()]

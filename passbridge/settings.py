@@ -41,6 +41,9 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = 1.0
+    #: ``passbridge demo`` against a real Klaviyo (PASSBRIDGE_KLAVIYO_BASE_URL set): one private API key for
+    #: every demo account, or a comma-separated list handed out to the demo accounts in turn.
+    demo_klaviyo_api_keys: SecretStr | None = None
 
     # Engine (worker/): see docs/architecture.md and README "The ordered engine"
     #: Serials one worker process works on at once; also arq's ``max_jobs``.

@@ -49,7 +49,6 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
             redis,
             high_water=settings.backlog_high_water,
             dedup_window_s=settings.dedup_ttl_s,
-            history_retention_s=settings.history_retention_s,
         )
         await publisher.start()
         cipher = cipher_from_settings(settings)

@@ -20,7 +20,7 @@ from redis.asyncio import Redis
 
 from passbridge import metrics
 from passbridge.event import PassEvent
-from passbridge.queue import DEFAULT_HISTORY_RETENTION_S, enqueue
+from passbridge.queue import enqueue
 
 log = structlog.get_logger(__name__)
 
@@ -44,10 +44,8 @@ class Publisher:
         high_water: int,
         dedup_window_s: int,
         max_batch: int = 2000,
-        history_retention_s: int = DEFAULT_HISTORY_RETENTION_S,
     ) -> None:
         self.redis = redis
-        self.history_retention_s = history_retention_s
         self.high_water = high_water
         self.dedup_window_s = dedup_window_s
         self.max_batch = max_batch
@@ -118,7 +116,6 @@ class Publisher:
                 events,
                 high_water=self.high_water,
                 dedup_window_s=self.dedup_window_s,
-                history_retention_s=self.history_retention_s,
             )
         except Exception as exc:  # handed to every waiting request; each answers for itself
             for p in chunk:

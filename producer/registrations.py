@@ -42,7 +42,6 @@ class Limits:
 
     high_water: int
     dedup_window_s: int
-    history_retention_s: int = 0
 
 
 def _split_wire(event: PassEvent) -> tuple[str, str]:
@@ -97,7 +96,6 @@ async def _call(
             prefix,
             head,
             tail,
-            limits.history_retention_s * 1000,
         ],
     )
     if int(code) == 503:

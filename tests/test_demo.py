@@ -25,4 +25,10 @@ def test_small_demo_verifies(tmp_path: Path) -> None:
     assert doc["retries_after_5xx"] > 0
     assert doc["throttled_429"] > 0
     assert doc["dead_lettered"] == 0
+    # It says how much Klaviyo's tiers are compressed, and where its time went.
+    assert doc["mode"] == "sandbox"
+    assert doc["sandbox_started"] is True
+    assert "compressed 20×" in doc["rate_scale_note"]
+    assert list(doc["phases_s"]) == ["start", "setup", "ingest", "drain", "verify"]
+    assert {"sandbox", "producer", "worker-1", "worker-2", "demo"} <= set(doc["cpu_s"])
     assert report.ok

@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
-from datetime import UTC, datetime
+import random
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
+import orjson
 import pytest
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
-from passbridge.event import EventIn, FieldError, PassEvent, build_event, normalize_email, normalize_phone
+from passbridge.event import (
+    EventIn,
+    FieldError,
+    PassEvent,
+    build_event,
+    fast_event_in,
+    normalize_email,
+    normalize_phone,
+)
 from tests.factories import event
 
 
@@ -85,3 +96,111 @@ class TestWire:
         back = PassEvent.from_wire(ev.to_wire(), "acme")
         assert back == ev
         assert len(ev.to_wire()) < 400
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_timestamps_are_isoformat_with_z(self, seed: int) -> None:
+        """orjson writes the timestamps; the text is what isoformat() gives, "+00:00" written "Z" — also for a
+        read-back event (pydantic's own UTC tzinfo) and for whole seconds (no fraction)."""
+        rng = random.Random(seed)
+        base = build()
+        for _ in range(500):
+            at = datetime(1990, 1, 1, tzinfo=UTC) + timedelta(
+                seconds=rng.randrange(2_000_000_000), microseconds=rng.choice([0, rng.randrange(1_000_000)])
+            )
+            ev = PassEvent.from_wire(base.model_copy(update={"occurred_at": at}).to_wire(), "acme")
+            for e in (ev, ev.model_copy(update={"received_at": at})):
+                wire = orjson.loads(e.to_wire())
+                assert wire["o"] == e.occurred_at.isoformat().replace("+00:00", "Z")
+                assert wire["r"] == e.received_at.isoformat().replace("+00:00", "Z")
+
+
+class TestFastPath:
+    """fast_event_in accepts only what pydantic accepts, and gives the same EventIn; the rest falls through."""
+
+    @staticmethod
+    def _mutations(rng: random.Random, base: dict[str, Any]) -> dict[str, Any]:
+        doc: dict[str, Any] = dict(base)
+        doc["properties"] = dict(base["properties"])
+        for _ in range(rng.choice([0, 1, 1, 2, 3])):
+            field = rng.choice(
+                [*base, "occurred_at", "pass_url", "device_id", "email", "extra", "properties"]
+            )
+            value = rng.choice(
+                [
+                    None,
+                    "",
+                    " padded ",
+                    "x" * rng.choice([200, 201, 254, 255, 256, 2049]),
+                    "line\n",
+                    "ctl\x01",
+                    "\x1f",
+                    "\u00a0nbsp",
+                    "\u200b",
+                    "2026-11-25T10:00:00Z",
+                    "2026-11-25T10:00:00.5Z",
+                    "2026-11-25T10:00:00.1234567Z",
+                    "2026-11-25T10:00:00+02:00",
+                    "2026-11-25T10:00:00",
+                    "2026-11-25 10:00:00Z",
+                    "2026-13-25T10:00:00Z",
+                    "2026-11-25T24:00:00Z",
+                    "1989-12-31T23:59:59Z",
+                    "1990-01-01T00:00:00+01:00",
+                    "2026-11-25T10:00:00z",
+                    "ada@example.com",
+                    "Ada@Example.COM",
+                    "bad@",
+                    "ünï@exämple.com",
+                    "https://x.example/p/1",
+                    "ftp://x",
+                    "+14155550123",
+                    "created",
+                    "CREATED",
+                    "apple",
+                    "has space",
+                    "ptk_0x216",
+                    "ptk\n",
+                    5,
+                    1.5,
+                    True,
+                    [],
+                    {},
+                    {"a": 1},
+                    {" a": 1},
+                    {"": 1},
+                    {"$x": 1},
+                    {"k": [1]},
+                    {"k": float("nan")},
+                ]
+            )
+            if field == "properties" and isinstance(doc.get("properties"), dict) and rng.random() < 0.5:
+                doc["properties"][rng.choice(["tier", " k", "", "n", "$r"])] = value
+            elif rng.random() < 0.1:
+                doc.pop(field, None)
+            else:
+                doc[field] = value
+        return doc
+
+    @pytest.mark.parametrize("seed", range(3))
+    def test_same_as_pydantic_on_a_fuzzed_corpus(self, seed: int) -> None:
+        rng = random.Random(seed)
+        adapter: TypeAdapter[EventIn] = TypeAdapter(EventIn)
+        fast_taken = 0
+        for i in range(3000):
+            doc = self._mutations(rng, event(i, email=f"Holder.{i}@Example.com", phone_number="+14155550123"))
+            fast = fast_event_in(doc)
+            try:
+                expected: EventIn | None = adapter.validate_python(doc)
+            except ValidationError:
+                expected = None
+            if fast is None:
+                continue
+            fast_taken += 1
+            assert expected is not None, doc
+            assert fast.model_dump() == expected.model_dump(), doc
+            assert {k: type(v) for k, v in vars(fast).items()} == {
+                k: type(v) for k, v in vars(expected).items()
+            }, doc
+            if fast.occurred_at is not None:
+                assert fast.occurred_at.tzinfo is UTC
+        assert fast_taken > 500  # the corpus reaches the fast path often, unmutated events always do

@@ -1,9 +1,15 @@
 """Per-event history: what happened to each event, kept per serial for the operator tools' timelines.
 
 Each serial has one Redis list (``AccountKeys.history``) of compact JSON arrays
-``[at_ms, kind, event_id]`` or ``[at_ms, kind, event_id, {detail}]``, oldest first:
+``[at_ms, kind, event_id]`` or ``[at_ms, kind, event_id, {detail}]``, oldest first. The engine's scripts store
+them with a 5th element, the account's arrival stamp (``[at_ms, kind, event_id, {detail}, stamp]``): the last
+arrival sequence handed out when the entry was written (``worker/lua/lib.lua``):
 
-- ``ingested``  — written by the producer's ``enqueue.lua`` in the same step as the mailbox entry
+- ``ingested``  — at the event's ``received_at``, with its arrival sequence as its stamp: derived from its
+  mailbox entry while the event is pending (:func:`timeline` reads the mailbox too) and stored by the
+  engine's settle step together with the event's ``written`` or ``dead`` entry
+  (:meth:`worker.queue.WorkQueue.settle`). The producer writes no history, which keeps two Redis writes per
+  event off the ingest path.
 - ``attempt``   — a failed attempt (detail: status, code, endpoint, worker, next attempt)
 - ``throttled`` — a 429 (not an attempt)
 - ``written``   — Klaviyo accepted the event (detail: worker, stale flag, notes)
@@ -14,11 +20,19 @@ Each serial has one Redis list (``AccountKeys.history``) of compact JSON arrays
 Cheap by construction: one ``RPUSH`` per entry inside scripts that run anyway, and the list expires
 ``history_retention_s`` after its newest entry; entries older than the retention are dropped from the
 head whenever the engine appends. It is not part of the queue: nothing reads it to make decisions.
+
+:func:`timeline` shows each event's ``ingested`` step exactly once, exactly where the producer's enqueue fell
+among the stored entries: before the first entry whose stamp is at least the event's arrival sequence (so
+after every entry written before the event was queued). Stored entries keep their stored order, and an
+event's ``ingested`` never comes after its other entries. It makes no difference whether the step came from
+the mailbox or the list (a replayed event is settled again, and each settle stores its ``ingested`` entry).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from enum import StrEnum
 from typing import Any
 
@@ -48,6 +62,9 @@ class HistoryEntry:
     kind: str
     event_id: str
     detail: dict[str, Any]
+    #: The account's arrival stamp when the entry was stored (for ``ingested``: the event's own arrival
+    #: sequence); None for entries stored without one.
+    stamp: int | None = None
 
     def to_doc(self) -> dict[str, Any]:
         """JSON-able form."""
@@ -64,15 +81,80 @@ def entry(kind: HistoryKind, event_id: str, at_ms: int, **detail: Any) -> bytes:
 
 
 def parse(raw: bytes) -> HistoryEntry:
-    """Inverse of :func:`entry`."""
+    """Inverse of :func:`entry` (and of the stamped form the scripts store)."""
     doc = orjson.loads(raw)
-    return HistoryEntry(int(doc[0]), str(doc[1]), str(doc[2]), dict(doc[3]) if len(doc) > 3 else {})
+    return HistoryEntry(
+        int(doc[0]),
+        str(doc[1]),
+        str(doc[2]),
+        dict(doc[3]) if len(doc) > 3 else {},
+        int(doc[4]) if len(doc) > 4 else None,
+    )
+
+
+def ingested_entry(member: bytes) -> bytes | None:
+    """The stored ``ingested`` entry of a mailbox member (arrival sequence + wire JSON): at its
+    ``received_at``, stamped with its arrival sequence. None when the member cannot be read (the event is then
+    shown without that step)."""
+    try:
+        start = member.index(b"{")
+        seq = int(member[:start], 16)
+        doc = orjson.loads(member[start:])
+        at = datetime.fromisoformat(doc["r"])
+        return orjson.dumps([int(at.timestamp() * 1000), HistoryKind.ingested.value, str(doc["id"]), {}, seq])
+    except (ValueError, KeyError, TypeError, orjson.JSONDecodeError):
+        return None
+
+
+def _before(ingested: HistoryEntry, other: HistoryEntry) -> bool:
+    """Whether an ``ingested`` step belongs before a stored entry: the event was queued before the entry was
+    written (by the stamps; by the clocks for entries stored without one)."""
+    if ingested.stamp is not None and other.stamp is not None:
+        return ingested.stamp <= other.stamp
+    return ingested.at_ms <= other.at_ms
+
+
+def merge(stored: Sequence[HistoryEntry], pending: Sequence[HistoryEntry]) -> list[HistoryEntry]:
+    """One timeline from the stored list and the ``ingested`` entries of pending events (pure).
+
+    Entries other than ``ingested`` keep their stored order. Each event's first ``ingested`` entry (stored or
+    pending; repeats dropped) goes in before the first entry written after the event was queued (see
+    :func:`_before`), and never after another entry of the same event.
+    """
+    ingested: dict[str, HistoryEntry] = {}
+    others: list[HistoryEntry] = []
+    for e in (*stored, *pending):
+        if e.kind != HistoryKind.ingested:
+            others.append(e)
+        elif e.event_id not in ingested:
+            ingested[e.event_id] = e
+    # Arrival order (stamps are the arrival sequence; entries without one by time), stable on ties.
+    waiting = sorted(ingested.values(), key=lambda e: (e.stamp is None, e.stamp or 0, e.at_ms))
+    out: list[HistoryEntry] = []
+    placed: set[str] = set()
+    i = 0
+    for e in others:
+        due = e.event_id in ingested and e.event_id not in placed
+        while i < len(waiting) and (due or _before(waiting[i], e)):
+            placed.add(waiting[i].event_id)
+            out.append(waiting[i])
+            if waiting[i].event_id == e.event_id:
+                due = False
+            i += 1
+        out.append(e)
+    out += waiting[i:]
+    return out
 
 
 async def timeline(redis: Redis, account_id: str, serial: str) -> list[HistoryEntry]:
-    """Every kept entry of the serial, oldest first."""
-    raw = await redis.lrange(account_keys(account_id).history(serial), 0, -1)
-    return [parse(r) for r in raw]
+    """Every kept entry of the serial, oldest first, with the ``ingested`` step of its pending events."""
+    keys = account_keys(account_id)
+    async with redis.pipeline(transaction=True) as pipe:  # one snapshot: an event settles in neither or both
+        pipe.lrange(keys.history(serial), 0, -1)
+        pipe.zrange(keys.mailbox(serial), 0, -1)
+        raw, members = await pipe.execute()
+    pending = [parse(r) for r in (ingested_entry(m) for m in members) if r is not None]
+    return merge([parse(r) for r in raw], pending)
 
 
 async def serial_of(redis: Redis, account_id: str, event_id: str) -> str | None:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from redis.asyncio import Redis
 
 from passbridge.keys import ACCOUNT_BASE_PREFIX, ACTIVE_ACCOUNTS, LEASE_SEQ, NOTIFY, account_keys
+from worker.history import ingested_entry
 from worker.scripts import Scripts
 
 #: Length of the arrival-sequence prefix of a mailbox member (12 hex digits, see enqueue.lua).
@@ -191,6 +192,8 @@ class WorkQueue:
     ) -> list[str | int | bytes]:
         keys = account_keys(lease.account_id)
         fields = list(retry_fields)
+        if self.history_retention_ms > 0:
+            history = [*(e for e in map(ingested_entry, members) if e is not None), *history]
         args: list[str | int | bytes] = [
             keys.base,
             lease.serial,
@@ -229,7 +232,11 @@ class WorkQueue:
     ) -> Settled:
         """Remove ``members`` from the serial's mailbox (and ``depth``), store ``state``, drop the retry
         records ``retry_fields``, append ``history`` and put ``dead`` (event id, DLQ entry JSON) into the DLQ —
-        atomically, fenced by the lease. Returns the mailbox's next ``heads`` entries."""
+        atomically, fenced by the lease. Returns the mailbox's next ``heads`` entries.
+
+        The members' ``ingested`` history entries (derived from the members; the producer writes none) are
+        stored first, in the same step, so the serial's timeline keeps them once the mailbox no longer does.
+        """
         args = self._settle_args(
             lease, members, state=state, retry_fields=retry_fields, history=history, dead=dead, heads=heads
         )

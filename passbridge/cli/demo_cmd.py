@@ -7,42 +7,77 @@ from pathlib import Path
 import typer
 
 from passbridge.cli.common import console, emit_json, settings
+from passbridge.demo.defaults import (
+    DEMO_KLAVIYO_PASSES,
+    DEMO_PASSES,
+    DEMO_RATE_SCALE,
+    DEMO_SAMPLE,
+    DEMO_SETTLE_S,
+)
 
 
 def demo(
-    passes: int = typer.Option(3000, help="Passes to play (about four accepted events each)."),
+    passes: int = typer.Option(
+        None,
+        help=f"Passes to play, about four accepted events each (default {DEMO_PASSES} against the sandbox, "
+        f"{DEMO_KLAVIYO_PASSES} against a real Klaviyo).",
+    ),
     accounts: int = typer.Option(3, help="Merchant accounts."),
-    rate_scale: float = typer.Option(20.0, help="Klaviyo's rate-limit clock runs this many times faster."),
+    rate_scale: float = typer.Option(
+        None,
+        help=f"Klaviyo's rate-limit clock runs this many times faster (default {DEMO_RATE_SCALE:g} against the "
+        "sandbox, 1 against a real Klaviyo).",
+    ),
     workers: int = typer.Option(2, help="Worker processes."),
     error_rate: float = typer.Option(0.02, help="Share of Klaviyo requests answered 500/502/503."),
     throttle_rate: float = typer.Option(0.01, help="Share of Klaviyo requests answered 429."),
     seed: int = typer.Option(7, help="Scenario seed."),
+    sample: int = typer.Option(
+        DEMO_SAMPLE, help="Passes read back through Klaviyo's API (real Klaviyo only)."
+    ),
+    settle: float = typer.Option(
+        DEMO_SETTLE_S, help="Seconds a sampled pass may take to show up in Klaviyo (real Klaviyo only)."
+    ),
     keep: bool = typer.Option(False, help="Keep the demo's state dir (logs, Redis data)."),
     state_dir: Path = typer.Option(None, help="Where the demo keeps its processes' state."),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
-    """Start Redis, the Klaviyo sandbox, the producer and workers; play a day of events; verify Klaviyo."""
-    from passbridge.demo.run import DemoOptions, run_demo, summary_table
+    """Start Redis, the Klaviyo sandbox, the producer and workers; play a day of events; verify Klaviyo.
+
+    With PASSBRIDGE_KLAVIYO_BASE_URL set, no sandbox is started: the demo writes to that Klaviyo with the
+    private key(s) in PASSBRIDGE_DEMO_KLAVIYO_API_KEYS and reads a sample of passes back through its API.
+    """
+    from passbridge.demo.run import DemoError, DemoOptions, run_demo, summary_table
     from passbridge.logging import configure_logging
 
     s = settings()
     # The demo's own process talks through its progress bars and summary; its library logs (set-up steps)
     # would only interleave with them. The stack's processes keep logging to their files in the state dir.
     configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
-    report = run_demo(
-        DemoOptions(
-            passes=passes,
-            accounts=accounts,
-            rate_scale=rate_scale,
-            workers=workers,
-            error_rate=error_rate,
-            throttle_rate=throttle_rate,
-            seed=seed,
-            keep=keep,
-            state_dir=state_dir,
-            quiet=as_json,
+    real = "klaviyo_base_url" in s.model_fields_set  # set in the environment or .env, not the default
+    keys = s.demo_klaviyo_api_keys.get_secret_value() if s.demo_klaviyo_api_keys else ""
+    try:
+        report = run_demo(
+            DemoOptions(
+                passes=passes or (DEMO_KLAVIYO_PASSES if real else DEMO_PASSES),
+                accounts=accounts,
+                rate_scale=rate_scale,
+                workers=workers,
+                error_rate=error_rate,
+                throttle_rate=throttle_rate,
+                seed=seed,
+                keep=keep,
+                state_dir=state_dir,
+                quiet=as_json,
+                klaviyo_base_url=s.klaviyo_base_url if real else None,
+                klaviyo_api_keys=[k.strip() for k in keys.split(",") if k.strip()],
+                sample=sample,
+                settle_s=settle,
+            )
         )
-    )
+    except DemoError as exc:
+        console.print(f"[red]passbridge demo: {exc}[/]")
+        raise typer.Exit(2) from None
     if as_json:
         emit_json(report.as_dict())
     else:

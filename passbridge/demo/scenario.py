@@ -32,7 +32,7 @@ class DemoAccount:
     """A demo merchant: its id, the pass types it issues on each platform and its Klaviyo key."""
 
     account_id: str
-    klaviyo_api_key: str
+    klaviyo_api_key: str = field(repr=False)  # a real private key in the real-Klaviyo mode: never in a repr
     apple_pass_type_id: str
     google_class_id: str
     google_issuer_id: str
@@ -109,13 +109,16 @@ class Scenario:
         return sum(len(lane) for lane in self.lanes) + sum(len(v) for v in self.backfill.values())
 
 
-def demo_accounts(n: int = 3) -> list[DemoAccount]:
-    """``n`` demo merchants with distinct pass types and Klaviyo keys."""
+def demo_accounts(n: int = 3, klaviyo_api_keys: list[str] | None = None) -> list[DemoAccount]:
+    """``n`` demo merchants with distinct pass types; their Klaviyo keys are the sandbox's made-up ones, or
+    ``klaviyo_api_keys`` handed out in turn (one real key may serve them all)."""
     names = ["acme-coffee", "globex-fitness", "initech-cinemas", "umbrella-air", "hooli-market"]
     return [
         DemoAccount(
             account_id=names[i % len(names)] + ("" if i < len(names) else f"-{i}"),
-            klaviyo_api_key=f"pk_demo_{i}_{'x' * 24}",
+            klaviyo_api_key=klaviyo_api_keys[i % len(klaviyo_api_keys)]
+            if klaviyo_api_keys
+            else f"pk_demo_{i}_{'x' * 24}",
             apple_pass_type_id=f"pass.com.{names[i % len(names)].replace('-', '')}.loyalty",
             google_class_id=f"338800000002270{i:04d}.loyalty",
             google_issuer_id=f"338800000002270{i:04d}",
@@ -125,10 +128,23 @@ def demo_accounts(n: int = 3) -> list[DemoAccount]:
     ]
 
 
-def build_scenario(n_passes: int = 5000, *, accounts: int = 3, seed: int = 7) -> Scenario:
-    """About four accepted events per pass plus redeliveries and invalid items (20,000+ for 5,000 passes)."""
+def build_scenario(
+    n_passes: int = 5000,
+    *,
+    accounts: int = 3,
+    seed: int = 7,
+    tag: str = "",
+    klaviyo_api_keys: list[str] | None = None,
+) -> Scenario:
+    """About four accepted events per pass plus redeliveries and invalid items (20,000+ for 5,000 passes).
+
+    ``tag`` makes every identity (serial, email, phone) unique to one run while the shape of the day stays
+    that of ``seed``: a real Klaviyo account keeps the profiles of earlier runs, which must not be matched.
+    """
     rng = random.Random(seed)
-    accts = demo_accounts(accounts)
+    # Phones come from their own generator so that a tag changes them without changing the day's shape.
+    phones = random.Random(f"{seed}:{tag}")
+    accts = demo_accounts(accounts, klaviyo_api_keys)
     lanes: list[list[Delivery]] = []
     passes: dict[tuple[str, str], PassPlan] = {}
     backfill: dict[str, list[dict[str, Any]]] = {a.account_id: [] for a in accts}
@@ -143,14 +159,14 @@ def build_scenario(n_passes: int = 5000, *, accounts: int = 3, seed: int = 7) ->
 
     for n in range(n_passes):
         acct = accts[n % len(accts)]
-        serial = f"{rng.getrandbits(72):018x}"
+        serial = f"{tag}{rng.getrandbits(72):018x}"
         platform = "apple" if rng.random() < 0.55 else "google"
-        email = f"holder{n}@example.com"
+        email = f"holder{n}{'.' + tag if tag else ''}@example.com"
         # A few customers hold two passes of one merchant: the second pass's email belongs to another profile.
         if n >= len(accts) * 10 and rng.random() < 0.01:
             email = shared_emails.get(acct.account_id, email)
         shared_emails.setdefault(acct.account_id, email)
-        phone = f"+1415{rng.randrange(2000000, 9999999):07d}"
+        phone = f"+1415{phones.randrange(2000000, 9999999):07d}"
         plan = PassPlan(acct.account_id, serial, platform, email, phone)
         passes[(acct.account_id, serial)] = plan
         fields = {

@@ -6,15 +6,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
+from passbridge.demo.sample_check import METRIC
 from passbridge.demo.scenario import Scenario
-
-METRIC = {
-    "created": "Pass Created",
-    "installed": "Pass Installed",
-    "updated": "Pass Updated",
-    "uninstalled": "Pass Uninstalled",
-    "deleted": "Pass Deleted",
-}
 
 
 @dataclass

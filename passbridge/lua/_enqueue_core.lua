@@ -1,8 +1,6 @@
 -- Shared by enqueue.lua and the Apple registration scripts (included with `--!include _enqueue_core`).
 --
--- enqueue_events(base, now, hwm, window, width, notify, active, account, history_ms, events)
---   history_ms: how long the serial's history list lives past its newest entry (0 = no "ingested" entry;
---   see worker/history.py)
+-- enqueue_events(base, now, hwm, window, width, notify, active, account, events)
 --   events: array of {event_id, serial, occurred_ms, payload}
 -- Deduplicates by event_id (against the dedup buckets covering the window and earlier events of the same
 -- batch) and appends the new events to their serials' mailboxes. All-or-nothing: when the new events would
@@ -11,6 +9,10 @@
 --
 -- Redis commands are batched per call (HMGET per bucket, one HSET, one ZMSCORE, one ZADD): a command from
 -- Lua costs about a microsecond whatever its size, so per-event commands would dominate a large batch.
+-- The one per-event write is the mailbox ZADD. No history entry is written here: an event's "ingested"
+-- step is read from its mailbox entry while it is pending, and the engine writes it into the serial's
+-- history when it settles the event (worker/history.py), which keeps ~10 µs of Redis time per event
+-- (an RPUSH and a PEXPIRE, both propagated to the AOF) off the ingest path.
 
 -- Lua's unpack() is limited by the C stack (LUAI_MAXCSTACK 8000): long argument lists go in slices.
 local SLICE = 4000
@@ -31,7 +33,7 @@ local function call_sliced(cmd, key, opts, args, step)
   return results
 end
 
-local function enqueue_events(base, now, hwm, window, width, notify, active, account, history_ms, events)
+local function enqueue_events(base, now, hwm, window, width, notify, active, account, events)
   local bucket = math.floor(now / 1000 / width)
   local oldest = bucket - math.ceil(window / width)
   local n = #events
@@ -78,11 +80,6 @@ local function enqueue_events(base, now, hwm, window, width, notify, active, acc
       redis.call('ZADD', base .. ':mb:' .. serial, tonumber(ev[3]), string.format('%012x', seq) .. ev[4])
       dd[#dd + 1] = ev[1]
       dd[#dd + 1] = serial
-      if history_ms > 0 then
-        local hkey = base .. ':h:' .. serial
-        redis.call('RPUSH', hkey, '[' .. now .. ',"ingested",' .. cjson.encode(ev[1]) .. ']')
-        redis.call('PEXPIRE', hkey, history_ms)
-      end
       if not is_new_serial[serial] then
         is_new_serial[serial] = true
         serials[#serials + 1] = serial

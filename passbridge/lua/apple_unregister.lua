@@ -19,7 +19,7 @@ if redis.call('HLEN', regs) == 1 and ARGV[13] ~= '' then
   local gen = redis.call('GET', genkey) or '0'
   event_id = ARGV[12] .. gen
   local status = enqueue_events(ARGV[5], now, tonumber(ARGV[6]), tonumber(ARGV[7]), tonumber(ARGV[8]),
-    ARGV[9], ARGV[10], ARGV[11], tonumber(ARGV[15] or '0'), {{event_id, serial, now, ARGV[13] .. gen .. ARGV[14]}})
+    ARGV[9], ARGV[10], ARGV[11], {{event_id, serial, now, ARGV[13] .. gen .. ARGV[14]}})
   if status == 0 then return {503, ''} end
 end
 redis.call('HDEL', regs, device)

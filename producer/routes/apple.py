@@ -118,7 +118,6 @@ def _limits(ctx: ProducerContext) -> Limits:
     return Limits(
         high_water=ctx.settings.backlog_high_water,
         dedup_window_s=ctx.settings.dedup_ttl_s,
-        history_retention_s=ctx.settings.history_retention_s,
     )
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 import time
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
 
 import httpx
@@ -15,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from passbridge import metrics
-from passbridge.event import PassEvent
+from passbridge.event import EventKind, PassEvent, Platform
 from passbridge.keys import account_keys
 from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, Recorder, report_field, sample
 from passbridge.queue import enqueue
@@ -189,6 +189,33 @@ def _event(n: int, serial: str = "S1") -> PassEvent:
             "pass_url": f"https://passninja.com/p/{serial}",
         }
     )
+
+
+def test_events_ingested_tallies_the_report_like_tally_per_event() -> None:
+    """The hook counts by hour in one go (tally_hours); the report gets what tally() per event gives."""
+    kinds = [EventKind.created, EventKind.installed, EventKind.updated]
+    evs = [
+        _event(i).model_copy(
+            update={
+                "occurred_at": datetime(2026, 11, 24 + i % 3, i % 24, 59, tzinfo=UTC)
+                if i % 4
+                else datetime(2026, 11, 25, 23, 30, tzinfo=timezone(timedelta(hours=-5))),  # next UTC day
+                "kind": kinds[i % 3],
+                "platform": Platform.google if i % 5 == 0 else Platform.apple,
+            }
+        )
+        for i in range(60)
+    ]
+    accepted = [i % 7 != 3 for i in range(60)]
+    metrics.RECORDER.take()
+    metrics.events_ingested("acme", evs, accepted)
+    _, report = metrics.RECORDER.take()
+    ref = Recorder()
+    for ev, new in zip(evs, accepted, strict=True):
+        if new:
+            ref.tally("acme", ev.occurred_at, ev.kind.value, ev.platform.value, ev.pass_type)
+    assert report == ref.take()[1]
+    assert ("acme", "20261126", report_field(4, "created", "apple", "loyalty")) in report
 
 
 async def test_recorder_flushes_into_buckets_and_report_counters(redis: Redis) -> None:

@@ -182,6 +182,87 @@ class TestHistory:
             "worker": "w",
         }
 
+    async def test_ingested_is_read_from_the_mailbox_then_stored_once_by_the_engine(
+        self, redis: Redis
+    ) -> None:
+        ev = pass_event("a", "S7", 1)
+        await put(redis, ev)
+        keys = account_keys("a")
+        received_ms = int(ev.received_at.timestamp() * 1000)
+        # The producer wrote no history; the pending event's step comes from its mailbox entry.
+        assert await redis.llen(keys.history("S7")) == 0
+        assert await history.timeline(redis, "a", "S7") == [
+            history.HistoryEntry(received_ms, "ingested", "a-S7-1", {}, stamp=1)
+        ]
+        # Dead-lettered: the engine stores "ingested" with "dead", in one step.
+        q = WorkQueue(redis, worker_id="w1", history_retention_ms=DAY_MS)
+        claimed = (await q.claim(5)).leases[0]
+        (member,) = await redis.zrange(keys.mailbox("S7"), 0, 0)
+        now = int(time.time() * 1000)
+        dead = history.entry(history.HistoryKind.dead, "a-S7-1", now, reason="permanent")
+        entry = entry_for(claimed, member, 0, code="invalid", status=400, at_ms=now)
+        assert (
+            await q.settle(claimed, [member], history=[dead], dead=[(entry.event_id, entry.to_json())])
+        ).ok
+        assert await q.release(claimed)
+        stored = [history.parse(r) for r in await redis.lrange(keys.history("S7"), 0, -1)]
+        assert [(e.kind, e.at_ms) for e in stored] == [("ingested", received_ms), ("dead", now)]
+        # Replayed, then written: pending again (mailbox) and settled again (stored again), shown once.
+        assert await dlq.replay(redis, "a", ["a-S7-1"], history_retention_ms=DAY_MS) == 1
+        kinds = [e.kind for e in await history.event_history(redis, "a", "a-S7-1", "S7")]
+        assert kinds == ["ingested", "dead", "replayed"]
+        claimed = (await q.claim(5)).leases[0]
+        written = history.entry(history.HistoryKind.written, "a-S7-1", int(time.time() * 1000) + 1)
+        assert (await q.settle(claimed, [member], history=[written])).ok
+        assert [history.parse(r).kind for r in await redis.lrange(keys.history("S7"), 0, -1)].count(
+            "ingested"
+        ) == 2
+        kinds = [e.kind for e in await history.timeline(redis, "a", "S7")]
+        assert kinds == ["ingested", "dead", "replayed", "written"]
+
+    def test_merge_places_ingested_in_time_and_before_its_event(self) -> None:
+        e = history.HistoryEntry
+        stored = [
+            e(100, "ingested", "A", {}),
+            e(105, "attempt", "A", {"status": 503}),
+            e(99, "written", "B", {}),  # another host's clock, a little behind: stored order is kept
+            e(120, "written", "A", {}),
+            e(100, "ingested", "A", {}),  # stored again after a replay: shown once
+            e(125, "attempt", "D", {}),  # the engine's clock is behind the producer's
+        ]
+        pending = [e(110, "ingested", "C", {}), e(101, "ingested", "B", {}), e(130, "ingested", "D", {})]
+        merged = [(x.kind, x.event_id) for x in history.merge(stored, pending)]
+        assert merged == [
+            ("ingested", "A"),
+            ("ingested", "B"),  # by time; and before B's "written", whatever that host's clock said
+            ("attempt", "A"),
+            ("written", "B"),
+            ("ingested", "C"),
+            ("written", "A"),
+            ("ingested", "D"),
+            ("attempt", "D"),
+        ]
+        assert history.merge([], []) == []
+        assert history.ingested_entry(b"000000000001not json") is None
+
+    def test_merge_places_ingested_by_arrival_stamps_not_clocks(self) -> None:
+        e = history.HistoryEntry
+        stored = [
+            e(100, "ingested", "A", {}, stamp=1),
+            e(200, "written", "A", {}, stamp=1),  # written before B was queued ...
+            e(300, "written", "B", {}, stamp=3),
+        ]
+        # ... although B was received (its clock) before A's write: the stamps decide, not the clocks.
+        pending = [e(150, "ingested", "B", {}, stamp=2), e(120, "ingested", "C", {}, stamp=3)]
+        merged = [(x.kind, x.event_id) for x in history.merge(stored, pending)]
+        assert merged == [
+            ("ingested", "A"),
+            ("written", "A"),
+            ("ingested", "B"),
+            ("ingested", "C"),
+            ("written", "B"),
+        ]
+
     async def test_event_history_uses_the_dedup_index(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S9", 1), pass_event("a", "S9", 2))
         assert await history.serial_of(redis, "a", "a-S9-2") == "S9"

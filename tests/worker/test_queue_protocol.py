@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import time
 from collections import Counter
+from datetime import datetime
 
 import orjson
 import pytest
 from redis.asyncio import Redis
 
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
+from worker.history import timeline
 from worker.queue import Lease, WorkQueue, split_member
 from worker.scripts import Scripts
 
@@ -96,14 +98,22 @@ class TestSettle:
         assert done.heads == snap.heads[1:]
         assert int(await redis.get(keys.depth)) == 2
         assert await redis.hget(keys.state, "S1") == b'{"s":0}'
+        # The producer writes no history: the settled event's "ingested" entry is stored with its "written"
+        # one (at its received_at); the pending events' steps are read from the mailbox.
         history = await redis.lrange(keys.history("S1"), 0, -1)
-        assert [orjson.loads(h)[1:] for h in history] == [
-            ["ingested", "a-S1-0"],
-            ["ingested", "a-S1-1"],
-            ["ingested", "a-S1-2"],
-            ["written", "a-S1-0"],
-        ]
+        assert [orjson.loads(h)[1:3] for h in history] == [["ingested", "a-S1-0"], ["written", "a-S1-0"]]
+        # Stamps: the ingested entry carries the event's arrival sequence, the written one the account's
+        # last sequence when it was stored (all three events had arrived).
+        assert [orjson.loads(h)[4] for h in history] == [split_member(snap.heads[0])[0], 3]
+        received = orjson.loads(split_member(snap.heads[0])[1])["r"]
+        assert orjson.loads(history[0])[0] == int(datetime.fromisoformat(received).timestamp() * 1000)
         assert 0 < await redis.pttl(keys.history("S1")) <= 7 * 86_400_000
+        assert [(e.kind, e.event_id) for e in await timeline(redis, "a", "S1")] == [
+            ("ingested", "a-S1-0"),
+            ("ingested", "a-S1-1"),
+            ("ingested", "a-S1-2"),
+            ("written", "a-S1-0"),
+        ]
 
     async def test_history_older_than_the_retention_is_dropped(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1), pass_event("a", "S1", 2))
@@ -114,8 +124,8 @@ class TestSettle:
         (snap,) = await q.snapshot([lease])
         entry = b'[%d,"written","a-S1-1"]' % int(time.time() * 1000)
         assert (await q.settle(lease, snap.heads[:1], history=[entry])).ok
-        history = [orjson.loads(h)[2] for h in await redis.lrange(keys.history("S1"), 0, -1)]
-        assert history == ["a-S1-1", "a-S1-2", "a-S1-1"]
+        history = [orjson.loads(h)[1:3] for h in await redis.lrange(keys.history("S1"), 0, -1)]
+        assert history == [["ingested", "a-S1-1"], ["written", "a-S1-1"]]
         assert 0 < await redis.pttl(keys.history("S1")) <= 60_000
 
     async def test_settle_with_a_foreign_token_writes_nothing(self, redis: Redis) -> None:

@@ -9,11 +9,29 @@ local function clock_ms()
   return tonumber(t[1]) * 1000 + tonumber(t[2]) / 1000
 end
 
+-- An account's arrival stamp: the last arrival sequence enqueue.lua handed out (a mailbox member's prefix).
+-- History entries carry it as a 5th element, so a reader can place each event's "ingested" step (derived
+-- from its member's sequence, see worker/history.py) exactly among the entries written before and after.
+local function arrival_stamp(base)
+  return tonumber(redis.call('GET', base .. ':seq') or '0')
+end
+
+-- Stamp one stored entry (`[at,kind,id]` or `[at,kind,id,{detail}]`) with `stamp` as its 5th element;
+-- entries that have one already (the engine's "ingested" entries carry their own sequence) stay as they are.
+local function stamped(entry, stamp)
+  local tail = string.sub(entry, -2)
+  if tail == '}]' then return string.sub(entry, 1, -2) .. ',' .. stamp .. ']' end
+  if tail == '"]' then return string.sub(entry, 1, -2) .. ',{},' .. stamp .. ']' end
+  return entry
+end
+
 -- Append history entries ARGV[first..last] (JSON arrays starting with their ms timestamp) to `key`,
--- drop entries older than the retention from its head, and keep the list `retention_ms` past its newest entry.
-local function push_history(key, first, last, now, retention_ms)
+-- stamped with the account's arrival stamp (`base`), drop entries older than the retention from its head,
+-- and keep the list `retention_ms` past its newest entry.
+local function push_history(base, key, first, last, now, retention_ms)
   if retention_ms <= 0 or last < first then return end
-  for i = first, last do redis.call('RPUSH', key, ARGV[i]) end
+  local stamp = arrival_stamp(base)
+  for i = first, last do redis.call('RPUSH', key, stamped(ARGV[i], stamp)) end
   for _ = 1, 16 do
     local head = redis.call('LINDEX', key, 0)
     if not head then break end

@@ -17,7 +17,7 @@ local not_before = now + tonumber(ARGV[5])
 redis.call('HDEL', base .. ':tok', serial)
 redis.call('ZREM', base .. ':leased', serial)
 if ARGV[9] ~= '' then redis.call('HSET', base .. ':retry', ARGV[9], ARGV[10]) end
-push_history(base .. ':h:' .. serial, 11, #ARGV, now, tonumber(ARGV[8]))
+push_history(base, base .. ':h:' .. serial, 11, #ARGV, now, tonumber(ARGV[8]))
 if redis.call('EXISTS', base .. ':mb:' .. serial) == 1 then
   offer(base, account, serial, not_before, now, ARGV[6], ARGV[7])
   return {1, tostring(not_before)}

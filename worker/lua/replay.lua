@@ -36,7 +36,8 @@ for i = 7, #ARGV do
     redis.call('INCR', base .. ':depth')
     if retention > 0 then
       local key = base .. ':h:' .. serial
-      redis.call('RPUSH', key, string.format('[%d,"replayed",%s,%s]', math.floor(now), cjson.encode(id), extra))
+      redis.call('RPUSH', key, string.format('[%d,"replayed",%s,%s,%d]', math.floor(now), cjson.encode(id), extra,
+        arrival_stamp(base)))
       redis.call('PEXPIRE', key, retention)
     end
     if not redis.call('ZSCORE', base .. ':leased', serial) then

@@ -24,7 +24,7 @@ i = i + m
 if removed > 0 then redis.call('DECRBY', base .. ':depth', removed) end
 for j = i, i + r - 1 do redis.call('HDEL', base .. ':retry', ARGV[j]) end
 i = i + r
-push_history(base .. ':h:' .. serial, i, i + h - 1, now, retention)
+push_history(base, base .. ':h:' .. serial, i, i + h - 1, now, retention)
 i = i + h
 for j = i, i + 2 * d - 1, 2 do
   redis.call('ZADD', base .. ':dlq', now, ARGV[j])
