@@ -68,7 +68,7 @@ class Settings(BaseSettings):
     #: In adaptive/bulk mode: serials a worker holds at once (a bulk request carries hundreds of them) ...
     worker_bulk_max_serials: int = 6000
     #: ... most serials one claim hands out (and per account) ...
-    worker_bulk_claim_batch: int = 1000
+    worker_bulk_claim_batch: int = 250
     #: ... and mailbox entries read per serial per round (its queued events coalesce into one write).
     worker_bulk_heads: int = 32
     #: Events received at most this long before they are worked on count as fresh: they are claimed ahead of

@@ -105,15 +105,15 @@ class BulkOptions:
     linger_profiles_s: float = 2.0
     linger_records_s: float = 4.0
     #: Serials settled per Redis round trip at most.
-    settle_chunk: int = 500
+    settle_chunk: int = 100
     #: While the account has fewer events than this queued, single calls only (lowest latency).
     small_backlog: int = 32
     #: How often the lanes re-read an account's queued events while it has work in the process.
     backlog_refresh_s: float = 0.25
     #: Serials of a claimed batch started per event-loop turn.
-    start_slice: int = 50
+    start_slice: int = 10
     #: Serial steps (a round's parse and coalesce, the next write after an answer) per event-loop turn.
-    serials_per_turn: int = 40
+    serials_per_turn: int = 10
 
 
 class Verdict(Enum):

@@ -77,11 +77,31 @@ def engine_config(settings: Settings) -> EngineConfig:
 GC_THRESHOLDS = (5_000, 10, 100)
 
 
+#: A collection that holds the event loop longer than this is logged (``gc_pause``).
+GC_PAUSE_LOG_MS = 50.0
+_gc_started = 0.0
+
+
+def _gc_watch(phase: str, info: dict[str, Any]) -> None:
+    global _gc_started
+    if phase == "start":
+        _gc_started = time.perf_counter()
+        return
+    ms = (time.perf_counter() - _gc_started) * 1000
+    if ms >= GC_PAUSE_LOG_MS:
+        log.warning(
+            "gc_pause", generation=info.get("generation"), ms=round(ms, 1), collected=info.get("collected")
+        )
+
+
 def tune_gc() -> None:
-    """Freeze what start-up allocated (never collected again) and make full collections rare."""
+    """Freeze what start-up allocated (never collected again), make full collections rare, and log the long
+    pauses that remain (every request and lease of the process waits during one)."""
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
+    if _gc_watch not in gc.callbacks:
+        gc.callbacks.append(_gc_watch)
 
 
 async def startup(ctx: dict[str, Any]) -> None:
