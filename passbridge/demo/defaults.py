@@ -7,7 +7,7 @@ or per run with ``passbridge demo --passes N --rate-scale X`` (``make demo DEMO_
 from __future__ import annotations
 
 #: Passes played (about four accepted events each, plus redeliveries and invalid items).
-DEMO_PASSES = 3000
+DEMO_PASSES = 5000
 #: Klaviyo's real rate tiers run on a clock this many times faster, in the sandbox and the workers alike.
 DEMO_RATE_SCALE = 20.0
 #: Most seconds the queues may take to drain against the sandbox.
