@@ -3,14 +3,45 @@ provisioning, and the WalletPass records Klaviyo could not ingest)."""
 
 from __future__ import annotations
 
-from typing import Any
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
 from redis.asyncio import Redis
 
-from passbridge.accounts import AccountNotFound, AccountStore
+from passbridge.accounts import Account, AccountNotFound, AccountStore
 from passbridge.cli.common import emit_json, fail, redis_url, run, settings
 from passbridge.crypto import load_cipher
+
+if TYPE_CHECKING:
+    from worker.klaviyo.client import KlaviyoClient
+
+T = TypeVar("T")
+
+
+def _with_klaviyo(account: str, work: Callable[[KlaviyoClient, Redis, Account], Awaitable[T]]) -> T:
+    """Run ``work`` with a Klaviyo client, Redis and the registered ``account`` (exit 1 if it is unknown)."""
+    from worker.klaviyo.client import KlaviyoClient
+
+    s = settings()
+
+    async def go() -> T:
+        redis = Redis.from_url(redis_url(s))
+        try:
+            store = AccountStore(
+                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
+            )
+            try:
+                acct = await store.get(account)
+            except AccountNotFound:
+                fail(f"no account {account!r} (create it with `passbridge accounts add {account}`)")
+            async with KlaviyoClient.from_settings(s, redis, store) as client:
+                return await work(client, redis, acct)
+        finally:
+            await redis.aclose()
+
+    return run(go())
+
 
 app = typer.Typer(
     help="The Klaviyo side of an account: set-up and what passbridge needs.", no_args_is_help=True
@@ -23,31 +54,16 @@ def setup(
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Provision the WalletPass custom object in the account's Klaviyo (safe to run again; repairs)."""
-    from worker.klaviyo.client import KlaviyoClient
     from worker.setup import SetupError, provision
 
-    s = settings()
-
-    async def go() -> dict[str, Any]:
-        redis = Redis.from_url(redis_url(s))
+    async def work(client: KlaviyoClient, redis: Redis, acct: Account) -> dict[str, Any]:
         try:
-            store = AccountStore(
-                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
-            )
-            try:
-                acct = await store.get(account)
-            except AccountNotFound:
-                fail(f"no account {account!r} (create it with `passbridge accounts add {account}`)")
-            async with KlaviyoClient.from_settings(s, redis, store) as client:
-                try:
-                    report = await provision(client, redis, acct)
-                except SetupError as exc:
-                    fail(str(exc))
-            return report.as_dict()
-        finally:
-            await redis.aclose()
+            report = await provision(client, redis, acct)
+        except SetupError as exc:
+            fail(str(exc))
+        return report.as_dict()
 
-    doc = run(go())
+    doc = _with_klaviyo(account, work)
     if as_json:
         emit_json(doc)
         return
@@ -107,31 +123,16 @@ def ingestion_failures(
     from dataclasses import asdict
 
     from worker.ingestion import ingestion_failures as read_failures
-    from worker.klaviyo.client import KlaviyoClient
     from worker.klaviyo.errors import KlaviyoError
 
-    s = settings()
-
-    async def go() -> list[dict[str, Any]]:
-        redis = Redis.from_url(redis_url(s))
+    async def work(client: KlaviyoClient, redis: Redis, acct: Account) -> list[dict[str, Any]]:
         try:
-            store = AccountStore(
-                redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
-            )
-            try:
-                acct = await store.get(account)
-            except AccountNotFound:
-                fail(f"no account {account!r} (create it with `passbridge accounts add {account}`)")
-            async with KlaviyoClient.from_settings(s, redis, store) as client:
-                try:
-                    found = await read_failures(client, redis, acct)
-                except KlaviyoError as exc:
-                    fail(f"cannot read the ingestion log of {account!r}: {exc}")
-            return [asdict(f) for f in found]
-        finally:
-            await redis.aclose()
+            found = await read_failures(client, redis, acct)
+        except KlaviyoError as exc:
+            fail(f"cannot read the ingestion log of {account!r}: {exc}")
+        return [asdict(f) for f in found]
 
-    docs = run(go())
+    docs = _with_klaviyo(account, work)
     if as_json:
         emit_json({"account_id": account, "failures": docs})
     elif not docs:
