@@ -200,6 +200,18 @@ async def one_account(stack: Stack, redis: Redis, args: argparse.Namespace) -> d
     }
 
 
+async def trace_accounts(redis: Redis, accounts: list[str], t0: float) -> None:
+    """``--trace`` in the five-account phase: per account, queued events and serials leased, every 2 s."""
+    while True:
+        await asyncio.sleep(2.0)
+        row = []
+        for account in accounts:
+            keys = account_keys(account)
+            depth = int(await redis.get(keys.depth) or 0)
+            row.append(f"{account[-1]}:{depth:>6}/{await redis.zcard(keys.leased):>5}")
+        print(f"  t={time.monotonic() - t0:5.1f}s depth/leased " + "  ".join(row), file=sys.stderr)
+
+
 async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) -> dict[str, Any]:
     """Five accounts' backlogs drained at once."""
     accounts = [f"five-{i}" for i in range(1, 6)]
@@ -213,6 +225,7 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
     pids = [w.pid for w in workers]
     t0 = await first_lease(redis, accounts)
     cpu0 = {p: cpu_s(p) for p in pids}
+    tracer = asyncio.create_task(trace_accounts(redis, accounts, t0)) if args.trace else None
     done: dict[str, float] = {}
     while len(done) < len(accounts):
         for account in accounts:
@@ -220,6 +233,8 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
                 done[account] = time.monotonic() - t0
         await asyncio.sleep(0.01)
     elapsed = max(done.values())
+    if tracer is not None:
+        tracer.cancel()
     cpu = sum(cpu_s(p) - cpu0[p] for p in pids)
     counts = delta(await stack.sandbox_counts(), before)
     await asyncio.sleep(2.5)  # one more heartbeat with the final counters

@@ -102,7 +102,7 @@ class BulkOptions:
     #: How long a partly filled bulk request waits for more items, in Klaviyo seconds (divided by the rate
     #: scale): a record bulk slot comes every 4 s at Klaviyo's steady rate, so filling it matters most.
     linger_events_s: float = 1.0
-    linger_profiles_s: float = 2.0
+    linger_profiles_s: float = 0.5
     linger_records_s: float = 4.0
     #: Serials settled per Redis round trip at most.
     settle_chunk: int = 100
