@@ -34,6 +34,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -257,7 +258,11 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     root = Path(tempfile.mkdtemp(prefix="pb-drain-"))
-    out: dict[str, Any] = {"rate_scale": args.rate_scale, "five_rate_scale": args.five_rate_scale}
+    out: dict[str, Any] = {
+        "rate_scale": args.rate_scale,
+        "five_rate_scale": args.five_rate_scale,
+        "root": str(root),
+    }
     if args.only_five:
         return await five_only(root, args, out)
     if args.only_one:
@@ -384,9 +389,12 @@ if __name__ == "__main__":
     parser.add_argument("--only-five", action="store_true", help="only phase 4 (development)")
     parser.add_argument("--only-one", action="store_true", help="only phase 3 (development)")
     parser.add_argument("--trace", action="store_true", help="print the writes per kind each second")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, Redis data)")
     ns = parser.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(main(ns))
+    if not ns.keep:
+        shutil.rmtree(result.pop("root"), ignore_errors=True)
     figures = report(result, ns)
     print(
         f"rate scale: Klaviyo's tiers {ns.rate_scale:g}x faster in the sandbox and the workers alike "

@@ -24,6 +24,7 @@ import asyncio
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -111,6 +112,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     finally:
         await redis.aclose()
         stack.stop()
+        if not args.keep:
+            shutil.rmtree(workdir, ignore_errors=True)
     return out
 
 
@@ -139,6 +142,7 @@ if __name__ == "__main__":
     parser.add_argument("--backlog", type=int, default=100_000)
     parser.add_argument("--serials", type=int, default=40_000)
     parser.add_argument("--debug", action="store_true", help="print the timelines of B's slow events")
+    parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, Redis data)")
     parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
     ns = parser.parse_args()
     t0 = time.monotonic()
