@@ -14,7 +14,7 @@ lease TTL 10 s). The workers' own limiter runs on a clock 1000× faster so it do
    arq's own CPU time per no-op job, measured in this run with an arq worker with the same ``max_jobs`` and
    ``poll_delay`` draining no-op jobs enqueued while it runs.
 3. **Latency** at a steady 100 events/s (one event per request every 10 ms): per event, the time from its
-   "ingested" history entry (written by the producer's enqueue script, in the same step as the mailbox entry)
+   "ingested" history step (its receipt, derived from the mailbox entry and stored by the settle step)
    to its "written" entry (recorded by the worker right after Klaviyo's 2xx for the event's last write, in the
    settle step); p50 and p99.
 4. **Takeover**: the sandbox slowed (200 ms per call) so both workers hold leases; one worker is SIGKILLed and
@@ -50,10 +50,11 @@ import orjson
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from cryptography.fernet import Fernet, MultiFernet  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
-from passbridge.accounts import Account, AccountSecrets, AccountStore, hash_token  # noqa: E402
+from bench import harness  # noqa: E402
+from bench.harness import wait_http  # noqa: E402
+from passbridge.accounts import Account, AccountSecrets, hash_token  # noqa: E402
 from passbridge.event import EventIn, build_event  # noqa: E402
 from passbridge.keys import account_keys  # noqa: E402
 from passbridge.queue import enqueue  # noqa: E402
@@ -66,7 +67,7 @@ from worker.setup import provision  # noqa: E402
 BIN = Path(sys.executable).parent / "passbridge"
 ACCOUNT = "bench"
 INGEST_TOKEN = "pbi_bench_token"
-KLAVIYO_KEY = "pk_bench_pipeline"
+KLAVIYO_KEY = harness.klaviyo_key(ACCOUNT)
 MAX_JOBS = 64
 POLL_DELAY_S = 0.5
 LEASE_TTL_S = 10.0
@@ -101,71 +102,23 @@ def event_doc(i: int, serial: int) -> dict[str, Any]:
     }
 
 
-class Stack:
-    """The processes of one run."""
+class Stack(harness.Stack):
+    """The processes of one run: ``bench/harness.py``'s stack plus the producer, the workers' limiter on a clock
+    1000× faster and the worker settings this benchmark states."""
 
     def __init__(self, workdir: Path) -> None:
-        self.workdir = workdir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-        self.redis_server = start_redis(workdir / "redis")
-        self.redis_url = self.redis_server.url
-        self.secret_key = Fernet.generate_key().decode()
-        self.sandbox_url = f"http://127.0.0.1:{free_port()}"
+        super().__init__(
+            workdir,
+            1000,
+            PASSBRIDGE_WORKER_MAX_JOBS=str(MAX_JOBS),
+            PASSBRIDGE_WORKER_POLL_DELAY_S=str(POLL_DELAY_S),
+            PASSBRIDGE_WORKER_LEASE_TTL_S=str(LEASE_TTL_S),
+        )
         self.producer_url = f"http://127.0.0.1:{free_port()}"
-        self.env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_")}
-        self.env.update(
-            {
-                "REDIS_URL": self.redis_url,
-                "PASSBRIDGE_SECRET_KEY": self.secret_key,
-                "PASSBRIDGE_STATE_DIR": str(workdir / "state"),
-                "PASSBRIDGE_KLAVIYO_BASE_URL": self.sandbox_url,
-                "PASSBRIDGE_KLAVIYO_RATE_SCALE": "1000",
-                "PASSBRIDGE_LOG_LEVEL": "warning",
-                "PASSBRIDGE_LOG_FORMAT": "json",
-                "PASSBRIDGE_WORKER_MAX_JOBS": str(MAX_JOBS),
-                "PASSBRIDGE_WORKER_POLL_DELAY_S": str(POLL_DELAY_S),
-                "PASSBRIDGE_WORKER_LEASE_TTL_S": str(LEASE_TTL_S),
-            }
-        )
-
-    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
-        log = (self.workdir / f"{name}.log").open("wb")
-        proc = subprocess.Popen(
-            [str(BIN), *args], env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
-        log.close()
-        self.procs[name] = proc
-        return proc
-
-    def stop(self) -> None:
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
-        self.redis_server.stop()
-
-
-async def wait_http(url: str, within_s: float = 30) -> None:
-    deadline = time.monotonic() + within_s
-    async with httpx.AsyncClient() as c:
-        while True:
-            try:
-                if (await c.get(url)).status_code < 500:
-                    return
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"{url} did not come up")
-            await asyncio.sleep(0.1)
 
 
 async def setup_account(stack: Stack, redis: Redis) -> None:
-    store = AccountStore(redis, MultiFernet([Fernet(stack.secret_key.encode())]))
+    store = stack.account_store(redis)
     account = Account(
         account_id=ACCOUNT,
         ingest_token_sha256=hash_token(INGEST_TOKEN),
@@ -271,7 +224,9 @@ async def latency(stack: Stack, redis: Redis, seconds: float, offset: int) -> di
     }
 
 
-async def takeover(stack: Stack, redis: Redis, offset: int) -> dict[str, float]:
+async def takeover(
+    stack: Stack, redis: Redis, workers: list[subprocess.Popen[bytes]], offset: int
+) -> dict[str, float]:
     """Phase 4: SIGKILL a worker holding leases; time until the other one holds its serials."""
     async with httpx.AsyncClient() as c:
         await c.put(f"{stack.sandbox_url}/_sandbox/faults", json={"latency_ms": 200})
@@ -280,7 +235,7 @@ async def takeover(stack: Stack, redis: Redis, offset: int) -> dict[str, float]:
     async with httpx.AsyncClient(timeout=30) as http:
         for i in range(0, len(docs), 100):
             await post(http, f"{stack.producer_url}/v1/accounts/{ACCOUNT}/events", docs[i : i + 100])
-    victim, rescuer = stack.procs["worker-1"], stack.procs["worker-2"]
+    victim, rescuer = workers
     mark = f":{victim.pid}:"
 
     async def tokens() -> dict[str, str]:
@@ -427,16 +382,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     redis = Redis.from_url(stack.redis_url)
     out: dict[str, Any] = {}
     try:
-        stack.spawn(
-            "sandbox",
-            "sandbox",
-            "--port",
-            stack.sandbox_url.rsplit(":", 1)[1],
-            "--api-key",
-            KLAVIYO_KEY,
-            "--unlimited",
-        )
-        await wait_http(f"{stack.sandbox_url}/_sandbox/health")
+        await stack.start_sandbox([ACCOUNT], "--unlimited")
         await setup_account(stack, redis)
         stack.spawn("producer", "producer", "--port", stack.producer_url.rsplit(":", 1)[1])
         await wait_http(f"{stack.producer_url}/healthz")
@@ -445,12 +391,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["arq"] = await arq_noop(stack.redis_url, args.arq_jobs)
         print(f"  {out['arq']}", file=sys.stderr)
 
-        workers = [stack.spawn(f"worker-{i}", "worker") for i in (1, 2)]
-        deadline = time.monotonic() + 30
-        while await redis.zcard("pb:workers") < 2:
-            if time.monotonic() > deadline:
-                raise RuntimeError("workers did not start")
-            await asyncio.sleep(0.1)
+        workers = await stack.start_workers(redis, 2)
 
         print("throughput ...", file=sys.stderr)
         out["throughput"] = await throughput(stack, redis, [w.pid for w in workers], args.throughput_events)
@@ -459,7 +400,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["latency"] = await latency(stack, redis, args.latency_seconds, 10_000_000)
         print(f"  {out['latency']}", file=sys.stderr)
         print("takeover after SIGKILL ...", file=sys.stderr)
-        out["takeover"] = await takeover(stack, redis, 20_000_000)
+        out["takeover"] = await takeover(stack, redis, workers, 20_000_000)
         print(f"  {out['takeover']}", file=sys.stderr)
     finally:
         await redis.aclose()
