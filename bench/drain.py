@@ -31,9 +31,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -52,6 +49,7 @@ from bench.harness import (
     latencies_ms,
     log_summary,
     pending,
+    print_results,
     purge_account,
     put,
     setup_accounts,
@@ -400,7 +398,4 @@ if __name__ == "__main__":
         f"rate scale: Klaviyo's tiers {ns.rate_scale:g}x faster in the sandbox and the workers alike "
         f"(five accounts: {ns.five_rate_scale:g}x)"
     )
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"details: {json.dumps(result)}")
-    print(f"total time: {time.monotonic() - t0:.0f} s")
-    print(json.dumps(figures))
+    print_results(result, figures, t0)

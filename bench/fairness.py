@@ -21,9 +21,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
-import os
-import platform
 import shutil
 import sys
 import tempfile
@@ -41,6 +38,7 @@ from bench.harness import (
     cpu_s,
     depth,
     latencies_ms,
+    print_results,
     put,
     setup_accounts,
     summary,
@@ -148,7 +146,4 @@ if __name__ == "__main__":
     t0 = time.monotonic()
     result = asyncio.run(main(ns))
     figures = report(result)
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"details: {json.dumps(result)}")
-    print(f"total time: {time.monotonic() - t0:.0f} s")
-    print(json.dumps(figures))
+    print_results(result, figures, t0)

@@ -10,7 +10,9 @@ step the producer's routes end in), so "ingested" is the moment the event is dur
 from __future__ import annotations
 
 import asyncio
+import json
 import os
+import platform
 import random
 import signal
 import statistics
@@ -150,6 +152,14 @@ class Stack:
         async with httpx.AsyncClient(base_url=self.sandbox_url) as c:
             doc = (await c.get("/_sandbox/requests", params={"limit": 0})).json()
         return {op: {s: int(n) for s, n in by.items()} for op, by in doc["counts"].items()}
+
+
+def print_results(result: dict[str, Any], figures: dict[str, Any], started: float) -> None:
+    """A benchmark's closing lines: the machine, every detail, the time taken, then the one line of JSON."""
+    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
+    print(f"details: {json.dumps(result)}")
+    print(f"total time: {time.monotonic() - started:.0f} s")
+    print(json.dumps(figures))
 
 
 async def wait_http(url: str, within_s: float = 30) -> None:

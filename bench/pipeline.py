@@ -31,9 +31,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import os
-import platform
 import random
 import signal
 import statistics
@@ -53,7 +51,7 @@ sys.path.insert(0, str(ROOT))
 from redis.asyncio import Redis  # noqa: E402
 
 from bench import harness  # noqa: E402
-from bench.harness import wait_http  # noqa: E402
+from bench.harness import print_results, wait_http  # noqa: E402
 from passbridge.accounts import Account, AccountSecrets, hash_token  # noqa: E402
 from passbridge.event import EventIn, build_event  # noqa: E402
 from passbridge.keys import account_keys  # noqa: E402
@@ -449,7 +447,4 @@ if __name__ == "__main__":
     t0 = time.monotonic()
     result = asyncio.run(main(ns))
     figures = report(result)
-    print(f"machine: {platform.machine()} {os.cpu_count()} CPUs, Python {platform.python_version()}")
-    print(f"details: {json.dumps(result)}")
-    print(f"total time: {time.monotonic() - t0:.0f} s")
-    print(json.dumps(figures))
+    print_results(result, figures, t0)
