@@ -44,6 +44,7 @@ from bench.harness import (
     summary,
     trickle,
     worker_stats,
+    written_by_lane,
 )
 from passbridge.event import PassEvent
 from worker import history
@@ -83,7 +84,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.debug:
             await slow_timelines(redis, b_idle)
         out["b_idle"] = idle
-        print(f"  {idle}", file=sys.stderr)
+        out["b_idle_lanes"] = await written_by_lane(redis, B, b_idle)
+        print(f"  {idle} written by lane {out['b_idle_lanes']}", file=sys.stderr)
 
         print("phase 2: enqueue A's backlog, then B while A drains ...", file=sys.stderr)
         t0 = time.monotonic()
@@ -102,11 +104,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.debug:
             await slow_timelines(redis, b_busy)
         out["b_busy"] = busy
+        out["b_busy_lanes"] = await written_by_lane(redis, B, b_busy)
         out["a_drained_events"] = a_done
         out["a_events_per_s"] = round(a_done / elapsed, 1)
         out["a_events_per_s_unscaled"] = round(a_done / elapsed / args.rate_scale, 1)
         out["workers_cpu_share"] = round(cpu / elapsed / 2, 2)
-        print(f"  {busy}; A drained {a_done} events ({out['a_events_per_s']}/s)", file=sys.stderr)
+        print(
+            f"  {busy} written by lane {out['b_busy_lanes']}; A drained {a_done} events ({out['a_events_per_s']}/s)",
+            file=sys.stderr,
+        )
     finally:
         await redis.aclose()
         stack.stop()

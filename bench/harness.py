@@ -10,6 +10,7 @@ step the producer's routes end in), so "ingested" is the moment the event is dur
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import platform
@@ -49,9 +50,14 @@ TICK = os.sysconf("SC_CLK_TCK")
 
 
 def cpu_s(pid: int) -> float:
-    """User + system CPU seconds of a process."""
+    """User + system CPU seconds of a process and its live children (a worker's express lane)."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / TICK
+    total = (int(fields[11]) + int(fields[12])) / TICK
+    with contextlib.suppress(OSError):
+        for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+            with contextlib.suppress(OSError):
+                total += cpu_s(int(child))
+    return total
 
 
 def klaviyo_key(account_id: str) -> str:
@@ -117,11 +123,15 @@ class Stack:
         await wait_http(f"{self.sandbox_url}/_sandbox/health")
 
     async def start_workers(self, redis: Redis, n: int = 2, **env: str) -> list[subprocess.Popen[bytes]]:
-        """``n`` worker processes; returns once all heart-beat."""
+        """``n`` worker processes; returns once all heart-beat (and their express lanes, unless disabled)."""
         before = await redis.zcard("pb:workers")
         procs = [self.spawn(f"worker-{len(self.procs)}-{i}", "worker", env=env) for i in range(n)]
+        express = {**self.env, **env}.get("PASSBRIDGE_WORKER_EXPRESS_LANE", "true").lower() not in (
+            "0",
+            "false",
+        )
         deadline = time.monotonic() + 30
-        while await redis.zcard("pb:workers") < before + n:
+        while await redis.zcard("pb:workers") < before + n * (2 if express else 1):
             if time.monotonic() > deadline:
                 raise RuntimeError("workers did not start")
             await asyncio.sleep(0.05)
@@ -337,6 +347,23 @@ async def latencies_ms(redis: Redis, account_id: str, events: Sequence[PassEvent
         if "ingested" in m and "written" in m:
             out.append(m["written"] - m["ingested"])
     return sorted(out)
+
+
+async def written_by_lane(redis: Redis, account_id: str, events: Sequence[PassEvent]) -> dict[str, int]:
+    """How many of ``events`` each kind of worker lane wrote (``main``/``express``; ``gone`` for a worker
+    no longer registered), from the "written" history entries and the workers' heartbeats."""
+    lanes = {
+        k.decode(): orjson.loads(v).get("lane", "main")
+        for k, v in (await redis.hgetall(WORKERS_INFO)).items()
+    }
+    ids = {e.event_id for e in events}
+    out: dict[str, int] = {}
+    for serial in {e.serial_number for e in events}:
+        for h in await history.timeline(redis, account_id, serial):
+            if h.kind == "written" and h.event_id in ids:
+                lane = lanes.get(str(h.detail.get("worker", "")), "gone")
+                out[lane] = out.get(lane, 0) + 1
+    return out
 
 
 def pct(values: Sequence[float], q: float) -> float:

@@ -207,6 +207,15 @@ NOTIFY = f"{PREFIX}:notify"
 #: Sorted set of account ids with queued work; score = when the engine should look at the account next
 #: (its earliest due serial or lease expiry; after a claim, the claim time, which rotates it to the back).
 ACTIVE_ACCOUNTS = f"{PREFIX}:active"
+#: The express lane (``worker/express.py``): list of account ids whose enqueue left them with a small
+#: backlog, popped by express lanes (BLPOP) so a small account's new event is claimed by a process that is
+#: not busy with a big account's backlog. ``_enqueue_core.lua`` derives this name from ``NOTIFY``.
+EXPRESS_NOTIFY = f"{NOTIFY}:x"
+#: String set by live express lanes (``PX`` a few heartbeats): the backlog (pending events) up to which an
+#: account counts as small. While it exists, enqueues of small accounts push ``EXPRESS_NOTIFY`` and the
+#: other workers leave a small account's fresh serials to the express lanes for a grace period (claim.lua).
+#: ``_enqueue_core.lua`` derives this name from ``NOTIFY``.
+EXPRESS_ON = f"{NOTIFY}:x:on"
 #: What every account's keys start with (``AccountKeys.base`` = this + account id); claim.lua walks accounts.
 ACCOUNT_BASE_PREFIX = f"{PREFIX}:a:"
 #: Integer: lease counter; a lease token is ``<worker id>.<counter>`` so tokens never repeat.

@@ -75,6 +75,16 @@ class Settings(BaseSettings):
     #: a backlog and take single calls first (a few per second per account; the rest go by bulk). Long
     #: enough that a fresh event which waited for a free slot is still fresh when it gets one.
     worker_bulk_fresh_ms: int = 30_000
+    #: Express lane (README "Fair share"): each ``passbridge worker`` also runs a small child process that
+    #: works only accounts with a small backlog, so their events never wait behind a big account's work ...
+    worker_express_lane: bool = True
+    #: ... an account is small while its backlog is at most this many pending events ...
+    worker_express_small: int = 32
+    #: ... other lanes leave a small account's due serials to the express lanes for this long (a dead
+    #: express lane costs a small account at most this much latency) ...
+    worker_express_grace_ms: int = 250
+    #: ... and the most serials one express lane works on at once.
+    worker_express_max_serials: int = 64
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
     history_retention_s: int = 7 * 86_400
     #: Retry defaults; an account's ``retry_policy`` overrides any of them.

@@ -44,7 +44,15 @@ from redis.exceptions import RedisError
 from passbridge import metrics
 from passbridge.accounts import Account, AccountNotFound, AccountState, AccountStore
 from passbridge.event import PassEvent
-from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, WORKERS, WORKERS_INFO, account_keys
+from passbridge.keys import (
+    ACTIVE_ACCOUNTS,
+    EXPRESS_NOTIFY,
+    EXPRESS_ON,
+    NOTIFY,
+    WORKERS,
+    WORKERS_INFO,
+    account_keys,
+)
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -94,6 +102,12 @@ class EngineConfig:
     #: ``fresh_ms`` (0 = off: strictly oldest first). See ``claim.lua``.
     fresh_ms: int = 0
     fresh_take: int = 0
+    #: This engine is an express lane (:mod:`worker.express`): it takes serials of small accounts only.
+    express: bool = False
+    #: The backlog (pending events) up to which an account counts as small (published by express lanes).
+    express_small: int = 32
+    #: While express lanes are alive, other lanes leave a small account's serials to them for this long.
+    express_grace_ms: int = 250
     lease_ms: int = 10_000
     events_per_lease: int = 200
     history_retention_ms: int = 7 * 86_400_000
@@ -209,6 +223,8 @@ class Engine:
         self._started_ms = int(time.time() * 1000)
         self._lag_max_ms = 0
         self._lag_ever_ms = 0
+        #: Express lane: accounts the producer announced (EXPRESS_NOTIFY), visited by the next claim.
+        self._hinted: list[str] = []
 
     # --- lifecycle ---------------------------------------------------------------------------------
 
@@ -291,7 +307,11 @@ class Engine:
                     held=self._held_by_account(),
                     fresh_ms=self.config.fresh_ms,
                     fresh_take=self.config.fresh_take,
+                    express=self.config.express,
+                    grace_ms=self.config.express_grace_ms,
+                    accounts=self._hinted,
                 )
+                self._hinted = []
                 if claimed.taken_over:
                     self.stats["taken_over"] += claimed.taken_over
                     metrics.leases_taken_over(claimed.taken_over)
@@ -332,6 +352,9 @@ class Engine:
         account frees up as its serials finish) while still waking at once for another account's events.
         """
         timeout = self.config.capped_recheck_s if capped else self.config.idle_wait_s
+        if self.config.express:
+            await self._express_wait(timeout)
+            return
         head = None if capped else await self.redis.zrange(ACTIVE_ACCOUNTS, 0, 0, withscores=True)
         if head:
             timeout = min(timeout, max(0.01, (float(head[0][1]) - time.time() * 1000) / 1000))
@@ -339,6 +362,19 @@ class Engine:
             await self.blocking_redis.blpop([NOTIFY], timeout=timeout)
         else:
             await asyncio.sleep(timeout)
+
+    async def _express_wait(self, wait_s: float) -> None:
+        """Express lane: sleep until the producer announces a small account's event (or ``wait_s``, after
+        which the next claim looks at every small account due soon: retries, released serials)."""
+        if self.blocking_redis is None:
+            await asyncio.sleep(wait_s)
+            return
+        popped = await self.blocking_redis.blpop([EXPRESS_NOTIFY], timeout=wait_s)
+        if popped is None:
+            return
+        more = await self.redis.lpop(EXPRESS_NOTIFY, 31) or []
+        names = [popped[1], *more]
+        self._hinted = list(dict.fromkeys(n.decode() for n in names))
 
     async def _launch(self, leases: Sequence[Lease]) -> None:
         # Held (and renewed, and released on stop) from the moment they are claimed.
@@ -747,6 +783,7 @@ class Engine:
             "held": len(self._held),
             "max_serials": self.config.max_serials,
             "stopping": self._stopping,
+            "lane": "express" if self.config.express else "main",
             #: The longest event-loop stall since the previous heartbeat, and ever.
             "loop_lag_ms": self._lag_max_ms,
             "loop_lag_max_ms": max(self._lag_max_ms, self._lag_ever_ms),
@@ -760,6 +797,9 @@ class Engine:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(WORKERS, {self.worker_id: now})
             pipe.hset(WORKERS_INFO, self.worker_id, orjson.dumps(info))
+            if self.config.express and not self._stopping:
+                # Alive for three heartbeats: a dead lane stops diverting small accounts' events soon.
+                pipe.set(EXPRESS_ON, self.config.express_small, px=int(self.config.heartbeat_s * 3000))
             await pipe.execute()
 
 

@@ -334,6 +334,8 @@ class WorkerInfo:
             "worker": self.worker_id,
             "host": i.get("host"),
             "pid": i.get("pid"),
+            #: ``main`` (a ``passbridge worker``) or ``express`` (its express-lane child: small accounts only).
+            "lane": i.get("lane", "main"),
             "alive": self.alive(now),
             "last_heartbeat": iso(self.beat_ms),
             "heartbeat_age_s": round((now - self.beat_ms) / 1000, 1),

@@ -12,6 +12,7 @@ Run it with ``passbridge worker`` (or ``arq worker.main.WorkerSettings``, which 
 
 from __future__ import annotations
 
+import asyncio
 import gc
 import time
 from typing import Any
@@ -31,6 +32,7 @@ from worker.batching import SyncMode
 from worker.bulk import BulkOptions, BulkSync
 from worker.engine import Engine, EngineConfig
 from worker.exporter import ProcessOps
+from worker.express import ExpressProcess
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import GET_DATA_SOURCES
 from worker.klaviyo.errors import KlaviyoError
@@ -104,10 +106,8 @@ def tune_gc() -> None:
         gc.callbacks.append(_gc_watch)
 
 
-async def startup(ctx: dict[str, Any]) -> None:
-    """arq ``on_startup``: one Klaviyo client, syncer and engine per process; start the engine."""
-    settings: Settings = ctx["settings"]
-    url: str = ctx["redis_url"]
+def open_engine(settings: Settings, url: str, config: EngineConfig) -> dict[str, Any]:
+    """One process's Redis clients, account store, Klaviyo client and engine (not started), by ctx name."""
     redis = Redis.from_url(url)
     blocking = Redis.from_url(url)
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
@@ -119,25 +119,45 @@ async def startup(ctx: dict[str, Any]) -> None:
         redis,
         store,
         syncer,
-        config=engine_config(settings),
+        config=config,
         blocking_redis=blocking,
         batch_sync=BulkSync(syncer, BulkOptions(mode=mode, urgent_age_ms=settings.worker_bulk_fresh_ms)),
     )
-    log.info("sync_mode", mode=mode.value, max_serials=engine.config.max_serials)
+    log.info("sync_mode", mode=mode.value, max_serials=config.max_serials, express=config.express)
+    return {"pb_redis": redis, "pb_blocking": blocking, "store": store, "client": client, "engine": engine}
+
+
+async def startup(ctx: dict[str, Any]) -> None:
+    """arq ``on_startup``: one Klaviyo client, syncer and engine per process; start the engine, and the
+    express-lane child process when ``ctx["express_lane"]`` asks for it (``passbridge worker`` does)."""
+    settings: Settings = ctx["settings"]
+    url: str = ctx["redis_url"]
+    ctx.update(open_engine(settings, url, engine_config(settings)))
     tune_gc()
-    ctx.update(pb_redis=redis, pb_blocking=blocking, store=store, client=client, engine=engine)
-    await engine.start()
+    await ctx["engine"].start()
     ctx["ops"] = await ProcessOps.start(
-        redis, metrics_host=settings.metrics_host, metrics_port=settings.worker_metrics_port
+        ctx["pb_redis"], metrics_host=settings.metrics_host, metrics_port=settings.worker_metrics_port
     )
+    express: ExpressProcess | None = ctx.get("express")
+    if ctx.get("express_lane") and express is None:
+        express = ctx["express"] = ExpressProcess.spawn(settings, url)
+    if express is not None:
+        ctx["express_watch"] = asyncio.create_task(express.supervise(), name="express-supervise")
 
 
 async def shutdown(ctx: dict[str, Any]) -> None:
     """arq ``on_shutdown`` (after SIGTERM/SIGINT): stop claiming, finish or release, close clients."""
     settings: Settings = ctx["settings"]
     engine: Engine | None = ctx.get("engine")
+    express: ExpressProcess | None = ctx.get("express")
+    if (watch := ctx.get("express_watch")) is not None:
+        watch.cancel()
+    # The express lane finishes its in-flight events while this process does.
+    stopping = asyncio.ensure_future(express.stop(settings.worker_grace_s)) if express else None
     if engine is not None:
         await engine.stop(settings.worker_grace_s)
+    if stopping is not None:
+        await stopping
     if (ops := ctx.get("ops")) is not None:
         await ops.stop()
     client: KlaviyoClient | None = ctx.get("client")
@@ -207,8 +227,17 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
     return {"taken_over": taken, "resumed": resumed, "workers_pruned": len(stale)}
 
 
-def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
-    """Keyword arguments for ``arq.Worker`` (what ``WorkerSettings`` holds, built from explicit settings)."""
+def worker_settings(
+    settings: Settings,
+    redis_url: str,
+    *,
+    express_lane: bool = False,
+    express: ExpressProcess | None = None,
+) -> dict[str, Any]:
+    """Keyword arguments for ``arq.Worker`` (what ``WorkerSettings`` holds, built from explicit settings).
+
+    ``express_lane``: also run the express-lane child process (:mod:`worker.express`), started at start-up;
+    or ``express``: the child already started (forked before the event loop by ``passbridge worker``)."""
     return {
         "functions": [],
         "cron_jobs": [
@@ -229,7 +258,12 @@ def worker_settings(settings: Settings, redis_url: str) -> dict[str, Any]:
         "job_timeout": 60,
         "keep_result": 0,
         "health_check_interval": HEALTH_CHECK_INTERVAL_S,
-        "ctx": {"settings": settings, "redis_url": redis_url},
+        "ctx": {
+            "settings": settings,
+            "redis_url": redis_url,
+            "express_lane": express_lane or express is not None,
+            "express": express,
+        },
     }
 
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 from redis.asyncio import Redis
 
-from passbridge.keys import ACCOUNT_BASE_PREFIX, ACTIVE_ACCOUNTS, LEASE_SEQ, NOTIFY, account_keys
+from passbridge.keys import ACCOUNT_BASE_PREFIX, ACTIVE_ACCOUNTS, EXPRESS_ON, LEASE_SEQ, NOTIFY, account_keys
 from worker.history import ingested_entry
 from worker.scripts import Scripts
 
@@ -109,12 +109,19 @@ class WorkQueue:
         held: Mapping[str, int] | None = None,
         fresh_ms: int = 0,
         fresh_take: int = 0,
+        express: bool = False,
+        grace_ms: int = 0,
+        accounts: Sequence[str] = (),
     ) -> Claimed:
         """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts.
 
         With ``reserve`` R > 0, of the worker's ``free`` slots the last R are kept for accounts holding fewer
         than R serials (``held``: account → serials this worker holds): see ``claim.lua``. With ``fresh_ms``,
         up to ``fresh_take`` serials per account are the newest ones made ready within ``fresh_ms``.
+
+        Express lanes (``express``) take serials of small accounts only (``accounts``, else those due within
+        ``grace_ms``); while express lanes are alive, other lanes leave a small account's serials alone until
+        they have been due for ``grace_ms`` (see ``claim.lua`` and :mod:`worker.express`).
         """
         held_args: list[str | int] = []
         for account_id, n in (held or {}).items():
@@ -134,6 +141,11 @@ class WorkQueue:
                 max_serials if free is None else free,
                 fresh_ms,
                 fresh_take,
+                "express" if express else "main",
+                EXPRESS_ON,
+                grace_ms,
+                len(accounts),
+                *accounts,
                 *held_args,
             ]
         )

@@ -52,7 +52,8 @@ def _job_field(job: ImportJob, name: str) -> Any:
 
 #: Profiles applied per event-loop callback: Klaviyo processes a job in the background, so a big job must not
 #: hold up the requests of every other account the sandbox serves meanwhile (``completed_count`` grows).
-SLICE = 500
+#: 50 profiles take a few milliseconds: another account's request waits at most that long.
+SLICE = 50
 
 
 def _run(state: AccountState, job: ImportJob, later: Callable[[float, Callable[[], None]], None]) -> None:

@@ -93,10 +93,11 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
             f"{paused['kind']}: {paused['reason']}"[:60] if paused else "",
         )
     console.print(table)
-    wt = Table("worker", "held", "written", "retried", "dead-lettered", "heartbeat")
+    wt = Table("worker", "lane", "held", "written", "retried", "dead-lettered", "heartbeat")
     for w in doc["workers"]:
         wt.add_row(
             w["worker"],
+            str(w.get("lane", "main")),
             f"{w.get('held', 0)}/{w.get('max_serials', '?')}",
             str(w.get("written", 0)),
             str(w.get("retried", 0)),

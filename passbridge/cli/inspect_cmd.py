@@ -128,11 +128,20 @@ def status(
         console.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
         return
     wt = Table(
-        "worker", "alive", "last heartbeat", "held", "written", "retried", "dead-lettered", title="workers"
+        "worker",
+        "lane",
+        "alive",
+        "last heartbeat",
+        "held",
+        "written",
+        "retried",
+        "dead-lettered",
+        title="workers",
     )
     for w in doc["workers"]:
         wt.add_row(
             w["worker"],
+            w["lane"],
             "yes" if w["alive"] else "[red]no[/]",
             f"{w['last_heartbeat']} ({w['heartbeat_age_s']} s ago)",
             f"{w['held_serials']}/{w['max_serials']}",

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import sys
+from pathlib import Path
+
 import typer
 
 from passbridge.cli.common import redis_url, settings
@@ -52,12 +57,49 @@ def worker(
         if v is not None
     }
     s = s.model_copy(update=updates)
+    if s.worker_express_lane and not check:
+        _multiprocess_metrics(s.state_dir)
     url = redis_url(s, start=not check)
-    kwargs = worker_settings(s, url)
     if check:
-        raise typer.Exit(check_health(kwargs))
+        raise typer.Exit(check_health(worker_settings(s, url)))
+    express = None
+    if s.worker_express_lane:
+        from worker.express import ExpressProcess
+
+        # Before the event loop exists: the child is a copy of this process with everything imported.
+        express = ExpressProcess.fork(s, url)
+    kwargs = worker_settings(s, url, express=express)
     _use_uvloop()
-    run_worker(kwargs)
+    try:
+        run_worker(kwargs)
+    finally:
+        if s.worker_express_lane and (d := os.environ.get(_OWN_METRICS_DIR)):
+            shutil.rmtree(d, ignore_errors=True)
+
+
+#: Set (to the directory) by the worker for itself when it switched to multiprocess metrics.
+_OWN_METRICS_DIR = "PASSBRIDGE_WORKER_METRICS_DIR"
+
+
+def _multiprocess_metrics(state_dir: Path) -> None:
+    """Count metrics in files shared with the express-lane child, so one scrape of this worker adds both up.
+
+    prometheus-client picks its storage when first imported, which the CLI already did: the process
+    re-executes itself once with ``PROMETHEUS_MULTIPROC_DIR`` set (same pid, same arguments). A directory set
+    by the operator is used as it is.
+    """
+    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        return
+    from passbridge.metrics import setup_multiprocess
+
+    d = setup_multiprocess(state_dir / "prometheus" / f"worker-{os.getpid()}")
+    os.environ[_OWN_METRICS_DIR] = str(d)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.execv(sys.executable, [sys.executable, "-c", _REEXEC, *sys.argv[1:]])  # noqa: S606 (same program)
+
+
+_REEXEC = "import sys; sys.argv[0] = 'passbridge'; from passbridge.cli import main; main()"
 
 
 def _use_uvloop() -> None:

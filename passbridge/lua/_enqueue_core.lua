@@ -105,5 +105,11 @@ local function enqueue_events(base, now, hwm, window, width, notify, active, acc
   -- LT, not NX: an account the engine scheduled for later (only parked serials) is due now again.
   redis.call('ZADD', active, 'LT', now, account)
   if redis.call('LLEN', notify) < 1000 then redis.call('RPUSH', notify, account) end
+  -- Express lanes are alive (keys.EXPRESS_ON holds their small-backlog bound): a small account's new event
+  -- is announced to them, so a process that is not busy with another account's backlog claims it.
+  local small = redis.call('GET', notify .. ':x:on')
+  if small and depth <= tonumber(small) and redis.call('LLEN', notify .. ':x') < 1000 then
+    redis.call('RPUSH', notify .. ':x', account)
+  end
   return 1, depth, flags
 end

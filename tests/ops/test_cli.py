@@ -103,12 +103,13 @@ def test_status_shows_every_account_as_the_run_left_it(cli: Known) -> None:
     sent = sum(n for op in writes for n in cli.answered.get(op, {}).values())
     assert sum(a["klaviyo_requests_5m"] for a in doc["accounts"]) == sent
 
-    (worker,) = doc["workers"]
-    assert worker["alive"] is True
-    assert worker["heartbeat_age_s"] < 10
-    assert worker["pid"] == cli.stack.workers.procs[0].pid  # type: ignore[union-attr]
-    assert worker["written"] == delivered + 2  # acme, globex G2, umbrella U1
-    assert worker["dead_lettered"] == 1
+    # One `passbridge worker` and its express lane (small accounts' events), each with its own counts.
+    lanes = {w["lane"]: w for w in doc["workers"]}
+    assert sorted(lanes) == ["express", "main"]
+    assert all(w["alive"] is True and w["heartbeat_age_s"] < 10 for w in lanes.values())
+    assert lanes["main"]["pid"] == cli.stack.workers.procs[0].pid  # type: ignore[union-attr]
+    assert sum(w["written"] for w in lanes.values()) == delivered + 2  # acme, globex G2, umbrella U1
+    assert sum(w["dead_lettered"] for w in lanes.values()) == 1
 
     code, out = invoke("status")
     assert code == 0

@@ -61,7 +61,7 @@ def test_gauges_read_from_redis_at_scrape_time(known: Known) -> None:
         assert value(s, "passbridge_account_state", account="initech", state="paused") == 1
         assert value(s, "passbridge_oldest_event_age_seconds", account="initech") > 0
         assert value(s, "passbridge_oldest_event_age_seconds", account="acme") == 0
-        assert value(s, "passbridge_workers_alive") == 1
+        assert value(s, "passbridge_workers_alive") == 2  # the worker and its express lane
 
 
 def test_worker_counts_what_it_did(known: Known) -> None:

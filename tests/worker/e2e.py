@@ -18,13 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cryptography.fernet import Fernet, MultiFernet
+from redis import Redis as SyncRedis
 from redis.asyncio import Redis
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
 from passbridge.accounts import Account, AccountSecrets, AccountStore
 from passbridge.event import PassEvent
-from passbridge.keys import account_keys
+from passbridge.keys import EXPRESS_ON, account_keys
 from passbridge.queue import enqueue
 from passbridge.settings import Settings
 from worker.klaviyo.client import KlaviyoClient
@@ -60,6 +61,30 @@ class Workers:
             self.procs.append(proc)
             out.append(proc)
         return out
+
+    def wait_express(self, timeout: float = 30) -> None:
+        """Wait until an express lane is up (no-op when disabled): a test whose timing matters starts its
+        events only after the workers' start-up work (the child's imports) is over."""
+        if self.env.get("PASSBRIDGE_WORKER_EXPRESS_LANE", "true").lower() in ("0", "false"):
+            return
+        client = SyncRedis.from_url(self.env["REDIS_URL"])
+        try:
+            deadline = time.monotonic() + timeout
+            while not client.exists(EXPRESS_ON):
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"no express lane after {timeout} s\n{self.logs()}")
+                time.sleep(0.05)
+        finally:
+            client.close()
+
+    @staticmethod
+    def family(proc: subprocess.Popen[bytes]) -> set[int]:
+        """The worker's pid and its live children's (its express lane): either may hold a lease."""
+        pids = {proc.pid}
+        children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children")
+        if children.exists():
+            pids |= {int(p) for p in children.read_text().split()}
+        return pids
 
     @property
     def alive(self) -> list[subprocess.Popen[bytes]]:

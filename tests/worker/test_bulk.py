@@ -58,6 +58,7 @@ def start_workers(
         workers = Workers(env, logs)
         made.append(workers)
         workers.start(n)
+        workers.wait_express()
         return workers
 
     yield start

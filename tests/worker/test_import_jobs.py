@@ -271,7 +271,14 @@ async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_t
         logs = tmp_path / "logs"
         logs.mkdir()
         env = worker_env(
-            redis_url, server.url, secret_key, tmp_path / "state", PASSBRIDGE_WORKER_SYNC_MODE="bulk"
+            redis_url,
+            server.url,
+            secret_key,
+            tmp_path / "state",
+            PASSBRIDGE_WORKER_SYNC_MODE="bulk",
+            # A killed holder: no express lanes, whose child would finish its job gracefully when its worker
+            # dies (that path is tests/worker/test_express_lane.py's).
+            PASSBRIDGE_WORKER_EXPRESS_LANE="false",
         )
         workers = Workers(env, logs)
         try:

@@ -6,7 +6,9 @@
 --                                                                                   over per account
 -- ARGV[10] reserve R (0 = none)           ARGV[11] the worker's free slots F
 -- ARGV[12] fresh window ms (0 = off)      ARGV[13] most fresh serials per account per claim
--- ARGV[14..] pairs (account, serials this worker already holds of it)
+-- ARGV[14] lane: 'main' or 'express'      ARGV[15] express-on key (keys.EXPRESS_ON)
+-- ARGV[16] express grace ms               ARGV[17] K, the number of accounts named next (0 = walk `active`)
+-- ARGV[18..17+K] accounts to visit        ARGV[18+K..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
 -- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
 -- to `ready`, the token is deleted so the old holder can no longer commit), then gives at most an equal
@@ -28,6 +30,12 @@
 -- has few fresh serials (at most 4 x ARGV[13]: a trickle, not a big batch just enqueued) they may also use
 -- the reserve, so a worker full of the account's backlog still picks up its new events at once.
 --
+-- Express lane (worker/express.py): while express lanes are alive, the express-on key holds the backlog
+-- (pending events) up to which an account is small. An express lane takes serials of small accounts only
+-- (the accounts it was told about, or those due within the grace period); other lanes leave a small
+-- account's serials alone until they have been due for the grace period, so the express lanes -- processes
+-- busy with no big backlog -- work them, and a dead express lane costs a small account at most the grace.
+--
 -- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease_ms, max_n = tonumber(ARGV[5]), tonumber(ARGV[6])
@@ -35,10 +43,22 @@ local per_account, scan, max_takeover = tonumber(ARGV[7]), tonumber(ARGV[8]), to
 local reserve, free = tonumber(ARGV[10] or '0'), tonumber(ARGV[11] or ARGV[6])
 local held = {}
 local fresh_ms, fresh_take = tonumber(ARGV[12] or '0'), tonumber(ARGV[13] or '0')
-for i = 14, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local express = ARGV[14] == 'express'
+local small_bound = tonumber(redis.call('GET', ARGV[15]) or '-1')
+local grace = tonumber(ARGV[16])
+local named = tonumber(ARGV[17])
+for i = 18 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
-local accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now, 'LIMIT', 0, scan)
+local accounts
+if named > 0 then
+  accounts = {}
+  for i = 18, 17 + named do accounts[#accounts + 1] = ARGV[i] end
+elseif express then
+  accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now + grace, 'LIMIT', 0, scan)
+else
+  accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now, 'LIMIT', 0, scan)
+end
 local out = {0, 0}
 local got = 0
 local left = #accounts
@@ -49,7 +69,14 @@ for _, account in ipairs(accounts) do
   local base = prefix .. account
   local ready, leased, tokens = base .. ':ready', base .. ':leased', base .. ':tok'
   local deferred = redis.call('PTTL', base .. ':defer')
-  if redis.call('EXISTS', base .. ':paused') == 1 then
+  local small = small_bound >= 0 and tonumber(redis.call('GET', base .. ':depth') or '0') <= small_bound
+  -- What this lane may take of the account: all that is due, or (small account, another lane) only what
+  -- has been due for the grace period.
+  local horizon = now
+  if small and not express then horizon = now - grace end
+  if express and not small then
+    -- Not the express lane's: the account keeps its place for the other lanes.
+  elseif redis.call('EXISTS', base .. ':paused') == 1 then
     redis.call('ZREM', active, account)
   elseif deferred > 0 then
     -- Out of Klaviyo budget: not due again before the budget returns (an enqueue may have made it due).
@@ -86,7 +113,7 @@ for _, account in ipairs(accounts) do
       end
       return #serials
     end
-    if fresh_ms > 0 and fresh_take > 0 then
+    if fresh_ms > 0 and fresh_take > 0 and horizon == now then
       local limit = take
       -- A trickle of fresh serials (a few new events while the account's backlog drains) may use the
       -- reserve; a flood (a big batch just enqueued) is a backlog like any other and must not fill it.
@@ -98,14 +125,14 @@ for _, account in ipairs(accounts) do
           math.min(limit, fresh_take))))
       end
     end
-    if take > 0 then lease(redis.call('ZRANGEBYSCORE', ready, '-inf', now, 'LIMIT', 0, take)) end
+    if take > 0 then lease(redis.call('ZRANGEBYSCORE', ready, '-inf', horizon, 'LIMIT', 0, take)) end
     local r = redis.call('ZRANGE', ready, 0, 0, 'WITHSCORES')
     local l = redis.call('ZRANGE', leased, 0, 0, 'WITHSCORES')
     if #r == 0 and #l == 0 then
       redis.call('ZREM', active, account)
     else
       local next_due = nil
-      if #r > 0 then next_due = tonumber(r[2]) end
+      if #r > 0 then next_due = tonumber(r[2]) + (now - horizon) end
       if #l > 0 and (next_due == nil or tonumber(l[2]) < next_due) then next_due = tonumber(l[2]) end
       if next_due < now then next_due = now end
       redis.call('ZADD', active, next_due, account)

@@ -1,0 +1,110 @@
+"""The express lane's part of the queue protocol against a real Redis: which lane may claim what, and the
+producer's announcements (claim.lua, _enqueue_core.lua; worker/express.py)."""
+
+from __future__ import annotations
+
+import asyncio
+
+from redis.asyncio import Redis
+
+from passbridge.keys import ACTIVE_ACCOUNTS, EXPRESS_NOTIFY, EXPRESS_ON, NOTIFY, account_keys
+from worker.queue import WorkQueue
+
+from .helpers import pass_event, put
+
+SMALL = 5
+GRACE_MS = 300
+
+
+def wq(redis: Redis, worker: str) -> WorkQueue:
+    return WorkQueue(redis, worker_id=worker, lease_ms=10_000)
+
+
+async def express_alive(redis: Redis) -> None:
+    await redis.set(EXPRESS_ON, SMALL, px=60_000)
+
+
+async def main_claim(redis: Redis) -> list[str]:
+    got = await wq(redis, "main").claim(50, grace_ms=GRACE_MS)
+    return sorted(f"{lease.account_id}/{lease.serial}" for lease in got.leases)
+
+
+async def express_claim(redis: Redis, accounts: tuple[str, ...] = ()) -> list[str]:
+    got = await wq(redis, "express").claim(50, express=True, grace_ms=GRACE_MS, accounts=accounts)
+    return sorted(f"{lease.account_id}/{lease.serial}" for lease in got.leases)
+
+
+def test_key_names_match_lua() -> None:
+    # _enqueue_core.lua derives the express keys from NOTIFY; keys.py must name the same keys.
+    assert f"{NOTIFY}:x" == EXPRESS_NOTIFY
+    assert f"{NOTIFY}:x:on" == EXPRESS_ON
+
+
+class TestAnnouncements:
+    async def test_no_express_lane_no_announcement(self, redis: Redis) -> None:
+        await put(redis, pass_event("b", "S1", 1))
+        assert await redis.llen(EXPRESS_NOTIFY) == 0
+
+    async def test_small_account_is_announced(self, redis: Redis) -> None:
+        await express_alive(redis)
+        await put(redis, pass_event("b", "S1", 1))
+        await put(redis, pass_event("b", "S2", 1))
+        assert await redis.lrange(EXPRESS_NOTIFY, 0, -1) == [b"b", b"b"]
+
+    async def test_big_account_is_not_announced(self, redis: Redis) -> None:
+        await express_alive(redis)
+        await put(redis, *[pass_event("a", f"S{i}", 1) for i in range(SMALL + 1)])
+        assert await redis.llen(EXPRESS_NOTIFY) == 0
+        # Every further event of the big account is not announced either.
+        await put(redis, pass_event("a", "S-late", 1))
+        assert await redis.llen(EXPRESS_NOTIFY) == 0
+
+
+class TestLanes:
+    async def test_without_express_lane_main_takes_everything_at_once(self, redis: Redis) -> None:
+        await put(redis, pass_event("b", "S1", 1))
+        assert await main_claim(redis) == ["b/S1"]
+
+    async def test_small_account_goes_to_the_express_lane(self, redis: Redis) -> None:
+        await express_alive(redis)
+        await put(redis, pass_event("b", "S1", 1))
+        assert await main_claim(redis) == []
+        # The main lane rescheduled the account for when the grace runs out, not sooner (no spinning).
+        score = await redis.zscore(ACTIVE_ACCOUNTS, "b")
+        assert score is not None
+        assert await express_claim(redis, ("b",)) == ["b/S1"]
+
+    async def test_main_takes_a_small_account_after_the_grace(self, redis: Redis) -> None:
+        await express_alive(redis)
+        await put(redis, pass_event("b", "S1", 1))
+        assert await main_claim(redis) == []
+        due = await redis.zscore(ACTIVE_ACCOUNTS, "b")
+        ready_at = await redis.zscore(account_keys("b").ready, "S1")
+        assert due is not None
+        assert ready_at is not None
+        assert due == ready_at + GRACE_MS
+        await asyncio.sleep(GRACE_MS / 1000 + 0.05)
+        assert await main_claim(redis) == ["b/S1"]
+
+    async def test_big_account_is_never_the_express_lanes(self, redis: Redis) -> None:
+        await express_alive(redis)
+        await put(redis, *[pass_event("a", f"S{i}", 1) for i in range(SMALL + 1)])
+        await put(redis, pass_event("b", "S1", 1))
+        assert await express_claim(redis, ("a", "b")) == ["b/S1"]
+        assert await express_claim(redis) == []
+        assert len(await main_claim(redis)) == SMALL + 1
+
+    async def test_express_lane_finds_due_small_accounts_without_announcement(self, redis: Redis) -> None:
+        # Retries and released serials are not announced: the express lane's periodic claim walks `active`.
+        await express_alive(redis)
+        await put(redis, pass_event("b", "S1", 1))
+        await redis.delete(EXPRESS_NOTIFY)
+        assert await main_claim(redis) == []  # pushes b's schedule to the end of the grace
+        assert await express_claim(redis) == ["b/S1"]
+
+    async def test_dead_express_lane_stops_the_diversion(self, redis: Redis) -> None:
+        await redis.set(EXPRESS_ON, SMALL, px=100)
+        await asyncio.sleep(0.15)
+        await put(redis, pass_event("b", "S1", 1))
+        assert await redis.llen(EXPRESS_NOTIFY) == 0
+        assert await main_claim(redis) == ["b/S1"]
