@@ -214,6 +214,8 @@ async def run(settings: Settings, redis_url: str, parent: int) -> None:
     from passbridge import metrics
     from worker.main import open_engine, tune_gc
 
+    # Every log line of the child says it comes from an express lane (tasks inherit the context).
+    structlog.contextvars.bind_contextvars(lane="express")
     ctx = open_engine(settings, redis_url, express_config(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
