@@ -60,12 +60,17 @@ async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: int = 1
         tl = await history.timeline(redis, B, ev.serial_number)
         marks = {h.kind: h.at_ms for h in tl}
         if marks.get("written", 0) - marks.get("ingested", 0) > over_ms:
-            print([(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl], file=sys.stderr)
+            print(
+                marks["ingested"],
+                [(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl],
+                file=sys.stderr,
+            )  # TEMP abs
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pb-fair-"))
     env = {"PASSBRIDGE_WORKER_SYNC_MODE": args.sync_mode} if args.sync_mode else {}
+    env["XDIAG"] = "1"  # TEMP
     stack = Stack(workdir, args.rate_scale, **env)
     redis = Redis.from_url(stack.redis_url)
     out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir)}

@@ -212,11 +212,25 @@ def _die_with_parent(parent: int) -> None:
 async def run(settings: Settings, redis_url: str, parent: int) -> None:
     """The child's life: start the express engine, work until SIGTERM or the parent is gone, stop cleanly."""
     from passbridge import metrics
+    from worker.batching import SyncMode
     from worker.main import open_engine, tune_gc
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")
-    ctx = open_engine(settings, redis_url, express_config(settings))
+    if os.environ.get("XDIAG"):  # TEMP
+        from passbridge.logging import configure_logging
+
+        configure_logging("debug", "json")
+    # Adaptive mode: one call per operation, at once. A small backlog gains nothing from bulk requests, and
+    # the lanes' batching (lingers, shared ticks) would only add waits; profile-job markers are still
+    # honoured. `bulk` mode (bulk requests for everything, for tests) stays bulk.
+    mode = SyncMode(settings.worker_sync_mode)
+    ctx = open_engine(
+        settings,
+        redis_url,
+        express_config(settings),
+        mode=SyncMode.single if mode is SyncMode.adaptive else mode,
+    )
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):

@@ -106,15 +106,18 @@ def tune_gc() -> None:
         gc.callbacks.append(_gc_watch)
 
 
-def open_engine(settings: Settings, url: str, config: EngineConfig) -> dict[str, Any]:
-    """One process's Redis clients, account store, Klaviyo client and engine (not started), by ctx name."""
+def open_engine(
+    settings: Settings, url: str, config: EngineConfig, *, mode: SyncMode | None = None
+) -> dict[str, Any]:
+    """One process's Redis clients, account store, Klaviyo client and engine (not started), by ctx name;
+    ``mode`` overrides ``PASSBRIDGE_WORKER_SYNC_MODE``."""
     redis = Redis.from_url(url)
     blocking = Redis.from_url(url)
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
     store = AccountStore(redis, load_cipher(secret, settings.state_dir))
     client = KlaviyoClient.from_settings(settings, redis, store)
     syncer = Syncer(client, redis)
-    mode = SyncMode(settings.worker_sync_mode)
+    mode = mode or SyncMode(settings.worker_sync_mode)
     engine = Engine(
         redis,
         store,

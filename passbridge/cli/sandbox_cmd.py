@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from typing import TYPE_CHECKING
 
 import typer
@@ -151,6 +152,9 @@ def sandbox(
     if not unlimited:
         console.print(f"  rate limits on, clock ×{rate_scale:g}")
     _freeze_survivors()
+    # Bulk bodies are validated in a thread (klaviyo_sandbox.app): with the default 5 ms switch interval
+    # every wake-up of the event loop could wait 5 ms for the interpreter lock while one runs.
+    sys.setswitchinterval(0.001)
     uvicorn.run(
         create_app(config),
         host=host,
