@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import structlog
 from redis.asyncio import Redis
@@ -25,13 +24,17 @@ from passbridge.queue import enqueue
 log = structlog.get_logger(__name__)
 
 
-@dataclass(slots=True)
 class _Pending:
-    account_id: str
-    events: Sequence[PassEvent]
-    future: asyncio.Future[list[bool]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    """One request's events and the future its handler awaits (a plain slotted class: one per request)."""
+
+    __slots__ = ("account_id", "events", "future")
+
+    def __init__(
+        self, account_id: str, events: Sequence[PassEvent], future: asyncio.Future[list[bool]]
+    ) -> None:
+        self.account_id = account_id
+        self.events = events
+        self.future = future
 
 
 class Publisher:
@@ -52,8 +55,10 @@ class Publisher:
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     async def close(self) -> None:
@@ -70,10 +75,12 @@ class Publisher:
         """
         if not events:
             return []
-        pending = _Pending(account_id, events)
-        self._queue.append(pending)
-        self._wakeup.set()
-        return await pending.future
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[list[bool]] = loop.create_future()
+        self._queue.append(_Pending(account_id, events, future))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return await future
 
     async def _run(self) -> None:
         while True:
