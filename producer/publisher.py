@@ -20,6 +20,7 @@ from redis.asyncio import Redis
 from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.queue import enqueue
+from passbridge.redis_lean import LeanScripts
 
 log = structlog.get_logger(__name__)
 
@@ -49,6 +50,8 @@ class Publisher:
         max_batch: int = 2000,
     ) -> None:
         self.redis = redis
+        # The enqueue script's own lean connection when the URL allows it (see passbridge.redis_lean).
+        self.lean = LeanScripts.for_client(redis)
         self.high_water = high_water
         self.dedup_window_s = dedup_window_s
         self.max_batch = max_batch
@@ -66,6 +69,8 @@ class Publisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.lean is not None:
+            await self.lean.close()
 
     async def publish(self, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
         """Enqueue ``events`` (one account) and return per event whether it was new (``False`` = duplicate).
@@ -123,6 +128,7 @@ class Publisher:
                 events,
                 high_water=self.high_water,
                 dedup_window_s=self.dedup_window_s,
+                lean=self.lean,
             )
         except Exception as exc:  # handed to every waiting request; each answers for itself
             for p in chunk:
