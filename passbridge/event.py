@@ -215,6 +215,20 @@ def fast_event_in(raw: Any) -> EventIn | None:
     ``str`` values with nothing to strip, an RFC 3339 ``occurred_at``, a ``dict`` of properties); everything
     unusual or invalid falls through. ``tests/test_event.py`` holds it to pydantic on a fuzzed corpus.
     """
+    fields = fast_fields(raw)
+    if fields is None:
+        return None
+    item = _new_object(EventIn)
+    _set_attr(item, "__dict__", fields)
+    _set_attr(item, "__pydantic_fields_set__", set(raw))
+    _set_attr(item, "__pydantic_extra__", None)
+    _set_attr(item, "__pydantic_private__", None)
+    return item
+
+
+def fast_fields(raw: Any) -> dict[str, Any] | None:
+    """The field values :func:`fast_event_in`'s model would hold (``EventIn(...).__dict__``), or None; for
+    :func:`build_event_from`, which needs no model in between."""
     if type(raw) is not dict or not raw.keys() <= _EVENT_IN_FIELDS:
         return None
     get = raw.get
@@ -277,28 +291,19 @@ def fast_event_in(raw: Any) -> EventIn | None:
             props = _check_properties(dict(props))
         except ValueError:
             return None
-    item = _new_object(EventIn)
-    _set_attr(
-        item,
-        "__dict__",
-        {
-            "event_id": event_id,
-            "kind": kind,
-            "serial_number": serial,
-            "pass_type": pass_type,
-            "platform": platform,
-            "occurred_at": occurred,
-            "email": email,
-            "phone_number": phone,
-            "pass_url": url,
-            "device_id": device,
-            "properties": props,
-        },
-    )
-    _set_attr(item, "__pydantic_fields_set__", set(raw))
-    _set_attr(item, "__pydantic_extra__", None)
-    _set_attr(item, "__pydantic_private__", None)
-    return item
+    return {
+        "event_id": event_id,
+        "kind": kind,
+        "serial_number": serial,
+        "pass_type": pass_type,
+        "platform": platform,
+        "occurred_at": occurred,
+        "email": email,
+        "phone_number": phone,
+        "pass_url": url,
+        "device_id": device,
+        "properties": props,
+    }
 
 
 _MISSING = object()
@@ -339,12 +344,7 @@ class PassEvent(BaseModel):
             raise TypeError(
                 f"PassEvent.trusted needs every field: {sorted(_PASS_EVENT_FIELDS - set(fields))}"
             )
-        event = _new_object(cls)
-        _set_attr(event, "__dict__", fields)
-        _set_attr(event, "__pydantic_fields_set__", set(_PASS_EVENT_FIELDS))
-        _set_attr(event, "__pydantic_extra__", None)
-        _set_attr(event, "__pydantic_private__", None)
-        return event
+        return _trusted(cls, fields)
 
     @property
     def occurred_ms(self) -> int:
@@ -361,10 +361,10 @@ class PassEvent(BaseModel):
         data: dict[str, Any] = {
             "v": self.schema_version,
             "id": self.event_id,
-            "k": self.kind.value,
+            "k": self.kind,  # orjson writes a StrEnum member as its value (``.value`` is a slow property)
             "s": self.serial_number,
             "t": self.pass_type,
-            "p": self.platform.value,
+            "p": self.platform,
             "o": self.occurred_at,
             "r": self.received_at,
             "src": self.source,
@@ -410,6 +410,16 @@ _new_object = object.__new__
 _set_attr = object.__setattr__
 
 
+def _trusted(cls: type[PassEvent], fields: dict[str, Any]) -> PassEvent:
+    """:meth:`PassEvent.trusted` without the keyword packing and the field count (the caller gives all)."""
+    event = _new_object(cls)
+    _set_attr(event, "__dict__", fields)
+    _set_attr(event, "__pydantic_fields_set__", set(_PASS_EVENT_FIELDS))
+    _set_attr(event, "__pydantic_extra__", None)
+    _set_attr(event, "__pydantic_private__", None)
+    return event
+
+
 def build_event(
     item: EventIn,
     *,
@@ -421,30 +431,57 @@ def build_event(
 ) -> PassEvent:
     """Stamp and complete a client's event: receive time, source, E.164 phone, pass URL from the template.
 
-    Raises ``ValueError`` (naming the field) when the phone number does not parse in ``default_region``.
+    Raises :class:`FieldError` (naming the field) when the phone number does not parse in ``default_region``.
     """
-    phone = None
-    if item.phone_number:
+    return build_event_from(
+        item.__dict__,
+        account_id=account_id,
+        source=source,
+        received_at=received_at,
+        default_region=default_region,
+        pass_url_template=pass_url_template,
+    )
+
+
+def build_event_from(
+    item: dict[str, Any],
+    *,
+    account_id: str,
+    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"],
+    received_at: datetime,
+    default_region: str,
+    pass_url_template: str,
+) -> PassEvent:
+    """:func:`build_event` from a validated item's field values (an :class:`EventIn`'s ``__dict__`` or what
+    :func:`fast_fields` returns): the ingest hot path builds no model in between."""
+    phone = item["phone_number"]
+    if phone:
         try:
-            phone = normalize_phone(item.phone_number, default_region)
+            phone = normalize_phone(phone, default_region)
         except ValueError as exc:
             raise FieldError("phone_number", str(exc)) from None
-    return PassEvent.trusted(
-        schema_version=1,
-        event_id=item.event_id,
-        account_id=account_id,
-        kind=item.kind,
-        serial_number=item.serial_number,
-        pass_type=item.pass_type,
-        platform=item.platform,
-        occurred_at=item.occurred_at or received_at,
-        received_at=received_at,
-        source=source,
-        email=item.email,
-        phone_number=phone,
-        pass_url=item.pass_url or render_pass_url(pass_url_template, item.serial_number, item.pass_type),
-        device_id=item.device_id,
-        properties=item.properties,
+    else:
+        phone = None
+    serial = item["serial_number"]
+    return _trusted(
+        PassEvent,
+        {
+            "schema_version": 1,
+            "event_id": item["event_id"],
+            "account_id": account_id,
+            "kind": item["kind"],
+            "serial_number": serial,
+            "pass_type": item["pass_type"],
+            "platform": item["platform"],
+            "occurred_at": item["occurred_at"] or received_at,
+            "received_at": received_at,
+            "source": source,
+            "email": item["email"],
+            "phone_number": phone,
+            "pass_url": item["pass_url"] or render_pass_url(pass_url_template, serial, item["pass_type"]),
+            "device_id": item["device_id"],
+            "properties": item["properties"],
+        },
     )
 
 

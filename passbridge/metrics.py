@@ -25,7 +25,7 @@ import os
 import threading
 import time
 from collections import Counter as Tally
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -211,7 +211,7 @@ class Recorder:
         with self._lock:
             self._report[(account_id, day, field)] += 1
 
-    def tally_report(self, account_id: str, counts: Tally[tuple[str, str]]) -> None:
+    def tally_report(self, account_id: str, counts: Mapping[tuple[str, str], int]) -> None:
         """:meth:`tally` for many events at once: ``counts`` by (day, field) from :func:`report_key`."""
         with self._lock:
             for (day, field), n in counts.items():
@@ -364,29 +364,29 @@ def _histogram(metric: Histogram, *labels: str) -> Histogram:
 
 def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequence[bool]) -> None:
     """The producer enqueued ``events``; ``accepted[i]`` is False for a duplicate."""
-    fresh: Tally[str] = Tally()
-    dups: Tally[str] = Tally()
-    report: Tally[tuple[str, str]] = Tally()
+    # Plain dicts and the kind/platform members themselves (a StrEnum member is its value as a str; reading
+    # ``.value`` goes through an enum property): this runs once per ingested event.
+    fresh: dict[str, int] = {}
+    dups: dict[str, int] = {}
+    report: dict[tuple[str, str], int] = {}
     for event, new in zip(events, accepted, strict=True):
         if new:
-            fresh[event.source] += 1
+            fresh[event.source] = fresh.get(event.source, 0) + 1
             at = event.occurred_at
             if at.tzinfo is not UTC:
                 at = at.astimezone(UTC)
-            key = report_key(
-                at.year, at.month, at.day, at.hour, event.kind.value, event.platform.value, event.pass_type
-            )
-            report[key] += 1
+            key = report_key(at.year, at.month, at.day, at.hour, event.kind, event.platform, event.pass_type)
+            report[key] = report.get(key, 0) + 1
         else:
-            dups[event.source] += 1
+            dups[event.source] = dups.get(event.source, 0) + 1
     if report:
         RECORDER.tally_report(account_id, report)
     for source, n in fresh.items():
         _counter(INGESTED, account_id, source).inc(n)
     for source, n in dups.items():
         _counter(DUPLICATES, account_id, source).inc(n)
-    RECORDER.count(account_id, "in", fresh.total())
-    RECORDER.count(account_id, "dup", dups.total())
+    RECORDER.count(account_id, "in", sum(fresh.values()))
+    RECORDER.count(account_id, "dup", sum(dups.values()))
 
 
 def rejected(reason: str, n: int = 1) -> None:

@@ -11,7 +11,8 @@ from redis.asyncio import Redis
 
 from passbridge.event import PassEvent
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
-from passbridge.scripts import script
+from passbridge.redis_lean import LeanScripts
+from passbridge.scripts import lua_source, script
 
 
 class BacklogFull(Exception):
@@ -44,12 +45,15 @@ async def enqueue(
     high_water: int,
     dedup_window_s: int,
     now_ms: int | None = None,
+    lean: LeanScripts | None = None,
 ) -> EnqueueResult:
     """Deduplicate ``events`` by ``event_id`` and append the new ones to their serials' mailboxes.
 
     All-or-nothing: raises :class:`BacklogFull` (writing nothing) when the new events would push the
     account's backlog over ``high_water``. No history entry is written: a pending event's "ingested" step is
     read from its mailbox entry (``worker.history.timeline``) and stored when the engine settles it.
+    With ``lean`` (the publisher's own connection to the same server) the script runs over it instead of
+    ``redis``'s pool; the outcome and the errors are the same.
     """
     if not events:
         return EnqueueResult([], 0)
@@ -66,7 +70,11 @@ async def enqueue(
     ]
     for ev in events:
         args += [ev.event_id, ev.serial_number, ev.occurred_ms, ev.to_wire()]
-    status, depth, *flags = await script(redis, "enqueue")(args=args)
+    if lean is not None:
+        reply = await lean.run(lua_source("enqueue"), args)
+    else:
+        reply = await script(redis, "enqueue")(args=args)
+    status, depth, *flags = reply
     if status == 0:
         raise BacklogFull(account_id, int(depth))
     return EnqueueResult([bool(f) for f in flags], int(depth))

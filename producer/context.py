@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from dataclasses import dataclass, field
 
@@ -26,13 +27,24 @@ class ProducerContext:
     accounts: AccountStore
     publisher: Publisher
     _cache: dict[str, tuple[float, Account]] = field(default_factory=dict)
+    _loading: dict[str, asyncio.Future[Account]] = field(default_factory=dict)
 
     async def account(self, account_id: str) -> Account:
         """The account (cached briefly); a 404 problem when it does not exist, 503 when Redis is unreachable."""
-        now = time.monotonic()
         hit = self._cache.get(account_id)
-        if hit and hit[0] > now:
+        if hit and hit[0] > time.monotonic():
             return hit[1]
+        # One registry read per account at a time: when the entry expires under load, the requests that
+        # arrive meanwhile share the read (and its decryption) instead of each repeating it.
+        loading = self._loading.get(account_id)
+        if loading is None:
+            loading = self._loading[account_id] = asyncio.ensure_future(self._load(account_id))
+            loading.add_done_callback(lambda _: self._loading.pop(account_id, None))
+        # shield: a request that goes away does not cancel the read the others wait for.
+        return await asyncio.shield(loading)
+
+    async def _load(self, account_id: str) -> Account:
+        now = time.monotonic()
         try:
             account = await self.accounts.get(account_id)
         except AccountNotFound:

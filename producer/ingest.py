@@ -8,7 +8,7 @@ from typing import Any, Literal
 from pydantic import TypeAdapter, ValidationError
 
 from passbridge.accounts import Account
-from passbridge.event import EventIn, FieldError, PassEvent, build_event, fast_event_in
+from passbridge.event import EventIn, FieldError, PassEvent, build_event_from, fast_fields
 from producer.problems import pointer, validation_errors
 
 Source = Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
@@ -36,9 +36,12 @@ def to_event(
     try:
         # The common shape skips pydantic's machinery (same result, see fast_event_in); the rest, errors
         # included, is validated by pydantic.
-        item = fast_event_in(raw) or _EVENT_IN.validate_python(raw)
-        return build_event(
-            item,
+        # (fast_fields gives what the validated model would hold, without building it.)
+        fields = fast_fields(raw)
+        if fields is None:
+            fields = _EVENT_IN.validate_python(raw).__dict__
+        return build_event_from(
+            fields,
             account_id=account.account_id,
             source=source,
             received_at=received_at,

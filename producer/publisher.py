@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import structlog
 from redis.asyncio import Redis
@@ -21,17 +20,22 @@ from redis.asyncio import Redis
 from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.queue import enqueue
+from passbridge.redis_lean import LeanScripts
 
 log = structlog.get_logger(__name__)
 
 
-@dataclass(slots=True)
 class _Pending:
-    account_id: str
-    events: Sequence[PassEvent]
-    future: asyncio.Future[list[bool]] = field(
-        default_factory=lambda: asyncio.get_running_loop().create_future()
-    )
+    """One request's events and the future its handler awaits (a plain slotted class: one per request)."""
+
+    __slots__ = ("account_id", "events", "future")
+
+    def __init__(
+        self, account_id: str, events: Sequence[PassEvent], future: asyncio.Future[list[bool]]
+    ) -> None:
+        self.account_id = account_id
+        self.events = events
+        self.future = future
 
 
 class Publisher:
@@ -46,14 +50,18 @@ class Publisher:
         max_batch: int = 2000,
     ) -> None:
         self.redis = redis
+        # The enqueue script's own lean connection when the URL allows it (see passbridge.redis_lean).
+        self.lean = LeanScripts.for_client(redis)
         self.high_water = high_water
         self.dedup_window_s = dedup_window_s
         self.max_batch = max_batch
         self._queue: list[_Pending] = []
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
         self._task = asyncio.create_task(self._run(), name="publisher")
 
     async def close(self) -> None:
@@ -61,6 +69,8 @@ class Publisher:
             self._task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
+        if self.lean is not None:
+            await self.lean.close()
 
     async def publish(self, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
         """Enqueue ``events`` (one account) and return per event whether it was new (``False`` = duplicate).
@@ -70,10 +80,12 @@ class Publisher:
         """
         if not events:
             return []
-        pending = _Pending(account_id, events)
-        self._queue.append(pending)
-        self._wakeup.set()
-        return await pending.future
+        loop = self._loop or asyncio.get_running_loop()
+        future: asyncio.Future[list[bool]] = loop.create_future()
+        self._queue.append(_Pending(account_id, events, future))
+        if not self._wakeup.is_set():
+            self._wakeup.set()
+        return await future
 
     async def _run(self) -> None:
         while True:
@@ -116,6 +128,7 @@ class Publisher:
                 events,
                 high_water=self.high_water,
                 dedup_window_s=self.dedup_window_s,
+                lean=self.lean,
             )
         except Exception as exc:  # handed to every waiting request; each answers for itself
             for p in chunk:

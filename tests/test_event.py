@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import random
+import re
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
@@ -12,10 +13,14 @@ from pydantic import TypeAdapter, ValidationError
 
 from passbridge.event import (
     EventIn,
+    EventKind,
     FieldError,
     PassEvent,
+    Platform,
     build_event,
+    build_event_from,
     fast_event_in,
+    fast_fields,
     normalize_email,
     normalize_phone,
 )
@@ -96,6 +101,17 @@ class TestWire:
         back = PassEvent.from_wire(ev.to_wire(), "acme")
         assert back == ev
         assert len(ev.to_wire()) < 400
+
+    @pytest.mark.parametrize("kind", list(EventKind))
+    @pytest.mark.parametrize("platform", list(Platform))
+    def test_kind_and_platform_are_plain_values(self, kind: EventKind, platform: Platform) -> None:
+        """to_wire hands the enum members to orjson, which must write exactly their values."""
+        wire = build().model_copy(update={"kind": kind, "platform": platform}).to_wire()
+        assert f'"k":"{kind.value}"'.encode() in wire
+        assert f'"p":"{platform.value}"'.encode() in wire
+        doc = orjson.loads(wire)
+        assert (type(doc["k"]), doc["k"]) == (str, kind.value)
+        assert (type(doc["p"]), doc["p"]) == (str, platform.value)
 
     @pytest.mark.parametrize("seed", range(3))
     def test_timestamps_are_isoformat_with_z(self, seed: int) -> None:
@@ -204,3 +220,34 @@ class TestFastPath:
             if fast.occurred_at is not None:
                 assert fast.occurred_at.tzinfo is UTC
         assert fast_taken > 500  # the corpus reaches the fast path often, unmutated events always do
+
+    def test_built_event_same_as_through_the_model(self) -> None:
+        """build_event_from(fast_fields(raw)) (the producer's hot path) equals build_event(validated model)."""
+        rng = random.Random(7)
+        received = datetime(2026, 11, 25, 12, 0, tzinfo=UTC)
+        built = 0
+        for i in range(2000):
+            phone = rng.choice(["+14155550123", "(415) 555-0123", "", "+44 20 7946 0958", "12"])
+            doc = self._mutations(rng, event(i, email=f"Holder.{i}@Example.com", phone_number=phone))
+            fields = fast_fields(doc)
+            if fields is None:
+                continue
+            kwargs: dict[str, Any] = {
+                "account_id": "acme",
+                "source": "ndjson",
+                "received_at": received,
+                "default_region": "US",
+                "pass_url_template": "https://passninja.com/p/{serial_number}?t={pass_type}",
+            }
+            try:
+                expected = build_event(EventIn.model_validate(doc), **kwargs)
+            except FieldError as exc:
+                with pytest.raises(FieldError, match=re.escape(exc.reason)):
+                    build_event_from(fields, **kwargs)
+                continue
+            got = build_event_from(fields, **kwargs)
+            assert got == expected, doc
+            assert got.to_wire() == expected.to_wire()
+            assert got.model_fields_set == expected.model_fields_set
+            built += 1
+        assert built > 300

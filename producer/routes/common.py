@@ -63,8 +63,11 @@ async def authenticate_ingest(request: Request, ctx: ProducerContext) -> Account
 
 async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence[PassEvent]) -> list[bool]:
     """Enqueue through the shared publisher; Redis down or backlog full become a 503 with Retry-After."""
-    with store_errors_as_503(ctx, account_id):
+    # A plain try (not the context manager below): this runs once per ingest request.
+    try:
         return await ctx.publisher.publish(account_id, events)
+    except (BacklogFull, RedisError, OSError, TimeoutError) as exc:
+        raise as_503(ctx, account_id, exc) from None
 
 
 @contextmanager
@@ -72,22 +75,25 @@ def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]
     """Turn a full backlog or an unreachable Redis inside the block into a 503 problem with Retry-After."""
     try:
         yield
-    except BacklogFull as exc:
+    except (BacklogFull, RedisError, OSError, TimeoutError) as exc:
+        raise as_503(ctx, account_id, exc) from None
+
+
+def as_503(ctx: ProducerContext, account_id: str, exc: Exception) -> Problem:
+    """The 503 problem (with Retry-After) for a full backlog, a Redis timeout or an unreachable Redis."""
+    if isinstance(exc, BacklogFull):
         depth = f"{exc.depth} pending events" if exc.depth >= 0 else "a backlog"
-        raise unavailable(
+        return unavailable(
             f"account {account_id} has {depth} over its high-water mark; nothing was written",
             ctx.settings.retry_after_s,
-        ) from None
-    except (RedisTimeoutError, TimeoutError) as exc:
+        )
+    if isinstance(exc, RedisTimeoutError | TimeoutError):
         log.warning("redis timed out", error=type(exc).__name__)
         # The command may have run before the reply was lost: say so, and that a retry is safe.
-        raise unavailable(
+        return unavailable(
             "the queue store did not answer in time; the outcome is unknown and retrying is safe "
             "(the event id deduplicates it)",
             ctx.settings.retry_after_s,
-        ) from None
-    except (RedisError, OSError) as exc:
-        log.warning("redis unavailable", error=type(exc).__name__)
-        raise unavailable(
-            "the queue store is unreachable; nothing was written", ctx.settings.retry_after_s
-        ) from None
+        )
+    log.warning("redis unavailable", error=type(exc).__name__)
+    return unavailable("the queue store is unreachable; nothing was written", ctx.settings.retry_after_s)

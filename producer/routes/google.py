@@ -26,7 +26,7 @@ from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, unavailable, unprocessable
 from producer.routes.common import json_response, read_body
-from producer.routes.events import publish_events
+from producer.routes.events import publish_one
 from producer.sources.google_ecv2 import (
     KeysFileError,
     MessageError,
@@ -126,7 +126,7 @@ async def post_callback(request: Request) -> Response:
         raise unprocessable(
             [{**e, "pointer": _POINTERS.get(e["pointer"].strip("/"), e["pointer"])} for e in exc.errors]
         ) from None
-    result = (await publish_events(ctx, account, [event]))[0]
+    result = await publish_one(ctx, account, event)
     log.info(
         "google callback",
         account_id=account.account_id,

@@ -25,7 +25,7 @@ from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
 from producer.routes.common import enqueue_or_503, json_response, read_body
-from producer.routes.events import publish_events
+from producer.routes.events import publish_one
 from producer.signatures import Rejection, SignatureRejected, verify_signature
 
 WEBHOOK_TYPES = {f"pass.{k}": k for k in ("created", "installed", "updated", "uninstalled", "deleted")}
@@ -148,7 +148,7 @@ async def post_webhook(request: Request) -> Response:
         )
     except ItemError as exc:
         raise unprocessable(_repoint(exc.errors)) from None
-    result = (await publish_events(ctx, account, [event]))[0]
+    result = await publish_one(ctx, account, event)
     return json_response(result, 202)
 
 
