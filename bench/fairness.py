@@ -60,17 +60,14 @@ async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: int = 1
         tl = await history.timeline(redis, B, ev.serial_number)
         marks = {h.kind: h.at_ms for h in tl}
         if marks.get("written", 0) - marks.get("ingested", 0) > over_ms:
-            print(
-                marks["ingested"],
-                [(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl],
-                file=sys.stderr,
-            )  # TEMP abs
+            # The epoch ms of "ingested" lines the timeline up with the workers' logs (--keep).
+            steps = [(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl]
+            print(f"ingested at {marks['ingested']}:", steps, file=sys.stderr)
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pb-fair-"))
     env = {"PASSBRIDGE_WORKER_SYNC_MODE": args.sync_mode} if args.sync_mode else {}
-    env["XDIAG"] = "1"  # TEMP
     stack = Stack(workdir, args.rate_scale, **env)
     redis = Redis.from_url(stack.redis_url)
     out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir)}

@@ -217,10 +217,6 @@ async def run(settings: Settings, redis_url: str, parent: int) -> None:
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")
-    if os.environ.get("XDIAG"):  # TEMP
-        from passbridge.logging import configure_logging
-
-        configure_logging("debug", "json")
     # Adaptive mode: one call per operation, at once. A small backlog gains nothing from bulk requests, and
     # the lanes' batching (lingers, shared ticks) would only add waits; profile-job markers are still
     # honoured. `bulk` mode (bulk requests for everything, for tests) stays bulk.
