@@ -54,7 +54,7 @@ B_RATE = 5.0
 TARGET_RATIO = 2.0
 
 
-async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: int = 150) -> None:
+async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: float = 150) -> None:
     """Print the history of B's events slower than ``over_ms`` (``--debug``)."""
     for ev in events:
         tl = await history.timeline(redis, B, ev.serial_number)
@@ -104,7 +104,8 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         busy = summary(await latencies_ms(redis, B, b_busy))
         out["workers"] = await worker_stats(redis)
         if args.debug:
-            await slow_timelines(redis, b_busy)
+            # Those over the target: twice B's p99 with A idle.
+            await slow_timelines(redis, b_busy, over_ms=TARGET_RATIO * idle["p99_ms"])
         out["b_busy"] = busy
         out["b_busy_lanes"] = await written_by_lane(redis, B, b_busy)
         out["a_drained_events"] = a_done

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
 from worker.history import timeline
-from worker.queue import Lease, WorkQueue, split_member
+from worker.queue import RENEW_PER_TRIP, Lease, WorkQueue, split_member
 from worker.scripts import Scripts
 
 from .helpers import pass_event, put
@@ -263,6 +263,28 @@ class TestLeaseExpiry:
             got = await other.claim(1)
             assert got.leases == []
             assert got.taken_over == 0
+
+    async def test_renew_many_in_small_trips_keeps_every_flag_in_order(self, redis: Redis) -> None:
+        # More leases than one round trip carries, over two accounts: every lease renewed, in order, and a
+        # lease taken away meanwhile reported lost at its place.
+        n = RENEW_PER_TRIP + 37
+        holder = wq(redis, "holder", lease_ms=5_000)
+        await put(redis, *[pass_event("a", f"A{i:04d}", 1) for i in range(n)])
+        leases = (await holder.claim(n)).leases
+        await put(redis, *[pass_event("b", f"B{i:04d}", 1) for i in range(3)])
+        leases += (await holder.claim(3)).leases
+        by_account: dict[str, list[Lease]] = {}
+        for lease in leases:
+            by_account.setdefault(lease.account_id, []).append(lease)
+        assert len(by_account["a"]) == n
+        lost = by_account["a"][RENEW_PER_TRIP + 1]
+        await redis.hdel(account_keys("a").lease_tokens, lost.serial)
+        flags = await holder.renew_many(by_account)
+        assert flags["b"] == [True, True, True]
+        assert flags["a"] == [lease is not lost for lease in by_account["a"]]
+        expiry = await redis.zscore(account_keys("a").leased, by_account["a"][-1].serial)
+        assert expiry is not None
+        assert expiry > time.time() * 1000 + 4_000
 
     async def test_expired_lease_of_an_empty_serial_is_just_dropped(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1))
