@@ -85,6 +85,9 @@ class Settings(BaseSettings):
     worker_express_grace_ms: int = 250
     #: ... and the most serials one express lane works on at once.
     worker_express_max_serials: int = 64
+    #: With an express lane, the worker itself (whose loop drains backlogs) lowers its CPU priority by this
+    #: much (``nice``): on a shared host, small accounts' events, Redis and the producer go first.
+    worker_backlog_nice: int = 10
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
     history_retention_s: int = 7 * 86_400
     #: Retry defaults; an account's ``retry_policy`` overrides any of them.

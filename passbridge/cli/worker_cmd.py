@@ -68,6 +68,11 @@ def worker(
 
         # Before the event loop exists: the child is a copy of this process with everything imported.
         express = ExpressProcess.fork(s, url)
+        if s.worker_backlog_nice > 0:
+            # Backlogs are throughput work, paced by Klaviyo's limits rather than by this CPU: when the host
+            # is busy, the express lane (and Redis, the producer) should run first. The child keeps its
+            # priority (forked before this).
+            os.nice(s.worker_backlog_nice)
     kwargs = worker_settings(s, url, express=express)
     _use_uvloop()
     try:

@@ -38,6 +38,10 @@ async def written_by(pipeline: Pipeline, account_id: str, serials: list[str]) ->
     return out
 
 
+def nice(pid: int) -> int:
+    return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
 def gone(pid: int) -> bool:
     stat = Path(f"/proc/{pid}/stat")
     if not stat.exists():
@@ -81,8 +85,11 @@ async def test_small_account_goes_to_the_express_lane_big_to_the_worker(
     pipeline.sandbox.wait_idle()
     assert sorted(pipeline.stored_unique_ids("small")) == sorted(e.event_id for e in small)
 
-    # A SIGKILLed worker takes its express lane along (no orphan keeps working on its own).
+    # The worker drains backlogs at a lower CPU priority than its express lane (PASSBRIDGE_WORKER_BACKLOG_NICE).
     express_pid = int(str(info[express_id]["pid"]))
+    assert nice(proc.pid) == nice(express_pid) + 10
+
+    # A SIGKILLed worker takes its express lane along (no orphan keeps working on its own).
     assert not gone(express_pid)
     workers.kill(proc)
 
