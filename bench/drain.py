@@ -209,13 +209,6 @@ async def trace_accounts(redis: Redis, accounts: list[str], t0: float) -> None:
             depth = int(await redis.get(keys.depth) or 0)
             row.append(f"{account[-1]}:{depth:>6}/{await redis.zcard(keys.leased):>5}")
         print(f"  t={time.monotonic() - t0:5.1f}s depth/leased " + "  ".join(row), file=sys.stderr)
-        w = await worker_stats(redis)
-        keys = ("written", "sync_serials_in_flight", "sync_profiles_pending", "sync_records_pending")
-        keys += ("sync_events_pending", "sync_gate_waiting", "sync_records_bulk", "sync_records_single")
-        print(
-            "           workers " + " ".join(f"{k.removeprefix('sync_')}={w.get(k, 0)}" for k in keys),
-            file=sys.stderr,
-        )
 
 
 async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) -> dict[str, Any]:
@@ -243,11 +236,6 @@ async def five_accounts(stack: Stack, redis: Redis, args: argparse.Namespace) ->
         tracer.cancel()
     cpu = sum(cpu_s(p) - cpu0[p] for p in pids)
     counts = delta(await stack.sandbox_counts(), before)
-    if args.keep:
-        # For a look at each account's requests over time (the sandbox keeps the last 10,000).
-        await stack.save_request_log(
-            stack.workdir / "requests.json", t0_wall=time.time() - (time.monotonic() - t0)
-        )
     await asyncio.sleep(2.5)  # one more heartbeat with the final counters
     engine = await worker_stats(redis)
     await stack.stop_workers(redis, workers)

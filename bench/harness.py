@@ -163,15 +163,6 @@ class Stack:
             doc = (await c.get("/_sandbox/requests", params={"limit": 0})).json()
         return {op: {s: int(n) for s, n in by.items()} for op, by in doc["counts"].items()}
 
-    async def save_request_log(self, path: Path, t0_wall: float) -> None:
-        """The sandbox's request log (its last 10,000 requests) to ``path`` as JSON, ``at`` relative to
-        ``t0_wall`` (for a look at a run: ``--keep``)."""
-        async with httpx.AsyncClient(base_url=self.sandbox_url) as c:
-            doc = (await c.get("/_sandbox/requests", params={"limit": 10_000})).json()
-        for entry in doc["recent"]:
-            entry["at"] = round(entry["at"] - t0_wall, 3)
-        await asyncio.to_thread(path.write_text, json.dumps(doc["recent"]))
-
 
 def print_results(result: dict[str, Any], figures: dict[str, Any], started: float) -> None:
     """A benchmark's closing lines: the machine, every detail, the time taken, then the one line of JSON."""

@@ -8,13 +8,11 @@ and the lane decides, from its backlog and the rate limiter's answers, how each 
   item goes out at once, which is the lowest latency Klaviyo allows;
 - **bulk requests** once the backlog grows: the oldest items, as many as one request carries, whenever a bulk
   slot is free (and the request is full, or its oldest item has waited ``linger_s``);
-- and the **single-call budget spent alongside**: items beyond what the next bulk request carries (the
-  overflow) go out as single calls whenever a single slot is free, so that budget is not left idle — in
-  the record lane from the start of a backlog (its 15 bulk requests a minute cannot carry a big backlog
-  alone, and a single slot unused in a window is lost), in the other lanes only while their bulk endpoint
-  is out of slots (while bulk slots are free, single calls would add nothing there but CPU). Items of fresh
+- and the **single-call budget spent alongside**: while the bulk endpoint is out of slots (the bottleneck, as
+  record bulk requests are at 15 a minute), items beyond what the next bulk request carries (the overflow)
+  go out as single calls whenever a single slot is free, so that budget is not left idle; items of fresh
   events (``urgent``) take single calls first, so an event that just arrived does not wait behind the
-  backlog.
+  backlog. While bulk slots are free, single calls would add nothing but CPU, so they are not used.
 
 ``SyncMode.bulk`` always uses bulk requests (tests use it to exercise the bulk path with tiny backlogs);
 ``SyncMode.single`` is one call per operation with no coalescing (the engine's :class:`PerEventSync`).
@@ -62,12 +60,6 @@ class LanePolicy:
     #: it would spend a bulk slot on a sliver of its capacity. Only worth it where bulk slots are scarce
     #: (records: 15 a minute); 0 turns it off.
     tail_units: int = 0
-    #: Spend the single budget on the overflow while bulk slots are still free too, not only once the bulk
-    #: endpoint ran out of them. Worth it where the bulk budget alone cannot carry a backlog (records: 15
-    #: requests of 500 a minute beside 750 single calls): a single slot left unused in a window is lost, and
-    #: the backlog then outlasts the window's bulk slots and waits for the window to slide. Off for lanes
-    #: whose bulk budget is far from the bottleneck (there single calls would only cost CPU).
-    singles_alongside: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -102,11 +94,10 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
     """How many pending items single calls may take now (before asking the limiter for slots).
 
     Adaptive: everything while the account's backlog is small. Beyond that the urgent items, and — while the
-    bulk endpoint is out of slots, or at any time in a lane that spends its singles alongside
-    (``LanePolicy.singles_alongside``) — the overflow: what the next bulk request will not need, because it
-    can be filled from the serials still on their way (or all of it, when the next bulk slot is far off). So
-    the single budget adds to the bulk budget without thinning the bulk requests; in the other lanes it goes
-    unused while bulk slots are free (it would only cost CPU). Bulk mode: none.
+    bulk endpoint is out of slots — the overflow: what the next bulk request will not need, because it can be
+    filled from the serials still on their way (or all of it, when the next bulk slot is far off). So the
+    single budget adds to the bulk budget without thinning the bulk requests, and goes unused while bulk
+    slots are free (it would only cost CPU). Bulk mode: none.
     """
     if mode is SyncMode.bulk:
         return 0
@@ -114,7 +105,7 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
         return view.pending_items
     if is_tail(policy, view):
         return view.pending_items
-    if not view.bulk_blocked and not policy.singles_alongside:
+    if not view.bulk_blocked:
         return min(view.pending_items, view.urgent_items)
     if view.bulk_wait_s >= 2 * policy.linger_s:
         # The next bulk slot is far off (the window's budget is spent): keeping items back for it would

@@ -263,15 +263,46 @@ class Lane:
         )
 
     async def _step(self) -> float:
-        """Send what the policy says can go now; return how long to wait before looking again (0: at once).
-
-        The bulk request first: a full one must not wait behind a run of single calls (each takes a rate-limit
-        round trip, and with the single budget spent alongside there can be hundreds of them). Then at most
-        as many single calls as may still be in flight; the caller steps again at once after any send.
-        """
+        """Send what the policy says can go now; return how long to wait before looking again (0: at once)."""
         account = self.account
         assert account is not None
         limiter = self.client.limiter
+        now = time.monotonic()
+        view = self._view(now)
+        quota = single_quota(self.mode, self.policy, view)
+        small = view.backlog_events < self.policy.small_backlog
+        tail = is_tail(self.policy, view)
+        sent = False
+        while quota > 0 and self.pending and self._singles < self.policy.single_concurrency:
+            # Fresh events, a small backlog and the last of a backlog may spend the whole single budget; the
+            # overflow of a big backlog leaves a share of it to fresh events.
+            first = bool(self._urgent) or small or tail
+            if now < (self._urgent_at if first else self._single_at):
+                break
+            slot = new_slot()
+            wait = await limiter.try_acquire(
+                account.account_id,
+                self.single_op.name,
+                self.single_op.tier,
+                reserve=0.0 if first else self.single_reserve,
+                slot=slot,
+            )
+            if wait > 0:
+                until = time.monotonic() + wait
+                if first:
+                    self._urgent_at = until
+                self._single_at = max(self._single_at, until)
+                break
+            item = self._pop_single(small)
+            if item is None:
+                break
+            # Why it went alone: fresh, a small backlog, the last of a backlog, or the bulk overflow.
+            why = "urgent" if item.urgent else "small" if small else "tail" if tail else "overflow"
+            self.stats[f"single_{why}"] += 1
+            quota -= 1
+            self._singles += 1
+            self._spawn(self._single(account, item, slot))
+            sent = True
         now = time.monotonic()
         view = self._view(now)
         due = bulk_due(self.mode, self.policy, view)
@@ -280,9 +311,8 @@ class Lane:
             wait = await limiter.try_acquire(
                 account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True
             )
-            now = time.monotonic()
             if wait > 0:
-                self._bulk_at = now + wait
+                self._bulk_at = time.monotonic() + wait
                 if not view.bulk_blocked:
                     # Just ran out of bulk slots: the overflow may now go by single calls; decide again.
                     return 0.0
@@ -291,50 +321,6 @@ class Lane:
                 self._bulk_acquiring = True
                 self._spawn(self._bulk(account, items, acquire=True))
                 return 0.0
-        quota = single_quota(self.mode, self.policy, view)
-        small = view.backlog_events < self.policy.small_backlog
-        tail = is_tail(self.policy, view)
-        sent = False
-        room = min(quota, self.policy.single_concurrency - self._singles)
-        while room > 0 and self.pending:
-            # Fresh events, a small backlog and the last of a backlog may spend the whole single budget; the
-            # overflow of a big backlog leaves a share of it to fresh events.
-            first = bool(self._urgent) or small or tail
-            if now < (self._urgent_at if first else self._single_at):
-                break
-            want = room if small or tail or not self._urgent else min(room, len(self._urgent))
-            slots, wait = await limiter.try_acquire_many(
-                account.account_id,
-                self.single_op.name,
-                self.single_op.tier,
-                want,
-                reserve=0.0 if first else self.single_reserve,
-            )
-            if wait > 0:
-                until = time.monotonic() + wait
-                if first:
-                    self._urgent_at = until
-                self._single_at = max(self._single_at, until)
-            unused = []
-            for slot in slots:
-                item = self._pop_single(small)
-                if item is None:
-                    unused.append(slot)
-                    continue
-                # Why it went alone: fresh, a small backlog, the last of a backlog, or the bulk overflow.
-                why = "urgent" if item.urgent else "small" if small else "tail" if tail else "overflow"
-                self.stats[f"single_{why}"] += 1
-                quota -= 1
-                room -= 1
-                self._singles += 1
-                self._spawn(self._single(account, item, slot))
-                sent = True
-            for slot in unused:
-                # Nothing left to send with it: give the slot back to the budget.
-                await limiter.refund(account.account_id, self.single_op.name, slot)
-            if len(slots) < want or unused:
-                break
-        now = time.monotonic()
         if sent:
             return 0.0
         waits = []
@@ -528,12 +514,7 @@ class AccountLanes:
             "records",
             mode=mode,
             policy=LanePolicy(
-                500,
-                int(3.6 * MB),
-                opts.small_backlog,
-                opts.linger_records_s / scale,
-                tail_units=50,
-                singles_alongside=True,
+                500, int(3.6 * MB), opts.small_backlog, opts.linger_records_s / scale, tail_units=50
             ),
             client=client,
             single_op=CREATE_DATA_SOURCE_RECORD,
@@ -723,11 +704,6 @@ class TurnGate:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._scheduled = False
 
-    @property
-    def waiting(self) -> int:
-        """Callers waiting for a later turn."""
-        return len(self._waiters)
-
     async def __call__(self) -> None:
         """Wait for a place in this or a later turn."""
         self._schedule()
@@ -794,18 +770,13 @@ class BulkSync:
         return lanes
 
     def stats(self) -> dict[str, int]:
-        """Requests per lane and kind (single, bulk, bulk items, splits), summed over accounts; and, as gauges,
-        the serials in flight and the items waiting in each lane."""
+        """Requests per lane and kind (single, bulk, bulk items, splits), summed over accounts."""
         out: Counter[str] = Counter()
         for lanes in self._lanes.values():
-            out["serials_in_flight"] += lanes.in_flight
             for lane in (lanes.profiles, lanes.records, lanes.events):
                 for k, v in lane.stats.items():
                     out[f"{lane.name}_{k}"] += v
-                # Gauges (where a drain's serials wait right now), not counters.
-                out[f"{lane.name}_pending"] += lane.pending
         out["profile_jobs"] = self.jobs.jobs
-        out["gate_waiting"] = self._gate.waiting
         return dict(out)
 
     async def run(self, engine: Engine, batch: Batch) -> None:

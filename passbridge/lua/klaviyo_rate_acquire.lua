@@ -1,4 +1,4 @@
--- Take request slots for a (Klaviyo account, endpoint), or say how long until one frees up.
+-- Take one request slot for a (Klaviyo account, endpoint), or say how long until one frees up.
 --
 -- Two sliding-window logs (burst: 1 s, steady: 60 s, both already divided by the rate scale) hold the send
 -- times of admitted requests. A slot is granted only when both windows have room and no 429 pause is running;
@@ -9,23 +9,18 @@
 --
 -- KEYS[1] burst log (zset, score = µs)   KEYS[2] steady log (zset)   KEYS[3] pause-until (string, µs)
 -- ARGV[1] burst limit   ARGV[2] burst window µs   ARGV[3] steady limit   ARGV[4] steady window µs
--- ARGV[5] a unique member for this request (the k-th of several slots is logged as ARGV[5] .. '#' .. k)
+-- ARGV[5] a unique member for this request
 -- ARGV[6], ARGV[7] (optional) slots of the burst / steady window this request must leave free: work that can
 -- wait (a backlog's overflow) keeps a share of the budget for work that cannot (a fresh event)
--- ARGV[8] (optional) '1': only look — say whether a slot is free now, but do not take it
--- ARGV[9] (optional) how many slots to take at most (default 1): a lane sending many single calls takes
--- their slots in one round trip instead of one each
--- Returns {taken, wait}: the slots taken (0 when only looking, or when none is free) and, when none is free,
--- the µs to wait before asking again (else 0).
+-- ARGV[8] (optional) '1': only look — return 0 if a slot is free now, but do not take it
+-- Returns 0 when the slot is taken, else the µs to wait before asking again.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local wait = 0
-local take = tonumber(ARGV[9] or '1')
 
 local pause = tonumber(redis.call('GET', KEYS[3]) or '0')
 if pause > now then
   wait = pause - now
-  take = 0
 end
 
 for i = 1, 2 do
@@ -34,9 +29,6 @@ for i = 1, 2 do
   local window = tonumber(ARGV[2 * i])
   redis.call('ZREMRANGEBYSCORE', key, '-inf', string.format('%d', now - window))
   local count = redis.call('ZCARD', key)
-  if limit - count < take then
-    take = math.max(0, limit - count)
-  end
   if count >= limit then
     -- The slot frees when the entry `count - limit` places from the oldest leaves the window
     -- (more than `limit` entries only exist right after the limit was lowered).
@@ -48,21 +40,15 @@ for i = 1, 2 do
   end
 end
 
-if take == 0 then
-  return {0, math.max(1, math.ceil(wait))}
+if wait > 0 then
+  return math.ceil(wait)
 end
 if ARGV[8] == '1' then
-  return {0, 0}
+  return 0
 end
 
-for k = 1, take do
-  local member = ARGV[5]
-  if k > 1 then member = member .. '#' .. k end
-  for i = 1, 2 do
-    redis.call('ZADD', KEYS[i], string.format('%d', now), member)
-  end
-end
 for i = 1, 2 do
+  redis.call('ZADD', KEYS[i], string.format('%d', now), ARGV[5])
   redis.call('PEXPIRE', KEYS[i], math.ceil(tonumber(ARGV[2 * i]) / 1000) + 1000)
 end
-return {take, 0}
+return 0

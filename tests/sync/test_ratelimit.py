@@ -22,42 +22,6 @@ async def test_burst_window_admits_exactly_the_burst(redis: Redis) -> None:
     assert 1.45 < waits[5] <= 1.53  # the oldest of the five leaves the (1 s + 50 % burst margin) window
 
 
-async def test_many_slots_in_one_round_trip_stop_at_the_burst(redis: Redis) -> None:
-    limiter = RateLimiter(redis, pad_s=0.005)
-    tier = Tier(burst=5, steady=100)
-    slots, wait = await limiter.try_acquire_many("acme", "create_event", tier, 3)
-    assert len(slots) == 3
-    assert len(set(slots)) == 3
-    assert wait == 0.0
-    # Two left in the burst window: asking for ten takes those two ...
-    more, wait = await limiter.try_acquire_many("acme", "create_event", tier, 10)
-    assert len(more) == 2
-    assert wait == 0.0
-    # ... then none, with the wait until the oldest leaves the window; a single acquire agrees.
-    none, wait = await limiter.try_acquire_many("acme", "create_event", tier, 4)
-    assert none == []
-    assert 1.4 < wait <= 1.53
-    assert await limiter.try_acquire("acme", "create_event", tier) > 1.4
-    # Every name is the member logged: refunding two gives exactly two slots back.
-    for slot in more:
-        await limiter.refund("acme", "create_event", slot)
-    back, _ = await limiter.try_acquire_many("acme", "create_event", tier, 10)
-    assert len(back) == 2
-    assert await limiter.try_acquire_many("acme", "create_event", tier, 0) == ([], 0.0)
-
-
-async def test_many_slots_leave_the_reserve_free(redis: Redis) -> None:
-    limiter = RateLimiter(redis, pad_s=0.005)
-    tier = Tier(burst=100, steady=10)
-    # A tenth of the steady window (1 slot) stays for callers without a reserve.
-    slots, _ = await limiter.try_acquire_many("acme", "create_event", tier, 20, reserve=0.1)
-    assert len(slots) == 9
-    again, wait = await limiter.try_acquire_many("acme", "create_event", tier, 1, reserve=0.1)
-    assert again == []
-    assert wait > 50
-    assert await limiter.try_acquire("acme", "create_event", tier) == 0.0
-
-
 async def test_steady_window_and_scale(redis: Redis) -> None:
     # scale 60: the minute window lasts one second; the burst window 1/60 s.
     limiter = RateLimiter(redis, scale=60)

@@ -27,11 +27,7 @@ from worker.bulk import EVENTS_POINTER, RECORDS_POINTER
 from worker.import_jobs import PROFILES_POINTER
 
 #: A record lane as ``worker.bulk.AccountLanes`` builds it (Klaviyo's 500 records / 4 MB, less a margin).
-RECORDS = LanePolicy(
-    500, int(3.6 * 1024 * 1024), small_backlog=32, linger_s=0.04, tail_units=50, singles_alongside=True
-)
-#: The same lane without the single budget spent alongside (as the other lanes decide).
-RECORDS_BLOCKED_ONLY = LanePolicy(500, int(3.6 * 1024 * 1024), small_backlog=32, linger_s=0.04, tail_units=50)
+RECORDS = LanePolicy(500, int(3.6 * 1024 * 1024), small_backlog=32, linger_s=0.04, tail_units=50)
 EVENTS = LanePolicy(1000, int(4.5 * 1024 * 1024), small_backlog=32, linger_s=0.01)
 
 
@@ -141,50 +137,14 @@ def test_adaptive_small_backlog_goes_by_single_calls() -> None:
     v = view(backlog_events=RECORDS.small_backlog - 1, pending_items=5, pending_units=5)
     assert single_quota(SyncMode.adaptive, RECORDS, v) == 5
     assert bulk_due(SyncMode.adaptive, RECORDS, v) is False
-    # The same lane at the threshold is a backlog: no single call while bulk slots are free (in a lane that
-    # spends singles only while bulk is blocked; the record lane spends them alongside, tested below).
+    # The same lane at the threshold is a backlog: no single call while bulk slots are free.
     big = view(backlog_events=RECORDS.small_backlog, pending_items=5, pending_units=5, upstream_units=1000)
-    assert single_quota(SyncMode.adaptive, RECORDS_BLOCKED_ONLY, big) == 0
+    assert single_quota(SyncMode.adaptive, RECORDS, big) == 0
 
 
 def test_adaptive_backlog_with_free_bulk_slots_sends_only_urgent_items_alone() -> None:
-    # A lane that spends its singles only once the bulk endpoint is out of slots (events, profiles).
-    for policy in (RECORDS_BLOCKED_ONLY, EVENTS):
-        assert single_quota(SyncMode.adaptive, policy, view(urgent_items=3, upstream_units=5000)) == 3
-        assert single_quota(SyncMode.adaptive, policy, view(urgent_items=0, upstream_units=5000)) == 0
-
-
-def test_record_lane_spends_the_single_budget_alongside_free_bulk_slots() -> None:
-    # Bulk slots free, a big backlog still on its way: the next bulk request fills from upstream, so every
-    # pending record may go alone (the limiter decides how many single slots there are) ...
-    assert single_quota(SyncMode.adaptive, RECORDS, view(upstream_units=5000)) == 100
-    assert single_quota(SyncMode.adaptive, RECORDS, view(pending_units=800, pending_items=800)) == 300
-    # ... but not what the next bulk request still needs: 500 - 450 on their way = 50 of the 100 stay.
-    assert single_quota(SyncMode.adaptive, RECORDS, view(upstream_units=450)) == 50
-    assert single_quota(SyncMode.adaptive, RECORDS, view(upstream_units=450, urgent_items=5)) == 55
-    # Nothing on its way and less than a request pending: all of it waits for the bulk request.
-    assert single_quota(SyncMode.adaptive, RECORDS, view(pending_units=400, pending_items=400)) == 0
-    # A small backlog, bulk mode and single mode decide as before.
-    small = view(backlog_events=5, pending_units=5, pending_items=5)
-    assert single_quota(SyncMode.adaptive, RECORDS, small) == 5
-    assert single_quota(SyncMode.bulk, RECORDS, view(upstream_units=5000)) == 0
-    assert single_quota(SyncMode.single, RECORDS, view()) == 100
-
-
-def test_record_lane_spends_more_singles_in_the_first_window_than_bulk_slots_alone_carry() -> None:
-    # The five-account backlog of bench/drain.py: 8,000 serials, one record each. The first minute's bulk
-    # slots carry 15 x 500 = 7,500: the single budget spent alongside from the start (750 a minute, a tenth
-    # kept for fresh events) is what lets the backlog finish inside one window instead of waiting for it
-    # to slide. A lane that spends singles only while bulk is blocked keeps them idle while slots are free.
-    start = view(pending_units=300, pending_items=300, upstream_units=7700)
-    assert single_quota(SyncMode.adaptive, RECORDS, start) == 300
-    assert single_quota(SyncMode.adaptive, RECORDS_BLOCKED_ONLY, start) == 0
-    budgets = KLAVIYO_BUDGETS["records"]
-    assert (
-        budgets.bulk_per_min * budgets.bulk_items
-        < 8000
-        <= budgets.items_per_min - budgets.single_per_min // 10
-    )
+    assert single_quota(SyncMode.adaptive, RECORDS, view(urgent_items=3, upstream_units=5000)) == 3
+    assert single_quota(SyncMode.adaptive, RECORDS, view(urgent_items=0, upstream_units=5000)) == 0
 
 
 def test_adaptive_blocked_bulk_spends_the_single_budget_on_the_overflow() -> None:

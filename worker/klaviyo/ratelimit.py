@@ -90,29 +90,8 @@ class RateLimiter:
         taken long before its request leaves would let Klaviyo see the requests closer together than the
         limiter admitted them). ``slot``: the name the slot is logged under (see :meth:`refund`).
         """
-        _, wait = await self._run(account_id, endpoint, tier, 1, reserve, peek, slot or new_slot())
-        return wait
-
-    async def try_acquire_many(
-        self, account_id: str, endpoint: str, tier: Tier, n: int, *, reserve: float = 0.0
-    ) -> tuple[list[str], float]:
-        """Take up to ``n`` slots now, in one round trip: returns their names (for :meth:`refund`) and, when
-        none was free, the seconds until one may free up (else 0.0). ``reserve`` as in :meth:`try_acquire`.
-
-        A lane sending a run of single calls takes their slots at once: one ``EVALSHA`` per slot would cost
-        an event-loop turn each, and hundreds of them in a row delay everything else the lane decides.
-        """
-        if n <= 0:
-            return [], 0.0
-        first = new_slot()
-        taken, wait = await self._run(account_id, endpoint, tier, n, reserve, False, first)
-        return [first if k == 1 else f"{first}#{k}" for k in range(1, taken + 1)], wait
-
-    async def _run(
-        self, account_id: str, endpoint: str, tier: Tier, n: int, reserve: float, peek: bool, slot: str
-    ) -> tuple[int, float]:
         keys = account_keys(account_id)
-        taken, wait_us = await self._acquire(
+        wait_us = await self._acquire(
             keys=[
                 keys.rate_window(endpoint, "b"),
                 keys.rate_window(endpoint, "s"),
@@ -123,14 +102,13 @@ class RateLimiter:
                 self.burst_window_us,
                 tier.steady,
                 self.steady_window_us,
-                slot,
+                slot or new_slot(),
                 min(tier.burst - 1, math.ceil(tier.burst * reserve)),
                 min(tier.steady - 1, math.ceil(tier.steady * reserve)),
                 "1" if peek else "0",
-                n,
             ],
         )
-        return int(taken), int(wait_us) / 1_000_000
+        return int(wait_us) / 1_000_000
 
     async def acquire(
         self, account_id: str, endpoint: str, tier: Tier, *, max_wait_s: float, slot: str | None = None
