@@ -212,21 +212,14 @@ def _die_with_parent(parent: int) -> None:
 async def run(settings: Settings, redis_url: str, parent: int) -> None:
     """The child's life: start the express engine, work until SIGTERM or the parent is gone, stop cleanly."""
     from passbridge import metrics
-    from worker.batching import SyncMode
     from worker.main import open_engine, tune_gc
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")
-    # Adaptive mode: one call per operation, at once. A small backlog gains nothing from bulk requests, and
-    # the lanes' batching (lingers, shared ticks) would only add waits; profile-job markers are still
-    # honoured. `bulk` mode (bulk requests for everything, for tests) stays bulk.
-    mode = SyncMode(settings.worker_sync_mode)
-    ctx = open_engine(
-        settings,
-        redis_url,
-        express_config(settings),
-        mode=SyncMode.single if mode is SyncMode.adaptive else mode,
-    )
+    # The worker's sync mode: a small backlog gets single calls in adaptive mode anyway, and a serial with
+    # several queued events still has them coalesced into one profile and one record write (one call per
+    # operation made a busy serial's events queue behind each other: bench/pipeline.py's p99 went to 1.8 s).
+    ctx = open_engine(settings, redis_url, express_config(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
