@@ -83,8 +83,11 @@ class Settings(BaseSettings):
     #: ... other lanes leave a small account's due serials to the express lanes for this long (a dead
     #: express lane costs a small account at most this much latency) ...
     worker_express_grace_ms: int = 250
-    #: ... and the most serials one express lane works on at once.
+    #: ... the most serials one express lane works on at once ...
     worker_express_max_serials: int = 64
+    #: ... and from how many held serials on a worker counts as busy (draining a backlog): only a busy worker
+    #: leaves small accounts' events to the express lanes; an idle one takes them at once (0 = always leave).
+    worker_express_busy_serials: int = 250
     #: With an express lane, the worker itself (whose loop drains backlogs) lowers its CPU priority by this
     #: much (``nice``): on a shared host, small accounts' events, Redis and the producer go first.
     worker_backlog_nice: int = 10

@@ -106,8 +106,10 @@ class EngineConfig:
     express: bool = False
     #: The backlog (pending events) up to which an account counts as small (published by express lanes).
     express_small: int = 32
-    #: While express lanes are alive, other lanes leave a small account's serials to them for this long.
+    #: While express lanes are alive, other lanes leave a small account's serials to them for this long ...
     express_grace_ms: int = 250
+    #: ... but only while they hold at least this many serials (busy with a backlog; 0 = always).
+    express_busy_serials: int = 250
     lease_ms: int = 10_000
     events_per_lease: int = 200
     history_retention_ms: int = 7 * 86_400_000
@@ -309,6 +311,7 @@ class Engine:
                     fresh_take=self.config.fresh_take,
                     express=self.config.express,
                     grace_ms=self.config.express_grace_ms,
+                    defer_small=len(self._held) >= self.config.express_busy_serials,
                     accounts=self._hinted,
                 )
                 self._hinted = []

@@ -116,6 +116,7 @@ class WorkQueue:
         express: bool = False,
         grace_ms: int = 0,
         accounts: Sequence[str] = (),
+        defer_small: bool = True,
     ) -> Claimed:
         """Lease up to ``max_serials`` due serials, sharing them round-robin across due accounts.
 
@@ -124,8 +125,9 @@ class WorkQueue:
         up to ``fresh_take`` serials per account are the newest ones made ready within ``fresh_ms``.
 
         Express lanes (``express``) take serials of small accounts only (``accounts``, else those due within
-        ``grace_ms``); while express lanes are alive, other lanes leave a small account's serials alone until
-        they have been due for ``grace_ms`` (see ``claim.lua`` and :mod:`worker.express`).
+        ``grace_ms``); while express lanes are alive, other lanes (with ``defer_small``: busy ones) leave a
+        small account's serials alone until they have been due for ``grace_ms`` (see ``claim.lua`` and
+        :mod:`worker.express`).
         """
         held_args: list[str | int] = []
         for account_id, n in (held or {}).items():
@@ -145,7 +147,7 @@ class WorkQueue:
                 max_serials if free is None else free,
                 fresh_ms,
                 fresh_take,
-                "express" if express else "main",
+                "express" if express else "main" if defer_small else "free",
                 EXPRESS_ON,
                 grace_ms,
                 len(accounts),

@@ -86,6 +86,13 @@ class TestLanes:
         await asyncio.sleep(GRACE_MS / 1000 + 0.05)
         assert await main_claim(redis) == ["b/S1"]
 
+    async def test_an_idle_worker_takes_a_small_account_at_once(self, redis: Redis) -> None:
+        # Only a busy worker (draining a backlog) leaves small accounts to the express lanes.
+        await express_alive(redis)
+        await put(redis, pass_event("b", "S1", 1))
+        got = await wq(redis, "idle").claim(50, grace_ms=GRACE_MS, defer_small=False)
+        assert [lease.serial for lease in got.leases] == ["S1"]
+
     async def test_big_account_is_never_the_express_lanes(self, redis: Redis) -> None:
         await express_alive(redis)
         await put(redis, *[pass_event("a", f"S{i}", 1) for i in range(SMALL + 1)])

@@ -54,6 +54,9 @@ async def test_small_account_goes_to_the_express_lane_big_to_the_worker(
 ) -> None:
     await pipeline.add_account("small")
     await pipeline.add_account("big")
+    # Every worker counts as busy: small accounts always go to the express lanes (the default leaves them to
+    # an idle worker, which takes them as fast).
+    workers.env["PASSBRIDGE_WORKER_EXPRESS_BUSY_SERIALS"] = "0"
     (proc,) = workers.start(1)
 
     async def both_lanes_up() -> bool:
@@ -122,6 +125,7 @@ async def test_worker_metrics_count_what_its_express_lane_delivered(
     await pipeline.add_account("small")
     port = free_port()
     workers.env["PASSBRIDGE_WORKER_METRICS_PORT"] = str(port)
+    workers.env["PASSBRIDGE_WORKER_EXPRESS_BUSY_SERIALS"] = "0"
     workers.start(1)
 
     async def express_up() -> bool:

@@ -6,7 +6,8 @@
 --                                                                                   over per account
 -- ARGV[10] reserve R (0 = none)           ARGV[11] the worker's free slots F
 -- ARGV[12] fresh window ms (0 = off)      ARGV[13] most fresh serials per account per claim
--- ARGV[14] lane: 'main' or 'express'      ARGV[15] express-on key (keys.EXPRESS_ON)
+-- ARGV[14] lane: 'express', 'main' (busy: defers small accounts to express lanes) or 'free' (does not)
+-- ARGV[15] express-on key (keys.EXPRESS_ON)
 -- ARGV[16] express grace ms               ARGV[17] K, the number of accounts named next (0 = walk `active`)
 -- ARGV[18..17+K] accounts to visit        ARGV[18+K..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
@@ -32,7 +33,7 @@
 --
 -- Express lane (worker/express.py): while express lanes are alive, the express-on key holds the backlog
 -- (pending events) up to which an account is small. An express lane takes serials of small accounts only
--- (the accounts it was told about, or those due within the grace period); other lanes leave a small
+-- (the accounts it was told about, or those due within the grace period); busy other lanes leave a small
 -- account's serials alone until they have been due for the grace period, so the express lanes -- processes
 -- busy with no big backlog -- work them, and a dead express lane costs a small account at most the grace.
 --
@@ -73,7 +74,7 @@ for _, account in ipairs(accounts) do
   -- What this lane may take of the account: all that is due, or (small account, another lane) only what
   -- has been due for the grace period.
   local horizon = now
-  if small and not express then horizon = now - grace end
+  if small and ARGV[14] == 'main' then horizon = now - grace end
   if express and not small then
     -- Not the express lane's: the account keeps its place for the other lanes.
   elseif redis.call('EXISTS', base .. ':paused') == 1 then
