@@ -216,6 +216,11 @@ EXPRESS_NOTIFY = f"{NOTIFY}:x"
 #: other workers leave a small account's fresh serials to the express lanes for a grace period (claim.lua).
 #: ``_enqueue_core.lua`` derives this name from ``NOTIFY``.
 EXPRESS_ON = f"{NOTIFY}:x:on"
+#: String set (``PX`` a few heartbeats) by a worker busy with a backlog (holding at least
+#: ``PASSBRIDGE_WORKER_EXPRESS_BUSY_SERIALS``): only then do enqueues announce small accounts to the express
+#: lanes and do the express lanes claim; while no worker is busy, the workers take everything themselves.
+#: ``_enqueue_core.lua`` derives this name from ``NOTIFY``.
+EXPRESS_BUSY = f"{NOTIFY}:x:busy"
 #: What every account's keys start with (``AccountKeys.base`` = this + account id); claim.lua walks accounts.
 ACCOUNT_BASE_PREFIX = f"{PREFIX}:a:"
 #: Integer: lease counter; a lease token is ``<worker id>.<counter>`` so tokens never repeat.

@@ -46,6 +46,7 @@ from passbridge.accounts import Account, AccountNotFound, AccountState, AccountS
 from passbridge.event import PassEvent
 from passbridge.keys import (
     ACTIVE_ACCOUNTS,
+    EXPRESS_BUSY,
     EXPRESS_NOTIFY,
     EXPRESS_ON,
     NOTIFY,
@@ -800,9 +801,13 @@ class Engine:
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.zadd(WORKERS, {self.worker_id: now})
             pipe.hset(WORKERS_INFO, self.worker_id, orjson.dumps(info))
+            ttl_ms = int(self.config.heartbeat_s * 3000)
             if self.config.express and not self._stopping:
                 # Alive for three heartbeats: a dead lane stops diverting small accounts' events soon.
-                pipe.set(EXPRESS_ON, self.config.express_small, px=int(self.config.heartbeat_s * 3000))
+                pipe.set(EXPRESS_ON, self.config.express_small, px=ttl_ms)
+            elif not self.config.express and len(self._held) >= self.config.express_busy_serials:
+                # Busy with a backlog: small accounts' events should go to the express lanes meanwhile.
+                pipe.set(EXPRESS_BUSY, 1, px=ttl_ms)
             await pipe.execute()
 
 

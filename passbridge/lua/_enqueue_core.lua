@@ -107,8 +107,10 @@ local function enqueue_events(base, now, hwm, window, width, notify, active, acc
   if redis.call('LLEN', notify) < 1000 then redis.call('RPUSH', notify, account) end
   -- Express lanes are alive (keys.EXPRESS_ON holds their small-backlog bound): a small account's new event
   -- is announced to them, so a process that is not busy with another account's backlog claims it.
+  -- Only while a worker is busy with a backlog (keys.EXPRESS_BUSY): otherwise the workers take it at once.
   local small = redis.call('GET', notify .. ':x:on')
-  if small and depth <= tonumber(small) and redis.call('LLEN', notify .. ':x') < 1000 then
+  if small and depth <= tonumber(small) and redis.call('EXISTS', notify .. ':x:busy') == 1
+      and redis.call('LLEN', notify .. ':x') < 1000 then
     redis.call('RPUSH', notify .. ':x', account)
   end
   return 1, depth, flags

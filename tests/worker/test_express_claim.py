@@ -7,7 +7,7 @@ import asyncio
 
 from redis.asyncio import Redis
 
-from passbridge.keys import ACTIVE_ACCOUNTS, EXPRESS_NOTIFY, EXPRESS_ON, NOTIFY, account_keys
+from passbridge.keys import ACTIVE_ACCOUNTS, EXPRESS_BUSY, EXPRESS_NOTIFY, EXPRESS_ON, NOTIFY, account_keys
 from worker.queue import WorkQueue
 
 from .helpers import pass_event, put
@@ -20,8 +20,11 @@ def wq(redis: Redis, worker: str) -> WorkQueue:
     return WorkQueue(redis, worker_id=worker, lease_ms=10_000)
 
 
-async def express_alive(redis: Redis) -> None:
+async def express_alive(redis: Redis, *, busy: bool = True) -> None:
+    """Express lanes alive and (``busy``) some worker draining a backlog."""
     await redis.set(EXPRESS_ON, SMALL, px=60_000)
+    if busy:
+        await redis.set(EXPRESS_BUSY, 1, px=60_000)
 
 
 async def main_claim(redis: Redis) -> list[str]:
@@ -38,6 +41,7 @@ def test_key_names_match_lua() -> None:
     # _enqueue_core.lua derives the express keys from NOTIFY; keys.py must name the same keys.
     assert f"{NOTIFY}:x" == EXPRESS_NOTIFY
     assert f"{NOTIFY}:x:on" == EXPRESS_ON
+    assert f"{NOTIFY}:x:busy" == EXPRESS_BUSY
 
 
 class TestAnnouncements:
@@ -50,6 +54,14 @@ class TestAnnouncements:
         await put(redis, pass_event("b", "S1", 1))
         await put(redis, pass_event("b", "S2", 1))
         assert await redis.lrange(EXPRESS_NOTIFY, 0, -1) == [b"b", b"b"]
+
+    async def test_no_busy_worker_no_announcement_and_no_express_claim(self, redis: Redis) -> None:
+        # While no worker drains a backlog, the workers take every event themselves.
+        await express_alive(redis, busy=False)
+        await put(redis, pass_event("b", "S1", 1))
+        assert await redis.llen(EXPRESS_NOTIFY) == 0
+        assert await express_claim(redis, ("b",)) == []
+        assert await main_claim(redis) == ["b/S1"]
 
     async def test_big_account_is_not_announced(self, redis: Redis) -> None:
         await express_alive(redis)

@@ -51,6 +51,11 @@ local named = tonumber(ARGV[17])
 for i = 18 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
+-- An express lane works only while some worker is busy with a backlog (keys.EXPRESS_BUSY, derived from the
+-- express-on key's name); otherwise the workers take every account's events themselves.
+local busy = redis.call('EXISTS', string.sub(ARGV[15], 1, -4) .. ':busy') == 1
+if express and not busy then return {0, 0} end
+if not busy then small_bound = -1 end
 local accounts
 if named > 0 then
   accounts = {}
