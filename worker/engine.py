@@ -806,8 +806,9 @@ class Engine:
                 # Alive for three heartbeats: a dead lane stops diverting small accounts' events soon.
                 pipe.set(EXPRESS_ON, self.config.express_small, px=ttl_ms)
             elif not self.config.express and len(self._held) >= self.config.express_busy_serials:
-                # Busy with a backlog: small accounts' events should go to the express lanes meanwhile.
-                pipe.set(EXPRESS_BUSY, 1, px=ttl_ms)
+                # Busy with a backlog: small accounts' events should go to the express lanes meanwhile. A short
+                # life (1.5 heartbeats): once the backlog is gone, the workers take everything again soon.
+                pipe.set(EXPRESS_BUSY, 1, px=int(self.config.heartbeat_s * 1500))
             await pipe.execute()
 
 
