@@ -11,7 +11,7 @@ import re
 from datetime import UTC, datetime
 from enum import StrEnum
 from functools import lru_cache
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import quote
 
 import orjson
@@ -218,12 +218,7 @@ def fast_event_in(raw: Any) -> EventIn | None:
     fields = fast_fields(raw)
     if fields is None:
         return None
-    item = _new_object(EventIn)
-    _set_attr(item, "__dict__", fields)
-    _set_attr(item, "__pydantic_fields_set__", set(raw))
-    _set_attr(item, "__pydantic_extra__", None)
-    _set_attr(item, "__pydantic_private__", None)
-    return item
+    return _unvalidated(EventIn, fields, set(raw))
 
 
 def fast_fields(raw: Any) -> dict[str, Any] | None:
@@ -407,17 +402,24 @@ class PassEvent(BaseModel):
 
 _PASS_EVENT_FIELDS = frozenset(PassEvent.model_fields)
 _new_object = object.__new__
+_M = TypeVar("_M", bound=BaseModel)
 _set_attr = object.__setattr__
 
 
 def _trusted(cls: type[PassEvent], fields: dict[str, Any]) -> PassEvent:
     """:meth:`PassEvent.trusted` without the keyword packing and the field count (the caller gives all)."""
-    event = _new_object(cls)
-    _set_attr(event, "__dict__", fields)
-    _set_attr(event, "__pydantic_fields_set__", set(_PASS_EVENT_FIELDS))
-    _set_attr(event, "__pydantic_extra__", None)
-    _set_attr(event, "__pydantic_private__", None)
-    return event
+    return _unvalidated(cls, fields, set(_PASS_EVENT_FIELDS))
+
+
+def _unvalidated(cls: type[_M], fields: dict[str, Any], fields_set: set[str]) -> _M:
+    """An instance of the pydantic model ``cls`` holding ``fields`` as given (already checked by the caller):
+    what ``model_construct`` does, without its per-field defaults pass."""
+    obj = _new_object(cls)
+    _set_attr(obj, "__dict__", fields)
+    _set_attr(obj, "__pydantic_fields_set__", fields_set)
+    _set_attr(obj, "__pydantic_extra__", None)
+    _set_attr(obj, "__pydantic_private__", None)
+    return obj
 
 
 def build_event(
