@@ -11,7 +11,9 @@ sleeps most of the time is scheduled ahead of busy ones).
 How events reach it (``claim.lua``, ``_enqueue_core.lua``):
 
 - a live express lane keeps ``keys.EXPRESS_ON`` set (three heartbeats) to the backlog up to which an account
-  is *small* (``PASSBRIDGE_WORKER_EXPRESS_SMALL`` pending events);
+  is *small* (``PASSBRIDGE_WORKER_EXPRESS_SMALL`` pending events); all of what follows applies only while
+  some worker is busy with a backlog (``keys.EXPRESS_BUSY``, set by a worker holding at least
+  ``PASSBRIDGE_WORKER_EXPRESS_BUSY_SERIALS``): with no backlog anywhere the workers take everything;
 - while it is set, an enqueue that leaves the account small pushes the account onto ``keys.EXPRESS_NOTIFY``;
   an express lane blocked on that list claims the account's due serials at once;
 - the other lanes leave a small account's serials alone until they have been due for
@@ -216,9 +218,8 @@ async def run(settings: Settings, redis_url: str, parent: int) -> None:
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")
-    # The worker's sync mode: a small backlog gets single calls in adaptive mode anyway, and a serial with
-    # several queued events still has them coalesced into one profile and one record write (one call per
-    # operation made a busy serial's events queue behind each other: bench/pipeline.py's p99 went to 1.8 s).
+    # The worker's sync mode: in adaptive mode a small backlog gets single calls anyway, and a serial with
+    # several queued events still has them coalesced into one profile and one record write.
     ctx = open_engine(settings, redis_url, express_config(settings))
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
