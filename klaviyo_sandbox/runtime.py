@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import structlog
 
@@ -19,6 +20,8 @@ from klaviyo_sandbox.requestlog import RequestLog
 from klaviyo_sandbox.routing import Router
 from klaviyo_sandbox.schema.loader import SpecDocument, load_spec
 from klaviyo_sandbox.store import AccountState
+
+T = TypeVar("T")
 
 log = structlog.get_logger("klaviyo_sandbox")
 
@@ -109,3 +112,18 @@ class Runtime:
                 log_failure("sandbox.background_failed", exc)
 
         asyncio.get_running_loop().call_later(max(0.0, delay_s), run)
+
+    def later_in_slices(
+        self, delay_s: float, items: Sequence[T], size: int, apply: Callable[[T], object]
+    ) -> None:
+        """Apply ``apply`` to each of ``items`` in order, starting after ``delay_s``, ``size`` items per
+        event-loop turn: background work (Klaviyo processes jobs asynchronously) must not hold up the requests
+        of every other account the sandbox serves meanwhile."""
+
+        def run(start: int) -> None:
+            for item in items[start : start + size]:
+                apply(item)
+            if start + size < len(items):
+                self.later(0.0, lambda: run(start + size))
+
+        self.later(delay_s, lambda: run(0))

@@ -135,6 +135,8 @@ class ExpressProcess:
 
     @staticmethod
     def _popen(settings: Settings, redis_url: str) -> subprocess.Popen[bytes]:
+        """Start the child as a new program, for restarts: by then the worker runs its event loop, and forking
+        a process with a running loop is not safe (a second or so of imports)."""
         # The child reads the same PASSBRIDGE_* environment; what `passbridge worker` got as options is
         # handed on explicitly. It serves no /metrics of its own: with PROMETHEUS_MULTIPROC_DIR (set by
         # `passbridge worker`) its counters land in the parent's scrape.
@@ -147,14 +149,6 @@ class ExpressProcess:
         }
         env.pop("PASSBRIDGE_WORKER_METRICS_PORT", None)
         return subprocess.Popen([sys.executable, "-m", "worker.express"], env=env)
-
-    @classmethod
-    def spawn(cls, settings: Settings, redis_url: str) -> ExpressProcess:
-        """Start the child as a new program (a second or so of imports; restarts use this: by then the
-        worker runs its event loop, and forking a process with a running loop is not safe)."""
-        proc = cls._popen(settings, redis_url)
-        log.info("express_lane_started", pid=proc.pid)
-        return cls(settings, redis_url, proc, time.monotonic())
 
     async def supervise(self, every_s: float = 1.0) -> None:
         """Restart the child whenever it exits (it must not: a crash, an OOM kill); runs until cancelled."""

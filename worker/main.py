@@ -134,8 +134,8 @@ def open_engine(
 
 
 async def startup(ctx: dict[str, Any]) -> None:
-    """arq ``on_startup``: one Klaviyo client, syncer and engine per process; start the engine, and the
-    express-lane child process when ``ctx["express_lane"]`` asks for it (``passbridge worker`` does)."""
+    """arq ``on_startup``: one Klaviyo client, syncer and engine per process; start the engine, and watch
+    the express-lane child ``passbridge worker`` forked before the loop started (``ctx["express"]``)."""
     settings: Settings = ctx["settings"]
     url: str = ctx["redis_url"]
     ctx.update(open_engine(settings, url, engine_config(settings)))
@@ -145,8 +145,6 @@ async def startup(ctx: dict[str, Any]) -> None:
         ctx["pb_redis"], metrics_host=settings.metrics_host, metrics_port=settings.worker_metrics_port
     )
     express: ExpressProcess | None = ctx.get("express")
-    if ctx.get("express_lane") and express is None:
-        express = ctx["express"] = ExpressProcess.spawn(settings, url)
     if express is not None:
         ctx["express_watch"] = asyncio.create_task(express.supervise(), name="express-supervise")
 
@@ -237,13 +235,11 @@ def worker_settings(
     settings: Settings,
     redis_url: str,
     *,
-    express_lane: bool = False,
     express: ExpressProcess | None = None,
 ) -> dict[str, Any]:
-    """Keyword arguments for ``arq.Worker`` (what ``WorkerSettings`` holds, built from explicit settings).
-
-    ``express_lane``: also run the express-lane child process (:mod:`worker.express`), started at start-up;
-    or ``express``: the child already started (forked before the event loop by ``passbridge worker``)."""
+    """Keyword arguments for ``arq.Worker`` (what ``WorkerSettings`` holds, built from explicit settings);
+    ``express``: the express-lane child (:mod:`worker.express`), forked before the event loop by
+    ``passbridge worker``, which the worker then supervises and stops."""
     return {
         "functions": [],
         "cron_jobs": [
@@ -267,7 +263,6 @@ def worker_settings(
         "ctx": {
             "settings": settings,
             "redis_url": redis_url,
-            "express_lane": express_lane or express is not None,
             "express": express,
         },
     }

@@ -79,23 +79,15 @@ def bulk_create_events(call: Call) -> Reply:
                     )
                 seen.add(key)
             checked.append((profile, attrs, ts))
-    _record_later(call, checked, 0)
+    call.runtime.later_in_slices(
+        0.0, checked, RECORD_SLICE, lambda c: rules.record(call.state, c[0], c[1], c[2], call.now)
+    )
     return Reply(202)
 
 
-#: Events recorded per event-loop callback. Klaviyo accepts a bulk job (202) and records its events in the
+#: Events recorded per event-loop turn. Klaviyo accepts a bulk job (202) and records its events in the
 #: background; recording a thousand at once would hold up every other account's requests to the sandbox.
 RECORD_SLICE = 100
-
-
-def _record_later(call: Call, checked: list[tuple[dict[str, Any], dict[str, Any], int]], start: int) -> None:
-    def run() -> None:
-        for profile, attrs, ts in checked[start : start + RECORD_SLICE]:
-            rules.record(call.state, profile, attrs, ts, call.now)
-        if start + RECORD_SLICE < len(checked):
-            _record_later(call, checked, start + RECORD_SLICE)
-
-    call.later(0.0, run)
 
 
 def _event_field(e: Event, name: str) -> Any:

@@ -94,16 +94,12 @@ INGEST_SLICE = 50
 
 def _schedule(call: Call, ds_id: str, records: list[Any]) -> None:
     state = call.state
-    later = call.runtime.later
-
-    def run(start: int) -> None:
-        now = time.time()
-        for record in records[start : start + INGEST_SLICE]:
-            rules.ingest(state, ds_id, record, now)
-        if start + INGEST_SLICE < len(records):
-            later(0.0, lambda: run(start + INGEST_SLICE))
-
-    call.later(call.runtime.config.ingest_delay_s, lambda: run(0))
+    call.runtime.later_in_slices(
+        call.runtime.config.ingest_delay_s,
+        records,
+        INGEST_SLICE,
+        lambda record: rules.ingest(state, ds_id, record, time.time()),
+    )
 
 
 def _record_size(record: Any) -> int:
