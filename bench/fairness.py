@@ -30,6 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import httpx
 from redis.asyncio import Redis
 
 from bench.harness import (
@@ -54,15 +55,37 @@ B_RATE = 5.0
 TARGET_RATIO = 2.0
 
 
-async def slow_timelines(redis: Redis, events: list[PassEvent], over_ms: float = 150) -> None:
-    """Print the history of B's events slower than ``over_ms`` (``--debug``)."""
+async def slow_timelines(
+    redis: Redis, events: list[PassEvent], over_ms: float = 150, sandbox_url: str = ""
+) -> None:
+    """Print the history of B's events slower than ``over_ms`` (``--debug``), each with the sandbox's log of
+    the requests it answered meanwhile: B's (when they arrived, how long they took) and A's slow ones."""
+    log: list[dict[str, Any]] = []
+    b_id = ""
+    if sandbox_url:
+        async with httpx.AsyncClient(base_url=sandbox_url) as client:
+            log = (await client.get("/_sandbox/requests", params={"limit": 100_000})).json()["recent"]
+            # The sandbox's accounts in the order start_sandbox([A, B]) created them.
+            b_id = (await client.get("/_sandbox/accounts")).json()["accounts"][1]["account_id"]
     for ev in events:
         tl = await history.timeline(redis, B, ev.serial_number)
         marks = {h.kind: h.at_ms for h in tl}
         if marks.get("written", 0) - marks.get("ingested", 0) > over_ms:
             # The epoch ms of "ingested" lines the timeline up with the workers' logs (--keep).
-            steps = [(h.kind, h.at_ms - marks["ingested"], h.detail) for h in tl]
-            print(f"ingested at {marks['ingested']}:", steps, file=sys.stderr)
+            t0, t1 = marks["ingested"], marks["written"]
+            steps = [(h.kind, h.at_ms - t0, h.detail.get("worker")) for h in tl]
+            print(f"ingested at {t0}:", steps, file=sys.stderr)
+            for r in log:
+                at = r["at"] * 1000
+                end = at + r["duration_ms"]
+                if end < t0 or at > t1:
+                    continue
+                if r["account"] == b_id or r["duration_ms"] >= 10:
+                    print(
+                        f"    {'B' if r['account'] == b_id else 'A'} {r['operation']} {r['status']} arrived +{at - t0:.0f} ms, "
+                        f"took {r['duration_ms']:.1f} ms",
+                        file=sys.stderr,
+                    )
 
 
 async def main(args: argparse.Namespace) -> dict[str, Any]:
@@ -84,12 +107,17 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         await asyncio.sleep(2)
         idle = summary(await latencies_ms(redis, B, b_idle))
         if args.debug:
-            await slow_timelines(redis, b_idle)
+            await slow_timelines(redis, b_idle, sandbox_url=stack.sandbox_url)
         out["b_idle"] = idle
         out["b_idle_lanes"] = await written_by_lane(redis, B, b_idle)
         print(f"  {idle} written by lane {out['b_idle_lanes']}", file=sys.stderr)
 
         print("phase 2: enqueue A's backlog, then B while A drains ...", file=sys.stderr)
+        if args.debug:
+            # Redis commands and scripts that held the server for 5 ms or more (printed at the end).
+            await redis.config_set("slowlog-log-slower-than", 5000)
+            await redis.config_set("slowlog-max-len", 10_000)
+            await redis.slowlog_reset()
         t0 = time.monotonic()
         await put(redis, A, a_events)
         out["a_enqueue_s"] = round(time.monotonic() - t0, 1)
@@ -105,7 +133,15 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         out["workers"] = await worker_stats(redis)
         if args.debug:
             # Those over the target: twice B's p99 with A idle.
-            await slow_timelines(redis, b_busy, over_ms=TARGET_RATIO * idle["p99_ms"])
+            await slow_timelines(
+                redis, b_busy, over_ms=TARGET_RATIO * idle["p99_ms"], sandbox_url=stack.sandbox_url
+            )
+            for entry in reversed(await redis.slowlog_get(10_000)):
+                cmd = entry["command"][:60]
+                print(
+                    f"redis slow: {entry['start_time']} {entry['duration'] / 1000:.1f} ms {cmd!r}",
+                    file=sys.stderr,
+                )
         out["b_busy"] = busy
         out["b_busy_lanes"] = await written_by_lane(redis, B, b_busy)
         out["a_drained_events"] = a_done
