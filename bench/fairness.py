@@ -91,9 +91,10 @@ async def slow_timelines(
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pb-fair-"))
     env = {"PASSBRIDGE_WORKER_SYNC_MODE": args.sync_mode} if args.sync_mode else {}
+    env.update(dict(kv.split("=", 1) for kv in args.worker_env))
     stack = Stack(workdir, args.rate_scale, **env)
     redis = Redis.from_url(stack.redis_url)
-    out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir)}
+    out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir), "worker_env": env}
     try:
         await stack.start_sandbox([A, B])
         await setup_accounts(stack, redis, [A, B])
@@ -165,6 +166,7 @@ def report(out: dict[str, Any]) -> dict[str, Any]:
     ratio = busy / idle if idle else float("inf")
     return {
         "rate_scale": out["rate_scale"],
+        "worker_env": out["worker_env"],
         "b_p99_idle_ms": idle,
         "b_p99_busy_ms": busy,
         "b_p50_idle_ms": out["b_idle"]["p50_ms"],
@@ -187,6 +189,13 @@ if __name__ == "__main__":
     parser.add_argument("--debug", action="store_true", help="print the timelines of B's slow events")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, Redis data)")
     parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a setting for the workers (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=64",
+    )
     ns = parser.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(main(ns))
