@@ -64,6 +64,7 @@ async def slow_timelines(
     b_id = ""
     if sandbox_url:
         async with httpx.AsyncClient(base_url=sandbox_url) as client:
+            # The sandbox keeps its last 10,000 requests: the first seconds of a long phase may be gone.
             log = (await client.get("/_sandbox/requests", params={"limit": 100_000})).json()["recent"]
             # The sandbox's accounts in the order start_sandbox([A, B]) created them.
             b_id = (await client.get("/_sandbox/accounts")).json()["accounts"][1]["account_id"]
@@ -81,8 +82,9 @@ async def slow_timelines(
                 if end < t0 or at > t1:
                     continue
                 if r["account"] == b_id or r["duration_ms"] >= 10:
+                    who = "B" if r["account"] == b_id else "A"
                     print(
-                        f"    {'B' if r['account'] == b_id else 'A'} {r['operation']} {r['status']} arrived +{at - t0:.0f} ms, "
+                        f"    {who} {r['operation']} {r['status']} arrived +{at - t0:.0f} ms, "
                         f"took {r['duration_ms']:.1f} ms",
                         file=sys.stderr,
                     )
@@ -91,7 +93,7 @@ async def slow_timelines(
 async def main(args: argparse.Namespace) -> dict[str, Any]:
     workdir = Path(tempfile.mkdtemp(prefix="pb-fair-"))
     env = {"PASSBRIDGE_WORKER_SYNC_MODE": args.sync_mode} if args.sync_mode else {}
-    env.update(dict(kv.split("=", 1) for kv in args.worker_env))
+    env.update(args.worker_env)
     stack = Stack(workdir, args.rate_scale, **env)
     redis = Redis.from_url(stack.redis_url)
     out: dict[str, Any] = {"rate_scale": args.rate_scale, "workdir": str(workdir), "worker_env": env}
@@ -161,6 +163,14 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
+def setting(text: str) -> tuple[str, str]:
+    """``--worker-env NAME=VALUE``: a PASSBRIDGE_* setting and its value."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("PASSBRIDGE_"):
+        raise argparse.ArgumentTypeError(f"expected PASSBRIDGE_NAME=VALUE, got {text!r}")
+    return name, value
+
+
 def report(out: dict[str, Any]) -> dict[str, Any]:
     idle, busy = out["b_idle"]["p99_ms"], out["b_busy"]["p99_ms"]
     ratio = busy / idle if idle else float("inf")
@@ -193,6 +203,7 @@ if __name__ == "__main__":
         "--worker-env",
         action="append",
         default=[],
+        type=setting,
         metavar="NAME=VALUE",
         help="a setting for the workers (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=64",
     )
