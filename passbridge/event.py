@@ -304,6 +304,10 @@ def fast_fields(raw: Any) -> dict[str, Any] | None:
 _MISSING = object()
 
 
+#: Where an event entered passbridge (``PassEvent.source``).
+EventSource = Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
+
+
 class PassEvent(BaseModel):
     """The canonical, normalized pass event as stored in Redis and consumed by the workers."""
 
@@ -318,7 +322,7 @@ class PassEvent(BaseModel):
     platform: Platform
     occurred_at: datetime
     received_at: datetime
-    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
+    source: EventSource
     email: str | None = None
     phone_number: str | None = None
     pass_url: str
@@ -426,7 +430,7 @@ def build_event(
     item: EventIn,
     *,
     account_id: str,
-    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"],
+    source: EventSource,
     received_at: datetime,
     default_region: str,
     pass_url_template: str,
@@ -449,7 +453,7 @@ def build_event_from(
     item: dict[str, Any],
     *,
     account_id: str,
-    source: Literal["api", "ndjson", "webhook", "apple", "google", "replay"],
+    source: EventSource,
     received_at: datetime,
     default_region: str,
     pass_url_template: str,

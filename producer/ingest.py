@@ -3,15 +3,15 @@
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import TypeAdapter, ValidationError
 
 from passbridge.accounts import Account
-from passbridge.event import EventIn, FieldError, PassEvent, build_event_from, fast_fields
+from passbridge.event import EventIn, EventSource, FieldError, PassEvent, build_event_from, fast_fields
 from producer.problems import pointer, validation_errors
 
-Source = Literal["api", "ndjson", "webhook", "apple", "google", "replay"]
+Source = EventSource
 _EVENT_IN = TypeAdapter(EventIn)
 
 
