@@ -37,6 +37,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from typing import TYPE_CHECKING, Protocol
 
 import structlog
@@ -119,6 +120,7 @@ class ExpressProcess:
             code = 0
             try:
                 _die_with_parent(parent)
+                _own_session()
                 _fresh_loop()
                 asyncio.run(run(settings, redis_url, parent))
             except BaseException:
@@ -148,7 +150,7 @@ class ExpressProcess:
             "PASSBRIDGE_EXPRESS_PARENT_PID": str(os.getpid()),
         }
         env.pop("PASSBRIDGE_WORKER_METRICS_PORT", None)
-        return subprocess.Popen([sys.executable, "-m", "worker.express"], env=env)
+        return subprocess.Popen([sys.executable, "-m", "worker.express"], env=env, start_new_session=True)
 
     async def supervise(self, every_s: float = 1.0) -> None:
         """Restart the child whenever it exits (it must not: a crash, an OOM kill); runs until cancelled."""
@@ -251,6 +253,33 @@ def main() -> None:
         raise SystemExit("the express lane needs REDIS_URL")
     _fresh_loop()
     asyncio.run(run(settings, settings.redis_url, parent))
+
+
+def _own_session() -> None:
+    """Leave the worker's session: where Linux groups CPU time by session (autogroup scheduling), the lane
+    must not share the group its parent lowers to a backlog's priority (see ``lower_priority``)."""
+    with contextlib.suppress(OSError):
+        os.setsid()
+
+
+def lower_priority(nice: int) -> bool:
+    """Lower this process's CPU priority by ``nice``, across sessions too; returns whether the session's.
+
+    Linux's autogroup scheduling (on by default on many desktops and VMs) first shares CPU time evenly
+    between sessions and applies ``nice`` only among the processes of one session: a worker in a session of
+    its own would still get as much CPU as Redis or an express lane in theirs. The session's nice
+    (``/proc/self/autogroup``) ranks it among sessions. It is set only when this process leads its session
+    (the express lane has left it), so a shell's session is never reniced with it.
+    """
+    os.nice(nice)
+    autogroup = Path("/proc/self/autogroup")
+    if os.getsid(0) != os.getpid() or not autogroup.exists():
+        return False
+    try:
+        autogroup.write_text(str(nice))
+    except OSError:
+        return False
+    return True
 
 
 def _fresh_loop() -> None:

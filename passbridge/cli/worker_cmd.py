@@ -71,8 +71,13 @@ def worker(
         if s.worker_backlog_nice > 0:
             # Backlogs are throughput work, paced by Klaviyo's limits rather than by this CPU: when the host
             # is busy, the express lane (and Redis, the producer) should run first. The child keeps its
-            # priority (forked before this).
-            os.nice(s.worker_backlog_nice)
+            # priority (forked before this, into a session of its own).
+            import structlog
+
+            from worker.express import lower_priority
+
+            session = lower_priority(s.worker_backlog_nice)
+            structlog.get_logger(__name__).info("worker_niced", nice=s.worker_backlog_nice, session=session)
     kwargs = worker_settings(s, url, express=express)
     _use_uvloop()
     try:

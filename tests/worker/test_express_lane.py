@@ -4,6 +4,7 @@ express-lane child, a big account's by the worker itself, and the child dies wit
 from __future__ import annotations
 
 import asyncio
+import os
 from pathlib import Path
 
 import httpx
@@ -40,6 +41,16 @@ async def written_by(pipeline: Pipeline, account_id: str, serials: list[str]) ->
 
 def nice(pid: int) -> int:
     return int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[16])
+
+
+def autogroup(pid: int) -> tuple[str, int] | None:
+    """The process's autogroup (Linux: the CPU-sharing group of its session) and that group's nice, or
+    ``None`` on a kernel without autogroups."""
+    try:
+        name, _, value = Path(f"/proc/{pid}/autogroup").read_text().split()
+    except FileNotFoundError:
+        return None
+    return name, int(value)
 
 
 def gone(pid: int) -> bool:
@@ -91,6 +102,13 @@ async def test_small_account_goes_to_the_express_lane_big_to_the_worker(
     # The worker drains backlogs at a lower CPU priority than its express lane (PASSBRIDGE_WORKER_BACKLOG_NICE).
     express_pid = int(str(info[express_id]["pid"]))
     assert nice(proc.pid) == nice(express_pid) + 10
+    # ... and that holds across sessions: the lane has a session of its own, and where Linux shares CPU
+    # between sessions first (autogroup), the worker's session is lowered too.
+    assert os.getsid(express_pid) == express_pid != os.getsid(proc.pid) == proc.pid
+    worker_group, express_group = autogroup(proc.pid), autogroup(express_pid)
+    if worker_group is not None and express_group is not None:
+        assert worker_group[1] == express_group[1] + 10
+        assert worker_group[0] != express_group[0]
 
     # A SIGKILLed worker takes its express lane along (no orphan keeps working on its own).
     assert not gone(express_pid)
