@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 import traceback
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -22,6 +23,12 @@ from klaviyo_sandbox.schema.loader import SpecDocument, load_spec
 from klaviyo_sandbox.store import AccountState
 
 T = TypeVar("T")
+
+#: Background work runs at most this long per event-loop turn (see ``Runtime.background``).
+BACKGROUND_TURN_S = 0.002
+#: Background work: does what it can until ``time.perf_counter()`` passes the deadline it is given (at least
+#: one step), and returns whether more remains.
+Work = Callable[[float], bool]
 
 log = structlog.get_logger("klaviyo_sandbox")
 
@@ -77,6 +84,8 @@ class Runtime:
         self.faults = FaultInjector(config.faults, time.monotonic())
         self.requests = RequestLog(config.request_log_size)
         self.pending = 0
+        self._background: deque[tuple[int, Work]] = deque()
+        self._background_scheduled = False
         self.generation = 0
 
     def add_account(self, account: AccountConfig) -> None:
@@ -96,6 +105,7 @@ class Runtime:
         self.requests.clear()
         self.faults.configure(self.config.faults, time.monotonic())
         self.pending = 0
+        self._background.clear()
 
     def later(self, delay_s: float, fn: Callable[[], None]) -> None:
         """Run ``fn`` on the event loop after ``delay_s`` (skipped if a reset happens first)."""
@@ -113,17 +123,61 @@ class Runtime:
 
         asyncio.get_running_loop().call_later(max(0.0, delay_s), run)
 
-    def later_in_slices(
-        self, delay_s: float, items: Sequence[T], size: int, apply: Callable[[T], object]
-    ) -> None:
-        """Apply ``apply`` to each of ``items`` in order, starting after ``delay_s``, ``size`` items per
-        event-loop turn: background work (Klaviyo processes jobs asynchronously) must not hold up the requests
-        of every other account the sandbox serves meanwhile."""
+    def background(self, delay_s: float, work: Work) -> None:
+        """Start ``work`` after ``delay_s`` as background processing (Klaviyo's jobs: profile imports, bulk
+        events, record ingestion), in turns of at most ``BACKGROUND_TURN_S`` shared by every job in progress.
 
-        def run(start: int) -> None:
-            for item in items[start : start + size]:
-                apply(item)
-            if start + size < len(items):
-                self.later(0.0, lambda: run(start + size))
+        ``work(deadline)`` does what it can until ``time.perf_counter()`` passes ``deadline`` (at least one
+        step) and returns whether more remains. A request that arrives meanwhile waits for one turn at most,
+        however many jobs are in progress: Klaviyo's latency does not depend on what other accounts send.
+        """
+        generation = self.generation
+        self.pending += 1
 
-        self.later(delay_s, lambda: run(0))
+        def start() -> None:
+            if generation == self.generation:
+                self._background.append((generation, work))
+                self._schedule_background()
+
+        asyncio.get_running_loop().call_later(max(0.0, delay_s), start)
+
+    def later_in_turns(self, delay_s: float, items: Sequence[T], apply: Callable[[T], object]) -> None:
+        """Apply ``apply`` to each of ``items`` in order, starting after ``delay_s``, as background work."""
+        done = 0
+
+        def work(deadline: float) -> bool:
+            nonlocal done
+            while done < len(items):
+                apply(items[done])
+                done += 1
+                if time.perf_counter() >= deadline:
+                    break
+            return done < len(items)
+
+        self.background(delay_s, work)
+
+    def _schedule_background(self) -> None:
+        if not self._background_scheduled:
+            self._background_scheduled = True
+            asyncio.get_running_loop().call_soon(self._background_turn)
+
+    def _background_turn(self) -> None:
+        # Round-robin: a job that used up a turn goes to the back of the line. The next turn comes after the
+        # loop has looked at its sockets, so requests that arrived meanwhile are served in between.
+        self._background_scheduled = False
+        deadline = time.perf_counter() + BACKGROUND_TURN_S
+        while self._background and time.perf_counter() < deadline:
+            generation, work = self._background.popleft()
+            if generation != self.generation:
+                continue
+            try:
+                more = work(deadline)
+            except Exception as exc:
+                log_failure("sandbox.background_failed", exc)
+                more = False
+            if more:
+                self._background.append((generation, work))
+            else:
+                self.pending -= 1
+        if self._background:
+            self._schedule_background()

@@ -50,50 +50,54 @@ def _job_field(job: ImportJob, name: str) -> Any:
     return job.status if name == "status" else None
 
 
-#: Profiles applied per event-loop callback: Klaviyo processes a job in the background, so a big job must not
-#: hold up the requests of every other account the sandbox serves meanwhile (``completed_count`` grows).
-#: 50 profiles take a few milliseconds: another account's request waits at most that long.
-SLICE = 50
-
-
-def _run(state: AccountState, job: ImportJob, later: Callable[[float, Callable[[], None]], None]) -> None:
-    """Apply the next slice of profiles in order (failures become import errors); the job is complete after
-    the last slice."""
-    start = job.completed_count + job.failed_count
-    for i in range(start, min(start + SLICE, len(job.profiles))):
-        item = job.profiles[i]
-        attrs = item.get("attributes") or {}
-        try:
-            if i in job.rejected:
-                raise invalid(
-                    f"'{attrs.get('external_id')}' is not a valid value (refused by the sandbox's fault).",
-                    pointer="/data/attributes/external_id",
-                )
-            profile, _ = rules.upsert(state, attrs, item.get("id"), item.get("meta"), time.time())
-        except ApiError as exc:
-            job.failed_count += 1
-            pointer = (exc.pointer or "/data").replace("/data", f"/data/attributes/profiles/data/{i}", 1)
-            job.errors.append(
-                {
-                    "type": "import-error",
-                    "id": ids.ulid(),
-                    "attributes": {
-                        "code": exc.code,
-                        "title": exc.title,
-                        "detail": exc.detail,
-                        "source": {"pointer": pointer},
-                        "original_payload": item,
-                    },
-                }
+def _apply(state: AccountState, job: ImportJob, i: int) -> None:
+    """Apply the job's profile ``i`` (a failure becomes an import error of the job)."""
+    item = job.profiles[i]
+    attrs = item.get("attributes") or {}
+    try:
+        if i in job.rejected:
+            raise invalid(
+                f"'{attrs.get('external_id')}' is not a valid value (refused by the sandbox's fault).",
+                pointer="/data/attributes/external_id",
             )
-        else:
-            job.completed_count += 1
-            job.profile_ids.append(profile.id)
-    if job.completed_count + job.failed_count < len(job.profiles):
-        later(0.0, lambda: _run(state, job, later))
-        return
-    job.status = "complete"
-    job.completed = time.time()
+        profile, _ = rules.upsert(state, attrs, item.get("id"), item.get("meta"), time.time())
+    except ApiError as exc:
+        job.failed_count += 1
+        pointer = (exc.pointer or "/data").replace("/data", f"/data/attributes/profiles/data/{i}", 1)
+        job.errors.append(
+            {
+                "type": "import-error",
+                "id": ids.ulid(),
+                "attributes": {
+                    "code": exc.code,
+                    "title": exc.title,
+                    "detail": exc.detail,
+                    "source": {"pointer": pointer},
+                    "original_payload": item,
+                },
+            }
+        )
+    else:
+        job.completed_count += 1
+        job.profile_ids.append(profile.id)
+
+
+def _work(state: AccountState, job: ImportJob) -> Callable[[float], bool]:
+    """The job's processing as background work (``Runtime.background``): profiles in order, a turn at a
+    time, so ``completed_count`` grows while it runs; the job is complete after the last one."""
+
+    def work(deadline: float) -> bool:
+        while (i := job.completed_count + job.failed_count) < len(job.profiles):
+            _apply(state, job, i)
+            if time.perf_counter() >= deadline:
+                break
+        if job.completed_count + job.failed_count < len(job.profiles):
+            return True
+        job.status = "complete"
+        job.completed = time.time()
+        return False
+
+    return work
 
 
 def _rejected(call: Call, profiles: list[dict[str, Any]]) -> frozenset[int]:
@@ -133,7 +137,7 @@ def bulk_import_profiles(call: Call) -> Reply:
     def start() -> None:
         job.status = "processing"
         job.started = time.time()
-        call.runtime.later(step, lambda: _run(state, job, call.runtime.later))
+        call.runtime.background(step, _work(state, job))
 
     call.later(step, start)
     return Reply(202, document(_resource(job, call.base_url), call.self_url))

@@ -87,17 +87,13 @@ def _data_source_id(call: Call) -> str:
     return str(ds_id)
 
 
-#: Records ingested per event-loop callback: a bulk job of 500 must not hold up the requests of every other
-#: account the sandbox serves (Klaviyo ingests in the background; an account's requests never wait for it).
-INGEST_SLICE = 50
-
-
 def _schedule(call: Call, ds_id: str, records: list[Any]) -> None:
+    # Klaviyo ingests records in the background: a bulk job of 500 must not hold up the requests of every
+    # other account the sandbox serves.
     state = call.state
-    call.runtime.later_in_slices(
+    call.runtime.later_in_turns(
         call.runtime.config.ingest_delay_s,
         records,
-        INGEST_SLICE,
         lambda record: rules.ingest(state, ds_id, record, time.time()),
     )
 

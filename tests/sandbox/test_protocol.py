@@ -100,6 +100,12 @@ def test_other_media_type_is_415(api: httpx.Client) -> None:
 
 def test_malformed_json_is_400_parse_error(api: httpx.Client) -> None:
     assert_klaviyo_error(api.post("/api/events", content=b'{"data": '), 400, "parse_error")
+    # A bulk-sized body is parsed and checked off the event loop: the same answers.
+    big = b'{"data": {"attributes": {"pad": "' + b"x" * 100_000 + b'"}'
+    assert_klaviyo_error(api.post("/api/event-bulk-create-jobs", content=big), 400, "parse_error")
+    missing = {"data": {"type": "event-bulk-create-job", "attributes": {"pad": "x" * 100_000}}}
+    response = api.post("/api/event-bulk-create-jobs", json=missing)
+    assert_klaviyo_error(response, 400, "invalid", "/data/attributes/events-bulk-create")
 
 
 def test_unknown_route_is_404_and_wrong_method_is_405(api: httpx.Client) -> None:
