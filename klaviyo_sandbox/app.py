@@ -27,7 +27,7 @@ from klaviyo_sandbox.config import SandboxConfig
 from klaviyo_sandbox.control import build_aux_app
 from klaviyo_sandbox.errors import ApiError, error_document
 from klaviyo_sandbox.faults import Fault
-from klaviyo_sandbox.handlers import HANDLERS, Call, Reply
+from klaviyo_sandbox.handlers import CHECKS, HANDLERS, Call, Reply
 from klaviyo_sandbox.ratelimit import format_seconds
 from klaviyo_sandbox.requestlog import LoggedRequest
 from klaviyo_sandbox.revisions import check_revision
@@ -140,6 +140,10 @@ class SandboxApp:
                 revision=revision,
                 path=path,
             )
+            check = CHECKS.get(op_id)
+            if check is not None:
+                loop = asyncio.get_running_loop()
+                call.checked = await loop.run_in_executor(self._bulk_bodies, check, call)
             reply = HANDLERS[op_id](call)
         except ApiError as exc:
             reply = Reply(exc.status, exc.document(), exc.headers)

@@ -30,6 +30,8 @@ class Call:
     now: float
     revision: str
     path: str
+    #: What the operation's check (``handlers.CHECKS``) found, when the sandbox ran it off the event loop.
+    checked: Any = None
 
     @property
     def self_url(self) -> str:
