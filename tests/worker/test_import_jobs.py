@@ -7,8 +7,12 @@ The sandbox here processes jobs slowly (``job_step_s``: queued, then processing,
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
+import subprocess
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -252,70 +256,115 @@ def very_slow_jobs_server() -> Iterator[SandboxServer]:
     server.stop()
 
 
-@pytest.mark.slow
-@pytest.mark.timeout(120)
-async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_the_profile(
+@dataclass
+class IdleWorkers:
+    pipeline: Pipeline
+    account: Account
+    procs: list[subprocess.Popen[bytes]]
+    workers: Workers
+
+
+@contextlib.asynccontextmanager
+async def _idle_bulk_workers(
+    n: int,
     redis: Redis,
     redis_url: str,
-    very_slow_jobs_server: SandboxServer,
+    server: SandboxServer,
     settings: Settings,
     secret_key: str,
     tmp_path: Path,
-) -> None:
-    server = very_slow_jobs_server
+    **env: str,
+) -> AsyncIterator[IdleWorkers]:
+    """Account ``acme`` on ``server`` and ``n`` bulk-mode workers, each registered (up and idle) before the
+    test's first event, so their start-up time never counts; the workers are stopped on the way out."""
     s = settings.model_copy(update={"klaviyo_base_url": server.url, "klaviyo_rate_scale": RATE_SCALE})
     with SandboxClient(server.url) as sandbox:
         pipeline = Pipeline(redis, sandbox, server, secret_key, s)
-        await pipeline.add_account("acme")
-
+        account = await pipeline.add_account("acme")
         logs = tmp_path / "logs"
         logs.mkdir()
-        env = worker_env(
-            redis_url,
-            server.url,
-            secret_key,
-            tmp_path / "state",
-            PASSBRIDGE_WORKER_SYNC_MODE="bulk",
-            # A killed holder: no express lanes, whose child would finish its job gracefully when its worker
-            # dies (that path is tests/worker/test_express_lane.py's).
-            PASSBRIDGE_WORKER_EXPRESS_LANE="false",
+        workers = Workers(
+            worker_env(
+                redis_url,
+                server.url,
+                secret_key,
+                tmp_path / "state",
+                PASSBRIDGE_WORKER_SYNC_MODE="bulk",
+                **env,
+            ),
+            logs,
         )
-        workers = Workers(env, logs)
         try:
-            # Two workers, both up and idle before the event arrives: one takes the serial, the other one takes
-            # it over as soon as the lease expires.
-            procs = workers.start(2)
+            procs = workers.start(n)
 
             async def up() -> bool:
                 ids = await redis.zrange(WORKERS, 0, -1)
                 return all(any(f":{p.pid}:".encode() in w for w in ids) for p in procs)
 
             await async_wait_for(up, timeout=30, interval=0.02)
-            first = pass_event("acme", "S1", 0, kind="created", properties={"points": 1})
-            await pipeline.put([first])
-            key = account_keys("acme").profile_jobs
-
-            async def named() -> bool:
-                raw = await redis.hget(key, "S1")
-                return raw is not None and bool(orjson.loads(raw)["job"])
-
-            # The holder's job is queued at Klaviyo (the marker names it); the holder dies before it completes.
-            await async_wait_for(named, timeout=30, interval=0.01)
-            job_id = orjson.loads(await redis.hget(key, "S1"))["job"]
-            token = (await redis.hget(account_keys("acme").lease_tokens, "S1") or b"").decode()
-            (victim,) = [p for p in procs if f":{p.pid}:" in token]
-            workers.kill(victim)
-            killed_at = time.time()
-            newer = pass_event("acme", "S1", 5, kind="updated", properties={"points": 2})
-            await pipeline.put([newer])
-            try:
-                await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
-            except BaseException:
-                print(workers.logs())
-                raise
-            sandbox.wait_idle(timeout=20)
+            yield IdleWorkers(pipeline, account, procs, workers)
         finally:
             workers.stop_all()
+
+
+StartWorkers = Callable[..., contextlib.AbstractAsyncContextManager[IdleWorkers]]
+
+
+@pytest.fixture
+def idle_bulk_workers(
+    redis: Redis,
+    redis_url: str,
+    very_slow_jobs_server: SandboxServer,
+    settings: Settings,
+    secret_key: str,
+    tmp_path: Path,
+) -> StartWorkers:
+    """``idle_bulk_workers(n, **env)``: :func:`_idle_bulk_workers` against the very slow jobs' sandbox."""
+    return functools.partial(
+        _idle_bulk_workers,
+        redis=redis,
+        redis_url=redis_url,
+        server=very_slow_jobs_server,
+        settings=settings,
+        secret_key=secret_key,
+        tmp_path=tmp_path,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_the_profile(
+    redis: Redis, idle_bulk_workers: StartWorkers
+) -> None:
+    # Two workers: one takes the serial, the other one takes it over as soon as the lease expires. A killed
+    # holder has no express lane, whose child would finish its job gracefully when its worker dies (that path
+    # is tests/worker/test_express_lane.py's).
+    async with idle_bulk_workers(2, PASSBRIDGE_WORKER_EXPRESS_LANE="false") as up:
+        pipeline, sandbox, procs, workers = up.pipeline, up.pipeline.sandbox, up.procs, up.workers
+        server = pipeline.server
+        first = pass_event("acme", "S1", 0, kind="created", properties={"points": 1})
+        await pipeline.put([first])
+        key = account_keys("acme").profile_jobs
+
+        async def named() -> bool:
+            raw = await redis.hget(key, "S1")
+            return raw is not None and bool(orjson.loads(raw)["job"])
+
+        # The holder's job is queued at Klaviyo (the marker names it); the holder dies before it completes.
+        await async_wait_for(named, timeout=30, interval=0.01)
+        job_id = orjson.loads(await redis.hget(key, "S1"))["job"]
+        token = (await redis.hget(account_keys("acme").lease_tokens, "S1") or b"").decode()
+        (victim,) = [p for p in procs if f":{p.pid}:" in token]
+        workers.kill(victim)
+        killed_at = time.time()
+        newer = pass_event("acme", "S1", 5, kind="updated", properties={"points": 2})
+        await pipeline.put([newer])
+        try:
+            await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
+        except BaseException:
+            print(workers.logs())
+            raise
+        sandbox.wait_idle(timeout=20)
         state = server.app.runtime.states[pipeline.accounts["acme"]]
         old_job = state.import_jobs[job_id]
         assert old_job.status == "complete"
@@ -356,42 +405,18 @@ async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_t
 @pytest.mark.slow
 @pytest.mark.timeout(120)
 async def test_a_running_job_of_one_serial_does_not_hold_back_the_others(
-    redis: Redis,
-    redis_url: str,
-    very_slow_jobs_server: SandboxServer,
-    settings: Settings,
-    secret_key: str,
-    tmp_path: Path,
+    redis: Redis, idle_bulk_workers: StartWorkers
 ) -> None:
-    server = very_slow_jobs_server
-    s = settings.model_copy(update={"klaviyo_base_url": server.url, "klaviyo_rate_scale": RATE_SCALE})
-    with SandboxClient(server.url) as sandbox:
-        pipeline = Pipeline(redis, sandbox, server, secret_key, s)
-        account = await pipeline.add_account("acme")
-        logs = tmp_path / "logs"
-        logs.mkdir()
-        env = worker_env(
-            redis_url, server.url, secret_key, tmp_path / "state", PASSBRIDGE_WORKER_SYNC_MODE="bulk"
-        )
-        workers = Workers(env, logs)
-        try:
-            # The worker is up and idle before anything happens, so its start-up time does not count.
-            (proc,) = workers.start(1)
-
-            async def up() -> bool:
-                return any(f":{proc.pid}:".encode() in w for w in await redis.zrange(WORKERS, 0, -1))
-
-            await async_wait_for(up, timeout=30, interval=0.02)
-            # A killed worker left S0's profile job running (4 s in this sandbox) and its marker in Redis.
-            async with KlaviyoClient.from_settings(s, redis, pipeline.store) as client:
-                job_id = await start_job(client, account, ["S0"])
-            await mark(redis, account, ["S0"], job_id, now_ms())
-            events = [pass_event("acme", f"S{i}", 0, kind="created") for i in range(10)]
-            await pipeline.put(events)
-            await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
-        finally:
-            workers.stop_all()
-        state = server.app.runtime.states[pipeline.accounts["acme"]]
+    async with idle_bulk_workers(1) as up:
+        pipeline, account = up.pipeline, up.account
+        # A killed worker left S0's profile job running (4 s in this sandbox) and its marker in Redis.
+        async with KlaviyoClient.from_settings(pipeline.settings, redis, pipeline.store) as client:
+            job_id = await start_job(client, account, ["S0"])
+        await mark(redis, account, ["S0"], job_id, now_ms())
+        events = [pass_event("acme", f"S{i}", 0, kind="created") for i in range(10)]
+        await pipeline.put(events)
+        await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
+        state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
         old_job = state.import_jobs[job_id]
         assert old_job.completed is not None
         assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
