@@ -10,9 +10,9 @@ from typing import Any
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account
-from passbridge.event import PassEvent, utcnow
+from passbridge.event import EventSource, PassEvent, utcnow
 from passbridge.queue import count_skipped, enqueue
-from producer.ingest import ItemError, Source, to_event
+from producer.ingest import ItemError, to_event
 
 
 @dataclass
@@ -34,7 +34,7 @@ async def publish(
     account: Account,
     items: Iterable[Any],
     *,
-    source: Source = "api",
+    source: EventSource = "api",
     default_region: str = "US",
     high_water: int = 1_000_000,
     dedup_window_s: int = 7 * 24 * 3600,
@@ -63,7 +63,7 @@ async def publish_iter(
     items: Iterable[Any],
     summary: PublishSummary,
     *,
-    source: Source,
+    source: EventSource,
     default_region: str,
     high_water: int,
     dedup_window_s: int,

@@ -11,7 +11,6 @@ from passbridge.accounts import Account
 from passbridge.event import EventIn, EventSource, FieldError, PassEvent, build_event_from, fast_fields
 from producer.problems import pointer, validation_errors
 
-Source = EventSource
 _EVENT_IN = TypeAdapter(EventIn)
 
 
@@ -27,7 +26,7 @@ def to_event(
     raw: Any,
     *,
     account: Account,
-    source: Source,
+    source: EventSource,
     received_at: datetime,
     default_region: str,
     prefix: tuple[str | int, ...] = (),
