@@ -141,8 +141,15 @@ class Runtime:
 
         asyncio.get_running_loop().call_later(max(0.0, delay_s), start)
 
-    def later_in_turns(self, delay_s: float, items: Sequence[T], apply: Callable[[T], object]) -> None:
-        """Apply ``apply`` to each of ``items`` in order, starting after ``delay_s``, as background work."""
+    def later_in_turns(
+        self,
+        delay_s: float,
+        items: Sequence[T],
+        apply: Callable[[T], object],
+        then: Callable[[], object] | None = None,
+    ) -> None:
+        """Apply ``apply`` to each of ``items`` in order, starting after ``delay_s``, as background work;
+        ``then`` runs right after the last one (a job's completion)."""
         done = 0
 
         def work(deadline: float) -> bool:
@@ -152,7 +159,11 @@ class Runtime:
                 done += 1
                 if time.perf_counter() >= deadline:
                     break
-            return done < len(items)
+            if done < len(items):
+                return True
+            if then is not None:
+                then()
+            return False
 
         self.background(delay_s, work)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import functools
 import time
-from collections.abc import Callable
 from typing import Any
 
 from klaviyo_sandbox import ids, paging
@@ -82,22 +81,9 @@ def _apply(state: AccountState, job: ImportJob, i: int) -> None:
         job.profile_ids.append(profile.id)
 
 
-def _work(state: AccountState, job: ImportJob) -> Callable[[float], bool]:
-    """The job's processing as background work (``Runtime.background``): profiles in order, a turn at a
-    time, so ``completed_count`` grows while it runs; the job is complete after the last one."""
-
-    def work(deadline: float) -> bool:
-        while (i := job.completed_count + job.failed_count) < len(job.profiles):
-            _apply(state, job, i)
-            if time.perf_counter() >= deadline:
-                break
-        if job.completed_count + job.failed_count < len(job.profiles):
-            return True
-        job.status = "complete"
-        job.completed = time.time()
-        return False
-
-    return work
+def _complete(job: ImportJob) -> None:
+    job.status = "complete"
+    job.completed = time.time()
 
 
 def _rejected(call: Call, profiles: list[dict[str, Any]]) -> frozenset[int]:
@@ -137,7 +123,10 @@ def bulk_import_profiles(call: Call) -> Reply:
     def start() -> None:
         job.status = "processing"
         job.started = time.time()
-        call.runtime.background(step, _work(state, job))
+        # Profiles in order, a turn at a time, so ``completed_count`` grows while the job runs.
+        call.runtime.later_in_turns(
+            step, range(len(job.profiles)), lambda i: _apply(state, job, i), then=lambda: _complete(job)
+        )
 
     call.later(step, start)
     return Reply(202, document(_resource(job, call.base_url), call.self_url))
