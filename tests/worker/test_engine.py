@@ -351,6 +351,31 @@ class TestLeases:
         assert PassState.from_json(await redis.hget(account_keys("acme").state, "S1")).event_id == "acme-S1-0"
         await assert_clean(redis, "acme")
 
+    async def test_renewals_of_many_leases_spread_over_the_interval(
+        self, redis: Redis, store: AccountStore, engines: EngineFactory
+    ) -> None:
+        # 400 serials claimed within a few ms must not be renewed together every interval: that queued all
+        # their renewal scripts in Redis at once, and every other client waited behind them.
+        await make_account(redis, store.cipher, "acme")
+        serials = [f"S{i}" for i in range(400)]
+        syncer = ScriptedSyncer(block=set(serials))
+        await put(redis, *(pass_event("acme", s, 0) for s in serials))
+        engine = await engines(syncer, lease_ms=2000, max_serials=400, claim_batch=200, fair_reserve=0)
+        keys = account_keys("acme")
+        await async_wait_for(lambda: _leased(redis, "acme", 400), timeout=5)
+        await asyncio.sleep(3.0)  # six renewal intervals of 0.5 s
+        expiries = sorted(score for _, score in await redis.zrange(keys.leased, 0, -1, withscores=True))
+        now_ms = (await redis.time())[0] * 1000
+        assert len(expiries) == 400
+        assert engine.stats["leases_lost"] == 0
+        # Every lease was renewed within the last interval (plus slack for a loaded machine).
+        assert expiries[0] > now_ms + 2000 - 500 - 250
+        # Spread over the interval: no 50 ms (one tick) holds more than a quarter of the renewals.
+        busiest = max(sum(1 for e in expiries if start <= e < start + 50) for start in expiries)
+        assert busiest <= 100, busiest
+        syncer.unblock.set()
+        await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
+
     async def test_stop_finishes_the_current_event_and_releases_the_rest(
         self, redis: Redis, store: AccountStore, engines: EngineFactory
     ) -> None:
@@ -406,6 +431,10 @@ async def _attempted(syncer: ScriptedSyncer, event_id: str) -> bool:
 
 async def _any_written(syncer: ScriptedSyncer) -> bool:
     return any(syncer.written.values())
+
+
+async def _leased(redis: Redis, account_id: str, n: int) -> bool:
+    return int(await redis.zcard(account_keys(account_id).leased)) >= n
 
 
 async def _count(engine: Engine, stat: str, n: int) -> bool:
