@@ -97,7 +97,8 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
     bulk endpoint is out of slots — the overflow: what the next bulk request will not need, because it can be
     filled from the serials still on their way (or all of it, when the next bulk slot is far off). So the
     single budget adds to the bulk budget without thinning the bulk requests, and goes unused while bulk
-    slots are free (it would only cost CPU). Bulk mode: none.
+    slots are free (it would only cost CPU). Nothing is kept back for a bulk slot two lingers away, or one
+    linger away when the rest of the backlog would not fill that request. Bulk mode: none.
     """
     if mode is SyncMode.bulk:
         return 0
@@ -107,9 +108,12 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
         return view.pending_items
     if not view.bulk_blocked:
         return min(view.pending_items, view.urgent_items)
-    if view.bulk_wait_s >= 2 * policy.linger_s:
-        # The next bulk slot is far off (the window's budget is spent): keeping items back for it would
-        # only delay them (at the end of a drain, by up to a minute).
+    fillable = view.pending_units + view.upstream_units >= policy.bulk_max_units
+    if view.bulk_wait_s >= 2 * policy.linger_s or (view.bulk_wait_s >= policy.linger_s and not fillable):
+        # The next bulk slot is far off (the window's budget is spent), or it is a linger or more away and
+        # the rest of the backlog would not fill it anyway: keeping items back for it would only delay them
+        # (at the end of a drain, the last few hundred records waited up to 8 s for a slot that carried them
+        # alone, while the single budget had room).
         keep_units = 0.0
     else:
         keep_units = max(0.0, policy.bulk_max_units - view.upstream_units)

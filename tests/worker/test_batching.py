@@ -168,6 +168,17 @@ def test_adaptive_far_bulk_slot_keeps_nothing_back() -> None:
     assert single_quota(SyncMode.adaptive, RECORDS, v) == 300
 
 
+def test_end_of_a_drain_does_not_wait_a_linger_for_a_bulk_slot_it_cannot_fill() -> None:
+    # The last 300 records and 100 on their way, the next bulk slot a linger away: a request of 400 would
+    # waste most of the slot and hold them back; they go alone (the five-account drain lost a Klaviyo
+    # minute to this: a 16th bulk request of ~100 records in the next window).
+    tail = view(pending_units=300, pending_items=300, upstream_units=100, bulk_wait_s=RECORDS.linger_s)
+    assert single_quota(SyncMode.adaptive, RECORDS, tail) == 300
+    # Enough on its way to fill that request: the next 500 - 300 = 200 are kept for it, as in mid-drain.
+    more = view(pending_units=300, pending_items=300, upstream_units=300, bulk_wait_s=RECORDS.linger_s)
+    assert single_quota(SyncMode.adaptive, RECORDS, more) == 100
+
+
 def test_overflow_counts_items_by_their_average_units() -> None:
     # Events lane: 1000 serials carrying 3 events each; the next bulk request keeps 1000 events (333 serials).
     v = view(pending_units=3000, pending_items=1000, upstream_units=0, bulk_wait_s=EVENTS.linger_s)
