@@ -85,6 +85,11 @@ class LaneView:
         return self.bulk_wait_s > 0
 
 
+def _fills_bulk(policy: LanePolicy, view: LaneView) -> bool:
+    """Whether what is pending and what is still on its way would fill a bulk request."""
+    return view.pending_units + view.upstream_units >= policy.bulk_max_units
+
+
 def _per_item(view: LaneView) -> float:
     """Average units per pending item (a serial's metric events vary in number)."""
     return view.pending_units / view.pending_items if view.pending_items else 1.0
@@ -108,8 +113,9 @@ def single_quota(mode: SyncMode, policy: LanePolicy, view: LaneView) -> int:
         return view.pending_items
     if not view.bulk_blocked:
         return min(view.pending_items, view.urgent_items)
-    fillable = view.pending_units + view.upstream_units >= policy.bulk_max_units
-    if view.bulk_wait_s >= 2 * policy.linger_s or (view.bulk_wait_s >= policy.linger_s and not fillable):
+    if view.bulk_wait_s >= 2 * policy.linger_s or (
+        view.bulk_wait_s >= policy.linger_s and not _fills_bulk(policy, view)
+    ):
         # The next bulk slot is far off (the window's budget is spent), or it is a linger or more away and
         # the rest of the backlog would not fill it anyway: keeping items back for it would only delay them
         # (at the end of a drain, the last few hundred records waited up to 8 s for a slot that carried them
@@ -142,16 +148,12 @@ def bulk_due(mode: SyncMode, policy: LanePolicy, view: LaneView) -> bool:
         return False
     if is_tail(policy, view):
         return False
-    fillable = view.pending_units + view.upstream_units >= policy.bulk_max_units
-    return full or (waited and not fillable)
+    return full or (waited and not _fills_bulk(policy, view))
 
 
 def is_tail(policy: LanePolicy, view: LaneView) -> bool:
     """The lane holds the last few items of a backlog (nothing more to fill a bulk request is on its way)."""
-    return (
-        0 < view.pending_units <= policy.tail_units
-        and view.pending_units + view.upstream_units < policy.bulk_max_units
-    )
+    return 0 < view.pending_units <= policy.tail_units and not _fills_bulk(policy, view)
 
 
 def bulk_take(sizes: Sequence[tuple[int, int]], policy: LanePolicy) -> int:
