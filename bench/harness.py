@@ -36,6 +36,7 @@ from cryptography.fernet import Fernet, MultiFernet  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 from passbridge.accounts import Account, AccountSecrets, AccountStore  # noqa: E402
+from passbridge.demo.stack import spawn_cli, stop_process  # noqa: E402
 from passbridge.event import EventIn, PassEvent, build_event  # noqa: E402
 from passbridge.keys import ACTIVE_ACCOUNTS, WORKERS_INFO, account_keys  # noqa: E402
 from passbridge.queue import enqueue  # noqa: E402
@@ -45,7 +46,6 @@ from worker import history  # noqa: E402
 from worker.klaviyo.client import KlaviyoClient  # noqa: E402
 from worker.setup import provision  # noqa: E402
 
-BIN = Path(sys.executable).parent / "passbridge"
 TICK = os.sysconf("SC_CLK_TCK")
 
 
@@ -95,16 +95,9 @@ class Stack:
         return AccountStore(redis, MultiFernet([Fernet(self.secret_key.encode())]))
 
     def spawn(self, name: str, *args: str, env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
-        """Start ``passbridge ARGS`` in its own session, output to ``<workdir>/<name>.log``."""
-        log = (self.workdir / f"{name}.log").open("ab")
-        proc = subprocess.Popen(
-            [str(BIN), *args],
-            env={**self.env, **(env or {})},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        """Start ``passbridge ARGS`` with this run's environment plus ``env`` (``spawn_cli``: own session),
+        output to ``<workdir>/<name>.log``."""
+        proc = spawn_cli(list(args), {**self.env, **(env or {})}, self.workdir / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -145,16 +138,11 @@ class Stack:
             proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop every process and Redis."""
-        for proc in self.procs.values():
-            if proc.poll() is None:
-                proc.send_signal(signal.SIGTERM)
-        for proc in self.procs.values():
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.send_signal(signal.SIGKILL)
-                proc.wait()
+        """Stop every process (``stop_process``: SIGTERM, SIGKILL after 20 s), workers first, then Redis."""
+        # Workers before the sandbox and producer, as ``run_stack`` does: a stopping worker may still finish
+        # an in-flight Klaviyo call. The sort is stable, so start order holds within each group.
+        for _, proc in sorted(self.procs.items(), key=lambda item: not item[0].startswith("worker")):
+            stop_process(proc, timeout=20)
         self.redis_server.stop()
 
     async def sandbox_counts(self) -> dict[str, dict[str, int]]:

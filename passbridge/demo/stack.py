@@ -80,7 +80,7 @@ class Stack:
 
     def start_worker(self, name: str) -> subprocess.Popen[bytes]:
         """Start one more worker process (for scale-out and kill tests)."""
-        proc = _spawn(["worker"], self.env, self.logs / f"{name}.log")
+        proc = spawn_cli(["worker"], self.env, self.logs / f"{name}.log")
         self.procs[name] = proc
         return proc
 
@@ -89,7 +89,12 @@ def _cli() -> list[str]:
     return [sys.executable, "-m", "passbridge"]
 
 
-def _spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+def spawn_cli(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[bytes]:
+    """Start ``passbridge ARGS`` with exactly ``env``, in its own session, stdin closed, stdout and stderr
+    appended to ``log``. Stop it with ``stop_process``.
+
+    The stack's launcher, shared with the benchmarks (``bench/harness.py``) so that both run the CLI the
+    same way."""
     log.parent.mkdir(parents=True, exist_ok=True)
     with log.open("ab") as fh:
         return subprocess.Popen(  # noqa: S603 - our own CLI
@@ -163,13 +168,13 @@ def run_stack(cfg: StackConfig) -> Iterator[Stack]:
             args = ["sandbox", "--port", str(port), "--rate-scale", str(cfg.rate_scale), *cfg.sandbox_args]
             for key in cfg.sandbox_api_keys:
                 args += ["--api-key", key]
-            procs["sandbox"] = _spawn(args, env, logs / "sandbox.log")
+            procs["sandbox"] = spawn_cli(args, env, logs / "sandbox.log")
             klaviyo_url = f"http://127.0.0.1:{port}"
         else:
             klaviyo_url = cfg.klaviyo_base_url or "https://a.klaviyo.com"
         env["PASSBRIDGE_KLAVIYO_BASE_URL"] = klaviyo_url
         pport = cfg.producer_port or free_port()
-        procs["producer"] = _spawn(
+        procs["producer"] = spawn_cli(
             ["producer", "--host", "127.0.0.1", "--port", str(pport)], env, logs / "producer.log"
         )
         producer_url = f"http://127.0.0.1:{pport}"
