@@ -62,7 +62,6 @@ from worker import history  # noqa: E402
 from worker.klaviyo.client import KlaviyoClient  # noqa: E402
 from worker.setup import provision  # noqa: E402
 
-BIN = Path(sys.executable).parent / "passbridge"
 ACCOUNT = "bench"
 INGEST_TOKEN = "pbi_bench_token"
 KLAVIYO_KEY = harness.klaviyo_key(ACCOUNT)

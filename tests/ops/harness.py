@@ -9,7 +9,6 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -28,13 +27,13 @@ from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.config import SandboxConfig
 from klaviyo_sandbox.testing import SandboxServer, start_sandbox
 from passbridge.accounts import hash_token
+from passbridge.demo.stack import spawn_cli, stop_process
 from passbridge.keys import account_keys
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 from tests.worker.e2e import RATE_SCALE, Pipeline, Workers, worker_env
 
 ADMIN_TOKEN = "adm-" + "7" * 24
-BIN = Path(sys.executable).parent
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 30.0, what: str = "condition") -> Any:
@@ -128,19 +127,8 @@ class Stack:
             "PASSBRIDGE_ADMIN_TOKEN": ADMIN_TOKEN,
             "PROMETHEUS_MULTIPROC_DIR": str(self.tmp / "prom"),
         }
-        log = (self.tmp / "producer.log").open("wb")
-        self.producer = subprocess.Popen(
-            [
-                str(BIN / "passbridge"),
-                "producer",
-                *("--host", "127.0.0.1", "--port", str(self.producer_port), "--workers", str(processes)),
-            ],
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        log.close()
+        args = ["--host", "127.0.0.1", "--port", str(self.producer_port), "--workers", str(processes)]
+        self.producer = spawn_cli(["producer", *args], env, self.tmp / "producer.log")
 
         def up() -> bool:
             assert self.producer is not None
@@ -166,13 +154,8 @@ class Stack:
     def stop(self) -> None:
         if self.workers is not None:
             self.workers.stop_all()
-        if self.producer is not None and self.producer.poll() is None:
-            self.producer.terminate()
-            try:
-                self.producer.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                self.producer.kill()
-                self.producer.wait(timeout=5)
+        if self.producer is not None:
+            stop_process(self.producer, timeout=15)
         self.sandbox_server.stop()
         self.redis_server.stop()
 
