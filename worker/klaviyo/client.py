@@ -20,6 +20,9 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
+# httpcore imports anyio's asyncio backend (about 30 modules) on a process's first request, not with httpx:
+# 30-70 ms that a worker's or an express lane's first Klaviyo call, usually a fresh event's, would wait for.
+import anyio._backends._asyncio  # noqa: F401
 import httpx
 import orjson
 import structlog
