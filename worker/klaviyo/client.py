@@ -12,6 +12,7 @@ Open it with the worker (``async with KlaviyoClient(...)`` or ``aclose()`` on sh
 
 from __future__ import annotations
 
+import contextlib
 import re
 import time
 from collections import Counter
@@ -20,9 +21,6 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
 
-# httpcore imports anyio's asyncio backend (about 30 modules) on a process's first request, not with httpx:
-# 30-70 ms that a worker's or an express lane's first Klaviyo call, usually a fresh event's, would wait for.
-import anyio._backends._asyncio  # noqa: F401
 import httpx
 import orjson
 import structlog
@@ -37,6 +35,12 @@ from worker.klaviyo.oauth import OAuthManager
 from worker.klaviyo.ratelimit import RateLimiter, new_slot
 
 log = structlog.get_logger(__name__)
+
+# httpcore imports anyio's asyncio backend (about 30 modules) on a process's first request, not with httpx:
+# 30-70 ms that a worker's or an express lane's first Klaviyo call, usually a fresh event's, would wait for.
+# A private module that a later anyio may move: then the first request pays for it again, nothing breaks.
+with contextlib.suppress(ImportError):
+    import anyio._backends._asyncio  # noqa: F401
 
 #: Custom Objects went GA in this revision; older ones do not serve the endpoints the sync needs.
 MIN_REVISION = "2026-07-15"
