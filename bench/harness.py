@@ -36,7 +36,7 @@ from cryptography.fernet import Fernet, MultiFernet  # noqa: E402
 from redis.asyncio import Redis  # noqa: E402
 
 from passbridge.accounts import Account, AccountSecrets, AccountStore  # noqa: E402
-from passbridge.demo.stack import spawn_cli, stop_process  # noqa: E402
+from passbridge.demo.stack import spawn_cli, stop_processes  # noqa: E402
 from passbridge.event import EventIn, PassEvent, build_event  # noqa: E402
 from passbridge.keys import ACTIVE_ACCOUNTS, WORKERS_INFO, account_keys  # noqa: E402
 from passbridge.queue import enqueue  # noqa: E402
@@ -138,11 +138,8 @@ class Stack:
             proc.wait(timeout=30)
 
     def stop(self) -> None:
-        """Stop every process (``stop_process``: SIGTERM, SIGKILL after 20 s), workers first, then Redis."""
-        # Workers before the sandbox and producer, as ``run_stack`` does: a stopping worker may still finish
-        # an in-flight Klaviyo call. The sort is stable, so start order holds within each group.
-        for _, proc in sorted(self.procs.items(), key=lambda item: not item[0].startswith("worker")):
-            stop_process(proc, timeout=20)
+        """Stop every process (``stop_processes``: workers first; SIGKILL after 20 s), then Redis."""
+        stop_processes(self.procs, timeout=20)
         self.redis_server.stop()
 
     async def sandbox_counts(self) -> dict[str, dict[str, int]]:

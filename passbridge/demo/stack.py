@@ -137,6 +137,13 @@ def stop_process(proc: subprocess.Popen[bytes], timeout: float = 30.0) -> None:
         proc.wait(5)
 
 
+def stop_processes(procs: dict[str, subprocess.Popen[bytes]], timeout: float = 30.0) -> None:
+    """:func:`stop_process` each of ``procs`` (name → process), workers first: a stopping worker may still finish
+    an in-flight call to the sandbox or write through the producer. The others follow in name order."""
+    for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n)):
+        stop_process(procs[name], timeout)
+
+
 @contextmanager
 def run_stack(cfg: StackConfig) -> Iterator[Stack]:
     """Start the stack, yield it, and stop every process on exit (workers first, Redis last)."""
@@ -186,7 +193,6 @@ def run_stack(cfg: StackConfig) -> Iterator[Stack]:
         _wait_http(producer_url + "/readyz", procs["producer"], "producer", logs / "producer.log")
         yield stack
     finally:
-        for name in sorted(procs, key=lambda n: (not n.startswith("worker"), n)):
-            stop_process(procs[name])
+        stop_processes(procs)
         if redis:
             redis.stop()
