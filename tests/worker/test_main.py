@@ -14,9 +14,10 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import AccountState
 from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, account_keys
+from passbridge.redis_client import FastPackConnection
 from tests.conftest import async_wait_for
 from worker import pause
-from worker.main import shutdown, startup, sweep, worker_settings
+from worker.main import engine_config, open_engine, shutdown, startup, sweep, worker_settings
 
 from .e2e import Pipeline, Workers
 from .helpers import pass_event
@@ -59,6 +60,21 @@ def test_worker_settings_for_arq(pipeline: Pipeline) -> None:
     assert kw["max_jobs"] == pipeline.settings.worker_max_jobs
     assert kw["poll_delay"] == pipeline.settings.worker_poll_delay_s
     assert [c.name for c in kw["cron_jobs"]] == ["passbridge-sweep"]
+
+
+async def test_the_engines_redis_clients_pack_commands_in_c(pipeline: Pipeline, redis_url: str) -> None:
+    # A backlog's settles and renewals carry thousands of arguments: redis-py's asyncio packer (pure Python)
+    # was the worker's biggest single cost before (BENCHMARKS.md, fair share, session 8).
+    ctx = open_engine(pipeline.settings, redis_url, engine_config(pipeline.settings))
+    try:
+        for name in ("pb_redis", "pb_blocking"):
+            client: Redis = ctx[name]
+            assert client.connection_pool.connection_class is FastPackConnection
+            assert await client.ping()
+    finally:
+        await ctx["client"].aclose()
+        for name in ("pb_redis", "pb_blocking"):
+            await ctx[name].aclose()
 
 
 @pytest.mark.slow
