@@ -36,5 +36,8 @@ class FastPackConnection(Connection):  # type: ignore[misc]  # redis is untyped 
 
 
 def fast_redis(url: str, **kwargs: Any) -> Redis:
-    """``Redis.from_url(url, **kwargs)`` with :class:`FastPackConnection` (``redis://`` URLs)."""
+    """``Redis.from_url(url, **kwargs)`` with :class:`FastPackConnection` for ``redis://`` URLs.
+
+    For ``rediss://`` and ``unix://`` redis-py's ``from_url`` lets the URL pick its own connection class over
+    ours: TLS and unix sockets keep working, with commands packed in Python."""
     return Redis.from_url(url, connection_class=FastPackConnection, **kwargs)

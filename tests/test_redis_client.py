@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 from redis.asyncio import Redis
-from redis.asyncio.connection import Connection
+from redis.asyncio.connection import Connection, SSLConnection, UnixDomainSocketConnection
 from redis.exceptions import DataError
 
 from passbridge.redis_client import FastPackConnection, fast_redis
@@ -41,3 +41,15 @@ async def test_round_trip(redis_url: str) -> None:
         assert await client.eval("return ARGV[1] .. ARGV[2]", 0, "a", 7) == b"a7"
     finally:
         await client.aclose()
+
+
+@pytest.mark.parametrize(
+    ("url", "kind"),
+    [
+        ("rediss://127.0.0.1:6380/0", SSLConnection),
+        ("unix:///tmp/redis.sock?db=0", UnixDomainSocketConnection),
+    ],
+)
+def test_tls_and_unix_urls_keep_their_connection_class(url: str, kind: type[object]) -> None:
+    # redis-py's from_url lets the URL's scheme pick the class over ours: TLS is never dropped for speed.
+    assert fast_redis(url).connection_pool.connection_class is kind
