@@ -178,6 +178,14 @@ class ImportJobs:
                     raise
                 delay = exc.retry_after_s
                 continue
+            except TransientError:
+                # A lost or failed status poll (5xx, network) is not a failed job, which runs on at Klaviyo:
+                # ask again rather than charge every serial of the job a retry attempt. Under a 10 % error
+                # rate the polls of one job failed often enough to dead-letter events within seconds.
+                if time.monotonic() > deadline:
+                    raise
+                delay = min(self.poll_max_s, delay * 2)
+                continue
             attrs: dict[str, Any] = ((reply.body or {}).get("data") or {}).get("attributes") or {}
             if attrs.get("status") in DONE:
                 return attrs

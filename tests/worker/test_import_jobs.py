@@ -222,6 +222,36 @@ async def test_a_job_klaviyo_no_longer_knows_counts_as_done(
     assert await markers(pipeline.redis, account) == {}
 
 
+async def test_a_failed_status_poll_is_asked_again_not_raised(
+    setup: tuple[Pipeline, Account, KlaviyoClient],
+) -> None:
+    pipeline, account, client = setup
+    jobs = ImportJobs(client, pipeline.redis, poll_first_s=0.02, poll_max_s=0.05, max_wait_s=5.0)
+    # Every status poll fails at first (a 5xx, then a connection dropped after the answer was made): the job
+    # itself runs on, so the import waits it out instead of failing its serials' attempt.
+    pipeline.sandbox.set_faults(error_rates={503: 0.5}, operations=["get_bulk_import_profiles_job"], seed=7)
+    task = asyncio.create_task(jobs.run(account, [profile("A"), profile("B")], ["A", "B"]))
+    await asyncio.sleep(0.3)
+    pipeline.sandbox.set_faults(
+        drop_rate=1.0, drop_after_processing=True, operations=["get_bulk_import_profiles_job"]
+    )
+    await asyncio.sleep(0.2)
+    pipeline.sandbox.clear_faults()
+    assert await asyncio.wait_for(task, 10) == [None, None]
+    assert await markers(pipeline.redis, account) == {}
+    assert (
+        client.calls[("get_bulk_import_profiles_job", "503")]
+        + client.calls[("get_bulk_import_profiles_job", "network")]
+        > 0
+    )
+    # Past the deadline a failing poll still raises (the serial is retried later, its marker kept).
+    pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=["get_bulk_import_profiles_job"])
+    short = ImportJobs(client, pipeline.redis, poll_first_s=0.02, poll_max_s=0.05, max_wait_s=0.2)
+    with pytest.raises(TransientError):
+        await short.run(account, [profile("C")], ["C"])
+    assert sorted(await markers(pipeline.redis, account)) == ["C"]
+
+
 async def test_markers_stay_when_the_post_may_have_created_a_job(
     setup: tuple[Pipeline, Account, KlaviyoClient],
 ) -> None:
