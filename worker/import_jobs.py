@@ -215,15 +215,23 @@ class ImportJobs:
         delay = self.poll_first_s
         deadline = time.monotonic() + self.max_wait_s
         while True:
-            reply = await self.client.call(
-                account,
-                GET_BULK_IMPORT_PROFILES_JOBS,
-                params={
-                    "filter": 'any(status,["queued","processing"])',
-                    "sort": "created_at",
-                    "page[size]": "1",
-                },
-            )
+            try:
+                reply = await self.client.call(
+                    account,
+                    GET_BULK_IMPORT_PROFILES_JOBS,
+                    params={
+                        "filter": 'any(status,["queued","processing"])',
+                        "sort": "created_at",
+                        "page[size]": "1",
+                    },
+                )
+            except TransientError:
+                # As in ``_wait``: a failed look at the job list is asked again, not charged to the serials.
+                if time.monotonic() > deadline:
+                    raise
+                await asyncio.sleep(delay)
+                delay = min(self.poll_max_s, delay * 2)
+                continue
             data = (reply.body or {}).get("data") or []
             created = _ms((data[0].get("attributes") or {}).get("created_at")) if data else None
             if created is None or created > created_before_ms:

@@ -185,6 +185,23 @@ async def test_orphan_marker_waits_for_jobs_created_around_it(
     assert await markers(pipeline.redis, account) == {}
 
 
+async def test_orphan_wait_asks_the_job_list_again_after_a_failure(
+    setup: tuple[Pipeline, Account, KlaviyoClient],
+) -> None:
+    pipeline, account, client = setup
+    await mark(pipeline.redis, account, ["A"], "", now_ms())
+    job_id = await start_job(client, account, ["A"])
+    pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=["get_bulk_import_profiles_jobs"])
+    jobs = ImportJobs(client, pipeline.redis, poll_first_s=0.02, poll_max_s=0.05, orphan_slack_s=2.0)
+    task = asyncio.create_task(jobs.wait_clear(account, ["A"]))
+    await asyncio.sleep(0.2)
+    pipeline.sandbox.clear_faults()
+    await asyncio.wait_for(task, 10)
+    assert client.calls[("get_bulk_import_profiles_jobs", "503")] > 0
+    assert await job_status(client, account, job_id) == "complete"
+    assert await markers(pipeline.redis, account) == {}
+
+
 async def test_orphan_marker_does_not_wait_for_jobs_created_well_after_it(
     setup: tuple[Pipeline, Account, KlaviyoClient],
 ) -> None:
