@@ -159,7 +159,8 @@ class ImportJobs:
         await self.redis.hdel(key, *(s for s, _ in marked))
 
     async def _wait(self, account: Account, job_id: str) -> dict[str, Any]:
-        """Poll the job until it is complete or cancelled (a job Klaviyo no longer knows counts as done)."""
+        """Poll the job until it is complete or cancelled (a job Klaviyo no longer knows counts as done); a
+        poll that fails (5xx, network, 429) is repeated until ``max_wait_s``."""
         delay = self.poll_first_s
         deadline = time.monotonic() + self.max_wait_s
         while True:
@@ -181,7 +182,8 @@ class ImportJobs:
             except TransientError:
                 # A lost or failed status poll (5xx, network) is not a failed job, which runs on at Klaviyo:
                 # ask again rather than charge every serial of the job a retry attempt. Under a 10 % error
-                # rate the polls of one job failed often enough to dead-letter events within seconds.
+                # rate a job's polls failed often enough to exhaust its events' attempts (the property test's
+                # fast retry clock did it within seconds).
                 if time.monotonic() > deadline:
                     raise
                 delay = min(self.poll_max_s, delay * 2)
