@@ -210,7 +210,7 @@ def _die_with_parent(parent: int) -> None:
 async def run(settings: Settings, redis_url: str, parent: int) -> None:
     """The child's life: start the express engine, work until SIGTERM or the parent is gone, stop cleanly."""
     from passbridge import metrics
-    from worker.main import open_engine, tune_gc
+    from worker.main import close_clients, open_engine, tune_gc
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")
@@ -235,9 +235,7 @@ async def run(settings: Settings, redis_url: str, parent: int) -> None:
     finally:
         await engine.stop(settings.worker_grace_s)
         await metrics.stop_flusher(flusher, ctx["pb_redis"])
-        await ctx["client"].aclose()
-        for name in ("pb_blocking", "pb_redis"):
-            await ctx[name].aclose()
+        await close_clients(ctx)
 
 
 def main() -> None:

@@ -167,6 +167,11 @@ async def shutdown(ctx: dict[str, Any]) -> None:
         await stopping
     if (ops := ctx.get("ops")) is not None:
         await ops.stop()
+    await close_clients(ctx)
+
+
+async def close_clients(ctx: dict[str, Any]) -> None:
+    """Close what :func:`open_engine` opened (those of them in ``ctx``): the Klaviyo client, then Redis."""
     client: KlaviyoClient | None = ctx.get("client")
     if client is not None:
         await client.aclose()

@@ -17,7 +17,7 @@ from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, account_keys
 from passbridge.redis_client import FastPackConnection
 from tests.conftest import async_wait_for
 from worker import pause
-from worker.main import engine_config, open_engine, shutdown, startup, sweep, worker_settings
+from worker.main import close_clients, engine_config, open_engine, shutdown, startup, sweep, worker_settings
 
 from .e2e import Pipeline, Workers
 from .helpers import pass_event
@@ -72,9 +72,7 @@ async def test_the_engines_redis_clients_pack_commands_in_c(pipeline: Pipeline, 
             assert client.connection_pool.connection_class is FastPackConnection
             assert await client.ping()
     finally:
-        await ctx["client"].aclose()
-        for name in ("pb_redis", "pb_blocking"):
-            await ctx[name].aclose()
+        await close_clients(ctx)
 
 
 @pytest.mark.slow
