@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import re
 import weakref
+from collections.abc import Sequence
 from functools import cache
 from importlib.resources import files
+from typing import Any
 
 from redis.asyncio import Redis
 from redis.commands.core import AsyncScript
+from redis.exceptions import NoScriptError
+from redis.typing import EncodableT
 
 _INCLUDE = re.compile(r"^--!include ([A-Za-z0-9_]+)[ \t]*$", re.MULTILINE)
 
@@ -36,3 +40,35 @@ def script(redis: Redis, name: str, package: str = "passbridge") -> AsyncScript:
     if bound is None:
         bound = scripts[package, name] = redis.register_script(lua_source(name, package))
     return bound
+
+
+async def run_many(redis: Redis, script: AsyncScript, calls: Sequence[Sequence[EncodableT]]) -> list[Any]:
+    """Run ``script`` (no keys) once per argument list of ``calls``, all in one round trip; the replies in order.
+
+    A redis-py pipeline that holds a script asks ``SCRIPT EXISTS`` before each execute: a second round trip
+    on every settle, release and renewal batch, each a wake-up of Redis and of this process. Here the calls go
+    as plain ``EVALSHA``. Only when Redis answers ``NOSCRIPT`` (its script cache was emptied: a restart,
+    ``SCRIPT FLUSH``) is the script loaded and the refused calls sent again. A refused call did not run, so
+    sending it again is the same as having sent it late: callers pass independent calls (one per serial or
+    batch of leases). The first error of any other kind is raised, as ``pipeline.execute`` raises it.
+    """
+    if not calls:
+        return []
+    results = await _evalsha_all(redis, script.sha, calls)
+    refused = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
+    if refused:
+        script.sha = await redis.script_load(script.script)
+        again = await _evalsha_all(redis, script.sha, [calls[i] for i in refused])
+        for i, r in zip(refused, again, strict=True):
+            results[i] = r
+    for r in results:
+        if isinstance(r, Exception):
+            raise r
+    return results
+
+
+async def _evalsha_all(redis: Redis, sha: str, calls: Sequence[Sequence[EncodableT]]) -> list[Any]:
+    async with redis.pipeline(transaction=False) as pipe:
+        for args in calls:
+            pipe.evalsha(sha, 0, *args)
+        return list(await pipe.execute(raise_on_error=False))

@@ -780,17 +780,11 @@ class BulkSync:
         return dict(out)
 
     async def run(self, engine: Engine, batch: Batch) -> None:
-        """Work every serial of the batch; those a previous holder's profile job may still carry wait for
-        that job first (only they: the rest of the batch starts at once)."""
-        try:
-            marked = set(await self.jobs.marked(batch.account, [w.lease.serial for w in batch.works]))
-        except Exception as exc:
-            for work in batch.works:
-                await self._fail_head(engine, batch, work, exc)
-            return
-        if marked:
-            waiting = [w for w in batch.works if w.lease.serial in marked]
-            rest = [w for w in batch.works if w.lease.serial not in marked]
+        """Work every serial of the batch; those a previous holder's profile job may still carry (as the claim's
+        snapshot read) wait for that job first (only they: the rest of the batch starts at once)."""
+        if any(w.profile_job for w in batch.works):
+            waiting = [w for w in batch.works if w.profile_job]
+            rest = [w for w in batch.works if not w.profile_job]
             await asyncio.gather(
                 self._after_jobs(engine, Batch(batch.account, batch.policy, waiting)),
                 self._run(engine, Batch(batch.account, batch.policy, rest)),

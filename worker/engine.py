@@ -146,6 +146,8 @@ class SerialWork:
     done_events: int = 0
     #: When its lease was taken or last extended (``time.monotonic()``), for the renewal loop.
     renewed_at: float = 0.0
+    #: When claimed, a previous holder's profile import job may still have carried it (``SerialSnapshot``).
+    profile_job: bool = False
 
 
 def renewal_due(held: Iterable[SerialWork], now: float, interval: float, quota: int) -> list[SerialWork]:
@@ -401,9 +403,8 @@ class Engine:
         popped = await self.blocking_redis.blpop([EXPRESS_NOTIFY], timeout=wait_s)
         if popped is None:
             return
-        more = await self.redis.lpop(EXPRESS_NOTIFY, 31) or []
-        names = [popped[1], *more]
-        self._hinted = list(dict.fromkeys(n.decode() for n in names))
+        # The claim takes the announcements queued behind this one itself (claim.lua).
+        self._hinted = [popped[1].decode()]
 
     async def _launch(self, leases: Sequence[Lease]) -> None:
         # Held (and renewed, and released on stop) from the moment they are claimed.
@@ -424,6 +425,7 @@ class Engine:
         for work, snap in zip(works, snapshots, strict=True):
             work.heads = snap.heads
             work.state = self._load_state(work.lease, snap.state)
+            work.profile_job = snap.profile_job
             by_account[work.lease.account_id].append(work)
         for account_id, works in by_account.items():
             task = asyncio.create_task(self._run_batch(account_id, works), name=f"batch-{account_id}")

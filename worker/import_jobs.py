@@ -127,13 +127,6 @@ class ImportJobs:
         )
         return errors
 
-    async def marked(self, account: Account, serials: Sequence[str]) -> list[str]:
-        """Those of ``serials`` a profile import job may still carry (one ``HMGET``; usually none)."""
-        if not serials:
-            return []
-        raw = await self.redis.hmget(account_keys(account.account_id).profile_jobs, list(serials))
-        return [s for s, m in zip(serials, raw, strict=True) if m is not None]
-
     async def wait_clear(self, account: Account, serials: Sequence[str]) -> None:
         """Return once no profile import job that carries one of ``serials`` can still be running.
 

@@ -13,8 +13,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from redis.asyncio import Redis
+from redis.typing import EncodableT
 
 from passbridge.keys import ACCOUNT_BASE_PREFIX, ACTIVE_ACCOUNTS, EXPRESS_ON, LEASE_SEQ, NOTIFY, account_keys
+from passbridge.scripts import run_many
 from worker.history import ingested_entry
 from worker.scripts import Scripts
 
@@ -63,6 +65,9 @@ class SerialSnapshot:
 
     heads: list[bytes]
     state: bytes | None
+    #: A profile import job of a previous holder may still carry the serial (``AccountKeys.profile_jobs``
+    #: has it): its next profile write must wait for that job (``worker.import_jobs``).
+    profile_job: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -124,8 +129,8 @@ class WorkQueue:
         than R serials (``held``: account → serials this worker holds): see ``claim.lua``. With ``fresh_ms``,
         up to ``fresh_take`` serials per account are the newest ones made ready within ``fresh_ms``.
 
-        Express lanes (``express``) take serials of small accounts only (``accounts``, else those due within
-        ``grace_ms``); while express lanes are alive, other lanes (with ``defer_small``: busy ones) leave a
+        Express lanes (``express``) take serials of small accounts only (``accounts`` with the announcements
+        still queued in ``EXPRESS_NOTIFY``, which this step takes; else those due within ``grace_ms``); while express lanes are alive, other lanes (with ``defer_small``: busy ones) leave a
         small account's serials alone until they have been due for ``grace_ms`` (see ``claim.lua`` and
         :mod:`worker.express`).
         """
@@ -162,7 +167,9 @@ class WorkQueue:
         return Claimed(leases, taken_over, capped=bool(int(raw[1])))
 
     async def snapshot(self, leases: Sequence[Lease]) -> list[SerialSnapshot]:
-        """For each lease (one round trip for all): the mailbox's first entries and the stored state."""
+        """For each lease (one round trip for all): the mailbox's first entries, the stored state and whether a
+        profile import job may still carry the serial (read here rather than in a round trip of its own
+        before the serial's first write)."""
         if not leases:
             return []
         async with self.redis.pipeline(transaction=False) as pipe:
@@ -170,8 +177,9 @@ class WorkQueue:
                 keys = account_keys(lease.account_id)
                 pipe.zrange(keys.mailbox(lease.serial), 0, self.head_batch - 1)
                 pipe.hget(keys.state, lease.serial)
+                pipe.hexists(keys.profile_jobs, lease.serial)
             raw = await pipe.execute()
-        return [SerialSnapshot(list(raw[i]), raw[i + 1]) for i in range(0, len(raw), 2)]
+        return [SerialSnapshot(list(raw[i]), raw[i + 1], bool(raw[i + 2])) for i in range(0, len(raw), 3)]
 
     async def renew(self, account_id: str, leases: Sequence[Lease]) -> list[bool]:
         """Extend the leases (all of ``account_id``); per lease whether it is still held."""
@@ -203,13 +211,13 @@ class WorkQueue:
                 size += len(part)
 
         async def send(trip: list[tuple[str, Sequence[Lease]]]) -> list[Any]:
-            async with self.redis.pipeline(transaction=False) as pipe:
-                for account_id, part in trip:
-                    args: list[str | int] = [account_keys(account_id).base, self.lease_ms]
-                    for lease in part:
-                        args += [lease.serial, lease.token]
-                    await self.scripts.renew(args=args, client=pipe)
-                return list(await pipe.execute())
+            calls = []
+            for account_id, part in trip:
+                args: list[EncodableT] = [account_keys(account_id).base, self.lease_ms]
+                for lease in part:
+                    args += [lease.serial, lease.token]
+                calls.append(args)
+            return await run_many(self.redis, self.scripts.renew, calls)
 
         answers = await asyncio.gather(*(send(trip) for trip in trips if trip))
         out: dict[str, list[bool]] = {}
@@ -283,20 +291,13 @@ class WorkQueue:
 
     async def settle_many(self, settles: Sequence[SettleRequest]) -> list[Settled]:
         """Several :meth:`settle` steps (of any serials) in one round trip; each is atomic and fenced on its own."""
-        if not settles:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for req in settles:
-                args = self._settle_args(
-                    req.lease,
-                    req.members,
-                    state=req.state,
-                    retry_fields=req.retry_fields,
-                    history=req.history,
-                )
-                await self.scripts.settle(args=args, client=pipe)
-            raw = await pipe.execute()
-        return [self._settled(r) for r in raw]
+        calls = [
+            self._settle_args(
+                req.lease, req.members, state=req.state, retry_fields=req.retry_fields, history=req.history
+            )
+            for req in settles
+        ]
+        return [self._settled(r) for r in await run_many(self.redis, self.scripts.settle, calls)]
 
     async def release(
         self,
@@ -330,25 +331,22 @@ class WorkQueue:
 
     async def release_many(self, leases: Sequence[Lease]) -> list[bool]:
         """:meth:`release` (no delay, no retry record, no history) of several serials in one round trip."""
-        if not leases:
-            return []
-        async with self.redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
-                args: list[str | int | bytes] = [
-                    account_keys(lease.account_id).base,
-                    lease.account_id,
-                    lease.serial,
-                    lease.token,
-                    0,
-                    ACTIVE_ACCOUNTS,
-                    NOTIFY,
-                    self.history_retention_ms,
-                    "",
-                    b"",
-                ]
-                await self.scripts.release(args=args, client=pipe)
-            raw = await pipe.execute()
-        return [bool(int(r[0])) for r in raw]
+        calls: list[list[EncodableT]] = [
+            [
+                account_keys(lease.account_id).base,
+                lease.account_id,
+                lease.serial,
+                lease.token,
+                0,
+                ACTIVE_ACCOUNTS,
+                NOTIFY,
+                self.history_retention_ms,
+                "",
+                b"",
+            ]
+            for lease in leases
+        ]
+        return [bool(int(r[0])) for r in await run_many(self.redis, self.scripts.release, calls)]
 
     async def sweep(self, account_id: str) -> int:
         """Take over the account's expired leases and re-index it; returns how many leases were taken over."""

@@ -127,3 +127,23 @@ class TestLanes:
         await put(redis, pass_event("b", "S1", 1))
         assert await redis.llen(EXPRESS_NOTIFY) == 0
         assert await main_claim(redis) == ["b/S1"]
+
+
+async def test_an_express_claim_takes_the_announcements_queued_behind_the_one_it_woke_on(
+    redis: Redis,
+) -> None:
+    await express_alive(redis)
+    for account, serial in (("b", "B1"), ("c", "C1"), ("d", "D1"), ("b", "B2")):
+        await put(redis, pass_event(account, serial, 1))
+    assert await redis.lrange(EXPRESS_NOTIFY, 0, -1) == [b"b", b"c", b"d", b"b"]
+    assert await redis.lpop(EXPRESS_NOTIFY) == b"b"  # what the lane's BLPOP returns
+    # One claim, naming only the account it woke on, takes every announced account's serials and the queue.
+    assert await express_claim(redis, ("b",)) == ["b/B1", "b/B2", "c/C1", "d/D1"]
+    assert await redis.llen(EXPRESS_NOTIFY) == 0
+
+
+async def test_a_main_claim_leaves_the_express_announcements_alone(redis: Redis) -> None:
+    await express_alive(redis)
+    await put(redis, pass_event("b", "B1", 1))
+    await wq(redis, "main").claim(50, grace_ms=GRACE_MS, accounts=("b",))
+    assert await redis.lrange(EXPRESS_NOTIFY, 0, -1) == [b"b"]

@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
 from worker.history import timeline
-from worker.queue import RENEW_PER_TRIP, Lease, WorkQueue, split_member
+from worker.queue import RENEW_PER_TRIP, Lease, SettleRequest, WorkQueue, split_member
 from worker.scripts import Scripts
 
 from .helpers import pass_event, put
@@ -79,6 +79,16 @@ class TestClaim:
         (lease,) = (await q.claim(1)).leases
         (snap,) = await q.snapshot([lease])
         assert [event_id(m) for m in snap.heads] == ["a-S1-7", "a-S1-3", "a-S1-9"]
+
+
+async def test_snapshot_says_which_serials_a_profile_import_job_may_still_carry(redis: Redis) -> None:
+    await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
+    await redis.hset(account_keys("a").profile_jobs, "S2", b'{"job":"j1","at":1}')
+    q = wq(redis)
+    leases = sorted((await q.claim(2)).leases, key=lambda lease: lease.serial)
+    snaps = await q.snapshot(leases)
+    assert [snap.profile_job for snap in snaps] == [False, True]
+    assert [len(snap.heads) for snap in snaps] == [1, 1]
 
 
 class TestSettle:
@@ -428,3 +438,61 @@ async def test_heads_batch_size(redis: Redis, n: int) -> None:
     (lease,) = (await q.claim(1)).leases
     (snap,) = await q.snapshot([lease])
     assert len(snap.heads) == n
+
+
+class TestBatchedScripts:
+    """Settle, release and renewal batches are one round trip each, also after Redis lost its scripts."""
+
+    @staticmethod
+    async def calls(redis: Redis, command: str) -> int:
+        stats = await redis.info("commandstats")
+        return int(stats.get(f"cmdstat_{command}", {}).get("calls", 0))
+
+    async def test_batches_send_their_scripts_without_asking_whether_redis_has_them(
+        self, redis: Redis
+    ) -> None:
+        await put(redis, *(pass_event("a", f"S{i}", 1) for i in range(3)))
+        q = wq(redis)
+        leases = (await q.claim(3)).leases
+        snaps = await q.snapshot(leases)
+        for script in (q.scripts.renew, q.scripts.settle, q.scripts.release):
+            await redis.script_load(script.script)  # as any earlier batch would have
+        script_calls, evalsha_calls = await self.calls(redis, "script"), await self.calls(redis, "evalsha")
+
+        assert await q.renew_many({"a": leases}) == {"a": [True, True, True]}
+        settled = await q.settle_many(
+            [
+                SettleRequest(lease, snap.heads, b'{"s":1}', (), ())
+                for lease, snap in zip(leases, snaps, strict=True)
+            ]
+        )
+        assert [s.ok for s in settled] == [True, True, True]
+        assert await q.release_many(leases) == [True, True, True]
+
+        # Three batches, three EVALSHA round trips' worth of calls (1 renewal + 3 settles + 3 releases), and
+        # no SCRIPT EXISTS before them (redis-py's pipelines ask before every execute).
+        assert await self.calls(redis, "script") == script_calls
+        assert await self.calls(redis, "evalsha") == evalsha_calls + 7
+        keys = account_keys("a")
+        assert int(await redis.get(keys.depth)) == 0
+        assert await redis.zcard(keys.leased) == 0
+
+    async def test_after_a_script_flush_each_refused_call_runs_once(self, redis: Redis) -> None:
+        await put(redis, *(pass_event("a", f"S{i}", n) for i in range(2) for n in range(2)))
+        q = wq(redis)
+        leases = (await q.claim(2)).leases
+        snaps = await q.snapshot(leases)
+        await redis.script_flush()  # as after a Redis restart: every EVALSHA answers NOSCRIPT
+
+        settled = await q.settle_many(
+            [
+                SettleRequest(lease, snap.heads[:1], None, (), ())
+                for lease, snap in zip(leases, snaps, strict=True)
+            ]
+        )
+
+        # Each settle ran exactly once: one entry of each serial gone, the other one left at the head.
+        assert [(s.ok, s.removed) for s in settled] == [(True, 1), (True, 1)]
+        assert [s.heads for s in settled] == [snap.heads[1:] for snap in snaps]
+        assert int(await redis.get(account_keys("a").depth)) == 2
+        assert await q.release_many(leases) == [True, True]

@@ -8,7 +8,8 @@
 -- ARGV[12] fresh window ms (0 = off)      ARGV[13] most fresh serials per account per claim
 -- ARGV[14] lane: 'express', 'main' (busy: defers small accounts to express lanes) or 'free' (does not)
 -- ARGV[15] express-on key (keys.EXPRESS_ON)
--- ARGV[16] express grace ms               ARGV[17] K, the number of accounts named next (0 = walk `active`)
+-- ARGV[16] express grace ms               ARGV[17] K, the number of accounts named next (0 = walk `active`;
+--   an express lane that names accounts also takes the announcements still queued for it, see below)
 -- ARGV[18..17+K] accounts to visit        ARGV[18+K..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
 -- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
@@ -53,13 +54,26 @@ for i = 18 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 local now = clock_ms()
 -- An express lane works only while some worker is busy with a backlog (keys.EXPRESS_BUSY, derived from the
 -- express-on key's name); otherwise the workers take every account's events themselves.
+-- An express lane names the account whose announcement woke it (BLPOP keys.EXPRESS_NOTIFY, the express-on
+-- key's name without ':on'); the ones queued behind it are taken here, in the same step, not in a round trip
+-- of their own before it.
+local queued = {}
+if express and named > 0 then
+  queued = redis.call('LPOP', string.sub(ARGV[15], 1, -4), 31) or {}
+end
 local busy = redis.call('EXISTS', string.sub(ARGV[15], 1, -4) .. ':busy') == 1
 if express and not busy then return {0, 0} end
 if not busy then small_bound = -1 end
 local accounts
 if named > 0 then
   accounts = {}
-  for i = 18, 17 + named do accounts[#accounts + 1] = ARGV[i] end
+  local listed = {}
+  for i = 18, 17 + named do
+    if not listed[ARGV[i]] then accounts[#accounts + 1] = ARGV[i]; listed[ARGV[i]] = true end
+  end
+  for _, account in ipairs(queued) do
+    if not listed[account] then accounts[#accounts + 1] = account; listed[account] = true end
+  end
 elseif express then
   accounts = redis.call('ZRANGEBYSCORE', active, '-inf', now + grace, 'LIMIT', 0, scan)
 else
