@@ -172,14 +172,21 @@ class WorkQueue:
         before the serial's first write)."""
         if not leases:
             return []
+        by_account: dict[str, list[int]] = {}
         async with self.redis.pipeline(transaction=False) as pipe:
-            for lease in leases:
+            for i, lease in enumerate(leases):
                 keys = account_keys(lease.account_id)
                 pipe.zrange(keys.mailbox(lease.serial), 0, self.head_batch - 1)
                 pipe.hget(keys.state, lease.serial)
-                pipe.hexists(keys.profile_jobs, lease.serial)
+                by_account.setdefault(lease.account_id, []).append(i)
+            for account_id, idx in by_account.items():
+                pipe.hmget(account_keys(account_id).profile_jobs, [leases[i].serial for i in idx])
             raw = await pipe.execute()
-        return [SerialSnapshot(list(raw[i]), raw[i + 1], bool(raw[i + 2])) for i in range(0, len(raw), 3)]
+        marked = [False] * len(leases)
+        for idx, found in zip(by_account.values(), raw[2 * len(leases) :], strict=True):
+            for i, mark in zip(idx, found, strict=True):
+                marked[i] = mark is not None
+        return [SerialSnapshot(list(raw[2 * i]), raw[2 * i + 1], marked[i]) for i in range(len(leases))]
 
     async def renew(self, account_id: str, leases: Sequence[Lease]) -> list[bool]:
         """Extend the leases (all of ``account_id``); per lease whether it is still held."""

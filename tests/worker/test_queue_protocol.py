@@ -82,13 +82,24 @@ class TestClaim:
 
 
 async def test_snapshot_says_which_serials_a_profile_import_job_may_still_carry(redis: Redis) -> None:
-    await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
+    await put(redis, *(pass_event(a, s, 1) for a in ("a", "b") for s in ("S1", "S2", "S3")))
     await redis.hset(account_keys("a").profile_jobs, "S2", b'{"job":"j1","at":1}')
+    await redis.hset(account_keys("b").profile_jobs, mapping={"S1": b'{"job":"","at":1}', "S3": b"{}"})
     q = wq(redis)
-    leases = sorted((await q.claim(2)).leases, key=lambda lease: lease.serial)
+    leases = (await q.claim(6)).leases
+    # Interleaved accounts: each answer must land on its own lease.
+    leases = sorted(leases, key=lambda lease: (lease.serial, lease.account_id))
     snaps = await q.snapshot(leases)
-    assert [snap.profile_job for snap in snaps] == [False, True]
-    assert [len(snap.heads) for snap in snaps] == [1, 1]
+    marked = {
+        f"{lease.account_id}/{lease.serial}"
+        for lease, snap in zip(leases, snaps, strict=True)
+        if snap.profile_job
+    }
+    assert marked == {"a/S2", "b/S1", "b/S3"}
+    assert all(len(snap.heads) == 1 for snap in snaps)
+    assert [orjson.loads(split_member(snap.heads[0])[1])["s"] for snap in snaps] == [
+        lease.serial for lease in leases
+    ]
 
 
 class TestSettle:
