@@ -129,10 +129,10 @@ class WorkQueue:
         than R serials (``held``: account → serials this worker holds): see ``claim.lua``. With ``fresh_ms``,
         up to ``fresh_take`` serials per account are the newest ones made ready within ``fresh_ms``.
 
-        Express lanes (``express``) take serials of small accounts only (``accounts`` with the announcements
-        still queued in ``EXPRESS_NOTIFY``, which this step takes; else those due within ``grace_ms``); while express lanes are alive, other lanes (with ``defer_small``: busy ones) leave a
-        small account's serials alone until they have been due for ``grace_ms`` (see ``claim.lua`` and
-        :mod:`worker.express`).
+        Express lanes (``express``) take serials of small accounts only (``accounts`` and the announcements
+        still queued in ``EXPRESS_NOTIFY``, which this step pops; else those due within ``grace_ms``); while
+        express lanes are alive, other lanes (with ``defer_small``: busy ones) leave a small account's serials
+        alone until they have been due for ``grace_ms`` (see ``claim.lua`` and :mod:`worker.express`).
         """
         held_args: list[str | int] = []
         for account_id, n in (held or {}).items():
