@@ -57,7 +57,7 @@ async def run_many(redis: Redis, script: AsyncScript, calls: Sequence[Sequence[E
     results = await _evalsha_all(redis, script.sha, calls)
     refused = [i for i, r in enumerate(results) if isinstance(r, NoScriptError)]
     if refused:
-        script.sha = await redis.script_load(script.script)
+        await redis.script_load(script.script)  # the same SHA: it is the source's
         again = await _evalsha_all(redis, script.sha, [calls[i] for i in refused])
         for i, r in zip(refused, again, strict=True):
             results[i] = r

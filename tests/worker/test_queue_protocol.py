@@ -480,8 +480,8 @@ class TestBatchedScripts:
         assert [s.ok for s in settled] == [True, True, True]
         assert await q.release_many(leases) == [True, True, True]
 
-        # Three batches, three EVALSHA round trips' worth of calls (1 renewal + 3 settles + 3 releases), and
-        # no SCRIPT EXISTS before them (redis-py's pipelines ask before every execute).
+        # Three batches: seven EVALSHAs in all (1 renewal + 3 settles + 3 releases) and no SCRIPT EXISTS before
+        # any of them (redis-py's pipelines ask before every execute).
         assert await self.calls(redis, "script") == script_calls
         assert await self.calls(redis, "evalsha") == evalsha_calls + 7
         keys = account_keys("a")
