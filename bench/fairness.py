@@ -56,10 +56,15 @@ TARGET_RATIO = 2.0
 
 
 async def slow_timelines(
-    redis: Redis, events: list[PassEvent], over_ms: float = 150, sandbox_url: str = ""
+    redis: Redis,
+    events: list[PassEvent],
+    phase_started_ms: float,
+    over_ms: float = 150,
+    sandbox_url: str = "",
 ) -> None:
-    """Print the history of B's events slower than ``over_ms`` (``--debug``), each with the sandbox's log of
-    the requests it answered meanwhile: B's (when they arrived, how long they took) and A's slow ones."""
+    """Print the history of B's events slower than ``over_ms`` (``--debug``), each with how far into the phase
+    it was ingested and the sandbox's log of the requests it answered meanwhile: B's (when they arrived, how
+    long they took) and A's slow ones."""
     log: list[dict[str, Any]] = []
     b_id = ""
     if sandbox_url:
@@ -75,7 +80,9 @@ async def slow_timelines(
             # The epoch ms of "ingested" lines the timeline up with the workers' logs (--keep).
             t0, t1 = marks["ingested"], marks["written"]
             steps = [(h.kind, h.at_ms - t0, h.detail.get("worker")) for h in tl]
-            print(f"ingested at {t0}:", steps, file=sys.stderr)
+            # How far into the phase: B's slowest events have met the starts of A's Klaviyo windows.
+            into_s = (t0 - phase_started_ms) / 1000
+            print(f"ingested at {t0} ({into_s:+.1f} s into the phase):", steps, file=sys.stderr)
             for r in log:
                 at = r["at"] * 1000
                 end = at + r["duration_ms"]
@@ -106,11 +113,12 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         pids = [w.pid for w in workers]
 
         print(f"phase 1: B at {B_RATE:g}/s for {args.seconds:g} s, A idle ...", file=sys.stderr)
+        idle_started_ms = time.time() * 1000
         b_idle = await trickle(redis, B, B_RATE, args.seconds, first_id=10_000_000, serial_base=10_000_000)
         await asyncio.sleep(2)
         idle = summary(await latencies_ms(redis, B, b_idle))
         if args.debug:
-            await slow_timelines(redis, b_idle, sandbox_url=stack.sandbox_url)
+            await slow_timelines(redis, b_idle, idle_started_ms, sandbox_url=stack.sandbox_url)
         out["b_idle"] = idle
         out["b_idle_lanes"] = await written_by_lane(redis, B, b_idle)
         print(f"  {idle} written by lane {out['b_idle_lanes']}", file=sys.stderr)
@@ -127,6 +135,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         a_depth0 = await depth(redis, A)
         cpu0 = sum(cpu_s(p) for p in pids)
         t1 = time.monotonic()
+        busy_started_ms = time.time() * 1000
         b_busy = await trickle(redis, B, B_RATE, args.seconds, first_id=20_000_000, serial_base=20_000_000)
         elapsed = time.monotonic() - t1
         a_done = a_depth0 - await depth(redis, A)
@@ -138,7 +147,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         if args.debug:
             # Those over the target (twice B's p99 with A idle), and at least the five slowest: they make the p99.
             over = min(TARGET_RATIO * idle["p99_ms"], busy_ms[-5] - 1 if len(busy_ms) >= 5 else 0)
-            await slow_timelines(redis, b_busy, over_ms=over, sandbox_url=stack.sandbox_url)
+            await slow_timelines(redis, b_busy, busy_started_ms, over_ms=over, sandbox_url=stack.sandbox_url)
             for entry in reversed(await redis.slowlog_get(10_000)):
                 cmd = entry["command"][:60]
                 print(
