@@ -52,16 +52,17 @@ local named = tonumber(ARGV[17])
 for i = 18 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
--- An express lane names the account whose announcement woke it (BLPOP keys.EXPRESS_NOTIFY, the express-on
--- key's name without ':on'); the ones queued behind it are taken here, in the same step, not in a round trip
--- of their own before it.
+-- keys.EXPRESS_NOTIFY: the express-on key's name without ':on'.
+local express_notify = string.sub(ARGV[15], 1, -4)
+-- An express lane names the account whose announcement woke it (its BLPOP of keys.EXPRESS_NOTIFY); the ones
+-- queued behind it are taken here, in the same step, not in a round trip of their own before it.
 local queued = {}
 if express and named > 0 then
-  queued = redis.call('LPOP', string.sub(ARGV[15], 1, -4), 31) or {}
+  queued = redis.call('LPOP', express_notify, 31) or {}
 end
--- An express lane works only while some worker is busy with a backlog (keys.EXPRESS_BUSY, derived from the
--- express-on key's name); otherwise the workers take every account's events themselves.
-local busy = redis.call('EXISTS', string.sub(ARGV[15], 1, -4) .. ':busy') == 1
+-- An express lane works only while some worker is busy with a backlog (keys.EXPRESS_BUSY); otherwise the
+-- workers take every account's events themselves.
+local busy = redis.call('EXISTS', express_notify .. ':busy') == 1
 if express and not busy then return {0, 0} end
 if not busy then small_bound = -1 end
 local accounts
