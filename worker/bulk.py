@@ -930,21 +930,13 @@ class BulkSync:
                 return await self._not_ok(engine, work, members, events, out)
             state, extra = out.value
             notes[-1] += extra
-        events_item = item(events, orjson.dumps(bulk_events_entry(serial, events)), len(events))
-        if sp.record is None:
-            out = await through(lanes.events, events_item)
-        else:
-            # The record and the metric events go out together, once the profile is written: a round then
-            # costs two waits for Klaviyo, not three. Nothing is lost by not ordering them: Klaviyo ingests a
-            # record job after answering 204, so a record sent first was never guaranteed to be in place
-            # before the metric's flows ran. A failed record fails the round like a failed event (both are
-            # sent again, idempotently: the record is an upsert, the events carry their unique_id).
+        if sp.record is not None:
             blob = orjson.dumps({"type": "data-source-record", "attributes": {"record": sp.record}})
-            record_out, out = await asyncio.gather(
-                through(lanes.records, item(sp.record, blob)), through(lanes.events, events_item)
-            )
-            if record_out.verdict is not Verdict.ok:
-                return await self._not_ok(engine, work, members, events, record_out)
+            out = await through(lanes.records, item(sp.record, blob))
+            if out.verdict is not Verdict.ok:
+                return await self._not_ok(engine, work, members, events, out)
+        blob = orjson.dumps(bulk_events_entry(serial, events))
+        out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:
             accepted = out.value if isinstance(out.value, int) else 0
             if accepted > 0:

@@ -4,9 +4,7 @@ For each event the syncer sends, in this order, the writes :func:`worker.plan.pl
 
 1. the profile upsert — first, so a flow triggered by the metric event finds the profile's contact details;
 2. the WalletPass record (into the account's data source, provisioned by ``passbridge klaviyo setup``);
-3. the metric event — after the profile, so its flows see the new profile properties.
-
-(:class:`worker.bulk.BulkSync`, the default path, sends 2 and 3 together once the profile is written.)
+3. the metric event — last, so its flows see the new profile properties.
 
 Every write is idempotent (profile and record are upserts keyed by serial, the metric event carries
 ``unique_id`` = event_id), so calling :meth:`Syncer.sync_event` again for an event whose writes partly went

@@ -234,10 +234,8 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
     await drained(pipeline, workers)
     after = counts(pipeline)
 
-    # Every other serial is delivered in full. A refused record does not hold back its serial's metric events:
-    # they went out beside it (and are sent again on replay, where Klaviyo drops them by unique_id).
-    delivered = good + bad if single_op == "create_data_source_record" else good
-    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in delivered)
+    # Every other serial is delivered in full.
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in good)
     records = pipeline.records("acme")
     for serial in {e.serial_number for e in good}:
         final = fold([e for e in good if e.serial_number == serial])
@@ -277,7 +275,6 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
     assert replayed == len(bad)
     await drained(pipeline, workers)
     assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
-    assert pipeline.duplicate_events("acme") == (len(bad) if single_op == "create_data_source_record" else 0)
     assert await dlq.count(pipeline.redis, "acme") == 0
     records = pipeline.records("acme")
     for serial in poisoned:
@@ -379,32 +376,6 @@ async def test_adaptive_small_backlog_goes_by_single_calls(
     assert delta(before, after, "create_data_source_record", 204) == 5
     assert delta(before, after, "create_event", 202) == len(events)
     assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
-
-
-async def test_adaptive_sends_the_record_and_the_metric_event_together_after_the_profile(
-    pipeline: Pipeline, start_workers: StartWorkers
-) -> None:
-    await pipeline.add_account("acme")
-    # Every request takes the sandbox 300 ms: one after the other, each write would wait for the one before.
-    pipeline.sandbox.set_faults(latency_ms=300)
-    event = pass_event("acme", "TOGETHER", 0, kind="created")
-    await pipeline.put([event])
-    workers = start_workers("adaptive")
-    await drained(pipeline, workers)
-    pipeline.sandbox.clear_faults()
-    arrived = {
-        r["operation"]: r["at"]
-        for r in pipeline.sandbox.requests(limit=1000)["recent"]
-        if r["operation"] in ("create_or_update_profile", "create_data_source_record", "create_event")
-    }
-    assert len(arrived) == 3, arrived
-    # The profile first (the metric's flows find the pass's contact details and properties) ...
-    assert arrived["create_data_source_record"] - arrived["create_or_update_profile"] >= 0.3
-    assert arrived["create_event"] - arrived["create_or_update_profile"] >= 0.3
-    # ... then the record and the metric event at once: a round waits for Klaviyo twice, not three times.
-    assert abs(arrived["create_event"] - arrived["create_data_source_record"]) < 0.15
-    assert event.event_id in pipeline.stored_unique_ids("acme")
-    assert record_writes(pipeline, "acme") == {"TOGETHER": 1}
 
 
 async def test_adaptive_big_backlog_uses_the_bulk_endpoints(
