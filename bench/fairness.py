@@ -15,6 +15,10 @@ Latency per event is read from its serial's history: the "ingested" entry (writt
 same step as the mailbox entry) to the "written" entry (recorded right after Klaviyo's 2xx for the event's
 last write). Target: B's p99 during A's drain ≤ 2 × B's p99 with A idle. The last line of output is one JSON
 object with the figures.
+
+``--probe`` also samples, through both phases, the round trip of a Redis ``PING`` (every 10 ms) and of the
+sandbox's health route (every 20 ms) on connections of their own: how long any request of B's waits at the two
+servers it shares with A, apart from the workers.
 """
 
 from __future__ import annotations
@@ -25,8 +29,11 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -39,6 +46,7 @@ from bench.harness import (
     cpu_s,
     depth,
     latencies_ms,
+    pct,
     print_results,
     put,
     setup_accounts,
@@ -53,6 +61,70 @@ from worker import history
 A, B = "acct-a", "acct-b"
 B_RATE = 5.0
 TARGET_RATIO = 2.0
+
+
+async def _redis_pings(url: str, every_s: float, rtts: list[float]) -> None:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    try:
+        while True:
+            t0 = time.perf_counter()
+            writer.write(b"PING\r\n")
+            await reader.readuntil(b"\r\n")
+            rtts.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(every_s)
+    finally:
+        writer.close()
+
+
+async def _sandbox_pings(url: str, every_s: float, rtts: list[float]) -> None:
+    parts = urlsplit(url)
+    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
+    request = f"GET /_sandbox/health HTTP/1.1\r\nhost: {parts.netloc}\r\n\r\n".encode()
+    try:
+        while True:
+            t0 = time.perf_counter()
+            writer.write(request)
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":")[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length")
+            )
+            await reader.readexactly(length)
+            rtts.append((time.perf_counter() - t0) * 1000)
+            await asyncio.sleep(every_s)
+    finally:
+        writer.close()
+
+
+@asynccontextmanager
+async def probing(enabled: bool, stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
+    """``--probe``: Redis PING and sandbox health round trips (ms) sampled while the block runs."""
+    rtts: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": []}
+    if not enabled:
+        yield rtts
+        return
+    tasks = [
+        asyncio.create_task(_redis_pings(stack.redis_url, 0.01, rtts["redis_ping"])),
+        asyncio.create_task(_sandbox_pings(stack.sandbox_url, 0.02, rtts["sandbox_health"])),
+    ]
+    try:
+        yield rtts
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def probe_summary(rtts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+    """p50 / p90 / p99 / max of each probe's round trips."""
+    out = {}
+    for name, values in rtts.items():
+        v = sorted(values)
+        out[name] = {"n": len(v), **{f"p{q}_ms": round(pct(v, q / 100), 2) for q in (50, 90, 99)}}
+        out[name]["max_ms"] = round(v[-1], 1) if v else float("nan")
+    return out
 
 
 async def slow_timelines(
@@ -114,7 +186,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         print(f"phase 1: B at {B_RATE:g}/s for {args.seconds:g} s, A idle ...", file=sys.stderr)
         idle_started_ms = time.time() * 1000
-        b_idle = await trickle(redis, B, B_RATE, args.seconds, first_id=10_000_000, serial_base=10_000_000)
+        async with probing(args.probe, stack) as rtts:
+            b_idle = await trickle(
+                redis, B, B_RATE, args.seconds, first_id=10_000_000, serial_base=10_000_000
+            )
+        if args.probe:
+            out["probe_idle"] = probe_summary(rtts)
+            print(f"  probes with A idle: {out['probe_idle']}", file=sys.stderr)
         await asyncio.sleep(2)
         idle = summary(await latencies_ms(redis, B, b_idle))
         if args.debug:
@@ -136,7 +214,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = sum(cpu_s(p) for p in pids)
         t1 = time.monotonic()
         busy_started_ms = time.time() * 1000
-        b_busy = await trickle(redis, B, B_RATE, args.seconds, first_id=20_000_000, serial_base=20_000_000)
+        async with probing(args.probe, stack) as rtts:
+            b_busy = await trickle(
+                redis, B, B_RATE, args.seconds, first_id=20_000_000, serial_base=20_000_000
+            )
+        if args.probe:
+            out["probe_busy"] = probe_summary(rtts)
+            print(f"  probes while A drains: {out['probe_busy']}", file=sys.stderr)
         elapsed = time.monotonic() - t1
         a_done = a_depth0 - await depth(redis, A)
         cpu = sum(cpu_s(p) for p in pids) - cpu0
@@ -209,6 +293,11 @@ if __name__ == "__main__":
         "--debug",
         action="store_true",
         help="print the timelines of B's slow events (over the target, and the five slowest)",
+    )
+    parser.add_argument(
+        "--probe",
+        action="store_true",
+        help="sample Redis PING and sandbox health round trips through both phases (in the details)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, Redis data)")
     parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
