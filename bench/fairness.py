@@ -29,7 +29,7 @@ import shutil
 import sys
 import tempfile
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -63,35 +63,33 @@ B_RATE = 5.0
 TARGET_RATIO = 2.0
 
 
-async def _redis_pings(url: str, every_s: float, rtts: list[float]) -> None:
-    parts = urlsplit(url)
-    reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    try:
-        while True:
-            t0 = time.perf_counter()
-            writer.write(b"PING\r\n")
-            await reader.readuntil(b"\r\n")
-            rtts.append((time.perf_counter() - t0) * 1000)
-            await asyncio.sleep(every_s)
-    finally:
-        writer.close()
+async def _read_redis_reply(reader: asyncio.StreamReader) -> None:
+    await reader.readuntil(b"\r\n")
 
 
-async def _sandbox_pings(url: str, every_s: float, rtts: list[float]) -> None:
+async def _read_http_response(reader: asyncio.StreamReader) -> None:
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next(
+        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
+    )
+    await reader.readexactly(length)
+
+
+async def _round_trips(
+    url: str,
+    request: bytes,
+    read_answer: Callable[[asyncio.StreamReader], Awaitable[None]],
+    every_s: float,
+    rtts: list[float],
+) -> None:
+    """Send ``request`` every ``every_s`` on one connection of its own; each round trip (ms) goes to ``rtts``."""
     parts = urlsplit(url)
     reader, writer = await asyncio.open_connection(parts.hostname, parts.port)
-    request = f"GET /_sandbox/health HTTP/1.1\r\nhost: {parts.netloc}\r\n\r\n".encode()
     try:
         while True:
             t0 = time.perf_counter()
             writer.write(request)
-            head = await reader.readuntil(b"\r\n\r\n")
-            length = next(
-                int(line.split(b":")[1])
-                for line in head.split(b"\r\n")
-                if line.lower().startswith(b"content-length")
-            )
-            await reader.readexactly(length)
+            await read_answer(reader)
             rtts.append((time.perf_counter() - t0) * 1000)
             await asyncio.sleep(every_s)
     finally:
@@ -105,9 +103,14 @@ async def probing(enabled: bool, stack: Stack) -> AsyncIterator[dict[str, list[f
     if not enabled:
         yield rtts
         return
+    health = f"GET /_sandbox/health HTTP/1.1\r\nhost: {urlsplit(stack.sandbox_url).netloc}\r\n\r\n".encode()
     tasks = [
-        asyncio.create_task(_redis_pings(stack.redis_url, 0.01, rtts["redis_ping"])),
-        asyncio.create_task(_sandbox_pings(stack.sandbox_url, 0.02, rtts["sandbox_health"])),
+        asyncio.create_task(
+            _round_trips(stack.redis_url, b"PING\r\n", _read_redis_reply, 0.01, rtts["redis_ping"])
+        ),
+        asyncio.create_task(
+            _round_trips(stack.sandbox_url, health, _read_http_response, 0.02, rtts["sandbox_health"])
+        ),
     ]
     try:
         yield rtts
@@ -125,6 +128,19 @@ def probe_summary(rtts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
         out[name] = {"n": len(v), **{f"p{q}_ms": round(pct(v, q / 100), 2) for q in (50, 90, 99)}}
         out[name]["max_ms"] = round(v[-1], 1) if v else float("nan")
     return out
+
+
+async def b_trickle(
+    redis: Redis, stack: Stack, args: argparse.Namespace, out: dict[str, Any], phase: str, first: int
+) -> list[PassEvent]:
+    """B's events of one phase (ids and serials from ``first``); with ``--probe``, the round trips sampled
+    meanwhile go to ``out["probe_<phase>"]``."""
+    async with probing(args.probe, stack) as rtts:
+        sent = await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
+    if args.probe:
+        out[f"probe_{phase}"] = probe_summary(rtts)
+        print(f"  probes ({phase}): {out[f'probe_{phase}']}", file=sys.stderr)
+    return sent
 
 
 async def slow_timelines(
@@ -186,13 +202,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 
         print(f"phase 1: B at {B_RATE:g}/s for {args.seconds:g} s, A idle ...", file=sys.stderr)
         idle_started_ms = time.time() * 1000
-        async with probing(args.probe, stack) as rtts:
-            b_idle = await trickle(
-                redis, B, B_RATE, args.seconds, first_id=10_000_000, serial_base=10_000_000
-            )
-        if args.probe:
-            out["probe_idle"] = probe_summary(rtts)
-            print(f"  probes with A idle: {out['probe_idle']}", file=sys.stderr)
+        b_idle = await b_trickle(redis, stack, args, out, "idle", 10_000_000)
         await asyncio.sleep(2)
         idle = summary(await latencies_ms(redis, B, b_idle))
         if args.debug:
@@ -214,13 +224,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         cpu0 = sum(cpu_s(p) for p in pids)
         t1 = time.monotonic()
         busy_started_ms = time.time() * 1000
-        async with probing(args.probe, stack) as rtts:
-            b_busy = await trickle(
-                redis, B, B_RATE, args.seconds, first_id=20_000_000, serial_base=20_000_000
-            )
-        if args.probe:
-            out["probe_busy"] = probe_summary(rtts)
-            print(f"  probes while A drains: {out['probe_busy']}", file=sys.stderr)
+        b_busy = await b_trickle(redis, stack, args, out, "busy", 20_000_000)
         elapsed = time.monotonic() - t1
         a_done = a_depth0 - await depth(redis, A)
         cpu = sum(cpu_s(p) for p in pids) - cpu0
