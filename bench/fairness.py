@@ -55,6 +55,7 @@ from bench.harness import (
     worker_stats,
     written_by_lane,
 )
+from bench.rawhttp import read_response
 from passbridge.event import PassEvent
 from worker import history
 
@@ -67,18 +68,10 @@ async def _read_redis_reply(reader: asyncio.StreamReader) -> None:
     await reader.readuntil(b"\r\n")
 
 
-async def _read_http_response(reader: asyncio.StreamReader) -> None:
-    head = await reader.readuntil(b"\r\n\r\n")
-    length = next(
-        int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")
-    )
-    await reader.readexactly(length)
-
-
 async def _round_trips(
     url: str,
     request: bytes,
-    read_answer: Callable[[asyncio.StreamReader], Awaitable[None]],
+    read_answer: Callable[[asyncio.StreamReader], Awaitable[object]],
     every_s: float,
     rtts: list[float],
 ) -> None:
@@ -97,19 +90,16 @@ async def _round_trips(
 
 
 @asynccontextmanager
-async def probing(enabled: bool, stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
+async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
     """``--probe``: Redis PING and sandbox health round trips (ms) sampled while the block runs."""
     rtts: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": []}
-    if not enabled:
-        yield rtts
-        return
     health = f"GET /_sandbox/health HTTP/1.1\r\nhost: {urlsplit(stack.sandbox_url).netloc}\r\n\r\n".encode()
     tasks = [
         asyncio.create_task(
             _round_trips(stack.redis_url, b"PING\r\n", _read_redis_reply, 0.01, rtts["redis_ping"])
         ),
         asyncio.create_task(
-            _round_trips(stack.sandbox_url, health, _read_http_response, 0.02, rtts["sandbox_health"])
+            _round_trips(stack.sandbox_url, health, read_response, 0.02, rtts["sandbox_health"])
         ),
     ]
     try:
@@ -135,11 +125,12 @@ async def b_trickle(
 ) -> list[PassEvent]:
     """B's events of one phase (ids and serials from ``first``); with ``--probe``, the round trips sampled
     meanwhile go to ``out["probe_<phase>"]``."""
-    async with probing(args.probe, stack) as rtts:
+    if not args.probe:
+        return await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
+    async with probing(stack) as rtts:
         sent = await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
-    if args.probe:
-        out[f"probe_{phase}"] = probe_summary(rtts)
-        print(f"  probes ({phase}): {out[f'probe_{phase}']}", file=sys.stderr)
+    out[f"probe_{phase}"] = probe_summary(rtts)
+    print(f"  probes ({phase}): {out[f'probe_{phase}']}", file=sys.stderr)
     return sent
 
 

@@ -36,6 +36,7 @@ import httpx
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from bench.rawhttp import read_response  # noqa: E402
 from klaviyo_sandbox.schema import load_spec  # noqa: E402
 from klaviyo_sandbox.schema.translate import definitions, to_json_schema  # noqa: E402
 from klaviyo_sandbox.testing import free_port  # noqa: E402
@@ -156,14 +157,7 @@ async def _connection(port: int, tag: int, stop_at: float, start_at: float, coun
                 return
             writer.write(before + b"%06d-%09d" % (tag, i) + after)
             i += 1
-            head = await reader.readuntil(b"\r\n\r\n")
-            status = int(head[9:12])
-            length = 0
-            for line in head.split(b"\r\n"):
-                if line[:15].lower() == b"content-length:":
-                    length = int(line[15:])
-            if length:
-                await reader.readexactly(length)
+            status = await read_response(reader)
             if time.monotonic() >= start_at:
                 key = str(status)
                 counts[key] = counts.get(key, 0) + 1
