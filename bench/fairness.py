@@ -283,20 +283,20 @@ def report(out: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def repeated(n: int, runs: list[dict[str, Any]]) -> dict[str, Any]:
-    """The closing figures of ``--repeat n``: every run's ratio and p99s, and how many met the target."""
+def repeated(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """The closing figures of ``--repeat``: every run's ratio and p99s, and how many met the target."""
     met = sum(1 for f in runs if f["ok"])
     return {
         "rate_scale": runs[0]["rate_scale"],
         "worker_env": runs[0]["worker_env"],
-        "runs": n,
+        "runs": len(runs),
         "runs_met": met,
         "p99_ratios": [f["p99_ratio"] for f in runs],
         "b_p99_idle_ms": [f["b_p99_idle_ms"] for f in runs],
         "b_p99_busy_ms": [f["b_p99_busy_ms"] for f in runs],
         "a_events_per_s": [f["a_events_per_s"] for f in runs],
         "target_p99_ratio": TARGET_RATIO,
-        "ok": met == n,
+        "ok": met == len(runs),
     }
 
 
@@ -327,7 +327,11 @@ if __name__ == "__main__":
         help="a setting for the workers (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=64",
     )
     parser.add_argument(
-        "--repeat", type=int, default=1, metavar="N", help="run the whole measurement N times (see above)"
+        "--repeat",
+        type=int,
+        default=1,
+        metavar="N",
+        help="run the whole measurement N times, on fresh stacks; the last line counts the runs that met the target",
     )
     ns = parser.parse_args()
     if ns.repeat < 1:
@@ -344,4 +348,4 @@ if __name__ == "__main__":
     if ns.repeat == 1:
         print_results(*results[0], t0)
     else:
-        print_results({"runs": [r for r, _ in results]}, repeated(ns.repeat, [f for _, f in results]), t0)
+        print_results({"runs": [r for r, _ in results]}, repeated([f for _, f in results]), t0)
