@@ -22,7 +22,9 @@ events moves a lot from run to run; this is how to see how often the target hold
 
 ``--probe`` also samples, through both phases, the round trip of a Redis ``PING`` (every 10 ms) and of the
 sandbox's health route (every 20 ms) on connections of their own: how long any request of B's waits at the two
-servers it shares with A, apart from the workers.
+servers it shares with A, apart from the workers. And how late a plain 20-ms sleep wakes up in a thread of its
+own (``sleep_lateness``): the machine's own delay in running a woken process, which on a VM can reach
+milliseconds even when it is idle, and which every step of B's events pays.
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import json
 import shutil
 import sys
 import tempfile
+import threading
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
@@ -94,10 +97,21 @@ async def _round_trips(
         writer.close()
 
 
+def _sleep_lateness(stop: threading.Event, every_s: float, lateness: list[float]) -> None:
+    """How late (ms) a plain ``time.sleep(every_s)`` returns, until ``stop`` is set."""
+    while not stop.is_set():
+        t0 = time.perf_counter()
+        time.sleep(every_s)
+        lateness.append((time.perf_counter() - t0 - every_s) * 1000)
+
+
 @asynccontextmanager
 async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
-    """``--probe``: Redis PING and sandbox health round trips (ms) sampled while the block runs."""
-    rtts: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": []}
+    """``--probe``: Redis PING and sandbox health round trips, and a sleep's lateness (ms), while the block runs."""
+    rtts: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": [], "sleep_lateness": []}
+    stop = threading.Event()
+    sleeper = threading.Thread(target=_sleep_lateness, args=(stop, 0.02, rtts["sleep_lateness"]), daemon=True)
+    sleeper.start()
     health = f"GET /_sandbox/health HTTP/1.1\r\nhost: {urlsplit(stack.sandbox_url).netloc}\r\n\r\n".encode()
     tasks = [
         asyncio.create_task(
@@ -110,13 +124,15 @@ async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
     try:
         yield rtts
     finally:
+        stop.set()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        sleeper.join()
 
 
 def probe_summary(rtts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
-    """p50 / p90 / p99 / max of each probe's round trips."""
+    """p50 / p90 / p99 / max of each probe's samples."""
     out = {}
     for name, values in rtts.items():
         v = sorted(values)
@@ -314,7 +330,7 @@ if __name__ == "__main__":
     parser.add_argument(
         "--probe",
         action="store_true",
-        help="sample Redis PING and sandbox health round trips through both phases (in the details)",
+        help="sample Redis PING and sandbox health round trips and a sleep's lateness through both phases (in the details)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the work dir (logs, Redis data)")
     parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
