@@ -24,7 +24,7 @@ events moves a lot from run to run; this is how to see how often the target hold
 sandbox's health route (every 20 ms) on connections of their own: how long any request of B's waits at the two
 servers it shares with A, apart from the workers. And how late a plain 20-ms sleep wakes up in a thread of its
 own (``sleep_lateness``): the machine's own delay in running a woken process, which on a VM can reach
-milliseconds even when it is idle, and which every step of B's events pays.
+milliseconds even when it is idle, and to which every process on B's path is subject.
 """
 
 from __future__ import annotations
@@ -108,21 +108,23 @@ def _sleep_lateness(stop: threading.Event, every_s: float, lateness: list[float]
 @asynccontextmanager
 async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
     """``--probe``: Redis PING and sandbox health round trips, and a sleep's lateness (ms), while the block runs."""
-    rtts: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": [], "sleep_lateness": []}
+    samples: dict[str, list[float]] = {"redis_ping": [], "sandbox_health": [], "sleep_lateness": []}
     stop = threading.Event()
-    sleeper = threading.Thread(target=_sleep_lateness, args=(stop, 0.02, rtts["sleep_lateness"]), daemon=True)
+    sleeper = threading.Thread(
+        target=_sleep_lateness, args=(stop, 0.02, samples["sleep_lateness"]), daemon=True
+    )
     sleeper.start()
     health = f"GET /_sandbox/health HTTP/1.1\r\nhost: {urlsplit(stack.sandbox_url).netloc}\r\n\r\n".encode()
     tasks = [
         asyncio.create_task(
-            _round_trips(stack.redis_url, b"PING\r\n", _read_redis_reply, 0.01, rtts["redis_ping"])
+            _round_trips(stack.redis_url, b"PING\r\n", _read_redis_reply, 0.01, samples["redis_ping"])
         ),
         asyncio.create_task(
-            _round_trips(stack.sandbox_url, health, read_response, 0.02, rtts["sandbox_health"])
+            _round_trips(stack.sandbox_url, health, read_response, 0.02, samples["sandbox_health"])
         ),
     ]
     try:
-        yield rtts
+        yield samples
     finally:
         stop.set()
         for task in tasks:
@@ -131,10 +133,10 @@ async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
         sleeper.join()
 
 
-def probe_summary(rtts: dict[str, list[float]]) -> dict[str, dict[str, float]]:
+def probe_summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]]:
     """p50 / p90 / p99 / max of each probe's samples."""
     out = {}
-    for name, values in rtts.items():
+    for name, values in samples.items():
         v = sorted(values)
         out[name] = {"n": len(v), **{f"p{q}_ms": round(pct(v, q / 100), 2) for q in (50, 90, 99)}}
         out[name]["max_ms"] = round(v[-1], 1) if v else float("nan")
@@ -148,9 +150,9 @@ async def b_trickle(
     meanwhile go to ``out["probe_<phase>"]``."""
     if not args.probe:
         return await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
-    async with probing(stack) as rtts:
+    async with probing(stack) as samples:
         sent = await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
-    out[f"probe_{phase}"] = probe_summary(rtts)
+    out[f"probe_{phase}"] = probe_summary(samples)
     print(f"  probes ({phase}): {out[f'probe_{phase}']}", file=sys.stderr)
     return sent
 
