@@ -146,8 +146,8 @@ def probe_summary(samples: dict[str, list[float]]) -> dict[str, dict[str, float]
 async def b_trickle(
     redis: Redis, stack: Stack, args: argparse.Namespace, out: dict[str, Any], phase: str, first: int
 ) -> list[PassEvent]:
-    """B's events of one phase (ids and serials from ``first``); with ``--probe``, the round trips sampled
-    meanwhile go to ``out["probe_<phase>"]``."""
+    """B's events of one phase (ids and serials from ``first``); with ``--probe``, the probes' samples taken
+    meanwhile (round trips and the sleep's lateness) go to ``out["probe_<phase>"]``, summarized."""
     if not args.probe:
         return await trickle(redis, B, B_RATE, args.seconds, first_id=first, serial_base=first)
     async with probing(stack) as samples:
