@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import gc
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -16,6 +15,7 @@ from passbridge import metrics
 from passbridge.accounts import AccountStore
 from passbridge.accounts_file import apply_accounts_file
 from passbridge.crypto import cipher_from_settings
+from passbridge.gc_tuning import tune_gc
 from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer import dashboard
@@ -54,8 +54,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         cipher = cipher_from_settings(settings)
         app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
-        # it out of the cyclic collector's full scans, which the ingest path's allocations trigger often.
-        gc.freeze()
+        # it out of the collector's scans, and keep concurrent requests from setting off collections.
+        tune_gc()
         flusher = metrics.start_flusher(redis)
         try:
             yield

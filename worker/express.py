@@ -210,7 +210,8 @@ def _die_with_parent(parent: int) -> None:
 async def run(settings: Settings, redis_url: str, parent: int) -> None:
     """The child's life: start the express engine, work until SIGTERM or the parent is gone, stop cleanly."""
     from passbridge import metrics
-    from worker.main import close_clients, open_engine, tune_gc
+    from passbridge.gc_tuning import tune_gc
+    from worker.main import close_clients, open_engine
 
     # Every log line of the child says it comes from an express lane (tasks inherit the context).
     structlog.contextvars.bind_contextvars(lane="express")

@@ -13,7 +13,6 @@ Run it with ``passbridge worker`` (or ``arq worker.main.WorkerSettings``, which 
 from __future__ import annotations
 
 import asyncio
-import gc
 import time
 from typing import Any
 
@@ -25,6 +24,7 @@ from redis.asyncio import Redis
 from passbridge import metrics
 from passbridge.accounts import AccountStore
 from passbridge.crypto import load_cipher
+from passbridge.gc_tuning import tune_gc
 from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, WORKERS_INFO, account_keys
 from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings, get_settings
@@ -73,41 +73,6 @@ def engine_config(settings: Settings) -> EngineConfig:
             max_age_s=settings.retry_max_age_s,
         ),
     )
-
-
-#: Collector thresholds of a worker process (Python's default is 700, 10, 10). A worker draining a backlog
-#: holds thousands of serials with their events in flight; with the default thresholds a full collection
-#: walked all of them every few seconds and held the event loop for up to 0.6 s (measured with
-#: ``bench/drain.py``), which delayed requests past their rate-limit slots. Young collections stay frequent
-#: and cheap; full ones become rare.
-GC_THRESHOLDS = (5_000, 10, 100)
-
-
-#: A collection that holds the event loop longer than this is logged (``gc_pause``).
-GC_PAUSE_LOG_MS = 50.0
-_gc_started = 0.0
-
-
-def _gc_watch(phase: str, info: dict[str, Any]) -> None:
-    global _gc_started
-    if phase == "start":
-        _gc_started = time.perf_counter()
-        return
-    ms = (time.perf_counter() - _gc_started) * 1000
-    if ms >= GC_PAUSE_LOG_MS:
-        log.warning(
-            "gc_pause", generation=info.get("generation"), ms=round(ms, 1), collected=info.get("collected")
-        )
-
-
-def tune_gc() -> None:
-    """Freeze what start-up allocated (never collected again), make full collections rare, and log the long
-    pauses that remain (every request and lease of the process waits during one)."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(*GC_THRESHOLDS)
-    if _gc_watch not in gc.callbacks:
-        gc.callbacks.append(_gc_watch)
 
 
 def open_engine(
