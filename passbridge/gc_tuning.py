@@ -9,7 +9,7 @@ of course, so with the defaults the collector ran far more often than it found g
   delayed requests past their rate-limit slots;
 - a producer process serving a few dozen concurrent webhooks holds their bodies, items and events while they
   wait for the shared Redis call, and the young collections that working set set off cost about 60 µs of
-  CPU per webhook under ``bench/ingest.py``'s load (20 % of the request; measured side by side, see
+  CPU per webhook under ``bench/ingest.py``'s load (about 15 % of the request; measured side by side, see
   BENCHMARKS.md "Ingest → Session 13").
 
 With 5,000 young collections stay cheap and become rare, and full ones rarer still. Almost everything these
