@@ -12,7 +12,7 @@ of course, so with the defaults the collector ran far more often than it found g
   CPU per webhook under ``bench/ingest.py``'s load (about 15 % of the request; measured side by side, see
   BENCHMARKS.md "Ingest → Session 13").
 
-With 5,000 young collections stay cheap and become rare, and full ones rarer still. Almost everything these
+With 5,000, young collections stay cheap and become rare, and full ones rarer still. Almost everything these
 processes allocate dies by reference counting, so the higher thresholds hold little garbage back.
 """
 

@@ -26,7 +26,7 @@ def default_gc() -> Iterator[None]:
 
 def test_tune_gc_freezes_start_up_and_raises_thresholds(default_gc: None) -> None:
     frozen = gc.get_freeze_count()
-    leftover = [object() for _ in range(100)]  # tracked containers allocated "at start-up"
+    leftover = [object()]  # a tracked container allocated since any earlier freeze, as at start-up
     tune_gc()
     tune_gc()  # idempotent: one watcher, however often a process calls it
     assert gc.get_threshold() == GC_THRESHOLDS
@@ -37,7 +37,7 @@ def test_tune_gc_freezes_start_up_and_raises_thresholds(default_gc: None) -> Non
 
 def test_producer_start_tunes_the_collector(default_gc: None, settings: Settings, redis_url: str) -> None:
     # Concurrent webhooks keep more young objects alive than the default threshold (700), which set off a
-    # collection every few requests: about 60 µs of CPU per webhook under bench/ingest.py.
+    # collection every ten or so requests: about 60 µs of CPU per webhook under bench/ingest.py.
     server = serve(create_app(settings, redis_url))
     try:
         assert gc.get_threshold() == GC_THRESHOLDS
