@@ -541,7 +541,10 @@ def main() -> None:
         "--connections", type=int, default=32, help="keep-alive connections per load generator"
     )
     parser.add_argument(
-        "--presigned", type=int, default=20_000, help="pre-signed webhooks per load generator and phase"
+        "--presigned",
+        type=int,
+        default=32_000,
+        help="pre-signed webhooks per load generator and phase (enough for 10,000 webhooks/s over 6 s)",
     )
     parser.add_argument(
         "--only", choices=["ndjson", "webhooks"], help="run one part (development; ok is false)"
