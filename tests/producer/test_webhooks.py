@@ -207,3 +207,28 @@ class TestWebhooks:
         raw = b"{" + b" " * env.settings.max_body_bytes + b"}"
         _, headers = signed(env.secret, "msg_1", b"{}")
         assert (await post(env, raw, headers)).status_code == 413
+
+    async def test_chunked_body_without_length_is_read_whole(self, env: Env) -> None:
+        raw, headers = signed(env.secret, "msg_chunked", payload("SER_CHUNKED"))
+
+        async def pieces():  # type: ignore[no-untyped-def]  # no content-length: sent chunked, in 3 parts
+            for i in range(0, len(raw), len(raw) // 3 + 1):
+                yield raw[i : i + len(raw) // 3 + 1]
+
+        r = await env.http.post(URL, content=pieces(), headers=headers)
+        assert r.status_code == 202, r.text
+        assert r.json()["status"] == "accepted"
+
+    async def test_chunked_body_over_the_limit_is_413(self, env: Env) -> None:
+        _, headers = signed(env.secret, "msg_1", b"{}")
+        part = b" " * 65536
+
+        async def pieces():  # type: ignore[no-untyped-def]
+            yield b"{"
+            for _ in range(env.settings.max_body_bytes // len(part) + 1):
+                yield part
+            yield b"}"
+
+        r = await env.http.post(URL, content=pieces(), headers=headers)
+        assert r.status_code == 413
+        assert "limit" in r.json()["detail"]
