@@ -151,17 +151,38 @@ class Server:
         return sum(cpu_seconds(p) for p in self.worker_pids())
 
 
-def start_server(redis_url: str, secret_key: str, workers: int, state_dir: Path) -> Server:
-    port = free_port()
-    env = {
-        **os.environ,
+def producer_env(redis_url: str, secret_key: str, state_dir: Path) -> dict[str, str]:
+    """The producer's settings for the benchmark: quiet logs, and no backlog limit (nothing drains it)."""
+    return {
         "REDIS_URL": redis_url,
         "PASSBRIDGE_SECRET_KEY": secret_key,
         "PASSBRIDGE_STATE_DIR": str(state_dir),
         "PASSBRIDGE_LOG_LEVEL": "warning",
         "PASSBRIDGE_BACKLOG_HIGH_WATER": "100000000",
-        "PYTHONPATH": str(ROOT),
     }
+
+
+async def register_account(redis_url: str, secret_key: str, state_dir: Path, webhook_secret: str) -> None:
+    """Register the benchmark's account (``ACCOUNT``, ingest token ``TOKEN``) with ``webhook_secret``."""
+    from redis.asyncio import Redis as AsyncRedis
+
+    from passbridge.accounts import Account, AccountSecrets, AccountStore, hash_token
+    from passbridge.crypto import load_cipher
+
+    client = AsyncRedis.from_url(redis_url)
+    await AccountStore(client, load_cipher(secret_key, state_dir)).put(
+        Account(
+            account_id=ACCOUNT,
+            ingest_token_sha256=hash_token(TOKEN),
+            secrets=AccountSecrets.model_validate({"webhook_secrets": [webhook_secret]}),
+        )
+    )
+    await client.aclose()
+
+
+def start_server(redis_url: str, secret_key: str, workers: int, state_dir: Path) -> Server:
+    port = free_port()
+    env = {**os.environ, **producer_env(redis_url, secret_key, state_dir), "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [
             sys.executable,
@@ -551,9 +572,6 @@ def main() -> None:
     )
     args = parser.parse_args()
 
-    from passbridge.accounts import Account, AccountSecrets, AccountStore, hash_token
-    from passbridge.crypto import load_cipher
-
     # A terminated benchmark still stops its servers (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="pb-bench-"))
@@ -563,20 +581,7 @@ def main() -> None:
         secret_key = Fernet.generate_key().decode()
         secret = "whsec_" + __import__("base64").b64encode(os.urandom(24)).decode()
 
-        async def setup() -> None:
-            from redis.asyncio import Redis as AsyncRedis
-
-            client = AsyncRedis.from_url(redis_server.url)
-            await AccountStore(client, load_cipher(secret_key, tmp)).put(
-                Account(
-                    account_id=ACCOUNT,
-                    ingest_token_sha256=hash_token(TOKEN),
-                    secrets=AccountSecrets.model_validate({"webhook_secrets": [secret]}),
-                )
-            )
-            await client.aclose()
-
-        asyncio.run(setup())
+        asyncio.run(register_account(redis_server.url, secret_key, tmp, secret))
         server = start_server(redis_server.url, secret_key, args.workers, tmp)
         redis = Redis.from_url(redis_server.url)
         load_before = round(os.getloadavg()[0], 2)

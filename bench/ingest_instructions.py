@@ -47,11 +47,8 @@ def _child(requests: int, warmup: int) -> None:
 
     import uvloop
     from cryptography.fernet import Fernet
-    from redis.asyncio import Redis
     from standardwebhooks import Webhook
 
-    from passbridge.accounts import Account, AccountSecrets, AccountStore, hash_token
-    from passbridge.crypto import load_cipher
     from passbridge.redis_server import start_redis
 
     tmp = Path(tempfile.mkdtemp(prefix="pb-instr-"))
@@ -59,29 +56,10 @@ def _child(requests: int, warmup: int) -> None:
     try:
         secret_key = Fernet.generate_key().decode()
         secret = "whsec_" + __import__("base64").b64encode(os.urandom(24)).decode()
-        os.environ.update(
-            {
-                "REDIS_URL": redis_server.url,
-                "PASSBRIDGE_SECRET_KEY": secret_key,
-                "PASSBRIDGE_STATE_DIR": str(tmp),
-                "PASSBRIDGE_LOG_LEVEL": "warning",
-                "PASSBRIDGE_BACKLOG_HIGH_WATER": "100000000",
-            }
-        )
         import ingest as bench  # bench/ingest.py: the same events and account as the throughput benchmark
 
-        async def setup() -> None:
-            client = Redis.from_url(redis_server.url)
-            await AccountStore(client, load_cipher(secret_key, tmp)).put(
-                Account(
-                    account_id=bench.ACCOUNT,
-                    ingest_token_sha256=hash_token(bench.TOKEN),
-                    secrets=AccountSecrets.model_validate({"webhook_secrets": [secret]}),
-                )
-            )
-            await client.aclose()
-
-        asyncio.run(setup())
+        os.environ.update(bench.producer_env(redis_server.url, secret_key, tmp))
+        asyncio.run(bench.register_account(redis_server.url, secret_key, tmp, secret))
         signer = Webhook(secret)
         now = datetime.now(UTC)
         stamp = str(int(now.timestamp())).encode()
