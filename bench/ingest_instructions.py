@@ -126,8 +126,8 @@ def _child(requests: int, warmup: int) -> None:
             await asyncio.gather(*(gated(b, h) for b, h in batch))
 
         def instrument(state: str) -> None:
-            # Keep running while callgrind_control waits for valgrind to take the command: valgrind acts on it
-            # between the guest's instructions, and a guest blocked in waitpid() could wait forever.
+            # Poll instead of blocking in waitpid(): valgrind takes the command between the guest's
+            # instructions, so the guest keeps executing until callgrind_control has its answer.
             control = subprocess.Popen(
                 ["callgrind_control", "-i", state, str(os.getpid())],
                 stdout=subprocess.DEVNULL,
