@@ -157,24 +157,27 @@ def _child(requests: int, warmup: int) -> None:
 def _count(requests: int, warmup: int) -> float:
     """Instructions per request of one run under callgrind."""
     with tempfile.TemporaryDirectory(prefix="pb-instr-") as tmp:
-        proc = subprocess.run(
-            [
-                "valgrind",
-                "--tool=callgrind",
-                "--instr-atstart=no",
-                f"--callgrind-out-file={tmp}/callgrind.out",
-                sys.executable,
-                __file__,
-                "--child",
-                "--requests",
-                str(requests),
-                "--warmup",
-                str(warmup),
-            ],
-            capture_output=True,
-            text=True,
-            timeout=300,
-        )
+        try:
+            proc = subprocess.run(
+                [
+                    "valgrind",
+                    "--tool=callgrind",
+                    "--instr-atstart=no",
+                    f"--callgrind-out-file={tmp}/callgrind.out",
+                    sys.executable,
+                    __file__,
+                    "--child",
+                    "--requests",
+                    str(requests),
+                    "--warmup",
+                    str(warmup),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=300,
+            )
+        except subprocess.TimeoutExpired:
+            raise SystemExit("the run did not finish within 300 s under valgrind; try again") from None
     found = re.search(r"Collected : (\d+)", proc.stderr)
     if proc.returncode != 0 or found is None:
         raise SystemExit(f"the run failed (exit {proc.returncode}):\n{proc.stderr[-2000:]}")
