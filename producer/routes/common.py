@@ -18,8 +18,12 @@ from passbridge.event import PassEvent
 from passbridge.queue import BacklogFull
 from producer.context import ProducerContext
 from producer.problems import Problem, unavailable
+from producer.publisher import Prepare
 
 log = structlog.get_logger(__name__)
+
+#: What a full backlog or an unreachable or slow Redis raises: each becomes a 503 (:func:`as_503`).
+STORE_ERRORS = (BacklogFull, RedisError, OSError, TimeoutError)
 
 
 def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = None) -> Response:
@@ -77,7 +81,16 @@ async def enqueue_or_503(ctx: ProducerContext, account_id: str, events: Sequence
     # A plain try (not the context manager below): this runs once per ingest request.
     try:
         return await ctx.publisher.publish(account_id, events)
-    except (BacklogFull, RedisError, OSError, TimeoutError) as exc:
+    except STORE_ERRORS as exc:
+        raise as_503(ctx, account_id, exc) from None
+
+
+async def enqueue_prepared_or_503(ctx: ProducerContext, account_id: str, prepare: Prepare) -> list[bool]:
+    """:func:`enqueue_or_503` for the events ``prepare`` builds in the publisher
+    (:meth:`producer.publisher.Publisher.publish_prepared`); what ``prepare`` raises is raised as it is."""
+    try:
+        return await ctx.publisher.publish_prepared(account_id, prepare)
+    except STORE_ERRORS as exc:
         raise as_503(ctx, account_id, exc) from None
 
 
@@ -86,7 +99,7 @@ def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]
     """Turn a full backlog or an unreachable Redis inside the block into a 503 problem with Retry-After."""
     try:
         yield
-    except (BacklogFull, RedisError, OSError, TimeoutError) as exc:
+    except STORE_ERRORS as exc:
         raise as_503(ctx, account_id, exc) from None
 
 

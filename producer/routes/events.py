@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +20,13 @@ from passbridge.queue import count_skipped
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
-from producer.routes.common import authenticate_ingest, enqueue_or_503, json_response, read_body
+from producer.routes.common import (
+    authenticate_ingest,
+    enqueue_or_503,
+    enqueue_prepared_or_503,
+    json_response,
+    read_body,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -96,11 +103,29 @@ async def post_events(request: Request) -> Response:
     )
 
 
-async def publish_one(ctx: ProducerContext, account: Account, event: PassEvent) -> dict[str, Any]:
-    """:func:`publish_events` for a single event (webhooks, Google callbacks): the same result, fewer steps."""
-    if not account.syncs(event.pass_type):
-        return (await publish_events(ctx, account, [event]))[0]
-    fresh = (await enqueue_or_503(ctx, account.account_id, (event,)))[0]
+async def publish_one(
+    ctx: ProducerContext, account: Account, build: Callable[[], PassEvent]
+) -> dict[str, Any]:
+    """Enqueue the one event ``build()`` returns; its result as :func:`publish_events` reports it.
+
+    ``build`` (verifying and normalizing a request that carries one event: webhooks, Google callbacks) runs in
+    the publisher, back to back with the other requests' (``Publisher.publish_prepared``); a problem it raises
+    is this request's answer, and nothing is enqueued then.
+    """
+    built: list[PassEvent] = []
+
+    def prepare() -> tuple[PassEvent, ...]:
+        event = build()
+        built.append(event)
+        return (event,) if account.syncs(event.pass_type) else ()
+
+    flags = await enqueue_prepared_or_503(ctx, account.account_id, prepare)
+    if not flags:  # a pass type this account does not sync: skipped, and counted as such
+        return (await publish_events(ctx, account, built))[0]
+    return _outcome(built[0], flags[0])
+
+
+def _outcome(event: PassEvent, fresh: bool) -> dict[str, Any]:
     return {
         "event_id": event.event_id,
         "status": "accepted" if fresh else "duplicate",
@@ -130,14 +155,7 @@ async def publish_events(
                 }
             )
         else:
-            fresh = next(flags)
-            out.append(
-                {
-                    "event_id": ev.event_id,
-                    "status": "accepted" if fresh else "duplicate",
-                    "duplicate": not fresh,
-                }
-            )
+            out.append(_outcome(ev, next(flags)))
     return out
 
 

@@ -126,7 +126,7 @@ async def post_callback(request: Request) -> Response:
         raise unprocessable(
             [{**e, "pointer": _POINTERS.get(e["pointer"].strip("/"), e["pointer"])} for e in exc.errors]
         ) from None
-    result = await publish_one(ctx, account, event)
+    result = await publish_one(ctx, account, lambda: event)
     log.info(
         "google callback",
         account_id=account.account_id,

@@ -20,7 +20,7 @@ import orjson
 from starlette.requests import Request
 from starlette.responses import Response
 
-from passbridge.event import utcnow
+from passbridge.event import PassEvent, utcnow
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
@@ -126,30 +126,32 @@ async def post_webhook(request: Request) -> Response:
     ctx: ProducerContext = request.app.state.ctx
     account = await ctx.account(request.path_params["account_id"])
     body = await read_body(request, ctx.settings.max_body_bytes)
-    # Straight from the ASGI scope (names are lower-case bytes there): only the three webhook-* headers.
-    headers = {
-        k.decode("latin-1"): v.decode("latin-1")
-        for k, v in request.scope["headers"]
-        if k.startswith(b"webhook-")
-    }
-    verify([s.get_secret_value() for s in account.secrets.webhook_secrets], body, headers)
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError as exc:
-        raise bad_json(str(exc)) from None
-    try:
-        item = webhook_item(headers["webhook-id"], doc)
-        event = to_event(
-            item,
-            account=account,
-            source="webhook",
-            received_at=utcnow(),
-            default_region=ctx.settings.default_phone_region,
-        )
-    except ItemError as exc:
-        raise unprocessable(_repoint(exc.errors)) from None
-    result = await publish_one(ctx, account, event)
-    return json_response(result, 202)
+    received_at = utcnow()
+    scope_headers = request.scope["headers"]
+
+    def build() -> PassEvent:
+        # Runs in the publisher, back to back with the other webhooks that arrived meanwhile (publish_one).
+        # Straight from the ASGI scope (names are lower-case bytes there): only the three webhook-* headers.
+        headers = {
+            k.decode("latin-1"): v.decode("latin-1") for k, v in scope_headers if k.startswith(b"webhook-")
+        }
+        verify([s.get_secret_value() for s in account.secrets.webhook_secrets], body, headers)
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError as exc:
+            raise bad_json(str(exc)) from None
+        try:
+            return to_event(
+                webhook_item(headers["webhook-id"], doc),
+                account=account,
+                source="webhook",
+                received_at=received_at,
+                default_region=ctx.settings.default_phone_region,
+            )
+        except ItemError as exc:
+            raise unprocessable(_repoint(exc.errors)) from None
+
+    return json_response(await publish_one(ctx, account, build), 202)
 
 
 __all__ = ["enqueue_or_503", "post_webhook", "verify", "webhook_item"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Any
@@ -232,3 +233,40 @@ class TestWebhooks:
         r = await env.http.post(URL, content=pieces(), headers=headers)
         assert r.status_code == 413
         assert "limit" in r.json()["detail"]
+
+
+class TestWebhooksBuiltTogether:
+    """Concurrent webhooks are verified and normalized together in the publisher; each still gets its own
+    answer, and a rejected one never takes the others down with it."""
+
+    async def test_each_concurrent_webhook_gets_its_own_answer(self, env: Env) -> None:
+        good = [signed(env.secret, f"msg_{i}", payload(serial=f"SER{i}")) for i in range(6)]
+        forged = signed(webhook_secret(), "msg_forged", payload(serial="SERF"))
+        invalid = signed(env.secret, "msg_invalid", payload(serial="SERX", platform="windows"))
+        not_json = signed(env.secret, "msg_raw", b"{not json")
+        requests = [*good, forged, invalid, not_json, good[0]]
+        answers = await asyncio.gather(*(post(env, raw, headers) for raw, headers in requests))
+
+        assert [r.status_code for r in answers] == [202] * 6 + [401, 422, 400, 202]
+        assert answers[7].json()["errors"][0]["pointer"] == "/data/platform"
+        # The repeated first webhook is one of two in flight at once: exactly one of them is the duplicate.
+        assert sorted(r.json()["duplicate"] for r in (answers[0], answers[-1])) == [False, True]
+        for i in range(6):
+            [ev] = await mailbox(env, f"SER{i}")
+            assert ev.event_id == f"msg_{i}"
+        assert await mailbox(env, "SERF") == []
+        assert await mailbox(env, "SERX") == []
+        assert int(await env.redis.get(account_keys("acme").depth) or 0) == 6
+
+    async def test_unsynced_pass_type_is_acknowledged_and_skipped(self, env: Env) -> None:
+        await env.update_account(sync_pass_types=["ptk_other"])
+        r = await post(env, *signed(env.secret, "msg_1", payload()))
+        assert r.status_code == 202, r.text
+        assert r.json() == {
+            "event_id": "msg_1",
+            "status": "skipped",
+            "duplicate": False,
+            "reason": "pass type ptk_0x216 is not synced for this account",
+        }
+        assert await mailbox(env, "SER1") == []
+        assert await env.redis.hget(account_keys("acme").stats, "skipped:ptk_0x216") == b"1"
