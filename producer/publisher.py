@@ -9,7 +9,7 @@ are shared. Every request still hears back only after its events are in Redis.
 A request may also hand over how to build its events (:meth:`Publisher.publish_prepared`): the flusher then
 runs the builds of all the requests that arrived meanwhile back to back, right before their shared call. Run
 so, a webhook's verification and normalization stay in the CPU's caches instead of being evicted by the
-server's other work between two requests: a webhook costs about 15 % less producer CPU (BENCHMARKS.md,
+server's other work between two requests: a webhook costs about 12 % less producer CPU (BENCHMARKS.md,
 "Ingest → Session 15").
 """
 
