@@ -108,9 +108,9 @@ async def publish_one(
 ) -> dict[str, Any]:
     """Enqueue the one event ``build()`` returns; its result as :func:`publish_events` reports it.
 
-    ``build`` (verifying and normalizing a request that carries one event: webhooks, Google callbacks) runs in
-    the publisher, back to back with the other requests' (``Publisher.publish_prepared``); a problem it raises
-    is this request's answer, and nothing is enqueued then.
+    ``build`` (for a webhook, its verification and normalization; a Google callback's event is built before)
+    runs in the publisher, back to back with the other requests' (``Publisher.publish_prepared``); a problem it
+    raises is this request's answer, and nothing is enqueued then.
     """
     built: list[PassEvent] = []
 
