@@ -24,7 +24,7 @@ from passbridge.event import PassEvent, utcnow
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
-from producer.routes.common import enqueue_or_503, json_response, read_body
+from producer.routes.common import json_response, read_body
 from producer.routes.events import publish_one
 from producer.signatures import Rejection, SignatureRejected, verify_signature
 
@@ -154,4 +154,4 @@ async def post_webhook(request: Request) -> Response:
     return json_response(await publish_one(ctx, account, build), 202)
 
 
-__all__ = ["enqueue_or_503", "post_webhook", "verify", "webhook_item"]
+__all__ = ["post_webhook", "verify", "webhook_item"]
