@@ -52,6 +52,7 @@ sys.path.insert(0, str(ROOT))
 from cryptography.fernet import Fernet  # noqa: E402
 from redis import Redis  # noqa: E402
 
+from passbridge.accounts import new_webhook_secret  # noqa: E402
 from passbridge.keys import account_keys  # noqa: E402
 from passbridge.redis_server import RedisServer, free_port, start_redis  # noqa: E402
 
@@ -579,7 +580,7 @@ def main() -> None:
     server: Server | None = None
     try:
         secret_key = Fernet.generate_key().decode()
-        secret = "whsec_" + __import__("base64").b64encode(os.urandom(24)).decode()
+        secret = new_webhook_secret()
 
         asyncio.run(register_account(redis_server.url, secret_key, tmp, secret))
         server = start_server(redis_server.url, secret_key, args.workers, tmp)

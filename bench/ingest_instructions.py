@@ -49,13 +49,14 @@ def _child(requests: int, warmup: int) -> None:
     from cryptography.fernet import Fernet
     from standardwebhooks import Webhook
 
+    from passbridge.accounts import new_webhook_secret
     from passbridge.redis_server import start_redis
 
     tmp = Path(tempfile.mkdtemp(prefix="pb-instr-"))
     redis_server = start_redis(tmp / "redis", appendonly=True)
     try:
         secret_key = Fernet.generate_key().decode()
-        secret = "whsec_" + __import__("base64").b64encode(os.urandom(24)).decode()
+        secret = new_webhook_secret()
         import ingest as bench  # bench/ingest.py: the same events and account as the throughput benchmark
 
         os.environ.update(bench.producer_env(redis_server.url, secret_key, tmp))
