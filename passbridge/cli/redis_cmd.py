@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli.common import console, emit_json, settings
-from passbridge.redis_server import ensure_embedded, read_state, stop_embedded
+from passbridge.cli.common import console, emit_json, fail, settings
+from passbridge.redis_server import RedisServerError, ensure_embedded, read_state, stop_embedded
 
 app = typer.Typer(help="The embedded Redis server (used when REDIS_URL is unset).", no_args_is_help=True)
 
@@ -14,7 +14,10 @@ app = typer.Typer(help="The embedded Redis server (used when REDIS_URL is unset)
 def start(port: int = typer.Option(0, help="Port (0 = a free one).")) -> None:
     """Start the embedded Redis (AOF on) unless it is running; print its URL."""
     s = settings()
-    server = ensure_embedded(s.state_dir, port or None)
+    try:
+        server = ensure_embedded(s.state_dir, port or None)
+    except RedisServerError as exc:
+        fail(str(exc))
     typer.echo(server.url)
 
 

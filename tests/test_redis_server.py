@@ -1,0 +1,159 @@
+"""The embedded Redis: one server per state dir, even when processes start together, and a recorded server is
+trusted (used or stopped) only while it is still the server of the recorded data dir."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis as redis_sync
+
+from passbridge.redis_server import (
+    STATE_FILE,
+    RedisServer,
+    RedisServerError,
+    ensure_embedded,
+    read_state,
+    start_redis,
+    stop_embedded,
+)
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _redis_pids_serving(data_dir: Path) -> list[int]:
+    """Every live redis-server process working in ``data_dir`` (its cwd, see passbridge.redis_server)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        with contextlib.suppress(OSError):
+            if (
+                b"redis-server" in (entry / "cmdline").read_bytes()
+                and Path(os.readlink(entry / "cwd")) == data_dir.resolve()
+            ):
+                pids.append(int(entry.name))
+    return pids
+
+
+@pytest.fixture
+def state_dir(tmp_path: Path) -> Iterator[Path]:
+    """A state dir whose embedded servers are all stopped after the test, whatever happens."""
+    state = tmp_path / "state"
+    yield state
+    for pid in _redis_pids_serving(state / "redis"):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+
+
+def test_processes_starting_together_share_one_server(state_dir: Path) -> None:
+    """Four processes asking for the embedded Redis at once get the same URL, and one server runs."""
+    code = textwrap.dedent(
+        f"""
+        import sys
+        from pathlib import Path
+        from passbridge.redis_server import ensure_embedded
+        sys.stdout.write(ensure_embedded(Path({str(state_dir)!r})).url)
+        """
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT
+        )
+        for _ in range(4)
+    ]
+    outputs = [p.communicate(timeout=60) for p in procs]
+    assert all(p.returncode == 0 for p in procs), [err.decode() for _, err in outputs]
+    urls = {out.decode() for out, _ in outputs}
+    assert len(urls) == 1, urls
+    assert len(_redis_pids_serving(state_dir / "redis")) == 1
+    recorded = read_state(state_dir)
+    assert recorded is not None
+    assert recorded.url == urls.pop()
+    assert stop_embedded(state_dir)
+    assert _redis_pids_serving(state_dir / "redis") == []
+
+
+def test_a_stale_record_pointing_at_another_redis_is_neither_used_nor_stopped(
+    state_dir: Path, redis_server: RedisServer
+) -> None:
+    """The record names a port and pid that now belong to another Redis (the test session's): it is ignored,
+    a server of our own is started, and stopping ours leaves the other one running."""
+    state_dir.mkdir(parents=True)
+    stale = json.dumps(
+        {
+            "url": redis_server.url,
+            "pid": redis_server.pid,
+            "port": redis_server.port,
+            "data_dir": str(state_dir / "redis"),
+        }
+    )
+    (state_dir / STATE_FILE).write_text(stale)
+    assert read_state(state_dir) is None
+    assert not stop_embedded(state_dir)  # nothing of ours was running: the other server is not signalled
+    assert _alive(redis_server.pid)
+
+    (state_dir / STATE_FILE).write_text(stale)
+    ours = ensure_embedded(state_dir)
+    assert ours.port != redis_server.port
+    assert ours.pid != redis_server.pid
+    assert stop_embedded(state_dir)
+    assert not _alive(ours.pid)
+    assert _alive(redis_server.pid)
+    assert redis_sync.Redis.from_url(redis_server.url).ping()
+
+
+def test_a_recorded_pid_reused_by_another_process_is_not_killed(state_dir: Path) -> None:
+    """A live pid that is not a Redis of this data dir is left alone by ``stop``."""
+    sleeper = subprocess.Popen(["sleep", "60"])
+    try:
+        server = RedisServer("redis://127.0.0.1:1/0", sleeper.pid, 1, state_dir / "redis")
+        server.stop(timeout=0.5)
+        assert sleeper.poll() is None
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+
+
+def test_an_explicit_port_in_use_is_refused(tmp_path: Path, redis_server: RedisServer) -> None:
+    """redis-server daemonizes before it binds, so without a check the launch would 'succeed' and the other
+    Redis on that port would be taken for ours."""
+    with pytest.raises(RedisServerError, match=f"port {redis_server.port} .* in use"):
+        start_redis(tmp_path / "redis", redis_server.port)
+    assert _alive(redis_server.pid)
+
+
+def test_cli_redis_start_on_a_taken_port_is_one_clear_error(
+    state_dir: Path, tmp_path: Path, redis_server: RedisServer
+) -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env["PASSBRIDGE_STATE_DIR"] = str(state_dir)
+    result = subprocess.run(
+        [sys.executable, "-m", "passbridge", "redis", "start", "--port", str(redis_server.port)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert f"port {redis_server.port}" in result.stderr
+    assert "in use" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert _alive(redis_server.pid)
