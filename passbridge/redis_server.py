@@ -115,7 +115,10 @@ def _owns(pid: int, data_dir: Path) -> bool:
 
 
 def _port_free(port: int) -> bool:
+    """Whether nothing listens on ``port`` (connections of a server that just stopped may linger in
+    TIME_WAIT there; redis-server binds with SO_REUSEADDR and so does this probe)."""
     with socket.socket() as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind(("127.0.0.1", port))
         except OSError:
