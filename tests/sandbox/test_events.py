@@ -130,6 +130,7 @@ def test_bulk_create_events(api: httpx.Client, sandbox: SandboxClient) -> None:
     response = api.post("/api/event-bulk-create-jobs", json=body)
     assert response.status_code == 202
     check_response("bulk_create_events", response)
+    sandbox.wait_idle()  # a bulk job is applied in the background, as on Klaviyo
     assert len(_events(sandbox)) == 2
     assert len(_events(sandbox, "serial-2")) == 1
 
