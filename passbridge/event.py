@@ -60,6 +60,9 @@ Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, patt
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
+#: Why an ``occurred_at`` whose UTC time lies outside the years 1..9999 is refused.
+OCCURRED_AT_OUT_OF_RANGE = "occurred_at is out of range (its UTC time must lie within the years 1 to 9999)"
+
 
 # The common case (ASCII dot-atom local part, LDH domain labels, alphabetic TLD) is checked with one
 # regex; anything else goes to email-validator, which explains what is wrong. Both paths agree on what
@@ -174,7 +177,10 @@ class EventIn(BaseModel):
             return v
         if v.tzinfo is None:
             raise ValueError("occurred_at needs a timezone (e.g. 2026-11-25T10:00:00Z)")
-        v = v.astimezone(UTC)
+        try:
+            v = v.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00: its UTC time is past year 9999
+            raise ValueError(OCCURRED_AT_OUT_OF_RANGE) from None
         if v.year < 1990:
             raise ValueError("occurred_at must be after 1990 (Klaviyo rejects older event times)")
         return v
@@ -257,7 +263,7 @@ def fast_fields(raw: Any) -> dict[str, Any] | None:
             return None
         try:
             occurred = datetime.fromisoformat(occurred).astimezone(UTC)
-        except ValueError:
+        except (ValueError, OverflowError):  # pydantic words the error
             return None
         if occurred.year < 1990:
             return None

@@ -8,7 +8,15 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from passbridge.accounts import Account
-from passbridge.event import EventIn, EventSource, FieldError, PassEvent, build_event_from, fast_fields
+from passbridge.event import (
+    OCCURRED_AT_OUT_OF_RANGE,
+    EventIn,
+    EventSource,
+    FieldError,
+    PassEvent,
+    build_event_from,
+    fast_fields,
+)
 from producer.problems import pointer, validation_errors
 
 _EVENT_IN = TypeAdapter(EventIn)
@@ -52,4 +60,17 @@ def to_event(
     except FieldError as exc:
         raise ItemError(
             [{"pointer": pointer(*prefix, exc.field), "field": exc.field, "detail": exc.reason}]
+        ) from None
+    except OverflowError:
+        # A backstop: the validators above turn an out-of-range time into a field error, and occurred_at is
+        # the only input any arithmetic is done on, so a bad item must never become a 500 (nor abort an NDJSON
+        # upload) through a path they miss.
+        raise ItemError(
+            [
+                {
+                    "pointer": pointer(*prefix, "occurred_at"),
+                    "field": "occurred_at",
+                    "detail": OCCURRED_AT_OUT_OF_RANGE,
+                }
+            ]
         ) from None

@@ -162,6 +162,7 @@ class TestWebhooks:
         [
             ({"type": "pass.exploded"}, "/type", "must be one of"),
             ({"timestamp": "yesterday"}, "/timestamp", "datetime"),
+            ({"timestamp": "9999-12-31T23:59:59-01:00"}, "/timestamp", "out of range"),
             ({"data": "nope"}, "/data", "object"),
             ({"data": {"customer": {"email": "nope@"}}}, "/data/customer/email", "email"),
             ({"data": {"customer": {"phone": "12"}}}, "/data/customer/phone", "phone"),
