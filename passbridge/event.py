@@ -8,7 +8,7 @@ An event beyond them is rejected with the limit named, never truncated.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal, TypeVar
@@ -59,6 +59,11 @@ Serial = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: How far past its receive time an event may claim to have happened (clock skew). Klaviyo rejects event
+#: times more than a year ahead, and a future time would become the serial's ordering guard in the worker,
+#: making every real event after it look stale.
+MAX_OCCURRED_AHEAD = timedelta(hours=24)
 
 #: Why an ``occurred_at`` whose UTC time lies outside the years 1..9999 is refused.
 OCCURRED_AT_OUT_OF_RANGE = "occurred_at is out of range (its UTC time must lie within the years 1 to 9999)"
@@ -450,7 +455,8 @@ def build_event(
 ) -> PassEvent:
     """Stamp and complete a client's event: receive time, source, E.164 phone, pass URL from the template.
 
-    Raises :class:`FieldError` (naming the field) when the phone number does not parse in ``default_region``.
+    Raises :class:`FieldError` (naming the field) when the phone number does not parse in ``default_region``
+    or ``occurred_at`` is more than :data:`MAX_OCCURRED_AHEAD` after ``received_at``.
     """
     return build_event_from(
         item.__dict__,
@@ -481,6 +487,11 @@ def build_event_from(
             raise FieldError("phone_number", str(exc)) from None
     else:
         phone = None
+    occurred = item["occurred_at"]
+    if occurred is None:
+        occurred = received_at
+    elif occurred - received_at > MAX_OCCURRED_AHEAD:
+        raise FieldError("occurred_at", "must not be more than 24 hours in the future")
     serial = item["serial_number"]
     return _trusted(
         PassEvent,
@@ -492,7 +503,7 @@ def build_event_from(
             "serial_number": serial,
             "pass_type": item["pass_type"],
             "platform": item["platform"],
-            "occurred_at": item["occurred_at"] or received_at,
+            "occurred_at": occurred,
             "received_at": received_at,
             "source": source,
             "email": item["email"],

@@ -92,6 +92,32 @@ class TestLimits:
         with pytest.raises(ValidationError, match="bytes"):
             EventIn.model_validate(event(1, properties={f"k{i}": "x" * 9000 for i in range(8)}))
 
+    def test_occurred_at_at_most_24_hours_after_receipt(self) -> None:
+        """``build`` receives at 2026-11-25T00:00Z: clock skew up to a day is taken, anything later is not."""
+        assert build(occurred_at="2026-11-26T00:00:00Z").occurred_at == datetime(2026, 11, 26, tzinfo=UTC)
+        assert build(occurred_at="2026-11-25T20:00:00-04:00").occurred_at == datetime(
+            2026, 11, 26, tzinfo=UTC
+        )
+        for later in ("2026-11-26T00:00:01Z", "2026-11-26T00:00:00.000001Z", "2031-01-01T00:00:00Z"):
+            with pytest.raises(FieldError) as info:
+                build(occurred_at=later)
+            assert (info.value.field, info.value.reason) == (
+                "occurred_at",
+                "must not be more than 24 hours in the future",
+            )
+        # the fast path, which builds no model, is held to the same bound
+        fields = fast_fields(event(1, occurred_at="2026-11-26T00:00:01Z"))
+        assert fields is not None
+        with pytest.raises(FieldError, match="24 hours"):
+            build_event_from(
+                fields,
+                account_id="acme",
+                source="ndjson",
+                received_at=datetime(2026, 11, 25, tzinfo=UTC),
+                default_region="US",
+                pass_url_template="https://passninja.com/p/{serial_number}",
+            )
+
 
 class TestWire:
     """What goes into Redis comes back equal."""

@@ -95,6 +95,8 @@ class TestEventsRoute:
             ("occurred_at", "9999-12-31T23:59:59-01:00", "out of range"),  # past year 9999 in UTC
             ("occurred_at", "0001-01-01T00:00:00+01:00", "out of range"),  # before year 1 in UTC
             ("occurred_at", "9999-12-31 23:59:59-01:00", "out of range"),  # a form only pydantic parses
+            ("occurred_at", "2031-01-01T00:00:00Z", "more than 24 hours in the future"),
+            ("occurred_at", "2031-01-01 00:00:00Z", "more than 24 hours in the future"),
             ("email", "nope@", "email"),
             ("phone_number", "+1555", "phone"),
             ("phone_number", "12", "phone"),
@@ -183,15 +185,17 @@ class TestNdjsonRoute:
         assert int(await env.redis.get(account_keys("acme").depth)) == 1197
 
     async def test_out_of_range_time_rejects_only_its_line(self, env: Env) -> None:
-        lines = [orjson.dumps(event(i)) for i in range(4)]
+        lines = [orjson.dumps(event(i)) for i in range(5)]
         lines[1] = orjson.dumps(event(1, occurred_at="9999-12-31T23:59:59-01:00"))
         lines[2] = orjson.dumps(event(2, occurred_at="0001-01-01T00:00:00+01:00"))
+        lines[3] = orjson.dumps(event(3, occurred_at="2031-01-01T00:00:00Z"))
         r = await env.http.post(URL + "/ndjson", content=b"\n".join(lines) + b"\n", headers=auth())
         assert r.status_code == 200, r.text
         doc = r.json()
-        assert (doc["lines"], doc["accepted"]) == (4, 2)
+        assert (doc["lines"], doc["accepted"]) == (5, 2)
         assert [(x["line"], x["errors"][0]["pointer"]) for x in doc["rejected"]] == [
             (2, "/occurred_at"),
             (3, "/occurred_at"),
+            (4, "/occurred_at"),
         ]
         assert int(await env.redis.get(account_keys("acme").depth)) == 2

@@ -163,6 +163,7 @@ class TestWebhooks:
             ({"type": "pass.exploded"}, "/type", "must be one of"),
             ({"timestamp": "yesterday"}, "/timestamp", "datetime"),
             ({"timestamp": "9999-12-31T23:59:59-01:00"}, "/timestamp", "out of range"),
+            ({"timestamp": "2031-01-01T00:00:00Z"}, "/timestamp", "more than 24 hours in the future"),
             ({"data": "nope"}, "/data", "object"),
             ({"data": {"customer": {"email": "nope@"}}}, "/data/customer/email", "email"),
             ({"data": {"customer": {"phone": "12"}}}, "/data/customer/phone", "phone"),
