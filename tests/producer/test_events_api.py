@@ -40,6 +40,12 @@ class TestEventsRoute:
         assert int(await env.redis.get(account_keys("acme").depth)) == 1
         assert await env.redis.zscore(account_keys("acme").ready, "SER00000001") is not None
 
+    async def test_phone_with_non_ascii_digits_is_stored_in_e164(self, env: Env) -> None:
+        r = await env.http.post(URL, json=event(1, phone_number="+1415555012\u0660"), headers=auth())
+        assert r.status_code == 202, r.text
+        [ev] = await mailbox(env, "SER00000001")
+        assert ev.phone_number == "+14155550120"
+
     async def test_duplicate_answers_2xx_and_enqueues_nothing(self, env: Env) -> None:
         assert (await env.http.post(URL, json=event(1), headers=auth())).status_code == 202
         r = await env.http.post(URL, json=event(1), headers=auth())
