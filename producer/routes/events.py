@@ -193,12 +193,16 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     try:
         flags = await enqueue_or_503(ctx, account.account_id, synced)
     except Problem as exc:
-        # Lines before this batch stay accepted; the client resumes after them.
+        # Lines before this batch stay accepted; the client resumes after them. Everything the client will not
+        # send again (the lines up to the resume point) is reported: rejected lines there included, or they
+        # would be dropped unreported. Lines from the resume point on, rejected or not, come back with the retry.
         exc.extra.update(
             {
                 "lines_read": tally.lines,
                 "accepted": tally.accepted,
                 "duplicates": tally.duplicates,
+                "skipped": tally.skipped,
+                "rejected": [r for r in tally.rejected if r["line"] < batch.first_line],
                 "resume_after_line": batch.first_line - 1,
             }
         )

@@ -37,3 +37,21 @@ async def test_backlog_full_midway_reports_the_resume_line(env: Env) -> None:
     r = await env.http.post(URL, content=rest, headers=AUTH)
     assert r.status_code == 200, r.text
     assert (r.json()["accepted"], r.json()["duplicates"]) == (1100 - 501, 0)
+
+
+async def test_backlog_full_midway_reports_what_before_the_resume_line_was_rejected_or_skipped(
+    env: Env,
+) -> None:
+    await env.update_account(sync_pass_types=["ptk_0x216"])
+    lines = [orjson.dumps(event(i)) for i in range(1100)]
+    lines[0] = b"garbage"  # rejected before the resume point: the client will not send it again
+    for i in (1, 2, 3):
+        lines[i] = orjson.dumps(event(i, pass_type="ptk_other"))  # skipped: not synced
+    lines[699] = b"{broken"  # rejected after it: comes back with the retry, so not reported now
+    r = await env.http.post(URL, content=b"\n".join(lines) + b"\n", headers=AUTH)
+    assert r.status_code == 503, r.text
+    doc = r.json()
+    assert doc["resume_after_line"] == 501  # the first batch is lines 2..501
+    assert (doc["accepted"], doc["skipped"], doc["duplicates"]) == (497, 3, 0)
+    assert [x["line"] for x in doc["rejected"]] == [1]
+    assert doc["rejected"][0]["errors"][0]["pointer"] == ""
