@@ -190,6 +190,27 @@ class TestNdjsonRoute:
         assert doc["rejected"][1]["errors"][0]["pointer"] == "/email"
         assert int(await env.redis.get(account_keys("acme").depth)) == 1197
 
+    @pytest.mark.parametrize("head", [b" ", b"x"])
+    async def test_overlong_line_is_rejected_once_and_keeps_the_numbering(
+        self, env: Env, head: bytes
+    ) -> None:
+        # 2 MB with no newline in sight: the server has to give up on the line before its end arrives
+        overlong = head * 2_000_000 + orjson.dumps(event(1))
+        body = b"\n".join([orjson.dumps(event(0)), overlong, orjson.dumps(event(2)), b"{broken"]) + b"\n"
+
+        async def chunks():  # type: ignore[no-untyped-def]  # sent chunked, 64 KB at a time
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
+
+        r = await env.http.post(URL + "/ndjson", content=chunks(), headers=auth())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert (doc["lines"], doc["accepted"]) == (4, 2)
+        assert [x["line"] for x in doc["rejected"]] == [2, 4]
+        assert "line longer than" in doc["rejected"][0]["errors"][0]["detail"]
+        assert await mailbox(env, "SER00000001") == []  # the overlong line's tail is not an event
+        assert int(await env.redis.get(account_keys("acme").depth)) == 2
+
     async def test_out_of_range_time_rejects_only_its_line(self, env: Env) -> None:
         lines = [orjson.dumps(event(i)) for i in range(5)]
         lines[1] = orjson.dumps(event(1, occurred_at="9999-12-31T23:59:59-01:00"))
