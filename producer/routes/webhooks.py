@@ -77,7 +77,9 @@ def webhook_item(msg_id: str, doc: Any) -> dict[str, Any]:
     """Map a webhook payload onto the events API's item shape (pure; validation happens after)."""
     if not isinstance(doc, dict):
         raise ItemError([{"pointer": "", "field": "(body)", "detail": "expected a JSON object"}])
-    kind = WEBHOOK_TYPES.get(doc.get("type"))  # type: ignore[arg-type]
+    kind_raw = doc.get("type")
+    # Only a str may be looked up: a list or object is unhashable (TypeError, a 500).
+    kind = WEBHOOK_TYPES.get(kind_raw) if type(kind_raw) is str else None
     if kind is None:
         raise ItemError(
             [

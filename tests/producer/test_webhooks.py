@@ -161,6 +161,9 @@ class TestWebhooks:
         ("body", "pointer", "reason"),
         [
             ({"type": "pass.exploded"}, "/type", "must be one of"),
+            ({"type": ["pass.created"]}, "/type", "must be one of"),
+            ({"type": {"pass.created": 1}}, "/type", "must be one of"),
+            ({"type": None}, "/type", "must be one of"),
             ({"timestamp": "yesterday"}, "/timestamp", "datetime"),
             ({"timestamp": "9999-12-31T23:59:59-01:00"}, "/timestamp", "out of range"),
             ({"timestamp": "2031-01-01T00:00:00Z"}, "/timestamp", "more than 24 hours in the future"),
