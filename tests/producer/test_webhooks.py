@@ -171,6 +171,15 @@ class TestWebhooks:
             ({"data": {"customer": {"email": "nope@"}}}, "/data/customer/email", "email"),
             ({"data": {"customer": {"phone": "12"}}}, "/data/customer/phone", "phone"),
             ({"data": {"customer": 5}}, "/data/customer", "object"),
+            ({"data": {"customer": []}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": ""}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": 0}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": False}}, "/data/customer", "must be an object"),
+            ({"data": {"fields": []}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": ""}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": 0}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": False}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": [1]}}, "/data/fields", "must be an object"),
             ({"data": {"serialNumber": ""}}, "/data/serialNumber", "at least 1"),
             ({"data": {"passType": "has space"}}, "/data/passType", "pattern"),
             ({"data": {"platform": "windows"}}, "/data/platform", "apple"),
@@ -201,6 +210,18 @@ class TestWebhooks:
         r = await post(env, *signed(env.secret, "msg_1", doc))
         assert r.status_code == 422
         assert r.json()["errors"][0]["pointer"] == "/data/serialNumber"
+
+    async def test_null_customer_and_fields_mean_none(self, env: Env) -> None:
+        r = await post(env, *signed(env.secret, "msg_1", payload(customer=None, fields=None)))
+        assert r.status_code == 202, r.text
+        [ev] = await mailbox(env, "SER1")
+        assert (ev.email, ev.phone_number, ev.properties) == (None, None, {})
+
+    @pytest.mark.parametrize("body", [b"[]", b'"pass.created"', b"null"])
+    async def test_body_not_an_object_points_at_the_whole_body(self, env: Env, body: bytes) -> None:
+        r = await post(env, *signed(env.secret, "msg_1", body))
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"] == [{"pointer": "", "field": "(body)", "detail": "expected a JSON object"}]
 
     async def test_signed_but_not_json_is_400(self, env: Env) -> None:
         assert (await post(env, *signed(env.secret, "msg_1", b"{not json"))).status_code == 400
