@@ -143,6 +143,41 @@ def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
     return props
 
 
+def property_errors(props: dict[Any, Any]) -> list[tuple[str | None, str]]:
+    """Every reason the custom properties ``props`` (as the client sent them) are refused: ``(name, reason)``
+    per offending property, ``(None, reason)`` for the set as a whole; empty when they are accepted.
+
+    For error reports only (it checks each property on its own): names are checked as pydantic leaves them,
+    surrounding whitespace stripped, and two names that are the same once stripped are refused, where pydantic
+    would keep one of the values and silently drop the other.
+    """
+    out: list[tuple[str | None, str]] = []
+    if len(props) > MAX_PROPERTIES:
+        out.append((None, f"at most {MAX_PROPERTIES} custom properties are allowed, got {len(props)}"))
+    seen: dict[str, str] = {}
+    for key, value in props.items():
+        name = key.strip() if type(key) is str else key
+        if name in seen:
+            out.append(
+                (
+                    key,
+                    f"property {key!r} has the same name as {seen[name]!r} once surrounding whitespace is removed",
+                )
+            )
+            continue
+        seen[name] = key
+        try:
+            _check_properties({name: value})
+        except ValueError as exc:
+            out.append((key, str(exc)))
+    if not out:
+        try:
+            _check_properties({k.strip() if type(k) is str else k: v for k, v in props.items()})
+        except ValueError as exc:
+            out.append((None, str(exc)))
+    return out
+
+
 def _plain(value: Any) -> Any:
     """A JSON scalar's plain type (a ``str``/``int`` enum member becomes its value)."""
     for kind in (bool, int, float, str):
@@ -203,6 +238,16 @@ class EventIn(BaseModel):
         assert v is not None
         if not v.startswith(("https://", "http://")):
             raise ValueError("pass_url must be an http(s) URL")
+        return v
+
+    @field_validator("properties", mode="before")
+    @classmethod
+    def _distinct_names(cls, v: Any) -> Any:
+        # Before str_strip_whitespace, which strips the names too: " tier" and "tier" would become one.
+        if type(v) is dict and any(type(k) is str and k != k.strip() for k in v):
+            names = {k.strip() if type(k) is str else k for k in v}
+            if len(names) < len(v):
+                raise ValueError("property names must differ once surrounding whitespace is removed")
         return v
 
     @field_validator("properties")

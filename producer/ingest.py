@@ -16,6 +16,7 @@ from passbridge.event import (
     PassEvent,
     build_event_from,
     fast_fields,
+    property_errors,
 )
 from producer.problems import pointer, validation_errors
 
@@ -56,7 +57,7 @@ def to_event(
             pass_url_template=account.pass_url_template,
         )
     except ValidationError as exc:
-        raise ItemError(validation_errors(exc, prefix)) from None
+        raise ItemError(_per_property(validation_errors(exc, prefix), raw, prefix)) from None
     except FieldError as exc:
         raise ItemError(
             [{"pointer": pointer(*prefix, exc.field), "field": exc.field, "detail": exc.reason}]
@@ -74,3 +75,25 @@ def to_event(
                 }
             ]
         ) from None
+
+
+def _per_property(
+    errors: list[dict[str, Any]], raw: Any, prefix: tuple[str | int, ...]
+) -> list[dict[str, Any]]:
+    """``errors`` with the one error pydantic gives for the custom properties as a whole replaced by one per
+    offending property, each pointing at it (``/properties/<name>``)."""
+    whole = pointer(*prefix, "properties")
+    at = next((i for i, e in enumerate(errors) if e["pointer"] == whole), None)
+    props = raw.get("properties") if type(raw) is dict else None
+    if at is None or type(props) is not dict:
+        return errors
+    found = property_errors(props)
+    if not found:
+        return errors
+    each = [
+        {"pointer": whole, "field": "properties", "detail": reason}
+        if key is None
+        else {"pointer": pointer(*prefix, "properties", key), "field": f"properties.{key}", "detail": reason}
+        for key, reason in found
+    ]
+    return errors[:at] + each + errors[at + 1 :]

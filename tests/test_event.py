@@ -23,6 +23,7 @@ from passbridge.event import (
     fast_fields,
     normalize_email,
     normalize_phone,
+    property_errors,
 )
 from tests.factories import event
 
@@ -91,6 +92,17 @@ class TestLimits:
     def test_properties_size(self) -> None:
         with pytest.raises(ValidationError, match="bytes"):
             EventIn.model_validate(event(1, properties={f"k{i}": "x" * 9000 for i in range(8)}))
+
+    def test_property_names_equal_once_stripped_are_refused(self) -> None:
+        with pytest.raises(ValidationError, match="differ once surrounding whitespace is removed"):
+            EventIn.model_validate(event(1, properties={" tier": "gold", "tier": "silver"}))
+        assert EventIn.model_validate(event(1, properties={" tier ": "gold"})).properties == {"tier": "gold"}
+        assert property_errors({"tier": "gold", "tier ": "silver", " $x": 1, "ok": [1]}) == [
+            ("tier ", "property 'tier ' has the same name as 'tier' once surrounding whitespace is removed"),
+            (" $x", "property names starting with '$' are reserved by Klaviyo: '$x'"),
+            ("ok", "property 'ok' must be a string, number, boolean or null (JSON scalar)"),
+        ]
+        assert property_errors({"tier": "gold"}) == []
 
     def test_occurred_at_at_most_24_hours_after_receipt(self) -> None:
         """``build`` receives at 2026-11-25T00:00Z: clock skew up to a day is taken, anything later is not."""

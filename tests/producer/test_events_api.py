@@ -123,6 +123,27 @@ class TestEventsRoute:
         assert err["pointer"].startswith(f"/{field}")
         assert reason.lower() in err["detail"].lower(), err
 
+    async def test_each_bad_property_gets_its_own_error(self, env: Env) -> None:
+        props = {"tier": "gold", "a": {"x": 1}, "$b": 1, "c/d": [1]}
+        r = await env.http.post(URL, json=[event(0), event(1, properties=props)], headers=auth())
+        assert r.status_code == 422, r.text
+        assert [(e["pointer"], e["field"]) for e in r.json()["errors"]] == [
+            ("/1/properties/a", "properties.a"),
+            ("/1/properties/$b", "properties.$b"),
+            ("/1/properties/c~1d", "properties.c/d"),
+        ]
+        assert "reserved" in r.json()["errors"][1]["detail"]
+
+    async def test_property_names_equal_once_stripped_are_not_merged(self, env: Env) -> None:
+        r = await env.http.post(
+            URL, json=event(1, properties={" tier": "gold", "tier": "silver"}), headers=auth()
+        )
+        assert r.status_code == 422, r.text
+        [err] = r.json()["errors"]
+        assert err["pointer"] == "/properties/tier"
+        assert "same name as ' tier'" in err["detail"]
+        assert await env.redis.get(account_keys("acme").depth) is None
+
     async def test_missing_required_field(self, env: Env) -> None:
         item = event(1)
         del item["serial_number"]

@@ -204,6 +204,16 @@ class TestWebhooks:
         assert reason in err["detail"], err
         assert await env.redis.get(account_keys("acme").depth) is None
 
+    async def test_each_bad_field_points_at_itself(self, env: Env) -> None:
+        doc = payload(fields={"tier": "gold", "deep": {"a": 1}, "$points": 1, " tier": "silver"})
+        r = await post(env, *signed(env.secret, "msg_1", doc))
+        assert r.status_code == 422, r.text
+        assert [e["pointer"] for e in r.json()["errors"]] == [
+            "/data/fields/deep",
+            "/data/fields/$points",
+            "/data/fields/ tier",
+        ]
+
     async def test_missing_serial_points_into_the_payload(self, env: Env) -> None:
         doc = payload()
         del doc["data"]["serialNumber"]
