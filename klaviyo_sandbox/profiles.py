@@ -21,14 +21,16 @@ from klaviyo_sandbox.store import IDENTIFIERS, LOCATION_FIELDS, PROFILE_FIELDS, 
 
 PHONE_DETAIL = "Invalid phone number format (Example of a valid format: +12345678901)"
 EMAIL_DETAIL = "Invalid email address"
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# ASCII digits only, the whole value: Klaviyo's format is "+12345678901" (a str pattern's \d would take any
+# Unicode digit, and "$" a final newline).
+_E164 = re.compile(r"\+[1-9]\d{6,14}", re.ASCII)
 _SIMPLE_EMAIL = re.compile(r"^[A-Za-z0-9._%+\-]+@[A-Za-z0-9\-]+(\.[A-Za-z0-9\-]+)*\.[A-Za-z]{2,}$")
 
 
 @functools.lru_cache(maxsize=65536)
 def phone_ok(value: str) -> bool:
     """E.164 and a number libphonenumber considers valid."""
-    if not _E164.match(value):
+    if not _E164.fullmatch(value):
         return False
     try:
         return bool(phonenumbers.is_valid_number(phonenumbers.parse(value, None)))

@@ -8,7 +8,7 @@ An event beyond them is rejected with the limit named, never truncated.
 from __future__ import annotations
 
 import re
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 from functools import lru_cache
 from typing import Annotated, Any, Literal, TypeVar
@@ -59,6 +59,14 @@ Serial = Annotated[str, StringConstraints(min_length=1, max_length=255)]
 Identifier = Annotated[str, StringConstraints(min_length=1, max_length=255, pattern=r"^[A-Za-z0-9_.:\-]+$")]
 
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
+
+#: How far past its receive time an event may claim to have happened (clock skew). Klaviyo rejects event
+#: times more than a year ahead, and a future time would become the serial's ordering guard in the worker,
+#: making every real event after it look stale.
+MAX_OCCURRED_AHEAD = timedelta(hours=24)
+
+#: Why an ``occurred_at`` whose UTC time lies outside the years 1..9999 is refused.
+OCCURRED_AT_OUT_OF_RANGE = "occurred_at is out of range (its UTC time must lie within the years 1 to 9999)"
 
 
 # The common case (ASCII dot-atom local part, LDH domain labels, alphabetic TLD) is checked with one
@@ -135,6 +143,41 @@ def _check_properties(props: dict[str, Any]) -> dict[str, Any]:
     return props
 
 
+def property_errors(props: dict[Any, Any]) -> list[tuple[str | None, str]]:
+    """Every reason the custom properties ``props`` (as the client sent them) are refused: ``(name, reason)``
+    per offending property, ``(None, reason)`` for the set as a whole; empty when they are accepted.
+
+    For error reports only (it checks each property on its own): names are checked as pydantic leaves them,
+    surrounding whitespace stripped, and two names that are the same once stripped are refused, where pydantic
+    would keep one of the values and silently drop the other.
+    """
+    out: list[tuple[str | None, str]] = []
+    if len(props) > MAX_PROPERTIES:
+        out.append((None, f"at most {MAX_PROPERTIES} custom properties are allowed, got {len(props)}"))
+    seen: dict[str, str] = {}
+    for key, value in props.items():
+        name = key.strip() if type(key) is str else key
+        if name in seen:
+            out.append(
+                (
+                    key,
+                    f"property {key!r} has the same name as {seen[name]!r} once surrounding whitespace is removed",
+                )
+            )
+            continue
+        seen[name] = key
+        try:
+            _check_properties({name: value})
+        except ValueError as exc:
+            out.append((key, str(exc)))
+    if not out:
+        try:
+            _check_properties({k.strip() if type(k) is str else k: v for k, v in props.items()})
+        except ValueError as exc:
+            out.append((None, str(exc)))
+    return out
+
+
 def _plain(value: Any) -> Any:
     """A JSON scalar's plain type (a ``str``/``int`` enum member becomes its value)."""
     for kind in (bool, int, float, str):
@@ -174,7 +217,10 @@ class EventIn(BaseModel):
             return v
         if v.tzinfo is None:
             raise ValueError("occurred_at needs a timezone (e.g. 2026-11-25T10:00:00Z)")
-        v = v.astimezone(UTC)
+        try:
+            v = v.astimezone(UTC)
+        except OverflowError:  # e.g. 9999-12-31T23:59:59-01:00: its UTC time is past year 9999
+            raise ValueError(OCCURRED_AT_OUT_OF_RANGE) from None
         if v.year < 1990:
             raise ValueError("occurred_at must be after 1990 (Klaviyo rejects older event times)")
         return v
@@ -192,6 +238,16 @@ class EventIn(BaseModel):
         assert v is not None
         if not v.startswith(("https://", "http://")):
             raise ValueError("pass_url must be an http(s) URL")
+        return v
+
+    @field_validator("properties", mode="before")
+    @classmethod
+    def _distinct_names(cls, v: Any) -> Any:
+        # Before str_strip_whitespace, which strips the names too: " tier" and "tier" would become one.
+        if type(v) is dict and any(type(k) is str and k != k.strip() for k in v):
+            names = {k.strip() if type(k) is str else k for k in v}
+            if len(names) < len(v):
+                raise ValueError("property names must differ once surrounding whitespace is removed")
         return v
 
     @field_validator("properties")
@@ -257,7 +313,7 @@ def fast_fields(raw: Any) -> dict[str, Any] | None:
             return None
         try:
             occurred = datetime.fromisoformat(occurred).astimezone(UTC)
-        except ValueError:
+        except (ValueError, OverflowError):  # pydantic words the error
             return None
         if occurred.year < 1990:
             return None
@@ -444,7 +500,8 @@ def build_event(
 ) -> PassEvent:
     """Stamp and complete a client's event: receive time, source, E.164 phone, pass URL from the template.
 
-    Raises :class:`FieldError` (naming the field) when the phone number does not parse in ``default_region``.
+    Raises :class:`FieldError` (naming the field) when the phone number does not parse in ``default_region``
+    or ``occurred_at`` is more than :data:`MAX_OCCURRED_AHEAD` after ``received_at``.
     """
     return build_event_from(
         item.__dict__,
@@ -475,6 +532,11 @@ def build_event_from(
             raise FieldError("phone_number", str(exc)) from None
     else:
         phone = None
+    occurred = item["occurred_at"]
+    if occurred is None:
+        occurred = received_at
+    elif occurred - received_at > MAX_OCCURRED_AHEAD:
+        raise FieldError("occurred_at", "must not be more than 24 hours in the future")
     serial = item["serial_number"]
     return _trusted(
         PassEvent,
@@ -486,7 +548,7 @@ def build_event_from(
             "serial_number": serial,
             "pass_type": item["pass_type"],
             "platform": item["platform"],
-            "occurred_at": item["occurred_at"] or received_at,
+            "occurred_at": occurred,
             "received_at": received_at,
             "source": source,
             "email": item["email"],

@@ -19,7 +19,10 @@ import phonenumbers
 from phonenumbers import PhoneMetadata
 from phonenumbers.phonenumberutil import COUNTRY_CODE_TO_REGION_CODE
 
-_E164 = re.compile(r"^\+[1-9]\d{6,14}$")
+# re.ASCII everywhere: a str pattern's \d matches any Unicode digit (e.g. U+0660) and int() reads them, so
+# "+1415555012\u0660" would pass as E.164 and be stored unchanged. Non-ASCII digits go to the parser instead,
+# which normalizes them. (fullmatch: "$" would also let a final "\n" through.)
+_E164 = re.compile(r"\+[1-9]\d{6,14}", re.ASCII)
 _NON_GEO = "001"
 #: libphonenumber's order in ``_number_type_helper``; fixed line and mobile are handled after these.
 _SPECIAL_TYPES = (
@@ -61,7 +64,7 @@ def _desc(desc: object) -> _Desc | None:
     pattern = getattr(desc, "national_number_pattern", None)
     if not pattern:  # an absent or empty pattern matches nothing in libphonenumber
         return None
-    return _Desc(frozenset(getattr(desc, "possible_length", None) or ()), re.compile(pattern))
+    return _Desc(frozenset(getattr(desc, "possible_length", None) or ()), re.compile(pattern, re.ASCII))
 
 
 @cache
@@ -80,7 +83,7 @@ def _region(country_code: int, region: str) -> _Region | None:
     types += [_desc(getattr(metadata, name)) for name in _SPECIAL_TYPES]
     leading = metadata.leading_digits
     return _Region(
-        re.compile(leading) if leading is not None else None,
+        re.compile(leading, re.ASCII) if leading is not None else None,
         _desc(metadata.general_desc),
         tuple(d for d in types if d is not None),
     )
@@ -108,7 +111,7 @@ def is_valid_nsn(country_code: int, nsn: str) -> bool:
 
 def split_e164(value: str) -> tuple[int, str] | None:
     """``(country calling code, national significant number)`` of ``+<digits>``, or ``None``."""
-    if not _E164.match(value):
+    if not _E164.fullmatch(value):
         return None
     digits = value[1:]
     for width in (1, 2, 3):  # calling codes are prefix-free: at most one width names a known code
@@ -119,7 +122,7 @@ def split_e164(value: str) -> tuple[int, str] | None:
 
 
 _SIMPLE_NATIONAL = re.compile(r"^[0-9 ().\-]+$")
-_NOT_DIGIT = re.compile(r"\D")
+_NOT_DIGIT = re.compile(r"\D", re.ASCII)
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,7 +140,9 @@ def _national(region: str) -> _National | None:
     npfp = metadata.national_prefix_for_parsing
     idd = metadata.international_prefix
     return _National(
-        metadata.country_code, re.compile(idd) if idd else None, re.compile(npfp) if npfp else None
+        metadata.country_code,
+        re.compile(idd, re.ASCII) if idd else None,
+        re.compile(npfp, re.ASCII) if npfp else None,
     )
 
 

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from http import HTTPStatus
 
 import structlog
 from fastapi import FastAPI
+from fastapi.exception_handlers import http_exception_handler
 from redis.asyncio import Redis
+from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import PlainTextResponse, Response
 
 from passbridge import metrics
 from passbridge.accounts import AccountStore
@@ -73,6 +76,30 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         metrics.rejected(exc.kind)
         return exc.response(request.url.path)
 
+    # The framework's own answers (no such path, wrong method, ...) and unhandled exceptions are problems
+    # too, like every other error of the API. The dashboard's HTML pages keep the framework's answers.
+    @app.exception_handler(HTTPException)
+    async def _framework(request: Request, exc: HTTPException) -> Response:
+        if _is_dashboard(request):
+            return await http_exception_handler(request, exc)
+        return await _problem(request, _framework_problem(request, exc))
+
+    @app.exception_handler(Exception)
+    async def _crash(request: Request, exc: Exception) -> Response:
+        # The exception's text goes to the log only: it may name accounts, keys or internals. (Starlette then
+        # re-raises it, so the server logs it as well.)
+        log.exception(
+            "unhandled exception", method=request.method, path=request.url.path, error=type(exc).__name__
+        )
+        if _is_dashboard(request):
+            return PlainTextResponse("Internal Server Error", status_code=500)
+        return Problem(
+            500,
+            "internal",
+            "Internal server error",
+            "the server failed to handle this request; the error is logged",
+        ).response(request.url.path)
+
     app.add_api_route("/healthz", health.healthz, methods=["GET"])
     app.add_api_route("/readyz", health.readyz, methods=["GET"])
     app.add_api_route("/oauth/klaviyo/callback", oauth.klaviyo_callback, methods=["GET"])
@@ -86,6 +113,28 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     app.add_api_route("/metrics", get_metrics, methods=["GET"], include_in_schema=False)
     dashboard.mount(app)
     return app
+
+
+def _is_dashboard(request: Request) -> bool:
+    path = request.url.path
+    return path == "/dashboard" or path.startswith("/dashboard/")
+
+
+def _framework_problem(request: Request, exc: HTTPException) -> Problem:
+    """The problem for an error the framework raised itself (routing, method matching, body parsing)."""
+    status = exc.status_code
+    try:
+        phrase = HTTPStatus(status).phrase
+    except ValueError:  # a status http.HTTPStatus does not name
+        phrase = "Error"
+    if status == 404:
+        detail = f"no endpoint at {request.url.path}"
+    elif status == 405:
+        allowed = (exc.headers or {}).get("Allow", "")
+        detail = f"{request.method} is not allowed here" + (f"; allowed: {allowed}" if allowed else "")
+    else:
+        detail = exc.detail if isinstance(exc.detail, str) else phrase
+    return Problem(status, phrase.lower().replace(" ", "-"), phrase, detail, headers=dict(exc.headers or {}))
 
 
 def _apple_routes(app: FastAPI) -> None:

@@ -8,7 +8,16 @@ from typing import Any
 from pydantic import TypeAdapter, ValidationError
 
 from passbridge.accounts import Account
-from passbridge.event import EventIn, EventSource, FieldError, PassEvent, build_event_from, fast_fields
+from passbridge.event import (
+    OCCURRED_AT_OUT_OF_RANGE,
+    EventIn,
+    EventSource,
+    FieldError,
+    PassEvent,
+    build_event_from,
+    fast_fields,
+    property_errors,
+)
 from producer.problems import pointer, validation_errors
 
 _EVENT_IN = TypeAdapter(EventIn)
@@ -48,8 +57,43 @@ def to_event(
             pass_url_template=account.pass_url_template,
         )
     except ValidationError as exc:
-        raise ItemError(validation_errors(exc, prefix)) from None
+        raise ItemError(_per_property(validation_errors(exc, prefix), raw, prefix)) from None
     except FieldError as exc:
         raise ItemError(
             [{"pointer": pointer(*prefix, exc.field), "field": exc.field, "detail": exc.reason}]
         ) from None
+    except OverflowError:
+        # A backstop: the validators above turn an out-of-range time into a field error, and occurred_at is
+        # the only input any arithmetic is done on, so a bad item must never become a 500 (nor abort an NDJSON
+        # upload) through a path they miss.
+        raise ItemError(
+            [
+                {
+                    "pointer": pointer(*prefix, "occurred_at"),
+                    "field": "occurred_at",
+                    "detail": OCCURRED_AT_OUT_OF_RANGE,
+                }
+            ]
+        ) from None
+
+
+def _per_property(
+    errors: list[dict[str, Any]], raw: Any, prefix: tuple[str | int, ...]
+) -> list[dict[str, Any]]:
+    """``errors`` with the one error pydantic gives for the custom properties as a whole replaced by one per
+    offending property, each pointing at it (``/properties/<name>``)."""
+    whole = pointer(*prefix, "properties")
+    at = next((i for i, e in enumerate(errors) if e["pointer"] == whole), None)
+    props = raw.get("properties") if type(raw) is dict else None
+    if at is None or type(props) is not dict:
+        return errors
+    found = property_errors(props)
+    if not found:
+        return errors
+    each = [
+        {"pointer": whole, "field": "properties", "detail": reason}
+        if key is None
+        else {"pointer": pointer(*prefix, "properties", key), "field": f"properties.{key}", "detail": reason}
+        for key, reason in found
+    ]
+    return errors[:at] + each + errors[at + 1 :]

@@ -23,6 +23,7 @@ from passbridge.event import (
     fast_fields,
     normalize_email,
     normalize_phone,
+    property_errors,
 )
 from tests.factories import event
 
@@ -91,6 +92,43 @@ class TestLimits:
     def test_properties_size(self) -> None:
         with pytest.raises(ValidationError, match="bytes"):
             EventIn.model_validate(event(1, properties={f"k{i}": "x" * 9000 for i in range(8)}))
+
+    def test_property_names_equal_once_stripped_are_refused(self) -> None:
+        with pytest.raises(ValidationError, match="differ once surrounding whitespace is removed"):
+            EventIn.model_validate(event(1, properties={" tier": "gold", "tier": "silver"}))
+        assert EventIn.model_validate(event(1, properties={" tier ": "gold"})).properties == {"tier": "gold"}
+        assert property_errors({"tier": "gold", "tier ": "silver", " $x": 1, "ok": [1]}) == [
+            ("tier ", "property 'tier ' has the same name as 'tier' once surrounding whitespace is removed"),
+            (" $x", "property names starting with '$' are reserved by Klaviyo: '$x'"),
+            ("ok", "property 'ok' must be a string, number, boolean or null (JSON scalar)"),
+        ]
+        assert property_errors({"tier": "gold"}) == []
+
+    def test_occurred_at_at_most_24_hours_after_receipt(self) -> None:
+        """``build`` receives at 2026-11-25T00:00Z: clock skew up to a day is taken, anything later is not."""
+        assert build(occurred_at="2026-11-26T00:00:00Z").occurred_at == datetime(2026, 11, 26, tzinfo=UTC)
+        assert build(occurred_at="2026-11-25T20:00:00-04:00").occurred_at == datetime(
+            2026, 11, 26, tzinfo=UTC
+        )
+        for later in ("2026-11-26T00:00:01Z", "2026-11-26T00:00:00.000001Z", "2031-01-01T00:00:00Z"):
+            with pytest.raises(FieldError) as info:
+                build(occurred_at=later)
+            assert (info.value.field, info.value.reason) == (
+                "occurred_at",
+                "must not be more than 24 hours in the future",
+            )
+        # the fast path, which builds no model, is held to the same bound
+        fields = fast_fields(event(1, occurred_at="2026-11-26T00:00:01Z"))
+        assert fields is not None
+        with pytest.raises(FieldError, match="24 hours"):
+            build_event_from(
+                fields,
+                account_id="acme",
+                source="ndjson",
+                received_at=datetime(2026, 11, 25, tzinfo=UTC),
+                default_region="US",
+                pass_url_template="https://passninja.com/p/{serial_number}",
+            )
 
 
 class TestWire:
@@ -162,6 +200,8 @@ class TestFastPath:
                     "2026-11-25T24:00:00Z",
                     "1989-12-31T23:59:59Z",
                     "1990-01-01T00:00:00+01:00",
+                    "9999-12-31T23:59:59-01:00",
+                    "0001-01-01T00:00:00+01:00",
                     "2026-11-25T10:00:00z",
                     "ada@example.com",
                     "Ada@Example.COM",

@@ -71,6 +71,10 @@ def test_agrees_with_libphonenumber() -> None:
         ("020 7946 0018", "GB", "+442079460018"),
         ("+390612345678", "US", "+390612345678"),  # Italian fixed lines keep their leading zero
         ("+44 20 7946 0018", "US", "+442079460018"),
+        # Non-ASCII digits (U+0660.. ARABIC-INDIC) are not E.164 as written: the parser normalizes them
+        ("+1415555012\u0660", "US", "+14155550120"),
+        ("+\u0661\u0664\u0661\u0665\u0665\u0665\u0665\u0660\u0661\u0662\u0663", "US", "+14155550123"),
+        ("+14155550123\n", "US", "+14155550123"),
     ],
 )
 def test_to_e164(raw: str, region: str, e164: str) -> None:

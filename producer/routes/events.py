@@ -193,12 +193,16 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     try:
         flags = await enqueue_or_503(ctx, account.account_id, synced)
     except Problem as exc:
-        # Lines before this batch stay accepted; the client resumes after them.
+        # Lines before this batch stay accepted; the client resumes after them. Everything the client will not
+        # send again (the lines up to the resume point) is reported: rejected lines there included, or they
+        # would be dropped unreported. Lines from the resume point on, rejected or not, come back with the retry.
         exc.extra.update(
             {
                 "lines_read": tally.lines,
                 "accepted": tally.accepted,
                 "duplicates": tally.duplicates,
+                "skipped": tally.skipped,
+                "rejected": [r for r in tally.rejected if r["line"] < batch.first_line],
                 "resume_after_line": batch.first_line - 1,
             }
         )
@@ -230,14 +234,17 @@ async def post_ndjson(request: Request) -> Response:
     batch = _Batch(1)
     in_flight: asyncio.Task[None] | None = None
     buffer = b""
+    # Inside a line already reported as too long: its bytes up to and including its "\n" are dropped, so its
+    # tail is neither taken as a line of its own nor shifts the line numbers (and resume_after_line) after it.
+    discarding = False
     received = utcnow()
 
     def take(line: bytes) -> None:
         tally.lines += 1
-        if not line.strip():
-            return
-        if len(line) > MAX_NDJSON_LINE:
+        if len(line) > MAX_NDJSON_LINE:  # before the blank check: a long line's head may be all whitespace
             tally.rejected.append(_line_error(tally.lines, f"line longer than {MAX_NDJSON_LINE} bytes"))
+            return
+        if not line.strip():
             return
         try:
             raw = orjson.loads(line)
@@ -265,11 +272,18 @@ async def post_ndjson(request: Request) -> Response:
     try:
         async for chunk in request.stream():
             received = utcnow()  # the receive time of the lines in this chunk
+            if discarding:
+                end = chunk.find(b"\n")
+                if end < 0:
+                    continue
+                chunk = chunk[end + 1 :]
+                discarding = False
             buffer += chunk
             if b"\n" not in buffer:
-                if len(buffer) > MAX_NDJSON_LINE * 2:
-                    take(buffer)  # reported as too long
+                if len(buffer) > MAX_NDJSON_LINE:  # too long whatever follows: report it now, drop the rest
+                    take(buffer)
                     buffer = b""
+                    discarding = True
                 continue
             *complete, buffer = buffer.split(b"\n")
             for line in complete:

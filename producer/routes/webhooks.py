@@ -77,7 +77,9 @@ def webhook_item(msg_id: str, doc: Any) -> dict[str, Any]:
     """Map a webhook payload onto the events API's item shape (pure; validation happens after)."""
     if not isinstance(doc, dict):
         raise ItemError([{"pointer": "", "field": "(body)", "detail": "expected a JSON object"}])
-    kind = WEBHOOK_TYPES.get(doc.get("type"))  # type: ignore[arg-type]
+    kind_raw = doc.get("type")
+    # Only a str may be looked up: a list or object is unhashable (TypeError, a 500).
+    kind = WEBHOOK_TYPES.get(kind_raw) if type(kind_raw) is str else None
     if kind is None:
         raise ItemError(
             [
@@ -91,11 +93,17 @@ def webhook_item(msg_id: str, doc: Any) -> dict[str, Any]:
     data = doc.get("data")
     if not isinstance(data, dict):
         raise ItemError([{"pointer": "/data", "field": "data", "detail": "must be an object"}])
-    customer = data.get("customer") or {}
-    if not isinstance(customer, dict):
+    # Absent or null means none; anything else must be an object ([], "", 0 and false are not empty objects).
+    customer = data.get("customer")
+    if customer is None:
+        customer = _NO_CUSTOMER
+    elif not isinstance(customer, dict):
         raise ItemError(
             [{"pointer": "/data/customer", "field": "data.customer", "detail": "must be an object"}]
         )
+    fields = data.get("fields")
+    if fields is not None and not isinstance(fields, dict):
+        raise ItemError([{"pointer": "/data/fields", "field": "data.fields", "detail": "must be an object"}])
     item = {
         "event_id": msg_id,
         "kind": kind,
@@ -107,14 +115,20 @@ def webhook_item(msg_id: str, doc: Any) -> dict[str, Any]:
         "device_id": data.get("deviceId"),
         "email": customer.get("email"),
         "phone_number": customer.get("phone"),
-        "properties": data.get("fields") or {},
+        "properties": fields,
     }
     return {k: v for k, v in item.items() if v is not None}
+
+
+_NO_CUSTOMER: dict[str, Any] = {}  # only read
 
 
 def _repoint(errors: list[dict[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for e in errors:
+        if not e["pointer"]:  # the whole body: "/" would name a member called ""
+            out.append(e)
+            continue
         head, _, rest = e["pointer"].lstrip("/").partition("/")
         base = _FIELD_POINTERS.get(head, "/" + head)
         out.append({**e, "pointer": base + ("/" + rest if rest else "")})

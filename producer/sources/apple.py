@@ -24,7 +24,7 @@ import re
 
 #: Apple documents no format for deviceLibraryIdentifier (devices send 32 hex characters); this keeps it
 #: safe inside a Redis key (no ':' that could make two (device, pass type) pairs share a key).
-DEVICE_ID = re.compile(r"^[A-Za-z0-9._\-]{1,255}$")
+DEVICE_ID = re.compile(r"[A-Za-z0-9._\-]{1,255}")  # used with fullmatch: "$" would allow a final "\n"
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 MAX_PUSH_TOKEN_CHARS = 512
 MAX_SERIAL_CHARS = 255
@@ -67,7 +67,7 @@ def serial_problem(serial: str) -> str | None:
 
 def device_problem(device_id: str) -> str | None:
     """Why ``device_id`` cannot be a deviceLibraryIdentifier, or ``None`` when it can."""
-    if not DEVICE_ID.match(device_id):
+    if not DEVICE_ID.fullmatch(device_id):
         return "deviceLibraryIdentifier must be 1..255 letters, digits, '.', '_' or '-'"
     return None
 

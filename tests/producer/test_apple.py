@@ -148,10 +148,14 @@ class TestRegistration:
         r = await env.http.post(reg_url("dev1", "SER1"), content=b"{no", headers=apple_auth("SER1"))
         assert r.status_code == 400
 
-    async def test_bad_device_id_is_422(self, env: Env) -> None:
-        r = await env.http.post(reg_url("dev:1", "SER1"), json={"pushToken": "t"}, headers=apple_auth("SER1"))
+    @pytest.mark.parametrize("device_id", ["dev:1", "dev1%0A"])  # %0A: a final newline is no exception
+    async def test_bad_device_id_is_422(self, env: Env, device_id: str) -> None:
+        r = await env.http.post(
+            reg_url(device_id, "SER1"), json={"pushToken": "t"}, headers=apple_auth("SER1")
+        )
         assert r.status_code == 422
         assert r.json()["errors"][0]["field"] == "deviceLibraryIdentifier"
+        assert await env.redis.hlen(account_keys("acme").apple_regs(PTID, "SER1")) == 0
 
     async def test_serial_with_slash_and_spaces(self, env: Env) -> None:
         serial = "A/B C"

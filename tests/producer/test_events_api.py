@@ -40,6 +40,12 @@ class TestEventsRoute:
         assert int(await env.redis.get(account_keys("acme").depth)) == 1
         assert await env.redis.zscore(account_keys("acme").ready, "SER00000001") is not None
 
+    async def test_phone_with_non_ascii_digits_is_stored_in_e164(self, env: Env) -> None:
+        r = await env.http.post(URL, json=event(1, phone_number="+1415555012\u0660"), headers=auth())
+        assert r.status_code == 202, r.text
+        [ev] = await mailbox(env, "SER00000001")
+        assert ev.phone_number == "+14155550120"
+
     async def test_duplicate_answers_2xx_and_enqueues_nothing(self, env: Env) -> None:
         assert (await env.http.post(URL, json=event(1), headers=auth())).status_code == 202
         r = await env.http.post(URL, json=event(1), headers=auth())
@@ -92,6 +98,11 @@ class TestEventsRoute:
             ("occurred_at", "yesterday", "datetime"),
             ("occurred_at", "2026-11-25T10:00:00", "timezone"),
             ("occurred_at", "1970-01-01T00:00:00Z", "1990"),
+            ("occurred_at", "9999-12-31T23:59:59-01:00", "out of range"),  # past year 9999 in UTC
+            ("occurred_at", "0001-01-01T00:00:00+01:00", "out of range"),  # before year 1 in UTC
+            ("occurred_at", "9999-12-31 23:59:59-01:00", "out of range"),  # a form only pydantic parses
+            ("occurred_at", "2031-01-01T00:00:00Z", "more than 24 hours in the future"),
+            ("occurred_at", "2031-01-01 00:00:00Z", "more than 24 hours in the future"),
             ("email", "nope@", "email"),
             ("phone_number", "+1555", "phone"),
             ("phone_number", "12", "phone"),
@@ -111,6 +122,27 @@ class TestEventsRoute:
         [err] = r.json()["errors"]
         assert err["pointer"].startswith(f"/{field}")
         assert reason.lower() in err["detail"].lower(), err
+
+    async def test_each_bad_property_gets_its_own_error(self, env: Env) -> None:
+        props = {"tier": "gold", "a": {"x": 1}, "$b": 1, "c/d": [1]}
+        r = await env.http.post(URL, json=[event(0), event(1, properties=props)], headers=auth())
+        assert r.status_code == 422, r.text
+        assert [(e["pointer"], e["field"]) for e in r.json()["errors"]] == [
+            ("/1/properties/a", "properties.a"),
+            ("/1/properties/$b", "properties.$b"),
+            ("/1/properties/c~1d", "properties.c/d"),
+        ]
+        assert "reserved" in r.json()["errors"][1]["detail"]
+
+    async def test_property_names_equal_once_stripped_are_not_merged(self, env: Env) -> None:
+        r = await env.http.post(
+            URL, json=event(1, properties={" tier": "gold", "tier": "silver"}), headers=auth()
+        )
+        assert r.status_code == 422, r.text
+        [err] = r.json()["errors"]
+        assert err["pointer"] == "/properties/tier"
+        assert "same name as ' tier'" in err["detail"]
+        assert await env.redis.get(account_keys("acme").depth) is None
 
     async def test_missing_required_field(self, env: Env) -> None:
         item = event(1)
@@ -178,3 +210,40 @@ class TestNdjsonRoute:
         assert [x["line"] for x in doc["rejected"]] == [11, 21]
         assert doc["rejected"][1]["errors"][0]["pointer"] == "/email"
         assert int(await env.redis.get(account_keys("acme").depth)) == 1197
+
+    @pytest.mark.parametrize("head", [b" ", b"x"])
+    async def test_overlong_line_is_rejected_once_and_keeps_the_numbering(
+        self, env: Env, head: bytes
+    ) -> None:
+        # 2 MB with no newline in sight: the server has to give up on the line before its end arrives
+        overlong = head * 2_000_000 + orjson.dumps(event(1))
+        body = b"\n".join([orjson.dumps(event(0)), overlong, orjson.dumps(event(2)), b"{broken"]) + b"\n"
+
+        async def chunks():  # type: ignore[no-untyped-def]  # sent chunked, 64 KB at a time
+            for i in range(0, len(body), 65536):
+                yield body[i : i + 65536]
+
+        r = await env.http.post(URL + "/ndjson", content=chunks(), headers=auth())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert (doc["lines"], doc["accepted"]) == (4, 2)
+        assert [x["line"] for x in doc["rejected"]] == [2, 4]
+        assert "line longer than" in doc["rejected"][0]["errors"][0]["detail"]
+        assert await mailbox(env, "SER00000001") == []  # the overlong line's tail is not an event
+        assert int(await env.redis.get(account_keys("acme").depth)) == 2
+
+    async def test_out_of_range_time_rejects_only_its_line(self, env: Env) -> None:
+        lines = [orjson.dumps(event(i)) for i in range(5)]
+        lines[1] = orjson.dumps(event(1, occurred_at="9999-12-31T23:59:59-01:00"))
+        lines[2] = orjson.dumps(event(2, occurred_at="0001-01-01T00:00:00+01:00"))
+        lines[3] = orjson.dumps(event(3, occurred_at="2031-01-01T00:00:00Z"))
+        r = await env.http.post(URL + "/ndjson", content=b"\n".join(lines) + b"\n", headers=auth())
+        assert r.status_code == 200, r.text
+        doc = r.json()
+        assert (doc["lines"], doc["accepted"]) == (5, 2)
+        assert [(x["line"], x["errors"][0]["pointer"]) for x in doc["rejected"]] == [
+            (2, "/occurred_at"),
+            (3, "/occurred_at"),
+            (4, "/occurred_at"),
+        ]
+        assert int(await env.redis.get(account_keys("acme").depth)) == 2

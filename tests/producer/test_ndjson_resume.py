@@ -37,3 +37,37 @@ async def test_backlog_full_midway_reports_the_resume_line(env: Env) -> None:
     r = await env.http.post(URL, content=rest, headers=AUTH)
     assert r.status_code == 200, r.text
     assert (r.json()["accepted"], r.json()["duplicates"]) == (1100 - 501, 0)
+
+
+async def test_backlog_full_midway_reports_what_before_the_resume_line_was_rejected_or_skipped(
+    env: Env,
+) -> None:
+    await env.update_account(sync_pass_types=["ptk_0x216"])
+    lines = [orjson.dumps(event(i)) for i in range(1100)]
+    lines[0] = b"garbage"  # rejected before the resume point: the client will not send it again
+    for i in (1, 2, 3):
+        lines[i] = orjson.dumps(event(i, pass_type="ptk_other"))  # skipped: not synced
+    lines[699] = b"{broken"  # rejected after it: comes back with the retry, so not reported now
+    r = await env.http.post(URL, content=b"\n".join(lines) + b"\n", headers=AUTH)
+    assert r.status_code == 503, r.text
+    doc = r.json()
+    assert doc["resume_after_line"] == 501  # the first batch is lines 2..501
+    assert (doc["accepted"], doc["skipped"], doc["duplicates"]) == (497, 3, 0)
+    assert [x["line"] for x in doc["rejected"]] == [1]
+    assert doc["rejected"][0]["errors"][0]["pointer"] == ""
+
+
+async def test_resume_line_counts_an_overlong_line_once(env: Env) -> None:
+    lines = [orjson.dumps(event(i)) for i in range(1100)]
+    lines[1] = b" " * 2_000_000 + lines[1]  # line 2: too long, reported once; the first batch is lines 1..501
+    body = b"\n".join(lines) + b"\n"
+
+    async def chunks():  # type: ignore[no-untyped-def]  # sent chunked, 64 KB at a time
+        for i in range(0, len(body), 65536):
+            yield body[i : i + 65536]
+
+    r = await env.http.post(URL, content=chunks(), headers=AUTH)
+    assert r.status_code == 503, r.text
+    doc = r.json()
+    assert (doc["accepted"], doc["resume_after_line"]) == (500, 501)
+    assert [x["line"] for x in doc["rejected"]] == [2]

@@ -161,11 +161,25 @@ class TestWebhooks:
         ("body", "pointer", "reason"),
         [
             ({"type": "pass.exploded"}, "/type", "must be one of"),
+            ({"type": ["pass.created"]}, "/type", "must be one of"),
+            ({"type": {"pass.created": 1}}, "/type", "must be one of"),
+            ({"type": None}, "/type", "must be one of"),
             ({"timestamp": "yesterday"}, "/timestamp", "datetime"),
+            ({"timestamp": "9999-12-31T23:59:59-01:00"}, "/timestamp", "out of range"),
+            ({"timestamp": "2031-01-01T00:00:00Z"}, "/timestamp", "more than 24 hours in the future"),
             ({"data": "nope"}, "/data", "object"),
             ({"data": {"customer": {"email": "nope@"}}}, "/data/customer/email", "email"),
             ({"data": {"customer": {"phone": "12"}}}, "/data/customer/phone", "phone"),
             ({"data": {"customer": 5}}, "/data/customer", "object"),
+            ({"data": {"customer": []}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": ""}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": 0}}, "/data/customer", "must be an object"),
+            ({"data": {"customer": False}}, "/data/customer", "must be an object"),
+            ({"data": {"fields": []}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": ""}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": 0}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": False}}, "/data/fields", "must be an object"),
+            ({"data": {"fields": [1]}}, "/data/fields", "must be an object"),
             ({"data": {"serialNumber": ""}}, "/data/serialNumber", "at least 1"),
             ({"data": {"passType": "has space"}}, "/data/passType", "pattern"),
             ({"data": {"platform": "windows"}}, "/data/platform", "apple"),
@@ -190,12 +204,34 @@ class TestWebhooks:
         assert reason in err["detail"], err
         assert await env.redis.get(account_keys("acme").depth) is None
 
+    async def test_each_bad_field_points_at_itself(self, env: Env) -> None:
+        doc = payload(fields={"tier": "gold", "deep": {"a": 1}, "$points": 1, " tier": "silver"})
+        r = await post(env, *signed(env.secret, "msg_1", doc))
+        assert r.status_code == 422, r.text
+        assert [e["pointer"] for e in r.json()["errors"]] == [
+            "/data/fields/deep",
+            "/data/fields/$points",
+            "/data/fields/ tier",
+        ]
+
     async def test_missing_serial_points_into_the_payload(self, env: Env) -> None:
         doc = payload()
         del doc["data"]["serialNumber"]
         r = await post(env, *signed(env.secret, "msg_1", doc))
         assert r.status_code == 422
         assert r.json()["errors"][0]["pointer"] == "/data/serialNumber"
+
+    async def test_null_customer_and_fields_mean_none(self, env: Env) -> None:
+        r = await post(env, *signed(env.secret, "msg_1", payload(customer=None, fields=None)))
+        assert r.status_code == 202, r.text
+        [ev] = await mailbox(env, "SER1")
+        assert (ev.email, ev.phone_number, ev.properties) == (None, None, {})
+
+    @pytest.mark.parametrize("body", [b"[]", b'"pass.created"', b"null"])
+    async def test_body_not_an_object_points_at_the_whole_body(self, env: Env, body: bytes) -> None:
+        r = await post(env, *signed(env.secret, "msg_1", body))
+        assert r.status_code == 422, r.text
+        assert r.json()["errors"] == [{"pointer": "", "field": "(body)", "detail": "expected a JSON object"}]
 
     async def test_signed_but_not_json_is_400(self, env: Env) -> None:
         assert (await post(env, *signed(env.secret, "msg_1", b"{not json"))).status_code == 400

@@ -59,6 +59,9 @@ def test_invalid_phone_and_email_use_klaviyo_messages(api: httpx.Client) -> None
     assert phone["detail"] == "Invalid phone number format (Example of a valid format: +12345678901)"
     not_e164 = _import(api, external_id="s", phone_number="+1 415 555 0123")
     assert_klaviyo_error(not_e164, 400, "invalid", "/data/attributes/phone_number")
+    for not_ascii in ("+1415555012\u0660", "+14155550120\n"):  # Unicode digits, a trailing newline
+        response = _import(api, external_id="s", phone_number=not_ascii)
+        assert_klaviyo_error(response, 400, "invalid", "/data/attributes/phone_number")
     email = assert_klaviyo_error(
         _import(api, external_id="s", email="not-an-email"), 400, "invalid", "/data/attributes/email"
     )
