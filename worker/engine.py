@@ -604,7 +604,10 @@ class Engine:
         record = RetryRecord.from_doc(orjson.loads(raw)) if raw else RetryRecord(work.lease.serial)
         now = int(time.time() * 1000)
         received_ms = int(event.received_at.timestamp() * 1000) if event is not None else now
-        age = active_age_ms(received_ms, now, await pause.pause_intervals(self.redis, account_id))
+        # A replayed event's age counts from its replay: replay promises a fresh retry window, and an event
+        # dead-lettered for its age would otherwise go straight back on its first transient error.
+        origin = max(received_ms, record.replayed_ms)
+        age = active_age_ms(origin, now, await pause.pause_intervals(self.redis, account_id))
         policy = await self._policy_for(account_id)
         decision = decide(policy, failure, attempts=record.attempts, age_ms=age, rand=self.rand)
         log_kw = {

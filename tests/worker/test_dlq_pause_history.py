@@ -78,6 +78,8 @@ class TestDLQ:
         record = orjson.loads(await redis.hget(keys.retries, "a-S1-0"))
         assert record["attempts"] == 0
         assert record["replays"] == 1
+        # ... and a fresh age: the retry policy counts it from the replay.
+        assert record["replayed_ms"] >= now
         assert [e["code"] for e in record["errors"]] == ["invalid"]
         # The serial is offered again.
         assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
