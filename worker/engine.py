@@ -72,7 +72,7 @@ from worker.retry import (
     decide,
 )
 from worker.state import PassState
-from worker.sync import SyncResult
+from worker.sync import PartialSync, SyncResult
 
 log = structlog.get_logger(__name__)
 
@@ -589,9 +589,18 @@ class Engine:
         return out
 
     async def failed(
-        self, work: SerialWork, member: bytes, event: PassEvent | None, exc: BaseException
+        self,
+        work: SerialWork,
+        member: bytes,
+        event: PassEvent | None,
+        exc: BaseException,
+        *,
+        written: PassState | None = None,
     ) -> bool:
         """The head event ``member`` failed with ``exc``: apply the retry policy.
+
+        ``written``: the state Klaviyo already holds because the event's profile and record writes were
+        accepted before the failing one (its metric event); stored if the event is dead-lettered.
 
         Returns True when the serial may go on with its next event (the failed one was dead-lettered), False
         when the serial was released (parked, throttled, account paused, or lease lost).
@@ -676,12 +685,21 @@ class Engine:
             replays=record.replays,
         )
         hist = entry(HistoryKind.dead, event_id, now, **_error_detail(failure), reason=decision.reason)
+        # The writes Klaviyo accepted stay there: without their state the next event would be planned from
+        # the old one and could undo them (a deleted pass written active again).
         done = await self.queue.settle(
-            work.lease, [member], retry_fields=[event_id], history=[hist], dead=[(event_id, dead.to_json())]
+            work.lease,
+            [member],
+            state=written.to_json() if written is not None else None,
+            retry_fields=[event_id],
+            history=[hist],
+            dead=[(event_id, dead.to_json())],
         )
         if not done.ok:
             self._lost(work)
             return False
+        if written is not None:
+            work.state = written
         self.stats["dead_lettered"] += 1
         metrics.event_dead_lettered(account_id)
         log.warning("event_dead_lettered", reason=decision.reason, **log_kw)
@@ -899,6 +917,10 @@ class PerEventSync:
                 continue
             try:
                 result = await engine.syncer.sync_event(batch.account, work.state, event)
+            except PartialSync as exc:
+                if not await engine.failed(work, member, event, exc.cause, written=exc.state):
+                    return
+                continue
             except Exception as exc:
                 if not await engine.failed(work, member, event, exc):
                     return
