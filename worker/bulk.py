@@ -901,7 +901,7 @@ class BulkSync:
         gated = not urgent and lanes.backlog()[0] >= self.options.small_backlog
         if gated:
             await self._gate()
-        sp = coalesce(work.state, events)
+        sp = coalesce(work.state, events, [split_member(m)[0] for m in members])
         serial = work.lease.serial
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]

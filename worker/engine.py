@@ -84,8 +84,11 @@ RENEW_TICKS = 10
 class Syncer(Protocol):
     """What the engine needs from the Klaviyo sync (``worker.sync.Syncer`` implements it)."""
 
-    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
-        """Apply ``event`` on top of ``state``; raise a ``KlaviyoError`` subclass on failure. Idempotent."""
+    async def sync_event(
+        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+    ) -> SyncResult:
+        """Apply ``event`` (arrival sequence ``seq``) on top of ``state``; raise a ``KlaviyoError`` subclass on
+        failure, or ``worker.sync.PartialSync`` wrapping one when only the metric event failed. Idempotent."""
         ...
 
 
@@ -899,8 +902,10 @@ class PerEventSync:
         while engine.may_continue(work):
             member = work.heads[0]
             event: PassEvent | None = None
+            seq = 0
             try:
-                event = PassEvent.from_wire(split_member(member)[1], batch.account.account_id)
+                seq, wire = split_member(member)
+                event = PassEvent.from_wire(wire, batch.account.account_id)
                 if event.serial_number != work.lease.serial:
                     raise UnreadableEvent(
                         f"event of serial {event.serial_number!r} in mailbox of {work.lease.serial!r}"
@@ -916,7 +921,7 @@ class PerEventSync:
                     return
                 continue
             try:
-                result = await engine.syncer.sync_event(batch.account, work.state, event)
+                result = await engine.syncer.sync_event(batch.account, work.state, event, seq)
             except PartialSync as exc:
                 if not await engine.failed(work, member, event, exc.cause, written=exc.state):
                     return

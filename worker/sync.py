@@ -74,13 +74,16 @@ class Syncer:
         self.redis = redis
         self._data_sources: dict[str, tuple[str, float]] = {}
 
-    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
-        """Apply ``event`` on top of ``state`` (the serial's applied state) and return the state to store.
+    async def sync_event(
+        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+    ) -> SyncResult:
+        """Apply ``event`` (arrival sequence ``seq``) on top of ``state`` (the serial's applied state) and return
+        the state to store.
 
         Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here), or
         :class:`PartialSync` wrapping one when only the metric event failed after a profile or record write.
         """
-        p = plan(state, event)
+        p = plan(state, event, seq)
         notes = [p.note]
         new_state = p.new_state
         data_source_id = await self.data_source_id(account) if p.record is not None else None

@@ -12,6 +12,7 @@ import pytest
 from passbridge.keys import account_keys
 from tests.conftest import async_wait_for
 from worker import dlq
+from worker.state import PassState
 
 from .e2e import Pipeline, Workers
 from .helpers import pass_event
@@ -112,6 +113,38 @@ async def test_replayed_event_older_than_max_age_gets_a_fresh_retry_window(
     await async_wait_for(pipeline.drained, timeout=30)
     assert await dlq.count(pipeline.redis, "acme") == 0
     assert pipeline.stored_unique_ids("acme") == [old.event_id]
+
+
+async def test_replayed_event_loses_a_tie_in_time_to_a_later_arrival(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    """``installed`` and ``uninstalled`` happened in the same second and arrived in that order; ``installed`` was
+    dead-lettered, ``uninstalled`` applied. Replayed, ``installed`` is older by arrival: the pass stays
+    uninstalled."""
+    await pipeline.add_account("acme")
+    workers.start(1)
+    installed = pass_event("acme", "S1", 0, kind="installed", offset_s=0)
+    uninstalled = pass_event("acme", "S1", 1, kind="uninstalled", offset_s=0)
+    pipeline.sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+    await pipeline.put([installed])
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [installed.event_id]
+    pipeline.sandbox.clear_faults()
+    await pipeline.put([uninstalled])
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert (
+        await dlq.replay(pipeline.redis, "acme", [installed.event_id], history_retention_ms=86_400_000) == 1
+    )
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert await dlq.count(pipeline.redis, "acme") == 0
+    assert sorted(pipeline.stored_unique_ids("acme")) == [installed.event_id, uninstalled.event_id]
+    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    assert (stored.status, stored.event_id) == ("uninstalled", uninstalled.event_id)
+    pipeline.sandbox.wait_idle()
+    assert pipeline.records("acme")["S1"]["status"] == "uninstalled"
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["properties"]["wallet_pass_status"] == "uninstalled"
 
 
 async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(
