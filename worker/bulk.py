@@ -901,7 +901,7 @@ class BulkSync:
         gated = not urgent and lanes.backlog()[0] >= self.options.small_backlog
         if gated:
             await self._gate()
-        sp = coalesce(work.state, events)
+        sp = coalesce(work.state, events, [split_member(m)[0] for m in members])
         serial = work.lease.serial
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]
@@ -938,6 +938,9 @@ class BulkSync:
         blob = orjson.dumps(bulk_events_entry(serial, events))
         out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:
+            # The profile and record writes were accepted: Klaviyo holds the round's state, which a dead
+            # letter must store too, else the next round is planned from the old state and undoes them.
+            held = state if sp.profile is not None or sp.record is not None else None
             accepted = out.value if isinstance(out.value, int) else 0
             if accepted > 0:
                 # The profile and record already carry the whole round's state; the accepted events are
@@ -946,12 +949,18 @@ class BulkSync:
                 if not await settler.written(Written(work, members[:accepted], state, ids, notes[:accepted])):
                     return _Step.stop
                 members, events = members[accepted:], events[accepted:]
-            return await self._not_ok(engine, work, members, events, out)
+            return await self._not_ok(engine, work, members, events, out, held)
         written = Written(work, members, state, [e.event_id for e in events], notes)
         return _Step.next if await settler.written(written) else _Step.stop
 
     async def _not_ok(
-        self, engine: Engine, work: SerialWork, members: list[bytes], events: list[PassEvent], out: Outcome
+        self,
+        engine: Engine,
+        work: SerialWork,
+        members: list[bytes],
+        events: list[PassEvent],
+        out: Outcome,
+        written: PassState | None = None,
     ) -> _Step:
         if out.verdict is Verdict.dropped:
             return _Step.stop
@@ -965,7 +974,7 @@ class BulkSync:
             )
             return _Step.per_event
         assert out.error is not None
-        if await engine.failed(work, members[0], events[0], out.error):
+        if await engine.failed(work, members[0], events[0], out.error, written=written):
             return _Step.next
         return _Step.stop
 

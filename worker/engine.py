@@ -72,7 +72,7 @@ from worker.retry import (
     decide,
 )
 from worker.state import PassState
-from worker.sync import SyncResult
+from worker.sync import PartialSync, SyncResult
 
 log = structlog.get_logger(__name__)
 
@@ -84,8 +84,11 @@ RENEW_TICKS = 10
 class Syncer(Protocol):
     """What the engine needs from the Klaviyo sync (``worker.sync.Syncer`` implements it)."""
 
-    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
-        """Apply ``event`` on top of ``state``; raise a ``KlaviyoError`` subclass on failure. Idempotent."""
+    async def sync_event(
+        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+    ) -> SyncResult:
+        """Apply ``event`` (arrival sequence ``seq``) on top of ``state``; raise a ``KlaviyoError`` subclass on
+        failure, or ``worker.sync.PartialSync`` wrapping one when only the metric event failed. Idempotent."""
         ...
 
 
@@ -589,9 +592,18 @@ class Engine:
         return out
 
     async def failed(
-        self, work: SerialWork, member: bytes, event: PassEvent | None, exc: BaseException
+        self,
+        work: SerialWork,
+        member: bytes,
+        event: PassEvent | None,
+        exc: BaseException,
+        *,
+        written: PassState | None = None,
     ) -> bool:
         """The head event ``member`` failed with ``exc``: apply the retry policy.
+
+        ``written``: the state Klaviyo already holds because the event's profile and record writes were
+        accepted before the failing one (its metric event); stored if the event is dead-lettered.
 
         Returns True when the serial may go on with its next event (the failed one was dead-lettered), False
         when the serial was released (parked, throttled, account paused, or lease lost).
@@ -604,7 +616,10 @@ class Engine:
         record = RetryRecord.from_doc(orjson.loads(raw)) if raw else RetryRecord(work.lease.serial)
         now = int(time.time() * 1000)
         received_ms = int(event.received_at.timestamp() * 1000) if event is not None else now
-        age = active_age_ms(received_ms, now, await pause.pause_intervals(self.redis, account_id))
+        # A replayed event's age counts from its replay: replay promises a fresh retry window, and an event
+        # dead-lettered for its age would otherwise go straight back on its first transient error.
+        origin = max(received_ms, record.replayed_ms)
+        age = active_age_ms(origin, now, await pause.pause_intervals(self.redis, account_id))
         policy = await self._policy_for(account_id)
         decision = decide(policy, failure, attempts=record.attempts, age_ms=age, rand=self.rand)
         log_kw = {
@@ -673,12 +688,21 @@ class Engine:
             replays=record.replays,
         )
         hist = entry(HistoryKind.dead, event_id, now, **_error_detail(failure), reason=decision.reason)
+        # The writes Klaviyo accepted stay there: without their state the next event would be planned from
+        # the old one and could undo them (a deleted pass written active again).
         done = await self.queue.settle(
-            work.lease, [member], retry_fields=[event_id], history=[hist], dead=[(event_id, dead.to_json())]
+            work.lease,
+            [member],
+            state=written.to_json() if written is not None else None,
+            retry_fields=[event_id],
+            history=[hist],
+            dead=[(event_id, dead.to_json())],
         )
         if not done.ok:
             self._lost(work)
             return False
+        if written is not None:
+            work.state = written
         self.stats["dead_lettered"] += 1
         metrics.event_dead_lettered(account_id)
         log.warning("event_dead_lettered", reason=decision.reason, **log_kw)
@@ -878,8 +902,10 @@ class PerEventSync:
         while engine.may_continue(work):
             member = work.heads[0]
             event: PassEvent | None = None
+            seq = 0
             try:
-                event = PassEvent.from_wire(split_member(member)[1], batch.account.account_id)
+                seq, wire = split_member(member)
+                event = PassEvent.from_wire(wire, batch.account.account_id)
                 if event.serial_number != work.lease.serial:
                     raise UnreadableEvent(
                         f"event of serial {event.serial_number!r} in mailbox of {work.lease.serial!r}"
@@ -895,7 +921,11 @@ class PerEventSync:
                     return
                 continue
             try:
-                result = await engine.syncer.sync_event(batch.account, work.state, event)
+                result = await engine.syncer.sync_event(batch.account, work.state, event, seq)
+            except PartialSync as exc:
+                if not await engine.failed(work, member, event, exc.cause, written=exc.state):
+                    return
+                continue
             except Exception as exc:
                 if not await engine.failed(work, member, event, exc):
                     return

@@ -34,7 +34,7 @@ from worker.klaviyo.endpoints import (
     GET_BULK_IMPORT_PROFILES_JOBS,
     GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB,
 )
-from worker.klaviyo.errors import PermanentError, ThrottledError, TransientError
+from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, TransientError
 
 log = structlog.get_logger(__name__)
 
@@ -94,10 +94,10 @@ class ImportJobs:
             reply = await self.client.call(
                 account, BULK_IMPORT_PROFILES, content=job_body(profiles), acquired=acquired
             )
-        except TransientError:
-            raise
-        except BaseException:
-            # Refused (4xx, 429, auth) or never sent: no job exists.
+        except (PermanentError, ThrottledError, AuthError):
+            # Refused (4xx, 429, auth) or never sent: no job exists. Anything else (a 5xx, a lost answer, a
+            # cancellation mid-request, an unexpected error after the request went out) may leave a job behind:
+            # the markers stay so the serials' next profile writes wait for it.
             await self.redis.hdel(key, *serials)
             raise
         job_id = str(((reply.body or {}).get("data") or {}).get("id") or "")

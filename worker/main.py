@@ -182,7 +182,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         last = await redis.hget(key, "probed_ms")
         if last is not None and now - int(last) < interval_ms:
             return False
-        await redis.hset(key, "probed_ms", now)
+        if not await pause.set_if_paused(redis, account_id, {"probed_ms": now}):
+            return False  # resumed meanwhile (an operator, another sweep): nothing to probe
         return await probe_credentials(client, store, redis, account_id)
 
     ids = set(await store.list_ids())

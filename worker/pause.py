@@ -18,7 +18,7 @@ intervals in ``AccountKeys.pause_log``).
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 
 import structlog
@@ -66,7 +66,7 @@ async def pause_account(
     if started:
         # "registry": pending until the registry says paused too, so that reconcile() does not mistake the
         # still-"connected" registry entry for an operator's resume in between.
-        await redis.hset(keys.paused, mapping={"reason": reason, "kind": kind, "registry": "pending"})
+        await set_if_paused(redis, account_id, {"reason": reason, "kind": kind, "registry": "pending"})
         await redis.zrem(ACTIVE_ACCOUNTS, account_id)
         log.warning("account_paused", account=account_id, kind=kind, reason=reason)
     if kind == "auth" and store is not None:
@@ -76,8 +76,20 @@ async def pause_account(
             account = None
         if account is not None and account.state is AccountState.connected:
             await store.set_state(account_id, AccountState.paused, reason)
-    await redis.hset(keys.paused, "registry", "synced")
+    await set_if_paused(redis, account_id, {"registry": "synced"})
     return started
+
+
+async def set_if_paused(redis: Redis, account_id: str, fields: Mapping[str, str | int]) -> bool:
+    """Set ``fields`` of the account's pause, atomically only if it is still paused; returns whether it was.
+
+    Every write to the pause after the one that starts it goes through here: a resume may have deleted it
+    meanwhile, and a recreated hash without ``since_ms`` would be a pause no resume ends.
+    """
+    args: list[str | int] = [account_keys(account_id).base]
+    for name, value in fields.items():
+        args += [name, value]
+    return bool(await Scripts(redis).pause_set(args=args))
 
 
 async def get_pause(redis: Redis, account_id: str) -> Pause | None:

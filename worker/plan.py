@@ -13,7 +13,8 @@
 
 Ordering rules (DESIGN §2.4, "state never goes backwards"):
 
-- an event not older than the applied state (``occurred_at >= updated_at``) is applied: the status follows
+- an event not older than the applied state (``occurred_at >= updated_at``; on a tie, not older by arrival
+  sequence either, which only a DLQ replay can make happen) is applied: the status follows
   :data:`worker.state.STATUS_OF`, fields come from the event (a field it does not carry keeps its value);
 - ``deleted`` is terminal: a deleted pass stays deleted whatever comes later, and a ``deleted`` event applies
   even when it is stale;
@@ -27,6 +28,7 @@ Nothing here does I/O; ``tests/sync/test_plan.py`` checks these rules with hypot
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Literal
@@ -74,10 +76,11 @@ class Plan:
     note: str
 
 
-def plan(state: PassState | None, event: PassEvent) -> Plan:
-    """The writes for ``event`` given the serial's applied ``state`` (``None``: nothing applied yet)."""
-    stale = state is not None and event.occurred_at < state.updated_at
-    new = next_state(state, event)
+def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
+    """The writes for ``event`` given the serial's applied ``state`` (``None``: nothing applied yet); ``seq``
+    is the event's arrival sequence (0 = unknown)."""
+    stale = is_stale(state, event, seq)
+    new = next_state(state, event, seq)
     if state is not None and new == state:
         if stale:
             note = f"stale (older than {_iso(state.updated_at)}): metric only"
@@ -117,14 +120,17 @@ class SerialPlan:
     notes: list[str]
 
 
-def coalesce(state: PassState | None, events: list[PassEvent]) -> SerialPlan:
-    """Fold a serial's queued events (in order) into their net writes: each metric event, and only the last
-    profile and record state — the intermediate ones would be overwritten anyway (upserts keyed by serial)."""
+def coalesce(
+    state: PassState | None, events: list[PassEvent], seqs: Sequence[int] | None = None
+) -> SerialPlan:
+    """Fold a serial's queued events (in order; ``seqs``: their arrival sequences) into their net writes: each
+    metric event, and only the last profile and record state — the intermediate ones would be overwritten anyway
+    (upserts keyed by serial)."""
     current = state
     bodies: list[dict[str, Any]] = []
     notes: list[str] = []
-    for event in events:
-        p = plan(current, event)
+    for event, seq in zip(events, seqs if seqs is not None else [0] * len(events), strict=True):
+        p = plan(current, event, seq)
         bodies.append(p.event)
         notes.append(p.note)
         if p.new_state is not None:
@@ -142,8 +148,23 @@ def coalesce(state: PassState | None, events: list[PassEvent]) -> SerialPlan:
     )
 
 
-def next_state(state: PassState | None, event: PassEvent) -> PassState:
-    """The pass's state after ``event`` (equal to ``state`` when the event changes nothing)."""
+def is_stale(state: PassState | None, event: PassEvent, seq: int = 0) -> bool:
+    """Whether ``event`` (arrival sequence ``seq``, 0 = unknown) is older than the applied ``state``.
+
+    Equal times are ordered by arrival: the mailbox already applies them in arrival order, but a replayed
+    event keeps its first arrival's place and may come back after a later arrival with the same time was
+    applied.
+    """
+    if state is None:
+        return False
+    if event.occurred_at != state.updated_at:
+        return event.occurred_at < state.updated_at
+    return 0 < seq < state.seq
+
+
+def next_state(state: PassState | None, event: PassEvent, seq: int = 0) -> PassState:
+    """The pass's state after ``event`` (arrival sequence ``seq``; equal to ``state`` when the event changes
+    nothing)."""
     if state is None:
         return PassState(
             serial_number=event.serial_number,
@@ -157,9 +178,10 @@ def next_state(state: PassState | None, event: PassEvent) -> PassState:
             created_at=event.occurred_at,
             updated_at=event.occurred_at,
             event_id=event.event_id,
+            seq=seq,
         )
-    if event.occurred_at >= state.updated_at:
-        # Newer (or a tie, which the engine already put in arrival order): the event's fields win.
+    if not is_stale(state, event, seq):
+        # Newer (or a tie the event won by arrival): the event's fields win.
         deleted = state.status is PassStatus.deleted or event.kind is EventKind.deleted
         return state.model_copy(
             update={
@@ -173,6 +195,7 @@ def next_state(state: PassState | None, event: PassEvent) -> PassState:
                 "created_at": min(state.created_at, event.occurred_at),
                 "updated_at": event.occurred_at,
                 "event_id": event.event_id,
+                "seq": seq,
             }
         )
     # Stale: never change a value the pass has; a deletion still deletes, gaps are filled in.

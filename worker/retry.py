@@ -9,8 +9,9 @@ Given the failure's class, how many attempts the event has had, and its age, :fu
   exponential backoff with full jitter (``uniform(0, min(cap, base·2^(n-1)))``, AWS's "full jitter"), until
   ``max_attempts`` attempts or ``max_age_s`` of age are spent; then :class:`DeadLetter`.
 
-An event's age is measured from when passbridge received it, minus the time its account spent paused
-(:func:`active_age_ms`): events wait out an auth pause without ageing.
+An event's age is measured from when passbridge received it — or, for an event replayed from the DLQ, from its
+replay (:attr:`RetryRecord.replayed_ms`) — minus the time its account spent paused (:func:`active_age_ms`):
+events wait out an auth pause without ageing, and a replay after a long outage gets a fresh retry window.
 """
 
 from __future__ import annotations
@@ -181,6 +182,8 @@ class RetryRecord:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: How often the event came back from the DLQ.
     replays: int = 0
+    #: When it last came back from the DLQ (epoch ms; 0 = never): its age counts from then, not from receipt.
+    replayed_ms: int = 0
 
     #: Most errors kept per event (attempts are bounded by the policy; throttles are only counted).
     MAX_ERRORS = 50
@@ -205,6 +208,7 @@ class RetryRecord:
             "first_failure_ms": self.first_failure_ms,
             "errors": self.errors,
             "replays": self.replays,
+            "replayed_ms": self.replayed_ms,
         }
 
     @classmethod
@@ -217,4 +221,5 @@ class RetryRecord:
             first_failure_ms=int(doc.get("first_failure_ms", 0)),
             errors=list(doc.get("errors") or []),
             replays=int(doc.get("replays", 0)),
+            replayed_ms=int(doc.get("replayed_ms", 0)),
         )

@@ -27,3 +27,4 @@ class Scripts:
         self.sweep: AsyncScript = redis.register_script(engine_source("sweep"))
         self.replay: AsyncScript = redis.register_script(engine_source("replay"))
         self.resume: AsyncScript = redis.register_script(engine_source("resume"))
+        self.pause_set: AsyncScript = redis.register_script(engine_source("pause_set"))

@@ -56,6 +56,10 @@ class PassState(BaseModel):
     updated_at: datetime
     #: ``event_id`` of the newest applied event (a redelivery of it is not stale).
     event_id: str
+    #: Arrival sequence (the mailbox member's prefix) of the newest applied event; 0 = unknown. It breaks ties
+    #: of ``updated_at`` by arrival: a replayed event that arrived before the applied one, with the same
+    #: ``occurred_at``, is stale.
+    seq: int = 0
     #: Contact identifiers another Klaviyo profile owns (409 ``duplicate_profile``): identifier → value.
     #: They are written as plain profile properties instead, until the pass carries a different value.
     withheld: dict[Literal["email", "phone_number"], str] = Field(default_factory=dict)

@@ -53,6 +53,19 @@ class SyncResult:
     notes: list[str] = field(default_factory=list)
 
 
+class PartialSync(Exception):
+    """The metric event write failed (``cause``) after the event's profile and record writes were accepted.
+
+    Klaviyo now holds ``state``: if the event is dead-lettered, the engine stores it with the dead letter, so
+    the serial's next event is planned from what Klaviyo holds (a deleted pass must not become active again).
+    """
+
+    def __init__(self, state: PassState, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.state = state
+        self.cause = cause
+
+
 class Syncer:
     """Writes pass events to Klaviyo through a shared :class:`KlaviyoClient`."""
 
@@ -61,12 +74,16 @@ class Syncer:
         self.redis = redis
         self._data_sources: dict[str, tuple[str, float]] = {}
 
-    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
-        """Apply ``event`` on top of ``state`` (the serial's applied state) and return the state to store.
+    async def sync_event(
+        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+    ) -> SyncResult:
+        """Apply ``event`` (arrival sequence ``seq``) on top of ``state`` (the serial's applied state) and return
+        the state to store.
 
-        Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here).
+        Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here), or
+        :class:`PartialSync` wrapping one when only the metric event failed after a profile or record write.
         """
-        p = plan(state, event)
+        p = plan(state, event, seq)
         notes = [p.note]
         new_state = p.new_state
         data_source_id = await self.data_source_id(account) if p.record is not None else None
@@ -79,7 +96,12 @@ class Syncer:
             await self.client.call(
                 account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(p.record, data_source_id)
             )
-        await self.client.call(account, CREATE_EVENT, body=p.event)
+        try:
+            await self.client.call(account, CREATE_EVENT, body=p.event)
+        except Exception as exc:
+            if new_state is None or (p.profile is None and p.record is None):
+                raise
+            raise PartialSync(new_state, exc) from exc
         log.debug(
             "pass_event_synced",
             account=account.account_id,

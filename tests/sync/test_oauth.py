@@ -16,21 +16,31 @@ from typing import Any
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
-from passbridge.accounts import AccountState, AccountStore
+from passbridge.accounts import Account, AccountSecrets, AccountState, AccountStore, OAuthTokens
+from passbridge.keys import account_keys
 from passbridge.settings import Settings
+from tests.conftest import serve
 from tests.sync.conftest import (
     OAUTH_CLIENT_ID,
     OAUTH_CLIENT_SECRET,
     RATE_SCALE,
+    REVISION,
     RequestRecorder,
     make_client,
     put_oauth_account,
     sandbox_accounts,
 )
+from worker.klaviyo.client import ClientOptions, KlaviyoClient
 from worker.klaviyo.endpoints import CREATE_EVENT
-from worker.klaviyo.errors import AuthError
+from worker.klaviyo.errors import AuthError, TransientError
+from worker.klaviyo.oauth import OAuthManager
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -174,6 +184,105 @@ async def test_revoked_grant_disconnects_the_account(
     assert secret not in str(first.value)
     assert secret not in repr(first.value)
     assert secret not in stored.state_reason
+
+
+async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    """Another process refreshed the grant (Klaviyo rotated the refresh token) between this process's registry
+    read and its own token request: Klaviyo answers ``invalid_grant``, but the registry now holds the other
+    process's tokens, so they are used and the account stays connected."""
+    account = await put_oauth_account(store, oauth_server.url)
+    old = account.secrets.klaviyo_oauth
+    assert old is not None
+    assert old.refresh_token is not None
+    other: dict[str, str] = {}
+
+    async def other_process_refreshes_first(request: httpx.Request) -> None:
+        if request.url.path != "/oauth/token" or other:
+            return
+        # What the other process does while holding the lock: refresh with the same refresh token, then store.
+        async with httpx.AsyncClient() as http:
+            r = await http.post(
+                f"{oauth_server.url}/oauth/token",
+                data={"grant_type": "refresh_token", "refresh_token": old.refresh_token.get_secret_value()},
+                auth=(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET),
+            )
+        assert r.status_code == 200, r.text
+        other.update(r.json())
+        tokens = old.model_copy(
+            update={
+                "access_token": SecretStr(other["access_token"]),
+                "refresh_token": SecretStr(other["refresh_token"]),
+                "expires_at": time.time() + float(other["expires_in"]),
+            }
+        )
+
+        def store_tokens(a: Account | None) -> Account:
+            assert a is not None
+            return a.model_copy(update={"secrets": a.secrets.model_copy(update={"klaviyo_oauth": tokens})})
+
+        await store.update(account.account_id, store_tokens)
+
+    async with KlaviyoClient(
+        redis,
+        store,
+        base_url=oauth_server.url,
+        revision=REVISION,
+        rate_scale=RATE_SCALE,
+        options=ClientOptions(oauth_refresh_skew_s=0),
+        event_hooks={"request": [recorder.hook, other_process_refreshes_first]},
+    ) as client:
+        await client.call(account, CREATE_EVENT, body=event(0))
+        assert control.expire_access_tokens() >= 1
+        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
+        assert client.oauth.refreshes == 1
+    assert other["refresh_token"] != old.refresh_token.get_secret_value()  # rotated: ours was refused
+    assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {other['access_token']}"
+    stored = await store.get(account.account_id)
+    assert stored.state is AccountState.connected
+    assert stored.secrets.klaviyo_oauth is not None
+    assert stored.secrets.klaviyo_oauth.refresh_token == SecretStr(other["refresh_token"])
+
+
+async def test_token_request_has_a_deadline_below_the_lock_ttl(redis: Redis, store: AccountStore) -> None:
+    """A token endpoint that takes longer than the deadline (though under every per-phase timeout of the HTTP
+    client) fails the refresh as transient in time, before the refresh lock could expire."""
+
+    async def slow_token(_: Request) -> JSONResponse:
+        await asyncio.sleep(5)
+        return JSONResponse({"access_token": "late", "expires_in": 3600})
+
+    server = serve(Starlette(routes=[Route("/oauth/token", slow_token, methods=["POST"])]))
+    try:
+        account = Account(
+            account_id="slowco",
+            secrets=AccountSecrets(
+                klaviyo_oauth=OAuthTokens(
+                    client_id=OAUTH_CLIENT_ID,
+                    client_secret=SecretStr(OAUTH_CLIENT_SECRET),
+                    access_token=SecretStr("expired"),
+                    refresh_token=SecretStr("refresh-1"),
+                    expires_at=time.time() - 1,
+                )
+            ),
+        )
+        await store.put(account)
+        async with httpx.AsyncClient(timeout=30) as http:
+            manager = OAuthManager(
+                redis, store, http, f"{server.url}/oauth/token", lock_ttl_s=3, token_timeout_s=0.5
+            )
+            started = time.monotonic()
+            with pytest.raises(TransientError, match=r"did not answer within 0\.5 s"):
+                await manager.access_token(account)
+            assert time.monotonic() - started < 2
+        assert (await store.get("slowco")).state is AccountState.connected
+        assert not await redis.exists(account_keys("slowco").oauth_lock)  # released, not left to expire
+        with pytest.raises(ValueError, match="below the refresh lock"):
+            OAuthManager(redis, store, http, "http://unused", lock_ttl_s=30, token_timeout_s=30)
+        assert ClientOptions().oauth_token_timeout_s < ClientOptions().oauth_lock_ttl_s
+    finally:
+        server.stop()
 
 
 @pytest.mark.slow

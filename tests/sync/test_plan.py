@@ -275,6 +275,30 @@ def test_redelivered_event_is_metric_only_on_the_state_it_produced() -> None:
     assert again.event == plan(None, e).event
 
 
+def test_equal_times_are_ordered_by_arrival() -> None:
+    """A replayed event keeps its first arrival's sequence: against a state applied from a later arrival with
+    the same ``occurred_at`` it is stale, not newer; a later arrival with the same time still wins."""
+    uninstalled = plan(None, make_event(2, EventKind.uninstalled, 0), seq=20).new_state
+    assert uninstalled is not None
+    assert uninstalled.seq == 20
+    assert PassState.from_json(uninstalled.to_json()) == uninstalled
+    replayed = plan(uninstalled, make_event(1, EventKind.installed, 0), seq=10)
+    assert replayed.stale
+    assert replayed.new_state is None
+    assert (replayed.profile, replayed.record) == (None, None)
+    later = plan(uninstalled, make_event(3, EventKind.installed, 0), seq=30)
+    assert not later.stale
+    assert later.new_state is not None
+    assert (later.new_state.status, later.new_state.seq) == (PassStatus.active, 30)
+    # Unknown sequences (a state stored before they were kept, or none given) keep the old rule: a tie applies.
+    assert not plan(
+        uninstalled.model_copy(update={"seq": 0}), make_event(1, EventKind.installed, 0), 10
+    ).stale
+    assert not plan(uninstalled, make_event(1, EventKind.installed, 0)).stale
+    # coalesce folds with the same rule.
+    assert coalesce(uninstalled, [make_event(1, EventKind.installed, 0)], [10]).new_state is None
+
+
 def test_withheld_identifier_becomes_a_property() -> None:
     s = plan(
         None, make_event(1, EventKind.created, 0, email="ada@example.com", phone="+14155550123")

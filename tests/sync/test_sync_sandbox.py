@@ -19,7 +19,7 @@ from worker.klaviyo.errors import NotProvisionedError, TransientError
 from worker.plan import METRIC_NAMES
 from worker.setup import load_provisioned, provision
 from worker.state import PassState
-from worker.sync import Syncer, SyncResult
+from worker.sync import PartialSync, Syncer, SyncResult
 
 T0 = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -311,8 +311,12 @@ async def test_a_failed_write_raises_and_a_retry_completes(
 ) -> None:
     e = pass_event("S4", 1, EventKind.installed, 0)
     sandbox.set_faults(error_rates={503: 1.0}, operations=["create_event"])
-    with pytest.raises(TransientError):
+    with pytest.raises(PartialSync) as partial:
         await ready.sync_event(account, None, e)
+    # Only the metric event failed: the error says which state the profile and record writes carried.
+    assert isinstance(partial.value.cause, TransientError)
+    assert partial.value.state.status == "active"
+    assert klaviyo_view(sandbox, "S4")["events"] == []
     sandbox.clear_faults()
     result = await ready.sync_event(account, None, e)
     assert result.state is not None

@@ -40,7 +40,9 @@ class ScriptedSyncer:
     in_flight: int = 0
     max_in_flight: int = 0
 
-    async def sync_event(self, account: Account, state: PassState | None, event: PassEvent) -> SyncResult:
+    async def sync_event(
+        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+    ) -> SyncResult:
         self.attempts[event.event_id] += 1
         self.in_flight += 1
         self.max_in_flight = max(self.max_in_flight, self.in_flight)
@@ -54,7 +56,7 @@ class ScriptedSyncer:
             queued = self.failures.get(event.event_id)
             if queued:
                 raise queued.pop(0)
-            p = plan(state, event)
+            p = plan(state, event, seq)
             key = (account.account_id, event.serial_number)
             self.written[key].append(event.event_id)
             self.states[key].append(p.new_state or state)

@@ -193,7 +193,9 @@ async def test_bulk_mode_coalesces_each_serial_into_one_profile_and_one_record_w
         assert record["updated_at"] == expected["updated_at"]
         assert record["created_at"] == expected["created_at"]
         stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, serial))
-        assert stored.model_dump(exclude={"withheld"}) == final.model_dump(exclude={"withheld"})
+        # (seq: the newest event's arrival sequence, which the fold here does not know)
+        assert stored.model_dump(exclude={"withheld", "seq"}) == final.model_dump(exclude={"withheld", "seq"})
+        assert stored.seq > 0
         profile = pipeline.sandbox.profile(serial, pipeline.accounts["acme"])
         assert profile is not None
         props = profile["attributes"]["properties"]
@@ -281,6 +283,44 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
         final = fold([e for e in bad if e.serial_number == serial])
         assert records[serial]["updated_at"] == iso(final.updated_at)
         assert records[serial]["status"] == final.status.value
+
+
+@pytest.mark.parametrize(
+    ("mode", "fault"),
+    [("single", "rejected"), ("adaptive", "rejected"), ("adaptive", "exhausted"), ("bulk", "exhausted")],
+)
+async def test_dead_letter_after_profile_and_record_were_written_stores_their_state(
+    pipeline: Pipeline, start_workers: StartWorkers, mode: str, fault: str
+) -> None:
+    """Only the metric event of a deletion fails (refused for good, or transient until the attempts run out)
+    after its profile and record writes were accepted: the dead letter stores the deleted state, so the pass's
+    next event does not make it active again in Klaviyo."""
+    await pipeline.add_account("acme")
+    workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+    await drained(pipeline, workers)
+    if fault == "rejected":
+        pipeline.sandbox.set_faults(reject_external_ids=["S1"], operations=list(EVENT_OPS))
+    else:
+        pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(EVENT_OPS))
+    deleted = pass_event("acme", "S1", 1, kind="deleted")
+    await pipeline.put([deleted])
+    await drained(pipeline, workers)
+    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [deleted.event_id]
+    assert pipeline.records("acme")["S1"]["status"] == "deleted"
+    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    assert (stored.status, stored.event_id) == ("deleted", deleted.event_id)
+
+    pipeline.sandbox.clear_faults()
+    updated = pass_event("acme", "S1", 2, kind="updated")
+    await pipeline.put([updated])
+    await drained(pipeline, workers)
+    assert pipeline.stored_unique_ids("acme")[-1] == updated.event_id
+    record = pipeline.records("acme")["S1"]
+    assert (record["status"], record["updated_at"]) == ("deleted", iso(updated.occurred_at))
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
 
 
 async def test_bulk_request_rejected_without_a_pointer_is_split_in_halves(

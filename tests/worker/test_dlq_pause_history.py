@@ -78,6 +78,8 @@ class TestDLQ:
         record = orjson.loads(await redis.hget(keys.retries, "a-S1-0"))
         assert record["attempts"] == 0
         assert record["replays"] == 1
+        # ... and a fresh age: the retry policy counts it from the replay.
+        assert record["replayed_ms"] >= now
         assert [e["code"] for e in record["errors"]] == ["invalid"]
         # The serial is offered again.
         assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
@@ -157,6 +159,43 @@ class TestPause:
         await store.set_state("a", AccountState.connected)
         assert await pause.reconcile(redis, store, "a") == "resumed"
         assert await pause.get_pause(redis, "a") is None
+
+    async def test_a_pause_without_since_ms_is_still_resumed(self, redis: Redis, store: AccountStore) -> None:
+        """A late write after a resume could leave a pause hash without ``since_ms`` (a race of the old
+        code): claims treat any pause hash as a pause, so resume must delete it too."""
+        await make_account(redis, store.cipher, "a")
+        await put(redis, pass_event("a", "S1", 1))
+        keys = account_keys("a")
+        await redis.hset(keys.paused, "registry", "synced")
+        q = WorkQueue(redis, worker_id="w")
+        assert (await q.claim(5)).leases == []
+        # The registry says connected: the sweep's reconcile resumes it, for good this time.
+        assert await pause.reconcile(redis, store, "a", probe=_false) == "resumed"
+        assert not await redis.exists(keys.paused)
+        assert await pause.pause_intervals(redis, "a") == []  # no start, so no interval to log
+        assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
+        assert await pause.resume_account(redis, store, "a") is None
+
+    async def test_late_pause_writes_do_not_recreate_a_resumed_pause(
+        self, redis: Redis, store: AccountStore
+    ) -> None:
+        await make_account(redis, store.cipher, "a")
+        keys = account_keys("a")
+        assert await pause.pause_account(redis, store, "a", "HTTP 401")
+        assert await pause.set_if_paused(redis, "a", {"probed_ms": 5})
+        assert await redis.hget(keys.paused, "probed_ms") == b"5"
+        assert await pause.resume_account(redis, store, "a") is not None
+        # What a pause's registry sync or a sweep's probe writes once a resume got in before it.
+        assert not await pause.set_if_paused(redis, "a", {"registry": "synced"})
+        assert not await pause.set_if_paused(redis, "a", {"probed_ms": 6})
+        assert not await redis.exists(keys.paused)
+        # A pause of an account already paused (its start kept) still syncs the registry field.
+        assert await pause.pause_account(redis, store, "a", "HTTP 401")
+        await redis.hset(keys.paused, "registry", "pending")
+        assert not await pause.pause_account(redis, store, "a", "again")
+        assert (await pause.get_pause(redis, "a")) == pause.Pause(
+            "a", int(await redis.hget(keys.paused, "since_ms")), "auth", "HTTP 401", True
+        )
 
 
 async def _true(_: str) -> bool:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import time
+from datetime import UTC, datetime, timedelta
 
+import orjson
 import pytest
 
 from passbridge.keys import account_keys
 from tests.conftest import async_wait_for
 from worker import dlq
+from worker.state import PassState
 
 from .e2e import Pipeline, Workers
 from .helpers import pass_event
@@ -78,6 +81,70 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
     profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
     assert profile is not None
     assert profile["attributes"]["email"] == "holder@example.com"
+
+
+async def test_replayed_event_older_than_max_age_gets_a_fresh_retry_window(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    """After an outage longer than max age, a replayed event's next transient error is retried (its age counts
+    from the replay), not dead-lettered again at once."""
+    await pipeline.add_account("acme")
+    workers.start(1)
+    old = pass_event("acme", "S1", 0, kind="created", received_at=datetime.now(UTC) - timedelta(hours=25))
+    # The outage: Klaviyo answers 503 to everything; the event is past the 24 h max age, so its first
+    # transient error dead-letters it.
+    pipeline.sandbox.set_faults(error_rates={503: 1.0})
+    await pipeline.put([old])
+    await async_wait_for(pipeline.drained, timeout=30)
+    (entry,) = await dlq.list_entries(pipeline.redis, "acme")
+    assert "older than max age" in entry.reason
+    # Klaviyo still fails when the operator replays: that error must be retried with backoff.
+    assert await dlq.replay(pipeline.redis, "acme", [old.event_id], history_retention_ms=86_400_000) == 1
+    keys = account_keys("acme")
+
+    async def retried_or_dead() -> bool:
+        raw = await pipeline.redis.hget(keys.retries, old.event_id)
+        attempts = orjson.loads(raw)["attempts"] if raw else 0
+        return attempts >= 1 or await dlq.count(pipeline.redis, "acme") > 0
+
+    await async_wait_for(retried_or_dead, timeout=30)
+    assert await dlq.count(pipeline.redis, "acme") == 0, workers.logs()
+    pipeline.sandbox.clear_faults()
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert await dlq.count(pipeline.redis, "acme") == 0
+    assert pipeline.stored_unique_ids("acme") == [old.event_id]
+
+
+async def test_replayed_event_loses_a_tie_in_time_to_a_later_arrival(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    """``installed`` and ``uninstalled`` happened in the same second and arrived in that order; ``installed`` was
+    dead-lettered, ``uninstalled`` applied. Replayed, ``installed`` is older by arrival: the pass stays
+    uninstalled."""
+    await pipeline.add_account("acme")
+    workers.start(1)
+    installed = pass_event("acme", "S1", 0, kind="installed", offset_s=0)
+    uninstalled = pass_event("acme", "S1", 1, kind="uninstalled", offset_s=0)
+    pipeline.sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+    await pipeline.put([installed])
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [installed.event_id]
+    pipeline.sandbox.clear_faults()
+    await pipeline.put([uninstalled])
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert (
+        await dlq.replay(pipeline.redis, "acme", [installed.event_id], history_retention_ms=86_400_000) == 1
+    )
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert await dlq.count(pipeline.redis, "acme") == 0
+    assert sorted(pipeline.stored_unique_ids("acme")) == [installed.event_id, uninstalled.event_id]
+    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    assert (stored.status, stored.event_id) == ("uninstalled", uninstalled.event_id)
+    pipeline.sandbox.wait_idle()
+    assert pipeline.records("acme")["S1"]["status"] == "uninstalled"
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["properties"]["wallet_pass_status"] == "uninstalled"
 
 
 async def test_sigkilled_worker_is_taken_over_within_the_lease_ttl(

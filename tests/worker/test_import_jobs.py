@@ -288,6 +288,15 @@ async def test_markers_stay_when_the_post_may_have_created_a_job(
         await jobs.run(account, [profile("C")], ["C"])
     assert await markers(pipeline.redis, account) == {}
     assert jobs.jobs == 0
+    # Cancelled while the POST is in flight (a shutdown): the job may exist, so the markers stay.
+    pipeline.sandbox.set_faults(latency_ms=1000, operations=["bulk_import_profiles"])
+    task = asyncio.create_task(jobs.run(account, [profile("D")], ["D"]))
+    await async_wait_for(lambda: markers(pipeline.redis, account), timeout=5, interval=0.01)
+    await asyncio.sleep(0.2)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert sorted(await markers(pipeline.redis, account)) == ["D"]
 
 
 # --- across processes: a worker killed while its profile job runs ---------------------------------------------

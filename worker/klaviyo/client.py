@@ -76,6 +76,9 @@ class ClientOptions:
     #: Refresh an OAuth token this long before it expires.
     oauth_refresh_skew_s: float = 60.0
     oauth_lock_ttl_s: float = 30.0
+    #: Overall deadline of one OAuth token request; below ``oauth_lock_ttl_s``, so the refresh lock cannot
+    #: expire while its holder still waits for Klaviyo (a second refresh would use the rotated-away token).
+    oauth_token_timeout_s: float = 15.0
     rate_safety: float = 0.02
     rate_burst_safety: float = 0.5
     rate_pad_s: float = 0.02
@@ -144,6 +147,7 @@ class KlaviyoClient:
             self.base_url + OAUTH_TOKEN_PATH,
             refresh_skew_s=opts.oauth_refresh_skew_s,
             lock_ttl_s=opts.oauth_lock_ttl_s,
+            token_timeout_s=opts.oauth_token_timeout_s,
         )
         #: Calls by (operation, status or error kind), for metrics.
         self.calls: Counter[tuple[str, str]] = Counter()

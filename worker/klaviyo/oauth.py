@@ -10,7 +10,12 @@ is refreshed shortly before it expires or when Klaviyo answers 401 ``authenticat
    later start — uses them;
 4. a refused refresh token (``invalid_grant``: revoked or expired) or refused client credentials mark the
    account ``disconnected`` with the reason, and every waiting process gives up with :class:`AuthError`
-   instead of trying again: an operator has to reconnect the app.
+   instead of trying again: an operator has to reconnect the app — unless the registry by then holds a
+   refresh token other than the refused one: another process refreshed (and Klaviyo rotated the token) in
+   the meantime, and its tokens are used.
+
+The token request has an overall deadline (``token_timeout_s``) below the lock's TTL, so the lock cannot
+expire while its holder still waits for Klaviyo and let a second process refresh with the same token.
 """
 
 from __future__ import annotations
@@ -59,13 +64,19 @@ class OAuthManager:
         *,
         refresh_skew_s: float = 60.0,
         lock_ttl_s: float = 30.0,
+        token_timeout_s: float = 15.0,
     ) -> None:
+        if not 0 < token_timeout_s < lock_ttl_s:
+            raise ValueError(
+                "the OAuth token request timeout must be positive and below the refresh lock's TTL"
+            )
         self.redis = redis
         self.accounts = accounts
         self.http = http
         self.token_url = token_url
         self.refresh_skew_s = refresh_skew_s
         self.lock_ttl_s = lock_ttl_s
+        self.token_timeout_s = token_timeout_s
         self._cache: dict[str, _Token] = {}
         self._local: dict[str, asyncio.Lock] = {}
         #: Refreshes this process performed (calls to the token endpoint), for tests and metrics.
@@ -148,7 +159,13 @@ class OAuthManager:
             await self._disconnect(
                 account_id, "the OAuth grant has no refresh token; reconnect the Klaviyo app"
             )
-        new = await self._grant(account_id, oauth)
+        try:
+            new = await self._grant(account_id, oauth)
+        except _Refused as refused:
+            theirs = await self._refreshed_meanwhile(account_id, oauth)
+            if theirs is not None:
+                return theirs
+            await self._disconnect(account_id, refused.reason)
         # Re-read right before writing so that a concurrent operator edit of other fields is not undone.
         latest = await self.accounts.get(account_id)
         latest_oauth = _oauth(latest)
@@ -175,18 +192,44 @@ class OAuthManager:
         log.info("oauth_token_refreshed", account=account_id, expires_at=new.expires_at)
         return token.value
 
+    async def _refreshed_meanwhile(self, account_id: str, used: OAuthTokens) -> str | None:
+        """After Klaviyo refused the refresh token in ``used``: the access token another process stored since
+        with a different refresh token (it refreshed first and Klaviyo rotated the token), else ``None``."""
+        latest = await self.accounts.get(account_id)
+        oauth = latest.secrets.klaviyo_oauth
+        if latest.state is AccountState.disconnected or oauth is None or oauth.access_token is None:
+            return None
+        if _secret(oauth.refresh_token) == _secret(used.refresh_token):
+            return None  # the refused token is still the stored one: the grant is really gone
+        token = _Token(oauth.access_token.get_secret_value(), oauth.expires_at)
+        self._cache[account_id] = token
+        log.info("oauth_token_refreshed_elsewhere_after_refusal", account=account_id)
+        return token.value
+
     async def _grant(self, account_id: str, oauth: OAuthTokens) -> OAuthTokens:
-        """``POST /oauth/token`` with ``grant_type=refresh_token`` and the client's Basic credentials."""
+        """``POST /oauth/token`` with ``grant_type=refresh_token`` and the client's Basic credentials.
+
+        Raises :class:`_Refused` when Klaviyo refuses the grant or the client for good.
+        """
         assert oauth.refresh_token is not None
         self.refreshes += 1
         started = time.time()
         try:
-            response = await self.http.post(
-                self.token_url,
-                data={"grant_type": "refresh_token", "refresh_token": oauth.refresh_token.get_secret_value()},
-                auth=httpx.BasicAuth(oauth.client_id, oauth.client_secret.get_secret_value()),
-                headers={"accept": "application/json"},
-            )
+            # One deadline for the whole exchange (connect, send, every read), below the lock's TTL.
+            async with asyncio.timeout(self.token_timeout_s):
+                response = await self.http.post(
+                    self.token_url,
+                    data={
+                        "grant_type": "refresh_token",
+                        "refresh_token": oauth.refresh_token.get_secret_value(),
+                    },
+                    auth=httpx.BasicAuth(oauth.client_id, oauth.client_secret.get_secret_value()),
+                    headers={"accept": "application/json"},
+                )
+        except TimeoutError:
+            raise TransientError(
+                TOKEN_ENDPOINT, f"token endpoint did not answer within {self.token_timeout_s:g} s"
+            ) from None
         except httpx.TransportError as exc:
             raise TransientError(
                 TOKEN_ENDPOINT, f"token endpoint unreachable: {type(exc).__name__}"
@@ -202,10 +245,9 @@ class OAuthManager:
             error = str(doc.get("error") or "")
             detail = str(doc.get("error_description") or "")[:200]
             if error in FATAL_GRANT_ERRORS or response.status_code == 401:
-                await self._disconnect(
-                    account_id,
+                raise _Refused(
                     f"Klaviyo refused the OAuth refresh ({error or response.status_code}"
-                    f"{': ' + detail if detail else ''}); reconnect the Klaviyo app",
+                    f"{': ' + detail if detail else ''}); reconnect the Klaviyo app"
                 )
             raise AuthError(
                 response.status_code, TOKEN_ENDPOINT, code=error, detail=detail or "token refresh failed"
@@ -228,6 +270,19 @@ class OAuthManager:
         self._cache.pop(account_id, None)
         log.warning("klaviyo_account_disconnected", account=account_id, reason=reason)
         raise AuthError(401, TOKEN_ENDPOINT, code="disconnected", detail=reason)
+
+
+class _Refused(Exception):
+    """The token endpoint refused the refresh token or the client credentials for good (``reason`` holds no
+    secret)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
+def _secret(value: SecretStr | None) -> str | None:
+    return value.get_secret_value() if value is not None else None
 
 
 def _oauth(account: Account) -> OAuthTokens:

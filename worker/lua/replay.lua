@@ -8,7 +8,9 @@
 -- were, so the mailbox orders it among the serial's other events exactly as on first arrival; the state
 -- machine then keeps an old replayed event from regressing newer state (it is applied as stale). The serial
 -- is offered unless a worker holds it (that worker sees the entry when it reads the head again).
--- Earlier errors move into the event's retry record. Returns one flag per id: 1 replayed, 0 not in the DLQ.
+-- Earlier errors move into the event's retry record, with the replay time (`replayed_ms`): the retry policy
+-- measures the event's age from it, so an event dead-lettered for its age gets a fresh retry window.
+-- Returns one flag per id: 1 replayed, 0 not in the DLQ.
 local base, account, active, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local retention, extra = tonumber(ARGV[5]), ARGV[6]
 local entries, dlq = base .. ':dlq:e', base .. ':dlq'
@@ -31,7 +33,7 @@ for i = 7, #ARGV do
     if errors == nil or #errors == 0 then errors = cjson.decode('[]') end
     redis.call('HSET', base .. ':retry', id, cjson.encode({
       serial = serial, attempts = 0, throttled = 0, first_failure_ms = 0,
-      errors = errors, replays = (tonumber(entry['replays']) or 0) + 1}))
+      errors = errors, replays = (tonumber(entry['replays']) or 0) + 1, replayed_ms = math.floor(now)}))
     redis.call('ZREM', dlq, id)
     redis.call('INCR', base .. ':depth')
     if retention > 0 then
