@@ -176,3 +176,43 @@ async def test_apple_token_command(redis: Redis, redis_url: str, tmp_path: Path,
     other = run(["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.other"], env, tmp_path)
     assert other.returncode == 1
     assert "not one of the account's Apple pass types" in other.stderr
+
+
+class TestDemoStateDir:
+    """``passbridge demo --state-dir DIR`` only ever removes what the demo itself created."""
+
+    def test_refuses_a_directory_that_holds_anything(self, tmp_path: Path, secret_key: str) -> None:
+        state = tmp_path / ".passbridge"
+        (state / "redis").mkdir(parents=True)
+        (state / "secret.key").write_text("the deployment's key")
+        (state / "redis" / "appendonly.aof").write_text("every account")
+        env = cli_env(tmp_path / "other", secret_key, "redis://127.0.0.1:1/0")
+        result = run(["demo", "--state-dir", str(state), "--passes", "10"], env, tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "already exists and is not empty" in " ".join(result.stderr.split())
+        assert "Traceback" not in result.stderr
+        assert (state / "secret.key").read_text() == "the deployment's key"
+        assert (state / "redis" / "appendonly.aof").read_text() == "every account"
+
+    def test_an_empty_directory_given_keeps_existing_and_a_new_one_goes(self, tmp_path: Path) -> None:
+        from passbridge.demo.run import _check_state_dir, _release_state_dir
+
+        given = tmp_path / "given"
+        given.mkdir()
+        _check_state_dir(given)  # empty: accepted
+        (given / "logs").mkdir()
+        (given / "logs" / "producer.log").write_text("x")
+        (given / "redis.json").write_text("{}")
+        _release_state_dir(given, created=False)
+        assert given.is_dir()
+        assert not any(given.iterdir())
+
+        made = tmp_path / "made"
+        (made / "logs").mkdir(parents=True)
+        _release_state_dir(made, created=True)
+        assert not made.exists()
+
+        a_file = tmp_path / "file"
+        a_file.write_text("mine")
+        with pytest.raises(Exception, match="not a directory"):
+            _check_state_dir(a_file)
