@@ -216,3 +216,62 @@ class TestDemoStateDir:
         a_file.write_text("mine")
         with pytest.raises(Exception, match="not a directory"):
             _check_state_dir(a_file)
+
+
+class TestCleanFailures:
+    """An unreachable Redis or an unusable secret key is one ``error:`` line and a non-zero exit."""
+
+    COMMANDS = (
+        ["accounts", "list"],
+        ["accounts", "show", "acme"],
+        ["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.acme"],
+        ["klaviyo", "setup", "--account", "acme"],
+        ["engine", "status"],
+        ["dlq", "list"],
+        ["ingest", "IN", "-a", "acme"],
+    )
+
+    @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+    def test_unreachable_redis(self, args: list[str], tmp_path: Path, secret_key: str) -> None:
+        from passbridge.redis_server import free_port
+
+        port = free_port()  # nothing listens there
+        env = cli_env(tmp_path / "state", secret_key, f"redis://user:hunter2pw@127.0.0.1:{port}/0")
+        args = [str(ndjson(tmp_path / "in.ndjson", 3)) if a == "IN" else a for a in args]
+        result = run(args, env, tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        err = " ".join(result.stderr.split())
+        assert err.startswith(f"error: Redis at 127.0.0.1:{port} is unreachable"), err
+        assert "Traceback" not in result.stderr
+        assert "hunter2pw" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) <= 3  # one line, wrapped at most by the terminal width
+
+    @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+    def test_bad_secret_key(self, args: list[str], redis_url: str, tmp_path: Path) -> None:
+        env = cli_env(tmp_path / "state", "notakey", redis_url)
+        args = [str(ndjson(tmp_path / "in.ndjson", 3)) if a == "IN" else a for a in args]
+        result = run(args, env, tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        err = " ".join(result.stderr.split())
+        assert err == "error: PASSBRIDGE_SECRET_KEY must be urlsafe-base64 Fernet keys, comma-separated", err
+
+    async def test_ingest_over_the_high_water_mark_says_where_to_resume(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        # Batches of 500: the first fits under 700, the second would not and is refused whole.
+        path = ndjson(tmp_path / "big.ndjson", 1200, {3: b"{broken", 600: b"{broken"})
+        env = cli_env(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_BACKLOG_HIGH_WATER": "700"}
+        result = run(["ingest", str(path), "-a", "acme"], env, tmp_path)
+        assert result.returncode == 1, result.stderr
+        err = " ".join(result.stderr.split())
+        assert "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+        assert "500 accepted, 0 duplicates, 1 rejected so far; resume after line 501" in err
+        assert "Traceback" not in result.stderr
+        assert int(await redis.get(account_keys("acme").depth)) == 500
+
+        as_json = run(["ingest", str(path), "-a", "acme", "--json"], env, tmp_path)
+        assert as_json.returncode == 1
+        doc = orjson.loads(as_json.stdout)
+        assert (doc["resume_after_line"], doc["accepted"], doc["duplicates"]) == (501, 0, 500)
+        assert [r["line"] for r in doc["rejected"]] == [3]
