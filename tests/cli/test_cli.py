@@ -265,7 +265,9 @@ class TestCleanFailures:
         result = run(["ingest", str(path), "-a", "acme"], env, tmp_path)
         assert result.returncode == 1, result.stderr
         err = " ".join(result.stderr.split())
-        assert "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+        assert (
+            "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+        )
         assert "500 accepted, 0 duplicates, 1 rejected so far; resume after line 501" in err
         assert "Traceback" not in result.stderr
         assert int(await redis.get(account_keys("acme").depth)) == 500
