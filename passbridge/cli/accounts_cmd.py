@@ -464,8 +464,10 @@ def update(
                 tail = ref.split("…")[-1]  # `show` prints whsec_…abcd
                 hits = [s for s in webhook if s == ref or (len(tail) >= 4 and s.endswith(tail))]
                 if len(hits) != 1:
+                    # ref may be the whole secret: echo only the tail `show` would print.
+                    shown = ("whsec_" if ref.startswith("whsec_") else "") + "…" + tail[-4:]
                     fail(
-                        f"--remove-webhook-secret {ref!r} matches {len(hits)} secrets; give more of its tail "
+                        f"--remove-webhook-secret {shown!r} matches {len(hits)} secrets; give more of its tail "
                         "or the whole secret"
                     )
                 webhook.remove(hits[0])

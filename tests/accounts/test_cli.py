@@ -214,7 +214,10 @@ class TestUpdate:
         shown_tail = cli.json("accounts", "show", "acme")["secrets"]["webhook_secrets"][0]
         cli.ok("accounts", "update", "acme", "--remove-webhook-secret", shown_tail)
         assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [new]
-        assert "matches 0 secrets" in cli.fails("accounts", "update", "acme", "--remove-webhook-secret", old)
+        error = cli.fails("accounts", "update", "acme", "--remove-webhook-secret", old)
+        assert f"--remove-webhook-secret 'whsec_…{old[-4:]}' matches 0 secrets" in error
+        assert old not in error
+        assert old.removeprefix("whsec_")[:-4] not in error
         added = webhook_secret()
         cli.ok("accounts", "update", "acme", "--add-webhook-secret", added, "--remove-webhook-secret", new)
         assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [added]
