@@ -743,7 +743,8 @@ def apply(
 def rotate_key(as_json: JsonOpt = False) -> None:
     """Re-encrypt every account's secrets with the newest PASSBRIDGE_SECRET_KEY (the first one).
 
-    Rotation: prepend a new key to PASSBRIDGE_SECRET_KEY, run this, then drop the old key.
+    Rotation: first give every producer and worker PASSBRIDGE_SECRET_KEY=NEW,OLD and restart them, then run
+    this, then drop OLD everywhere and restart again.
     """
     from passbridge.oauth import rotate_pending
 
@@ -765,5 +766,6 @@ def rotate_key(as_json: JsonOpt = False) -> None:
     else:
         out.print(
             f"re-encrypted the secrets of {doc['accounts']} accounts and {doc['pending_connects']} pending "
-            "connects with the newest key; older keys can now be removed from PASSBRIDGE_SECRET_KEY"
+            "connects with the newest key; older keys can now be removed from PASSBRIDGE_SECRET_KEY (in every "
+            "process, then restart them)"
         )

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import sys
@@ -12,7 +13,15 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from passbridge.accounts import Account, AccountSecrets, AccountStore, OAuthTokens, hash_token
+from passbridge.accounts import (
+    Account,
+    AccountNotFound,
+    AccountSecrets,
+    AccountState,
+    AccountStore,
+    OAuthTokens,
+    hash_token,
+)
 from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
 from passbridge.logging import redact_text
@@ -163,3 +172,38 @@ class TestNeverPrinted:
         assert line["detail"] == "failed with header Klaviyo-API-Key ***"
         for value in SECRETS.values():
             assert value not in stream.getvalue()
+
+
+class TestConcurrentWriters:
+    async def test_set_state_never_puts_back_secrets_replaced_meanwhile(
+        self, redis: Redis, secret_key: str, settings: Settings
+    ) -> None:
+        """A pause (set_state) racing a write of new secrets: whichever lands last, the new key survives.
+
+        (The other writer replaces the whole entry, so the pause itself may be overwritten: that order is
+        legitimate. Putting back the old key never is.)"""
+        store = AccountStore(redis, load_cipher(secret_key, settings.state_dir))
+        for round_ in range(20):
+            await store.put(full_account())
+            edited = full_account().model_copy(
+                update={
+                    "secrets": full_account().secrets.model_copy(
+                        update={"klaviyo_api_key": SecretStr(f"pk_edited{round_:04d}abcdef")}
+                    )
+                }
+            )
+            # Started together: the pause's read goes out first, the edit lands before the pause would write.
+            await asyncio.gather(
+                store.set_state("acme", AccountState.paused, "probe failed"), store.put(edited)
+            )
+            after = await store.get("acme")
+            assert after.secrets.klaviyo_api_key is not None
+            assert after.secrets.klaviyo_api_key.get_secret_value() == f"pk_edited{round_:04d}abcdef", round_
+
+    async def test_set_state_of_a_missing_account(
+        self, redis: Redis, secret_key: str, settings: Settings
+    ) -> None:
+        store = AccountStore(redis, load_cipher(secret_key, settings.state_dir))
+        with pytest.raises(AccountNotFound):
+            await store.set_state("ghost", AccountState.paused)
+        assert not await redis.exists(account_keys("ghost").config)
