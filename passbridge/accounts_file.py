@@ -13,8 +13,8 @@ Shape (every field of :class:`~passbridge.account_spec.AccountSpec` may appear):
 ``${NAME}`` in any string is replaced by the environment variable ``NAME`` (an unset one is an error naming
 the account and field), so the file itself can be committed without secrets. Applying is an upsert of the
 fields each account lists; fields it does not list keep their stored values (OAuth tokens from ``accounts
-connect`` survive every restart). Entry points call :func:`apply_accounts_file` at start when
-``PASSBRIDGE_ACCOUNTS_FILE`` is set.
+connect`` survive every restart). The producer calls :func:`apply_accounts_file` at start when
+``PASSBRIDGE_ACCOUNTS_FILE`` is set (workers only read the registry).
 """
 
 from __future__ import annotations

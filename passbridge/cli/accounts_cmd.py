@@ -293,10 +293,7 @@ def add(
     sync_pass_type: SyncOpt = None,
     klaviyo_api_key: Annotated[
         str | None,
-        typer.Option(
-            envvar="PASSBRIDGE_NEW_ACCOUNT_KLAVIYO_KEY",
-            help="Klaviyo private API key pk_... ('-' reads stdin).",
-        ),
+        typer.Option(help="Klaviyo private API key pk_... ('-' reads stdin)."),
     ] = None,
     klaviyo_oauth_client_id: ClientIdOpt = None,
     klaviyo_oauth_client_secret: ClientSecretOpt = None,

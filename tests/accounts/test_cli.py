@@ -138,6 +138,11 @@ class TestAdd:
         assert says.replace("Value error, ", "") in error
         assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
 
+    def test_no_environment_variable_supplies_a_klaviyo_key(self, cli: Cli) -> None:
+        """A key left in the environment must never land on every new account (another tenant's Klaviyo)."""
+        cli.ok("accounts", "add", "acme", env={"PASSBRIDGE_NEW_ACCOUNT_KLAVIYO_KEY": KEY})
+        assert cli.account("acme").secrets.klaviyo_api_key is None
+
 
 class TestListAndShow:
     def test_list_counts_waiting_and_skipped_per_account(self, cli: Cli) -> None:
