@@ -5,7 +5,11 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -22,7 +26,7 @@ from passbridge.accounts import (
     OAuthTokens,
     hash_token,
 )
-from passbridge.crypto import load_cipher
+from passbridge.crypto import SecretKeyError, load_cipher
 from passbridge.keys import account_keys
 from passbridge.logging import redact_text
 from passbridge.oauth import start_connect
@@ -207,3 +211,43 @@ class TestConcurrentWriters:
         with pytest.raises(AccountNotFound):
             await store.set_state("ghost", AccountState.paused)
         assert not await redis.exists(account_keys("ghost").config)
+
+
+class TestGeneratedKeyFile:
+    def test_processes_starting_together_share_one_private_key(self, tmp_path: Path) -> None:
+        """Producer and workers started at once on a fresh state dir: one key file, 0600, used by all."""
+        state = tmp_path / "state"
+        start_at = time.time() + 1.0  # every process gets past its imports, then all create at once
+        code = (
+            "import sys, time\n"
+            "from passbridge.crypto import load_cipher\n"
+            f"time.sleep(max(0.0, {start_at} - time.time()))\n"
+            f"sys.stdout.write(load_cipher(None, __import__('pathlib').Path({str(state)!r}))"
+            ".encrypt(b'hello').decode())\n"
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        tokens = [p.communicate(timeout=30)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        key_file = state / "secret.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        only = load_cipher(key_file.read_text().strip(), state)
+        assert [only.decrypt(t.encode()) for t in tokens] == [b"hello"] * 8
+
+    def test_a_key_still_being_written_is_waited_for(self, tmp_path: Path) -> None:
+        key = Fernet.generate_key()
+        (tmp_path / "secret.key").touch(mode=0o600)  # created by another process, not written yet
+        writer = threading.Timer(0.2, (tmp_path / "secret.key").write_bytes, [key])
+        writer.start()
+        try:
+            cipher = load_cipher(None, tmp_path)
+        finally:
+            writer.join()
+        assert Fernet(key).decrypt(cipher.encrypt(b"x").decode().encode()) == b"x"
+
+    def test_a_key_file_that_stays_empty_is_a_clear_error(self, tmp_path: Path) -> None:
+        (tmp_path / "secret.key").touch(mode=0o600)
+        with pytest.raises(SecretKeyError, match=r"secret\.key is empty"):
+            load_cipher(None, tmp_path)
