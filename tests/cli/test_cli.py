@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -277,3 +279,44 @@ class TestCleanFailures:
         doc = orjson.loads(as_json.stdout)
         assert (doc["resume_after_line"], doc["accepted"], doc["duplicates"]) == (501, 0, 500)
         assert [r["line"] for r in doc["rejected"]] == [3]
+
+
+@pytest.mark.timeout(180)
+def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
+    """``passbridge up`` keeps its own state dir and generated key; the line it prints lets the CLI read the
+    stack's accounts (without it, `accounts list` would use another key and fail to decrypt them)."""
+    from passbridge.redis_server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console")
+    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(free_port())]
+    up = subprocess.Popen(
+        [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert up.stderr is not None
+        lines = []
+        while not lines or "Ctrl-C stops everything" not in lines[-1]:
+            line = up.stderr.readline()
+            assert line, "".join(lines)  # `up` ended before it was up
+            lines.append(line)
+        [export] = [x.strip() for x in lines if x.strip().startswith("export ")]
+        cli = dict(env)
+        for assignment in shlex.split(export)[1:]:
+            name, _, value = assignment.partition("=")
+            cli[name] = value
+        assert cli["PASSBRIDGE_STATE_DIR"] == str((tmp_path / "up").resolve())
+        listed = run(["accounts", "list", "--json"], cli, tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert [a["account_id"] for a in orjson.loads(listed.stdout)] == ["local"]
+        # Only the Redis URL: this directory's own generated key cannot read the stack's account.
+        only_url = {**env, "REDIS_URL": cli["REDIS_URL"]}
+        assert "do not decrypt" in run(["accounts", "list"], only_url, tmp_path).stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)  # waits, and closes the pipe
