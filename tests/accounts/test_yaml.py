@@ -173,6 +173,10 @@ class TestApplyCommand:
         assert "is not valid YAML: mapping values are not allowed here at line 3, column 46" in error
         assert "0123456789abcdef" not in error
         assert "oops" not in error
+        # The producer checks the file before it starts serving: the same line, no traceback.
+        error = cli.fails("producer", env={"PASSBRIDGE_ACCOUNTS_FILE": str(tmp_path / "accounts.yaml")})
+        assert "is not valid YAML: mapping values are not allowed here at line 3, column 46" in error
+        assert "0123456789abcdef" not in error
 
     def test_build_errors_also_stop_the_whole_file(self, cli: Cli, tmp_path: Path) -> None:
         text = "accounts:\n  good: {name: Good}\n  acme: {klaviyo_oauth_client_id: only-an-id}\n"
