@@ -1,4 +1,4 @@
-# Everything bootstraps its own .venv: a fresh Debian machine needs only python3 (>= 3.11), gcc and make.
+# Everything bootstraps its own .venv: a fresh Debian machine needs only python3 (>= 3.11) with python3-venv, gcc and make.
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
@@ -8,6 +8,10 @@ STAMP  := $(VENV)/.installed-$(shell cksum pyproject.toml | cut -d' ' -f1)
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(0 if sys.version_info >= (3, 11) else "Python >= 3.11 is required")'
+	@# Debian and Ubuntu ship venv's ensurepip in a separate package; without it `venv` fails half-way.
+	@$(PYTHON) -c 'import ensurepip' 2>/dev/null || $(PYTHON) -c 'import sys; v = sys.version_info; sys.exit( \
+		f"error: {sys.executable} has no ensurepip, so it cannot create {sys.argv[1]}: install it with " \
+		f"`apt-get install python{v[0]}.{v[1]}-venv` (python3-venv for the default python3)")' $(VENV)
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[dev]'

@@ -287,6 +287,15 @@ class AccountStore:
         return bool(deleted)
 
     async def set_state(self, account_id: str, state: AccountState, reason: str = "") -> None:
-        """Pause, resume or mark an account disconnected."""
-        account = await self.get(account_id)
-        await self.put(account.model_copy(update={"state": state, "state_reason": reason}))
+        """Pause, resume or mark an account disconnected; raises :class:`AccountNotFound`.
+
+        Through :meth:`update`: a plain read-then-write could put back secrets another writer replaced in
+        between (a fresh OAuth grant, an edited API key, a key rotation's re-encryption).
+        """
+
+        def change(current: Account | None) -> Account:
+            if current is None:
+                raise AccountNotFound(account_id)
+            return current.model_copy(update={"state": state, "state_reason": reason})
+
+        await self.update(account_id, change)

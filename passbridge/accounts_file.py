@@ -13,8 +13,8 @@ Shape (every field of :class:`~passbridge.account_spec.AccountSpec` may appear):
 ``${NAME}`` in any string is replaced by the environment variable ``NAME`` (an unset one is an error naming
 the account and field), so the file itself can be committed without secrets. Applying is an upsert of the
 fields each account lists; fields it does not list keep their stored values (OAuth tokens from ``accounts
-connect`` survive every restart). Entry points call :func:`apply_accounts_file` at start when
-``PASSBRIDGE_ACCOUNTS_FILE`` is set.
+connect`` survive every restart). The producer calls :func:`apply_accounts_file` at start when
+``PASSBRIDGE_ACCOUNTS_FILE`` is set (workers only read the registry).
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from redis.asyncio import Redis
 from passbridge.account_spec import AccountSpec, build
 from passbridge.accounts import Account, AccountStore
 from passbridge.crypto import cipher_from_settings
+from passbridge.logging import redact_text
 from passbridge.settings import Settings
 
 log = structlog.get_logger(__name__)
@@ -120,8 +121,17 @@ def load_accounts_file(path: Path, env: Mapping[str, str] | None = None) -> dict
     except OSError as exc:
         raise AccountsFileError(f"cannot read {path}: {exc.strerror}") from None
     except yaml.YAMLError as exc:
-        raise AccountsFileError(f"{path} is not valid YAML: {exc}") from None
+        raise AccountsFileError(f"{path} is not valid YAML: {_yaml_problem(exc)}") from None
     return parse_accounts(doc, os.environ if env is None else env)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """What is wrong and where, without PyYAML's quote of the source line: that line may hold a literal key."""
+    problem = getattr(exc, "problem", None) or "cannot be parsed"
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    # The problem text can quote a token (an undefined alias name); mask anything secret-shaped in it.
+    return redact_text(f"{problem}{where}")
 
 
 def _warnings(account: Account) -> list[str]:

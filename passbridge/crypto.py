@@ -7,6 +7,7 @@ secrets are still never stored in clear text.
 from __future__ import annotations
 
 import os
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,15 +21,44 @@ class SecretKeyError(RuntimeError):
     """Secrets could not be decrypted with any configured key."""
 
 
+#: How long a process waits for another one to finish writing the generated key it just created.
+KEY_FILE_WAIT_S = 2.0
+
+
+def generated_key(state_dir: Path) -> str:
+    """The key in ``<state_dir>/secret.key``, generated on first use.
+
+    Several processes may start at once on a fresh state dir (producer and worker): the file is created
+    exclusively, private from its first byte (0600), so exactly one key is ever written and every process
+    reads that one, waiting briefly if the creator has not written it yet.
+    """
+    path = state_dir / "secret.key"
+    if not path.exists():
+        state_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+        except FileExistsError:
+            pass  # another process won the race: read its key below
+        else:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(Fernet.generate_key())
+                fh.flush()
+                os.fsync(fh.fileno())
+    deadline = time.monotonic() + KEY_FILE_WAIT_S
+    while not (key := path.read_text().strip()):
+        if time.monotonic() >= deadline:
+            raise SecretKeyError(
+                f"{path} is empty: delete it to generate a new key (only if nothing was encrypted with it yet) "
+                "or set PASSBRIDGE_SECRET_KEY"
+            )
+        time.sleep(0.01)
+    return key
+
+
 def load_cipher(secret_key: str | None, state_dir: Path) -> MultiFernet:
     """The cipher for the configured keys, or for a generated key kept in ``<state_dir>/secret.key``."""
     if not secret_key:
-        path = state_dir / "secret.key"
-        if not path.exists():
-            state_dir.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(Fernet.generate_key())
-            os.chmod(path, 0o600)
-        secret_key = path.read_text().strip()
+        secret_key = generated_key(state_dir)
     keys = [k.strip() for k in secret_key.split(",") if k.strip()]
     try:
         return MultiFernet([Fernet(k.encode()) for k in keys])

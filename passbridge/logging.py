@@ -84,20 +84,35 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
         structlog.contextvars.merge_contextvars,
         structlog.processors.add_log_level,
         structlog.processors.TimeStamper(fmt="iso", utc=True),
-        _redact,
     ]
+    # The exception is rendered to text before _redact runs, so a secret in its message (a header quoted by
+    # a library, a key in a parse error) is masked like any other value.
     if as_json:
         # Tracebacks as data, but never with frame locals: a local may hold a credential.
         processors += [
             structlog.processors.ExceptionRenderer(ExceptionDictTransformer(show_locals=False)),
+            _redact,
             structlog.processors.JSONRenderer(),
         ]
     else:
-        processors += [structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback)]
+        processors += [
+            structlog.processors.format_exc_info,
+            _redact,
+            structlog.dev.ConsoleRenderer(exception_formatter=structlog.dev.plain_traceback),
+        ]
     structlog.configure(
         processors=processors,
         wrapper_class=structlog.make_filtering_bound_logger(numeric),
         logger_factory=structlog.PrintLoggerFactory(file=_CurrentStderr()),  # type: ignore[arg-type]
         cache_logger_on_first_use=True,
     )
-    logging.basicConfig(level=max(numeric, logging.WARNING), stream=sys.stderr, format="%(message)s")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_RedactingFormatter("%(message)s"))
+    logging.basicConfig(level=max(numeric, logging.WARNING), handlers=[handler])
+
+
+class _RedactingFormatter(logging.Formatter):
+    """Stdlib records (libraries logging through the root logger) get the same masking, traceback included."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        return redact_text(super().format(record))

@@ -109,7 +109,7 @@ class Settings(BaseSettings):
     secret_key: SecretStr | None = None
 
     # Accounts (see README "Accounts")
-    #: A declarative accounts.yaml applied when the producer (and workers) start; empty = none.
+    #: A declarative accounts.yaml the producer applies when it starts (workers do not); empty = none.
     accounts_file: Path | None = None
     #: The producer's public base URL, from which the OAuth redirect URI is built; empty = the bind address.
     public_url: str = ""

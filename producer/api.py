@@ -23,6 +23,8 @@ class PublishSummary:
     duplicates: int = 0
     skipped: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
+    #: Every item up to this one (1-based) is settled in Redis: where to resume after a failure.
+    settled_through: int = 0
 
     @property
     def total(self) -> int:
@@ -74,7 +76,7 @@ async def publish_iter(
     skipped: list[str] = []
     handled = 0
 
-    async def flush() -> None:
+    async def flush(through: int) -> None:
         flags = (
             await enqueue(
                 redis, account.account_id, pending, high_water=high_water, dedup_window_s=dedup_window_s
@@ -82,6 +84,7 @@ async def publish_iter(
         ).accepted
         summary.accepted += sum(flags)
         summary.duplicates += len(flags) - sum(flags)
+        summary.settled_through = through
         pending.clear()
         await count_skipped(redis, account.account_id, skipped)
         skipped.clear()
@@ -101,8 +104,9 @@ async def publish_iter(
             summary.skipped += 1
             skipped.append(ev.pass_type)
         if len(pending) + len(skipped) >= chunk:
-            await flush()
+            await flush(index)
             yield handled
     if pending or skipped:
-        await flush()
+        await flush(handled)
+    summary.settled_through = handled
     yield handled

@@ -6,16 +6,22 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+import structlog
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
 from passbridge.accounts import Account, AccountNotFound, AccountStore
+from passbridge.crypto import SecretKeyError
 from passbridge.settings import Settings
 from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
 
 #: Accounts are read from Redis at most this often per process; registry changes apply within it.
 ACCOUNT_CACHE_S = 2.0
+#: An account whose secrets do not decrypt is logged at most this often (every request for it fails alike).
+KEY_MISMATCH_LOG_S = 60.0
+
+log = structlog.get_logger(__name__)
 
 
 @dataclass
@@ -28,6 +34,7 @@ class ProducerContext:
     publisher: Publisher
     _cache: dict[str, tuple[float, Account]] = field(default_factory=dict)
     _loading: dict[str, asyncio.Future[Account]] = field(default_factory=dict)
+    _mismatch_logged: dict[str, float] = field(default_factory=dict)
 
     async def account(self, account_id: str) -> Account:
         """The account (cached briefly); a 404 problem when it does not exist, 503 when Redis is unreachable."""
@@ -52,6 +59,24 @@ class ProducerContext:
         except (RedisError, OSError):
             raise unavailable(
                 "the account registry is unreachable; nothing was written", self.settings.retry_after_s
+            ) from None
+        except SecretKeyError:
+            # A deployment fault, not the caller's: the account was encrypted with a key this process lacks
+            # (per-container generated keys, a rotation before every process had the new key). 503, so
+            # senders retry once the operator has fixed PASSBRIDGE_SECRET_KEY.
+            if now - self._mismatch_logged.get(account_id, -KEY_MISMATCH_LOG_S) >= KEY_MISMATCH_LOG_S:
+                self._mismatch_logged[account_id] = now
+                log.error(
+                    "account secrets do not decrypt with this process's PASSBRIDGE_SECRET_KEY; give every "
+                    "process the same key list (newest first) and restart it",
+                    account_id=account_id,
+                )
+            raise Problem(
+                503,
+                "secret-key-mismatch",
+                "Service unavailable, retry later",
+                "the account's stored secrets do not decrypt with the configured secret key; nothing was written",
+                headers={"Retry-After": str(self.settings.retry_after_s)},
             ) from None
         self._cache[account_id] = (now + ACCOUNT_CACHE_S, account)
         return account

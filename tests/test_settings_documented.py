@@ -11,12 +11,53 @@ from passbridge.settings import Settings
 ROOT = Path(__file__).resolve().parents[1]
 
 
+#: Set by passbridge for its own child processes, never by an operator.
+INTERNAL = {"PASSBRIDGE_EXPRESS_PARENT_PID"}
+
+#: Reads of the environment outside Settings: a CLI option's envvar, os.environ / os.getenv, compose's ${...}.
+_READS = re.compile(
+    r"""envvar\s*=\s*["'](PASSBRIDGE_[A-Z0-9_]+)["']"""
+    r"""|os\.environ\.get\(\s*["'](PASSBRIDGE_[A-Z0-9_]+)["']"""
+    r"""|os\.getenv\(\s*["'](PASSBRIDGE_[A-Z0-9_]+)["']"""
+    r"""|os\.environ\[\s*["'](PASSBRIDGE_[A-Z0-9_]+)["']\s*\](?!\s*=[^=])"""
+    r"""|\$\{(PASSBRIDGE_[A-Z0-9_]+)"""
+)
+
+
+def _read_outside_settings(text: str) -> set[str]:
+    return {next(g for g in m.groups() if g) for m in _READS.finditer(text)} - INTERNAL
+
+
+def _code_variables() -> set[str]:
+    out = set()
+    for package in ("passbridge", "producer", "worker", "klaviyo_sandbox"):
+        for path in (ROOT / package).rglob("*.py"):
+            out |= _read_outside_settings(path.read_text())
+    return out | _read_outside_settings((ROOT / "docker-compose.yml").read_text())
+
+
 def _variables() -> set[str]:
     out = set()
     for name, field in Settings.model_fields.items():
         alias = field.validation_alias
         out.add(alias if isinstance(alias, str) else f"PASSBRIDGE_{name.upper()}")
-    return out
+    return out | _code_variables()
+
+
+def test_reads_outside_settings_are_found() -> None:
+    """The scan sees each way the code reads a variable, and not a variable it only sets for a child."""
+    code = """
+        typer.Option(envvar="PASSBRIDGE_A")
+        os.environ.get("PASSBRIDGE_B", "x")
+        os.getenv('PASSBRIDGE_C')
+        x = os.environ["PASSBRIDGE_D"]
+        os.environ["PASSBRIDGE_SET_ONLY"] = "1"
+        if os.environ["PASSBRIDGE_E"] == "1": pass
+        port: "${PASSBRIDGE_F:-8000}"
+        os.environ.get("PASSBRIDGE_EXPRESS_PARENT_PID")
+    """
+    assert _read_outside_settings(code) == {f"PASSBRIDGE_{c}" for c in "ABCDEF"}
+    assert {"PASSBRIDGE_REDIS_SERVER", "PASSBRIDGE_KLAVIYO_CLIENT_SECRET"} <= _code_variables()
 
 
 def test_env_example_lists_every_setting() -> None:

@@ -293,10 +293,7 @@ def add(
     sync_pass_type: SyncOpt = None,
     klaviyo_api_key: Annotated[
         str | None,
-        typer.Option(
-            envvar="PASSBRIDGE_NEW_ACCOUNT_KLAVIYO_KEY",
-            help="Klaviyo private API key pk_... ('-' reads stdin).",
-        ),
+        typer.Option(help="Klaviyo private API key pk_... ('-' reads stdin)."),
     ] = None,
     klaviyo_oauth_client_id: ClientIdOpt = None,
     klaviyo_oauth_client_secret: ClientSecretOpt = None,
@@ -464,8 +461,10 @@ def update(
                 tail = ref.split("…")[-1]  # `show` prints whsec_…abcd
                 hits = [s for s in webhook if s == ref or (len(tail) >= 4 and s.endswith(tail))]
                 if len(hits) != 1:
+                    # ref may be the whole secret: echo only the tail `show` would print.
+                    shown = ("whsec_" if ref.startswith("whsec_") else "") + "…" + tail[-4:]
                     fail(
-                        f"--remove-webhook-secret {ref!r} matches {len(hits)} secrets; give more of its tail "
+                        f"--remove-webhook-secret {shown!r} matches {len(hits)} secrets; give more of its tail "
                         "or the whole secret"
                     )
                 webhook.remove(hits[0])
@@ -741,7 +740,8 @@ def apply(
 def rotate_key(as_json: JsonOpt = False) -> None:
     """Re-encrypt every account's secrets with the newest PASSBRIDGE_SECRET_KEY (the first one).
 
-    Rotation: prepend a new key to PASSBRIDGE_SECRET_KEY, run this, then drop the old key.
+    Rotation: first give every producer and worker PASSBRIDGE_SECRET_KEY=NEW,OLD and restart them, then run
+    this, then drop OLD everywhere and restart again.
     """
     from passbridge.oauth import rotate_pending
 
@@ -763,5 +763,6 @@ def rotate_key(as_json: JsonOpt = False) -> None:
     else:
         out.print(
             f"re-encrypted the secrets of {doc['accounts']} accounts and {doc['pending_connects']} pending "
-            "connects with the newest key; older keys can now be removed from PASSBRIDGE_SECRET_KEY"
+            "connects with the newest key; older keys can now be removed from PASSBRIDGE_SECRET_KEY (in every "
+            "process, then restart them)"
         )

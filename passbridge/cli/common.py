@@ -6,17 +6,24 @@ import asyncio
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
+from urllib.parse import urlsplit
 
 import orjson
 import typer
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 
-from passbridge.logging import configure_logging
+from passbridge.crypto import SecretKeyError
+from passbridge.logging import configure_logging, redact_text
 from passbridge.redis_server import RedisServerError, resolve_redis_url
 from passbridge.settings import Settings, get_settings
 
 T = TypeVar("T")
 console = Console(stderr=True)
+#: The Redis URL this command resolved last, so a failure can say which server it could not reach.
+_current_url: str | None = None
 
 
 def settings() -> Settings:
@@ -28,10 +35,36 @@ def settings() -> Settings:
 
 def redis_url(s: Settings, *, start: bool = True) -> str:
     """The Redis URL: ``REDIS_URL``, or the embedded server (started on demand when ``start``)."""
+    global _current_url
     try:
-        return resolve_redis_url(s.redis_url, s.state_dir, start=start)
+        _current_url = resolve_redis_url(s.redis_url, s.state_dir, start=start)
     except RedisServerError as exc:
         fail(str(exc))
+    return _current_url
+
+
+def redis_location(url: str) -> str:
+    """Where ``url`` points, as ``host:port`` (or a socket path): never its user or password."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return parts.path
+        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    except ValueError:
+        return "the configured Redis"
+
+
+def redis_problem(exc: RedisError, url: str | None = None) -> str:
+    """One line for a person: which Redis, and what went wrong, without the URL's credentials."""
+    url = url or _current_url
+    where = f"Redis at {redis_location(url)}" if url else "Redis"
+    text = str(exc) or type(exc).__name__
+    password = urlsplit(url).password if url else None
+    if password:
+        text = text.replace(password, "***")
+    if isinstance(exc, RedisConnectionError | RedisTimeoutError):
+        return redact_text(f"{where} is unreachable ({text}); check REDIS_URL or start it")
+    return redact_text(f"{where} failed: {text}")
 
 
 def fail(message: str, code: int = 1) -> NoReturn:
@@ -46,5 +79,16 @@ def emit_json(doc: Any) -> None:
 
 
 def run(coro: Coroutine[Any, Any, T]) -> T:
-    """Run a coroutine to completion."""
-    return asyncio.run(coro)
+    """Run a coroutine to completion; an unreachable Redis or an unusable secret key is a one-line error.
+
+    Every Redis-backed command goes through here, so these failures never show as a traceback.
+    """
+    try:
+        return asyncio.run(coro)
+    except SecretKeyError as exc:
+        fail(str(exc))
+    except RedisError as exc:
+        fail(redis_problem(exc))
+    except OSError as exc:
+        # A socket error redis-py did not wrap, or a state-dir file it could not write (secret.key).
+        fail(redact_text(str(exc) or type(exc).__name__))

@@ -39,7 +39,9 @@ def demo(
         DEMO_SETTLE_S, help="Seconds a sampled pass may take to show up in Klaviyo (real Klaviyo only)."
     ),
     keep: bool = typer.Option(False, help="Keep the demo's state dir (logs, Redis data)."),
-    state_dir: Path = typer.Option(None, help="Where the demo keeps its processes' state."),
+    state_dir: Path = typer.Option(
+        None, help="Where the demo keeps its processes' state: a new or empty directory (removed at the end)."
+    ),
     as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
 ) -> None:
     """Start Redis, the Klaviyo sandbox, the producer and workers; play a day of events; verify Klaviyo.

@@ -4,16 +4,21 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 import typer
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from passbridge.accounts import AccountNotFound, AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, redis_problem, redis_url, run, settings
 from passbridge.crypto import cipher_from_settings
+from passbridge.queue import BacklogFull
+
+if TYPE_CHECKING:
+    from producer.api import PublishSummary
 
 
 def _lines(path: Path, bad: list[dict[str, Any]]) -> Iterator[Any]:
@@ -44,6 +49,7 @@ def ingest(
     s = settings()
     url = redis_url(s)
     total = sum(1 for _ in file.open("rb"))
+    stopped: list[str] = []  # why the file stopped part-way (the backlog is full, Redis went away)
 
     async def go() -> PublishSummary:
         redis = Redis.from_url(url)
@@ -65,17 +71,22 @@ def ingest(
                 disable=as_json,
             ) as bar:
                 task = bar.add_task("ingest", total=total)
-                async for done in publish_iter(
-                    redis,
-                    acct,
-                    items,
-                    summary,
-                    source="ndjson",
-                    default_region=s.default_phone_region,
-                    high_water=s.backlog_high_water,
-                    dedup_window_s=s.dedup_ttl_s,
-                ):
-                    bar.update(task, completed=done)
+                try:
+                    async for done in publish_iter(
+                        redis,
+                        acct,
+                        items,
+                        summary,
+                        source="ndjson",
+                        default_region=s.default_phone_region,
+                        high_water=s.backlog_high_water,
+                        dedup_window_s=s.dedup_ttl_s,
+                    ):
+                        bar.update(task, completed=done)
+                except BacklogFull as exc:
+                    stopped.append(f"{exc}; let the workers drain it")
+                except RedisError as exc:
+                    stopped.append(redis_problem(exc, url))
             # Lines that were not JSON were yielded as None and rejected by validation too; keep the JSON reason.
             reasons = {b["line"]: b for b in bad}
             summary.rejected = [reasons.get(r["line"], r) for r in summary.rejected]
@@ -84,6 +95,8 @@ def ingest(
             await redis.aclose()
 
     summary = run(go())
+    if stopped:
+        _stopped(file, account, summary, stopped[0], as_json)
     doc = {
         "file": str(file),
         "account": account,
@@ -106,3 +119,32 @@ def ingest(
             )
     if summary.rejected:
         raise typer.Exit(2)
+
+
+def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_json: bool) -> NoReturn:
+    """Report a file that stopped part-way: what is in Redis so far and the line to resume after, exit 1.
+
+    Lines after ``settled_through`` were not enqueued (their batch failed as a whole); running the command
+    again on the rest of the file, or on the whole file, adds no duplicates: the dedup window drops them.
+    """
+    through = summary.settled_through
+    rejected = [r for r in summary.rejected if r["line"] <= through]
+    if as_json:
+        emit_json(
+            {
+                "file": str(file),
+                "account": account,
+                "stopped": reason,
+                "resume_after_line": through,
+                "accepted": summary.accepted,
+                "duplicates": summary.duplicates,
+                "rejected": rejected,
+            }
+        )
+    else:
+        console.print(f"[bold red]error:[/] stopped after line {through}: {reason}")
+        console.print(
+            f"{summary.accepted} accepted, {summary.duplicates} duplicates, {len(rejected)} rejected so far; "
+            f"resume after line {through} (e.g. tail -n +{through + 1} {file} > rest.ndjson)"
+        )
+    raise typer.Exit(1)

@@ -5,6 +5,7 @@ Every command prints tables for people and, with ``--json``, one JSON document o
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
@@ -14,7 +15,7 @@ from redis.asyncio import Redis
 from redis.exceptions import RedisError
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, redis_url, settings
 from worker import inspect
 from worker.report import summarize
 
@@ -34,7 +35,8 @@ def _query(fn: Callable[[Redis], Awaitable[T]]) -> T:
             await redis.aclose()
 
     try:
-        return run(go())
+        # Not common.run: this message also says what was being read, with the URL's password masked.
+        return asyncio.run(go())
     except (RedisError, OSError) as exc:
         fail(f"cannot read the queue from Redis at {_redacted(url)}: {exc}")
 

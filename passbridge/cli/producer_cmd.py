@@ -5,7 +5,7 @@ from __future__ import annotations
 import typer
 import uvicorn
 
-from passbridge.cli.common import redis_url, settings
+from passbridge.cli.common import fail, redis_url, settings
 
 
 def producer(
@@ -15,6 +15,14 @@ def producer(
 ) -> None:
     """Run the producer (webhooks, Apple and Google callbacks, the events API)."""
     s = settings()
+    if s.accounts_file:
+        from passbridge.accounts_file import AccountsFileError, load_accounts_file
+
+        # Checked here too, so a broken file is one error line, not a traceback from uvicorn's start-up.
+        try:
+            load_accounts_file(s.accounts_file)
+        except AccountsFileError as exc:
+            fail(str(exc))
     url = redis_url(s)
     from producer.app import create_app
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shlex
 import signal
 import threading
 from pathlib import Path
@@ -9,6 +10,12 @@ from pathlib import Path
 import typer
 
 from passbridge.cli.common import console, settings
+
+
+def cli_exports(state_dir: Path, redis_url: str) -> str:
+    """The shell line that points CLI commands at a running ``up`` stack: its Redis and its state dir (whose
+    ``secret.key`` encrypts its accounts unless PASSBRIDGE_SECRET_KEY is set)."""
+    return f"export PASSBRIDGE_STATE_DIR={shlex.quote(str(state_dir.resolve()))} REDIS_URL={shlex.quote(redis_url)}"
 
 
 def up(
@@ -54,6 +61,10 @@ def up(
         console.print(f"  metrics    {stack.producer_url}/metrics")
         console.print(f"  Klaviyo    {stack.klaviyo_url}")
         console.print(f"  Redis      {stack.redis_url}")
+        # The stack keeps its own state dir (and so its own generated key): CLI commands need both to read
+        # its accounts. soft_wrap: a wrapped line could not be pasted.
+        console.print("  CLI        run this first in a shell for `passbridge` commands against this stack:")
+        console.print(f"             {cli_exports(state_dir, stack.redis_url)}", soft_wrap=True, markup=False)
         if creds:
             console.print(f"  account {account!r}: ingest token {creds[0]}  webhook secret {creds[1]}")
         console.print("Ctrl-C stops everything.")

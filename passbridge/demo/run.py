@@ -295,6 +295,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
     real = opts.real_klaviyo
     # A real account keeps earlier runs' profiles: this run's identities carry a tag of their own.
     tag = f"pb{int(time.time()):x}" if real else ""
+    state_dir = opts.state_dir or Path(".passbridge") / f"demo-{int(time.time())}"
+    _check_state_dir(state_dir)
     scenario = _scenario_for(opts, tag)
     report = DemoReport(
         options={
@@ -312,9 +314,6 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
     )
     report.deliveries = scenario.deliveries
     report.expected_events = scenario.expected_events
-    state_dir = opts.state_dir or Path(".passbridge") / f"demo-{int(time.time())}"
-    if state_dir.exists():
-        shutil.rmtree(state_dir)
     secret_key = Fernet.generate_key().decode()
     cipher = MultiFernet([Fernet(secret_key.encode())])
     cfg = StackConfig(
@@ -342,6 +341,8 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
         report.phases[name] = now - clock
         clock = now
 
+    created = not state_dir.exists()
+    state_dir.mkdir(parents=True, exist_ok=True)
     try:
         with run_stack(cfg) as stack:
             report.sandbox_started = "sandbox" in stack.procs
@@ -401,9 +402,38 @@ def run_demo(opts: DemoOptions, console: Console | None = None) -> DemoReport:
             phase("verify")
             report.cpu_s = {**stack.cpu_seconds(), "demo": time.process_time() - own_cpu}
     finally:
-        if not opts.keep and state_dir.exists():
-            shutil.rmtree(state_dir, ignore_errors=True)
+        if not opts.keep:
+            _release_state_dir(state_dir, created)
     return report
+
+
+def _check_state_dir(state_dir: Path) -> None:
+    """Refuse a ``state_dir`` the demo could not remove without losing someone else's files.
+
+    The demo deletes its state dir when it ends, so it must never adopt one holding anything else: a natural
+    ``--state-dir .passbridge`` would otherwise wipe the embedded Redis's data and ``secret.key``.
+    """
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            raise DemoError(f"--state-dir {state_dir} exists and is not a directory")
+        if any(state_dir.iterdir()):
+            raise DemoError(
+                f"--state-dir {state_dir} already exists and is not empty; the demo removes its state dir when "
+                "it ends, so give it a new or empty directory"
+            )
+
+
+def _release_state_dir(state_dir: Path, created: bool) -> None:
+    """Remove what the demo put in ``state_dir``: the whole dir if the demo made it, else only its contents."""
+    if created:
+        shutil.rmtree(state_dir, ignore_errors=True)
+        return
+    # It was empty when the demo started: everything in it now is the demo's own.
+    for child in state_dir.iterdir() if state_dir.is_dir() else ():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
 
 
 async def _verify_klaviyo(

@@ -138,6 +138,11 @@ class TestAdd:
         assert says.replace("Value error, ", "") in error
         assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
 
+    def test_no_environment_variable_supplies_a_klaviyo_key(self, cli: Cli) -> None:
+        """A key left in the environment must never land on every new account (another tenant's Klaviyo)."""
+        cli.ok("accounts", "add", "acme", env={"PASSBRIDGE_NEW_ACCOUNT_KLAVIYO_KEY": KEY})
+        assert cli.account("acme").secrets.klaviyo_api_key is None
+
 
 class TestListAndShow:
     def test_list_counts_waiting_and_skipped_per_account(self, cli: Cli) -> None:
@@ -214,7 +219,10 @@ class TestUpdate:
         shown_tail = cli.json("accounts", "show", "acme")["secrets"]["webhook_secrets"][0]
         cli.ok("accounts", "update", "acme", "--remove-webhook-secret", shown_tail)
         assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [new]
-        assert "matches 0 secrets" in cli.fails("accounts", "update", "acme", "--remove-webhook-secret", old)
+        error = cli.fails("accounts", "update", "acme", "--remove-webhook-secret", old)
+        assert f"--remove-webhook-secret 'whsec_…{old[-4:]}' matches 0 secrets" in error
+        assert old not in error
+        assert old.removeprefix("whsec_")[:-4] not in error
         added = webhook_secret()
         cli.ok("accounts", "update", "acme", "--add-webhook-secret", added, "--remove-webhook-secret", new)
         assert [s.get_secret_value() for s in cli.account("acme").secrets.webhook_secrets] == [added]

@@ -2,9 +2,14 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
+import subprocess
 import sys
+import threading
+import time
+from pathlib import Path
 
 import pytest
 import structlog
@@ -12,8 +17,16 @@ from cryptography.fernet import Fernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from passbridge.accounts import Account, AccountSecrets, AccountStore, OAuthTokens, hash_token
-from passbridge.crypto import load_cipher
+from passbridge.accounts import (
+    Account,
+    AccountNotFound,
+    AccountSecrets,
+    AccountState,
+    AccountStore,
+    OAuthTokens,
+    hash_token,
+)
+from passbridge.crypto import SecretKeyError, load_cipher
 from passbridge.keys import account_keys
 from passbridge.logging import redact_text
 from passbridge.oauth import start_connect
@@ -163,3 +176,78 @@ class TestNeverPrinted:
         assert line["detail"] == "failed with header Klaviyo-API-Key ***"
         for value in SECRETS.values():
             assert value not in stream.getvalue()
+
+
+class TestConcurrentWriters:
+    async def test_set_state_never_puts_back_secrets_replaced_meanwhile(
+        self, redis: Redis, secret_key: str, settings: Settings
+    ) -> None:
+        """A pause (set_state) racing a write of new secrets: whichever lands last, the new key survives.
+
+        (The other writer replaces the whole entry, so the pause itself may be overwritten: that order is
+        legitimate. Putting back the old key never is.)"""
+        store = AccountStore(redis, load_cipher(secret_key, settings.state_dir))
+        for round_ in range(20):
+            await store.put(full_account())
+            edited = full_account().model_copy(
+                update={
+                    "secrets": full_account().secrets.model_copy(
+                        update={"klaviyo_api_key": SecretStr(f"pk_edited{round_:04d}abcdef")}
+                    )
+                }
+            )
+            # Started together: the pause's read goes out first, the edit lands before the pause would write.
+            await asyncio.gather(
+                store.set_state("acme", AccountState.paused, "probe failed"), store.put(edited)
+            )
+            after = await store.get("acme")
+            assert after.secrets.klaviyo_api_key is not None
+            assert after.secrets.klaviyo_api_key.get_secret_value() == f"pk_edited{round_:04d}abcdef", round_
+
+    async def test_set_state_of_a_missing_account(
+        self, redis: Redis, secret_key: str, settings: Settings
+    ) -> None:
+        store = AccountStore(redis, load_cipher(secret_key, settings.state_dir))
+        with pytest.raises(AccountNotFound):
+            await store.set_state("ghost", AccountState.paused)
+        assert not await redis.exists(account_keys("ghost").config)
+
+
+class TestGeneratedKeyFile:
+    def test_processes_starting_together_share_one_private_key(self, tmp_path: Path) -> None:
+        """Producer and workers started at once on a fresh state dir: one key file, 0600, used by all."""
+        state = tmp_path / "state"
+        start_at = time.time() + 1.0  # every process gets past its imports, then all create at once
+        code = (
+            "import sys, time\n"
+            "from passbridge.crypto import load_cipher\n"
+            f"time.sleep(max(0.0, {start_at} - time.time()))\n"
+            f"sys.stdout.write(load_cipher(None, __import__('pathlib').Path({str(state)!r}))"
+            ".encrypt(b'hello').decode())\n"
+        )
+        procs = [
+            subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+            for _ in range(8)
+        ]
+        tokens = [p.communicate(timeout=30)[0] for p in procs]
+        assert all(p.returncode == 0 for p in procs)
+        key_file = state / "secret.key"
+        assert key_file.stat().st_mode & 0o777 == 0o600
+        only = load_cipher(key_file.read_text().strip(), state)
+        assert [only.decrypt(t.encode()) for t in tokens] == [b"hello"] * 8
+
+    def test_a_key_still_being_written_is_waited_for(self, tmp_path: Path) -> None:
+        key = Fernet.generate_key()
+        (tmp_path / "secret.key").touch(mode=0o600)  # created by another process, not written yet
+        writer = threading.Timer(0.2, (tmp_path / "secret.key").write_bytes, [key])
+        writer.start()
+        try:
+            cipher = load_cipher(None, tmp_path)
+        finally:
+            writer.join()
+        assert Fernet(key).decrypt(cipher.encrypt(b"x").decode().encode()) == b"x"
+
+    def test_a_key_file_that_stays_empty_is_a_clear_error(self, tmp_path: Path) -> None:
+        (tmp_path / "secret.key").touch(mode=0o600)
+        with pytest.raises(SecretKeyError, match=r"secret\.key is empty"):
+            load_cipher(None, tmp_path)

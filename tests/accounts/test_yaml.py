@@ -164,6 +164,20 @@ class TestApplyCommand:
         assert says in cli.fails("accounts", "apply", str(write(tmp_path, text)))
         assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
 
+    def test_a_yaml_syntax_error_names_line_and_column_but_never_quotes_the_line(
+        self, cli: Cli, tmp_path: Path
+    ) -> None:
+        # A literal key is allowed in the file; PyYAML's own message quotes the offending line.
+        text = "accounts:\n  acme:\n    klaviyo_api_key: pk_live_0123456789abcdef: oops\n"
+        error = cli.fails("accounts", "apply", str(write(tmp_path, text)))
+        assert "is not valid YAML: mapping values are not allowed here at line 3, column 46" in error
+        assert "0123456789abcdef" not in error
+        assert "oops" not in error
+        # The producer checks the file before it starts serving: the same line, no traceback.
+        error = cli.fails("producer", env={"PASSBRIDGE_ACCOUNTS_FILE": str(tmp_path / "accounts.yaml")})
+        assert "is not valid YAML: mapping values are not allowed here at line 3, column 46" in error
+        assert "0123456789abcdef" not in error
+
     def test_build_errors_also_stop_the_whole_file(self, cli: Cli, tmp_path: Path) -> None:
         text = "accounts:\n  good: {name: Good}\n  acme: {klaviyo_oauth_client_id: only-an-id}\n"
         assert (

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shlex
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -176,3 +178,145 @@ async def test_apple_token_command(redis: Redis, redis_url: str, tmp_path: Path,
     other = run(["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.other"], env, tmp_path)
     assert other.returncode == 1
     assert "not one of the account's Apple pass types" in other.stderr
+
+
+class TestDemoStateDir:
+    """``passbridge demo --state-dir DIR`` only ever removes what the demo itself created."""
+
+    def test_refuses_a_directory_that_holds_anything(self, tmp_path: Path, secret_key: str) -> None:
+        state = tmp_path / ".passbridge"
+        (state / "redis").mkdir(parents=True)
+        (state / "secret.key").write_text("the deployment's key")
+        (state / "redis" / "appendonly.aof").write_text("every account")
+        env = cli_env(tmp_path / "other", secret_key, "redis://127.0.0.1:1/0")
+        result = run(["demo", "--state-dir", str(state), "--passes", "10"], env, tmp_path)
+        assert result.returncode == 2, result.stderr
+        assert "already exists and is not empty" in " ".join(result.stderr.split())
+        assert "Traceback" not in result.stderr
+        assert (state / "secret.key").read_text() == "the deployment's key"
+        assert (state / "redis" / "appendonly.aof").read_text() == "every account"
+
+    def test_an_empty_directory_given_keeps_existing_and_a_new_one_goes(self, tmp_path: Path) -> None:
+        from passbridge.demo.run import _check_state_dir, _release_state_dir
+
+        given = tmp_path / "given"
+        given.mkdir()
+        _check_state_dir(given)  # empty: accepted
+        (given / "logs").mkdir()
+        (given / "logs" / "producer.log").write_text("x")
+        (given / "redis.json").write_text("{}")
+        _release_state_dir(given, created=False)
+        assert given.is_dir()
+        assert not any(given.iterdir())
+
+        made = tmp_path / "made"
+        (made / "logs").mkdir(parents=True)
+        _release_state_dir(made, created=True)
+        assert not made.exists()
+
+        a_file = tmp_path / "file"
+        a_file.write_text("mine")
+        with pytest.raises(Exception, match="not a directory"):
+            _check_state_dir(a_file)
+
+
+class TestCleanFailures:
+    """An unreachable Redis or an unusable secret key is one ``error:`` line and a non-zero exit."""
+
+    COMMANDS = (
+        ["accounts", "list"],
+        ["accounts", "show", "acme"],
+        ["apple", "token", "S", "-a", "acme", "--pass-type-id", "pass.com.acme"],
+        ["klaviyo", "setup", "--account", "acme"],
+        ["engine", "status"],
+        ["dlq", "list"],
+        ["ingest", "IN", "-a", "acme"],
+    )
+
+    @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+    def test_unreachable_redis(self, args: list[str], tmp_path: Path, secret_key: str) -> None:
+        from passbridge.redis_server import free_port
+
+        port = free_port()  # nothing listens there
+        env = cli_env(tmp_path / "state", secret_key, f"redis://user:hunter2pw@127.0.0.1:{port}/0")
+        args = [str(ndjson(tmp_path / "in.ndjson", 3)) if a == "IN" else a for a in args]
+        result = run(args, env, tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        err = " ".join(result.stderr.split())
+        assert err.startswith(f"error: Redis at 127.0.0.1:{port} is unreachable"), err
+        assert "Traceback" not in result.stderr
+        assert "hunter2pw" not in result.stderr + result.stdout
+        assert len(result.stderr.strip().splitlines()) <= 3  # one line, wrapped at most by the terminal width
+
+    @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+    def test_bad_secret_key(self, args: list[str], redis_url: str, tmp_path: Path) -> None:
+        env = cli_env(tmp_path / "state", "notakey", redis_url)
+        args = [str(ndjson(tmp_path / "in.ndjson", 3)) if a == "IN" else a for a in args]
+        result = run(args, env, tmp_path)
+        assert result.returncode == 1, (result.stdout, result.stderr)
+        err = " ".join(result.stderr.split())
+        assert err == "error: PASSBRIDGE_SECRET_KEY must be urlsafe-base64 Fernet keys, comma-separated", err
+
+    async def test_ingest_over_the_high_water_mark_says_where_to_resume(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        # Batches of 500: the first fits under 700, the second would not and is refused whole.
+        path = ndjson(tmp_path / "big.ndjson", 1200, {3: b"{broken", 600: b"{broken"})
+        env = cli_env(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_BACKLOG_HIGH_WATER": "700"}
+        result = run(["ingest", str(path), "-a", "acme"], env, tmp_path)
+        assert result.returncode == 1, result.stderr
+        err = " ".join(result.stderr.split())
+        assert (
+            "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+        )
+        assert "500 accepted, 0 duplicates, 1 rejected so far; resume after line 501" in err
+        assert "Traceback" not in result.stderr
+        assert int(await redis.get(account_keys("acme").depth)) == 500
+
+        as_json = run(["ingest", str(path), "-a", "acme", "--json"], env, tmp_path)
+        assert as_json.returncode == 1
+        doc = orjson.loads(as_json.stdout)
+        assert (doc["resume_after_line"], doc["accepted"], doc["duplicates"]) == (501, 0, 500)
+        assert [r["line"] for r in doc["rejected"]] == [3]
+
+
+@pytest.mark.timeout(180)
+def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
+    """``passbridge up`` keeps its own state dir and generated key; the line it prints lets the CLI read the
+    stack's accounts (without it, `accounts list` would use another key and fail to decrypt them)."""
+    from passbridge.redis_server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console")
+    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(free_port())]
+    up = subprocess.Popen(
+        [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
+        env=env,
+        cwd=tmp_path,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert up.stderr is not None
+        lines = []
+        while not lines or "Ctrl-C stops everything" not in lines[-1]:
+            line = up.stderr.readline()
+            assert line, "".join(lines)  # `up` ended before it was up
+            lines.append(line)
+        [export] = [x.strip() for x in lines if x.strip().startswith("export ")]
+        cli = dict(env)
+        for assignment in shlex.split(export)[1:]:
+            name, _, value = assignment.partition("=")
+            cli[name] = value
+        assert cli["PASSBRIDGE_STATE_DIR"] == str((tmp_path / "up").resolve())
+        listed = run(["accounts", "list", "--json"], cli, tmp_path)
+        assert listed.returncode == 0, listed.stderr
+        assert [a["account_id"] for a in orjson.loads(listed.stdout)] == ["local"]
+        # Only the Redis URL: this directory's own generated key cannot read the stack's account.
+        only_url = {**env, "REDIS_URL": cli["REDIS_URL"]}
+        assert "do not decrypt" in run(["accounts", "list"], only_url, tmp_path).stderr
+    finally:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)  # waits, and closes the pipe

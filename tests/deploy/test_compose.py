@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import tomllib
@@ -15,7 +16,9 @@ from typing import Any
 import jsonschema
 import pytest
 import yaml
+from cryptography.fernet import Fernet
 
+from passbridge.crypto import load_cipher
 from passbridge.settings import Settings
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -120,3 +123,39 @@ def test_the_wheel_carries_lua_scripts_and_the_sandbox_schema(tmp_path: Path) ->
     for lua in [*ROOT.glob("passbridge/lua/*.lua"), *ROOT.glob("worker/lua/*.lua")]:
         assert str(lua.relative_to(ROOT)) in names
     assert any(n.startswith("klaviyo_sandbox/schema/klaviyo-") and n.endswith(".json") for n in names)
+
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's ``${NAME}``, ``${NAME:-default}`` and ``${NAME:?error}`` (the forms this file uses)."""
+
+    def one(m: re.Match[str]) -> str:
+        name, op, arg = m.group(1), m.group(2), m.group(3)
+        if env.get(name):
+            return env[name]
+        if op == ":?":
+            raise ValueError(f"required variable {name} is missing a value: {arg}")
+        return arg if op == ":-" else ""
+
+    return re.sub(r"\$\{([A-Z_][A-Z0-9_]*)(?:(:[-?])([^}]*))?\}", one, value)
+
+
+def test_every_service_gets_one_required_shared_secret_key(compose: dict[str, Any]) -> None:
+    """Without PASSBRIDGE_SECRET_KEY each container would generate a key of its own: compose refuses to start,
+    and its message says how to make one."""
+    key = Fernet.generate_key().decode()
+    for name in ("producer", "worker"):
+        value = compose["services"][name]["environment"]["PASSBRIDGE_SECRET_KEY"]
+        assert _interpolate(value, {"PASSBRIDGE_SECRET_KEY": key}) == key
+        with pytest.raises(ValueError, match=r"set PASSBRIDGE_SECRET_KEY in \.env") as refused:
+            _interpolate(value, {})
+        with pytest.raises(ValueError, match=r"set PASSBRIDGE_SECRET_KEY in \.env"):
+            _interpolate(value, {"PASSBRIDGE_SECRET_KEY": ""})
+    # The command the message gives makes a key passbridge accepts.
+    command = str(refused.value).split("generate one with: ", 1)[1].rstrip(")")
+    if shutil.which("openssl") is None:
+        pytest.skip("no openssl here to run the suggested command")
+    made = subprocess.run(["sh", "-c", command], capture_output=True, text=True, timeout=10, check=True)
+    load_cipher(made.stdout.strip(), ROOT)  # raises SecretKeyError for a malformed key
+    # .env.example and the README's compose section say so too.
+    assert "Required by docker-compose" in (ROOT / ".env.example").read_text()
+    assert "`PASSBRIDGE_SECRET_KEY` is required" in (ROOT / "README.md").read_text()

@@ -62,3 +62,29 @@ async def test_a_cancelled_waiter_does_not_cancel_the_shared_read(redis: Redis, 
     with pytest.raises(asyncio.CancelledError):
         await first
     assert (await second).account_id == "acme"
+
+
+async def test_secrets_under_another_key_are_a_503_problem_logged_without_secrets(
+    redis: Redis, settings: Settings
+) -> None:
+    """An account encrypted with a key this process lacks (per-container generated keys, a rotation done before
+    every process had the new key) is a deployment fault: 503 with Retry-After, one clear log line."""
+    from cryptography.fernet import Fernet, MultiFernet
+    from structlog.testing import capture_logs
+
+    other = MultiFernet([Fernet(Fernet.generate_key())])
+    await make_account(redis, other, "acme")
+    ctx = _context(redis, settings)
+    with capture_logs() as logs:
+        results = await asyncio.gather(ctx.account("acme"), ctx.account("acme"), return_exceptions=True)
+        again = await asyncio.gather(ctx.account("acme"), return_exceptions=True)
+    for r in [*results, *again]:
+        assert isinstance(r, Problem), r
+        assert (r.status, r.kind) == (503, "secret-key-mismatch")
+        assert r.headers["Retry-After"] == str(settings.retry_after_s)
+    errors = [e for e in logs if e["log_level"] == "error"]
+    assert len(errors) == 1  # not once per request
+    assert errors[0]["account_id"] == "acme"
+    assert "PASSBRIDGE_SECRET_KEY" in errors[0]["event"]
+    assert "pk_" not in repr(logs)
+    assert "whsec_" not in repr(logs)
