@@ -8,6 +8,7 @@ import pytest
 from cryptography.fernet import Fernet
 
 from passbridge.crypto import load_cipher
+from passbridge.keys import account_keys
 from tests.factories import event, make_account
 from tests.producer.conftest import Env
 
@@ -51,9 +52,12 @@ async def test_dashboard_keeps_its_own_answers(env: Env) -> None:
 async def test_unhandled_exception_is_a_500_problem_that_keeps_its_text_to_the_log(
     env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str], route: str
 ) -> None:
-    # An account sealed with a key this producer does not hold: reading it raises, and no route handles that.
-    foreign = load_cipher(Fernet.generate_key().decode(), tmp_path)
-    await make_account(env.redis, foreign, "sealed", token="tok-sealed")
+    # A registry entry damaged outside passbridge (its config is not JSON): reading it raises, and no route
+    # handles that.
+    await make_account(
+        env.redis, load_cipher(Fernet.generate_key().decode(), tmp_path), "sealed", token="tok-sealed"
+    )
+    await env.redis.hset(account_keys("sealed").config, "config", "{not json")
     if route == "events":
         r = await env.http.post(
             "/v1/accounts/sealed/events", json=event(1), headers={"Authorization": "Bearer tok-sealed"}
@@ -68,8 +72,8 @@ async def test_unhandled_exception_is_a_500_problem_that_keeps_its_text_to_the_l
         "Internal server error",
         500,
     )
-    assert "PASSBRIDGE_SECRET_KEY" not in r.text  # the exception's text
-    assert "SecretKeyError" not in r.text
+    assert "not json" not in r.text  # nothing of the exception's text
+    assert "Error" not in r.text
     logged = capsys.readouterr()
     assert "unhandled exception" in logged.out + logged.err
-    assert "SecretKeyError" in logged.out + logged.err
+    assert "JSONDecodeError" in logged.out + logged.err
