@@ -40,7 +40,7 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -58,6 +58,8 @@ from passbridge.redis_server import RedisServer, free_port, start_redis  # noqa:
 
 ACCOUNT = "bench"
 TOKEN = "tok-bench"
+#: Events happened over the four weeks before the run (passbridge refuses times more than a day ahead).
+_SINCE = datetime.now(UTC).replace(microsecond=0) - timedelta(days=28)
 TARGET_EVENTS_PER_S = 20_000
 TARGET_RATIO = 0.5
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -83,6 +85,12 @@ def phone(rng: random.Random, i: int) -> str:
     return f"+1{area}{exchange}{line:04d}"
 
 
+def occurred_at(i: int) -> str:
+    """A time in the four weeks before the run, spread over days, hours and seconds as a backfill's would be."""
+    at = _SINCE + timedelta(days=i % 28, hours=i % 24, minutes=i % 60, seconds=(i * 7) % 60)
+    return at.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
 def realistic_event(rng: random.Random, i: int, run: str) -> dict[str, Any]:
     """One event as a backfill line: unique id, email and phone, five custom properties."""
     serial = f"{run}{i // 2:010x}"
@@ -92,7 +100,7 @@ def realistic_event(rng: random.Random, i: int, run: str) -> dict[str, Any]:
         "serial_number": serial,
         "pass_type": "ptk_0x216",
         "platform": "apple" if i % 3 else "google",
-        "occurred_at": f"2026-11-{1 + i % 28:02d}T{i % 24:02d}:{i % 60:02d}:{(i * 7) % 60:02d}Z",
+        "occurred_at": occurred_at(i),
         "email": f"holder.{run}.{i}@example{i % 50}.com",
         "phone_number": phone(rng, i),
         "properties": {
