@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 
 from passbridge import metrics
 from passbridge.event import PassEvent
-from passbridge.queue import enqueue
+from passbridge.queue import BacklogFull, enqueue
 from passbridge.redis_lean import LeanScripts
 
 log = structlog.get_logger(__name__)
@@ -160,10 +160,18 @@ class Publisher:
                 dedup_window_s=self.dedup_window_s,
                 lean=self.lean,
             )
-        except Exception as exc:  # handed to every waiting request; each answers for itself
-            for p in chunk:
-                if not p.future.done():
-                    p.future.set_exception(exc)
+        except BacklogFull as exc:
+            if len(chunk) > 1:
+                # Refused as a whole, for the new events of all the requests that shared the call. Each is
+                # asked again on its own, in order, so a request whose events are all duplicates (they need no
+                # room) or that fits alone is not refused for the others' sake. Only a full backlog pays this.
+                for p in chunk:
+                    await self._send(account_id, [p])
+                return
+            _fail(chunk, exc)
+            return
+        except Exception as exc:
+            _fail(chunk, exc)
             return
         metrics.events_ingested(account_id, events, result.accepted)
         offset = 0
@@ -172,6 +180,13 @@ class Publisher:
             if not p.future.done():
                 p.future.set_result(result.accepted[offset : offset + n])
             offset += n
+
+
+def _fail(chunk: list[_Pending], exc: Exception) -> None:
+    """Hand ``exc`` to every request still waiting in ``chunk``; each answers for itself (a 503, say)."""
+    for p in chunk:
+        if not p.future.done():
+            p.future.set_exception(exc)
 
 
 def _prepared(batch: list[_Pending]) -> list[_Pending]:

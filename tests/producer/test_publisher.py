@@ -11,6 +11,7 @@ from redis.asyncio import Redis
 
 from passbridge.event import EventIn, PassEvent, build_event
 from passbridge.keys import account_keys
+from passbridge.queue import BacklogFull
 from producer.publisher import Publisher
 from tests.factories import event
 
@@ -96,3 +97,26 @@ async def test_a_request_that_goes_away_does_not_break_the_others(publisher: Pub
     # Already handed over, the cancelled request's event is still enqueued, as with publish(): its sender
     # retries, and the retry is answered as a duplicate.
     assert len(await in_mailbox(redis, 1)) == 1
+
+
+async def test_a_full_backlog_refuses_only_the_requests_with_new_events(redis: Redis) -> None:
+    """Requests that share a call are refused together when their new events do not fit; asked again one by
+    one, a request of duplicates only (which needs no room) and one that fits alone are answered as such."""
+    publisher = Publisher(redis, high_water=3, dedup_window_s=60)
+    await publisher.start()
+    try:
+        assert await publisher.publish("acme", [make(0), make(1)]) == [True, True]  # depth 2 of 3
+        calls = [
+            asyncio.ensure_future(publisher.publish("acme", [make(0)])),  # a duplicate: needs no room
+            asyncio.ensure_future(publisher.publish("acme", [make(2), make(3)])),  # does not fit
+            asyncio.ensure_future(publisher.publish("acme", [make(4)])),  # fits alone
+        ]
+        answers = await asyncio.gather(*calls, return_exceptions=True)
+    finally:
+        await publisher.close()
+    assert answers[0] == [False]
+    assert isinstance(answers[1], BacklogFull)
+    assert answers[2] == [True]
+    assert int(await redis.get(account_keys("acme").depth)) == 3
+    assert await in_mailbox(redis, 2) == []
+    assert len(await in_mailbox(redis, 4)) == 1
