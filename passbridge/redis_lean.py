@@ -8,7 +8,8 @@ to the future of the oldest command in flight (replies come back in order, so co
 one connection).
 
 Behaviour kept from the redis-py path, so callers handle errors the same way: a refused or lost connection
-raises ``redis.exceptions.ConnectionError``, no reply within ``socket_timeout`` raises
+raises ``redis.exceptions.ConnectionError`` (:class:`ReplyLost`, a subclass, for a command that was sent and may
+have run), no reply within ``socket_timeout`` raises
 ``redis.exceptions.TimeoutError`` (and drops the connection, whose replies can no longer be matched), an error
 reply raises ``redis.exceptions.ResponseError``; a script missing from the server's cache (``NOSCRIPT``: a
 restart, ``SCRIPT FLUSH``) is loaded and the call repeated once. The next call after a failure connects
@@ -33,6 +34,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 Arg = str | int | bytes
 
 
+class ReplyLost(RedisConnectionError):  # type: ignore[misc]  # redis-py ships its exceptions untyped
+    """The connection was lost after the command was sent and before its reply: the command may have run."""
+
+
 class _Protocol(asyncio.Protocol):
     """Pipelined request/reply over one connection: one future per command, in order."""
 
@@ -55,13 +60,13 @@ class _Protocol(asyncio.Protocol):
                     future.set_result(reply)
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.lost = RedisConnectionError(
-            f"connection to Redis lost ({type(exc).__name__ if exc else 'closed'})"
-        )
+        why = type(exc).__name__ if exc else "closed"
+        self.lost = RedisConnectionError(f"connection to Redis lost ({why})")
         while self.waiting:
             future = self.waiting.popleft()
             if not future.done():
-                future.set_exception(self.lost)
+                # Sent, unanswered: unlike a refused connection, its outcome is unknown.
+                future.set_exception(ReplyLost(f"connection to Redis lost before its reply ({why})"))
 
     def send(self, *args: Arg) -> asyncio.Future[Any]:
         assert self.transport is not None

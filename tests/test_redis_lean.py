@@ -11,7 +11,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from passbridge.redis_lean import LeanScripts
+from passbridge.redis_lean import LeanScripts, ReplyLost
 from passbridge.redis_server import free_port
 
 ECHO = "return {tonumber(ARGV[1]) * 2, ARGV[2]}"
@@ -82,6 +82,23 @@ async def test_timeout_drops_the_connection_and_the_next_call_reconnects(redis_u
         await runner.run(busy, [])
     await asyncio.sleep(0.6)  # the script finishes; its late reply went to the dropped connection
     assert await runner.run(ECHO, [5, "after"]) == [10, b"after"]
+    await runner.close()
+
+
+async def test_calls_in_flight_when_the_connection_drops_are_reported_as_possibly_run(redis_url: str) -> None:
+    """A command sent and not answered may have run: it fails with ReplyLost (a ConnectionError, so callers
+    that only know redis-py's errors still handle it), not as a refused connection."""
+    runner = lean(redis_url, socket_timeout=0.2)
+    busy = "local t = redis.call('TIME') repeat local n = redis.call('TIME') until (n[1] - t[1]) * 1e6 + (n[2] - t[2]) > 600000 return 1"
+    first = asyncio.ensure_future(runner.run(busy, []))
+    await asyncio.sleep(0.05)  # sent: it holds Redis
+    second = asyncio.ensure_future(runner.run("redis.call('SET', 'lean-second', 1) return 1", []))
+    with pytest.raises(RedisTimeoutError):
+        await first  # its timeout drops the connection, with the second call sent and unanswered
+    with pytest.raises(ReplyLost, match="before its reply"):
+        await second
+    await asyncio.sleep(0.6)  # the script finishes; the next call reconnects
+    assert await runner.run(ECHO, [1, "x"]) == [2, b"x"]
     await runner.close()
 
 

@@ -16,6 +16,7 @@ from starlette.responses import Response
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
 from passbridge.queue import BacklogFull
+from passbridge.redis_lean import ReplyLost
 from producer.context import ProducerContext
 from producer.problems import Problem, unavailable
 from producer.publisher import Prepare
@@ -111,12 +112,12 @@ def as_503(ctx: ProducerContext, account_id: str, exc: Exception) -> Problem:
             f"account {account_id} has {depth} over its high-water mark; nothing was written",
             ctx.settings.retry_after_s,
         )
-    if isinstance(exc, RedisTimeoutError | TimeoutError):
-        log.warning("redis timed out", error=type(exc).__name__)
+    if isinstance(exc, RedisTimeoutError | TimeoutError | ReplyLost):
+        log.warning("redis reply lost", error=type(exc).__name__)
         # The command may have run before the reply was lost: say so, and that a retry is safe.
         return unavailable(
-            "the queue store did not answer in time; the outcome is unknown and retrying is safe "
-            "(the event id deduplicates it)",
+            "the queue store did not answer (a timeout or a lost connection); the outcome is unknown and "
+            "retrying is safe (the event id deduplicates it)",
             ctx.settings.retry_after_s,
         )
     log.warning("redis unavailable", error=type(exc).__name__)

@@ -6,12 +6,16 @@ import asyncio
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from passbridge.accounts import AccountStore
+from passbridge.redis_lean import ReplyLost
 from passbridge.settings import Settings
 from producer.context import ProducerContext
 from producer.problems import Problem
 from producer.publisher import Publisher
+from producer.routes.common import as_503
 from tests.factories import make_account
 from tests.producer.conftest import cipher
 
@@ -88,3 +92,20 @@ async def test_secrets_under_another_key_are_a_503_problem_logged_without_secret
     assert "PASSBRIDGE_SECRET_KEY" in errors[0]["event"]
     assert "pk_" not in repr(logs)
     assert "whsec_" not in repr(logs)
+
+
+@pytest.mark.parametrize(
+    ("error", "outcome"),
+    [
+        (ReplyLost("connection to Redis lost before its reply"), "the outcome is unknown"),
+        (RedisTimeoutError("no answer"), "the outcome is unknown"),
+        (RedisConnectionError("refused"), "nothing was written"),
+    ],
+)
+async def test_503_says_whether_the_write_may_have_happened(
+    redis: Redis, settings: Settings, error: Exception, outcome: str
+) -> None:
+    """A command sent and unanswered may have run; a refused connection wrote nothing."""
+    problem = as_503(_context(redis, settings), "acme", error)
+    assert problem.status == 503
+    assert outcome in problem.detail
