@@ -41,6 +41,7 @@ def producer(
             port=port or s.producer_port,
             workers=workers,
             log_level="warning",
+            log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
             loop="uvloop",
             http="httptools",
@@ -51,6 +52,7 @@ def producer(
             host=host or s.producer_host,
             port=port or s.producer_port,
             log_level="warning",
+            log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
             loop="uvloop",
             http="httptools",

@@ -2,13 +2,22 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+import time
 from pathlib import Path
 
+import httpx
+import orjson
 import pytest
+import redis as redis_sync
 from cryptography.fernet import Fernet
+from redis.asyncio import Redis
 
 from passbridge.crypto import load_cipher
+from passbridge.demo.stack import spawn_cli, stop_process
 from passbridge.keys import account_keys
+from passbridge.redis_server import free_port
 from tests.factories import event, make_account
 from tests.producer.conftest import Env
 
@@ -77,3 +86,56 @@ async def test_unhandled_exception_is_a_500_problem_that_keeps_its_text_to_the_l
     logged = capsys.readouterr()
     assert "unhandled exception" in logged.out + logged.err
     assert "JSONDecodeError" in logged.out + logged.err
+
+
+def test_the_servers_own_traceback_of_a_crash_is_redacted(redis_url: str, tmp_path: Path) -> None:
+    """uvicorn logs each unhandled exception with its traceback. A registry entry damaged so that its
+    validation error quotes a key-shaped value must not put that value in the producer's output."""
+    key = Fernet.generate_key().decode()
+    leaked = "pk_0123456789abcdef0123456789abcdef01"  # the shape of a Klaviyo private key
+    client = redis_sync.Redis.from_url(redis_url)
+    try:
+        asyncio.run(_damaged_account(redis_url, key, leaked))
+        port = free_port()
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+        env.update(
+            {"REDIS_URL": redis_url, "PASSBRIDGE_SECRET_KEY": key, "PASSBRIDGE_STATE_DIR": str(tmp_path / "s")}
+        )
+        log = tmp_path / "producer.log"
+        proc = spawn_cli(["producer", "--host", "127.0.0.1", "--port", str(port)], env, log)
+        try:
+            deadline = time.monotonic() + 30
+            while True:
+                try:
+                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, log.read_text()
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            r = httpx.post(
+                f"http://127.0.0.1:{port}/v1/accounts/damaged/events",
+                json=event(1),
+                headers={"Authorization": "Bearer tok-damaged"},
+            )
+            assert r.status_code == 500
+        finally:
+            stop_process(proc, timeout=15)
+    finally:
+        client.close()
+    output = log.read_text()
+    assert "ValidationError" in output  # the crash was logged, traceback included
+    assert leaked not in output
+    assert "{'note': '***'}" in output  # masked where it was quoted
+
+
+async def _damaged_account(redis_url: str, key: str, leaked: str) -> None:
+    redis = Redis.from_url(redis_url)
+    try:
+        await make_account(redis, load_cipher(key, Path("/nonexistent")), "damaged", token="tok-damaged")
+        config = orjson.loads(await redis.hget(account_keys("damaged").config, "config"))
+        config["name"] = {"note": leaked}  # not a string: the validation error quotes the value
+        await redis.hset(account_keys("damaged").config, "config", orjson.dumps(config))
+    finally:
+        await redis.aclose()
