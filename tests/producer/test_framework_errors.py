@@ -10,7 +10,6 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
-import redis as redis_sync
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
@@ -93,37 +92,33 @@ def test_the_servers_own_traceback_of_a_crash_is_redacted(redis_url: str, tmp_pa
     validation error quotes a key-shaped value must not put that value in the producer's output."""
     key = Fernet.generate_key().decode()
     leaked = "pk_0123456789abcdef0123456789abcdef01"  # the shape of a Klaviyo private key
-    client = redis_sync.Redis.from_url(redis_url)
+    asyncio.run(_damaged_account(redis_url, key, leaked))
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(
+        {"REDIS_URL": redis_url, "PASSBRIDGE_SECRET_KEY": key, "PASSBRIDGE_STATE_DIR": str(tmp_path / "s")}
+    )
+    log = tmp_path / "producer.log"
+    proc = spawn_cli(["producer", "--host", "127.0.0.1", "--port", str(port)], env, log)
     try:
-        asyncio.run(_damaged_account(redis_url, key, leaked))
-        port = free_port()
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
-        env.update(
-            {"REDIS_URL": redis_url, "PASSBRIDGE_SECRET_KEY": key, "PASSBRIDGE_STATE_DIR": str(tmp_path / "s")}
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert proc.poll() is None, log.read_text()
+            assert time.monotonic() < deadline, log.read_text()
+            time.sleep(0.1)
+        r = httpx.post(
+            f"http://127.0.0.1:{port}/v1/accounts/damaged/events",
+            json=event(1),
+            headers={"Authorization": "Bearer tok-damaged"},
         )
-        log = tmp_path / "producer.log"
-        proc = spawn_cli(["producer", "--host", "127.0.0.1", "--port", str(port)], env, log)
-        try:
-            deadline = time.monotonic() + 30
-            while True:
-                try:
-                    if httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=1).status_code == 200:
-                        break
-                except httpx.HTTPError:
-                    pass
-                assert proc.poll() is None, log.read_text()
-                assert time.monotonic() < deadline, log.read_text()
-                time.sleep(0.1)
-            r = httpx.post(
-                f"http://127.0.0.1:{port}/v1/accounts/damaged/events",
-                json=event(1),
-                headers={"Authorization": "Bearer tok-damaged"},
-            )
-            assert r.status_code == 500
-        finally:
-            stop_process(proc, timeout=15)
+        assert r.status_code == 500
     finally:
-        client.close()
+        stop_process(proc, timeout=15)
     output = log.read_text()
     assert "ValidationError" in output  # the crash was logged, traceback included
     assert leaked not in output
