@@ -34,6 +34,7 @@ from tests.sync.conftest import (
     REVISION,
     RequestRecorder,
     make_client,
+    oauth_grant,
     put_oauth_account,
     sandbox_accounts,
 )
@@ -243,6 +244,56 @@ async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
     assert stored.state is AccountState.connected
     assert stored.secrets.klaviyo_oauth is not None
     assert stored.secrets.klaviyo_oauth.refresh_token == SecretStr(other["refresh_token"])
+
+
+async def test_a_grant_stored_during_the_refresh_is_kept(
+    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+) -> None:
+    """The merchant reconnects the Klaviyo app (the OAuth callback stores a new grant) while this process's
+    refresh of the old grant is in flight: the refreshed old tokens must not overwrite the new grant, and the
+    new grant's token is used."""
+    account = await put_oauth_account(store, oauth_server.url)
+    reconnected: dict[str, Any] = {}
+
+    async def merchant_reconnects(request: httpx.Request) -> None:
+        if request.url.path != "/oauth/token" or reconnected:
+            return
+        reconnected.update(await asyncio.to_thread(oauth_grant, oauth_server.url))
+        tokens = OAuthTokens.model_validate(
+            {
+                "client_id": OAUTH_CLIENT_ID,
+                "client_secret": OAUTH_CLIENT_SECRET,
+                "access_token": reconnected["access_token"],
+                "refresh_token": reconnected["refresh_token"],
+                "expires_at": time.time() + float(reconnected["expires_in"]),
+                "scopes": reconnected["scope"].split(),
+            }
+        )
+
+        def store_grant(a: Account | None) -> Account:
+            assert a is not None
+            return a.model_copy(update={"secrets": a.secrets.model_copy(update={"klaviyo_oauth": tokens})})
+
+        await store.update(account.account_id, store_grant)
+
+    async with KlaviyoClient(
+        redis,
+        store,
+        base_url=oauth_server.url,
+        revision=REVISION,
+        rate_scale=RATE_SCALE,
+        options=ClientOptions(oauth_refresh_skew_s=0),
+        event_hooks={"request": [recorder.hook, merchant_reconnects]},
+    ) as client:
+        await client.call(account, CREATE_EVENT, body=event(0))
+        assert control.expire_access_tokens() >= 1
+        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
+        assert client.oauth.refreshes == 1
+    assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {reconnected['access_token']}"
+    stored = await store.get(account.account_id)
+    assert stored.state is AccountState.connected
+    assert stored.secrets.klaviyo_oauth is not None
+    assert stored.secrets.klaviyo_oauth.refresh_token == SecretStr(reconnected["refresh_token"])
 
 
 async def test_token_request_has_a_deadline_below_the_lock_ttl(redis: Redis, store: AccountStore) -> None:

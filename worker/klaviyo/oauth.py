@@ -166,26 +166,47 @@ class OAuthManager:
             if theirs is not None:
                 return theirs
             await self._disconnect(account_id, refused.reason)
-        # Re-read right before writing so that a concurrent operator edit of other fields is not undone.
-        latest = await self.accounts.get(account_id)
-        latest_oauth = _oauth(latest)
-        updated = latest.model_copy(
-            update={
-                "secrets": latest.secrets.model_copy(
-                    update={
-                        "klaviyo_oauth": latest_oauth.model_copy(
-                            update={
-                                "access_token": new.access_token,
-                                "refresh_token": new.refresh_token or latest_oauth.refresh_token,
-                                "expires_at": new.expires_at,
-                                "scopes": new.scopes or latest_oauth.scopes,
-                            }
-                        )
-                    }
+
+        # A WATCHed write: a concurrent operator edit of other fields is not undone, and the tokens go in only
+        # while the stored grant is still the one refreshed. A merchant who reconnected meanwhile (the callback
+        # stores a new grant) keeps the new grant; its token is used instead.
+        def store(latest: Account | None) -> Account | None:
+            held = latest.secrets.klaviyo_oauth if latest is not None else None
+            if (
+                latest is None
+                or held is None
+                or held.client_id != oauth.client_id
+                or _secret(held.refresh_token) != _secret(oauth.refresh_token)
+            ):
+                return None
+            return latest.model_copy(
+                update={
+                    "secrets": latest.secrets.model_copy(
+                        update={
+                            "klaviyo_oauth": held.model_copy(
+                                update={
+                                    "access_token": new.access_token,
+                                    "refresh_token": new.refresh_token or held.refresh_token,
+                                    "expires_at": new.expires_at,
+                                    "scopes": new.scopes or held.scopes,
+                                }
+                            )
+                        }
+                    )
+                }
+            )
+
+        before, after = await self.accounts.update(account_id, store)
+        if after is before:  # not ours to store: the grant changed while the token endpoint answered
+            held = before.secrets.klaviyo_oauth if before is not None else None
+            if before is None or held is None or held.access_token is None:
+                raise AuthError(
+                    401, TOKEN_ENDPOINT, code="disconnected", detail="the OAuth grant was removed"
                 )
-            }
-        )
-        await self.accounts.put(updated)
+            token = _Token(held.access_token.get_secret_value(), held.expires_at)
+            self._cache[account_id] = token
+            log.info("oauth_grant_replaced_during_refresh", account=account_id)
+            return token.value
         assert new.access_token is not None
         token = _Token(new.access_token.get_secret_value(), new.expires_at)
         self._cache[account_id] = token
