@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import base64
 import hashlib
+import re
 import secrets
 import time
 from dataclasses import dataclass
@@ -109,10 +110,16 @@ def authorize_url(
     return f"{endpoint}?{query}"
 
 
+#: What :func:`start_connect` puts in a state: an account id (its registry pattern) and a URL-safe nonce. Both
+#: are checked before the state names a Redis key, so a forged one can only ever reach a pending connect's key.
+_STATE_ACCOUNT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+_STATE_NONCE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
+
+
 def parse_state(state: str) -> tuple[str, str]:
     """``(account_id, nonce)`` of a state made by :func:`start_connect`; raises :class:`OAuthError`."""
     account_id, dot, nonce = state.rpartition(".")
-    if not dot or not account_id or not nonce:
+    if not dot or not _STATE_ACCOUNT.fullmatch(account_id) or not _STATE_NONCE.fullmatch(nonce):
         raise OAuthError("the state parameter was not issued by passbridge", code="bad-state")
     return account_id, nonce
 
@@ -171,15 +178,25 @@ async def take_pending(redis: Redis, cipher: MultiFernet, state: str) -> Pending
             f"once); run `passbridge accounts connect {account_id}` again",
             code="bad-state",
         )
-    doc = orjson.loads(decrypt(cipher, sealed.decode()))
-    return Pending(
-        account_id=doc["account_id"],
-        client_id=doc["client_id"],
-        client_secret=SecretStr(doc["client_secret"]),
-        verifier=SecretStr(doc["verifier"]),
-        redirect_uri=doc["redirect_uri"],
-        scopes=tuple(doc["scopes"]),
-    )
+    try:
+        doc = orjson.loads(decrypt(cipher, sealed.decode()))
+        return Pending(
+            account_id=doc["account_id"],
+            client_id=doc["client_id"],
+            client_secret=SecretStr(doc["client_secret"]),
+            verifier=SecretStr(doc["verifier"]),
+            redirect_uri=doc["redirect_uri"],
+            scopes=tuple(doc["scopes"]),
+        )
+    except (SecretKeyError, ValueError, KeyError, TypeError):
+        # Sealed with another key (the CLI that ran `connect` and this producer disagree on
+        # PASSBRIDGE_SECRET_KEY), or not a pending connect at all: the caller's link is no good either way.
+        raise OAuthError(
+            f"this connect link cannot be read with this server's secret key; check that `passbridge accounts "
+            f"connect` and the producer share PASSBRIDGE_SECRET_KEY, then run `passbridge accounts connect "
+            f"{account_id}` again",
+            code="bad-state",
+        ) from None
 
 
 def _token_error(response: httpx.Response) -> OAuthError:

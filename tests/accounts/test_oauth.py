@@ -34,8 +34,10 @@ def test_pkce_pair_is_s256() -> None:
 
 def test_state_names_its_account() -> None:
     assert parse_state("acme.co.x-Y_z") == ("acme.co", "x-Y_z")
-    with pytest.raises(OAuthError, match="not issued by passbridge"):
-        parse_state("no-dot")
+    # Only what start_connect issues: nothing that could make the state name another Redis key.
+    for forged in ("no-dot", "acme.", ".nonce", "acme:apple-gen.x", "acme.x:y", "acme.x y", "a" * 65 + ".x"):
+        with pytest.raises(OAuthError, match="not issued by passbridge"):
+            parse_state(forged)
 
 
 class TestConnectCommand:
@@ -128,6 +130,15 @@ class TestCallbackRefusals:
             r = http.get("/oauth/klaviyo/callback", params={"state": "nodot", "code": "c"})
             assert r.status_code == 400
             assert "not issued by passbridge" in r.json()["detail"]
+
+    def test_a_pending_connect_that_does_not_decrypt_is_a_400(self, cli: Cli, producer: LiveServer) -> None:
+        # Sealed with another key (a CLI and a producer that disagree on PASSBRIDGE_SECRET_KEY), or damaged.
+        cli.redis.set(account_keys("acme").oauth_pending("sealedelsewhere"), b"gAAAAA-not-a-token")
+        with httpx.Client(base_url=producer.url) as http:
+            r = http.get("/oauth/klaviyo/callback", params={"state": "acme.sealedelsewhere", "code": "c"})
+        assert r.status_code == 400
+        assert r.headers["content-type"] == "application/problem+json"
+        assert "PASSBRIDGE_SECRET_KEY" in r.json()["detail"]
 
     def test_denied_access_spends_the_pending_connect(self, cli: Cli, producer: LiveServer) -> None:
         cli.ok("accounts", "add", "acme")
