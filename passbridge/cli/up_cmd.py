@@ -10,12 +10,18 @@ from pathlib import Path
 import typer
 
 from passbridge.cli.common import console, settings
+from passbridge.settings import Settings
 
 
 def cli_exports(state_dir: Path, redis_url: str) -> str:
     """The shell line that points CLI commands at a running ``up`` stack: its Redis and its state dir (whose
     ``secret.key`` encrypts its accounts unless PASSBRIDGE_SECRET_KEY is set)."""
     return f"export PASSBRIDGE_STATE_DIR={shlex.quote(str(state_dir.resolve()))} REDIS_URL={shlex.quote(redis_url)}"
+
+
+def external_klaviyo(s: Settings) -> str | None:
+    """The Klaviyo the operator configured (environment or ``.env``), or ``None``: the stack runs the sandbox."""
+    return s.klaviyo_base_url if "klaviyo_base_url" in s.model_fields_set else None
 
 
 def up(
@@ -28,7 +34,6 @@ def up(
 ) -> None:
     """Start embedded Redis, the Klaviyo sandbox, the producer and workers; print the URLs; Ctrl-C stops."""
     import asyncio
-    import os
 
     from passbridge.demo.local import ensure_local_account
     from passbridge.demo.stack import StackConfig, run_stack
@@ -36,7 +41,7 @@ def up(
 
     s = settings()
     configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
-    external = os.environ.get("PASSBRIDGE_KLAVIYO_BASE_URL")
+    external = external_klaviyo(s)
     key = "pk_local_" + "0" * 24
     admin = s.admin_token.get_secret_value() if s.admin_token else "local-admin"
     cfg = StackConfig(

@@ -320,3 +320,15 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=60)  # waits, and closes the pipe
+
+
+def test_up_takes_the_klaviyo_url_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Klaviyo URL set only in ``.env`` counts, as for every other setting: `up` then starts no sandbox."""
+    from passbridge.cli.up_cmd import external_klaviyo
+    from passbridge.settings import Settings
+
+    monkeypatch.delenv("PASSBRIDGE_KLAVIYO_BASE_URL", raising=False)
+    monkeypatch.chdir(tmp_path)
+    assert external_klaviyo(Settings()) is None
+    (tmp_path / ".env").write_text("PASSBRIDGE_KLAVIYO_BASE_URL=https://a.klaviyo.com\n")
+    assert external_klaviyo(Settings()) == "https://a.klaviyo.com"
