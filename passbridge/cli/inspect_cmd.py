@@ -5,17 +5,15 @@ Every command prints tables for people and, with ``--json``, one JSON document o
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any, TypeVar
 
 import orjson
 import typer
 from redis.asyncio import Redis
-from redis.exceptions import RedisError
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, settings
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
 from worker import inspect
 from worker.report import summarize
 
@@ -34,21 +32,7 @@ def _query(fn: Callable[[Redis], Awaitable[T]]) -> T:
         finally:
             await redis.aclose()
 
-    try:
-        # Not common.run: this message also says what was being read, with the URL's password masked.
-        return asyncio.run(go())
-    except (RedisError, OSError) as exc:
-        fail(f"cannot read the queue from Redis at {_redacted(url)}: {exc}")
-
-
-def _redacted(url: str) -> str:
-    """``url`` without a password (``redis://:secret@host`` → ``redis://:***@host``)."""
-    scheme, sep, rest = url.partition("://")
-    creds, at, host = rest.rpartition("@")
-    if not at:
-        return url
-    user = creds.split(":", 1)[0]
-    return f"{scheme}{sep}{user}:***@{host}"
+    return run(go())  # an unreachable Redis is one error line naming host:port, never the URL's password
 
 
 def _age(seconds: float) -> str:
