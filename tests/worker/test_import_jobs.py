@@ -299,6 +299,46 @@ async def test_markers_stay_when_the_post_may_have_created_a_job(
     assert sorted(await markers(pipeline.redis, account)) == ["D"]
 
 
+@pytest.mark.parametrize("throttled", ["status", "errors"])
+async def test_a_throttle_after_the_job_was_created_is_transient_and_keeps_the_markers(
+    setup: tuple[Pipeline, Account, KlaviyoClient], throttled: str
+) -> None:
+    """The job exists once Klaviyo answered 202: a 429 on its status polls (until the wait's deadline) or on
+    its error list is no "not sent". Raised as ThrottledError, the profile lane would send the same profiles
+    again as a new job that overwrites this one's markers; it must be a TransientError, markers kept."""
+    pipeline, account, client = setup
+    if throttled == "status":
+        pipeline.sandbox.set_faults(error_rates={429: 1.0}, operations=["get_bulk_import_profiles_job"])
+    else:
+        # An import error for B makes the job's error list worth reading; reading it is throttled.
+        pipeline.sandbox.set_faults(
+            error_rates={429: 1.0},
+            operations=["get_errors_for_bulk_import_profiles_job"],
+            reject_external_ids=["B"],
+            reject_operations=["bulk_import_profiles"],
+        )
+    # (Throttled polls go on until the deadline; the error list is read once the job completed, ~0.8 s.)
+    wait_s = 0.5 if throttled == "status" else 10.0
+    jobs = ImportJobs(client, pipeline.redis, poll_first_s=0.02, poll_max_s=0.05, max_wait_s=wait_s)
+    with pytest.raises(TransientError, match="profile import job") as raised:
+        await jobs.run(account, [profile("A"), profile("B")], ["A", "B"])
+    assert type(raised.value) is TransientError
+    assert jobs.jobs == 1
+    op = (
+        "get_bulk_import_profiles_job" if throttled == "status" else "get_errors_for_bulk_import_profiles_job"
+    )
+    assert client.calls[(op, "429")] > 0
+    # The markers name the job, so the serials' next profile writes wait for it.
+    left = await markers(pipeline.redis, account)
+    assert sorted(left) == ["A", "B"]
+    (job_id,) = {doc["job"] for doc in left.values()}
+    assert job_id
+    pipeline.sandbox.clear_faults()
+    await jobs.wait_clear(account, ["A", "B"])
+    assert await job_status(client, account, job_id) == "complete"
+    assert await markers(pipeline.redis, account) == {}
+
+
 # --- across processes: a worker killed while its profile job runs ---------------------------------------------
 
 SLOW_STEP_S = 2.0
