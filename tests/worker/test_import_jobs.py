@@ -27,6 +27,7 @@ from passbridge.accounts import Account
 from passbridge.keys import WORKERS, account_keys
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
+from worker import dlq
 from worker.import_jobs import ImportJobs, job_body
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
@@ -524,3 +525,44 @@ async def test_a_running_job_of_one_serial_does_not_hold_back_the_others(
             if others & {str(p["attributes"]["external_id"]) for p in j.profiles}
         )
         assert first_write < old_job.completed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_dead_letter_in_the_profile_lane_waits_for_its_job_before_the_next_round(
+    redis: Redis, idle_bulk_workers: StartWorkers
+) -> None:
+    """S1's profile job is created but the answer to its POST is lost (a transient failure: the job runs on at
+    Klaviyo, its unnamed marker stays). With one attempt allowed the round's first event is dead-lettered and
+    the worker goes on with the serial's next event within the same lease: that round's profile must wait
+    for the first job, else the first job could complete after it and overwrite it (finding 4a)."""
+    async with idle_bulk_workers(
+        1, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1", PASSBRIDGE_WORKER_EXPRESS_LANE="false"
+    ) as up:
+        pipeline, sandbox, workers = up.pipeline, up.pipeline.sandbox, up.workers
+        sandbox.set_faults(drop_rate=1.0, drop_after_processing=True, operations=["bulk_import_profiles"])
+        try:
+            events = [
+                pass_event("acme", "S1", 0, kind="created", properties={"points": 1}),
+                pass_event("acme", "S1", 5, kind="updated", properties={"points": 2}),
+            ]
+            await pipeline.put(events)
+            try:
+                await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
+            except BaseException:
+                print(workers.logs())
+                raise
+            sandbox.wait_idle(timeout=20)
+        finally:
+            sandbox.clear_faults()
+        # Both rounds failed the same way: each event went to the DLQ after its one attempt.
+        entries = await dlq.list_entries(redis, "acme")
+        assert sorted(e.event_id for e in entries) == sorted(e.event_id for e in events)
+        state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
+        first, *later = sorted(state.import_jobs.values(), key=lambda j: j.created)
+        assert later, "the serial's second round never wrote its profile"
+        assert first.completed is not None
+        # The second round's job was created only once the first one (its answer lost) was complete.
+        assert all(j.created >= first.completed for j in later), (
+            f"a later job was created {first.completed - later[0].created:.3f} s before the first completed"
+        )
