@@ -950,7 +950,12 @@ class BulkSync:
             blob = orjson.dumps({"type": "data-source-record", "attributes": {"record": sp.record}})
             out = await through(lanes.records, item(sp.record, blob))
             if out.verdict is not Verdict.ok:
-                return await self._not_ok(engine, work, members, events, out)
+                # The profile was accepted, the record was not: a dead letter stores the state with its record
+                # pending, so the next round is planned from what the profile holds and rewrites the record.
+                held = None
+                if sp.profile is not None and state is not None:
+                    held = state.model_copy(update={"record_pending": True})
+                return await self._not_ok(engine, work, members, events, out, held)
         blob = orjson.dumps(bulk_events_entry(serial, events))
         out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:
