@@ -369,6 +369,41 @@ async def test_dead_letter_after_only_the_profile_was_written_keeps_its_state_an
     assert (stored.status, stored.event_id, stored.record_pending) == ("deleted", deleted.event_id, False)
 
 
+async def test_a_throttle_after_a_profile_job_was_created_never_sends_its_profiles_again_as_a_new_job(
+    pipeline: Pipeline, start_workers: StartWorkers
+) -> None:
+    """The job was created (202), then reading its import errors is throttled: the job's profiles are a
+    failure for their serials' retry policy (here: one attempt, so the DLQ), never put back in the lane and
+    sent again as a new job that would overwrite the first job's markers (finding 4b)."""
+    await pipeline.add_account("acme")
+    events = backlog("acme", serials=4, per_serial=1)
+    serials = sorted({e.serial_number for e in events})
+    # An import error for S001 makes the worker read the job's error list; every read of it is throttled.
+    pipeline.sandbox.set_faults(
+        error_rates={429: 1.0},
+        operations=["get_errors_for_bulk_import_profiles_job"],
+        reject_external_ids=["S001"],
+        reject_operations=["bulk_import_profiles"],
+    )
+    await pipeline.put(events)
+    before = counts(pipeline)
+    workers = start_workers("bulk", PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
+    try:
+        await drained(pipeline, workers, timeout=30)
+    finally:
+        pipeline.sandbox.clear_faults()
+    after = counts(pipeline)
+    assert delta(before, after, "get_errors_for_bulk_import_profiles_job", 429) >= 1
+    # One job carried each serial, once.
+    assert sorted(jobs_items(pipeline, "acme")) == serials
+    entries = await dlq.list_entries(pipeline.redis, "acme")
+    assert sorted(x.event_id for x in entries) == sorted(e.event_id for e in events)
+    for entry in entries:
+        (err,) = entry.errors
+        assert err["kind"] == "transient"
+        assert "profile import job" in err["message"]
+
+
 async def test_bulk_request_rejected_without_a_pointer_is_split_in_halves(
     pipeline: Pipeline, start_workers: StartWorkers
 ) -> None:
