@@ -85,7 +85,9 @@ class ImportJobs:
         ``profiles[i]``) as one job and wait for it. Per item: ``None`` (accepted) or its import error.
 
         Raises the client's errors when the request itself fails; the markers of a job that may exist (an
-        answer lost in the network, a 5xx) stay, so the serials' next profile writes wait for it.
+        answer lost in the network, a 5xx) stay, so the serials' next profile writes wait for it. Once the job
+        exists, a throttled status poll or error list is raised as a :class:`TransientError`, not as a
+        ``ThrottledError`` ("not sent"), which would send the profiles again as a new job.
         """
         key = account_keys(account.account_id).profile_jobs
         unnamed = orjson.dumps({"job": "", "at": int(time.time() * 1000)})
