@@ -799,6 +799,8 @@ class BulkSync:
             for work in batch.works:
                 await self._fail_head(engine, batch, work, exc)
             return
+        for work in batch.works:
+            work.profile_job = False
         await self._run(engine, batch)
 
     async def _run(self, engine: Engine, batch: Batch) -> None:
@@ -852,6 +854,16 @@ class BulkSync:
         self, engine: Engine, batch: Batch, lanes: AccountLanes, settler: EngineBatchers, work: SerialWork
     ) -> None:
         while engine.may_continue(work):
+            if work.profile_job:
+                # An earlier round's profile job failed (its head was dead-lettered) and may still run at
+                # Klaviyo: this round's profile must not be written before it is complete, or the old job
+                # could land last and overwrite it.
+                try:
+                    await self.jobs.wait_clear(batch.account, [work.lease.serial])
+                except Exception as exc:
+                    await self._fail_head(engine, batch, work, exc)
+                    return
+                work.profile_job = False
             budget = engine.config.events_per_lease - work.done_events
             events: list[PassEvent] = []
             members: list[bytes] = []
@@ -927,6 +939,10 @@ class BulkSync:
             assert state is not None
             out = await through(lanes.profiles, item(state, orjson.dumps(profile_body(state)["data"])))
             if out.verdict is not Verdict.ok:
+                if out.verdict is Verdict.failed:
+                    # A job whose request or wait failed may run on at Klaviyo (its markers stay): if the
+                    # head is dead-lettered and the serial goes on, its next round waits for that job first.
+                    work.profile_job = True
                 return await self._not_ok(engine, work, members, events, out)
             state, extra = out.value
             notes[-1] += extra
@@ -934,7 +950,12 @@ class BulkSync:
             blob = orjson.dumps({"type": "data-source-record", "attributes": {"record": sp.record}})
             out = await through(lanes.records, item(sp.record, blob))
             if out.verdict is not Verdict.ok:
-                return await self._not_ok(engine, work, members, events, out)
+                # The profile was accepted, the record was not: a dead letter stores the state with its record
+                # pending, so the next round is planned from what the profile holds and rewrites the record.
+                held = None
+                if sp.profile is not None and state is not None:
+                    held = state.model_copy(update={"record_pending": True})
+                return await self._not_ok(engine, work, members, events, out, held)
         blob = orjson.dumps(bulk_events_entry(serial, events))
         out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:

@@ -88,7 +88,8 @@ class Syncer(Protocol):
         self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
     ) -> SyncResult:
         """Apply ``event`` (arrival sequence ``seq``) on top of ``state``; raise a ``KlaviyoError`` subclass on
-        failure, or ``worker.sync.PartialSync`` wrapping one when only the metric event failed. Idempotent."""
+        failure, or ``worker.sync.PartialSync`` wrapping one when a write failed after an earlier one was
+        accepted. Idempotent."""
         ...
 
 
@@ -602,8 +603,9 @@ class Engine:
     ) -> bool:
         """The head event ``member`` failed with ``exc``: apply the retry policy.
 
-        ``written``: the state Klaviyo already holds because the event's profile and record writes were
-        accepted before the failing one (its metric event); stored if the event is dead-lettered.
+        ``written``: the state Klaviyo already holds because the event's earlier writes were accepted before
+        the failing one (the profile and record before its metric event, or the profile before its record:
+        then with ``record_pending``); stored if the event is dead-lettered.
 
         Returns True when the serial may go on with its next event (the failed one was dead-lettered), False
         when the serial was released (parked, throttled, account paused, or lease lost).

@@ -85,7 +85,9 @@ class ImportJobs:
         ``profiles[i]``) as one job and wait for it. Per item: ``None`` (accepted) or its import error.
 
         Raises the client's errors when the request itself fails; the markers of a job that may exist (an
-        answer lost in the network, a 5xx) stay, so the serials' next profile writes wait for it.
+        answer lost in the network, a 5xx) stay, so the serials' next profile writes wait for it. Once the job
+        exists, a throttled status poll or error list is raised as a :class:`TransientError`, not as a
+        ``ThrottledError`` ("not sent"), which would send the profiles again as a new job.
         """
         key = account_keys(account.account_id).profile_jobs
         unnamed = orjson.dumps({"job": "", "at": int(time.time() * 1000)})
@@ -106,17 +108,24 @@ class ImportJobs:
         self.jobs += 1
         named = orjson.dumps({"job": job_id, "at": int(time.time() * 1000)})
         await self.redis.hset(key, mapping=dict.fromkeys(serials, named))
-        attrs = await self._wait(account, job_id)
-        if attrs.get("status") == "cancelled":
-            await self.redis.hdel(key, *serials)
-            raise TransientError(BULK_IMPORT_PROFILES.name, f"profile import job {job_id} was cancelled")
-        errors: list[PermanentError | None] = [None] * len(profiles)
-        if int(attrs.get("failed_count") or 0) > 0:
-            index = {s: i for i, s in enumerate(serials)}
-            for err in await self._errors(account, job_id):
-                i = _item_of(err, index)
-                if i is not None and errors[i] is None:
-                    errors[i] = _import_error(err)
+        try:
+            attrs = await self._wait(account, job_id)
+            if attrs.get("status") == "cancelled":
+                await self.redis.hdel(key, *serials)
+                raise TransientError(BULK_IMPORT_PROFILES.name, f"profile import job {job_id} was cancelled")
+            errors: list[PermanentError | None] = [None] * len(profiles)
+            if int(attrs.get("failed_count") or 0) > 0:
+                index = {s: i for i, s in enumerate(serials)}
+                for err in await self._errors(account, job_id):
+                    i = _item_of(err, index)
+                    if i is not None and errors[i] is None:
+                        errors[i] = _import_error(err)
+        except ThrottledError as exc:
+            # The job exists (its status or error list was throttled, not the job): a ThrottledError would
+            # tell the lane "not sent" and it would send the same profiles again as a new job, overwriting
+            # this job's markers while the job may still run. As a transient failure the serials are retried
+            # later, and their next holder waits for this job (the markers stay).
+            raise TransientError(exc.endpoint, f"profile import job {job_id}: {exc}") from exc
         await self.redis.hdel(key, *serials)
         log.debug(
             "profile_import_job_done",

@@ -23,6 +23,10 @@ Ordering rules (DESIGN §2.4, "state never goes backwards"):
   late backfill still lands its data. With events that carry the pass's fields (as every source sends them),
   any arrival order converges to the state of the sorted order.
 
+A state with ``record_pending`` (its profile was written but its record write failed for good) gets its record
+written by the next plan, whatever the event changes (even a redelivery or a stale event); the state the plan
+stores has the flag cleared.
+
 Nothing here does I/O; ``tests/sync/test_plan.py`` checks these rules with hypothesis.
 """
 
@@ -81,12 +85,20 @@ def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
     is the event's arrival sequence (0 = unknown)."""
     stale = is_stale(state, event, seq)
     new = next_state(state, event, seq)
+    pending = state is not None and state.record_pending
     if state is not None and new == state:
         if stale:
             note = f"stale (older than {_iso(state.updated_at)}): metric only"
         else:
             note = "already applied: metric only"
-        return Plan(event_body(event), None, None, None, stale, note)
+        if not pending:
+            return Plan(event_body(event), None, None, None, stale, note)
+        # The profile holds this state already; only the record a failed write left out is written.
+        new = new.model_copy(update={"record_pending": False})
+        note = note.replace("metric only", "record written again (an earlier record write failed)")
+        return Plan(event_body(event), None, record_of(new), new, stale, note)
+    if pending:
+        new = new.model_copy(update={"record_pending": False})
     profile = profile_body(new)
     record = record_of(new)
     if state is None:
@@ -99,7 +111,7 @@ def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
     return Plan(
         event=event_body(event),
         profile=None if state is not None and profile == profile_body(state) else profile,
-        record=None if state is not None and record == record_of(state) else record,
+        record=None if state is not None and not pending and record == record_of(state) else record,
         new_state=new,
         stale=stale,
         note=note,
@@ -139,10 +151,11 @@ def coalesce(
         return SerialPlan(bodies, None, None, None, notes)
     profile = profile_body(current)
     record = record_of(current)
+    pending = state is not None and state.record_pending
     return SerialPlan(
         events=bodies,
         profile=None if state is not None and profile == profile_body(state) else profile,
-        record=None if state is not None and record == record_of(state) else record,
+        record=None if state is not None and not pending and record == record_of(state) else record,
         new_state=current,
         notes=notes,
     )

@@ -63,6 +63,11 @@ class PassState(BaseModel):
     #: Contact identifiers another Klaviyo profile owns (409 ``duplicate_profile``): identifier → value.
     #: They are written as plain profile properties instead, until the pass carries a different value.
     withheld: dict[Literal["email", "phone_number"], str] = Field(default_factory=dict)
+    #: Klaviyo's profile holds this state but the WalletPass record may not: its record write failed for good
+    #: after the profile write was accepted (the event was dead-lettered). The next plan writes the record
+    #: whatever else changes, and the state stored after that write clears the flag. Storing the state keeps
+    #: the next event from being planned from the older one (a deleted pass written active again).
+    record_pending: bool = False
 
     def to_json(self) -> bytes:
         """Compact JSON for Redis."""

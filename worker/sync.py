@@ -54,10 +54,12 @@ class SyncResult:
 
 
 class PartialSync(Exception):
-    """The metric event write failed (``cause``) after the event's profile and record writes were accepted.
+    """A later write of the event failed (``cause``) after an earlier one was accepted: the metric event after
+    the profile and/or record writes, or the record after the profile (then ``state.record_pending`` is set).
 
     Klaviyo now holds ``state``: if the event is dead-lettered, the engine stores it with the dead letter, so
-    the serial's next event is planned from what Klaviyo holds (a deleted pass must not become active again).
+    the serial's next event is planned from what Klaviyo holds (a deleted pass must not become active again);
+    a pending record is written by the next plan.
     """
 
     def __init__(self, state: PassState, cause: Exception) -> None:
@@ -81,7 +83,7 @@ class Syncer:
         the state to store.
 
         Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here), or
-        :class:`PartialSync` wrapping one when only the metric event failed after a profile or record write.
+        :class:`PartialSync` wrapping one when the record or metric write failed after an accepted write.
         """
         p = plan(state, event, seq)
         notes = [p.note]
@@ -93,9 +95,14 @@ class Syncer:
             notes += conflict_notes
         if p.record is not None:
             assert data_source_id is not None
-            await self.client.call(
-                account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(p.record, data_source_id)
-            )
+            try:
+                await self.client.call(
+                    account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(p.record, data_source_id)
+                )
+            except Exception as exc:
+                if new_state is None or p.profile is None:
+                    raise
+                raise PartialSync(new_state.model_copy(update={"record_pending": True}), exc) from exc
         try:
             await self.client.call(account, CREATE_EVENT, body=p.event)
         except Exception as exc:

@@ -329,6 +329,41 @@ def test_state_json_round_trip() -> None:
     assert b"ada@example.com" in s.to_json()
 
 
+def test_a_pending_record_is_written_by_the_next_plan_whatever_the_event() -> None:
+    """A deletion's profile was written but its record write failed for good: the state stored with the dead
+    letter has ``record_pending``. The next event is planned from it (the pass stays deleted) and writes the
+    record even when nothing else changes: a redelivery (replay) of the deletion, or a stale event."""
+    created = plan(None, make_event(1, EventKind.created, 0)).new_state
+    assert created is not None
+    deletion = make_event(2, EventKind.deleted, 10)
+    deleted = plan(created, deletion).new_state
+    assert deleted is not None
+    pending = deleted.model_copy(update={"record_pending": True})
+    assert PassState.from_json(pending.to_json()) == pending
+    # A state stored before the flag existed (or without it) reads as not pending; False is not stored.
+    assert b"record_pending" not in deleted.to_json()
+    assert PassState.from_json(deleted.to_json()).record_pending is False
+    for event, stale in ((deletion, False), (make_event(3, EventKind.updated, 5), True)):
+        p = plan(pending, event)
+        assert p.stale is stale
+        assert p.profile is None  # the profile holds the deleted state already
+        assert p.record == record_of(deleted)
+        assert p.record["status"] == "deleted"
+        assert p.new_state == deleted
+        assert "record written again" in p.note
+        # Without the flag the same events change nothing.
+        assert plan(deleted, event).new_state is None
+    # A newer event writes the profile as usual and the record even when it would not change.
+    later = plan(pending, make_event(4, EventKind.updated, 20, props={"points": 5}))
+    assert later.new_state is not None
+    assert (later.new_state.status, later.new_state.record_pending) == (PassStatus.deleted, False)
+    assert later.profile == profile_body(later.new_state)
+    assert later.record == record_of(later.new_state)
+    # coalesce folds with the same rule.
+    net = coalesce(pending, [make_event(3, EventKind.updated, 5)])
+    assert (net.profile, net.record, net.new_state) == (None, record_of(deleted), deleted)
+
+
 # --- properties over any sequence ----------------------------------------------------------------------------
 
 
@@ -470,3 +505,30 @@ def test_coalesce_is_the_net_of_planning_one_by_one(events: list[PassEvent]) -> 
         assert net.new_state == end
         assert (net.profile is None) == (start is not None and profile_body(start) == profile_body(end))
         assert (net.record is None) == (start is not None and record_of(start) == record_of(end))
+
+
+@settings(max_examples=150, deadline=None)
+@given(event_lists(), st.data())
+def test_a_pending_record_is_rewritten_and_nothing_else_differs(events: list[PassEvent], data: Any) -> None:
+    """From any state whose record is pending, planning (or coalescing) any events writes the same profile,
+    metric events and final state as from the same state with its record written, plus the final record;
+    the state to store never keeps the flag."""
+    split = data.draw(st.integers(0, len(events) - 1))
+    start = fold(events[: split + 1])
+    assert start is not None
+    pending = start.model_copy(update={"record_pending": True})
+    tail = events[split + 1 :]
+    for e in tail or events[:1]:
+        p, q = plan(start, e), plan(pending, e)
+        assert (q.event, q.stale, q.profile) == (p.event, p.stale, p.profile)
+        assert q.new_state == (p.new_state or start)
+        assert q.new_state is not None
+        assert not q.new_state.record_pending
+        assert q.record == record_of(q.new_state)
+    if tail:
+        net, net_pending = coalesce(start, tail), coalesce(pending, tail)
+        assert (net_pending.events, net_pending.profile) == (net.events, net.profile)
+        assert net_pending.new_state == (net.new_state or start)
+        assert net_pending.new_state is not None
+        assert not net_pending.new_state.record_pending
+        assert net_pending.record == record_of(net_pending.new_state)

@@ -323,6 +323,87 @@ async def test_dead_letter_after_profile_and_record_were_written_stores_their_st
     assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
 
 
+@pytest.mark.parametrize(
+    ("mode", "fault"),
+    [("single", "rejected"), ("adaptive", "rejected"), ("adaptive", "exhausted"), ("bulk", "exhausted")],
+)
+async def test_dead_letter_after_only_the_profile_was_written_keeps_its_state_and_rewrites_the_record(
+    pipeline: Pipeline, start_workers: StartWorkers, mode: str, fault: str
+) -> None:
+    """A deletion's profile write is accepted, then its record write fails for good (refused, or transient
+    until the attempts run out). The dead letter stores the deleted state with its record pending: the next
+    event, even a late one that changes nothing, is planned from it (the profile stays deleted) and writes
+    the record."""
+    await pipeline.add_account("acme")
+    workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+    await drained(pipeline, workers)
+    if fault == "rejected":
+        pipeline.sandbox.set_faults(reject_external_ids=["S1"], operations=list(RECORD_OPS))
+    else:
+        pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(RECORD_OPS))
+    deleted = pass_event("acme", "S1", 2, kind="deleted")
+    await pipeline.put([deleted])
+    await drained(pipeline, workers)
+    pipeline.sandbox.clear_faults()
+    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [deleted.event_id]
+    account = pipeline.accounts["acme"]
+    profile = pipeline.sandbox.profile("S1", account)
+    assert profile is not None
+    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
+    assert pipeline.records("acme")["S1"]["status"] == "active"
+    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    assert (stored.status, stored.event_id, stored.record_pending) == ("deleted", deleted.event_id, True)
+
+    # Occurred between the two: stale against the deletion, so it changes nothing but the pending record.
+    late = pass_event("acme", "S1", 1, kind="updated")
+    await pipeline.put([late])
+    await drained(pipeline, workers)
+    assert late.event_id in pipeline.stored_unique_ids("acme")
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
+    record = pipeline.records("acme")["S1"]
+    assert (record["status"], record["updated_at"]) == ("deleted", iso(deleted.occurred_at))
+    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    assert (stored.status, stored.event_id, stored.record_pending) == ("deleted", deleted.event_id, False)
+
+
+async def test_a_throttle_after_a_profile_job_was_created_never_sends_its_profiles_again_as_a_new_job(
+    pipeline: Pipeline, start_workers: StartWorkers
+) -> None:
+    """The job was created (202), then reading its import errors is throttled: the job's profiles are a
+    failure for their serials' retry policy (here: one attempt, so the DLQ), never put back in the lane and
+    sent again as a new job that would overwrite the first job's markers (finding 4b)."""
+    await pipeline.add_account("acme")
+    events = backlog("acme", serials=4, per_serial=1)
+    serials = sorted({e.serial_number for e in events})
+    # An import error for S001 makes the worker read the job's error list; every read of it is throttled.
+    pipeline.sandbox.set_faults(
+        error_rates={429: 1.0},
+        operations=["get_errors_for_bulk_import_profiles_job"],
+        reject_external_ids=["S001"],
+        reject_operations=["bulk_import_profiles"],
+    )
+    await pipeline.put(events)
+    before = counts(pipeline)
+    workers = start_workers("bulk", PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
+    try:
+        await drained(pipeline, workers, timeout=30)
+    finally:
+        pipeline.sandbox.clear_faults()
+    after = counts(pipeline)
+    assert delta(before, after, "get_errors_for_bulk_import_profiles_job", 429) >= 1
+    # One job carried each serial, once.
+    assert sorted(jobs_items(pipeline, "acme")) == serials
+    entries = await dlq.list_entries(pipeline.redis, "acme")
+    assert sorted(x.event_id for x in entries) == sorted(e.event_id for e in events)
+    for entry in entries:
+        (err,) = entry.errors
+        assert err["kind"] == "transient"
+        assert "profile import job" in err["message"]
+
+
 async def test_bulk_request_rejected_without_a_pointer_is_split_in_halves(
     pipeline: Pipeline, start_workers: StartWorkers
 ) -> None:

@@ -27,6 +27,7 @@ from passbridge.accounts import Account
 from passbridge.keys import WORKERS, account_keys
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
+from worker import dlq
 from worker.import_jobs import ImportJobs, job_body
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
@@ -299,6 +300,46 @@ async def test_markers_stay_when_the_post_may_have_created_a_job(
     assert sorted(await markers(pipeline.redis, account)) == ["D"]
 
 
+@pytest.mark.parametrize("throttled", ["status", "errors"])
+async def test_a_throttle_after_the_job_was_created_is_transient_and_keeps_the_markers(
+    setup: tuple[Pipeline, Account, KlaviyoClient], throttled: str
+) -> None:
+    """The job exists once Klaviyo answered 202: a 429 on its status polls (until the wait's deadline) or on
+    its error list is no "not sent". Raised as ThrottledError, the profile lane would send the same profiles
+    again as a new job that overwrites this one's markers; it must be a TransientError, markers kept."""
+    pipeline, account, client = setup
+    if throttled == "status":
+        pipeline.sandbox.set_faults(error_rates={429: 1.0}, operations=["get_bulk_import_profiles_job"])
+    else:
+        # An import error for B makes the job's error list worth reading; reading it is throttled.
+        pipeline.sandbox.set_faults(
+            error_rates={429: 1.0},
+            operations=["get_errors_for_bulk_import_profiles_job"],
+            reject_external_ids=["B"],
+            reject_operations=["bulk_import_profiles"],
+        )
+    # (Throttled polls go on until the deadline; the error list is read once the job completed, ~0.8 s.)
+    wait_s = 0.5 if throttled == "status" else 10.0
+    jobs = ImportJobs(client, pipeline.redis, poll_first_s=0.02, poll_max_s=0.05, max_wait_s=wait_s)
+    with pytest.raises(TransientError, match="profile import job") as raised:
+        await jobs.run(account, [profile("A"), profile("B")], ["A", "B"])
+    assert type(raised.value) is TransientError
+    assert jobs.jobs == 1
+    op = (
+        "get_bulk_import_profiles_job" if throttled == "status" else "get_errors_for_bulk_import_profiles_job"
+    )
+    assert client.calls[(op, "429")] > 0
+    # The markers name the job, so the serials' next profile writes wait for it.
+    left = await markers(pipeline.redis, account)
+    assert sorted(left) == ["A", "B"]
+    (job_id,) = {doc["job"] for doc in left.values()}
+    assert job_id
+    pipeline.sandbox.clear_faults()
+    await jobs.wait_clear(account, ["A", "B"])
+    assert await job_status(client, account, job_id) == "complete"
+    assert await markers(pipeline.redis, account) == {}
+
+
 # --- across processes: a worker killed while its profile job runs ---------------------------------------------
 
 SLOW_STEP_S = 2.0
@@ -484,3 +525,44 @@ async def test_a_running_job_of_one_serial_does_not_hold_back_the_others(
             if others & {str(p["attributes"]["external_id"]) for p in j.profiles}
         )
         assert first_write < old_job.completed
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(120)
+async def test_a_dead_letter_in_the_profile_lane_waits_for_its_job_before_the_next_round(
+    redis: Redis, idle_bulk_workers: StartWorkers
+) -> None:
+    """S1's profile job is created but the answer to its POST is lost (a transient failure: the job runs on at
+    Klaviyo, its unnamed marker stays). With one attempt allowed the round's first event is dead-lettered and
+    the worker goes on with the serial's next event within the same lease: that round's profile must wait
+    for the first job, else the first job could complete after it and overwrite it (finding 4a)."""
+    async with idle_bulk_workers(
+        1, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1", PASSBRIDGE_WORKER_EXPRESS_LANE="false"
+    ) as up:
+        pipeline, sandbox, workers = up.pipeline, up.pipeline.sandbox, up.workers
+        sandbox.set_faults(drop_rate=1.0, drop_after_processing=True, operations=["bulk_import_profiles"])
+        try:
+            events = [
+                pass_event("acme", "S1", 0, kind="created", properties={"points": 1}),
+                pass_event("acme", "S1", 5, kind="updated", properties={"points": 2}),
+            ]
+            await pipeline.put(events)
+            try:
+                await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
+            except BaseException:
+                print(workers.logs())
+                raise
+            sandbox.wait_idle(timeout=20)
+        finally:
+            sandbox.clear_faults()
+        # Both rounds failed the same way: each event went to the DLQ after its one attempt.
+        entries = await dlq.list_entries(redis, "acme")
+        assert sorted(e.event_id for e in entries) == sorted(e.event_id for e in events)
+        state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
+        first, *later = sorted(state.import_jobs.values(), key=lambda j: j.created)
+        assert later, "the serial's second round never wrote its profile"
+        assert first.completed is not None
+        # The second round's job was created only once the first one (its answer lost) was complete.
+        assert all(j.created >= first.completed for j in later), (
+            f"a later job was created {first.completed - later[0].created:.3f} s before the first completed"
+        )
