@@ -209,11 +209,11 @@ def oauth_grant(base_url: str) -> dict[str, Any]:
         return doc
 
 
-async def put_oauth_account(store: AccountStore, base_url: str, account_id: str = "oauthco") -> Account:
+def grant_tokens(grant: dict[str, Any]) -> OAuthTokens:
+    """How an account stores a grant the sandbox's token endpoint answered (:func:`oauth_grant`)."""
     import time
 
-    grant = oauth_grant(base_url)
-    tokens = OAuthTokens.model_validate(
+    return OAuthTokens.model_validate(
         {
             "client_id": OAUTH_CLIENT_ID,
             "client_secret": OAUTH_CLIENT_SECRET,
@@ -223,6 +223,10 @@ async def put_oauth_account(store: AccountStore, base_url: str, account_id: str 
             "scopes": grant["scope"].split(),
         }
     )
+
+
+async def put_oauth_account(store: AccountStore, base_url: str, account_id: str = "oauthco") -> Account:
+    tokens = grant_tokens(oauth_grant(base_url))
     account = Account(account_id=account_id, secrets=AccountSecrets(klaviyo_oauth=tokens))
     await store.put(account)
     return account

@@ -9,7 +9,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,7 @@ from tests.sync.conftest import (
     RATE_SCALE,
     REVISION,
     RequestRecorder,
+    grant_tokens,
     make_client,
     oauth_grant,
     put_oauth_account,
@@ -187,6 +188,42 @@ async def test_revoked_grant_disconnects_the_account(
     assert secret not in stored.state_reason
 
 
+async def _store_oauth(store: AccountStore, account_id: str, tokens: OAuthTokens) -> None:
+    """Store ``tokens`` as the account's grant, as another process or the OAuth callback would."""
+
+    def change(a: Account | None) -> Account:
+        assert a is not None
+        return a.model_copy(update={"secrets": a.secrets.model_copy(update={"klaviyo_oauth": tokens})})
+
+    await store.update(account_id, change)
+
+
+async def _refresh_once(
+    redis: Redis,
+    store: AccountStore,
+    oauth_server: Any,
+    control: Any,
+    recorder: RequestRecorder,
+    account: Account,
+    hook: Callable[[httpx.Request], Awaitable[None]],
+) -> None:
+    """Call once, expire the access tokens, call again: the client refreshes once, ``hook`` seeing its
+    requests (the token request included) before they go out."""
+    async with KlaviyoClient(
+        redis,
+        store,
+        base_url=oauth_server.url,
+        revision=REVISION,
+        rate_scale=RATE_SCALE,
+        options=ClientOptions(oauth_refresh_skew_s=0),
+        event_hooks={"request": [recorder.hook, hook]},
+    ) as client:
+        await client.call(account, CREATE_EVENT, body=event(0))
+        assert control.expire_access_tokens() >= 1
+        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
+        assert client.oauth.refreshes == 1
+
+
 async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
     redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
@@ -219,25 +256,9 @@ async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
             }
         )
 
-        def store_tokens(a: Account | None) -> Account:
-            assert a is not None
-            return a.model_copy(update={"secrets": a.secrets.model_copy(update={"klaviyo_oauth": tokens})})
+        await _store_oauth(store, account.account_id, tokens)
 
-        await store.update(account.account_id, store_tokens)
-
-    async with KlaviyoClient(
-        redis,
-        store,
-        base_url=oauth_server.url,
-        revision=REVISION,
-        rate_scale=RATE_SCALE,
-        options=ClientOptions(oauth_refresh_skew_s=0),
-        event_hooks={"request": [recorder.hook, other_process_refreshes_first]},
-    ) as client:
-        await client.call(account, CREATE_EVENT, body=event(0))
-        assert control.expire_access_tokens() >= 1
-        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
-        assert client.oauth.refreshes == 1
+    await _refresh_once(redis, store, oauth_server, control, recorder, account, other_process_refreshes_first)
     assert other["refresh_token"] != old.refresh_token.get_secret_value()  # rotated: ours was refused
     assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {other['access_token']}"
     stored = await store.get(account.account_id)
@@ -259,36 +280,9 @@ async def test_a_grant_stored_during_the_refresh_is_kept(
         if request.url.path != "/oauth/token" or reconnected:
             return
         reconnected.update(await asyncio.to_thread(oauth_grant, oauth_server.url))
-        tokens = OAuthTokens.model_validate(
-            {
-                "client_id": OAUTH_CLIENT_ID,
-                "client_secret": OAUTH_CLIENT_SECRET,
-                "access_token": reconnected["access_token"],
-                "refresh_token": reconnected["refresh_token"],
-                "expires_at": time.time() + float(reconnected["expires_in"]),
-                "scopes": reconnected["scope"].split(),
-            }
-        )
+        await _store_oauth(store, account.account_id, grant_tokens(reconnected))
 
-        def store_grant(a: Account | None) -> Account:
-            assert a is not None
-            return a.model_copy(update={"secrets": a.secrets.model_copy(update={"klaviyo_oauth": tokens})})
-
-        await store.update(account.account_id, store_grant)
-
-    async with KlaviyoClient(
-        redis,
-        store,
-        base_url=oauth_server.url,
-        revision=REVISION,
-        rate_scale=RATE_SCALE,
-        options=ClientOptions(oauth_refresh_skew_s=0),
-        event_hooks={"request": [recorder.hook, merchant_reconnects]},
-    ) as client:
-        await client.call(account, CREATE_EVENT, body=event(0))
-        assert control.expire_access_tokens() >= 1
-        assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
-        assert client.oauth.refreshes == 1
+    await _refresh_once(redis, store, oauth_server, control, recorder, account, merchant_reconnects)
     assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {reconnected['access_token']}"
     stored = await store.get(account.account_id)
     assert stored.state is AccountState.connected

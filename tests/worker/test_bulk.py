@@ -8,7 +8,7 @@ events it stored (by ``unique_id``, with their time).
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -285,6 +285,15 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
         assert records[serial]["status"] == final.status.value
 
 
+def _fail_s1(pipeline: Pipeline, operations: Iterable[str], fault: str) -> None:
+    """Make the sandbox fail serial S1's writes at ``operations`` for good: refused as a bad item
+    (``rejected``), or 503 until the one attempt the workers get runs out (``exhausted``)."""
+    if fault == "rejected":
+        pipeline.sandbox.set_faults(reject_external_ids=["S1"], operations=list(operations))
+    else:
+        pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(operations))
+
+
 @pytest.mark.parametrize(
     ("mode", "fault"),
     [("single", "rejected"), ("adaptive", "rejected"), ("adaptive", "exhausted"), ("bulk", "exhausted")],
@@ -299,10 +308,7 @@ async def test_dead_letter_after_profile_and_record_were_written_stores_their_st
     workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
     await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
     await drained(pipeline, workers)
-    if fault == "rejected":
-        pipeline.sandbox.set_faults(reject_external_ids=["S1"], operations=list(EVENT_OPS))
-    else:
-        pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(EVENT_OPS))
+    _fail_s1(pipeline, EVENT_OPS, fault)
     deleted = pass_event("acme", "S1", 1, kind="deleted")
     await pipeline.put([deleted])
     await drained(pipeline, workers)
@@ -338,10 +344,7 @@ async def test_dead_letter_after_only_the_profile_was_written_keeps_its_state_an
     workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
     await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
     await drained(pipeline, workers)
-    if fault == "rejected":
-        pipeline.sandbox.set_faults(reject_external_ids=["S1"], operations=list(RECORD_OPS))
-    else:
-        pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(RECORD_OPS))
+    _fail_s1(pipeline, RECORD_OPS, fault)
     deleted = pass_event("acme", "S1", 2, kind="deleted")
     await pipeline.put([deleted])
     await drained(pipeline, workers)
