@@ -21,7 +21,8 @@ error points to, else in halves — until the bad items are alone; it is never r
 throttled or auth failure of a request goes to each of its serials' retry policy (:meth:`Engine.failed`).
 
 A serial whose lease is lost or whose wait was cancelled (shutdown) is dropped from its lane before it is sent,
-so a serial another worker took over is never written by this one with an older state.
+and a single send checks the lease again before each of its calls (each event, each identity-conflict retry,
+each resend after a 429), so a serial another worker took over is never written by this one with an older state.
 """
 
 from __future__ import annotations
@@ -69,7 +70,7 @@ from worker.klaviyo.endpoints import (
     CREATE_OR_UPDATE_PROFILE,
     Operation,
 )
-from worker.klaviyo.errors import PermanentError, ThrottledError
+from worker.klaviyo.errors import Abandoned, PermanentError, ThrottledError
 from worker.klaviyo.ratelimit import new_slot
 from worker.plan import bulk_events_entry, coalesce, event_body, profile_body, record_job_body
 from worker.queue import split_member
@@ -366,6 +367,9 @@ class Lane:
     async def _single(self, account: Account, item: Item, slot: str) -> None:
         try:
             outcome = await self.send_single(account, item, slot)
+        except Abandoned:
+            # The lease went while the item was on its way (a 429 pause, a conflict retry): as at the pop.
+            outcome = DROPPED
         except PermanentError as exc:
             outcome = Outcome(Verdict.rejected, exc)
         except Exception as exc:
@@ -578,7 +582,9 @@ class AccountLanes:
     # profiles: the item's payload is the serial's new PassState; a single write resolves identity conflicts.
 
     async def _profile_single(self, account: Account, item: Item, slot: str) -> Outcome:
-        state, notes = await self.sync.syncer.write_profile(account, item.payload, acquired=slot)
+        state, notes = await self.sync.syncer.write_profile(
+            account, item.payload, acquired=slot, alive=item.alive
+        )
         return Outcome(Verdict.ok, value=(state, notes))
 
     async def _profile_bulk(self, account: Account, items: list[Item], slot: str | None) -> list[Outcome]:
@@ -595,7 +601,11 @@ class AccountLanes:
     async def _record_single(self, account: Account, item: Item, slot: str) -> Outcome:
         ds = await self.sync.syncer.data_source_id(account)
         await self.sync.client.call(
-            account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(item.payload, ds), acquired=slot
+            account,
+            CREATE_DATA_SOURCE_RECORD,
+            body=record_job_body(item.payload, ds),
+            acquired=slot,
+            alive=item.alive,
         )
         return OK
 
@@ -620,7 +630,13 @@ class AccountLanes:
         first: str | None = slot
         for i, event in enumerate(item.payload):
             try:
-                await self.sync.client.call(account, CREATE_EVENT, body=event_body(event), acquired=first)
+                await self.sync.client.call(
+                    account, CREATE_EVENT, body=event_body(event), acquired=first, alive=item.alive
+                )
+            except Abandoned:
+                # The lease went between two events: the new holder sends the rest (and, by ``unique_id``,
+                # not twice what was accepted here).
+                return DROPPED
             except PermanentError as exc:
                 return Outcome(Verdict.rejected, exc, value=i)
             except Exception as exc:

@@ -16,7 +16,7 @@ the contact is kept as a profile property and a note goes on the serial's timeli
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import structlog
@@ -134,12 +134,18 @@ class Syncer:
         return provisioned.data_source_id
 
     async def write_profile(
-        self, account: Account, state: PassState, *, acquired: str | None = None
+        self,
+        account: Account,
+        state: PassState,
+        *,
+        acquired: str | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> tuple[PassState, list[str]]:
         """Upsert the profile; on ``duplicate_profile`` retry without the identifiers another profile owns.
 
         Returns the state as written (withheld identifiers marked) and timeline notes. ``acquired``: the
-        rate-limit slot the caller already took for the first call.
+        rate-limit slot the caller already took for the first call. ``alive``: checked before each call
+        (:meth:`KlaviyoClient.call`), so a lease lost during the conflict retries stops them (:class:`Abandoned`).
         """
         notes: list[str] = []
         other_profile = ""
@@ -151,7 +157,11 @@ class Syncer:
             first, acquired = acquired, None
             try:
                 await self.client.call(
-                    account, CREATE_OR_UPDATE_PROFILE, body=profile_body(candidate), acquired=first
+                    account,
+                    CREATE_OR_UPDATE_PROFILE,
+                    body=profile_body(candidate),
+                    acquired=first,
+                    alive=alive,
                 )
             except PermanentError as exc:
                 if exc.code != "duplicate_profile" or i == len(attempts) - 1:

@@ -30,7 +30,14 @@ from passbridge import metrics
 from passbridge.accounts import Account, AccountStore
 from passbridge.settings import Settings
 from worker.klaviyo.endpoints import OAUTH_TOKEN_PATH, Operation
-from worker.klaviyo.errors import AuthError, KlaviyoError, ThrottledError, TransientError, error_from_response
+from worker.klaviyo.errors import (
+    Abandoned,
+    AuthError,
+    KlaviyoError,
+    ThrottledError,
+    TransientError,
+    error_from_response,
+)
 from worker.klaviyo.oauth import OAuthManager
 from worker.klaviyo.ratelimit import RateLimiter, new_slot
 
@@ -191,13 +198,16 @@ class KlaviyoClient:
         path_params: Mapping[str, str] | None = None,
         content: bytes | None = None,
         acquired: str | None = None,
+        alive: Callable[[], bool] | None = None,
     ) -> Reply:
         """Send one request for ``account`` and return the 2xx :class:`Reply`, or raise a KlaviyoError.
 
         ``content`` is an already serialized JSON body (instead of ``body``: bulk requests are assembled from
         items serialized once). ``acquired``: the name of the rate-limit slot the caller already took for the
         first attempt (``RateLimiter.try_acquire(slot=...)``); retries take their own. A 429 gives the
-        attempt's slot back (Klaviyo did not count the request).
+        attempt's slot back (Klaviyo did not count the request). ``alive``: checked right before each attempt
+        leaves (after any wait for a slot); once it says False the request is not sent and :class:`Abandoned`
+        is raised, so a write whose lease was lost meanwhile never lands after the new holder's.
         """
         path = op.url_path(**(path_params or {}))
         if content is None and body is not None:
@@ -213,6 +223,10 @@ class KlaviyoClient:
                 await self.limiter.acquire(
                     account.account_id, op.name, op.tier, max_wait_s=self.options.max_slot_wait_s, slot=slot
                 )
+            if alive is not None and not alive():
+                # The slot waited for goes unused: give it back, as for a 429.
+                await self.limiter.refund(account.account_id, op.name, slot)
+                raise Abandoned(op.name)
             response = await self._send(op, path, authorization, content, params)
             status = response.status_code
             metrics.klaviyo_response(account.account_id, op.name, status)

@@ -104,6 +104,16 @@ class NotProvisionedError(AuthError):
         )
 
 
+class Abandoned(Exception):
+    """The caller's ``alive`` check said the write is no longer wanted (its serial's lease was lost or released),
+    so the request was not sent. Not a :class:`KlaviyoError`: Klaviyo never saw it, and no retry policy applies.
+    """
+
+    def __init__(self, endpoint: str) -> None:
+        super().__init__(f"{endpoint}: not sent, the caller no longer holds the work")
+        self.endpoint = endpoint
+
+
 class PermanentError(KlaviyoError):
     """Any other 4xx (and 501): sending the same request again will fail the same way."""
 
