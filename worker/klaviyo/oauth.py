@@ -203,15 +203,10 @@ class OAuthManager:
                 raise AuthError(
                     401, TOKEN_ENDPOINT, code="disconnected", detail="the OAuth grant was removed"
                 )
-            token = _Token(held.access_token.get_secret_value(), held.expires_at)
-            self._cache[account_id] = token
             log.info("oauth_grant_replaced_during_refresh", account=account_id)
-            return token.value
-        assert new.access_token is not None
-        token = _Token(new.access_token.get_secret_value(), new.expires_at)
-        self._cache[account_id] = token
+            return self._use(account_id, held)
         log.info("oauth_token_refreshed", account=account_id, expires_at=new.expires_at)
-        return token.value
+        return self._use(account_id, new)
 
     async def _refreshed_meanwhile(self, account_id: str, used: OAuthTokens) -> str | None:
         """After Klaviyo refused the refresh token in ``used``: the access token another process stored since
@@ -222,9 +217,16 @@ class OAuthManager:
             return None
         if _secret(oauth.refresh_token) == _secret(used.refresh_token):
             return None  # the refused token is still the stored one: the grant is really gone
+        log.info("oauth_token_refreshed_elsewhere_after_refusal", account=account_id)
+        return self._use(account_id, oauth)
+
+    def _use(self, account_id: str, oauth: OAuthTokens) -> str:
+        """Make ``oauth``'s access token this process's current one for the account (unlike
+        :meth:`_remember`, whatever the cached token's expiry: the cached one belongs to a refreshed or
+        replaced grant) and return it."""
+        assert oauth.access_token is not None
         token = _Token(oauth.access_token.get_secret_value(), oauth.expires_at)
         self._cache[account_id] = token
-        log.info("oauth_token_refreshed_elsewhere_after_refusal", account=account_id)
         return token.value
 
     async def _grant(self, account_id: str, oauth: OAuthTokens) -> OAuthTokens:
