@@ -294,6 +294,38 @@ def _fail_s1(pipeline: Pipeline, operations: Iterable[str], fault: str) -> None:
         pipeline.sandbox.set_faults(error_rates={503: 1.0}, operations=list(operations))
 
 
+async def _dead_lettered_deletion(
+    pipeline: Pipeline,
+    start_workers: StartWorkers,
+    mode: str,
+    operations: Iterable[str],
+    fault: str,
+    minute: int,
+) -> tuple[Workers, PassEvent]:
+    """S1 created and synced, then its deletion (at ``minute``) dead-lettered by lasting faults at
+    ``operations``, the workers getting one attempt. Returns the workers and the deletion; the faults stay."""
+    await pipeline.add_account("acme")
+    workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+    await drained(pipeline, workers)
+    _fail_s1(pipeline, operations, fault)
+    deleted = pass_event("acme", "S1", minute, kind="deleted")
+    await pipeline.put([deleted])
+    await drained(pipeline, workers)
+    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [deleted.event_id]
+    return workers, deleted
+
+
+async def _stored_s1(pipeline: Pipeline) -> PassState:
+    return PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+
+
+def _profile_status_s1(pipeline: Pipeline) -> Any:
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    return profile["attributes"]["properties"]["wallet_pass_status"]
+
+
 @pytest.mark.parametrize(
     ("mode", "fault"),
     [("single", "rejected"), ("adaptive", "rejected"), ("adaptive", "exhausted"), ("bulk", "exhausted")],
@@ -304,17 +336,9 @@ async def test_dead_letter_after_profile_and_record_were_written_stores_their_st
     """Only the metric event of a deletion fails (refused for good, or transient until the attempts run out)
     after its profile and record writes were accepted: the dead letter stores the deleted state, so the pass's
     next event does not make it active again in Klaviyo."""
-    await pipeline.add_account("acme")
-    workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
-    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
-    await drained(pipeline, workers)
-    _fail_s1(pipeline, EVENT_OPS, fault)
-    deleted = pass_event("acme", "S1", 1, kind="deleted")
-    await pipeline.put([deleted])
-    await drained(pipeline, workers)
-    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [deleted.event_id]
+    workers, deleted = await _dead_lettered_deletion(pipeline, start_workers, mode, EVENT_OPS, fault, 1)
     assert pipeline.records("acme")["S1"]["status"] == "deleted"
-    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    stored = await _stored_s1(pipeline)
     assert (stored.status, stored.event_id) == ("deleted", deleted.event_id)
 
     pipeline.sandbox.clear_faults()
@@ -324,9 +348,7 @@ async def test_dead_letter_after_profile_and_record_were_written_stores_their_st
     assert pipeline.stored_unique_ids("acme")[-1] == updated.event_id
     record = pipeline.records("acme")["S1"]
     assert (record["status"], record["updated_at"]) == ("deleted", iso(updated.occurred_at))
-    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
-    assert profile is not None
-    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
+    assert _profile_status_s1(pipeline) == "deleted"
 
 
 @pytest.mark.parametrize(
@@ -340,22 +362,11 @@ async def test_dead_letter_after_only_the_profile_was_written_keeps_its_state_an
     until the attempts run out). The dead letter stores the deleted state with its record pending: the next
     event, even a late one that changes nothing, is planned from it (the profile stays deleted) and writes
     the record."""
-    await pipeline.add_account("acme")
-    workers = start_workers(mode, PASSBRIDGE_RETRY_MAX_ATTEMPTS="1")
-    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
-    await drained(pipeline, workers)
-    _fail_s1(pipeline, RECORD_OPS, fault)
-    deleted = pass_event("acme", "S1", 2, kind="deleted")
-    await pipeline.put([deleted])
-    await drained(pipeline, workers)
+    workers, deleted = await _dead_lettered_deletion(pipeline, start_workers, mode, RECORD_OPS, fault, 2)
     pipeline.sandbox.clear_faults()
-    assert [e.event_id for e in await dlq.list_entries(pipeline.redis, "acme")] == [deleted.event_id]
-    account = pipeline.accounts["acme"]
-    profile = pipeline.sandbox.profile("S1", account)
-    assert profile is not None
-    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
+    assert _profile_status_s1(pipeline) == "deleted"
     assert pipeline.records("acme")["S1"]["status"] == "active"
-    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    stored = await _stored_s1(pipeline)
     assert (stored.status, stored.event_id, stored.record_pending) == ("deleted", deleted.event_id, True)
 
     # Occurred between the two: stale against the deletion, so it changes nothing but the pending record.
@@ -363,12 +374,10 @@ async def test_dead_letter_after_only_the_profile_was_written_keeps_its_state_an
     await pipeline.put([late])
     await drained(pipeline, workers)
     assert late.event_id in pipeline.stored_unique_ids("acme")
-    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
-    assert profile is not None
-    assert profile["attributes"]["properties"]["wallet_pass_status"] == "deleted"
+    assert _profile_status_s1(pipeline) == "deleted"
     record = pipeline.records("acme")["S1"]
     assert (record["status"], record["updated_at"]) == ("deleted", iso(deleted.occurred_at))
-    stored = PassState.from_json(await pipeline.redis.hget(account_keys("acme").state, "S1"))
+    stored = await _stored_s1(pipeline)
     assert (stored.status, stored.event_id, stored.record_pending) == ("deleted", deleted.event_id, False)
 
 
