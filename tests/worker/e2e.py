@@ -28,6 +28,7 @@ from passbridge.event import PassEvent
 from passbridge.keys import EXPRESS_ON, account_keys
 from passbridge.queue import enqueue
 from passbridge.settings import Settings
+from tests.conftest import async_wait_for
 from worker.klaviyo.client import KlaviyoClient
 from worker.setup import provision
 
@@ -207,3 +208,16 @@ class Pipeline:
             if int(await self.redis.get(keys.depth) or 0) or await self.redis.zcard(keys.leased):
                 return False
         return True
+
+
+async def drained(
+    pipeline: Pipeline, workers: Workers, timeout: float = 60, idle_timeout: float = 10.0
+) -> None:
+    """Wait until the pipeline has nothing pending or leased (printing the workers' logs if it never does), then
+    until the sandbox has applied its background jobs."""
+    try:
+        await async_wait_for(pipeline.drained, timeout=timeout, interval=0.05)
+    except BaseException:
+        print(workers.logs())
+        raise
+    pipeline.sandbox.wait_idle(timeout=idle_timeout)

@@ -23,7 +23,7 @@ from worker import dlq, history
 from worker.plan import coalesce, record_of
 from worker.state import PassState
 
-from .e2e import Pipeline, Workers, worker_env
+from .e2e import Pipeline, Workers, drained, worker_env
 from .helpers import pass_event
 
 pytestmark = pytest.mark.slow
@@ -139,15 +139,6 @@ def backlog(account_id: str, serials: int, per_serial: int, *, fresh: bool = Fal
                 )
             )
     return out
-
-
-async def drained(pipeline: Pipeline, workers: Workers, timeout: float = 60) -> None:
-    try:
-        await async_wait_for(pipeline.drained, timeout=timeout, interval=0.05)
-    except BaseException:
-        print(workers.logs())
-        raise
-    pipeline.sandbox.wait_idle()
 
 
 # --- (a) coalescing ------------------------------------------------------------------------------------------

@@ -33,7 +33,7 @@ from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
 from worker.klaviyo.errors import PermanentError, TransientError
 
-from .e2e import RATE_SCALE, Pipeline, Workers, worker_env
+from .e2e import RATE_SCALE, Pipeline, Workers, drained, worker_env
 from .helpers import pass_event
 
 JOB_STEP_S = 0.4
@@ -456,12 +456,7 @@ async def test_next_holder_waits_for_the_job_of_a_killed_worker_before_writing_t
         killed_at = time.time()
         newer = pass_event("acme", "S1", 5, kind="updated", properties={"points": 2})
         await pipeline.put([newer])
-        try:
-            await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
-        except BaseException:
-            print(workers.logs())
-            raise
-        sandbox.wait_idle(timeout=20)
+        await drained(pipeline, workers, idle_timeout=20)
         state = server.app.runtime.states[pipeline.accounts["acme"]]
         old_job = state.import_jobs[job_id]
         assert old_job.status == "complete"
@@ -547,12 +542,7 @@ async def test_a_dead_letter_in_the_profile_lane_waits_for_its_job_before_the_ne
                 pass_event("acme", "S1", 5, kind="updated", properties={"points": 2}),
             ]
             await pipeline.put(events)
-            try:
-                await async_wait_for(pipeline.drained, timeout=60, interval=0.05)
-            except BaseException:
-                print(workers.logs())
-                raise
-            sandbox.wait_idle(timeout=20)
+            await drained(pipeline, workers, idle_timeout=20)
         finally:
             sandbox.clear_faults()
         # Both rounds failed the same way: each event went to the DLQ after its one attempt.
