@@ -71,12 +71,10 @@ class ProducerContext:
                     "process the same key list (newest first) and restart it",
                     account_id=account_id,
                 )
-            raise Problem(
-                503,
-                "secret-key-mismatch",
-                "Service unavailable, retry later",
+            raise unavailable(
                 "the account's stored secrets do not decrypt with the configured secret key; nothing was written",
-                headers={"Retry-After": str(self.settings.retry_after_s)},
+                self.settings.retry_after_s,
+                kind="secret-key-mismatch",
             ) from None
         self._cache[account_id] = (now + ACCOUNT_CACHE_S, account)
         return account

@@ -105,11 +105,12 @@ def bad_json(reason: str) -> Problem:
     )
 
 
-def unavailable(detail: str, retry_after_s: int) -> Problem:
-    """503 with Retry-After: Redis is unreachable or the account's backlog is full; nothing was written."""
+def unavailable(detail: str, retry_after_s: int, kind: str = "unavailable") -> Problem:
+    """503 with Retry-After: Redis is unreachable, the account's backlog is full, or (``kind``) another
+    condition a retry may outlast."""
     return Problem(
         503,
-        "unavailable",
+        kind,
         "Service unavailable, retry later",
         detail,
         headers={"Retry-After": str(retry_after_s)},
