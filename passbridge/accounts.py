@@ -11,6 +11,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import re
 import secrets as pysecrets
 import time
 from collections.abc import Callable
@@ -57,12 +58,16 @@ class AccountSecrets(BaseModel):
     klaviyo_oauth: OAuthTokens | None = None
 
 
+#: What an account id may be (use with ``fullmatch``): it appears in Redis keys and URLs.
+ACCOUNT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
 class Account(BaseModel):
     """A merchant account: its ingest credentials, sources' settings and Klaviyo connection."""
 
     model_config = ConfigDict(extra="forbid")
 
-    account_id: str = Field(pattern=r"^[A-Za-z0-9_.\-]{1,64}$")
+    account_id: str = Field(pattern=f"^{ACCOUNT_ID.pattern}$")
     name: str = ""
     ingest_token_sha256: str = ""
     pass_url_template: str = DEFAULT_PASS_URL_TEMPLATE

@@ -32,7 +32,7 @@ from pydantic import ValidationError
 from redis.asyncio import Redis
 
 from passbridge.account_spec import AccountSpec, build
-from passbridge.accounts import Account, AccountStore
+from passbridge.accounts import ACCOUNT_ID, Account, AccountStore
 from passbridge.crypto import cipher_from_settings
 from passbridge.logging import redact_text
 from passbridge.settings import Settings
@@ -40,7 +40,6 @@ from passbridge.settings import Settings
 log = structlog.get_logger(__name__)
 
 _ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
-_ACCOUNT_ID = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 
 
 class AccountsFileError(ValueError):
@@ -103,7 +102,7 @@ def parse_accounts(doc: Any, env: Mapping[str, str]) -> dict[str, AccountSpec]:
     specs: dict[str, AccountSpec] = {}
     for account_id, body in accounts.items():
         where = f"accounts.{account_id}"
-        if not isinstance(account_id, str) or not _ACCOUNT_ID.match(account_id):
+        if not isinstance(account_id, str) or not ACCOUNT_ID.fullmatch(account_id):
             raise AccountsFileError(f"{where}: an account id is 1-64 letters, digits, '.', '_' or '-'")
         if not isinstance(body, dict):
             raise AccountsFileError(f"{where}: must be a mapping of settings")

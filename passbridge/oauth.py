@@ -29,7 +29,7 @@ from cryptography.fernet import InvalidToken, MultiFernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
-from passbridge.accounts import Account, AccountState, AccountStore, OAuthTokens
+from passbridge.accounts import ACCOUNT_ID, Account, AccountState, AccountStore, OAuthTokens
 from passbridge.crypto import SecretKeyError, decrypt, encrypt
 from passbridge.keys import account_keys
 from passbridge.settings import Settings
@@ -110,16 +110,16 @@ def authorize_url(
     return f"{endpoint}?{query}"
 
 
-#: What :func:`start_connect` puts in a state: an account id (its registry pattern) and a URL-safe nonce. Both
-#: are checked before the state names a Redis key, so a forged one can only ever reach a pending connect's key.
-_STATE_ACCOUNT = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+#: What :func:`start_connect` puts in a state: an account id (:data:`passbridge.accounts.ACCOUNT_ID`) and a
+#: URL-safe nonce. Both are checked before the state names a Redis key, so a forged one can only ever reach a
+#: pending connect's key.
 _STATE_NONCE = re.compile(r"[A-Za-z0-9_\-]{1,64}")
 
 
 def parse_state(state: str) -> tuple[str, str]:
     """``(account_id, nonce)`` of a state made by :func:`start_connect`; raises :class:`OAuthError`."""
     account_id, dot, nonce = state.rpartition(".")
-    if not dot or not _STATE_ACCOUNT.fullmatch(account_id) or not _STATE_NONCE.fullmatch(nonce):
+    if not dot or not ACCOUNT_ID.fullmatch(account_id) or not _STATE_NONCE.fullmatch(nonce):
         raise OAuthError("the state parameter was not issued by passbridge", code="bad-state")
     return account_id, nonce
 
