@@ -8,7 +8,12 @@ One state dir has at most one server: finding, starting and recording it happen 
 (``redis.lock``), so a producer and a worker started together share one server instead of each starting
 its own on the same AOF. A recorded server is only trusted (used, or stopped) while its process is alive and
 works in the recorded data dir: a stale record whose port or pid now belongs to another Redis is ignored,
-never adopted or killed.
+never adopted or killed. A server is known by its pid and its process's start time, so a server whose data dir
+was moved or deleted is still stopped, and a pid reused by another process never is.
+
+A server that is still loading a large AOF answers ``LOADING``; starting or finding it waits for the load as
+long as its process lives, instead of giving up and leaving it running unrecorded (the next command would
+then start a second server on the same AOF).
 """
 
 from __future__ import annotations
@@ -69,14 +74,21 @@ class RedisServer:
     pid: int
     port: int
     data_dir: Path
+    #: The process's start time in clock ticks since boot (Linux); ``None`` in records written before it
+    #: was kept, which are then known by their working directory instead.
+    started: int | None = None
+
+    def running(self) -> bool:
+        """Whether this server's process is still alive (a pid since given to another process is not)."""
+        return _owns(self.pid, self.data_dir, self.started)
 
     def stop(self, timeout: float = 10.0) -> None:
         """SIGTERM the server (it writes its AOF and exits) and wait for it.
 
-        Nothing is signalled unless the pid is still this server (alive, working in ``data_dir``): a pid the
-        system has since given to another process is left alone.
+        Nothing is signalled unless the pid is still this server: a pid the system has since given to another
+        process is left alone.
         """
-        if not _owns(self.pid, self.data_dir):
+        if not self.running():
             return
         try:
             os.kill(self.pid, signal.SIGTERM)
@@ -100,11 +112,30 @@ def _alive(pid: int) -> bool:
     return True
 
 
-def _owns(pid: int, data_dir: Path) -> bool:
-    """Whether ``pid`` is a live Redis serving ``data_dir``: redis-server changes into its ``--dir`` at start,
-    so the process's working directory names its data (Linux ``/proc``; elsewhere liveness alone)."""
+def _start_ticks(pid: int) -> int | None:
+    """When ``pid`` started, in clock ticks since boot (``/proc/<pid>/stat`` field 22); None if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    # Field 2, the command name, is in parentheses and may hold spaces: count from the last ')'.
+    fields = stat.rpartition(")")[2].split()
+    try:
+        return int(fields[19])
+    except (IndexError, ValueError):
+        return None
+
+
+def _owns(pid: int, data_dir: Path, started: int | None = None) -> bool:
+    """Whether ``pid`` is still the Redis we started (Linux ``/proc``; elsewhere liveness alone).
+
+    With ``started`` the pid's start time must match it. Without (an older record), the working directory
+    must be ``data_dir``: redis-server changes into its ``--dir`` at start.
+    """
     if pid <= 0 or not _alive(pid):
         return False
+    if started is not None and Path("/proc/self").exists():
+        return _start_ticks(pid) == started
     try:
         cwd = os.readlink(f"/proc/{pid}/cwd")
     except FileNotFoundError:
@@ -126,8 +157,13 @@ def _port_free(port: int) -> bool:
     return True
 
 
-def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = True) -> RedisServer:
-    """Start ``redis-server`` on loopback with its data in ``data_dir`` and wait until it answers PING."""
+def start_redis(
+    data_dir: Path, port: int | None = None, *, appendonly: bool = True, ready_timeout: float = 15.0
+) -> RedisServer:
+    """Start ``redis-server`` on loopback with its data in ``data_dir`` and wait until it answers PING.
+
+    ``ready_timeout`` bounds only the silence before an answer: a server loading its AOF is waited for.
+    """
     data_dir.mkdir(parents=True, exist_ok=True)
     # redis-server forks into the background before it binds, so a taken port would not fail the launch:
     # the PING below would reach whatever listens there.
@@ -176,39 +212,74 @@ def start_redis(data_dir: Path, port: int | None = None, *, appendonly: bool = T
         raise RedisServerError(
             f"redis-server failed to start: {launcher.stderr.decode(errors='replace')[-500:]}"
         )
-    url = f"redis://127.0.0.1:{port}/0"
-    deadline = time.monotonic() + 15
-    client = redis.Redis.from_url(url)
+    try:
+        pid = _wait_launched(port, pidfile, data_dir, ready_timeout)
+    except BaseException:
+        # Never leave a server we launched running unrecorded: the next command would start a second one on
+        # the same AOF.
+        _stop_launched(pidfile, data_dir)
+        raise
+    return RedisServer(
+        url=f"redis://127.0.0.1:{port}/0",
+        pid=pid,
+        port=port,
+        data_dir=data_dir.resolve(),
+        started=_start_ticks(pid),
+    )
+
+
+def _answer(client: redis.Redis) -> bool | None:
+    """True if the server answers PING, None while it loads its data (``LOADING``), False if no answer."""
+    try:
+        return bool(client.ping())
+    except redis.BusyLoadingError:
+        return None
+    except redis.RedisError:
+        return False
+
+
+def _wait_launched(port: int, pidfile: Path, data_dir: Path, ready_timeout: float) -> int:
+    """Wait until the server just launched answers on ``port``; its pid. Each ``LOADING`` answer extends the
+    wait: a large AOF takes as long as it takes, and only silence counts against ``ready_timeout``."""
+    deadline = time.monotonic() + ready_timeout
+    client = redis.Redis(host="127.0.0.1", port=port, socket_connect_timeout=1, socket_timeout=5)
     try:
         while True:
-            try:
-                # The server writes its pidfile once it listens; the pid it reports must be that one, or
-                # something else answered on the port (our server then failed to bind: see its log).
-                if client.ping() and pidfile.exists():
-                    pid = int(pidfile.read_text().strip() or 0)
-                    if pid and int(client.info("server")["process_id"]) == pid:
-                        break
+            answer = _answer(client)
+            # The server writes its pidfile once it listens; the pid it reports must be that one, or
+            # something else answered on the port (our server then failed to bind: see its log).
+            if answer and pidfile.exists():
+                with contextlib.suppress(ValueError, redis.RedisError):  # half-written, or gone again
+                    pid = int(pidfile.read_text().strip())
+                    if int(client.info("server")["process_id"]) == pid:
+                        return pid
                     raise RedisServerError(
                         f"another Redis answers on port {port}; ours did not start (see {data_dir}/redis.log)"
                     )
-            except (redis.ConnectionError, ValueError):  # not listening yet, or loading, or half-written
-                pass
-            if time.monotonic() > deadline:
+            if answer is None:
+                deadline = time.monotonic() + ready_timeout
+            elif time.monotonic() > deadline:
                 raise RedisServerError(
-                    f"redis-server did not answer PING within 15 s; see {data_dir}/redis.log"
+                    f"redis-server did not answer PING within {ready_timeout:g} s; see {data_dir}/redis.log"
                 )
             time.sleep(0.02)
     finally:
         client.close()
-    return RedisServer(url=url, pid=pid, port=port, data_dir=data_dir.resolve())
+
+
+def _stop_launched(pidfile: Path, data_dir: Path) -> None:
+    """Stop the server a failed start launched, if it runs (known by its pidfile and working directory)."""
+    try:
+        pid = int(pidfile.read_text().strip() or 0)
+    except (OSError, ValueError):
+        return
+    RedisServer(url="", pid=pid, port=0, data_dir=data_dir.resolve()).stop()
 
 
 def _ping(url: str) -> bool:
     client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
     try:
-        return bool(client.ping())
-    except redis.RedisError:
-        return False
+        return bool(_answer(client))
     finally:
         client.close()
 
@@ -218,10 +289,17 @@ def _recorded(state_dir: Path) -> RedisServer | None:
     path = state_dir / STATE_FILE
     try:
         data = json.loads(path.read_text())
-        server = RedisServer(data["url"], int(data["pid"]), int(data["port"]), Path(data["data_dir"]))
-    except (OSError, ValueError, KeyError, TypeError):
+        started = data.get("started")
+        server = RedisServer(
+            data["url"],
+            int(data["pid"]),
+            int(data["port"]),
+            Path(data["data_dir"]),
+            None if started is None else int(started),
+        )
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
-    return server if _owns(server.pid, server.data_dir) else None
+    return server if server.running() else None
 
 
 def read_state(state_dir: Path) -> RedisServer | None:
@@ -240,14 +318,24 @@ def _locked(state_dir: Path) -> Iterator[None]:
 
 
 def _wait_ready(server: RedisServer, timeout: float = 30.0) -> bool:
-    """Wait for our own live server to answer (it may be loading a large AOF); False if it never does."""
+    """Wait for our own live server to answer; False if it dies or stays silent for ``timeout``.
+
+    A server still loading its AOF (``LOADING``) is waited for as long as it loads.
+    """
     deadline = time.monotonic() + timeout
-    while _owns(server.pid, server.data_dir):
-        if _ping(server.url):
-            return True
-        if time.monotonic() > deadline:
-            return False
-        time.sleep(0.05)
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        while server.running():
+            answer = _answer(client)
+            if answer:
+                return True
+            if answer is None:
+                deadline = time.monotonic() + timeout
+            elif time.monotonic() > deadline:
+                return False
+            time.sleep(0.05)
+    finally:
+        client.close()
     return False
 
 
@@ -267,7 +355,13 @@ def ensure_embedded(state_dir: Path, port: int | None = None) -> RedisServer:
         tmp = record.with_suffix(".tmp")
         tmp.write_text(
             json.dumps(
-                {"url": server.url, "pid": server.pid, "port": server.port, "data_dir": str(server.data_dir)}
+                {
+                    "url": server.url,
+                    "pid": server.pid,
+                    "port": server.port,
+                    "data_dir": str(server.data_dir),
+                    "started": server.started,
+                }
             )
         )
         os.replace(tmp, record)  # readers see the old record or the new one, never half of one

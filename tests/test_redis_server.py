@@ -120,11 +120,16 @@ def test_a_stale_record_pointing_at_another_redis_is_neither_used_nor_stopped(
 
 
 def test_a_recorded_pid_reused_by_another_process_is_not_killed(state_dir: Path) -> None:
-    """A live pid that is not a Redis of this data dir is left alone by ``stop``."""
+    """A live pid that is not our Redis is left alone by ``stop``: known by its working directory (a record
+    without a start time) or by a start time that is not the pid's."""
     sleeper = subprocess.Popen(["sleep", "60"])
     try:
         server = RedisServer("redis://127.0.0.1:1/0", sleeper.pid, 1, state_dir / "redis")
         server.stop(timeout=0.5)
+        assert sleeper.poll() is None
+        stat = Path(f"/proc/{sleeper.pid}/stat").read_text().rpartition(")")[2].split()
+        other_start = int(stat[19]) - 1
+        RedisServer(server.url, sleeper.pid, 1, state_dir / "redis", other_start).stop(timeout=0.5)
         assert sleeper.poll() is None
     finally:
         sleeper.kill()
@@ -157,3 +162,63 @@ def test_cli_redis_start_on_a_taken_port_is_one_clear_error(
     assert "in use" in result.stderr
     assert "Traceback" not in result.stderr
     assert _alive(redis_server.pid)
+
+
+def test_a_server_whose_data_dir_was_deleted_is_still_stopped(tmp_path: Path) -> None:
+    """Known by its pid and start time, not only its working directory: pytest's clean-up of an older run's
+    temp dirs (or an operator's ``rm -rf``) used to leave the server running with nobody able to stop it."""
+    server = start_redis(tmp_path / "redis", appendonly=False)
+    try:
+        (tmp_path / "redis").rename(tmp_path / "garbage")
+        subprocess.run(["rm", "-rf", str(tmp_path / "garbage")], check=True)
+        server.stop(timeout=5)
+        assert not _alive(server.pid)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(server.pid, signal.SIGKILL)
+
+
+def _wrapped_redis_server(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, *extra: str) -> None:
+    """Point ``PASSBRIDGE_REDIS_SERVER`` at a script that runs the real binary with ``extra`` options last."""
+    from passbridge.redis_server import redis_server_binary
+
+    script = tmp_path / "redis-server-wrapped"
+    script.write_text(f'#!/bin/sh\nexec {redis_server_binary()} "$@" {" ".join(extra)}\n')
+    script.chmod(0o755)
+    monkeypatch.setenv("PASSBRIDGE_REDIS_SERVER", str(script))
+
+
+def test_a_start_that_fails_leaves_no_server_running(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A server that never answers (here: it listens on no TCP port) is stopped when the start gives up, so
+    no unrecorded server is left on the data dir for the next command to start a second one beside."""
+    _wrapped_redis_server(tmp_path, monkeypatch, "--port", "0")
+    data_dir = tmp_path / "redis"
+    try:
+        with pytest.raises(RedisServerError, match="did not answer PING within 1 s"):
+            start_redis(data_dir, ready_timeout=1)
+        assert _redis_pids_serving(data_dir) == []
+    finally:
+        for pid in _redis_pids_serving(data_dir):
+            os.kill(pid, signal.SIGKILL)
+
+
+def test_a_server_loading_a_large_aof_is_waited_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """While the AOF loads the server answers LOADING: the start waits for the load however long it takes
+    (here about 2 s, against a 0.5 s limit on silence) instead of giving up on a live server."""
+    data_dir = tmp_path / "redis"
+    first = start_redis(data_dir)
+    client = redis_sync.Redis.from_url(first.url)
+    client.mset({f"k{i}": "v" for i in range(20)})
+    client.close()
+    first.stop()
+    # Redis's own test knob: 100 ms per key loaded.
+    _wrapped_redis_server(tmp_path, monkeypatch, "--key-load-delay", "100000")
+    try:
+        server = start_redis(data_dir, ready_timeout=0.5)
+        client = redis_sync.Redis.from_url(server.url)
+        assert client.dbsize() == 20
+        client.close()
+        server.stop()
+    finally:
+        for pid in _redis_pids_serving(data_dir):
+            os.kill(pid, signal.SIGKILL)
