@@ -934,12 +934,9 @@ class BulkSync:
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]
 
-        def alive() -> bool:
-            return not work.lost and not work.released
-
         def item(payload: Any, blob: bytes, units: int = 1) -> Item:
             fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            return Item(payload, blob, units, urgent, serial, alive, fut)
+            return Item(payload, blob, units, urgent, serial, work.alive, fut)
 
         async def through(lane: Lane, it: Item) -> Outcome:
             try:

@@ -13,7 +13,8 @@ One :class:`Engine` runs in each worker process (hosted by arq, see :mod:`worker
    retry record), or released (done, shutdown, or lease lost).
 
 Leases are renewed every third of their TTL while held; a lease that could not be renewed is lost and the
-serial's work stops at its next step (its writes are refused by the token check anyway). When idle, the loop
+serial's work stops at its next step: no further Klaviyo write is sent for it (``SerialWork.alive``, checked
+before every call), and its Redis writes are refused by the token check anyway. When idle, the loop
 blocks on ``BLPOP pb:notify`` (the producer pushes on every enqueue) with a timeout that ends at the next due
 parked serial or lease expiry, so neither latency nor takeover waits on arq's polling.
 
@@ -59,6 +60,7 @@ from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
 from worker.history import HistoryKind, entry
+from worker.klaviyo.errors import Abandoned
 from worker.queue import Lease, SettleRequest, WorkQueue, split_member
 from worker.retry import (
     DeadLetter,
@@ -85,11 +87,18 @@ class Syncer(Protocol):
     """What the engine needs from the Klaviyo sync (``worker.sync.Syncer`` implements it)."""
 
     async def sync_event(
-        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+        self,
+        account: Account,
+        state: PassState | None,
+        event: PassEvent,
+        seq: int = 0,
+        *,
+        alive: Callable[[], bool] | None = None,
     ) -> SyncResult:
         """Apply ``event`` (arrival sequence ``seq``) on top of ``state``; raise a ``KlaviyoError`` subclass on
         failure, or ``worker.sync.PartialSync`` wrapping one when a write failed after an earlier one was
-        accepted. Idempotent."""
+        accepted. Idempotent. Once ``alive()`` says False no further write is sent and
+        ``worker.klaviyo.errors.Abandoned`` is raised."""
         ...
 
 
@@ -152,6 +161,11 @@ class SerialWork:
     renewed_at: float = 0.0
     #: When claimed, a previous holder's profile import job may still have carried it (``SerialSnapshot``).
     profile_job: bool = False
+
+    def alive(self) -> bool:
+        """Whether Klaviyo writes for this serial may still be sent: its lease is neither lost nor released.
+        Checked before every call (``KlaviyoClient.call(alive=...)``); attribute reads only, no Redis."""
+        return not self.lost and not self.released
 
 
 def renewal_due(held: Iterable[SerialWork], now: float, interval: float, quota: int) -> list[SerialWork]:
@@ -923,7 +937,12 @@ class PerEventSync:
                     return
                 continue
             try:
-                result = await engine.syncer.sync_event(batch.account, work.state, event, seq)
+                result = await engine.syncer.sync_event(
+                    batch.account, work.state, event, seq, alive=work.alive
+                )
+            except Abandoned:
+                # The lease went before a write of the event: the serial is its new holder's, no attempt.
+                break
             except PartialSync as exc:
                 if not await engine.failed(work, member, event, exc.cause, written=exc.state):
                     return

@@ -1,0 +1,107 @@
+"""Lease fencing of the engine's Klaviyo writes: in-process engines with the real ``Syncer`` against the
+sandbox over HTTP and a real Redis.
+
+A serial whose lease is lost gets no further write from this worker, and its event costs no attempt (the
+serial is its new holder's). The sandbox's latency holds a write in flight while the lease goes; a request
+hook on the engine's Klaviyo client says when a write left.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from redis.asyncio import Redis
+
+from passbridge.accounts import AccountStore
+from passbridge.keys import account_keys
+from tests.conftest import async_wait_for
+from worker import dlq
+from worker.engine import Engine, EngineConfig
+from worker.klaviyo.client import KlaviyoClient
+from worker.retry import RetryPolicy
+from worker.sync import Syncer
+
+from .e2e import Pipeline
+from .helpers import pass_event
+
+#: How long the sandbox holds each request.
+LATENCY_MS = 600
+
+RequestHook = Callable[[httpx.Request], Awaitable[None]]
+StartEngine = Callable[..., Awaitable[Engine]]
+Counts = dict[str, dict[str, int]]
+
+
+@pytest.fixture
+async def start_engine(pipeline: Pipeline, redis_url: str) -> AsyncIterator[StartEngine]:
+    """Start an engine (its own Redis and Klaviyo clients, as a separate process would have); ``on_request``
+    sees every request its Klaviyo client sends."""
+    made: list[tuple[Engine, KlaviyoClient, list[Redis]]] = []
+
+    async def start(*, on_request: RequestHook | None = None, **config: Any) -> Engine:
+        redis = Redis.from_url(redis_url)
+        blocking = Redis.from_url(redis_url)
+        store = AccountStore(redis, pipeline.store.cipher)
+        hooks = {"request": [on_request]} if on_request is not None else None
+        client = KlaviyoClient.from_settings(pipeline.settings, redis, store, event_hooks=hooks)
+        cfg = EngineConfig(**{"retry": RetryPolicy(base_delay_s=0.05, max_delay_s=0.5), **config})
+        engine = Engine(redis, store, Syncer(client, redis), config=cfg, blocking_redis=blocking)
+        await engine.start()
+        made.append((engine, client, [redis, blocking]))
+        return engine
+
+    yield start
+    for engine, client, clients in made:
+        await engine.stop(grace_s=1)
+        await client.aclose()
+        for c in clients:
+            await c.aclose()
+
+
+def counts(pipeline: Pipeline) -> Counts:
+    """The sandbox's answers so far: operation → status → n (the sandbox lives for the whole module)."""
+    raw: dict[str, dict[str, int]] = pipeline.sandbox.requests(limit=0)["counts"]
+    return {op: {s: int(n) for s, n in by.items()} for op, by in raw.items()}
+
+
+def delta(before: Counts, after: Counts, op: str) -> int:
+    return sum(after.get(op, {}).values()) - sum(before.get(op, {}).values())
+
+
+async def test_a_taken_over_serial_gets_no_further_write_of_its_event(
+    pipeline: Pipeline, redis: Redis, start_engine: StartEngine
+) -> None:
+    await pipeline.add_account("acme")
+    keys = account_keys("acme")
+
+    async def take_over(request: httpx.Request) -> None:
+        if request.url.path == "/api/profile-import":
+            # Another worker takes the serial over while its profile write is on its way (and holds it).
+            await redis.hset(keys.lease_tokens, "S1", "other:1:ab.1")
+            await redis.zadd(keys.leased, {"S1": int(time.time() * 1000) + 60_000})
+
+    pipeline.sandbox.set_faults(latency_ms=LATENCY_MS)
+    before = counts(pipeline)
+    # Renewed every 0.25 s: the renewal finds the lease gone long before the profile write is answered.
+    engine = await start_engine(on_request=take_over, lease_ms=1000)
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+
+    async def done() -> bool:
+        return engine.stats["leases_lost"] == 1 and engine.held == 0
+
+    await async_wait_for(done, timeout=10)
+    await asyncio.sleep(LATENCY_MS / 1000)  # a write sent at the very end would be answered by now
+    after = counts(pipeline)
+    assert delta(before, after, "create_or_update_profile") == 1
+    assert delta(before, after, "create_data_source_record") == 0
+    assert delta(before, after, "create_event") == 0
+    # No attempt counted, nothing dead-lettered: the event is the new holder's to write.
+    assert engine.stats["retried"] == 0
+    assert engine.stats["dead_lettered"] == 0
+    assert await redis.hlen(keys.retries) == 0
+    assert await dlq.list_entries(redis, "acme") == []
