@@ -78,6 +78,11 @@ from worker.sync import PartialSync, SyncResult
 
 log = structlog.get_logger(__name__)
 
+#: The share of the lease TTL a holder gives up: it sends no Klaviyo write once this share of the TTL is all
+#: that may be left of its lease (``SerialWork.deadline``), so a write it sent has landed before another worker
+#: can take the serial over and write a newer state.
+LEASE_MARGIN = 0.2
+
 #: Renewal ticks per renewal interval (a quarter of the lease TTL): each tick renews about this share of the
 #: held leases, so a worker holding thousands never renews them all in one burst (``Engine._renew_loop``).
 RENEW_TICKS = 10
@@ -161,11 +166,16 @@ class SerialWork:
     renewed_at: float = 0.0
     #: When claimed, a previous holder's profile import job may still have carried it (``SerialSnapshot``).
     profile_job: bool = False
+    #: ``time.monotonic()`` after which the lease counts as lost for Klaviyo writes: the claim or last successful
+    #: renewal (when it was sent) plus the TTL less ``LEASE_MARGIN``. A renewal that failed or never ran
+    #: (a stalled loop) leaves it where it was.
+    deadline: float = math.inf
 
     def alive(self) -> bool:
-        """Whether Klaviyo writes for this serial may still be sent: its lease is neither lost nor released.
-        Checked before every call (``KlaviyoClient.call(alive=...)``); attribute reads only, no Redis."""
-        return not self.lost and not self.released
+        """Whether Klaviyo writes for this serial may still be sent: its lease is neither lost nor released and
+        its :attr:`deadline` has not passed. Checked before every call (``KlaviyoClient.call(alive=...)``);
+        attribute reads and a clock read, no Redis."""
+        return not self.lost and not self.released and time.monotonic() < self.deadline
 
 
 def renewal_due(held: Iterable[SerialWork], now: float, interval: float, quota: int) -> list[SerialWork]:
@@ -259,6 +269,8 @@ class Engine:
             head_batch=self.config.heads_per_serial,
         )
         self.stats: Counter[str] = Counter()
+        #: How long after a claim or renewal was sent its lease is trusted for Klaviyo writes.
+        self._hold_s = self.config.lease_ms / 1000 * (1 - LEASE_MARGIN)
         self._held: dict[str, SerialWork] = {}
         self._held_per_account: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -347,6 +359,7 @@ class Engine:
                 await self._slot_freed.wait()
                 continue
             try:
+                sent = time.monotonic()
                 claimed = await self.queue.claim(
                     min(free, self.config.claim_batch),
                     per_account=self.config.claim_batch,
@@ -366,7 +379,7 @@ class Engine:
                     metrics.leases_taken_over(claimed.taken_over)
                     log.info("leases_taken_over", worker=self.worker_id, count=claimed.taken_over)
                 if claimed.leases:
-                    await self._launch(claimed.leases)
+                    await self._launch(claimed.leases, sent)
                     continue
                 self._idle = asyncio.ensure_future(self._idle_wait(capped=claimed.capped))
                 try:
@@ -424,10 +437,12 @@ class Engine:
         # The claim takes the announcements queued behind this one itself (claim.lua).
         self._hinted = [popped[1].decode()]
 
-    async def _launch(self, leases: Sequence[Lease]) -> None:
-        # Held (and renewed, and released on stop) from the moment they are claimed.
+    async def _launch(self, leases: Sequence[Lease], sent: float) -> None:
+        # Held (and renewed, and released on stop) from the moment they are claimed. ``sent``: when the claim
+        # was sent; its leases expire no later than the TTL after that.
         now = time.monotonic()
-        works = [SerialWork(lease, [], None, renewed_at=now) for lease in leases]
+        deadline = sent + self._hold_s
+        works = [SerialWork(lease, [], None, renewed_at=now, deadline=deadline) for lease in leases]
         for work in works:
             self._held[work.lease.token] = work
             self._held_per_account[work.lease.account_id] += 1
@@ -826,7 +841,9 @@ class Engine:
             by_account[work.lease.account_id].append(work)
         try:
             flags = await self.queue.renew_many({a: [w.lease for w in ws] for a, ws in by_account.items()})
-        except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
+        except Exception as exc:
+            # A missed renewal costs at most a takeover (the leases' deadlines stay where they were, so their
+            # Klaviyo writes stop before it); never stop renewing.
             log.warning("renew_failed", worker=self.worker_id, error=str(exc))
             return
         # How long the longest-waiting of these leases went unrenewed, until its renewal was answered.
@@ -835,6 +852,7 @@ class Engine:
             for work, ok in zip(ws, flags.get(account_id, []), strict=True):
                 if ok:
                     work.renewed_at = started
+                    work.deadline = started + self._hold_s
                     token = work.lease.token
                     if self._held.pop(token, None) is not None:
                         self._held[token] = work

@@ -105,3 +105,31 @@ async def test_a_taken_over_serial_gets_no_further_write_of_its_event(
     assert engine.stats["dead_lettered"] == 0
     assert await redis.hlen(keys.retries) == 0
     assert await dlq.list_entries(redis, "acme") == []
+
+
+async def test_a_holder_whose_renewals_stall_stops_writing_before_its_lease_can_be_taken_over(
+    pipeline: Pipeline, redis: Redis, start_engine: StartEngine
+) -> None:
+    await pipeline.add_account("acme")
+    sent = asyncio.Event()
+
+    async def note(request: httpx.Request) -> None:
+        if request.url.path == "/api/profile-import":
+            sent.set()
+
+    pipeline.sandbox.set_faults(latency_ms=LATENCY_MS)
+    # A 1 s lease: its writes stop 0.8 s after the claim. The profile and record take 0.6 s each, so the metric
+    # event would leave at 1.2 s, after the lease expired in Redis (1 s) and the other worker took it over.
+    stalled = await start_engine(on_request=note, lease_ms=1000)
+    stalled._loops[1].cancel()  # its renewer: as if every renewal failed, or its loop stalled
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+    await asyncio.wait_for(sent.wait(), timeout=10)
+    healthy = await start_engine(lease_ms=1000)
+    await async_wait_for(pipeline.drained, timeout=20)
+    pipeline.sandbox.clear_faults()
+    assert pipeline.stored_unique_ids("acme") == ["acme-S1-0"]
+    # The metric event went once, from the new holder: the stalled one sent none after its deadline.
+    assert pipeline.duplicate_events("acme") == 0
+    assert healthy.stats["written"] == 1
+    assert stalled.stats["written"] == 0
+    assert stalled.stats["retried"] == 0
