@@ -364,6 +364,21 @@ class Lane:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
+    def cancel(self) -> list[asyncio.Task[None]]:
+        """Stop the lane (shutdown): drop its queued items and cancel its loop and its sends in flight, so
+        nothing more leaves for serials about to be released. Returns the cancelled tasks, to be awaited."""
+        tasks = list(self._sends)
+        if self._task is not None:
+            tasks.append(self._task)
+        for task in tasks:
+            task.cancel()
+        for item in (*self._urgent, *self._normal):
+            _resolve(item, DROPPED)
+        self._urgent.clear()
+        self._normal.clear()
+        self._units = 0
+        return tasks
+
     async def _single(self, account: Account, item: Item, slot: str) -> None:
         try:
             outcome = await self.send_single(account, item, slot)
@@ -794,6 +809,16 @@ class BulkSync:
                     out[f"{lane.name}_{k}"] += v
         out["profile_jobs"] = self.jobs.jobs
         return dict(out)
+
+    def cancel_sends(self) -> list[asyncio.Task[None]]:
+        """Stop every lane of this process (:meth:`Lane.cancel`): :meth:`Engine.stop` calls it before it
+        releases the serials still held, whose writes a lane's send may still carry (a wait for a slot, a
+        resend after a 429). Returns the cancelled tasks, to be awaited."""
+        tasks: list[asyncio.Task[None]] = []
+        for lanes in self._lanes.values():
+            for lane in (lanes.profiles, lanes.records, lanes.events):
+                tasks += lane.cancel()
+        return tasks
 
     async def run(self, engine: Engine, batch: Batch) -> None:
         """Work every serial of the batch; those a previous holder's profile job may still carry (as the claim's

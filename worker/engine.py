@@ -19,8 +19,8 @@ blocks on ``BLPOP pb:notify`` (the producer pushes on every enqueue) with a time
 parked serial or lease expiry, so neither latency nor takeover waits on arq's polling.
 
 Shutdown (:meth:`Engine.stop`): stop claiming; each serial finishes the event in flight and is released (its
-remaining events are immediately claimable elsewhere); after the grace period the remaining tasks are
-cancelled and their leases released.
+remaining events are immediately claimable elsewhere); after the grace period the remaining tasks, and the
+strategy's own send tasks (bulk lanes), are cancelled, and only then their leases released.
 """
 
 from __future__ import annotations
@@ -331,8 +331,12 @@ class Engine:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        # A strategy's own Klaviyo sends (the bulk lanes') outlive a cancelled batch: cancel them in the same
+        # step, before the cancelled batches release the serials whose writes they carry.
+        cancel_sends = getattr(self.batch_sync, "cancel_sends", None)
+        sends = cancel_sends() if callable(cancel_sends) else []
+        if pending or sends:
+            await asyncio.gather(*pending, *sends, return_exceptions=True)
         # Whatever a cancelled task still held goes back at once (fenced: a lost lease stays lost).
         for work in list(self._held.values()):
             if not work.released and not work.lost:

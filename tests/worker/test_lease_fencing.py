@@ -1,8 +1,9 @@
 """Lease fencing of the engine's Klaviyo writes: in-process engines with the real ``Syncer`` against the
 sandbox over HTTP and a real Redis.
 
-A serial whose lease is lost gets no further write from this worker, and its event costs no attempt (the
-serial is its new holder's). The sandbox's latency holds a write in flight while the lease goes; a request
+A serial whose lease is lost, or whose lease deadline passed (its renewals stalled), gets no further write from
+this worker, and its event costs no attempt (the serial is its new holder's); shutdown stops the bulk lanes'
+sends before it releases their serials. The sandbox's latency holds a write in flight while the lease goes; a request
 hook on the engine's Klaviyo client says when a write left.
 """
 
@@ -21,6 +22,8 @@ from passbridge.accounts import AccountStore
 from passbridge.keys import account_keys
 from tests.conftest import async_wait_for
 from worker import dlq
+from worker.batching import SyncMode
+from worker.bulk import BulkOptions, BulkSync
 from worker.engine import Engine, EngineConfig
 from worker.klaviyo.client import KlaviyoClient
 from worker.retry import RetryPolicy
@@ -39,18 +42,23 @@ Counts = dict[str, dict[str, int]]
 
 @pytest.fixture
 async def start_engine(pipeline: Pipeline, redis_url: str) -> AsyncIterator[StartEngine]:
-    """Start an engine (its own Redis and Klaviyo clients, as a separate process would have); ``on_request``
-    sees every request its Klaviyo client sends."""
+    """Start an engine (its own Redis and Klaviyo clients, as a separate process would have) syncing in
+    ``mode``; ``on_request`` sees every request its Klaviyo client sends."""
     made: list[tuple[Engine, KlaviyoClient, list[Redis]]] = []
 
-    async def start(*, on_request: RequestHook | None = None, **config: Any) -> Engine:
+    async def start(
+        *, on_request: RequestHook | None = None, mode: SyncMode = SyncMode.single, **config: Any
+    ) -> Engine:
         redis = Redis.from_url(redis_url)
         blocking = Redis.from_url(redis_url)
         store = AccountStore(redis, pipeline.store.cipher)
         hooks = {"request": [on_request]} if on_request is not None else None
         client = KlaviyoClient.from_settings(pipeline.settings, redis, store, event_hooks=hooks)
         cfg = EngineConfig(**{"retry": RetryPolicy(base_delay_s=0.05, max_delay_s=0.5), **config})
-        engine = Engine(redis, store, Syncer(client, redis), config=cfg, blocking_redis=blocking)
+        syncer = Syncer(client, redis)
+        # Single: the engine's own per-event path; else the bulk strategy's lanes.
+        batch_sync = None if mode is SyncMode.single else BulkSync(syncer, BulkOptions(mode=mode))
+        engine = Engine(redis, store, syncer, config=cfg, blocking_redis=blocking, batch_sync=batch_sync)
         await engine.start()
         made.append((engine, client, [redis, blocking]))
         return engine
@@ -133,3 +141,36 @@ async def test_a_holder_whose_renewals_stall_stops_writing_before_its_lease_can_
     assert healthy.stats["written"] == 1
     assert stalled.stats["written"] == 0
     assert stalled.stats["retried"] == 0
+
+
+async def test_stop_cancels_a_bulk_send_before_it_releases_the_serials_it_carries(
+    pipeline: Pipeline, redis: Redis, start_engine: StartEngine
+) -> None:
+    await pipeline.add_account("acme")
+    left: list[str] = []
+
+    async def note(request: httpx.Request) -> None:
+        if request.url.path == "/api/event-bulk-create-jobs":
+            left.append(request.url.path)
+
+    # Every metric-event bulk request is a 429 with a short Retry-After, which the client waits out and sends
+    # the request again (twice); the latency holds each attempt in flight.
+    pipeline.sandbox.set_faults(
+        latency_ms=LATENCY_MS, error_rates={429: 1.0}, operations=["bulk_create_events"]
+    )
+    engine = await start_engine(on_request=note, mode=SyncMode.bulk)
+    await pipeline.put([pass_event("acme", "S1", 0, kind="created")])
+
+    async def bulk_sent() -> bool:
+        return len(left) > 0
+
+    await async_wait_for(bulk_sent, timeout=20)
+    await engine.stop(grace_s=0.1)
+    keys = account_keys("acme")
+    assert await redis.zcard(keys.leased) == 0
+    # Released, so no resend may leave after the stop: the serial's next holder writes its event.
+    await asyncio.sleep(3 * LATENCY_MS / 1000)
+    pipeline.sandbox.clear_faults()
+    assert left == ["/api/event-bulk-create-jobs"]
+    assert int(await redis.get(keys.depth) or 0) == 1
+    assert await redis.zrange(keys.ready, 0, -1) == [b"S1"]
