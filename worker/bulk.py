@@ -888,6 +888,15 @@ class BulkSync:
     ) -> None:
         try:
             await self._serial_rounds(engine, batch, lanes, settler, work)
+        except RedisError:
+            # Not this serial's fault: the engine parks the batch without counting an attempt.
+            raise
+        except Exception as exc:
+            # A bug met by this serial's state or events (in the coalescing, say) fails its head like the
+            # per-event path's errors do: an attempt counted, retried, dead-lettered in the end. Escaping, it
+            # would park the whole batch, again and again, without an attempt.
+            log.exception("bulk_serial_failed", account=work.lease.account_id, serial=work.lease.serial)
+            await self._fail_head(engine, batch, work, exc)
         finally:
             lanes.in_flight -= 1
 

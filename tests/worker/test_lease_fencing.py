@@ -1,74 +1,33 @@
 """Lease fencing of the engine's Klaviyo writes: in-process engines with the real ``Syncer`` against the
 sandbox over HTTP and a real Redis.
 
-A serial whose lease is lost, or whose lease deadline passed (its renewals stalled), gets no further write from
-this worker, and its event costs no attempt (the serial is its new holder's); shutdown stops the bulk lanes'
-sends before it releases their serials. The sandbox's latency holds a write in flight while the lease goes; a request
-hook on the engine's Klaviyo client says when a write left.
+A serial whose lease is lost, or whose lease deadline passed (its renewals stalled), gets no further write
+from this worker, and its event costs no attempt (the serial is its new holder's); shutdown stops the bulk
+lanes' sends before it releases their serials. The sandbox's latency holds a write in flight while the lease
+goes; a request hook on the engine's Klaviyo client says when a write left.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 import httpx
-import pytest
 from redis.asyncio import Redis
 
-from passbridge.accounts import AccountStore
 from passbridge.keys import account_keys
 from tests.conftest import async_wait_for
 from worker import dlq
 from worker.batching import SyncMode
-from worker.bulk import BulkOptions, BulkSync
-from worker.engine import Engine, EngineConfig
-from worker.klaviyo.client import KlaviyoClient
-from worker.retry import RetryPolicy
-from worker.sync import Syncer
 
+from .conftest import StartEngine
 from .e2e import Pipeline
 from .helpers import pass_event
 
 #: How long the sandbox holds each request.
 LATENCY_MS = 600
 
-RequestHook = Callable[[httpx.Request], Awaitable[None]]
-StartEngine = Callable[..., Awaitable[Engine]]
 Counts = dict[str, dict[str, int]]
-
-
-@pytest.fixture
-async def start_engine(pipeline: Pipeline, redis_url: str) -> AsyncIterator[StartEngine]:
-    """Start an engine (its own Redis and Klaviyo clients, as a separate process would have) syncing in
-    ``mode``; ``on_request`` sees every request its Klaviyo client sends."""
-    made: list[tuple[Engine, KlaviyoClient, list[Redis]]] = []
-
-    async def start(
-        *, on_request: RequestHook | None = None, mode: SyncMode = SyncMode.single, **config: Any
-    ) -> Engine:
-        redis = Redis.from_url(redis_url)
-        blocking = Redis.from_url(redis_url)
-        store = AccountStore(redis, pipeline.store.cipher)
-        hooks = {"request": [on_request]} if on_request is not None else None
-        client = KlaviyoClient.from_settings(pipeline.settings, redis, store, event_hooks=hooks)
-        cfg = EngineConfig(**{"retry": RetryPolicy(base_delay_s=0.05, max_delay_s=0.5), **config})
-        syncer = Syncer(client, redis)
-        # Single: the engine's own per-event path; else the bulk strategy's lanes.
-        batch_sync = None if mode is SyncMode.single else BulkSync(syncer, BulkOptions(mode=mode))
-        engine = Engine(redis, store, syncer, config=cfg, blocking_redis=blocking, batch_sync=batch_sync)
-        await engine.start()
-        made.append((engine, client, [redis, blocking]))
-        return engine
-
-    yield start
-    for engine, client, clients in made:
-        await engine.stop(grace_s=1)
-        await client.aclose()
-        for c in clients:
-            await c.aclose()
 
 
 def counts(pipeline: Pipeline) -> Counts:
