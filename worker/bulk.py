@@ -364,6 +364,21 @@ class Lane:
         self._sends.add(task)
         task.add_done_callback(self._sends.discard)
 
+    def cancel(self) -> list[asyncio.Task[None]]:
+        """Stop the lane (shutdown): drop its queued items and cancel its loop and its sends in flight, so
+        nothing more leaves for serials about to be released. Returns the cancelled tasks, to be awaited."""
+        tasks = list(self._sends)
+        if self._task is not None:
+            tasks.append(self._task)
+        for task in tasks:
+            task.cancel()
+        for item in (*self._urgent, *self._normal):
+            _resolve(item, DROPPED)
+        self._urgent.clear()
+        self._normal.clear()
+        self._units = 0
+        return tasks
+
     async def _single(self, account: Account, item: Item, slot: str) -> None:
         try:
             outcome = await self.send_single(account, item, slot)
@@ -795,6 +810,16 @@ class BulkSync:
         out["profile_jobs"] = self.jobs.jobs
         return dict(out)
 
+    def cancel_sends(self) -> list[asyncio.Task[None]]:
+        """Stop every lane of this process (:meth:`Lane.cancel`): :meth:`Engine.stop` calls it before it
+        releases the serials still held, whose writes a lane's send may still carry (a wait for a slot, a
+        resend after a 429). Returns the cancelled tasks, to be awaited."""
+        tasks: list[asyncio.Task[None]] = []
+        for lanes in self._lanes.values():
+            for lane in (lanes.profiles, lanes.records, lanes.events):
+                tasks += lane.cancel()
+        return tasks
+
     async def run(self, engine: Engine, batch: Batch) -> None:
         """Work every serial of the batch; those a previous holder's profile job may still carry (as the claim's
         snapshot read) wait for that job first (only they: the rest of the batch starts at once)."""
@@ -863,6 +888,15 @@ class BulkSync:
     ) -> None:
         try:
             await self._serial_rounds(engine, batch, lanes, settler, work)
+        except RedisError:
+            # Not this serial's fault: the engine parks the batch without counting an attempt.
+            raise
+        except Exception as exc:
+            # A bug met by this serial's state or events (in the coalescing, say) fails its head like the
+            # per-event path's errors do: an attempt counted, retried, dead-lettered in the end. Escaping, it
+            # would park the whole batch, again and again, without an attempt.
+            log.exception("bulk_serial_failed", account=work.lease.account_id, serial=work.lease.serial)
+            await self._fail_head(engine, batch, work, exc)
         finally:
             lanes.in_flight -= 1
 
@@ -934,12 +968,9 @@ class BulkSync:
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]
 
-        def alive() -> bool:
-            return not work.lost and not work.released
-
         def item(payload: Any, blob: bytes, units: int = 1) -> Item:
             fut: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
-            return Item(payload, blob, units, urgent, serial, alive, fut)
+            return Item(payload, blob, units, urgent, serial, work.alive, fut)
 
         async def through(lane: Lane, it: Item) -> Outcome:
             try:

@@ -13,13 +13,14 @@ One :class:`Engine` runs in each worker process (hosted by arq, see :mod:`worker
    retry record), or released (done, shutdown, or lease lost).
 
 Leases are renewed every third of their TTL while held; a lease that could not be renewed is lost and the
-serial's work stops at its next step (its writes are refused by the token check anyway). When idle, the loop
+serial's work stops at its next step: no further Klaviyo write is sent for it (``SerialWork.alive``, checked
+before every call), and its Redis writes are refused by the token check anyway. When idle, the loop
 blocks on ``BLPOP pb:notify`` (the producer pushes on every enqueue) with a timeout that ends at the next due
 parked serial or lease expiry, so neither latency nor takeover waits on arq's polling.
 
 Shutdown (:meth:`Engine.stop`): stop claiming; each serial finishes the event in flight and is released (its
-remaining events are immediately claimable elsewhere); after the grace period the remaining tasks are
-cancelled and their leases released.
+remaining events are immediately claimable elsewhere); after the grace period the remaining tasks, and the
+strategy's own send tasks (bulk lanes), are cancelled, and only then their leases released.
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
 from worker.history import HistoryKind, entry
+from worker.klaviyo.errors import Abandoned
 from worker.queue import Lease, SettleRequest, WorkQueue, split_member
 from worker.retry import (
     DeadLetter,
@@ -76,6 +78,11 @@ from worker.sync import PartialSync, SyncResult
 
 log = structlog.get_logger(__name__)
 
+#: The share of the lease TTL a holder gives up: it sends no Klaviyo write once this share of the TTL is all
+#: that may be left of its lease (``SerialWork.deadline``), so a write it sent has landed before another worker
+#: can take the serial over and write a newer state.
+LEASE_MARGIN = 0.2
+
 #: Renewal ticks per renewal interval (a quarter of the lease TTL): each tick renews about this share of the
 #: held leases, so a worker holding thousands never renews them all in one burst (``Engine._renew_loop``).
 RENEW_TICKS = 10
@@ -85,11 +92,18 @@ class Syncer(Protocol):
     """What the engine needs from the Klaviyo sync (``worker.sync.Syncer`` implements it)."""
 
     async def sync_event(
-        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+        self,
+        account: Account,
+        state: PassState | None,
+        event: PassEvent,
+        seq: int = 0,
+        *,
+        alive: Callable[[], bool] | None = None,
     ) -> SyncResult:
         """Apply ``event`` (arrival sequence ``seq``) on top of ``state``; raise a ``KlaviyoError`` subclass on
         failure, or ``worker.sync.PartialSync`` wrapping one when a write failed after an earlier one was
-        accepted. Idempotent."""
+        accepted. Idempotent. Once ``alive()`` says False no further write is sent and
+        ``worker.klaviyo.errors.Abandoned`` is raised."""
         ...
 
 
@@ -152,6 +166,16 @@ class SerialWork:
     renewed_at: float = 0.0
     #: When claimed, a previous holder's profile import job may still have carried it (``SerialSnapshot``).
     profile_job: bool = False
+    #: ``time.monotonic()`` after which the lease counts as lost for Klaviyo writes: the claim or last successful
+    #: renewal (when it was sent) plus the TTL less ``LEASE_MARGIN``. A renewal that failed or never ran
+    #: (a stalled loop) leaves it where it was.
+    deadline: float = math.inf
+
+    def alive(self) -> bool:
+        """Whether Klaviyo writes for this serial may still be sent: its lease is neither lost nor released and
+        its :attr:`deadline` has not passed. Checked before every call (``KlaviyoClient.call(alive=...)``);
+        attribute reads and a clock read, no Redis."""
+        return not self.lost and not self.released and time.monotonic() < self.deadline
 
 
 def renewal_due(held: Iterable[SerialWork], now: float, interval: float, quota: int) -> list[SerialWork]:
@@ -245,6 +269,8 @@ class Engine:
             head_batch=self.config.heads_per_serial,
         )
         self.stats: Counter[str] = Counter()
+        #: How long after a claim or renewal was sent its lease is trusted for Klaviyo writes.
+        self._hold_s = self.config.lease_ms / 1000 * (1 - LEASE_MARGIN)
         self._held: dict[str, SerialWork] = {}
         self._held_per_account: Counter[str] = Counter()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -305,8 +331,12 @@ class Engine:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
         for task in pending:
             task.cancel()
-        if pending:
-            await asyncio.gather(*pending, return_exceptions=True)
+        # A strategy's own Klaviyo sends (the bulk lanes') outlive a cancelled batch: cancel them in the same
+        # step, before the cancelled batches release the serials whose writes they carry.
+        cancel_sends = getattr(self.batch_sync, "cancel_sends", None)
+        sends = cancel_sends() if callable(cancel_sends) else []
+        if pending or sends:
+            await asyncio.gather(*pending, *sends, return_exceptions=True)
         # Whatever a cancelled task still held goes back at once (fenced: a lost lease stays lost).
         for work in list(self._held.values()):
             if not work.released and not work.lost:
@@ -333,6 +363,7 @@ class Engine:
                 await self._slot_freed.wait()
                 continue
             try:
+                sent = time.monotonic()
                 claimed = await self.queue.claim(
                     min(free, self.config.claim_batch),
                     per_account=self.config.claim_batch,
@@ -352,7 +383,7 @@ class Engine:
                     metrics.leases_taken_over(claimed.taken_over)
                     log.info("leases_taken_over", worker=self.worker_id, count=claimed.taken_over)
                 if claimed.leases:
-                    await self._launch(claimed.leases)
+                    await self._launch(claimed.leases, sent)
                     continue
                 self._idle = asyncio.ensure_future(self._idle_wait(capped=claimed.capped))
                 try:
@@ -410,10 +441,12 @@ class Engine:
         # The claim takes the announcements queued behind this one itself (claim.lua).
         self._hinted = [popped[1].decode()]
 
-    async def _launch(self, leases: Sequence[Lease]) -> None:
-        # Held (and renewed, and released on stop) from the moment they are claimed.
+    async def _launch(self, leases: Sequence[Lease], sent: float) -> None:
+        # Held (and renewed, and released on stop) from the moment they are claimed. ``sent``: when the claim
+        # was sent; its leases expire no later than the TTL after that.
         now = time.monotonic()
-        works = [SerialWork(lease, [], None, renewed_at=now) for lease in leases]
+        deadline = sent + self._hold_s
+        works = [SerialWork(lease, [], None, renewed_at=now, deadline=deadline) for lease in leases]
         for work in works:
             self._held[work.lease.token] = work
             self._held_per_account[work.lease.account_id] += 1
@@ -812,7 +845,9 @@ class Engine:
             by_account[work.lease.account_id].append(work)
         try:
             flags = await self.queue.renew_many({a: [w.lease for w in ws] for a, ws in by_account.items()})
-        except Exception as exc:  # a missed renewal costs at most a takeover; never stop renewing
+        except Exception as exc:
+            # A missed renewal costs at most a takeover (the leases' deadlines stay where they were, so their
+            # Klaviyo writes stop before it); never stop renewing.
             log.warning("renew_failed", worker=self.worker_id, error=str(exc))
             return
         # How long the longest-waiting of these leases went unrenewed, until its renewal was answered.
@@ -821,6 +856,7 @@ class Engine:
             for work, ok in zip(ws, flags.get(account_id, []), strict=True):
                 if ok:
                     work.renewed_at = started
+                    work.deadline = started + self._hold_s
                     token = work.lease.token
                     if self._held.pop(token, None) is not None:
                         self._held[token] = work
@@ -923,7 +959,12 @@ class PerEventSync:
                     return
                 continue
             try:
-                result = await engine.syncer.sync_event(batch.account, work.state, event, seq)
+                result = await engine.syncer.sync_event(
+                    batch.account, work.state, event, seq, alive=work.alive
+                )
+            except Abandoned:
+                # The lease went before a write of the event: the serial is its new holder's, no attempt.
+                break
             except PartialSync as exc:
                 if not await engine.failed(work, member, event, exc.cause, written=exc.state):
                     return

@@ -26,7 +26,7 @@ from passbridge.accounts import Account
 from passbridge.event import PassEvent
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import CREATE_DATA_SOURCE_RECORD, CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
-from worker.klaviyo.errors import NotProvisionedError, PermanentError
+from worker.klaviyo.errors import Abandoned, NotProvisionedError, PermanentError
 from worker.plan import (
     WITHHELD_PROPERTY,
     Identifier,
@@ -77,13 +77,23 @@ class Syncer:
         self._data_sources: dict[str, tuple[str, float]] = {}
 
     async def sync_event(
-        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+        self,
+        account: Account,
+        state: PassState | None,
+        event: PassEvent,
+        seq: int = 0,
+        *,
+        alive: Callable[[], bool] | None = None,
     ) -> SyncResult:
         """Apply ``event`` (arrival sequence ``seq``) on top of ``state`` (the serial's applied state) and return
         the state to store.
 
         Raises the :mod:`worker.klaviyo.errors` classes (a ``duplicate_profile`` conflict is handled here), or
         :class:`PartialSync` wrapping one when the record or metric write failed after an accepted write.
+        ``alive``: checked before each call (each write, conflict retry and resend after a 429); once it says
+        False the event's remaining writes are not sent and :class:`Abandoned` is raised, never wrapped in
+        :class:`PartialSync`: the serial belongs to another holder, which replans the event from the stored
+        state (the writes are idempotent).
         """
         p = plan(state, event, seq)
         notes = [p.note]
@@ -91,20 +101,27 @@ class Syncer:
         data_source_id = await self.data_source_id(account) if p.record is not None else None
         if p.profile is not None:
             assert new_state is not None
-            new_state, conflict_notes = await self.write_profile(account, new_state)
+            new_state, conflict_notes = await self.write_profile(account, new_state, alive=alive)
             notes += conflict_notes
         if p.record is not None:
             assert data_source_id is not None
             try:
                 await self.client.call(
-                    account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(p.record, data_source_id)
+                    account,
+                    CREATE_DATA_SOURCE_RECORD,
+                    body=record_job_body(p.record, data_source_id),
+                    alive=alive,
                 )
+            except Abandoned:
+                raise
             except Exception as exc:
                 if new_state is None or p.profile is None:
                     raise
                 raise PartialSync(new_state.model_copy(update={"record_pending": True}), exc) from exc
         try:
-            await self.client.call(account, CREATE_EVENT, body=p.event)
+            await self.client.call(account, CREATE_EVENT, body=p.event, alive=alive)
+        except Abandoned:
+            raise
         except Exception as exc:
             if new_state is None or (p.profile is None and p.record is None):
                 raise

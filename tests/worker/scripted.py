@@ -10,11 +10,12 @@ from __future__ import annotations
 
 import asyncio
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
-from worker.klaviyo.errors import KlaviyoError
+from worker.klaviyo.errors import Abandoned, KlaviyoError
 from worker.plan import plan
 from worker.state import PassState
 from worker.sync import SyncResult
@@ -41,7 +42,13 @@ class ScriptedSyncer:
     max_in_flight: int = 0
 
     async def sync_event(
-        self, account: Account, state: PassState | None, event: PassEvent, seq: int = 0
+        self,
+        account: Account,
+        state: PassState | None,
+        event: PassEvent,
+        seq: int = 0,
+        *,
+        alive: Callable[[], bool] | None = None,
     ) -> SyncResult:
         self.attempts[event.event_id] += 1
         self.in_flight += 1
@@ -51,6 +58,9 @@ class ScriptedSyncer:
                 await self.unblock.wait()
             if self.delay_s:
                 await asyncio.sleep(self.delay_s)
+            if alive is not None and not alive():
+                # As the real client: nothing is sent once the lease is gone.
+                raise Abandoned("scripted")
             if account.account_id in self.account_errors:
                 raise self.account_errors[account.account_id]
             queued = self.failures.get(event.event_id)

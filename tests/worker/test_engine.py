@@ -345,9 +345,11 @@ class TestLeases:
         await engines(healthy)
         await async_wait_for(lambda: drained(redis, "acme"), timeout=5)
         assert healthy.written[("acme", "S1")] == ["acme-S1-0"]
-        # The frozen worker wakes up: its write went to "Klaviyo" (a duplicate send) but its commit is refused.
+        # The frozen worker wakes up: its lease deadline passed long ago, so it writes nothing to "Klaviyo" (no
+        # older state after the new holder's), and its hand-back is refused.
         hung.unblock.set()
         await async_wait_for(lambda: _count(a, "leases_lost", 1), timeout=5)
+        assert ("acme", "S1") not in hung.written
         assert PassState.from_json(await redis.hget(account_keys("acme").state, "S1")).event_id == "acme-S1-0"
         await assert_clean(redis, "acme")
 
