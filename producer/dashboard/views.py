@@ -7,7 +7,9 @@ dashboard is off (404). Nothing here reads an account's secrets: the read API ne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -357,16 +359,18 @@ async def event(page: Page) -> Response:
 # --- the DLQ -----------------------------------------------------------------------------------------------
 
 
-def _filter(values: dict[str, Any]) -> DLQFilter:
-    """The DLQ filter of a query or form; ValueError names the bad field."""
+def _filter(values: dict[str, Any], *, now_ms: int | None = None) -> DLQFilter:
+    """The DLQ filter of a query or form; ValueError names the bad field. Ages (``2h``) count back from
+    ``now_ms`` when given (Redis time, the clock DLQ scores are on)."""
+    now = datetime.fromtimestamp(now_ms / 1000, UTC) if now_ms is not None else None
     since = str(values.get("since") or "")
     until = str(values.get("until") or "")
     try:
-        since_ms = inspect.parse_when(since) if since else None
+        since_ms = inspect.parse_when(since, now=now) if since else None
     except ValueError as exc:
         raise ValueError(f"since: {exc}") from None
     try:
-        until_ms = inspect.parse_when(until) if until else None
+        until_ms = inspect.parse_when(until, now=now) if until else None
     except ValueError as exc:
         raise ValueError(f"until: {exc}") from None
     return DLQFilter(
@@ -375,6 +379,25 @@ def _filter(values: dict[str, Any]) -> DLQFilter:
         since_ms=since_ms,
         until_ms=until_ms,
     )
+
+
+def _ms_field(form: dict[str, Any], name: str) -> int | None:
+    """An epoch-ms hidden field of the confirmation form ('' = none); ValueError names it."""
+    raw = str(form.get(name) or "")
+    if not raw:
+        return None
+    if not raw.isdigit() or len(raw) > 15:
+        raise ValueError(f"{name}: must be epoch milliseconds (digits only)")
+    return int(raw)
+
+
+def _selection_digest(chosen: dict[str, list[str]]) -> str:
+    """What the confirmation page showed, in a form field's worth: a hash of every (account, id) selected."""
+    h = hashlib.sha256()
+    for account_id in sorted(chosen):
+        for event_id in sorted(chosen[account_id]):
+            h.update(f"{account_id}\0{event_id}\n".encode())
+    return h.hexdigest()
 
 
 async def dlq_list(page: Page) -> Response:
@@ -442,17 +465,29 @@ async def dlq_replay_one(page: Page) -> Response:
 
 
 async def dlq_bulk(page: Page) -> Response:
-    """POST /dashboard/dlq/bulk (action=replay|purge, filters or ids): confirm first, then do it."""
+    """POST /dashboard/dlq/bulk (action=replay|purge, filters or ids): confirm first, then do it.
+
+    The confirmation is bound to what it showed: the preview fixes the time range in absolute Redis time
+    (``until`` = the preview's moment, so events dead-lettered later are never included) and posts back a
+    digest of the selected ids. If the selection at confirm time differs (another operator replayed or purged
+    some meanwhile), nothing is done and the confirmation is shown again with the new numbers.
+    """
     form = await _form(page)
     if not _checked(page, form):
         return await page.error(403, "the form is stale or forged (CSRF check failed); reload the page")
     action = form.get("action", "")
     if action not in ("replay", "purge"):
         return await page.error(400, "action: must be replay or purge")
+    now = await inspect.now_ms(page.redis)
     try:
-        flt = _filter(form)
+        flt = _filter(form, now_ms=now)
+        since_ms, until_ms = _ms_field(form, "since_ms"), _ms_field(form, "until_ms")
     except ValueError as exc:
         return await page.error(400, str(exc))
+    if until_ms is None:  # a preview: fix the range now, so "2h" and "everything" mean what was shown
+        since_ms = flt.since_ms
+        until_ms = now if flt.until_ms is None else min(flt.until_ms, now)
+    flt = dataclasses.replace(flt, since_ms=since_ms, until_ms=until_ms)
     account_id = form.get("account", "")
     accounts = [account_id] if account_id else await inspect.account_ids(page.redis)
     chosen: dict[str, list[str]] = {}
@@ -468,6 +503,7 @@ async def dlq_bulk(page: Page) -> Response:
         if ids:
             chosen[a] = ids
     total = sum(len(v) for v in chosen.values())
+    digest = _selection_digest(chosen)
     back = url(
         "/dashboard/dlq", **{k: form.get(k, "") for k in ("account", "code", "serial", "since", "until")}
     )
@@ -475,10 +511,28 @@ async def dlq_bulk(page: Page) -> Response:
         return RedirectResponse(
             with_notice(back, "nothing matched"), status_code=303, headers=SECURITY_HEADERS
         )
-    if form.get("confirm") != "yes":
+    confirming = form.get("confirm") == "yes"
+    if not confirming or form.get("selection") != digest or form.get("total") != str(total):
         preview = [(a, i) for a, ids in chosen.items() for i in ids][:PREVIEW]
+        changed = None
+        if confirming:
+            before = form.get("total", "")
+            changed = (
+                f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
+            )
         return await page.render(
-            "confirm.html", action=action, chosen=chosen, total=total, preview=preview, form=form, back=back
+            "confirm.html",
+            status=409 if changed else 200,
+            action=action,
+            chosen=chosen,
+            total=total,
+            preview=preview,
+            form=form,
+            back=back,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            selection=digest,
+            changed=changed,
         )
     done = 0
     for a, ids in chosen.items():

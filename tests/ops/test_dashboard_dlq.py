@@ -1,0 +1,76 @@
+"""The dashboard's dead-letter pages over real HTTP: bulk actions bound to their confirmation page (against a
+real producer and worker that dead-letter events while the operator looks), and the listing."""
+
+from __future__ import annotations
+
+import re
+
+import httpx
+
+from .harness import ADMIN_TOKEN, Stack, item, wait_until
+
+
+def hidden_fields(html: str) -> dict[str, list[str]]:
+    """The confirmation form's hidden inputs, as a browser would post them back."""
+    form = html[html.index('action="/dashboard/dlq/bulk"') :]
+    fields: dict[str, list[str]] = {}
+    for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form):
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    stack.add_account("acme")
+    stack.start_producer(processes=1)
+    stack.start_worker()
+    sandbox = stack.sandbox
+    sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+
+    def dead_letter(*serials: str, expect: int) -> None:
+        batch = [item(f"acme-{s.lower()}-c", s, "created", minute=1) for s in serials]
+        assert stack.post("acme", batch).status_code == 202
+        wait_until(lambda: stack.dlq_size("acme") == expect, 30, f"{expect} dead letters")
+
+    dead_letter("S1", "S2", "S3", expect=3)
+    with httpx.Client(base_url=stack.producer_url, timeout=10) as browser:
+        assert browser.post("/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 303
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', browser.get("/dashboard/dlq").text)
+        assert csrf is not None
+        # Purge everything, previewed while the DLQ holds 3 ...
+        r = browser.post("/dashboard/dlq/bulk", data={"action": "purge", "csrf": csrf.group(1)})
+        assert r.status_code == 200
+        assert "Purge 3 dead-lettered events?" in r.text
+        confirm = hidden_fields(r.text)
+        # ... then an incident dead-letters 2 more before the operator clicks "Yes, purge 3".
+        dead_letter("S4", "S5", expect=5)
+        r = browser.post("/dashboard/dlq/bulk", data=confirm)
+        assert r.status_code == 303
+        assert "purged+3+of+3+selected" in r.headers["location"]
+        assert stack.dlq_size("acme") == 2  # the two nobody previewed are still there
+        remaining = {"acme-s4-c", "acme-s5-c"}
+
+        # Preview the 2; another operator replays one of them before the click: the confirmation is shown
+        # again with the new number and nothing is purged.
+        r = browser.post("/dashboard/dlq/bulk", data={"action": "purge", "csrf": csrf.group(1)})
+        assert "Purge 2 dead-lettered events?" in r.text
+        confirm = hidden_fields(r.text)
+        sandbox.clear_faults()
+        r = browser.post(
+            "/dashboard/dlq/replay", data={"account": "acme", "id": "acme-s4-c", "csrf": csrf.group(1)}
+        )
+        assert r.status_code == 303
+        wait_until(lambda: "acme-s4-c" in stack.stored_unique_ids("acme"), 30, "the replayed event delivered")
+        r = browser.post("/dashboard/dlq/bulk", data=confirm)
+        assert r.status_code == 409
+        assert "Purge 1 dead-lettered event?" in r.text
+        assert "The selection changed" in r.text
+        assert stack.dlq_size("acme") == 1
+        # Confirming the page shown again purges what it shows.
+        r = browser.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
+        assert r.status_code == 303
+        assert "purged+1+of+1+selected" in r.headers["location"]
+        assert stack.dlq_size("acme") == 0
+        assert "acme-s5-c" not in stack.stored_unique_ids("acme")
+        assert remaining - stack.stored_unique_ids("acme") == {"acme-s5-c"}
+    sandbox.close()
