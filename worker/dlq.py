@@ -34,6 +34,8 @@ class DLQEntry:
     member: str
     score: int
     reason: str
+    #: When it was dead-lettered. Read from the DLQ, this is the entry's DLQ score (Redis time, the clock the
+    #: time filters query), not the worker's own clock reading stored with it: one clock for filters and display.
     dead_at_ms: int
     worker: str
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -77,8 +79,9 @@ class DLQEntry:
         return orjson.dumps(self.to_doc())
 
     @classmethod
-    def from_json(cls, raw: bytes) -> DLQEntry:
-        """Inverse of :meth:`to_json`."""
+    def from_json(cls, raw: bytes, *, dlq_score: float | None = None) -> DLQEntry:
+        """Inverse of :meth:`to_json`; ``dlq_score`` (the entry's DLQ score, Redis time) replaces the stored
+        ``dead_at_ms`` when given."""
         d = orjson.loads(raw)
         return cls(
             event_id=d["event_id"],
@@ -86,7 +89,7 @@ class DLQEntry:
             member=d["member"],
             score=int(d["score"]),
             reason=d["reason"],
-            dead_at_ms=int(d["dead_at_ms"]),
+            dead_at_ms=int(dlq_score) if dlq_score is not None else int(d["dead_at_ms"]),
             worker=d["worker"],
             errors=list(d.get("errors", [])),
             replays=int(d.get("replays", 0)),
@@ -95,7 +98,8 @@ class DLQEntry:
 
 @dataclass(frozen=True, slots=True)
 class DLQFilter:
-    """Which entries an operator means: by error code/status/kind, dead-lettered time range, serial."""
+    """Which entries an operator means: by error code/status/kind, dead-lettered time range (Redis time, as
+    DLQ scores are), serial."""
 
     code: str | None = None
     since_ms: int | None = None
@@ -129,14 +133,16 @@ async def iter_entries(
     offset = 0
     yielded = 0
     while True:
-        ids = await redis.zrangebyscore(keys.dlq, lo, hi, start=offset, num=CHUNK)
-        if not ids:
+        page = await redis.zrangebyscore(keys.dlq, lo, hi, start=offset, num=CHUNK, withscores=True)
+        if not page:
             return
-        offset += len(ids)
-        for raw in await redis.hmget(keys.dlq_entries, ids):
+        offset += len(page)
+        for (_, dlq_score), raw in zip(
+            page, await redis.hmget(keys.dlq_entries, [i for i, _ in page]), strict=True
+        ):
             if raw is None:  # purged or replayed meanwhile
                 continue
-            entry = DLQEntry.from_json(raw)
+            entry = DLQEntry.from_json(raw, dlq_score=dlq_score)
             if flt.matches(entry):
                 yield entry
                 yielded += 1
@@ -153,8 +159,12 @@ async def list_entries(
 
 async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
     """One entry by event id."""
-    raw = await redis.hget(account_keys(account_id).dlq_entries, event_id)
-    return DLQEntry.from_json(raw) if raw is not None else None
+    keys = account_keys(account_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.dlq_entries, event_id)
+        pipe.zscore(keys.dlq, event_id)
+        raw, dlq_score = await pipe.execute()
+    return DLQEntry.from_json(raw, dlq_score=dlq_score) if raw is not None else None
 
 
 async def replay(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import orjson
@@ -65,7 +66,8 @@ class TestDLQ:
         assert entry.event_id == "a-S1-0"
         assert int(await redis.get(keys.depth)) == 2
         assert await dlq.count(redis, "a") == 1
-        assert (await dlq.get(redis, "a", "a-S1-0")) == entry
+        stored = await dlq.get(redis, "a", "a-S1-0")
+        assert stored == dataclasses.replace(entry, dead_at_ms=int(await redis.zscore(keys.dlq, "a-S1-0")))
         assert entry.event["id"] == "a-S1-0"
 
         replayed = await dlq.replay(redis, "a", ["a-S1-0", "missing"], history_retention_ms=DAY_MS)
@@ -101,10 +103,28 @@ class TestDLQ:
         assert await ids(code="404") == ["a-S2-1"]
         assert await ids(serial="S3") == ["a-S3-1"]
         assert await ids(code="invalid", serial="S2") == []
-        # The time range is checked against the entry's dead-letter time (these entries have synthetic ones).
+        # The time range is checked against the entry's DLQ time (Redis time), not the synthetic worker times.
         assert DLQFilter(since_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
         assert not DLQFilter(until_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
         assert len(await dlq.list_entries(redis, "a", limit=2)) == 2
+
+    async def test_time_filters_and_dead_at_are_on_the_dlq_clock(self, redis: Redis) -> None:
+        """A worker whose clock is a day off: its entries are still found and shown by Redis time, the clock
+        the DLQ's scores (and so the range query) are on."""
+        await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
+        q = WorkQueue(redis, worker_id="w1")
+        skewed = int(time.time() * 1000)
+        await dead_letter_head(q, redis, "a", "S1", code="x", status=400, at_ms=skewed - DAY_MS)
+        await dead_letter_head(q, redis, "a", "S2", code="x", status=400, at_ms=skewed + DAY_MS)
+        secs, micros = await redis.time()
+        now = secs * 1000 + micros // 1000
+        hour = DLQFilter(since_ms=now - 3_600_000, until_ms=now)
+        assert sorted(e.event_id for e in await dlq.list_entries(redis, "a", hour)) == ["a-S1-1", "a-S2-1"]
+        for event_id in ("a-S1-1", "a-S2-1"):
+            entry = await dlq.get(redis, "a", event_id)
+            assert entry is not None
+            assert now - 60_000 < entry.dead_at_ms <= now
+            assert hour.matches(entry)
 
     async def test_purge(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
