@@ -44,6 +44,9 @@ SECURITY_HEADERS = {
 #: Most DLQ entries a page lists, and most ids a confirmation page previews.
 DLQ_PAGE = 200
 PREVIEW = 20
+#: Most DLQ entries one dead-letters page or bulk selection reads to filter by code or serial (it runs on the
+#: producer's event loop, beside ingest); past it the page says so (README "The dashboard").
+DLQ_EXAMINE = 20_000
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
@@ -410,15 +413,23 @@ async def dlq_list(page: Page) -> Response:
     accounts = [params["account"]] if params["account"] else await inspect.account_ids(page.redis)
     rows: list[dict[str, Any]] = []
     totals: dict[str, int] = {}
+    budget = dlq.Budget(DLQ_EXAMINE)
     for account_id in accounts:
         totals[account_id] = await dlq.count(page.redis, account_id)
-        async for entry in dlq.iter_entries(page.redis, account_id, flt, limit=DLQ_PAGE - len(rows)):
+        entries = dlq.iter_entries(page.redis, account_id, flt, limit=DLQ_PAGE - len(rows), budget=budget)
+        async for entry in entries:
             rows.append(inspect.dlq_summary(account_id, entry))
-        if len(rows) >= DLQ_PAGE:
+        if len(rows) >= DLQ_PAGE or budget.exhausted:
             break
     rows.sort(key=lambda r: str(r["dead_at"]), reverse=True)
     return await page.render(
-        "dlq.html", rows=rows, totals=totals, params=params, filtered=any(params.values()), limit=DLQ_PAGE
+        "dlq.html",
+        rows=rows,
+        totals=totals,
+        params=params,
+        filtered=any(params.values()),
+        limit=DLQ_PAGE,
+        examined=budget.examined if budget.exhausted else None,
     )
 
 
@@ -491,6 +502,7 @@ async def dlq_bulk(page: Page) -> Response:
     account_id = form.get("account", "")
     accounts = [account_id] if account_id else await inspect.account_ids(page.redis)
     chosen: dict[str, list[str]] = {}
+    budget = dlq.Budget(DLQ_EXAMINE)
     for a in accounts:
         if form["ids"]:
             ids = [
@@ -499,9 +511,15 @@ async def dlq_bulk(page: Page) -> Response:
                 if (e := await dlq.get(page.redis, a, i)) is not None and flt.matches(e)
             ]
         else:
-            ids = [e.event_id async for e in dlq.iter_entries(page.redis, a, flt)]
+            ids = await dlq.select_ids(page.redis, a, flt, budget=budget)
         if ids:
             chosen[a] = ids
+        if budget.exhausted:
+            return await page.error(
+                400,
+                f"code, serial: selecting by them would read more than {DLQ_EXAMINE} dead letters here; "
+                "narrow the time range (since, until) or use `passbridge dlq replay|purge`",
+            )
     total = sum(len(v) for v in chosen.values())
     digest = _selection_digest(chosen)
     back = url(

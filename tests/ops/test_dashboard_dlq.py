@@ -3,11 +3,47 @@ real producer and worker that dead-letter events while the operator looks), and 
 
 from __future__ import annotations
 
+import asyncio
 import re
+from collections.abc import Iterator
 
 import httpx
+import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
+
+from passbridge.settings import Settings
+from producer.app import create_app
+from producer.dashboard.views import DLQ_EXAMINE
+from tests.conftest import serve
+from tests.worker.helpers import fill_dlq
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
+
+
+@pytest.fixture
+def dashboard(settings: Settings, redis_url: str) -> Iterator[httpx.Client]:
+    """The dashboard served from this process (the producer app) on the test's Redis, as the admin."""
+    app = create_app(settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)}), redis_url)
+    server = serve(app)
+    try:
+        with httpx.Client(
+            base_url=server.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60
+        ) as client:
+            yield client
+    finally:
+        server.stop()
+
+
+def fill(redis_url: str, account_id: str, serials: list[str], per_serial: int) -> None:
+    async def go() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            await fill_dlq(redis, account_id, serials, per_serial)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
 
 
 def hidden_fields(html: str) -> dict[str, list[str]]:
@@ -74,3 +110,26 @@ def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> No
         assert "acme-s5-c" not in stack.stored_unique_ids("acme")
         assert remaining - stack.stored_unique_ids("acme") == {"acme-s5-c"}
     sandbox.close()
+
+
+def test_a_filtered_scan_of_a_huge_dlq_stops_and_says_so(dashboard: httpx.Client, redis_url: str) -> None:
+    per_serial = 1010
+    fill(redis_url, "acme", [f"S{n}" for n in range(20)], per_serial)
+    total = 20 * per_serial
+    assert total > DLQ_EXAMINE
+    # A code no entry has: the page reads DLQ_EXAMINE entries, stops, and says so.
+    r = dashboard.get("/dashboard/dlq?account=acme&code=429")
+    assert r.status_code == 200
+    assert f"Stopped after examining {DLQ_EXAMINE} dead letters" in r.text
+    # One that matches early needs only a page's worth: no such note.
+    r = dashboard.get("/dashboard/dlq?account=acme&code=409")
+    assert r.text.count("<tr>") == 201  # the header and 200 rows
+    assert "Stopped after examining" not in r.text
+    # A bulk selection by code would have to read past the cap: refused, not done on a part.
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "code": "429"})
+    assert r.status_code == 400
+    assert "code, serial:" in r.text
+    # By time alone no entry is read, so there is no cap.
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "since": "1h"})
+    assert r.status_code == 200
+    assert f"Purge {total} dead-lettered events?" in r.text

@@ -17,7 +17,7 @@ from worker import dlq, history, pause
 from worker.dlq import DLQEntry, DLQFilter
 from worker.queue import Lease, WorkQueue
 
-from .helpers import pass_event, put
+from .helpers import FILL_CODES, fill_dlq, pass_event, put
 
 DAY_MS = 86_400_000
 
@@ -136,6 +136,82 @@ class TestDLQ:
         assert seen == [3]
         assert await dlq.count(redis, "a") == 0
         assert await redis.hlen(account_keys("a").dlq_entries) == 0
+
+
+class TestDLQScan:
+    """Listing a big DLQ: pages by rank, reads entries only for a code or serial filter, can be capped."""
+
+    async def test_filters_on_thousands_of_entries_match_a_full_read(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", [f"S{n}" for n in range(6)], 500)
+        keys = account_keys("a")
+        scored = await redis.zrange(keys.dlq, 0, -1, withscores=True)
+        raws = dict(await redis.hgetall(keys.dlq_entries))
+        every = [DLQEntry.from_json(raws[m], dlq_score=s) for m, s in scored]
+        assert len(every) == 3000
+        scores = sorted({e.dead_at_ms for e in every})
+        assert len(scores) < len(every)  # entries settled together share a score: pages cut through ties
+        lo, hi = scores[len(scores) // 4], scores[3 * len(scores) // 4]
+        for flt in (
+            DLQFilter(),
+            DLQFilter(code="invalid"),
+            DLQFilter(code="404"),
+            DLQFilter(serial="S4"),
+            DLQFilter(code="conflict", serial="S2"),
+            DLQFilter(since_ms=lo),
+            DLQFilter(until_ms=hi),
+            DLQFilter(since_ms=lo, until_ms=hi, code="400"),
+            DLQFilter(since_ms=hi, until_ms=lo),
+        ):
+            expected = [e.event_id for e in every if flt.matches(e)]
+            assert [e.event_id for e in await dlq.list_entries(redis, "a", flt)] == expected, flt
+            assert await dlq.select_ids(redis, "a", flt) == expected, flt
+            assert [e.event_id for e in await dlq.list_entries(redis, "a", flt, limit=7)] == expected[:7]
+
+    async def test_a_time_range_alone_reads_no_entry(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1", "S2"], 300)
+        scores = sorted(
+            {int(s) for _, s in await redis.zrange(account_keys("a").dlq, 0, -1, withscores=True)}
+        )
+
+        async def hmgets(flt: DLQFilter) -> tuple[int, int]:
+            await redis.config_resetstat()
+            found = len(await dlq.select_ids(redis, "a", flt))
+            stats = await redis.info("commandstats")
+            return found, int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+        assert await hmgets(DLQFilter(since_ms=scores[0], until_ms=scores[-1])) == (600, 0)
+        found, calls = await hmgets(DLQFilter(since_ms=scores[0], code="invalid"))
+        assert (found, calls > 0) == (300, True)
+
+    async def test_entries_removed_mid_scan_hide_no_other(self, redis: Redis) -> None:
+        """Another operator replays or purges entries while a listing pages through: every entry that stays
+        is still listed, once, in order."""
+        await fill_dlq(redis, "a", ["S1", "S2", "S3"], 300)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1)]
+        seen: list[str] = []
+        removed: set[str] = set()
+        async for entry in dlq.iter_entries(redis, "a"):
+            seen.append(entry.event_id)
+            if len(seen) in (dlq.CHUNK, 2 * dlq.CHUNK):
+                # Some already listed go; after the first page also the last one listed (the scan's place).
+                gone = order[len(seen) - 150 : len(seen) - 100]
+                if len(seen) == dlq.CHUNK:
+                    gone.append(seen[-1])
+                removed |= set(gone)
+                assert await dlq.purge(redis, "a", gone) == len(gone)
+        assert seen == order
+
+    async def test_a_budget_caps_the_entries_read(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1"], 450)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1)]
+        invalid = [i for i in order if FILL_CODES[int(i.rsplit("-", 1)[1]) % len(FILL_CODES)][0] == "invalid"]
+        budget = dlq.Budget(limit=300)
+        found = await dlq.select_ids(redis, "a", DLQFilter(code="invalid"), budget=budget)
+        assert found == [i for i in invalid if order.index(i) < 300]
+        assert (budget.examined, budget.exhausted) == (300, True)
+        budget = dlq.Budget(limit=450)
+        assert await dlq.select_ids(redis, "a", DLQFilter(code="invalid"), budget=budget) == invalid
+        assert (budget.examined, budget.exhausted) == (450, False)
 
 
 @pytest.fixture
