@@ -10,7 +10,7 @@ the two places.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -139,25 +139,31 @@ def needs_entries(flt: DLQFilter) -> bool:
 
 
 async def _pages(
-    redis: Redis, key: str, lo: int | None, hi: int | None
+    redis: Redis, key: str, lo: int | None, hi: int | None, *, newest_first: bool = False
 ) -> AsyncIterator[list[tuple[str, int]]]:
-    """(event id, score) of the entries scored in ``[lo, hi]``, oldest first, a page at a time.
+    """(event id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
 
     Pages are positioned by rank, never by an offset (Redis walks every skipped entry again for an offset, so a
     full scan of a big DLQ would be quadratic): the first by ZCOUNT, each next one by the rank of the last id
     seen — O(log N + page) each. If that id was removed meanwhile (replayed or purged), the scan resumes at the
     start of its score and skips the ids of that score it already gave.
+
+    Scores are Redis time with a fractional part (microseconds); an entry's time is its whole millisecond, so
+    ``hi`` takes in the whole of its millisecond.
     """
-    start = 0 if lo is None else int(await redis.zcount(key, "-inf", f"({lo}"))
+    if newest_first:
+        start = 0 if hi is None else int(await redis.zcount(key, hi + 1, "+inf"))
+    else:
+        start = 0 if lo is None else int(await redis.zcount(key, "-inf", f"({lo}"))
     last_score: int | None = None
     seen_at_last: set[str] = set()
     while True:
-        raw = await redis.zrange(key, start, start + CHUNK - 1, withscores=True)
+        raw = await redis.zrange(key, start, start + CHUNK - 1, desc=newest_first, withscores=True)
         page: list[tuple[str, int]] = []
         in_range = True
         for member, score in raw:
             event_id, at = member.decode(), int(score)
-            if hi is not None and at > hi:
+            if (lo is not None and at < lo) if newest_first else (hi is not None and at > hi):
                 in_range = False
                 break
             if at == last_score:
@@ -171,8 +177,13 @@ async def _pages(
             yield page
         if not in_range or len(raw) < CHUNK:
             return
-        rank = await redis.zrank(key, raw[-1][0])
-        start = int(rank) + 1 if rank is not None else int(await redis.zcount(key, "-inf", f"({last_score}"))
+        rank = await (redis.zrevrank if newest_first else redis.zrank)(key, raw[-1][0])
+        if rank is not None:
+            start = int(rank) + 1
+        elif newest_first:
+            start = int(await redis.zcount(key, (last_score or 0) + 1, "+inf"))
+        else:
+            start = int(await redis.zcount(key, "-inf", f"({last_score}"))
 
 
 async def iter_ids(
@@ -191,13 +202,15 @@ async def iter_entries(
     *,
     limit: int | None = None,
     budget: Budget | None = None,
-) -> AsyncIterator[DLQEntry]:
-    """Entries in the order they were dead-lettered, filtered; the time range is applied in Redis. With a
-    ``budget``, stops once it is spent (and marks it exhausted if entries were left unread)."""
+    newest_first: bool = False,
+) -> AsyncGenerator[DLQEntry, None]:
+    """Entries in the order they were dead-lettered (``newest_first``: the reverse), filtered; the time range
+    is applied in Redis. With a ``budget``, stops once it is spent (and marks it exhausted if entries were left
+    unread)."""
     flt = flt or DLQFilter()
     keys = account_keys(account_id)
     yielded = 0
-    async for page in _pages(redis, keys.dlq, flt.since_ms, flt.until_ms):
+    async for page in _pages(redis, keys.dlq, flt.since_ms, flt.until_ms, newest_first=newest_first):
         cut = False
         if budget is not None:
             room = budget.limit - budget.examined

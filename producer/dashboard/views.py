@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import hashlib
+import heapq
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -24,6 +25,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from passbridge.keys import account_keys
 from passbridge.metrics import BUCKET_S
 from producer.context import ProducerContext
 from producer.dashboard import auth
@@ -403,25 +405,45 @@ def _selection_digest(chosen: dict[str, list[str]]) -> str:
     return h.hexdigest()
 
 
+async def _newest(
+    redis: Redis, accounts: list[str], flt: DLQFilter, budget: dlq.Budget
+) -> list[tuple[str, dlq.DLQEntry]]:
+    """The ``DLQ_PAGE`` newest entries matching ``flt`` across ``accounts``: a merge of each account's entries
+    read newest first, so only what is shown (plus a page per account) is read."""
+    streams = {a: dlq.iter_entries(redis, a, flt, budget=budget, newest_first=True) for a in accounts}
+    heap: list[tuple[int, int, str, dlq.DLQEntry]] = []
+    try:
+        for n, (a, stream) in enumerate(streams.items()):
+            if (entry := await anext(stream, None)) is not None:
+                heapq.heappush(heap, (-entry.dead_at_ms, n, a, entry))
+        out: list[tuple[str, dlq.DLQEntry]] = []
+        while heap and len(out) < DLQ_PAGE:
+            _, n, a, entry = heapq.heappop(heap)
+            out.append((a, entry))
+            if (following := await anext(streams[a], None)) is not None:
+                heapq.heappush(heap, (-following.dead_at_ms, n, a, following))
+        return out
+    finally:
+        for stream in streams.values():
+            await stream.aclose()
+
+
 async def dlq_list(page: Page) -> Response:
-    """GET /dashboard/dlq: entries (filtered by account, code, serial, time), newest error shown first."""
+    """GET /dashboard/dlq: the newest entries across accounts (filtered by account, code, serial, time), and
+    every account's DLQ size."""
     params = {k: page.q(k) for k in ("account", "code", "serial", "since", "until")}
     try:
-        flt = _filter(params)
+        flt = _filter(params, now_ms=await inspect.now_ms(page.redis))
     except ValueError as exc:
         return await page.error(400, str(exc))
     accounts = [params["account"]] if params["account"] else await inspect.account_ids(page.redis)
-    rows: list[dict[str, Any]] = []
-    totals: dict[str, int] = {}
+    async with page.redis.pipeline(transaction=False) as pipe:
+        for account_id in accounts:
+            pipe.zcard(account_keys(account_id).dlq)
+        totals = {a: int(n) for a, n in zip(accounts, await pipe.execute(), strict=True)}
     budget = dlq.Budget(DLQ_EXAMINE)
-    for account_id in accounts:
-        totals[account_id] = await dlq.count(page.redis, account_id)
-        entries = dlq.iter_entries(page.redis, account_id, flt, limit=DLQ_PAGE - len(rows), budget=budget)
-        async for entry in entries:
-            rows.append(inspect.dlq_summary(account_id, entry))
-        if len(rows) >= DLQ_PAGE or budget.exhausted:
-            break
-    rows.sort(key=lambda r: str(r["dead_at"]), reverse=True)
+    shown = await _newest(page.redis, [a for a in accounts if totals[a]], flt, budget)
+    rows = [inspect.dlq_summary(a, entry) for a, entry in shown]
     return await page.render(
         "dlq.html",
         rows=rows,

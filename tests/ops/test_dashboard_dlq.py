@@ -9,13 +9,17 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import redis as redis_sync
+from cryptography.fernet import Fernet, MultiFernet
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
+from passbridge.keys import account_keys
 from passbridge.settings import Settings
 from producer.app import create_app
 from producer.dashboard.views import DLQ_EXAMINE
 from tests.conftest import serve
+from tests.factories import make_account
 from tests.worker.helpers import fill_dlq
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
@@ -35,15 +39,27 @@ def dashboard(settings: Settings, redis_url: str) -> Iterator[httpx.Client]:
         server.stop()
 
 
-def fill(redis_url: str, account_id: str, serials: list[str], per_serial: int) -> None:
+def fill(
+    redis_url: str, account_id: str, serials: list[str], per_serial: int, *, register: bool = False
+) -> None:
+    """Dead-letter ``per_serial`` events of each serial (see ``fill_dlq``); ``register`` the account first."""
+
     async def go() -> None:
         redis = Redis.from_url(redis_url)
         try:
-            await fill_dlq(redis, account_id, serials, per_serial)
+            if register:
+                await make_account(redis, MultiFernet([Fernet(Fernet.generate_key())]), account_id)
+            if serials:
+                await fill_dlq(redis, account_id, serials, per_serial)
         finally:
             await redis.aclose()
 
     asyncio.run(go())
+
+
+def listed(html: str) -> list[tuple[str, str]]:
+    """(account, event id) of the DLQ table's rows, top to bottom."""
+    return re.findall(r"<tr>\n  <td>[^<]*</td><td>([^<]+)</td>\n  <td><a [^>]*>([^<]+)</a>", html)
 
 
 def hidden_fields(html: str) -> dict[str, list[str]]:
@@ -133,3 +149,30 @@ def test_a_filtered_scan_of_a_huge_dlq_stops_and_says_so(dashboard: httpx.Client
     r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "since": "1h"})
     assert r.status_code == 200
     assert f"Purge {total} dead-lettered events?" in r.text
+
+
+def test_the_dlq_page_lists_the_newest_across_accounts_and_counts_every_account(
+    dashboard: httpx.Client, redis_url: str
+) -> None:
+    # acme's 250 old dead letters, then an incident in zeta, the account listed last.
+    fill(redis_url, "acme", ["A1", "A2"], 125, register=True)
+    fill(redis_url, "mid", [], 0, register=True)
+    fill(redis_url, "zeta", ["Z1"], 40, register=True)
+    r = dashboard.get("/dashboard/dlq")
+    assert r.status_code == 200
+    assert "In the DLQ: acme 250, mid 0, zeta 40" in r.text
+    assert "Showing the 200 newest" in r.text
+    rows = listed(r.text)
+    assert len(rows) == 200
+    assert {i for a, i in rows[:40]} == {f"zeta-Z1-{n}" for n in range(40)}
+    assert all(a == "zeta" for a, _ in rows[:40])
+    assert all(a == "acme" for a, _ in rows[40:])
+    # The 160 newest of acme, newest first.
+    redis = redis_sync.Redis.from_url(redis_url)
+    newest = [m.decode() for m in redis.zrange(account_keys("acme").dlq, 0, 159, desc=True)]
+    redis.close()
+    assert [i for _, i in rows[40:]] == newest
+    # The newest first for one account too, and its total is there even when a filter hides its entries.
+    r = dashboard.get("/dashboard/dlq?account=zeta&code=999")
+    assert "In the DLQ: zeta 40" in r.text
+    assert listed(r.text) == []

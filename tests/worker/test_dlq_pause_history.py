@@ -166,6 +166,8 @@ class TestDLQScan:
             assert [e.event_id for e in await dlq.list_entries(redis, "a", flt)] == expected, flt
             assert await dlq.select_ids(redis, "a", flt) == expected, flt
             assert [e.event_id for e in await dlq.list_entries(redis, "a", flt, limit=7)] == expected[:7]
+            newest = [e.event_id async for e in dlq.iter_entries(redis, "a", flt, newest_first=True)]
+            assert newest == expected[::-1], flt
 
     async def test_a_time_range_alone_reads_no_entry(self, redis: Redis) -> None:
         await fill_dlq(redis, "a", ["S1", "S2"], 300)
@@ -199,6 +201,16 @@ class TestDLQScan:
                     gone.append(seen[-1])
                 removed |= set(gone)
                 assert await dlq.purge(redis, "a", gone) == len(gone)
+        assert seen == order
+
+    async def test_newest_first_with_entries_removed_mid_scan(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1", "S2", "S3"], 300)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1, desc=True)]
+        seen: list[str] = []
+        async for entry in dlq.iter_entries(redis, "a", newest_first=True):
+            seen.append(entry.event_id)
+            if len(seen) == dlq.CHUNK:
+                assert await dlq.purge(redis, "a", [*order[50:100], seen[-1]]) == 51
         assert seen == order
 
     async def test_a_budget_caps_the_entries_read(self, redis: Redis) -> None:
