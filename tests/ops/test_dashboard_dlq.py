@@ -24,6 +24,8 @@ from tests.worker.helpers import fill_dlq
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
 
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
 
 @pytest.fixture
 def dashboard(settings: Settings, redis_url: str) -> Iterator[httpx.Client]:
@@ -176,3 +178,13 @@ def test_the_dlq_page_lists_the_newest_across_accounts_and_counts_every_account(
     r = dashboard.get("/dashboard/dlq?account=zeta&code=999")
     assert "In the DLQ: zeta 40" in r.text
     assert listed(r.text) == []
+
+
+def test_out_of_range_times_are_a_clear_400(dashboard: httpx.Client) -> None:
+    for query in ("since=infd", "until=1e309s", "since=0001-01-01T00:00:00%2B01:00"):
+        r = dashboard.get(f"/dashboard/dlq?{query}")
+        assert r.status_code == 400, query
+        assert "out of range" in r.text
+        r = dashboard.post("/dashboard/dlq/bulk", content=f"action=purge&{query}", headers=FORM)
+        assert r.status_code == 400, query
+        assert ("since:" if query.startswith("since") else "until:") in r.text
