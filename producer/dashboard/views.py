@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
-from passbridge.keys import account_keys
+from passbridge.keys import DASHBOARD_LOGIN_FAILURES, account_keys
 from passbridge.metrics import BUCKET_S
 from producer.context import ProducerContext
 from producer.dashboard import auth
@@ -214,8 +214,25 @@ async def login(request: Request) -> Response:
     target = str(form.get("next", "/dashboard"))
     if not target.startswith("/dashboard") or "//" in target or "\\" in target:
         target = "/dashboard"
+    redis: Redis = request.app.state.ctx.redis
+    failures_key = DASHBOARD_LOGIN_FAILURES + (request.client.host if request.client else "unknown")
+    if int(await redis.get(failures_key) or 0) >= auth.LOGIN_MAX_FAILURES:
+        wait_s = max(1, int(await redis.ttl(failures_key)))
+        response = _login_page(
+            request,
+            status=429,
+            error=f"Too many wrong tokens from your address; try again in {duration(wait_s)}.",
+            next_url=target,
+        )
+        response.headers["Retry-After"] = str(wait_s)
+        return response
     if not given or not auth.token_ok(given, token):
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(failures_key, 0, ex=auth.LOGIN_WINDOW_S, nx=True)
+            pipe.incr(failures_key)
+            await pipe.execute()
         return _login_page(request, status=401, error="That is not the admin token.", next_url=target)
+    await redis.delete(failures_key)
     response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
     response.set_cookie(
         auth.COOKIE,

@@ -11,14 +11,10 @@ import httpx
 import pytest
 import redis as redis_sync
 from cryptography.fernet import Fernet, MultiFernet
-from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from passbridge.keys import account_keys
-from passbridge.settings import Settings
-from producer.app import create_app
 from producer.dashboard.views import DLQ_EXAMINE
-from tests.conftest import serve
 from tests.factories import make_account
 from tests.worker.helpers import fill_dlq
 
@@ -28,17 +24,11 @@ FORM = {"content-type": "application/x-www-form-urlencoded"}
 
 
 @pytest.fixture
-def dashboard(settings: Settings, redis_url: str) -> Iterator[httpx.Client]:
-    """The dashboard served from this process (the producer app) on the test's Redis, as the admin."""
-    app = create_app(settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)}), redis_url)
-    server = serve(app)
-    try:
-        with httpx.Client(
-            base_url=server.url, headers={"authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=60
-        ) as client:
-            yield client
-    finally:
-        server.stop()
+def dashboard(dashboard_url: str) -> Iterator[httpx.Client]:
+    """The in-process dashboard, as the admin (bearer token)."""
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=dashboard_url, headers=headers, timeout=60) as client:
+        yield client
 
 
 def fill(
