@@ -124,8 +124,8 @@ async def count(redis: Redis, account_id: str) -> int:
 
 @dataclass(slots=True)
 class Budget:
-    """A cap on how many entries one or more :func:`iter_entries` calls read (to filter by code or serial):
-    the dashboard scans on the producer's event loop, so it stops after ``limit`` and says so."""
+    """A cap on how many entries one or more :func:`iter_entries` calls read: the dashboard scans on the
+    producer's event loop, so it stops after ``limit`` and says so."""
 
     limit: int
     examined: int = 0

@@ -46,8 +46,8 @@ SECURITY_HEADERS = {
 #: Most DLQ entries a page lists, and most ids a confirmation page previews.
 DLQ_PAGE = 200
 PREVIEW = 20
-#: Most DLQ entries one dead-letters page or bulk selection reads to filter by code or serial (it runs on the
-#: producer's event loop, beside ingest); past it the page says so (README "The dashboard").
+#: Most DLQ entries one dead-letters page or bulk selection reads (it runs on the producer's event loop, beside
+#: ingest); past it the page says so (README "The dashboard"). A bulk selection by time alone reads none.
 DLQ_EXAMINE = 20_000
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
@@ -437,7 +437,7 @@ async def _newest(
         while heap and len(out) < DLQ_PAGE:
             _, n, a, entry = heapq.heappop(heap)
             out.append((a, entry))
-            if (following := await anext(streams[a], None)) is not None:
+            if len(out) < DLQ_PAGE and (following := await anext(streams[a], None)) is not None:
                 heapq.heappush(heap, (-following.dead_at_ms, n, a, following))
         return out
     finally:

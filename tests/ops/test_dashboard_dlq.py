@@ -1,5 +1,7 @@
 """The dashboard's dead-letter pages over real HTTP: bulk actions bound to their confirmation page (against a
-real producer and worker that dead-letter events while the operator looks), and the listing."""
+real producer and worker that dead-letter events while the operator looks), and the listing of big DLQs (the
+producer app served from this process, its DLQs filled through the engine's own claim and settle scripts:
+thousands of dead letters through the sandbox would take minutes)."""
 
 from __future__ import annotations
 
