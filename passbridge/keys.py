@@ -231,6 +231,8 @@ WORKERS_INFO = f"{PREFIX}:workers:info"
 #: ``SET NX`` gate per 10-second bucket (``+ <bucket>``): one process samples every account's depth into the
 #: activity series per bucket.
 SERIES_SAMPLED = f"{PREFIX}:ts-sampled:"
+#: Failed dashboard logins per client address (+ address): a counter that expires after the login window.
+DASHBOARD_LOGIN_FAILURES = f"{PREFIX}:dashboard:login-failures:"
 #: arq's queue (cron sweeps); its health-check key is this + ``:health-check``.
 ARQ_QUEUE = f"{PREFIX}:arq"
 

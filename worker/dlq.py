@@ -10,7 +10,7 @@ the two places.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,6 +34,8 @@ class DLQEntry:
     member: str
     score: int
     reason: str
+    #: When it was dead-lettered. Read from the DLQ, this is the entry's DLQ score (Redis time, the clock the
+    #: time filters query), not the worker's own clock reading stored with it: one clock for filters and display.
     dead_at_ms: int
     worker: str
     errors: list[dict[str, Any]] = field(default_factory=list)
@@ -77,8 +79,9 @@ class DLQEntry:
         return orjson.dumps(self.to_doc())
 
     @classmethod
-    def from_json(cls, raw: bytes) -> DLQEntry:
-        """Inverse of :meth:`to_json`."""
+    def from_json(cls, raw: bytes, *, dlq_score: float | None = None) -> DLQEntry:
+        """Inverse of :meth:`to_json`; ``dlq_score`` (the entry's DLQ score, Redis time) replaces the stored
+        ``dead_at_ms`` when given."""
         d = orjson.loads(raw)
         return cls(
             event_id=d["event_id"],
@@ -86,7 +89,7 @@ class DLQEntry:
             member=d["member"],
             score=int(d["score"]),
             reason=d["reason"],
-            dead_at_ms=int(d["dead_at_ms"]),
+            dead_at_ms=int(dlq_score) if dlq_score is not None else int(d["dead_at_ms"]),
             worker=d["worker"],
             errors=list(d.get("errors", [])),
             replays=int(d.get("replays", 0)),
@@ -95,7 +98,8 @@ class DLQEntry:
 
 @dataclass(frozen=True, slots=True)
 class DLQFilter:
-    """Which entries an operator means: by error code/status/kind, dead-lettered time range, serial."""
+    """Which entries an operator means: by error code/status/kind, dead-lettered time range (Redis time, as
+    DLQ scores are), serial."""
 
     code: str | None = None
     since_ms: int | None = None
@@ -118,30 +122,126 @@ async def count(redis: Redis, account_id: str) -> int:
     return int(await redis.zcard(account_keys(account_id).dlq))
 
 
+@dataclass(slots=True)
+class Budget:
+    """A cap on how many entries one or more :func:`iter_entries` calls read: the dashboard scans on the
+    producer's event loop, so it stops after ``limit`` and says so."""
+
+    limit: int
+    examined: int = 0
+    #: Set when the scan stopped at the cap with entries left unread (more may match).
+    exhausted: bool = False
+
+
+def needs_entries(flt: DLQFilter) -> bool:
+    """Whether ``flt`` looks inside entries; a time range alone is answered by the DLQ's scores."""
+    return flt.code is not None or flt.serial is not None
+
+
+async def _pages(
+    redis: Redis, key: str, lo: int | None, hi: int | None, *, newest_first: bool = False
+) -> AsyncIterator[list[tuple[str, int]]]:
+    """(event id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
+
+    Pages are positioned by rank, never by an offset (Redis walks every skipped entry again for an offset, so a
+    full scan of a big DLQ would be quadratic): the first by ZCOUNT, each next one by the rank of the last id
+    seen — O(log N + page) each. If that id was removed meanwhile (replayed or purged), the scan resumes at the
+    start of its score and skips the ids of that score it already gave.
+
+    Scores are Redis time with a fractional part (microseconds); an entry's time is its whole millisecond, so
+    ``hi`` takes in the whole of its millisecond.
+    """
+    if newest_first:
+        start = 0 if hi is None else int(await redis.zcount(key, hi + 1, "+inf"))
+    else:
+        start = 0 if lo is None else int(await redis.zcount(key, "-inf", f"({lo}"))
+    last_score: int | None = None
+    seen_at_last: set[str] = set()
+    while True:
+        raw = await redis.zrange(key, start, start + CHUNK - 1, desc=newest_first, withscores=True)
+        page: list[tuple[str, int]] = []
+        in_range = True
+        for member, score in raw:
+            event_id, at = member.decode(), int(score)
+            if (lo is not None and at < lo) if newest_first else (hi is not None and at > hi):
+                in_range = False
+                break
+            if at == last_score:
+                if event_id in seen_at_last:
+                    continue
+                seen_at_last.add(event_id)
+            else:
+                last_score, seen_at_last = at, {event_id}
+            page.append((event_id, at))
+        if page:
+            yield page
+        if not in_range or len(raw) < CHUNK:
+            return
+        rank = await (redis.zrevrank if newest_first else redis.zrank)(key, raw[-1][0])
+        if rank is not None:
+            start = int(rank) + 1
+        elif newest_first:
+            start = int(await redis.zcount(key, (last_score or 0) + 1, "+inf"))
+        else:
+            start = int(await redis.zcount(key, "-inf", f"({last_score}"))
+
+
+async def iter_ids(
+    redis: Redis, account_id: str, since_ms: int | None = None, until_ms: int | None = None
+) -> AsyncIterator[list[str]]:
+    """Ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at a
+    time, without reading the entries."""
+    async for page in _pages(redis, account_keys(account_id).dlq, since_ms, until_ms):
+        yield [event_id for event_id, _ in page]
+
+
 async def iter_entries(
-    redis: Redis, account_id: str, flt: DLQFilter | None = None, *, limit: int | None = None
-) -> AsyncIterator[DLQEntry]:
-    """Entries in the order they were dead-lettered, filtered; the time range is applied in Redis."""
+    redis: Redis,
+    account_id: str,
+    flt: DLQFilter | None = None,
+    *,
+    limit: int | None = None,
+    budget: Budget | None = None,
+    newest_first: bool = False,
+) -> AsyncGenerator[DLQEntry, None]:
+    """Entries in the order they were dead-lettered (``newest_first``: the reverse), filtered; the time range
+    is applied in Redis. With a ``budget``, stops once it is spent (and marks it exhausted if entries were left
+    unread)."""
     flt = flt or DLQFilter()
     keys = account_keys(account_id)
-    lo = flt.since_ms if flt.since_ms is not None else "-inf"
-    hi = flt.until_ms if flt.until_ms is not None else "+inf"
-    offset = 0
     yielded = 0
-    while True:
-        ids = await redis.zrangebyscore(keys.dlq, lo, hi, start=offset, num=CHUNK)
-        if not ids:
+    async for page in _pages(redis, keys.dlq, flt.since_ms, flt.until_ms, newest_first=newest_first):
+        cut = False
+        if budget is not None:
+            room = budget.limit - budget.examined
+            if len(page) > room:
+                page, cut = page[: max(room, 0)], True
+                budget.exhausted = True
+            budget.examined += len(page)
+        if page:
+            raws = await redis.hmget(keys.dlq_entries, [event_id for event_id, _ in page])
+            for (_, dlq_score), raw in zip(page, raws, strict=True):
+                if raw is None:  # purged or replayed meanwhile
+                    continue
+                entry = DLQEntry.from_json(raw, dlq_score=dlq_score)
+                if flt.matches(entry):
+                    yield entry
+                    yielded += 1
+                    if limit is not None and yielded >= limit:
+                        return
+        if cut:
             return
-        offset += len(ids)
-        for raw in await redis.hmget(keys.dlq_entries, ids):
-            if raw is None:  # purged or replayed meanwhile
-                continue
-            entry = DLQEntry.from_json(raw)
-            if flt.matches(entry):
-                yield entry
-                yielded += 1
-                if limit is not None and yielded >= limit:
-                    return
+
+
+async def select_ids(
+    redis: Redis, account_id: str, flt: DLQFilter | None = None, *, budget: Budget | None = None
+) -> list[str]:
+    """Ids of every entry ``flt`` matches, oldest first. Only a code or serial filter reads the entries (and
+    spends ``budget``); a time range alone is answered from the DLQ's scores."""
+    flt = flt or DLQFilter()
+    if not needs_entries(flt):
+        return [i async for page in iter_ids(redis, account_id, flt.since_ms, flt.until_ms) for i in page]
+    return [e.event_id async for e in iter_entries(redis, account_id, flt, budget=budget)]
 
 
 async def list_entries(
@@ -153,8 +253,12 @@ async def list_entries(
 
 async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
     """One entry by event id."""
-    raw = await redis.hget(account_keys(account_id).dlq_entries, event_id)
-    return DLQEntry.from_json(raw) if raw is not None else None
+    keys = account_keys(account_id)
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hget(keys.dlq_entries, event_id)
+        pipe.zscore(keys.dlq, event_id)
+        raw, dlq_score = await pipe.execute()
+    return DLQEntry.from_json(raw, dlq_score=dlq_score) if raw is not None else None
 
 
 async def replay(

@@ -705,10 +705,24 @@ def dlq_summary(account_id: str, entry: DLQEntry) -> dict[str, Any]:
 _UNIT_S = {"s": 1, "m": 60, "h": 3600, "d": 86_400, "w": 7 * 86_400}
 
 
+#: The latest time :func:`parse_when` accepts (9999-12-31T23:59:59.999Z); the earliest is the epoch.
+MAX_WHEN_MS = 253_402_300_799_999
+
+
 def parse_when(text: str, *, now: datetime | None = None) -> int:
     """Epoch ms of ``text``: ISO 8601 (UTC when it has no offset), ``now``, or an age such as ``90s``, ``30m``,
-    ``2h``, ``7d``, ``1w`` (that long ago). Raises ValueError naming both forms."""
-    now = now or datetime.now(UTC)
+    ``2h``, ``7d``, ``1w`` (that long ago). Raises ValueError naming both forms, or the range when the time is
+    before 1970 or after 9999 (``infd``, ``1e309s``, year 1: times no later step can place or print)."""
+    try:
+        ms = _parse_when(text, now or datetime.now(UTC))
+    except OverflowError:
+        ms = -1
+    if not 0 <= ms <= MAX_WHEN_MS:
+        raise ValueError(f"{text!r} is out of range: give a time between 1970-01-01 and 9999-12-31")
+    return ms
+
+
+def _parse_when(text: str, now: datetime) -> int:
     t = text.strip().lower()
     if t == "now":
         return int(now.timestamp() * 1000)

@@ -98,7 +98,7 @@ async def _select(
                 i for i in ids if (e := await dlq.get(redis, account_id, i)) is not None and flt.matches(e)
             ]
         else:
-            found = [e.event_id async for e in dlq.iter_entries(redis, account_id, flt)]
+            found = await dlq.select_ids(redis, account_id, flt)
         if found:
             chosen[account_id] = found
     return chosen

@@ -1,30 +1,51 @@
 """Who may see the dashboard: holders of ``Settings.admin_token``.
 
 Two ways in: ``Authorization: Bearer <admin token>`` on every request (scripts, curl), or the login form, which
-sets an HttpOnly, SameSite=Strict session cookie. The cookie holds an HMAC of a fixed label keyed with the
-token, never the token itself, so changing the token ends every session. Forms that change something carry a
-CSRF value (another HMAC of the token) that a cookie-authenticated POST must echo.
+sets an HttpOnly, SameSite=Strict session cookie. The cookie holds the time it was issued and an HMAC of that
+time keyed with the token, never the token itself: the server refuses it once ``SESSION_MAX_AGE_S`` has passed
+(whatever the browser keeps, so a copied cookie does not work for ever), and changing the token ends every
+session. Forms that change something carry a CSRF value (another HMAC of the token) that a cookie-authenticated
+POST must echo. The login form refuses a client (by address) after ``LOGIN_MAX_FAILURES`` wrong tokens within
+``LOGIN_WINDOW_S``, so a short token cannot be guessed at network speed.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import time
 
 from starlette.requests import Request
 
 COOKIE = "pb_dashboard"
 COOKIE_PATH = "/dashboard"
 SESSION_MAX_AGE_S = 12 * 3600
+#: How far in the future an issue time may be (clocks of the producer's hosts differ a little).
+SESSION_SKEW_S = 60
+#: Wrong tokens one client address may send to the login form per window before it answers 429.
+LOGIN_MAX_FAILURES = 10
+LOGIN_WINDOW_S = 15 * 60
 
 
 def _mac(token: str, label: str) -> str:
     return hmac.new(token.encode(), label.encode(), hashlib.sha256).hexdigest()
 
 
-def session_value(token: str) -> str:
-    """The session cookie's value for ``token``."""
-    return _mac(token, "passbridge-dashboard-session-v1")
+def session_value(token: str, issued_s: int | None = None) -> str:
+    """The session cookie's value for ``token``: ``<issued epoch s>.<HMAC of it>`` (issued now by default)."""
+    issued = int(time.time()) if issued_s is None else issued_s
+    return f"{issued}.{_mac(token, f'passbridge-dashboard-session-v2|{issued}')}"
+
+
+def session_ok(value: str, token: str, *, now_s: float | None = None) -> bool:
+    """Whether ``value`` is a session cookie made with ``token`` and issued less than ``SESSION_MAX_AGE_S`` ago."""
+    issued, _, mac = value.partition(".")
+    if not issued.isdigit() or len(issued) > 12:
+        return False
+    if not hmac.compare_digest(mac.encode(), session_value(token, int(issued)).partition(".")[2].encode()):
+        return False
+    age = (time.time() if now_s is None else now_s) - int(issued)
+    return -SESSION_SKEW_S <= age <= SESSION_MAX_AGE_S
 
 
 def csrf_value(token: str) -> str:
@@ -40,8 +61,7 @@ def bearer_ok(request: Request, token: str) -> bool:
 
 def cookie_ok(request: Request, token: str) -> bool:
     """Whether the request carries a valid session cookie."""
-    given = request.cookies.get(COOKIE, "")
-    return bool(given) and hmac.compare_digest(given.encode(), session_value(token).encode())
+    return session_ok(request.cookies.get(COOKIE, ""), token)
 
 
 def token_ok(given: str, token: str) -> bool:

@@ -7,7 +7,10 @@ dashboard is off (404). Nothing here reads an account's secrets: the read API ne
 
 from __future__ import annotations
 
+import dataclasses
 import functools
+import hashlib
+import heapq
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -22,6 +25,7 @@ from redis.asyncio import Redis
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, RedirectResponse, Response
 
+from passbridge.keys import DASHBOARD_LOGIN_FAILURES, account_keys
 from passbridge.metrics import BUCKET_S
 from producer.context import ProducerContext
 from producer.dashboard import auth
@@ -42,6 +46,9 @@ SECURITY_HEADERS = {
 #: Most DLQ entries a page lists, and most ids a confirmation page previews.
 DLQ_PAGE = 200
 PREVIEW = 20
+#: Most DLQ entries one dead-letters page or bulk selection reads (it runs on the producer's event loop, beside
+#: ingest); past it the page says so (README "The dashboard"). A bulk selection by time alone reads none.
+DLQ_EXAMINE = 20_000
 STATIC = {"dashboard.js": "text/javascript", "dashboard.css": "text/css"}
 
 
@@ -207,8 +214,25 @@ async def login(request: Request) -> Response:
     target = str(form.get("next", "/dashboard"))
     if not target.startswith("/dashboard") or "//" in target or "\\" in target:
         target = "/dashboard"
+    redis: Redis = request.app.state.ctx.redis
+    failures_key = DASHBOARD_LOGIN_FAILURES + (request.client.host if request.client else "unknown")
+    if int(await redis.get(failures_key) or 0) >= auth.LOGIN_MAX_FAILURES:
+        wait_s = max(1, int(await redis.ttl(failures_key)))
+        response = _login_page(
+            request,
+            status=429,
+            error=f"Too many wrong tokens from your address; try again in {duration(wait_s)}.",
+            next_url=target,
+        )
+        response.headers["Retry-After"] = str(wait_s)
+        return response
     if not given or not auth.token_ok(given, token):
+        async with redis.pipeline(transaction=True) as pipe:
+            pipe.set(failures_key, 0, ex=auth.LOGIN_WINDOW_S, nx=True)
+            pipe.incr(failures_key)
+            await pipe.execute()
         return _login_page(request, status=401, error="That is not the admin token.", next_url=target)
+    await redis.delete(failures_key)
     response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
     response.set_cookie(
         auth.COOKIE,
@@ -357,16 +381,18 @@ async def event(page: Page) -> Response:
 # --- the DLQ -----------------------------------------------------------------------------------------------
 
 
-def _filter(values: dict[str, Any]) -> DLQFilter:
-    """The DLQ filter of a query or form; ValueError names the bad field."""
+def _filter(values: dict[str, Any], *, now_ms: int | None = None) -> DLQFilter:
+    """The DLQ filter of a query or form; ValueError names the bad field. Ages (``2h``) count back from
+    ``now_ms`` when given (Redis time, the clock DLQ scores are on)."""
+    now = datetime.fromtimestamp(now_ms / 1000, UTC) if now_ms is not None else None
     since = str(values.get("since") or "")
     until = str(values.get("until") or "")
     try:
-        since_ms = inspect.parse_when(since) if since else None
+        since_ms = inspect.parse_when(since, now=now) if since else None
     except ValueError as exc:
         raise ValueError(f"since: {exc}") from None
     try:
-        until_ms = inspect.parse_when(until) if until else None
+        until_ms = inspect.parse_when(until, now=now) if until else None
     except ValueError as exc:
         raise ValueError(f"until: {exc}") from None
     return DLQFilter(
@@ -377,25 +403,72 @@ def _filter(values: dict[str, Any]) -> DLQFilter:
     )
 
 
+def _ms_field(form: dict[str, Any], name: str) -> int | None:
+    """An epoch-ms hidden field of the confirmation form ('' = none); ValueError names it."""
+    raw = str(form.get(name) or "")
+    if not raw:
+        return None
+    if not raw.isdigit() or len(raw) > 15:
+        raise ValueError(f"{name}: must be epoch milliseconds (digits only)")
+    return int(raw)
+
+
+def _selection_digest(chosen: dict[str, list[str]]) -> str:
+    """What the confirmation page showed, in a form field's worth: a hash of every (account, id) selected."""
+    h = hashlib.sha256()
+    for account_id in sorted(chosen):
+        for event_id in sorted(chosen[account_id]):
+            h.update(f"{account_id}\0{event_id}\n".encode())
+    return h.hexdigest()
+
+
+async def _newest(
+    redis: Redis, accounts: list[str], flt: DLQFilter, budget: dlq.Budget
+) -> list[tuple[str, dlq.DLQEntry]]:
+    """The ``DLQ_PAGE`` newest entries matching ``flt`` across ``accounts``: a merge of each account's entries
+    read newest first, so only what is shown (plus a page per account) is read."""
+    streams = {a: dlq.iter_entries(redis, a, flt, budget=budget, newest_first=True) for a in accounts}
+    heap: list[tuple[int, int, str, dlq.DLQEntry]] = []
+    try:
+        for n, (a, stream) in enumerate(streams.items()):
+            if (entry := await anext(stream, None)) is not None:
+                heapq.heappush(heap, (-entry.dead_at_ms, n, a, entry))
+        out: list[tuple[str, dlq.DLQEntry]] = []
+        while heap and len(out) < DLQ_PAGE:
+            _, n, a, entry = heapq.heappop(heap)
+            out.append((a, entry))
+            if len(out) < DLQ_PAGE and (following := await anext(streams[a], None)) is not None:
+                heapq.heappush(heap, (-following.dead_at_ms, n, a, following))
+        return out
+    finally:
+        for stream in streams.values():
+            await stream.aclose()
+
+
 async def dlq_list(page: Page) -> Response:
-    """GET /dashboard/dlq: entries (filtered by account, code, serial, time), newest error shown first."""
+    """GET /dashboard/dlq: the newest entries across accounts (filtered by account, code, serial, time), and
+    every account's DLQ size."""
     params = {k: page.q(k) for k in ("account", "code", "serial", "since", "until")}
     try:
-        flt = _filter(params)
+        flt = _filter(params, now_ms=await inspect.now_ms(page.redis))
     except ValueError as exc:
         return await page.error(400, str(exc))
     accounts = [params["account"]] if params["account"] else await inspect.account_ids(page.redis)
-    rows: list[dict[str, Any]] = []
-    totals: dict[str, int] = {}
-    for account_id in accounts:
-        totals[account_id] = await dlq.count(page.redis, account_id)
-        async for entry in dlq.iter_entries(page.redis, account_id, flt, limit=DLQ_PAGE - len(rows)):
-            rows.append(inspect.dlq_summary(account_id, entry))
-        if len(rows) >= DLQ_PAGE:
-            break
-    rows.sort(key=lambda r: str(r["dead_at"]), reverse=True)
+    async with page.redis.pipeline(transaction=False) as pipe:
+        for account_id in accounts:
+            pipe.zcard(account_keys(account_id).dlq)
+        totals = {a: int(n) for a, n in zip(accounts, await pipe.execute(), strict=True)}
+    budget = dlq.Budget(DLQ_EXAMINE)
+    shown = await _newest(page.redis, [a for a in accounts if totals[a]], flt, budget)
+    rows = [inspect.dlq_summary(a, entry) for a, entry in shown]
     return await page.render(
-        "dlq.html", rows=rows, totals=totals, params=params, filtered=any(params.values()), limit=DLQ_PAGE
+        "dlq.html",
+        rows=rows,
+        totals=totals,
+        params=params,
+        filtered=any(params.values()),
+        limit=DLQ_PAGE,
+        examined=budget.examined if budget.exhausted else None,
     )
 
 
@@ -442,20 +515,33 @@ async def dlq_replay_one(page: Page) -> Response:
 
 
 async def dlq_bulk(page: Page) -> Response:
-    """POST /dashboard/dlq/bulk (action=replay|purge, filters or ids): confirm first, then do it."""
+    """POST /dashboard/dlq/bulk (action=replay|purge, filters or ids): confirm first, then do it.
+
+    The confirmation is bound to what it showed: the preview fixes the time range in absolute Redis time
+    (``until`` = the preview's moment, so events dead-lettered later are never included) and posts back a
+    digest of the selected ids. If the selection at confirm time differs (another operator replayed or purged
+    some meanwhile), nothing is done and the confirmation is shown again with the new numbers.
+    """
     form = await _form(page)
     if not _checked(page, form):
         return await page.error(403, "the form is stale or forged (CSRF check failed); reload the page")
     action = form.get("action", "")
     if action not in ("replay", "purge"):
         return await page.error(400, "action: must be replay or purge")
+    now = await inspect.now_ms(page.redis)
     try:
-        flt = _filter(form)
+        flt = _filter(form, now_ms=now)
+        since_ms, until_ms = _ms_field(form, "since_ms"), _ms_field(form, "until_ms")
     except ValueError as exc:
         return await page.error(400, str(exc))
+    if until_ms is None:  # a preview: fix the range now, so "2h" and "everything" mean what was shown
+        since_ms = flt.since_ms
+        until_ms = now if flt.until_ms is None else min(flt.until_ms, now)
+    flt = dataclasses.replace(flt, since_ms=since_ms, until_ms=until_ms)
     account_id = form.get("account", "")
     accounts = [account_id] if account_id else await inspect.account_ids(page.redis)
     chosen: dict[str, list[str]] = {}
+    budget = dlq.Budget(DLQ_EXAMINE)
     for a in accounts:
         if form["ids"]:
             ids = [
@@ -464,10 +550,17 @@ async def dlq_bulk(page: Page) -> Response:
                 if (e := await dlq.get(page.redis, a, i)) is not None and flt.matches(e)
             ]
         else:
-            ids = [e.event_id async for e in dlq.iter_entries(page.redis, a, flt)]
+            ids = await dlq.select_ids(page.redis, a, flt, budget=budget)
         if ids:
             chosen[a] = ids
+        if budget.exhausted:
+            return await page.error(
+                400,
+                f"code, serial: selecting by them would read more than {DLQ_EXAMINE} dead letters here; "
+                "narrow the time range (since, until) or use `passbridge dlq replay|purge`",
+            )
     total = sum(len(v) for v in chosen.values())
+    digest = _selection_digest(chosen)
     back = url(
         "/dashboard/dlq", **{k: form.get(k, "") for k in ("account", "code", "serial", "since", "until")}
     )
@@ -475,10 +568,28 @@ async def dlq_bulk(page: Page) -> Response:
         return RedirectResponse(
             with_notice(back, "nothing matched"), status_code=303, headers=SECURITY_HEADERS
         )
-    if form.get("confirm") != "yes":
+    confirming = form.get("confirm") == "yes"
+    if not confirming or form.get("selection") != digest or form.get("total") != str(total):
         preview = [(a, i) for a, ids in chosen.items() for i in ids][:PREVIEW]
+        changed = None
+        if confirming:
+            before = form.get("total", "")
+            changed = (
+                f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
+            )
         return await page.render(
-            "confirm.html", action=action, chosen=chosen, total=total, preview=preview, form=form, back=back
+            "confirm.html",
+            status=409 if changed else 200,
+            action=action,
+            chosen=chosen,
+            total=total,
+            preview=preview,
+            form=form,
+            back=back,
+            since_ms=since_ms,
+            until_ms=until_ms,
+            selection=digest,
+            changed=changed,
         )
     done = 0
     for a, ids in chosen.items():

@@ -5,8 +5,13 @@ from __future__ import annotations
 from collections.abc import Iterator
 
 import pytest
+from pydantic import SecretStr
 
-from .harness import Stack, new_stack
+from passbridge.settings import Settings
+from producer.app import create_app
+from tests.conftest import serve
+
+from .harness import ADMIN_TOKEN, Stack, new_stack
 from .scenario import Known, build
 
 
@@ -28,3 +33,13 @@ def fresh_stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Stack]:
         yield stack
     finally:
         stack.stop()
+
+
+@pytest.fixture
+def dashboard_url(settings: Settings, redis_url: str) -> Iterator[str]:
+    """The producer app (with the admin token set) served from this process on the test's Redis."""
+    server = serve(create_app(settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN)}), redis_url))
+    try:
+        yield server.url
+    finally:
+        server.stop()

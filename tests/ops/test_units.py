@@ -13,8 +13,10 @@ import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from redis.asyncio import Redis
 from redis.exceptions import ConnectionError as RedisConnectionError
+from typer.testing import CliRunner
 
 from passbridge import metrics
+from passbridge.cli import app
 from passbridge.event import EventKind, PassEvent, Platform
 from passbridge.keys import account_keys
 from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, Recorder, report_field, sample
@@ -69,6 +71,25 @@ def test_parse_when() -> None:
     for bad in ("yesterday", "2h ago", "", "m"):
         with pytest.raises(ValueError, match="neither ISO 8601"):
             parse_when(bad, now=NOW)
+    for huge in (
+        "infd",
+        "1e309s",
+        "99999999999999999999d",
+        "-1e20w",
+        "0001-01-01T00:00:00+01:00",
+        "1969-12-31",
+    ):
+        with pytest.raises(ValueError, match="out of range"):
+            parse_when(huge, now=NOW)
+    assert parse_when("9999-12-31T23:59:59Z") < inspect.MAX_WHEN_MS
+
+
+def test_an_out_of_range_time_is_a_one_line_cli_error() -> None:
+    result = CliRunner().invoke(app, ["report", "acme", "--since", "infd"])
+    assert result.exit_code == 1
+    assert isinstance(result.exception, SystemExit)
+    assert "'infd' is out of range" in result.output
+    assert "Traceback" not in result.output
 
 
 def test_effective_state() -> None:

@@ -2,13 +2,18 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
+import orjson
 from redis.asyncio import Redis
 
 from passbridge.event import PassEvent
+from passbridge.keys import account_keys
 from passbridge.queue import enqueue
+from worker.dlq import DLQEntry
+from worker.queue import WorkQueue
 
 BASE_TIME = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 
@@ -43,3 +48,38 @@ async def put(redis: Redis, *events: PassEvent) -> None:
         by_account.setdefault(ev.account_id, []).append(ev)
     for account_id, evs in by_account.items():
         await enqueue(redis, account_id, evs, high_water=10_000_000, dedup_window_s=3600)
+
+
+#: Error (code, status) of the n-th event dead-lettered by :func:`fill_dlq`.
+FILL_CODES = [("invalid", 400), ("not_found", 404), ("invalid", 400), ("conflict", 409)]
+
+
+async def fill_dlq(redis: Redis, account_id: str, serials: Sequence[str], per_serial: int) -> None:
+    """Dead-letter ``per_serial`` events of each serial through the engine's own claim and settle steps (many
+    per settle call, so many entries share one DLQ score), with errors cycling through ``FILL_CODES``."""
+    events = [pass_event(account_id, s, n) for s in serials for n in range(per_serial)]
+    for i in range(0, len(events), 5000):
+        await put(redis, *events[i : i + 5000])
+    q = WorkQueue(redis, worker_id="filler")
+    keys = account_keys(account_id)
+    for lease in (await q.claim(len(serials), per_account=len(serials))).leases:
+        while members := await redis.zrange(keys.mailbox(lease.serial), 0, 499):
+            dead = []
+            for member in members:
+                event_id = orjson.loads(member[12:])["id"]
+                code, status = FILL_CODES[int(event_id.rsplit("-", 1)[1]) % len(FILL_CODES)]
+                at = int(datetime.now(UTC).timestamp() * 1000)
+                error = {"at_ms": at, "worker": "filler", "kind": "permanent", "status": status, "code": code}
+                entry = DLQEntry(
+                    event_id=event_id,
+                    serial=lease.serial,
+                    member=member.decode(),
+                    score=0,
+                    reason=f"permanent error: HTTP {status} {code}",
+                    dead_at_ms=at,
+                    worker="filler",
+                    errors=[error],
+                )
+                dead.append((event_id, entry.to_json()))
+            assert (await q.settle(lease, members, dead=dead)).ok
+        await q.release(lease)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import orjson
@@ -16,7 +17,7 @@ from worker import dlq, history, pause
 from worker.dlq import DLQEntry, DLQFilter
 from worker.queue import Lease, WorkQueue
 
-from .helpers import pass_event, put
+from .helpers import FILL_CODES, fill_dlq, pass_event, put
 
 DAY_MS = 86_400_000
 
@@ -65,7 +66,8 @@ class TestDLQ:
         assert entry.event_id == "a-S1-0"
         assert int(await redis.get(keys.depth)) == 2
         assert await dlq.count(redis, "a") == 1
-        assert (await dlq.get(redis, "a", "a-S1-0")) == entry
+        stored = await dlq.get(redis, "a", "a-S1-0")
+        assert stored == dataclasses.replace(entry, dead_at_ms=int(await redis.zscore(keys.dlq, "a-S1-0")))
         assert entry.event["id"] == "a-S1-0"
 
         replayed = await dlq.replay(redis, "a", ["a-S1-0", "missing"], history_retention_ms=DAY_MS)
@@ -101,10 +103,28 @@ class TestDLQ:
         assert await ids(code="404") == ["a-S2-1"]
         assert await ids(serial="S3") == ["a-S3-1"]
         assert await ids(code="invalid", serial="S2") == []
-        # The time range is checked against the entry's dead-letter time (these entries have synthetic ones).
+        # The time range is checked against the entry's DLQ time (Redis time), not the synthetic worker times.
         assert DLQFilter(since_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
         assert not DLQFilter(until_ms=1_500).matches(await dlq.get(redis, "a", "a-S2-1"))  # type: ignore[arg-type]
         assert len(await dlq.list_entries(redis, "a", limit=2)) == 2
+
+    async def test_time_filters_and_dead_at_are_on_the_dlq_clock(self, redis: Redis) -> None:
+        """A worker whose clock is a day off: its entries are still found and shown by Redis time, the clock
+        the DLQ's scores (and so the range query) are on."""
+        await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
+        q = WorkQueue(redis, worker_id="w1")
+        skewed = int(time.time() * 1000)
+        await dead_letter_head(q, redis, "a", "S1", code="x", status=400, at_ms=skewed - DAY_MS)
+        await dead_letter_head(q, redis, "a", "S2", code="x", status=400, at_ms=skewed + DAY_MS)
+        secs, micros = await redis.time()
+        now = secs * 1000 + micros // 1000
+        hour = DLQFilter(since_ms=now - 3_600_000, until_ms=now)
+        assert sorted(e.event_id for e in await dlq.list_entries(redis, "a", hour)) == ["a-S1-1", "a-S2-1"]
+        for event_id in ("a-S1-1", "a-S2-1"):
+            entry = await dlq.get(redis, "a", event_id)
+            assert entry is not None
+            assert now - 60_000 < entry.dead_at_ms <= now
+            assert hour.matches(entry)
 
     async def test_purge(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1), pass_event("a", "S2", 1))
@@ -116,6 +136,94 @@ class TestDLQ:
         assert seen == [3]
         assert await dlq.count(redis, "a") == 0
         assert await redis.hlen(account_keys("a").dlq_entries) == 0
+
+
+class TestDLQScan:
+    """Listing a big DLQ: pages by rank, reads entries only for a code or serial filter, can be capped."""
+
+    async def test_filters_on_thousands_of_entries_match_a_full_read(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", [f"S{n}" for n in range(6)], 500)
+        keys = account_keys("a")
+        scored = await redis.zrange(keys.dlq, 0, -1, withscores=True)
+        raws = dict(await redis.hgetall(keys.dlq_entries))
+        every = [DLQEntry.from_json(raws[m], dlq_score=s) for m, s in scored]
+        assert len(every) == 3000
+        scores = sorted({e.dead_at_ms for e in every})
+        assert len(scores) < len(every)  # entries settled together share a score: pages cut through ties
+        lo, hi = scores[len(scores) // 4], scores[3 * len(scores) // 4]
+        for flt in (
+            DLQFilter(),
+            DLQFilter(code="invalid"),
+            DLQFilter(code="404"),
+            DLQFilter(serial="S4"),
+            DLQFilter(code="conflict", serial="S2"),
+            DLQFilter(since_ms=lo),
+            DLQFilter(until_ms=hi),
+            DLQFilter(since_ms=lo, until_ms=hi, code="400"),
+            DLQFilter(since_ms=hi, until_ms=lo),
+        ):
+            expected = [e.event_id for e in every if flt.matches(e)]
+            assert [e.event_id for e in await dlq.list_entries(redis, "a", flt)] == expected, flt
+            assert await dlq.select_ids(redis, "a", flt) == expected, flt
+            assert [e.event_id for e in await dlq.list_entries(redis, "a", flt, limit=7)] == expected[:7]
+            newest = [e.event_id async for e in dlq.iter_entries(redis, "a", flt, newest_first=True)]
+            assert newest == expected[::-1], flt
+
+    async def test_a_time_range_alone_reads_no_entry(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1", "S2"], 300)
+        scores = sorted(
+            {int(s) for _, s in await redis.zrange(account_keys("a").dlq, 0, -1, withscores=True)}
+        )
+
+        async def hmgets(flt: DLQFilter) -> tuple[int, int]:
+            await redis.config_resetstat()
+            found = len(await dlq.select_ids(redis, "a", flt))
+            stats = await redis.info("commandstats")
+            return found, int(stats.get("cmdstat_hmget", {}).get("calls", 0))
+
+        assert await hmgets(DLQFilter(since_ms=scores[0], until_ms=scores[-1])) == (600, 0)
+        found, calls = await hmgets(DLQFilter(since_ms=scores[0], code="invalid"))
+        assert (found, calls > 0) == (300, True)
+
+    async def test_entries_removed_mid_scan_hide_no_other(self, redis: Redis) -> None:
+        """Another operator replays or purges entries while a listing pages through: every entry that stays
+        is still listed, once, in order."""
+        await fill_dlq(redis, "a", ["S1", "S2", "S3"], 300)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1)]
+        seen: list[str] = []
+        removed: set[str] = set()
+        async for entry in dlq.iter_entries(redis, "a"):
+            seen.append(entry.event_id)
+            if len(seen) in (dlq.CHUNK, 2 * dlq.CHUNK):
+                # Some already listed go; after the first page also the last one listed (the scan's place).
+                gone = order[len(seen) - 150 : len(seen) - 100]
+                if len(seen) == dlq.CHUNK:
+                    gone.append(seen[-1])
+                removed |= set(gone)
+                assert await dlq.purge(redis, "a", gone) == len(gone)
+        assert seen == order
+
+    async def test_newest_first_with_entries_removed_mid_scan(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1", "S2", "S3"], 300)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1, desc=True)]
+        seen: list[str] = []
+        async for entry in dlq.iter_entries(redis, "a", newest_first=True):
+            seen.append(entry.event_id)
+            if len(seen) == dlq.CHUNK:
+                assert await dlq.purge(redis, "a", [*order[50:100], seen[-1]]) == 51
+        assert seen == order
+
+    async def test_a_budget_caps_the_entries_read(self, redis: Redis) -> None:
+        await fill_dlq(redis, "a", ["S1"], 450)
+        order = [m.decode() for m in await redis.zrange(account_keys("a").dlq, 0, -1)]
+        invalid = [i for i in order if FILL_CODES[int(i.rsplit("-", 1)[1]) % len(FILL_CODES)][0] == "invalid"]
+        budget = dlq.Budget(limit=300)
+        found = await dlq.select_ids(redis, "a", DLQFilter(code="invalid"), budget=budget)
+        assert found == [i for i in invalid if order.index(i) < 300]
+        assert (budget.examined, budget.exhausted) == (300, True)
+        budget = dlq.Budget(limit=450)
+        assert await dlq.select_ids(redis, "a", DLQFilter(code="invalid"), budget=budget) == invalid
+        assert (budget.examined, budget.exhausted) == (450, False)
 
 
 @pytest.fixture

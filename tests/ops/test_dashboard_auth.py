@@ -1,0 +1,58 @@
+"""Dashboard sessions end on the server after their max age, and the login form stops answering a client that
+keeps sending wrong tokens (real HTTP to the producer app, real Redis)."""
+
+from __future__ import annotations
+
+import time
+
+import httpx
+
+from producer.dashboard import auth
+
+from .harness import ADMIN_TOKEN
+
+
+def test_a_session_cookie_is_refused_after_its_max_age(dashboard_url: str) -> None:
+    def status_with(cookie: str) -> int:
+        return httpx.get(f"{dashboard_url}/dashboard", cookies={auth.COOKIE: cookie}, timeout=10).status_code
+
+    now = int(time.time())
+    assert status_with(auth.session_value(ADMIN_TOKEN)) == 200
+    assert status_with(auth.session_value(ADMIN_TOKEN, now - auth.SESSION_MAX_AGE_S + 60)) == 200
+    # A copy of a cookie the browser was told to drop 12 h ago no longer works, however it is kept.
+    assert status_with(auth.session_value(ADMIN_TOKEN, now - auth.SESSION_MAX_AGE_S - 1)) == 401
+    assert status_with(auth.session_value(ADMIN_TOKEN, now + 3600)) == 401  # issued in the future
+    assert status_with(auth.session_value("another-token", now)) == 401
+    mac = auth.session_value(ADMIN_TOKEN, now - auth.SESSION_MAX_AGE_S - 1).partition(".")[2]
+    assert status_with(f"{now}.{mac}") == 401  # a fresher time on an old cookie's HMAC
+    with httpx.Client(base_url=dashboard_url, timeout=10) as browser:
+        r = browser.post("/dashboard/login", data={"token": ADMIN_TOKEN})
+        assert r.status_code == 303
+        issued_s = int(r.cookies[auth.COOKIE].partition(".")[0])
+        assert abs(issued_s - now) < 60
+        assert browser.get("/dashboard").status_code == 200
+
+
+def test_the_login_form_stops_a_client_guessing_tokens(dashboard_url: str) -> None:
+    guesser = httpx.Client(base_url=dashboard_url, timeout=10)
+    # Another client address on the loopback network is not affected.
+    other = httpx.Client(
+        base_url=dashboard_url, timeout=10, transport=httpx.HTTPTransport(local_address="127.0.0.2")
+    )
+    try:
+        for n in range(auth.LOGIN_MAX_FAILURES):
+            r = guesser.post("/dashboard/login", data={"token": f"guess-{n}"})
+            assert r.status_code == 401, n
+        r = guesser.post("/dashboard/login", data={"token": ADMIN_TOKEN})
+        assert r.status_code == 429
+        assert "Too many wrong tokens" in r.text
+        assert 0 < int(r.headers["retry-after"]) <= auth.LOGIN_WINDOW_S
+        assert auth.COOKIE not in r.cookies
+        assert other.post("/dashboard/login", data={"token": "wrong"}).status_code == 401
+        assert other.post("/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 303
+        # Bearer access (scripts) is not a login and is not throttled.
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        assert guesser.get("/dashboard", headers=headers).status_code == 200
+    finally:
+        guesser.close()
+        other.close()

@@ -1,0 +1,182 @@
+"""The dashboard's dead-letter pages over real HTTP: bulk actions bound to their confirmation page (against a
+real producer and worker that dead-letter events while the operator looks), and the listing of big DLQs (the
+producer app served from this process, its DLQs filled through the engine's own claim and settle scripts:
+thousands of dead letters through the sandbox would take minutes)."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+from collections.abc import Iterator
+
+import httpx
+import pytest
+import redis as redis_sync
+from cryptography.fernet import Fernet, MultiFernet
+from redis.asyncio import Redis
+
+from passbridge.keys import account_keys
+from producer.dashboard.views import DLQ_EXAMINE
+from tests.factories import make_account
+from tests.worker.helpers import fill_dlq
+
+from .harness import ADMIN_TOKEN, Stack, item, wait_until
+
+FORM = {"content-type": "application/x-www-form-urlencoded"}
+
+
+@pytest.fixture
+def dashboard(dashboard_url: str) -> Iterator[httpx.Client]:
+    """The in-process dashboard, as the admin (bearer token)."""
+    headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+    with httpx.Client(base_url=dashboard_url, headers=headers, timeout=60) as client:
+        yield client
+
+
+def fill(
+    redis_url: str, account_id: str, serials: list[str], per_serial: int, *, register: bool = False
+) -> None:
+    """Dead-letter ``per_serial`` events of each serial (see ``fill_dlq``); ``register`` the account first."""
+
+    async def go() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            if register:
+                await make_account(redis, MultiFernet([Fernet(Fernet.generate_key())]), account_id)
+            if serials:
+                await fill_dlq(redis, account_id, serials, per_serial)
+        finally:
+            await redis.aclose()
+
+    asyncio.run(go())
+
+
+def listed(html: str) -> list[tuple[str, str]]:
+    """(account, event id) of the DLQ table's rows, top to bottom."""
+    return re.findall(r"<tr>\n  <td>[^<]*</td><td>([^<]+)</td>\n  <td><a [^>]*>([^<]+)</a>", html)
+
+
+def hidden_fields(html: str) -> dict[str, list[str]]:
+    """The confirmation form's hidden inputs, as a browser would post them back."""
+    form = html[html.index('action="/dashboard/dlq/bulk"') :]
+    fields: dict[str, list[str]] = {}
+    for name, value in re.findall(r'<input type="hidden" name="([^"]+)" value="([^"]*)">', form):
+        fields.setdefault(name, []).append(value)
+    return fields
+
+
+def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> None:
+    stack = fresh_stack
+    stack.add_account("acme")
+    stack.start_producer(processes=1)
+    stack.start_worker()
+    sandbox = stack.sandbox
+    sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+
+    def dead_letter(*serials: str, expect: int) -> None:
+        batch = [item(f"acme-{s.lower()}-c", s, "created", minute=1) for s in serials]
+        assert stack.post("acme", batch).status_code == 202
+        wait_until(lambda: stack.dlq_size("acme") == expect, 30, f"{expect} dead letters")
+
+    dead_letter("S1", "S2", "S3", expect=3)
+    with httpx.Client(base_url=stack.producer_url, timeout=10) as browser:
+        assert browser.post("/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 303
+        csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', browser.get("/dashboard/dlq").text)
+        assert csrf is not None
+        # Purge everything, previewed while the DLQ holds 3 ...
+        r = browser.post("/dashboard/dlq/bulk", data={"action": "purge", "csrf": csrf.group(1)})
+        assert r.status_code == 200
+        assert "Purge 3 dead-lettered events?" in r.text
+        confirm = hidden_fields(r.text)
+        # ... then an incident dead-letters 2 more before the operator clicks "Yes, purge 3".
+        dead_letter("S4", "S5", expect=5)
+        r = browser.post("/dashboard/dlq/bulk", data=confirm)
+        assert r.status_code == 303
+        assert "purged+3+of+3+selected" in r.headers["location"]
+        assert stack.dlq_size("acme") == 2  # the two nobody previewed are still there
+        remaining = {"acme-s4-c", "acme-s5-c"}
+
+        # Preview the 2; another operator replays one of them before the click: the confirmation is shown
+        # again with the new number and nothing is purged.
+        r = browser.post("/dashboard/dlq/bulk", data={"action": "purge", "csrf": csrf.group(1)})
+        assert "Purge 2 dead-lettered events?" in r.text
+        confirm = hidden_fields(r.text)
+        sandbox.clear_faults()
+        r = browser.post(
+            "/dashboard/dlq/replay", data={"account": "acme", "id": "acme-s4-c", "csrf": csrf.group(1)}
+        )
+        assert r.status_code == 303
+        wait_until(lambda: "acme-s4-c" in stack.stored_unique_ids("acme"), 30, "the replayed event delivered")
+        r = browser.post("/dashboard/dlq/bulk", data=confirm)
+        assert r.status_code == 409
+        assert "Purge 1 dead-lettered event?" in r.text
+        assert "The selection changed" in r.text
+        assert stack.dlq_size("acme") == 1
+        # Confirming the page shown again purges what it shows.
+        r = browser.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
+        assert r.status_code == 303
+        assert "purged+1+of+1+selected" in r.headers["location"]
+        assert stack.dlq_size("acme") == 0
+        assert "acme-s5-c" not in stack.stored_unique_ids("acme")
+        assert remaining - stack.stored_unique_ids("acme") == {"acme-s5-c"}
+    sandbox.close()
+
+
+def test_a_filtered_scan_of_a_huge_dlq_stops_and_says_so(dashboard: httpx.Client, redis_url: str) -> None:
+    per_serial = 1010
+    fill(redis_url, "acme", [f"S{n}" for n in range(20)], per_serial)
+    total = 20 * per_serial
+    assert total > DLQ_EXAMINE
+    # A code no entry has: the page reads DLQ_EXAMINE entries, stops, and says so.
+    r = dashboard.get("/dashboard/dlq?account=acme&code=429")
+    assert r.status_code == 200
+    assert f"Stopped after examining {DLQ_EXAMINE} dead letters" in r.text
+    # One that matches early needs only a page's worth: no such note.
+    r = dashboard.get("/dashboard/dlq?account=acme&code=409")
+    assert r.text.count("<tr>") == 201  # the header and 200 rows
+    assert "Stopped after examining" not in r.text
+    # A bulk selection by code would have to read past the cap: refused, not done on a part.
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "code": "429"})
+    assert r.status_code == 400
+    assert "code, serial:" in r.text
+    # By time alone no entry is read, so there is no cap.
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "since": "1h"})
+    assert r.status_code == 200
+    assert f"Purge {total} dead-lettered events?" in r.text
+
+
+def test_the_dlq_page_lists_the_newest_across_accounts_and_counts_every_account(
+    dashboard: httpx.Client, redis_url: str
+) -> None:
+    # acme's 250 old dead letters, then an incident in zeta, the account listed last.
+    fill(redis_url, "acme", ["A1", "A2"], 125, register=True)
+    fill(redis_url, "mid", [], 0, register=True)
+    fill(redis_url, "zeta", ["Z1"], 40, register=True)
+    r = dashboard.get("/dashboard/dlq")
+    assert r.status_code == 200
+    assert "In the DLQ: acme 250, mid 0, zeta 40" in r.text
+    assert "Showing the 200 newest" in r.text
+    rows = listed(r.text)
+    assert len(rows) == 200
+    assert {i for a, i in rows[:40]} == {f"zeta-Z1-{n}" for n in range(40)}
+    assert all(a == "zeta" for a, _ in rows[:40])
+    assert all(a == "acme" for a, _ in rows[40:])
+    # The 160 newest of acme, newest first.
+    redis = redis_sync.Redis.from_url(redis_url)
+    newest = [m.decode() for m in redis.zrange(account_keys("acme").dlq, 0, 159, desc=True)]
+    redis.close()
+    assert [i for _, i in rows[40:]] == newest
+    # The newest first for one account too, and its total is there even when a filter hides its entries.
+    r = dashboard.get("/dashboard/dlq?account=zeta&code=999")
+    assert "In the DLQ: zeta 40" in r.text
+    assert listed(r.text) == []
+
+
+def test_out_of_range_times_are_a_clear_400(dashboard: httpx.Client) -> None:
+    for query in ("since=infd", "until=1e309s", "since=0001-01-01T00:00:00%2B01:00"):
+        r = dashboard.get(f"/dashboard/dlq?{query}")
+        assert r.status_code == 400, query
+        assert "out of range" in r.text
+        r = dashboard.post("/dashboard/dlq/bulk", content=f"action=purge&{query}", headers=FORM)
+        assert r.status_code == 400, query
+        assert ("since:" if query.startswith("since") else "until:") in r.text
