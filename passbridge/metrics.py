@@ -90,7 +90,8 @@ RETRIES = Counter(
 )
 KLAVIYO_REQUESTS = Counter(
     "passbridge_klaviyo_requests",
-    "Klaviyo API answers, by account, endpoint (Klaviyo operationId) and HTTP status.",
+    "Klaviyo API requests, by account, endpoint (Klaviyo operationId) and HTTP status, or timeout / network "
+    "when no answer came.",
     ["account", "endpoint", "status"],
 )
 KLAVIYO_THROTTLED = Counter(
@@ -395,8 +396,9 @@ def rejected(reason: str, n: int = 1) -> None:
         _counter(REJECTED, reason).inc(n)
 
 
-def klaviyo_response(account_id: str, endpoint: str, status: int) -> None:
-    """Klaviyo answered a request with ``status``."""
+def klaviyo_response(account_id: str, endpoint: str, status: int | str) -> None:
+    """Klaviyo answered a request with HTTP ``status``, or gave no answer: ``"timeout"`` or ``"network"``
+    (connection refused, reset or dropped)."""
     _counter(KLAVIYO_REQUESTS, account_id, endpoint, str(status)).inc()
     RECORDER.count(account_id, "req")
     if status == 429:

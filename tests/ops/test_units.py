@@ -6,6 +6,7 @@ import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -152,6 +153,23 @@ def test_alert_rules_are_valid_and_reference_exposed_metrics() -> None:
     assert len(names) == len(set(names))
     # What operators asked for: backlog age, DLQ growth, account paused.
     assert {"PassbridgeBacklogOld", "PassbridgeDLQGrowing", "PassbridgeAccountPaused"} <= set(names)
+
+
+def _rule(alert: str) -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "docs" / "alerts.yml").read_text())
+    [rule] = [r for g in doc["groups"] for r in g["rules"] if r["alert"] == alert]
+    assert isinstance(rule, dict)
+    return rule
+
+
+def test_klaviyo_error_rule_counts_requests_that_got_no_answer() -> None:
+    """Timeouts and network errors are Klaviyo failures as much as 5xx; 429s and other 4xx are not."""
+    expr = _rule("PassbridgeKlaviyoErrors")["expr"]
+    [errors] = re.findall(r'passbridge_klaviyo_requests_total\{status=~"([^"]+)"\}', expr)
+    for status in ("500", "503", "timeout", "network"):  # PromQL regexes match the whole value
+        assert re.fullmatch(errors, status), status
+    for status in ("200", "202", "400", "401", "429"):
+        assert not re.fullmatch(errors, status), status
 
 
 def _exposed_names() -> set[str]:
