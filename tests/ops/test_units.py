@@ -162,6 +162,16 @@ def _rule(alert: str) -> dict[str, Any]:
     return rule
 
 
+def test_backlog_rules_leave_paused_accounts_to_the_pause_alert() -> None:
+    """A paused account's backlog ages and grows by design: only PassbridgeAccountPaused pages for it."""
+    paused = "max by (account) (passbridge_account_paused) == 1"
+    assert " ".join(_rule("PassbridgeAccountPaused")["expr"].split()) == paused
+    for alert in ("PassbridgeBacklogOld", "PassbridgeBacklogGrowing"):
+        expr = " ".join(_rule(alert)["expr"].split())
+        # unless binds looser than the comparisons and and: it drops the paused accounts from the whole rule
+        assert expr.endswith(f" unless on (account) ({paused})"), alert
+
+
 def test_klaviyo_error_rule_counts_requests_that_got_no_answer() -> None:
     """Timeouts and network errors are Klaviyo failures as much as 5xx; 429s and other 4xx are not."""
     expr = _rule("PassbridgeKlaviyoErrors")["expr"]
