@@ -19,9 +19,13 @@ from Redis at scrape time (``worker/exporter.py`` over ``worker/inspect.py``).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import functools
 import os
+import re
+import shutil
+import sys
 import threading
 import time
 from collections import Counter as Tally
@@ -55,7 +59,66 @@ CONTENT_TYPE = CONTENT_TYPE_LATEST
 
 # --- Prometheus ------------------------------------------------------------------------------------------
 
-if _multiproc_dir := os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+#: Where processes count in multiprocess mode (prometheus-client's own variable). An operator may set one
+#: directory for every passbridge process on a host: each process tree then counts in a subdirectory of it.
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+#: Set by passbridge, never by an operator: the directory passbridge chose for this process tree. When it
+#: equals PROMETHEUS_MULTIPROC_DIR, that directory is this tree's own, not an operator's shared base.
+OWN_DIR_ENV = "PASSBRIDGE_METRICS_OWN_DIR"
+
+
+def setup_multiprocess(directory: Path) -> Path:
+    """Point ``PROMETHEUS_MULTIPROC_DIR`` at ``directory``, emptied of metric files, for child processes.
+
+    prometheus-client chooses its storage when it is first imported, so this must run before the processes
+    that record metrics start (they inherit the environment); the calling process itself is not switched
+    (unless it was in multiprocess mode already and has opened no metric file yet, as at this module's import).
+    """
+    directory.mkdir(parents=True, exist_ok=True)
+    # Values of earlier runs would be added to this run's; only prometheus-client's own files are removed.
+    for stale in directory.glob("*.db"):
+        stale.unlink()
+    os.environ[MULTIPROC_ENV] = str(directory)
+    os.environ[OWN_DIR_ENV] = str(directory)
+    return directory
+
+
+def _own_multiprocess_dir() -> None:
+    """Move this process tree out of an operator's shared ``PROMETHEUS_MULTIPROC_DIR`` into a subdirectory.
+
+    One directory is often set for every unit on a host (one env file for producer and workers). Used as it
+    is, every /metrics would add up the files of all processes there (counting each event once per scraped
+    process), and a producer start, which empties its directory, would delete running workers' counts. So the
+    first passbridge process that sees such a directory counts in ``<dir>/<command>-<pid>`` instead, emptied
+    first (a reused pid) and removed when the process exits; its children (uvicorn's processes, the express
+    lane) inherit that and add up with it. A scrape reads only its own tree's directory.
+
+    Runs at import, before any metric below opens its file.
+    """
+    base = os.environ.get(MULTIPROC_ENV)
+    if not base or os.environ.get(OWN_DIR_ENV) == base:
+        return
+    own = setup_multiprocess(Path(base) / f"{_command_name()}-{os.getpid()}")
+    atexit.register(_remove_own_dir, own, os.getpid())
+
+
+def _command_name() -> str:
+    # `passbridge producer ...` -> "producer": tells an operator looking into the directory whose files are whose.
+    args = sys.argv
+    program = Path(args[0]) if args else Path()
+    ours = program.name == "passbridge" or program.parts[-2:] == ("passbridge", "__main__.py")  # or -m
+    if ours and len(args) > 1 and re.fullmatch(r"[a-z][a-z-]{0,30}", args[1]):
+        return args[1]
+    return "process"
+
+
+def _remove_own_dir(directory: Path, creator: int) -> None:
+    if os.getpid() == creator:  # not in a forked copy that happens to exit through Python
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+_own_multiprocess_dir()
+if _multiproc_dir := os.environ.get(MULTIPROC_ENV):
     # In multiprocess mode every metric below opens a file there as it is created: the directory must exist.
     Path(_multiproc_dir).mkdir(parents=True, exist_ok=True)
 
@@ -90,7 +153,8 @@ RETRIES = Counter(
 )
 KLAVIYO_REQUESTS = Counter(
     "passbridge_klaviyo_requests",
-    "Klaviyo API answers, by account, endpoint (Klaviyo operationId) and HTTP status.",
+    "Klaviyo API requests, by account, endpoint (Klaviyo operationId) and HTTP status, or timeout / network "
+    "when no answer came.",
     ["account", "endpoint", "status"],
 )
 KLAVIYO_THROTTLED = Counter(
@@ -110,20 +174,6 @@ TAKEOVERS = Counter(
 )
 
 
-def setup_multiprocess(directory: Path) -> Path:
-    """Point ``PROMETHEUS_MULTIPROC_DIR`` at ``directory``, emptied of metric files, for child processes.
-
-    prometheus-client chooses its storage when it is first imported, so this must run before the processes
-    that record metrics start (they inherit the environment); the calling process itself is not switched.
-    """
-    directory.mkdir(parents=True, exist_ok=True)
-    # Values of earlier runs would be added to this run's; only prometheus-client's own files are removed.
-    for stale in directory.glob("*.db"):
-        stale.unlink()
-    os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(directory)
-    return directory
-
-
 class _Families(Collector):
     """Hands precomputed metric families (the scrape-time gauges) to a registry."""
 
@@ -136,7 +186,7 @@ class _Families(Collector):
 
 def exposition(extra: Sequence[Metric] = ()) -> bytes:
     """The text exposition of this process's metrics (all processes' in multiprocess mode) plus ``extra``."""
-    if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+    if os.environ.get(MULTIPROC_ENV):
         registry = CollectorRegistry()
         multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
         base = generate_latest(registry)
@@ -395,8 +445,9 @@ def rejected(reason: str, n: int = 1) -> None:
         _counter(REJECTED, reason).inc(n)
 
 
-def klaviyo_response(account_id: str, endpoint: str, status: int) -> None:
-    """Klaviyo answered a request with ``status``."""
+def klaviyo_response(account_id: str, endpoint: str, status: int | str) -> None:
+    """Klaviyo answered a request with HTTP ``status``, or gave no answer: ``"timeout"`` or ``"network"``
+    (connection refused, reset or dropped)."""
     _counter(KLAVIYO_REQUESTS, account_id, endpoint, str(status)).inc()
     RECORDER.count(account_id, "req")
     if status == 429:

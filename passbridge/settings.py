@@ -104,6 +104,8 @@ class Settings(BaseSettings):
     # Operations (README "Operations"): each worker's Prometheus endpoint (unset = none) and its bind address.
     worker_metrics_port: int | None = None
     metrics_host: str = "127.0.0.1"
+    #: When set, /metrics (the producer's and each worker's) answers only ``Authorization: Bearer <token>``.
+    metrics_token: SecretStr | None = None
 
     # Secrets at rest
     secret_key: SecretStr | None = None

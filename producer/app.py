@@ -27,6 +27,7 @@ from producer.problems import Problem
 from producer.publisher import Publisher
 from producer.routes import apple, events, google, health, oauth, webhooks
 from producer.routes.metrics import get_metrics
+from worker import exporter
 
 log = structlog.get_logger(__name__)
 
@@ -111,6 +112,7 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
     _apple_routes(app)
     app.add_api_route("/google/{account_id}/callback", google.post_callback, methods=["POST"])
     app.add_api_route("/metrics", get_metrics, methods=["GET"], include_in_schema=False)
+    app.state.gauge_cache = exporter.GaugeCache()
     dashboard.mount(app)
     return app
 

@@ -110,7 +110,10 @@ async def startup(ctx: dict[str, Any]) -> None:
     tune_gc()
     await ctx["engine"].start()
     ctx["ops"] = await ProcessOps.start(
-        ctx["pb_redis"], metrics_host=settings.metrics_host, metrics_port=settings.worker_metrics_port
+        ctx["pb_redis"],
+        metrics_host=settings.metrics_host,
+        metrics_port=settings.worker_metrics_port,
+        metrics_token=settings.metrics_token.get_secret_value() if settings.metrics_token else None,
     )
     express: ExpressProcess | None = ctx.get("express")
     if express is not None:

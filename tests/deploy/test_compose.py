@@ -94,6 +94,44 @@ def test_services_are_shaped_for_production(compose: dict[str, Any]) -> None:
         assert s[name]["environment"]["REDIS_URL"] == "redis://redis:6379/0"
 
 
+def _option(command: list[str], name: str) -> str:
+    return command[command.index(name) + 1]
+
+
+def test_prometheus_can_scrape_every_process_of_the_stack(compose: dict[str, Any]) -> None:
+    """The worker-only counters (deliveries, DLQ, Klaviyo answers, takeovers) reach Prometheus: each worker
+    serves /metrics on the compose network (not published), and the shipped scrape config finds it there."""
+    worker = compose["services"]["worker"]
+    port = int(_option(worker["command"], "--metrics-port"))
+    # Bound on every interface of the container (127.0.0.1, the default, is unreachable from Prometheus'),
+    # exposed to the compose network, never published on the host.
+    assert worker["environment"]["PASSBRIDGE_METRICS_HOST"] == "0.0.0.0"  # noqa: S104
+    assert [str(p) for p in worker["expose"]] == [str(port)]
+    assert "ports" not in worker
+    # The worker's own environment still carries the shared one (YAML merge), secret key included.
+    assert (
+        worker["environment"]["PASSBRIDGE_SECRET_KEY"]
+        == compose["services"]["producer"]["environment"]["PASSBRIDGE_SECRET_KEY"]
+    )
+    producer_port = int(_option(compose["services"]["producer"]["command"], "--port"))
+
+    prom = yaml.safe_load((ROOT / "docs" / "prometheus.yml").read_text())
+    assert prom["rule_files"] == ["alerts.yml"]
+    assert (ROOT / "docs" / "alerts.yml").exists()
+    jobs = {job["job_name"]: job for job in prom["scrape_configs"]}
+    assert set(jobs) == {"passbridge-producer", "passbridge-worker"}
+    assert jobs["passbridge-producer"]["static_configs"] == [{"targets": [f"producer:{producer_port}"]}]
+    [sd] = jobs["passbridge-worker"]["dns_sd_configs"]
+    # The service name resolves to every replica (--scale worker=N) on the compose network.
+    assert (sd["names"], sd["type"], sd["port"]) == (["worker"], "A", port)
+    for job in jobs.values():
+        assert job["metrics_path"] == "/metrics"
+
+    readme = (ROOT / "README.md").read_text()
+    assert "[`docs/prometheus.yml`](docs/prometheus.yml)" in readme
+    assert f"every worker serves port {port} on the compose network" in " ".join(readme.split())
+
+
 def test_dockerfile_matches_the_package() -> None:
     dockerfile = (ROOT / "Dockerfile").read_text()
     project = tomllib.loads((ROOT / "pyproject.toml").read_text())

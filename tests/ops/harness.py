@@ -227,7 +227,8 @@ class Stack:
     def producer_pids_counting(self, metric: str) -> set[str]:
         """Pids of the producer processes whose multiprocess files hold a non-zero ``metric`` sample."""
         pids = set()
-        for path in (self.tmp / "prom").glob("counter_*.db"):
+        # The producer counts in a directory of its own under the one it was given (passbridge.metrics).
+        for path in (self.tmp / "prom").glob("producer-*/counter_*.db"):
             families = MultiProcessCollector.merge([str(path)], accumulate=True)
             if any(s.name == metric and s.value > 0 for f in families for s in f.samples):
                 pids.add(path.stem.rsplit("_", 1)[1])

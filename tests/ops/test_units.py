@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from datetime import UTC, datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -152,6 +154,33 @@ def test_alert_rules_are_valid_and_reference_exposed_metrics() -> None:
     assert len(names) == len(set(names))
     # What operators asked for: backlog age, DLQ growth, account paused.
     assert {"PassbridgeBacklogOld", "PassbridgeDLQGrowing", "PassbridgeAccountPaused"} <= set(names)
+
+
+def _rule(alert: str) -> dict[str, Any]:
+    doc = yaml.safe_load((ROOT / "docs" / "alerts.yml").read_text())
+    [rule] = [r for g in doc["groups"] for r in g["rules"] if r["alert"] == alert]
+    assert isinstance(rule, dict)
+    return rule
+
+
+def test_backlog_rules_leave_paused_accounts_to_the_pause_alert() -> None:
+    """A paused account's backlog ages and grows by design: only PassbridgeAccountPaused pages for it."""
+    paused = "max by (account) (passbridge_account_paused) == 1"
+    assert " ".join(_rule("PassbridgeAccountPaused")["expr"].split()) == paused
+    for alert in ("PassbridgeBacklogOld", "PassbridgeBacklogGrowing"):
+        expr = " ".join(_rule(alert)["expr"].split())
+        # unless binds looser than the comparisons and and: it drops the paused accounts from the whole rule
+        assert expr.endswith(f" unless on (account) ({paused})"), alert
+
+
+def test_klaviyo_error_rule_counts_requests_that_got_no_answer() -> None:
+    """Timeouts and network errors are Klaviyo failures as much as 5xx; 429s and other 4xx are not."""
+    expr = _rule("PassbridgeKlaviyoErrors")["expr"]
+    [errors] = re.findall(r'passbridge_klaviyo_requests_total\{status=~"([^"]+)"\}', expr)
+    for status in ("500", "503", "timeout", "network"):  # PromQL regexes match the whole value
+        assert re.fullmatch(errors, status), status
+    for status in ("200", "202", "400", "401", "429"):
+        assert not re.fullmatch(errors, status), status
 
 
 def _exposed_names() -> set[str]:
@@ -314,5 +343,76 @@ async def test_worker_metrics_server(redis: Redis, secret_key: str, tmp_path: Pa
             assert r.status_code == 200
             assert 'passbridge_queue_depth{account="acme"} 1.0' in r.text
             assert (await client.head("/metrics")).content == b""
+    finally:
+        await server.stop()
+
+
+async def _commands_processed(redis: Redis) -> int:
+    return int((await redis.info("stats"))["total_commands_processed"])
+
+
+async def test_worker_metrics_reads_the_queue_once_per_freshness_window(
+    redis: Redis, secret_key: str, tmp_path: Path
+) -> None:
+    """A scrape loop cannot multiply the Redis work of /metrics: the gauges are read once per window, and
+    concurrent scrapes of a stale cache share one read."""
+    from passbridge.crypto import load_cipher
+    from tests.factories import make_account
+
+    await make_account(redis, load_cipher(secret_key, tmp_path), "acme")
+    await enqueue(redis, "acme", [_event(1)], high_water=100, dedup_window_s=3600)
+    server = exporter.MetricsServer(redis, "127.0.0.1", 0, cache=exporter.GaugeCache(fresh_s=1.0))
+    port = await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+
+            async def depths(n: int) -> set[str]:
+                texts = await asyncio.gather(*(client.get("/metrics") for _ in range(n)))
+                return {
+                    line
+                    for r in texts
+                    for line in r.text.splitlines()
+                    if line.startswith("passbridge_queue_d")
+                }
+
+            idle = -(await _commands_processed(redis)) + await _commands_processed(redis)  # INFO itself
+            before = await _commands_processed(redis)
+            await exporter.queue_families(redis)
+            one_read = await _commands_processed(redis) - before - idle
+            assert one_read > 1
+            before = await _commands_processed(redis)
+            assert await depths(20) == {'passbridge_queue_depth{account="acme"} 1.0'}
+            # 20 concurrent scrapes: one read of the queue, not 20.
+            assert await _commands_processed(redis) - before - idle == one_read
+            await enqueue(redis, "acme", [_event(2, "S2")], high_water=100, dedup_window_s=3600)
+            before = await _commands_processed(redis)
+            assert await depths(10) == {'passbridge_queue_depth{account="acme"} 1.0'}  # still fresh
+            assert await _commands_processed(redis) - before == idle  # no Redis work at all
+            await asyncio.sleep(1.1)
+            assert await depths(3) == {'passbridge_queue_depth{account="acme"} 2.0'}  # read again
+    finally:
+        await server.stop()
+
+
+async def test_worker_metrics_token(redis: Redis) -> None:
+    token = "mt-" + "5" * 24
+    server = exporter.MetricsServer(redis, "127.0.0.1", 0, token)
+    port = await server.start()
+    try:
+        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=10) as client:
+            for headers in ({}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {token}"}):
+                r = await client.get("/metrics", headers=headers)
+                assert r.status_code == 401, headers
+                assert r.headers["content-type"] == "application/problem+json"
+                assert r.headers["www-authenticate"].startswith("Bearer")
+                problem = r.json()
+                assert problem["status"] == 401
+                assert problem["type"].endswith("/unauthorized")
+                assert "PASSBRIDGE_METRICS_TOKEN" in problem["detail"]
+                assert token not in r.text
+            r = await client.get("/metrics", headers={"authorization": f"Bearer {token}"})
+            assert r.status_code == 200
+            assert "passbridge_redis_up 1.0" in r.text
+            assert (await client.get("/healthz")).text == "ok\n"  # liveness needs no token
     finally:
         await server.stop()

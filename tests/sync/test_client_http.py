@@ -10,6 +10,7 @@ from typing import Any
 
 import pytest
 import structlog
+from prometheus_client import REGISTRY
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
@@ -131,9 +132,19 @@ async def test_no_credentials_is_auth(client: KlaviyoClient, store: AccountStore
     assert info.value.code == "no_credentials"
 
 
+def requests_counted(account: Account, status: str) -> float:
+    """``passbridge_klaviyo_requests_total`` of create_event with ``status``, as this process exposes it."""
+    value = REGISTRY.get_sample_value(
+        "passbridge_klaviyo_requests_total",
+        {"account": account.account_id, "endpoint": "create_event", "status": status},
+    )
+    return value or 0.0
+
+
 async def test_timeout_and_dropped_connection_are_transient(
     redis: Redis, store: AccountStore, account: Account, sandbox: Any, sandbox_server: Any
 ) -> None:
+    before = {s: requests_counted(account, s) for s in ("timeout", "network")}
     async with make_client(redis, store, sandbox_server.url, read_timeout_s=0.3) as client:
         sandbox.set_faults(hang_rate=1.0, hang_s=5, operations=["create_event"])
         with pytest.raises(TransientError, match="timed out"):
@@ -141,15 +152,20 @@ async def test_timeout_and_dropped_connection_are_transient(
         sandbox.set_faults(drop_rate=1.0, operations=["create_event"])
         with pytest.raises(TransientError, match="network error"):
             await client.call(account, CREATE_EVENT, body=event())
+    # Requests that got no answer are counted too, or an outage of timeouts would look like no traffic.
+    assert requests_counted(account, "timeout") == before["timeout"] + 1
+    assert requests_counted(account, "network") == before["network"] + 1
 
 
 async def test_unreachable_server_is_transient(redis: Redis, store: AccountStore, account: Account) -> None:
+    before = requests_counted(account, "network")
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, never listening: connection refused
         async with make_client(redis, store, f"http://127.0.0.1:{port}") as client:
             with pytest.raises(TransientError, match="network error"):
                 await client.call(account, CREATE_EVENT, body=event())
+    assert requests_counted(account, "network") == before + 1
 
 
 @pytest.fixture(scope="module")

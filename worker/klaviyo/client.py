@@ -227,7 +227,7 @@ class KlaviyoClient:
                 # The slot waited for goes unused: give it back, as for a 429.
                 await self.limiter.refund(account.account_id, op.name, slot)
                 raise Abandoned(op.name)
-            response = await self._send(op, path, authorization, content, params)
+            response = await self._send(account.account_id, op, path, authorization, content, params)
             status = response.status_code
             metrics.klaviyo_response(account.account_id, op.name, status)
             if 200 <= status < 300:
@@ -264,6 +264,7 @@ class KlaviyoClient:
 
     async def _send(
         self,
+        account_id: str,
         op: Operation,
         path: str,
         authorization: str,
@@ -280,9 +281,13 @@ class KlaviyoClient:
             )
         except httpx.TimeoutException as exc:
             self.calls[(op.name, "timeout")] += 1
+            # Counted like an answer: during an outage of timeouts or resets the requests counter must not
+            # fall flat (it would read as idle, and the error alert would compute 0/0).
+            metrics.klaviyo_response(account_id, op.name, "timeout")
             raise TransientError(op.name, f"timed out ({type(exc).__name__})") from None
         except httpx.TransportError as exc:
             self.calls[(op.name, "network")] += 1
+            metrics.klaviyo_response(account_id, op.name, "network")
             raise TransientError(op.name, f"network error ({type(exc).__name__})") from None
         log.debug(
             "klaviyo_call",
