@@ -96,7 +96,8 @@ def _multiprocess_metrics(state_dir: Path) -> None:
 
     prometheus-client picks its storage when first imported, which the CLI already did: the process
     re-executes itself once with ``PROMETHEUS_MULTIPROC_DIR`` set (same pid, same arguments). A directory set
-    by the operator is used as it is.
+    by the operator needs no re-execution: importing :mod:`passbridge.metrics` already moved this process into
+    a subdirectory of its own there, which the express-lane child inherits.
     """
     if os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         return
