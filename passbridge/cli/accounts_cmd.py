@@ -34,7 +34,7 @@ from passbridge.accounts import (
     new_webhook_secret,
 )
 from passbridge.accounts_file import AccountsFileError, ApplyReport, apply_specs, load_accounts_file
-from passbridge.cli.common import emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import emit_json, fail, redis_url, run, safe, settings
 from passbridge.crypto import SecretKeyError, cipher_from_settings
 from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
 from passbridge.oauth import DEFAULT_SCOPES, start_connect
@@ -261,7 +261,7 @@ def _show_table(doc: dict[str, Any]) -> None:
     ]
     for label, value in rows:
         if value not in (None, "", {}):
-            table.add_row(label, str(value))
+            table.add_row(label, safe(value))
     out.print(table)
 
 
@@ -516,11 +516,11 @@ def list_(as_json: JsonOpt = False) -> None:
     colors = {"connected": "green", "paused": "yellow", "disconnected": "red"}
     for r in rows:
         table.add_row(
-            r["account_id"],
-            r["name"],
+            safe(r["account_id"]),
+            safe(r["name"]),
             f"[{colors[r['state']]}]{r['state']}[/]",
-            r["klaviyo_auth"] or "[red]none[/]",
-            ", ".join(r["sync_pass_types"]) or "all",
+            safe(r["klaviyo_auth"]) if r["klaviyo_auth"] else "[red]none[/]",
+            safe(", ".join(r["sync_pass_types"]) or "all"),
             str(r["waiting"]),
             str(r["skipped"]),
         )
@@ -623,9 +623,11 @@ def check(
         }
         table = Table("", "question", "answer", box=None)
         for f in doc["findings"]:
-            table.add_row(marks[Status(f["status"])], f["topic"], f["words"])
+            table.add_row(marks[Status(f["status"])], safe(f["topic"]), safe(f["words"]))
         out.print(table)
-        out.print(f"account {account_id}: " + ("[green]ready[/]" if doc["ok"] else "[red]needs attention[/]"))
+        out.print(
+            f"account {safe(account_id)}: " + ("[green]ready[/]" if doc["ok"] else "[red]needs attention[/]")
+        )
     if not doc["ok"]:
         raise typer.Exit(1)
 

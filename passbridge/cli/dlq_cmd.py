@@ -19,7 +19,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from passbridge.accounts import AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from worker import dlq, history
 from worker.dlq import DLQEntry, DLQFilter
@@ -137,17 +137,19 @@ def list_(
     table = Table("account", "event id", "serial", "kind", "dead at", "tries", "error", "reason")
     for r in rows:
         table.add_row(
-            r["account"],
-            r["event_id"],
-            r["serial"],
-            str(r["kind"]),
-            r["dead_at"],
+            safe(r["account"]),
+            safe(r["event_id"]),
+            safe(r["serial"]),
+            safe(r["kind"]),
+            safe(r["dead_at"]),
             str(r["attempts"]),
-            f"{r['status'] or ''} {r['code'] or ''}".strip(),
-            r["reason"][:80],
+            safe(f"{r['status'] or ''} {r['code'] or ''}".strip()),
+            safe(r["reason"][:80]),
         )
     console.print(table)
-    console.print(f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{a} {n}" for a, n in totals.items() if n))
+    console.print(
+        f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{safe(a)} {n}" for a, n in totals.items() if n)
+    )
 
 
 @app.command()
@@ -175,23 +177,26 @@ def show(
     if as_json:
         emit_json(doc)
         return
-    console.print(f"[bold]{entry.event_id}[/] (account {account_id}, serial {entry.serial})")
-    console.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {entry.worker}: {entry.reason}")
-    console.print_json(data=entry.event)
+    console.print(
+        f"[bold]{safe(entry.event_id)}[/] (account {safe(account_id)}, serial {safe(entry.serial)})"
+    )
+    console.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {safe(entry.worker)}: {safe(entry.reason)}")
+    # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
+    console.print_json(data=entry.event, ensure_ascii=True)
     table = Table("time", "worker", "kind", "status", "code", "endpoint", "detail")
     for err in entry.errors:
         table.add_row(
             _iso(int(err.get("at_ms", 0))),
-            str(err.get("worker", "")),
-            str(err.get("kind", "")),
-            str(err.get("status") or ""),
-            str(err.get("code") or ""),
-            str(err.get("endpoint") or ""),
-            str(err.get("detail") or err.get("message") or "")[:100],
+            safe(err.get("worker", "")),
+            safe(err.get("kind", "")),
+            safe(err.get("status") or ""),
+            safe(err.get("code") or ""),
+            safe(err.get("endpoint") or ""),
+            safe(str(err.get("detail") or err.get("message") or "")[:100]),
         )
     console.print(table)
     for h in hist:
-        console.print(f"  {_iso(int(h['at_ms']))} {h['kind']}")
+        console.print(f"  {_iso(int(h['at_ms']))} {safe(h['kind'])}")
 
 
 def _bulk(

@@ -12,7 +12,7 @@ from redis.asyncio import Redis
 from rich.table import Table
 
 from passbridge.accounts import AccountNotFound, AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, plain, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
 from worker import dlq, history, pause
@@ -83,21 +83,21 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     for a in doc["accounts"]:
         paused = a["paused"]
         table.add_row(
-            a["account"],
+            safe(a["account"]),
             str(a["pending_events"]),
             str(a["ready_serials"]),
             str(a["parked_serials"]),
             a["next_attempt"] or "",
             str(a["leased_serials"]),
             str(a["dlq"]),
-            f"{paused['kind']}: {paused['reason']}"[:60] if paused else "",
+            safe(f"{paused['kind']}: {paused['reason']}"[:60]) if paused else "",
         )
     console.print(table)
     wt = Table("worker", "lane", "held", "written", "retried", "dead-lettered", "heartbeat")
     for w in doc["workers"]:
         wt.add_row(
-            w["worker"],
-            str(w.get("lane", "main")),
+            safe(w["worker"]),
+            safe(w.get("lane", "main")),
             f"{w.get('held', 0)}/{w.get('max_serials', '?')}",
             str(w.get("written", 0)),
             str(w.get("retried", 0)),
@@ -148,7 +148,7 @@ def resume(
     elif doc["resumed"]:
         typer.echo(f"resumed {account} (paused {doc['paused_s']} s)")
     else:
-        typer.echo(f"{account} not resumed: {doc['reason']}")
+        typer.echo(f"{plain(account)} not resumed: {plain(doc['reason'])}")
     if not doc["resumed"] and doc["reason"] != "not paused":
         raise typer.Exit(1)
 
@@ -186,5 +186,6 @@ def history_(
     for r in rows:
         detail = {k: v for k, v in r.items() if k not in ("at_ms", "kind", "event_id")}
         console.print(
-            f"{_iso(int(r['at_ms']))}  {r['kind']:<10} {r['event_id']}  {orjson.dumps(detail).decode() if detail else ''}"
+            f"{_iso(int(r['at_ms']))}  {safe(r['kind']):<10} {safe(r['event_id'])}  "
+            + (safe(orjson.dumps(detail).decode()) if detail else "")
         )

@@ -13,7 +13,7 @@ import typer
 from redis.asyncio import Redis
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, redis_url, run, safe, settings
 from worker import inspect
 from worker.report import summarize
 
@@ -88,15 +88,16 @@ def status(
         if state != "connected":
             since = f" since {a['paused']['since']}" if a["paused"] else ""
             notes.append(
-                f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}"
+                f"[red]{safe(a['account'])} is {safe(state)}{since}[/]: "
+                + safe(a["state_reason"] or "no reason given")
             )
         if a["dlq"]:
             notes.append(
-                f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}"
+                f"{safe(a['account'])} has {a['dlq']} dead-lettered: passbridge dlq list -a {safe(a['account'])}"
             )
         table.add_row(
-            a["account"],
-            state if state == "connected" else f"[red]{state}[/]",
+            safe(a["account"]),
+            safe(state) if state == "connected" else f"[red]{safe(state)}[/]",
             str(a["pending_events"]),
             _age(a["oldest_event_age_s"]) if a["pending_events"] else "-",
             str(a["ready_serials"]),
@@ -126,8 +127,8 @@ def status(
     )
     for w in doc["workers"]:
         wt.add_row(
-            w["worker"],
-            w["lane"],
+            safe(w["worker"]),
+            safe(w["lane"]),
             "yes" if w["alive"] else "[red]no[/]",
             f"{w['last_heartbeat']} ({w['heartbeat_age_s']} s ago)",
             f"{w['held_serials']}/{w['max_serials']}",
@@ -154,9 +155,11 @@ def serial(
         return
     if unknown:
         fail(f"nothing known about serial {serial_number!r} of account {account!r}")
-    line = f"[bold]{serial_number}[/] of {account}: {doc['status']}"
+    line = f"[bold]{safe(serial_number)}[/] of {safe(account)}: {doc['status']}"
     if detail.lease is not None:
-        line += f", held by {detail.lease.worker_id} (lease until {inspect.iso(detail.lease.expires_ms)})"
+        line += (
+            f", held by {safe(detail.lease.worker_id)} (lease until {inspect.iso(detail.lease.expires_ms)})"
+        )
     if doc["next_attempt"]:
         line += f", next attempt {doc['next_attempt']}"
     console.print(line)
@@ -166,27 +169,31 @@ def serial(
         )
         for i, p in enumerate(doc["pending"], 1):
             table.add_row(
-                str(i), p["event_id"], p["kind"], p["occurred_at"], p["received_at"], str(p["attempts"])
+                str(i),
+                safe(p["event_id"]),
+                safe(p["kind"]),
+                safe(p["occurred_at"]),
+                safe(p["received_at"]),
+                str(p["attempts"]),
             )
         console.print(table)
     else:
         console.print("nothing pending")
     for event_id, record in detail.retries.items():
         for err in record.get("errors", [])[-3:]:
-            console.print(
+            line = (
                 f"  {event_id} failed {inspect.iso(err.get('at_ms'))}: {err.get('status') or ''} "
-                f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"[
-                    :200
-                ]
+                f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"
             )
+            console.print(safe(line[:200]))
     if detail.dead:
-        console.print("dead-lettered: " + ", ".join(e.event_id for e in detail.dead))
+        console.print("dead-lettered: " + ", ".join(safe(e.event_id) for e in detail.dead))
     console.print("applied state:" if detail.applied else "applied state: none yet")
     if detail.applied:
-        console.print_json(data=detail.applied)
+        console.print_json(data=detail.applied, ensure_ascii=True)
     tl = Table("time", "what", "event id", "detail", title="timeline")
     for h in detail.timeline:
-        tl.add_row(inspect.iso(h.at_ms) or "", h.kind, h.event_id, _detail(h.detail)[:120])
+        tl.add_row(inspect.iso(h.at_ms) or "", safe(h.kind), safe(h.event_id), safe(_detail(h.detail)[:120]))
     console.print(tl)
 
 
@@ -205,11 +212,14 @@ def event(
         return
     if found.where == "unknown" and found.serial is None:
         fail(f"event {event_id!r} of account {account!r}: {found.detail}")
-    console.print(f"[bold]{event_id}[/] (serial {found.serial}): [bold]{found.where}[/] — {found.detail}")
+    console.print(
+        f"[bold]{safe(event_id)}[/] (serial {safe(found.serial)}): [bold]{found.where}[/] — {safe(found.detail)}"
+    )
     for h in found.history:
-        console.print(f"  {inspect.iso(h.at_ms)}  {h.kind:<10} {_detail(h.detail)[:140]}")
+        console.print(f"  {inspect.iso(h.at_ms)}  {safe(h.kind):<10} {safe(_detail(h.detail)[:140])}")
     if found.event:
-        console.print_json(orjson.dumps(found.event).decode())
+        # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
+        console.print_json(orjson.dumps(found.event).decode(), ensure_ascii=True)
     if found.where == "unknown":
         raise typer.Exit(1)
 
@@ -234,7 +244,7 @@ def report(
     if as_json:
         emit_json(doc)
         return
-    console.print(f"[bold]{account}[/]: events that occurred {doc['since']} – {doc['until']}")
+    console.print(f"[bold]{safe(account)}[/]: events that occurred {doc['since']} – {doc['until']}")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
@@ -261,8 +271,8 @@ def report(
     lines.append(("(all)", "(all)", doc["total"]))
     for platform, pass_type, t in lines:
         table.add_row(
-            platform,
-            pass_type,
+            safe(platform),
+            safe(pass_type),
             *(str(t[k]) for k in ("created", "installed", "updated", "uninstalled", "deleted")),
             pct(t["save_rate"]),
             ratio(t["install_uninstall_ratio"]),

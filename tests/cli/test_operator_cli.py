@@ -1,0 +1,139 @@
+"""The operator commands (``status``, ``serial``, ``event``, ``report``, ``dlq``, ``engine``, ``accounts``) as
+real processes against a real Redis: what they print when the data is hostile, which Redis and which accounts
+they read, and what they say about waiting events."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import orjson
+from cryptography.fernet import MultiFernet
+from redis.asyncio import Redis
+
+from passbridge.crypto import load_cipher
+from passbridge.keys import account_keys
+from tests.cli.test_cli import cli_env, run
+from tests.factories import make_account
+from tests.worker.helpers import pass_event, put
+from worker.dlq import DLQEntry
+from worker.queue import WorkQueue
+
+
+def env_for(state_dir: Path, secret_key: str, redis_url: str | None) -> dict[str, str]:
+    """The CLI's environment, never forcing colours: any escape sequence in the output came from data."""
+    # The dedup window tests.worker.helpers.put enqueues with (event id → serial is found through it).
+    env = cli_env(state_dir, secret_key, redis_url) | {"COLUMNS": "250", "PASSBRIDGE_DEDUP_TTL_S": "3600"}
+    for name in ("FORCE_COLOR", "TTY_COMPATIBLE", "CLICOLOR_FORCE"):
+        env.pop(name, None)
+    return env
+
+
+def cipher(secret_key: str, tmp_path: Path) -> MultiFernet:
+    return load_cipher(secret_key, tmp_path / "state")
+
+
+async def dead_letter(
+    redis: Redis, account_id: str, serial: str, *, reason: str, detail: str, worker: str = "w1"
+) -> DLQEntry:
+    """Claim ``serial``, dead-letter its head event with ``reason`` and an error ``detail``, release it."""
+    q = WorkQueue(redis, worker_id=worker)
+    claimed = await q.claim(50)
+    (lease,) = [lease for lease in claimed.leases if lease.serial == serial]
+    for other in claimed.leases:
+        if other is not lease:
+            await q.release(other)
+    keys = account_keys(account_id)
+    (member, score) = (await redis.zrange(keys.mailbox(serial), 0, 0, withscores=True))[0]
+    now = int(time.time() * 1000)
+    entry = DLQEntry(
+        event_id=orjson.loads(member[12:])["id"],
+        serial=serial,
+        member=member.decode(),
+        score=int(score),
+        reason=reason,
+        dead_at_ms=now,
+        worker=worker,
+        errors=[
+            {
+                "at_ms": now,
+                "worker": worker,
+                "kind": "permanent",
+                "status": 400,
+                "code": "invalid",
+                "endpoint": "create_event",
+                "detail": detail,
+            }
+        ],
+    )
+    assert (await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])).ok
+    assert await q.release(lease)
+    return entry
+
+
+def output(result: Any) -> str:
+    return str(result.stdout) + str(result.stderr)
+
+
+class TestHostileData:
+    """Serials, event ids, reasons and Klaviyo details are shown as they are: never read as Rich markup, and
+    their control characters never reach the terminal."""
+
+    #: An event id stored before ingest refused control characters: retitles the window, clears the screen.
+    ESCAPING_ID = "evt-\x1b]0;pwned\x07\x1b[2J-1"
+    MARKUP_SERIAL = "PASS-[gold]-1"
+    LINK_SERIAL = "[link=https://evil.example]click[/link]"
+
+    async def seed(self, redis: Redis, secret_key: str, tmp_path: Path) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path), "acme")
+        await put(
+            redis,
+            pass_event("acme", self.MARKUP_SERIAL, 0, event_id="evt-[/]-0"),
+            pass_event("acme", self.MARKUP_SERIAL, 1, event_id="evt-[object Object]-1"),
+            pass_event("acme", self.LINK_SERIAL, 0, event_id=self.ESCAPING_ID),
+        )
+        await dead_letter(
+            redis,
+            "acme",
+            self.MARKUP_SERIAL,
+            reason="permanent error: x[/gold] HTTP 400",
+            detail="[link=https://evil.example]bad[/link] \x1b[31mred",
+        )
+
+    async def test_every_command_shows_data_literally(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await self.seed(redis, secret_key, tmp_path)
+        env = env_for(tmp_path / "state", secret_key, redis_url)
+        commands = [
+            ["dlq", "list"],
+            ["dlq", "show", "evt-[/]-0"],
+            ["serial", "acme", self.MARKUP_SERIAL],
+            ["serial", "acme", self.LINK_SERIAL],
+            ["event", "acme", "evt-[/]-0"],
+            ["event", "acme", "evt-[object Object]-1"],
+            ["engine", "history", "acme", "--serial", self.LINK_SERIAL],
+            ["engine", "status"],
+            ["status"],
+        ]
+        outs = []
+        for args in commands:
+            result = run(args, env, tmp_path)
+            out = output(result)
+            assert result.returncode == 0, (args, out)
+            assert "Traceback" not in out, (args, out)
+            assert "\x1b" not in out, (args, out)
+            assert "\x07" not in out, (args, out)
+            outs.append(out)
+        dlq_list, dlq_show, serial_markup, serial_link, event_dead, event_queued, history, _, _ = outs
+        assert "evt-[/]-0" in dlq_list
+        assert self.MARKUP_SERIAL in dlq_list
+        assert "x[/gold] HTTP 400" in dlq_show
+        assert "[link=https://evil.example]bad[/link] \\x1b[31mred" in dlq_show
+        assert "evt-[object Object]-1" in serial_markup
+        assert "evt-\\x1b]0;pwned\\x07\\x1b[2J-1" in serial_link
+        assert self.LINK_SERIAL in serial_link
+        assert "x[/gold] HTTP 400" in event_dead
+        assert "evt-[object Object]-1" in event_queued
+        assert "evt-\\x1b]0;pwned\\x07\\x1b[2J-1" in history
