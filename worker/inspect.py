@@ -23,7 +23,14 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, WORKERS, WORKERS_INFO, account_keys
+from passbridge.keys import (
+    ACCOUNTS_INDEX,
+    ACTIVE_ACCOUNTS,
+    REMOVED_ACCOUNTS,
+    WORKERS,
+    WORKERS_INFO,
+    account_keys,
+)
 from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, SAMPLED, SERIES, bucket_of
 from passbridge.queue import dedup_bucket_width
 from worker import history, pause
@@ -150,9 +157,20 @@ async def now_ms(redis: Redis) -> int:
 
 
 async def account_ids(redis: Redis) -> list[str]:
-    """Registered accounts and any account with queued work, sorted."""
+    """Registered accounts, any account with queued work, and removed accounts that still have pending events
+    or dead letters (``pb:active`` forgets an account once nothing is pending, its DLQ may remain), sorted."""
     ids = {m.decode() for m in await redis.smembers(ACCOUNTS_INDEX)}
     ids |= {m.decode() for m in await redis.zrange(ACTIVE_ACCOUNTS, 0, -1)}
+    removed = sorted({m.decode() for m in await redis.smembers(REMOVED_ACCOUNTS)} - ids)
+    if removed:
+        async with redis.pipeline(transaction=False) as pipe:
+            for account_id in removed:
+                pipe.zcard(account_keys(account_id).dlq)
+                pipe.get(account_keys(account_id).depth)
+            answers = await pipe.execute()
+        for i, account_id in enumerate(removed):
+            if answers[2 * i] or int(answers[2 * i + 1] or 0):
+                ids.add(account_id)
     return sorted(ids)
 
 

@@ -36,7 +36,7 @@ from passbridge.accounts import (
 from passbridge.accounts_file import AccountsFileError, ApplyReport, apply_specs, load_accounts_file
 from passbridge.cli.common import emit_json, fail, redis_url, run, safe, settings
 from passbridge.crypto import SecretKeyError, cipher_from_settings
-from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
+from passbridge.keys import ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
 from passbridge.oauth import DEFAULT_SCOPES, start_connect
 
 app = typer.Typer(help="Merchant accounts: credentials, sources, Klaviyo connection.", no_args_is_help=True)
@@ -573,6 +573,7 @@ def remove(
                 async for key in redis.scan_iter(match=account_keys(account_id).base + ":*", count=500):
                     purged += await redis.unlink(key)
                 await redis.zrem(ACTIVE_ACCOUNTS, account_id)
+                await redis.srem(REMOVED_ACCOUNTS, account_id)  # nothing of it is left to show
             return {"account_id": account_id, "removed": True, "waiting": waiting, "purged_keys": purged}
 
     doc = run(go())

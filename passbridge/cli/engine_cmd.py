@@ -15,7 +15,7 @@ from passbridge.accounts import AccountNotFound, AccountStore
 from passbridge.cli.common import console, emit_json, fail, plain, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
-from worker import dlq, history, pause
+from worker import dlq, history, inspect, pause
 
 app = typer.Typer(
     help="The ordered engine: queues, leases, pauses, workers, event history.", no_args_is_help=True
@@ -27,10 +27,16 @@ def _iso(ms: int) -> str:
 
 
 def _store(redis: Redis) -> AccountStore:
+    """The registry with the secret key: only where an account's secrets are read (``resume``)."""
     s = settings()
     return AccountStore(
         redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
     )
+
+
+def _redis() -> Redis:
+    """The configured Redis, never an embedded one started on demand (it would be empty and answer wrongly)."""
+    return Redis.from_url(redis_url(settings(), start=False))
 
 
 async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str, Any]:
@@ -62,10 +68,10 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Per account: pending events, ready/parked/leased serials, DLQ size, pause; and the live workers."""
 
     async def go() -> dict[str, Any]:
-        redis = Redis.from_url(redis_url(settings()))
+        redis = _redis()
         try:
             now = int(time.time() * 1000)
-            accounts = [await account_status(redis, a, now) for a in await _store(redis).list_ids()]
+            accounts = [await account_status(redis, a, now) for a in await inspect.account_ids(redis)]
             workers = []
             for wid, beat in await redis.zrange(WORKERS, 0, -1, withscores=True):
                 raw = await redis.hget(WORKERS_INFO, wid)
@@ -124,7 +130,7 @@ def resume(
     s = settings()
 
     async def go() -> dict[str, Any]:
-        redis = Redis.from_url(redis_url(s))
+        redis = _redis()
         try:
             store = _store(redis)
             try:
@@ -165,7 +171,7 @@ def history_(
         fail("give --serial or --event")
 
     async def go() -> list[dict[str, Any]]:
-        redis = Redis.from_url(redis_url(settings()))
+        redis = _redis()
         try:
             if event_id:
                 entries = await history.event_history(redis, account, event_id, serial)

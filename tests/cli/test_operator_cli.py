@@ -4,6 +4,8 @@ they read, and what they say about waiting events."""
 
 from __future__ import annotations
 
+import os
+import signal
 import time
 from pathlib import Path
 from typing import Any
@@ -137,3 +139,65 @@ class TestHostileData:
         assert "x[/gold] HTTP 400" in event_dead
         assert "evt-[object Object]-1" in event_queued
         assert "evt-\\x1b]0;pwned\\x07\\x1b[2J-1" in history
+
+
+class TestWhichRedisAndWhichAccounts:
+    """The ``dlq`` and ``engine`` commands read the configured Redis only, and see every account ``status``
+    sees."""
+
+    COMMANDS = (
+        ["dlq", "list"],
+        ["dlq", "show", "evt-1"],
+        ["dlq", "purge", "--all", "--yes"],
+        ["engine", "status"],
+        ["engine", "history", "acme", "--serial", "S1"],
+        ["engine", "resume", "acme"],
+    )
+
+    def test_no_redis_configured_is_an_error_not_an_empty_answer(
+        self, tmp_path: Path, secret_key: str
+    ) -> None:
+        state = tmp_path / "state"
+        env = env_for(state, secret_key, None)
+        try:
+            for args in self.COMMANDS:
+                result = run(args, env, tmp_path)
+                assert result.returncode == 1, (args, output(result))
+                assert " ".join(result.stderr.split()) == (
+                    "error: REDIS_URL is unset and no embedded Redis is running; start one with "
+                    "`passbridge redis start`"
+                ), args
+                assert not (state / "redis.json").exists(), args  # no empty Redis was started
+                assert not (state / "secret.key").exists(), args  # nor a key made up
+        finally:
+            record = state / "redis.json"
+            if record.exists():
+                os.kill(int(orjson.loads(record.read_bytes())["pid"]), signal.SIGTERM)
+
+    async def test_a_removed_account_with_dead_letters_stays_visible(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path), "acme")
+        await make_account(redis, cipher(secret_key, tmp_path), "globex")
+        await put(redis, pass_event("acme", "S1", 0))
+        await dead_letter(redis, "acme", "S1", reason="permanent error: HTTP 400 invalid", detail="bad")
+        env = env_for(tmp_path / "state", secret_key, redis_url)
+        removed = run(["accounts", "remove", "acme", "--yes"], env, tmp_path)
+        assert removed.returncode == 0, output(removed)
+        assert await redis.zscore("pb:active", "acme") is None  # nothing pending: the engine forgot it
+
+        listed = run(["dlq", "list", "--json"], env, tmp_path)
+        assert listed.returncode == 0, output(listed)
+        doc = orjson.loads(listed.stdout)
+        assert [(e["account"], e["event_id"]) for e in doc["entries"]] == [("acme", "acme-S1-0")]
+        assert doc["totals"] == {"acme": 1, "globex": 0}
+        engine = orjson.loads(run(["engine", "status", "--json"], env, tmp_path).stdout)
+        assert {a["account"]: a["dlq"] for a in engine["accounts"]} == {"acme": 1, "globex": 0}
+        status = orjson.loads(run(["status", "--json"], env, tmp_path).stdout)
+        assert {a["account"]: a["dlq"] for a in status["accounts"]} == {"acme": 1, "globex": 0}
+
+        purged = run(["dlq", "purge", "--all", "--yes", "--json"], env, tmp_path)
+        assert orjson.loads(purged.stdout)["purged"] == 1, output(purged)
+        # Nothing left of it: it is no longer listed.
+        status = orjson.loads(run(["status", "--json"], env, tmp_path).stdout)
+        assert [a["account"] for a in status["accounts"]] == ["globex"]
