@@ -31,7 +31,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, SAMPLED, SERIES, bucket_of
+from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, REPORT_TTL_S, SAMPLED, SERIES, bucket_of
 from passbridge.queue import dedup_bucket_width
 from worker import history, pause
 from worker.dlq import DLQEntry
@@ -644,14 +644,26 @@ def _serial_sentence(detail: SerialDetail) -> str:
 # --- the report --------------------------------------------------------------------------------------------
 
 
+#: Most UTC days a report reads: every day whose counters may still be kept (:data:`REPORT_TTL_S` past the
+#: day's end, so the day that began up to a day before the oldest instant kept counts too).
+REPORT_DAYS = REPORT_TTL_S // 86_400 + 1
+
+
+def report_kept_since(now_ms: int) -> int:
+    """The start (epoch ms) of the oldest UTC day whose report counters may still be kept at ``now_ms``;
+    events that occurred before it are no longer counted anywhere."""
+    return (now_ms - REPORT_TTL_S * 1000) // 86_400_000 * 86_400_000
+
+
 async def report_rows(redis: Redis, account_id: str, since_ms: int, until_ms: int) -> list[ReportRow]:
     """Ingested lifecycle events of the account that occurred in ``[since_ms, until_ms)``, hour-granular,
-    summed by (kind, platform, pass type). At most 400 days are read."""
+    summed by (kind, platform, pass type). At most :data:`REPORT_DAYS` days are read: the newest of the range
+    (older ones have expired; see :func:`report_kept_since`)."""
     keys = account_keys(account_id)
     start_hour = since_ms // 3_600_000
     end_hour = -(-until_ms // 3_600_000)
-    day0 = start_hour // 24
-    days = range(day0, min(-(-end_hour // 24), day0 + 400))
+    end_day = -(-end_hour // 24)
+    days = range(max(start_hour // 24, end_day - REPORT_DAYS), end_day)
     async with redis.pipeline(transaction=False) as pipe:
         for d in days:
             pipe.hgetall(keys.report(datetime.fromtimestamp(d * 86_400, UTC).strftime("%Y%m%d")))

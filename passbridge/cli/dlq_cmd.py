@@ -86,9 +86,7 @@ async def _accounts(redis: Redis, account: str | None) -> list[str]:
     return await inspect.account_ids(redis)
 
 
-async def _select(
-    redis: Redis, account: str | None, flt: DLQFilter, ids: list[str]
-) -> dict[str, list[str]]:
+async def _select(redis: Redis, account: str | None, flt: DLQFilter, ids: list[str]) -> dict[str, list[str]]:
     """account → event ids chosen by explicit ids (looked up in every account unless --account) or filters."""
     chosen: dict[str, list[str]] = {}
     for account_id in await _accounts(redis, account):

@@ -15,7 +15,7 @@ from rich.table import Table
 
 from passbridge.cli.common import console, emit_json, fail, redis_url, run, safe, settings
 from worker import inspect
-from worker.report import summarize
+from worker.report import ReportRow, summarize
 
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -238,13 +238,32 @@ def report(
         fail(str(exc))
     if since_ms >= until_ms:
         fail(f"--since ({inspect.iso(since_ms)}) must be before --until ({inspect.iso(until_ms)})")
-    rows = _query(lambda r: inspect.report_rows(r, account, since_ms, until_ms))
-    doc: dict[str, Any] = {"account": account, "since": inspect.iso(since_ms), "until": inspect.iso(until_ms)}
+
+    async def go(redis: Redis) -> tuple[int, list[ReportRow]]:
+        # Counters are kept 400 days: an older --since would only read days that are gone.
+        start = max(since_ms, inspect.report_kept_since(await inspect.now_ms(redis)))
+        return start, await inspect.report_rows(redis, account, start, until_ms) if start < until_ms else []
+
+    start_ms, rows = _query(go)
+    doc: dict[str, Any] = {"account": account, "since": inspect.iso(start_ms), "until": inspect.iso(until_ms)}
+    note = None
+    if start_ms > since_ms:
+        doc["requested_since"] = inspect.iso(since_ms)
+        kept = f"report counters are kept {inspect.REPORT_DAYS - 1} days"
+        note = (
+            f"{kept}: --since {inspect.iso(since_ms)} is older, so the report covers {doc['since']} – "
+            f"{doc['until']}"
+            if start_ms < until_ms
+            else f"{kept}: the whole range is older, nothing is left to count"
+        )
+        doc["note"] = note
     doc.update(summarize(rows).to_doc())
     if as_json:
         emit_json(doc)
         return
     console.print(f"[bold]{safe(account)}[/]: events that occurred {doc['since']} – {doc['until']}")
+    if note:
+        console.print(f"[yellow]note:[/] {safe(note)}")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"

@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import signal
 import time
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from redis.asyncio import Redis
 
 from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
+from passbridge.metrics import Recorder
 from tests.cli.test_cli import cli_env, run
 from tests.factories import make_account
 from tests.worker.helpers import pass_event, put
@@ -201,3 +203,35 @@ class TestWhichRedisAndWhichAccounts:
         # Nothing left of it: it is no longer listed.
         status = orjson.loads(run(["status", "--json"], env, tmp_path).stdout)
         assert [a["account"] for a in status["accounts"]] == ["globex"]
+
+
+async def test_report_since_beyond_the_retention_reads_the_kept_days_and_says_so(
+    redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """``--since 730d`` (two years) means "all there is": the last 400 days, not the oldest 400 days from two years ago."""
+    rec = Recorder()
+    now = datetime.now(UTC)
+    for _ in range(3):
+        rec.tally("acme", now - timedelta(hours=1), "created", "apple", "loyalty")
+    rec.tally("acme", now - timedelta(hours=1), "installed", "apple", "loyalty")
+    rec.tally("acme", now - timedelta(days=350), "created", "apple", "loyalty")
+    assert await rec.flush(redis, now_s=now.timestamp()) > 0
+    env = env_for(tmp_path / "state", secret_key, redis_url)
+
+    result = run(["report", "acme", "--since", "730d", "--json"], env, tmp_path)
+    assert result.returncode == 0, output(result)
+    doc = orjson.loads(result.stdout)
+    assert (doc["total"]["created"], doc["total"]["installed"]) == (4, 1)
+    kept_since = datetime.fromisoformat(doc["since"])
+    assert timedelta(days=400) <= now - kept_since <= timedelta(days=401)
+    assert doc["requested_since"] < doc["since"]
+    assert "kept 400 days" in doc["note"]
+
+    text = run(["report", "acme", "--since", "730d"], env, tmp_path)
+    assert "note: report counters are kept 400 days" in " ".join(output(text).split())
+    within = orjson.loads(run(["report", "acme", "--since", "30d", "--json"], env, tmp_path).stdout)
+    assert "note" not in within
+    assert within["total"]["created"] == 3
+    gone = run(["report", "acme", "--since", "1095d", "--until", "730d", "--json"], env, tmp_path)
+    assert orjson.loads(gone.stdout)["total"]["created"] == 0
+    assert "nothing is left to count" in orjson.loads(gone.stdout)["note"]
