@@ -11,7 +11,7 @@ import typer
 from redis.asyncio import Redis
 from rich.table import Table
 
-from passbridge.accounts import AccountNotFound, AccountStore
+from passbridge.accounts import AccountNotFound, AccountState, AccountStore
 from passbridge.cli.common import console, emit_json, fail, plain, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
@@ -134,9 +134,21 @@ def resume(
         try:
             store = _store(redis)
             try:
-                await store.get(account)
+                registered = await store.get(account)
             except AccountNotFound:
                 fail(f"no account {account!r}")
+            held = await pause.get_pause(redis, account)
+            # Only an auth pause's registry "paused" is lifted by the resume; any other registry state makes
+            # the next sweep pause the account again within seconds, so a resume here would be a false success.
+            lifted = held is not None and held.kind == "auth" and registered.state is AccountState.paused
+            if registered.state is not AccountState.connected and not lifted:
+                why = f" ({registered.state_reason})" if registered.state_reason else ""
+                return {
+                    "account": account,
+                    "resumed": False,
+                    "reason": f"the account is {registered.state.value} in the registry{why}; "
+                    f"`passbridge accounts update {account} --state connected` resumes it",
+                }
             if check:
                 async with KlaviyoClient.from_settings(s, redis, store) as client:
                     if not await probe_credentials(client, store, redis, account):

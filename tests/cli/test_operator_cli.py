@@ -15,12 +15,14 @@ import orjson
 from cryptography.fernet import MultiFernet
 from redis.asyncio import Redis
 
+from passbridge.accounts import AccountState, AccountStore
 from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
 from passbridge.metrics import Recorder
 from tests.cli.test_cli import cli_env, run
 from tests.factories import make_account
 from tests.worker.helpers import pass_event, put
+from worker import pause
 from worker.dlq import DLQEntry
 from worker.queue import WorkQueue
 
@@ -235,3 +237,34 @@ async def test_report_since_beyond_the_retention_reads_the_kept_days_and_says_so
     gone = run(["report", "acme", "--since", "1095d", "--until", "730d", "--json"], env, tmp_path)
     assert orjson.loads(gone.stdout)["total"]["created"] == 0
     assert "nothing is left to count" in orjson.loads(gone.stdout)["note"]
+
+
+async def test_engine_resume_refuses_an_account_paused_in_the_registry(
+    redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """The sweep mirrors the registry: resuming only the engine's pause would be undone within seconds."""
+    store = AccountStore(redis, cipher(secret_key, tmp_path))
+    await make_account(redis, store.cipher, "acme")
+    env = env_for(tmp_path / "state", secret_key, redis_url)
+    updated = run(
+        ["accounts", "update", "acme", "--state", "paused", "--reason", "merchant asked"], env, tmp_path
+    )
+    assert updated.returncode == 0, output(updated)
+    assert await pause.reconcile(redis, store, "acme") == "paused"  # what the workers' sweep does
+
+    result = run(["engine", "resume", "acme"], env, tmp_path)
+    assert result.returncode == 1, output(result)
+    assert " ".join(output(result).split()) == (
+        "acme not resumed: the account is paused in the registry (merchant asked); "
+        "`passbridge accounts update acme --state connected` resumes it"
+    )
+    assert (await pause.get_pause(redis, "acme")) is not None
+    assert await redis.llen(account_keys("acme").pause_log) == 0  # no spurious closed interval
+
+    # An auth pause (the engine set the registry to paused itself) is still resumed by the command.
+    assert run(["accounts", "update", "acme", "--state", "connected"], env, tmp_path).returncode == 0
+    assert await pause.reconcile(redis, store, "acme") == "resumed"
+    await pause.pause_account(redis, store, "acme", "HTTP 401 not_authenticated")
+    resumed = run(["engine", "resume", "acme", "--json"], env, tmp_path)
+    assert orjson.loads(resumed.stdout)["resumed"] is True, output(resumed)
+    assert (await store.get("acme")).state is AccountState.connected
