@@ -48,6 +48,18 @@ def _detail(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) if d else ""
 
 
+def _ready(a: dict[str, Any]) -> str:
+    """The ready column: marked when no worker takes those serials whatever the workers do."""
+    n = a["ready_serials"]
+    if not n:
+        return "0"
+    if a["state"] != "connected":
+        return f"{n} [red](held)[/]"
+    if a["throttled_until"]:
+        return f"{n} [yellow](throttled)[/]"
+    return str(n)
+
+
 def status(
     account: list[str] = typer.Option(None, "--account", "-a", help="Only these accounts (repeatable)."),
     as_json: bool = JsonOpt,
@@ -91,6 +103,11 @@ def status(
                 f"[red]{safe(a['account'])} is {safe(state)}{since}[/]: "
                 + safe(a["state_reason"] or "no reason given")
             )
+        if a["throttled_until"] and state == "connected":
+            notes.append(
+                f"[yellow]{safe(a['account'])} is throttled by Klaviyo (429) until {a['throttled_until']}[/]: "
+                "its ready serials wait for that, not for a worker"
+            )
         if a["dlq"]:
             notes.append(
                 f"{safe(a['account'])} has {a['dlq']} dead-lettered: passbridge dlq list -a {safe(a['account'])}"
@@ -100,7 +117,7 @@ def status(
             safe(state) if state == "connected" else f"[red]{safe(state)}[/]",
             str(a["pending_events"]),
             _age(a["oldest_event_age_s"]) if a["pending_events"] else "-",
-            str(a["ready_serials"]),
+            _ready(a),
             f"{a['parked_serials']}" + (f" ({a['next_attempt']})" if a["next_attempt"] else ""),
             str(a["leased_serials"]),
             f"[red]{a['dlq']}[/]" if a["dlq"] else "0",
@@ -163,6 +180,8 @@ def serial(
     if doc["next_attempt"]:
         line += f", next attempt {doc['next_attempt']}"
     console.print(line)
+    if doc["waiting"]:
+        console.print(f"waiting: {safe(doc['waiting'])}")
     if detail.pending:
         table = Table(
             "#", "event id", "kind", "occurred", "received", "attempts", title="pending, in send order"
@@ -200,11 +219,17 @@ def serial(
 def event(
     account: str = typer.Argument(..., help="The account."),
     event_id: str = typer.Argument(..., help="The event id."),
+    serial_number: str | None = typer.Option(
+        None,
+        "--serial",
+        help="The event's serial: finds an event still queued after the dedup window (which maps ids to "
+        "serials) has forgotten it.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Where one event is now (queued, dead-lettered, delivered) and its history."""
     window = settings().dedup_ttl_s
-    found = _query(lambda r: inspect.find_event(r, account, event_id, window))
+    found = _query(lambda r: inspect.find_event(r, account, event_id, window, serial=serial_number))
     if as_json:
         emit_json(found.to_doc())
         if found.where == "unknown":

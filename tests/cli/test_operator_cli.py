@@ -19,6 +19,7 @@ from passbridge.accounts import AccountState, AccountStore
 from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
 from passbridge.metrics import Recorder
+from passbridge.queue import enqueue
 from tests.cli.test_cli import cli_env, run
 from tests.factories import make_account
 from tests.worker.helpers import pass_event, put
@@ -268,3 +269,62 @@ async def test_engine_resume_refuses_an_account_paused_in_the_registry(
     resumed = run(["engine", "resume", "acme", "--json"], env, tmp_path)
     assert orjson.loads(resumed.stdout)["resumed"] is True, output(resumed)
     assert (await store.get("acme")).state is AccountState.connected
+
+
+class TestWhyWaiting:
+    """A paused or throttled account's serials look due; the tools say why no worker takes them."""
+
+    async def test_paused_account_and_an_event_older_than_the_dedup_window(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        store = AccountStore(redis, cipher(secret_key, tmp_path))
+        await make_account(
+            redis, store.cipher, "acme", state=AccountState.paused, state_reason="billing hold"
+        )
+        assert await pause.reconcile(redis, store, "acme") == "paused"  # what the workers' sweep does
+        # Received 8 days ago, still queued (a paused account's events wait): the 7-day dedup index forgot it.
+        received = int(time.time() * 1000) - 8 * 86_400_000
+        await enqueue(
+            redis,
+            "acme",
+            [pass_event("acme", "S1", 0)],
+            high_water=1000,
+            dedup_window_s=7 * 86_400,
+            now_ms=received,
+        )
+        env = env_for(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_DEDUP_TTL_S": str(7 * 86_400)}
+
+        lost = run(["event", "acme", "acme-S1-0"], env, tmp_path)
+        assert lost.returncode == 1
+        assert "an older event is found with its serial" in " ".join(lost.stderr.split())
+        found = run(["event", "acme", "acme-S1-0", "--serial", "S1", "--json"], env, tmp_path)
+        assert found.returncode == 0, output(found)
+        doc = orjson.loads(found.stdout)
+        assert (doc["where"], doc["serial"], doc["position"]) == ("pending", "S1", 1)
+        assert "the account is paused since" in doc["detail"]
+        assert "(operator: billing hold); nothing is sent until it resumes" in doc["detail"]
+        assert "free worker" not in doc["detail"]
+
+        text = " ".join(output(run(["serial", "acme", "S1"], env, tmp_path)).split())
+        assert "waiting: the account is paused since" in text
+        status = run(["status"], env, tmp_path)
+        assert "1 (held)" in output(status)
+
+    async def test_throttled_account(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path), "acme")
+        await put(redis, pass_event("acme", "S1", 0))
+        # What the engine does after a 429 whose wait is long enough (Engine.defer_account).
+        await redis.set(account_keys("acme").deferred, b"1", px=60_000)
+        env = env_for(tmp_path / "state", secret_key, redis_url)
+
+        doc = orjson.loads(run(["event", "acme", "acme-S1-0", "--json"], env, tmp_path).stdout)
+        assert doc["where"] == "pending"
+        assert "Klaviyo throttled the account (429): no worker takes its serials before" in doc["detail"]
+        status = run(["status", "--json"], env, tmp_path)
+        (row,) = orjson.loads(status.stdout)["accounts"]
+        assert row["throttled_until"] is not None
+        text = " ".join(output(run(["status"], env, tmp_path)).split())
+        assert "1 (throttled)" in text
+        assert "acme is throttled by Klaviyo (429) until" in text
