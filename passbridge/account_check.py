@@ -13,7 +13,6 @@ missing and ``400`` means it is there, and nothing is ever written.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -28,6 +27,7 @@ from passbridge.settings import Settings
 from worker.inspect import WORKER_ALIVE_MS
 from worker.klaviyo.errors import AuthError, KlaviyoError
 from worker.klaviyo.oauth import OAuthManager
+from worker.pause import redis_now_ms
 
 #: The oldest revision with Custom Objects GA (data sources, object types).
 CUSTOM_OBJECTS_REVISION = "2026-07-15"
@@ -231,8 +231,9 @@ async def probe_klaviyo(
 
 
 async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> FlowFacts:
-    """The account's queue counters from Redis."""
-    now_ms = (time.time() if now is None else now) * 1000
+    """The account's queue counters from Redis, at ``now`` (epoch s; default Redis's clock, which the engine
+    scores readiness, leases and heartbeats with)."""
+    now_ms = await redis_now_ms(redis) if now is None else now * 1000
     keys = account_keys(account_id)
     stall_ms = now_ms - STALL_AFTER_S * 1000
     async with redis.pipeline(transaction=False) as pipe:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -70,7 +69,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     async def go() -> dict[str, Any]:
         redis = _redis()
         try:
-            now = int(time.time() * 1000)
+            now = await inspect.now_ms(redis)  # the scores are Redis time, whatever this host's clock says
             accounts = [await account_status(redis, a, now) for a in await inspect.account_ids(redis)]
             workers = []
             for wid, beat in await redis.zrange(WORKERS, 0, -1, withscores=True):

@@ -4,8 +4,10 @@ they read, and what they say about waiting events."""
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
+import subprocess
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -15,13 +17,16 @@ import orjson
 from cryptography.fernet import MultiFernet
 from redis.asyncio import Redis
 
+from passbridge.account_check import read_flow
 from passbridge.accounts import AccountState, AccountStore
 from passbridge.crypto import load_cipher
-from passbridge.keys import account_keys
+from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
 from passbridge.metrics import Recorder
 from passbridge.queue import enqueue
-from tests.cli.test_cli import cli_env, run
+from tests.cli.test_cli import PASSBRIDGE, cli_env, run
+from tests.conftest import async_wait_for
 from tests.factories import make_account
+from tests.worker.e2e import worker_env
 from tests.worker.helpers import pass_event, put
 from worker import pause
 from worker.dlq import DLQEntry
@@ -328,3 +333,97 @@ class TestWhyWaiting:
         text = " ".join(output(run(["status"], env, tmp_path)).split())
         assert "1 (throttled)" in text
         assert "acme is throttled by Klaviyo (429) until" in text
+
+
+#: Loaded by every Python process that has its directory on PYTHONPATH: that process's wall clock (time.time)
+#: runs ``PB_TEST_CLOCK_SKEW_S`` seconds off, like a host without NTP or a VM after a suspend.
+SKEWED_CLOCK = """
+import os, time
+_skew = float(os.environ["PB_TEST_CLOCK_SKEW_S"])
+_real = time.time
+time.time = lambda: _real() + _skew
+"""
+
+
+class TestWorkerClocks:
+    """Heartbeats, their pruning and every reader use Redis's clock: a worker host whose clock is off is
+    neither shown silent nor prunes live workers."""
+
+    @staticmethod
+    def start_worker(
+        tmp_path: Path, redis_url: str, secret_key: str, skew_s: float
+    ) -> subprocess.Popen[bytes]:
+        site = tmp_path / "skewed-clock"
+        site.mkdir(exist_ok=True)
+        (site / "sitecustomize.py").write_text(SKEWED_CLOCK)
+        env = worker_env(redis_url, "http://127.0.0.1:9", secret_key, tmp_path / "state")
+        env.update(
+            PYTHONPATH=str(site),
+            PB_TEST_CLOCK_SKEW_S=str(skew_s),
+            PASSBRIDGE_WORKER_EXPRESS_LANE="false",
+        )
+        log = (tmp_path / f"worker{skew_s:+.0f}.log").open("wb")
+        proc = subprocess.Popen(
+            [PASSBRIDGE, "worker"], env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        log.close()
+        return proc
+
+    @staticmethod
+    def stop(proc: subprocess.Popen[bytes]) -> None:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+    async def beats(self, redis: Redis) -> dict[str, float]:
+        return {w.decode(): s for w, s in await redis.zrange(WORKERS, 0, -1, withscores=True)}
+
+    async def test_a_worker_ahead_prunes_no_live_worker_and_shows_no_negative_age(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path), "acme")
+        ahead = self.start_worker(tmp_path, redis_url, secret_key, 90)
+        try:
+            await async_wait_for(lambda: self.beats(redis), timeout=30)
+            # Another worker that beat 20 s ago by Redis's clock: silent, but not yet for the 60 s that prune it.
+            now = await pause.redis_now_ms(redis)
+            await redis.zadd(WORKERS, {"other": now - 20_000})
+            await redis.hset(WORKERS_INFO, "other", orjson.dumps({"worker": "other"}))
+            await asyncio.sleep(2 * 5 + 1)  # two sweeps (every 5 s), run by the worker ahead
+            assert "other" in await self.beats(redis)
+
+            env = env_for(tmp_path / "state", secret_key, redis_url)
+            status = orjson.loads(run(["status", "--json"], env, tmp_path).stdout)
+            ages = {w["worker"]: w["heartbeat_age_s"] for w in status["workers"]}
+            (mine,) = [w for w in ages if w != "other"]
+            assert 0 <= ages[mine] < 10, ages
+            assert [w["alive"] for w in status["workers"] if w["worker"] == mine] == [True]
+            engine = orjson.loads(run(["engine", "status", "--json"], env, tmp_path).stdout)
+            engine_ages = {w["worker"]: w["beat_age_s"] for w in engine["workers"]}
+            assert 0 <= engine_ages[mine] < 10, engine_ages
+            assert 20 <= engine_ages["other"] < 60, engine_ages
+        finally:
+            self.stop(ahead)
+
+    async def test_a_worker_behind_is_alive_for_every_reader(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        await make_account(redis, cipher(secret_key, tmp_path), "acme")
+        await put(redis, pass_event("acme", "S1", 0))
+        await pause.pause_account(redis, None, "acme", "held for the test", kind="operator")
+        behind = self.start_worker(tmp_path, redis_url, secret_key, -30)
+        try:
+            await async_wait_for(lambda: self.beats(redis), timeout=30)
+            env = env_for(tmp_path / "state", secret_key, redis_url)
+            status = orjson.loads(run(["status", "--json"], env, tmp_path).stdout)
+            assert [(w["alive"], w["heartbeat_age_s"] < 10) for w in status["workers"]] == [(True, True)]
+            engine = orjson.loads(run(["engine", "status", "--json"], env, tmp_path).stdout)
+            assert [w["beat_age_s"] < 10 for w in engine["workers"]] == [True]
+            # `accounts check` counts live workers by the same clock.
+            assert (await read_flow(redis, "acme")).live_workers == 1
+        finally:
+            self.stop(behind)
