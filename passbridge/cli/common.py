@@ -23,7 +23,10 @@ from passbridge.redis_server import RedisServerError, resolve_redis_url
 from passbridge.settings import Settings, get_settings
 
 T = TypeVar("T")
+#: Errors, prompts and progress: on stderr, so they never mix into output a pipe or a file takes.
 console = Console(stderr=True)
+#: What a command answers (tables, lines of data): on stdout, so `passbridge status | grep acme` works.
+out = Console()
 #: C0 and C1 control characters: in data they could move the cursor, clear the screen or retitle the window.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The Redis URL this command resolved last, so a failure can say which server it could not reach.

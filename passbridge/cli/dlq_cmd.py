@@ -18,7 +18,7 @@ from redis.asyncio import Redis
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, safe, settings
+from passbridge.cli.common import console, emit_json, fail, out, redis_url, run, safe, settings
 from worker import dlq, history, inspect
 from worker.dlq import DLQEntry, DLQFilter
 from worker.inspect import dlq_summary
@@ -143,8 +143,8 @@ def list_(
             safe(f"{r['status'] or ''} {r['code'] or ''}".strip()),
             safe(r["reason"][:80]),
         )
-    console.print(table)
-    console.print(
+    out.print(table)
+    out.print(
         f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{safe(a)} {n}" for a, n in totals.items() if n)
     )
 
@@ -174,12 +174,10 @@ def show(
     if as_json:
         emit_json(doc)
         return
-    console.print(
-        f"[bold]{safe(entry.event_id)}[/] (account {safe(account_id)}, serial {safe(entry.serial)})"
-    )
-    console.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {safe(entry.worker)}: {safe(entry.reason)}")
+    out.print(f"[bold]{safe(entry.event_id)}[/] (account {safe(account_id)}, serial {safe(entry.serial)})")
+    out.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {safe(entry.worker)}: {safe(entry.reason)}")
     # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
-    console.print_json(data=entry.event, ensure_ascii=True)
+    out.print_json(data=entry.event, ensure_ascii=True)
     table = Table("time", "worker", "kind", "status", "code", "endpoint", "detail")
     for err in entry.errors:
         table.add_row(
@@ -191,9 +189,9 @@ def show(
             safe(err.get("endpoint") or ""),
             safe(str(err.get("detail") or err.get("message") or "")[:100]),
         )
-    console.print(table)
+    out.print(table)
     for h in hist:
-        console.print(f"  {_iso(int(h['at_ms']))} {safe(h['kind'])}")
+        out.print(f"  {_iso(int(h['at_ms']))} {safe(h['kind'])}")
 
 
 def _bulk(

@@ -11,7 +11,7 @@ from redis.asyncio import Redis
 from rich.table import Table
 
 from passbridge.accounts import AccountNotFound, AccountState, AccountStore
-from passbridge.cli.common import console, emit_json, fail, plain, redis_url, run, safe, settings
+from passbridge.cli.common import emit_json, fail, out, plain, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
 from worker import dlq, history, inspect, pause
@@ -97,7 +97,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
             str(a["dlq"]),
             safe(f"{paused['kind']}: {paused['reason']}"[:60]) if paused else "",
         )
-    console.print(table)
+    out.print(table)
     wt = Table("worker", "lane", "held", "written", "retried", "dead-lettered", "heartbeat")
     for w in doc["workers"]:
         wt.add_row(
@@ -109,7 +109,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
             str(w.get("dead_lettered", 0)),
             f"{w['beat_age_s']} s ago",
         )
-    console.print(wt)
+    out.print(wt)
 
 
 @app.command()
@@ -202,7 +202,7 @@ def history_(
         return
     for r in rows:
         detail = {k: v for k, v in r.items() if k not in ("at_ms", "kind", "event_id")}
-        console.print(
+        out.print(
             f"{_iso(int(r['at_ms']))}  {safe(r['kind']):<10} {safe(r['event_id'])}  "
             + (safe(orjson.dumps(detail).decode()) if detail else "")
         )

@@ -13,7 +13,7 @@ import typer
 from redis.asyncio import Redis
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, safe, settings
+from passbridge.cli.common import emit_json, fail, out, redis_url, run, safe, settings
 from worker import inspect
 from worker.report import ReportRow, summarize
 
@@ -68,6 +68,16 @@ def status(
     429s, state; and the worker processes with their last heartbeat."""
 
     async def go(redis: Redis) -> dict[str, Any]:
+        if account:
+            # A typo would otherwise show a normal-looking row of zeros (state "unknown").
+            known = set(await inspect.account_ids(redis))
+            unknown = [a for a in dict.fromkeys(account) if a not in known]
+            if unknown:
+                fail(
+                    "no such account: "
+                    + ", ".join(repr(a) for a in unknown)
+                    + " (not registered, nothing queued or dead-lettered)"
+                )
         now, accounts = await inspect.overview(redis, account or None)
         workers = await inspect.workers(redis)
         return {
@@ -125,11 +135,11 @@ def status(
             f"{a['delivered_per_s']['1m']:.2f} · {a['delivered_per_s']['5m']:.2f}",
             f"{a['klaviyo_requests_5m']} · {a['klaviyo_429s_5m']}",
         )
-    console.print(table)
+    out.print(table)
     for note in notes:
-        console.print(note, soft_wrap=True)
+        out.print(note, soft_wrap=True)
     if not doc["workers"]:
-        console.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
+        out.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
         return
     wt = Table(
         "worker",
@@ -153,7 +163,7 @@ def status(
             str(w["retried"]),
             str(w["dead_lettered"]),
         )
-    console.print(wt)
+    out.print(wt)
 
 
 def serial(
@@ -179,9 +189,9 @@ def serial(
         )
     if doc["next_attempt"]:
         line += f", next attempt {doc['next_attempt']}"
-    console.print(line)
+    out.print(line)
     if doc["waiting"]:
-        console.print(f"waiting: {safe(doc['waiting'])}")
+        out.print(f"waiting: {safe(doc['waiting'])}")
     if detail.pending:
         table = Table(
             "#", "event id", "kind", "occurred", "received", "attempts", title="pending, in send order"
@@ -195,25 +205,25 @@ def serial(
                 safe(p["received_at"]),
                 str(p["attempts"]),
             )
-        console.print(table)
+        out.print(table)
     else:
-        console.print("nothing pending")
+        out.print("nothing pending")
     for event_id, record in detail.retries.items():
         for err in record.get("errors", [])[-3:]:
             line = (
                 f"  {event_id} failed {inspect.iso(err.get('at_ms'))}: {err.get('status') or ''} "
                 f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"
             )
-            console.print(safe(line[:200]))
+            out.print(safe(line[:200]))
     if detail.dead:
-        console.print("dead-lettered: " + ", ".join(safe(e.event_id) for e in detail.dead))
-    console.print("applied state:" if detail.applied else "applied state: none yet")
+        out.print("dead-lettered: " + ", ".join(safe(e.event_id) for e in detail.dead))
+    out.print("applied state:" if detail.applied else "applied state: none yet")
     if detail.applied:
-        console.print_json(data=detail.applied, ensure_ascii=True)
+        out.print_json(data=detail.applied, ensure_ascii=True)
     tl = Table("time", "what", "event id", "detail", title="timeline")
     for h in detail.timeline:
         tl.add_row(inspect.iso(h.at_ms) or "", safe(h.kind), safe(h.event_id), safe(_detail(h.detail)[:120]))
-    console.print(tl)
+    out.print(tl)
 
 
 def event(
@@ -237,14 +247,14 @@ def event(
         return
     if found.where == "unknown" and found.serial is None:
         fail(f"event {event_id!r} of account {account!r}: {found.detail}")
-    console.print(
+    out.print(
         f"[bold]{safe(event_id)}[/] (serial {safe(found.serial)}): [bold]{found.where}[/] — {safe(found.detail)}"
     )
     for h in found.history:
-        console.print(f"  {inspect.iso(h.at_ms)}  {safe(h.kind):<10} {safe(_detail(h.detail)[:140])}")
+        out.print(f"  {inspect.iso(h.at_ms)}  {safe(h.kind):<10} {safe(_detail(h.detail)[:140])}")
     if found.event:
         # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
-        console.print_json(orjson.dumps(found.event).decode(), ensure_ascii=True)
+        out.print_json(orjson.dumps(found.event).decode(), ensure_ascii=True)
     if found.where == "unknown":
         raise typer.Exit(1)
 
@@ -286,9 +296,9 @@ def report(
     if as_json:
         emit_json(doc)
         return
-    console.print(f"[bold]{safe(account)}[/]: events that occurred {doc['since']} – {doc['until']}")
+    out.print(f"[bold]{safe(account)}[/]: events that occurred {doc['since']} – {doc['until']}")
     if note:
-        console.print(f"[yellow]note:[/] {safe(note)}")
+        out.print(f"[yellow]note:[/] {safe(note)}")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
@@ -321,4 +331,4 @@ def report(
             pct(t["save_rate"]),
             ratio(t["install_uninstall_ratio"]),
         )
-    console.print(table)
+    out.print(table)

@@ -427,3 +427,36 @@ class TestWorkerClocks:
             assert (await read_flow(redis, "acme")).live_workers == 1
         finally:
             self.stop(behind)
+
+
+async def test_answers_go_to_stdout_and_a_mistyped_account_is_an_error(
+    redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """``passbridge status | grep acme`` and ``passbridge dlq list > file`` get the tables; errors stay on
+    stderr."""
+    await make_account(redis, cipher(secret_key, tmp_path), "acme")
+    await put(redis, pass_event("acme", "S1", 0), pass_event("acme", "S2", 0))
+    await dead_letter(redis, "acme", "S2", reason="permanent error: HTTP 400 invalid", detail="bad")
+    env = env_for(tmp_path / "state", secret_key, redis_url)
+    for args, wanted in (
+        (["status"], "acme"),
+        (["serial", "acme", "S1"], "acme-S1-0"),
+        (["event", "acme", "acme-S1-0"], "queued, 1 of 1"),
+        (["report", "acme"], "save rate"),
+        (["dlq", "list"], "acme-S2-0"),
+        (["dlq", "show", "acme-S2-0"], "permanent error"),
+        (["engine", "status"], "acme"),
+        (["engine", "history", "acme", "--serial", "S1"], "acme-S1-0"),
+    ):
+        result = run(args, env, tmp_path)
+        assert result.returncode == 0, (args, output(result))
+        assert wanted in result.stdout, (args, result.stdout, result.stderr)
+        assert result.stderr == "", (args, result.stderr)
+
+    typo = run(["status", "-a", "acme", "-a", "acmee"], env, tmp_path)
+    assert typo.returncode == 1
+    assert typo.stdout == ""
+    assert " ".join(typo.stderr.split()) == (
+        "error: no such account: 'acmee' (not registered, nothing queued or dead-lettered)"
+    )
+    assert run(["status", "-a", "acme"], env, tmp_path).returncode == 0
