@@ -736,7 +736,7 @@ def apply(
     if report.unchanged:
         out.print(f"unchanged: {', '.join(report.unchanged)}")
     for warning in report.warnings:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {safe(warning)}")
 
 
 @app.command("rotate-key")
