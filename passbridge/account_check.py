@@ -13,7 +13,6 @@ missing and ``400`` means it is there, and nothing is ever written.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
@@ -22,11 +21,13 @@ import httpx
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountState, AccountStore
-from passbridge.keys import account_keys
+from passbridge.keys import WORKERS, account_keys
 from passbridge.oauth import DEFAULT_SCOPES, token_url
 from passbridge.settings import Settings
+from worker.inspect import WORKER_ALIVE_MS
 from worker.klaviyo.errors import AuthError, KlaviyoError
 from worker.klaviyo.oauth import OAuthManager
+from worker.pause import redis_now_ms
 
 #: The oldest revision with Custom Objects GA (data sources, object types).
 CUSTOM_OBJECTS_REVISION = "2026-07-15"
@@ -129,6 +130,12 @@ class FlowFacts:
     expired_leases: int
     stats: dict[str, int]
     provisioning: dict[str, str] | None  # what `passbridge klaviyo setup` recorded (AccountKeys.klaviyo)
+    #: Workers with a recent heartbeat (any account's): none alive is the one case "no worker" is certain.
+    live_workers: int = 0
+    #: The engine's pause of the account (``kind: reason``), if any.
+    engine_pause: str | None = None
+    #: Seconds left of the account's deferral after Klaviyo's 429s (no worker claims it meanwhile).
+    throttled_s: float | None = None
 
 
 def _answer(response: httpx.Response) -> Answer:
@@ -224,8 +231,9 @@ async def probe_klaviyo(
 
 
 async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> FlowFacts:
-    """The account's queue counters from Redis."""
-    now_ms = (time.time() if now is None else now) * 1000
+    """The account's queue counters from Redis, at ``now`` (epoch s; default Redis's clock, which the engine
+    scores readiness, leases and heartbeats with)."""
+    now_ms = await redis_now_ms(redis) if now is None else now * 1000
     keys = account_keys(account_id)
     stall_ms = now_ms - STALL_AFTER_S * 1000
     async with redis.pipeline(transaction=False) as pipe:
@@ -236,7 +244,10 @@ async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> 
         pipe.zcard(keys.leased)
         pipe.zcount(keys.leased, "-inf", now_ms)
         pipe.hgetall(keys.stats)
-        depth, ready, stalled, oldest, leased, expired, stats = await pipe.execute()
+        pipe.zcount(WORKERS, now_ms - WORKER_ALIVE_MS, "+inf")
+        pipe.pttl(keys.deferred)
+        pipe.hgetall(keys.paused)
+        depth, ready, stalled, oldest, leased, expired, stats, alive, deferred, paused = await pipe.execute()
     # What `passbridge klaviyo setup` recorded (worker/setup.py: data_source_id, object_type_id, ...).
     raw = await redis.hgetall(keys.klaviyo)
     provisioning = {k.decode(): v.decode() for k, v in raw.items()} if raw else None
@@ -250,6 +261,13 @@ async def read_flow(redis: Redis, account_id: str, now: float | None = None) -> 
         expired_leases=int(expired),
         stats={k.decode(): int(v) for k, v in stats.items() if v.isdigit()},
         provisioning=provisioning,
+        live_workers=int(alive),
+        engine_pause=(
+            f"{paused.get(b'kind', b'auth').decode()}: {paused.get(b'reason', b'').decode() or 'no reason given'}"
+            if paused
+            else None
+        ),
+        throttled_s=int(deferred) / 1000 if int(deferred) > 0 else None,
     )
 
 
@@ -465,13 +483,36 @@ def judge_flow(account: Account, flow: FlowFacts) -> Finding:
             f"{waiting}, held because the account is {account.state.value}{reason}; they flow once it is "
             f"connected again{tail}",
         )
-    if flow.stalled:
-        age = f", the oldest for {flow.oldest_stalled_s:.0f} s" if flow.oldest_stalled_s is not None else ""
+    if flow.engine_pause is not None:
         return Finding(
             "events",
-            Status.fail,
-            f"{waiting}; {_plural(flow.stalled, 'pass')} ready for over {STALL_AFTER_S:.0f} s with no worker "
-            f"taking them{age} — are workers running (`passbridge worker`)?{tail}",
+            Status.warn,
+            f"{waiting}, held because the engine paused the account ({flow.engine_pause}); they flow once it "
+            f"resumes (`passbridge engine resume {account.account_id} --check`){tail}",
+        )
+    if flow.stalled:
+        age = f", the oldest for {flow.oldest_stalled_s:.0f} s" if flow.oldest_stalled_s is not None else ""
+        stuck = f"{waiting}; {_plural(flow.stalled, 'pass')} ready for over {STALL_AFTER_S:.0f} s{age}"
+        if flow.throttled_s is not None:
+            return Finding(
+                "events",
+                Status.warn,
+                f"{stuck}: Klaviyo throttled the account (429), workers take its passes again in "
+                f"{flow.throttled_s:.0f} s{tail}",
+            )
+        if not flow.live_workers:
+            return Finding(
+                "events",
+                Status.fail,
+                f"{stuck} and no worker alive (no heartbeat in {WORKER_ALIVE_MS // 1000} s) — are workers "
+                f"running (`passbridge worker`)?{tail}",
+            )
+        alive = "1 worker is" if flow.live_workers == 1 else f"{flow.live_workers} workers are"
+        return Finding(
+            "events",
+            Status.warn,
+            f"{stuck} although {alive} alive: busy with other accounts' work (fair share) or held back by "
+            f"Klaviyo's rate limits — `passbridge status` shows what each worker holds{tail}",
         )
     notes = []
     if flow.leased:

@@ -25,7 +25,7 @@ from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
 from passbridge.crypto import SecretKeyError, decrypt, encrypt
-from passbridge.keys import ACCOUNTS_INDEX, account_keys
+from passbridge.keys import ACCOUNTS_INDEX, REMOVED_ACCOUNTS, account_keys
 
 DEFAULT_PASS_URL_TEMPLATE = "https://passninja.com/p/{serial_number}"
 
@@ -284,11 +284,13 @@ class AccountStore:
         return sorted(m.decode() for m in await self.redis.smembers(ACCOUNTS_INDEX))
 
     async def remove(self, account_id: str) -> bool:
-        """Delete the registry entry (queued events stay until drained or purged)."""
+        """Delete the registry entry (queued events and dead letters stay until drained or purged; the
+        operator tools keep showing the account meanwhile, see ``REMOVED_ACCOUNTS``)."""
         async with self.redis.pipeline(transaction=True) as pipe:
             pipe.delete(account_keys(account_id).config)
             pipe.srem(ACCOUNTS_INDEX, account_id)
-            deleted, _ = await pipe.execute()
+            pipe.sadd(REMOVED_ACCOUNTS, account_id)
+            deleted, _, _ = await pipe.execute()
         return bool(deleted)
 
     async def set_state(self, account_id: str, state: AccountState, reason: str = "") -> None:

@@ -210,6 +210,14 @@ class EventIn(BaseModel):
             raise ValueError("serial_number must not contain control characters")
         return v
 
+    @field_validator("event_id")
+    @classmethod
+    def _event_id_printable(cls, v: str) -> str:
+        # Operators read event ids in terminals and pages: an escape sequence in one would act there.
+        if _CONTROL.search(v):
+            raise ValueError("event_id must not contain control characters")
+        return v
+
     @field_validator("occurred_at")
     @classmethod
     def _aware(cls, v: datetime | None) -> datetime | None:
@@ -300,6 +308,7 @@ def fast_fields(raw: Any) -> dict[str, Any] | None:
         or platform is None
         or not _plain_str(event_id, MAX_EVENT_ID_CHARS)
         or not event_id
+        or _CONTROL.search(event_id)
         or not _plain_str(serial, 255)
         or not serial
         or _CONTROL.search(serial)

@@ -202,6 +202,9 @@ class AccountKeys:
 
 
 ACCOUNTS_INDEX = f"{PREFIX}:accounts"
+#: Set of account ids removed from the registry (``AccountStore.remove``): their DLQ and queued events stay,
+#: and the operator tools keep listing such an account while it has any (``worker.inspect.account_ids``).
+REMOVED_ACCOUNTS = f"{PREFIX}:accounts:removed"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.
 NOTIFY = f"{PREFIX}:notify"
 #: Sorted set of account ids with queued work; score = when the engine should look at the account next

@@ -884,7 +884,9 @@ class Engine:
                 await self._heartbeat_once()
 
     async def _heartbeat_once(self) -> None:
-        now = int(time.time() * 1000)
+        # Redis's clock, as every lease and not-before score: readers compare beats with Redis TIME, so a host
+        # whose clock is off must not look silent (behind) or alive after it died (ahead).
+        now = await pause.redis_now_ms(self.redis)
         info = {
             "worker": self.worker_id,
             "host": socket.gethostname(),

@@ -23,8 +23,15 @@ from typing import Any
 import orjson
 from redis.asyncio import Redis
 
-from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, WORKERS, WORKERS_INFO, account_keys
-from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, SAMPLED, SERIES, bucket_of
+from passbridge.keys import (
+    ACCOUNTS_INDEX,
+    ACTIVE_ACCOUNTS,
+    REMOVED_ACCOUNTS,
+    WORKERS,
+    WORKERS_INFO,
+    account_keys,
+)
+from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, REPORT_TTL_S, SAMPLED, SERIES, bucket_of
 from passbridge.queue import dedup_bucket_width
 from worker import history, pause
 from worker.dlq import DLQEntry
@@ -40,6 +47,8 @@ OLDEST_SAMPLE = 100
 OVERVIEW_CONCURRENCY = 8
 #: Most pending events :func:`serial_detail` lists.
 PENDING_LIMIT = 200
+#: Most mailbox entries :func:`find_event` reads looking for an event (a serial rarely queues more).
+MAILBOX_SCAN_LIMIT = 10_000
 
 
 def iso(ms: int | None) -> str | None:
@@ -117,6 +126,8 @@ class AccountOverview:
     pause: Pause | None
     queue: QueueFigures
     activity: Activity
+    #: Until when (Redis ms) the engine claims nothing of the account: Klaviyo throttled it (429).
+    throttled_until_ms: int | None = None
 
     def to_doc(self, now_ms: int) -> dict[str, Any]:
         """JSON form (``passbridge status --json``)."""
@@ -129,6 +140,7 @@ class AccountOverview:
             "paused": None
             if self.pause is None
             else {"since": iso(self.pause.since_ms), "kind": self.pause.kind, "reason": self.pause.reason},
+            "throttled_until": iso(self.throttled_until_ms),
             "pending_events": q.pending_events,
             "ready_serials": q.ready_serials,
             "parked_serials": q.parked_serials,
@@ -150,9 +162,20 @@ async def now_ms(redis: Redis) -> int:
 
 
 async def account_ids(redis: Redis) -> list[str]:
-    """Registered accounts and any account with queued work, sorted."""
+    """Registered accounts, any account with queued work, and removed accounts that still have pending events
+    or dead letters (``pb:active`` forgets an account once nothing is pending, its DLQ may remain), sorted."""
     ids = {m.decode() for m in await redis.smembers(ACCOUNTS_INDEX)}
     ids |= {m.decode() for m in await redis.zrange(ACTIVE_ACCOUNTS, 0, -1)}
+    removed = sorted({m.decode() for m in await redis.smembers(REMOVED_ACCOUNTS)} - ids)
+    if removed:
+        async with redis.pipeline(transaction=False) as pipe:
+            for account_id in removed:
+                pipe.zcard(account_keys(account_id).dlq)
+                pipe.get(account_keys(account_id).depth)
+            answers = await pipe.execute()
+        for i, account_id in enumerate(removed):
+            if answers[2 * i] or int(answers[2 * i + 1] or 0):
+                ids.add(account_id)
     return sorted(ids)
 
 
@@ -285,6 +308,12 @@ async def activity_series(redis: Redis, account_id: str, now_s: float, minutes: 
     return Series(buckets.start * BUCKET_S, BUCKET_S, values)
 
 
+async def throttled_until(redis: Redis, account_id: str, now: int) -> int | None:
+    """Until when the engine defers the account after Klaviyo's 429s (``claim.lua`` skips it meanwhile)."""
+    left = int(await redis.pttl(account_keys(account_id).deferred))
+    return now + left if left > 0 else None
+
+
 async def account_overview(redis: Redis, account_id: str, now: int) -> AccountOverview:
     """Everything ``passbridge status`` shows for one account."""
     info = await account_info(redis, account_id)
@@ -295,6 +324,7 @@ async def account_overview(redis: Redis, account_id: str, now: int) -> AccountOv
         pause=paused,
         queue=await queue_figures(redis, account_id, now),
         activity=await activity(redis, account_id, now / 1000),
+        throttled_until_ms=await throttled_until(redis, account_id, now),
     )
 
 
@@ -439,6 +469,15 @@ class SerialDetail:
     dead: list[DLQEntry]
     timeline: list[history.HistoryEntry]
     now_ms: int = 0
+    #: The account's registry entry and engine pause, and its Klaviyo deferral: why a due serial may wait.
+    account: AccountInfo | None = None
+    pause: Pause | None = None
+    throttled_until_ms: int | None = None
+
+    @property
+    def waiting(self) -> str:
+        """Why the serial's pending events wait, for people."""
+        return _serial_sentence(self)
 
     @property
     def status(self) -> str:
@@ -455,6 +494,7 @@ class SerialDetail:
             "account": self.account_id,
             "serial": self.serial,
             "status": self.status,
+            "waiting": self.waiting if self.pending_total else None,
             "next_attempt": iso(self.ready_at_ms) if self.status == "parked" else None,
             "lease": None
             if self.lease is None
@@ -496,6 +536,7 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
     lease = None
     if token is not None:
         lease = LeaseInfo(token.decode().rsplit(".", 1)[0], int(expiry) if expiry is not None else 0)
+    account_pause = await pause.get_pause(redis, account_id)
     return SerialDetail(
         account_id=account_id,
         serial=serial,
@@ -508,6 +549,9 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
         dead=dead,
         timeline=timeline,
         now_ms=now,
+        account=await account_info(redis, account_id),
+        pause=account_pause,
+        throttled_until_ms=await throttled_until(redis, account_id, now),
     )
 
 
@@ -567,14 +611,29 @@ class EventDetail:
         }
 
 
-async def find_event(redis: Redis, account_id: str, event_id: str, dedup_window_s: int) -> EventDetail:
-    """Locate ``event_id``: in the DLQ, queued in its serial's mailbox, delivered, or unknown."""
+async def find_event(
+    redis: Redis, account_id: str, event_id: str, dedup_window_s: int, *, serial: str | None = None
+) -> EventDetail:
+    """Locate ``event_id``: in the DLQ, queued in its serial's mailbox, delivered, or unknown.
+
+    Its serial comes from the DLQ entry or the dedup index, which forgets an event after the dedup window
+    although it may still be queued (a paused account's events wait as long as the pause lasts): ``serial``,
+    when the caller knows it, is searched then (its mailbox up to :data:`MAILBOX_SCAN_LIMIT` entries).
+    """
     keys = account_keys(account_id)
     raw_dead = await redis.hget(keys.dlq_entries, event_id)
     dead = DLQEntry.from_json(raw_dead) if raw_dead is not None else None
+    given = serial
     serial = dead.serial if dead is not None else await serial_of(redis, account_id, event_id, dedup_window_s)
+    serial = serial or given
     if serial is None:
-        return EventDetail(account_id, event_id, None, "unknown", "no such event id in the dedup window")
+        return EventDetail(
+            account_id,
+            event_id,
+            None,
+            "unknown",
+            "no such event id in the dedup window (an older event is found with its serial)",
+        )
     detail = await serial_detail(redis, account_id, serial)
     hist = [h for h in detail.timeline if h.event_id == event_id]
     out = EventDetail(account_id, event_id, serial, "unknown", "", history=hist, serial_status=detail.status)
@@ -589,18 +648,19 @@ async def find_event(redis: Redis, account_id: str, event_id: str, dedup_window_
         if p.event_id == event_id:
             out.where, out.position, out.event = "pending", i + 1, p.wire
             out.retry = detail.retries.get(event_id)
-            out.detail = f"queued, {i + 1} of {detail.pending_total} in its serial; " + _serial_sentence(
-                detail
-            )
+            out.detail = f"queued, {i + 1} of {detail.pending_total} in its serial; " + detail.waiting
             return out
     if detail.pending_total > len(detail.pending):
-        # Beyond the first PENDING_LIMIT entries: look the member up by scanning the rest.
-        members = await redis.zrange(keys.mailbox(serial), PENDING_LIMIT, -1)
+        # Beyond the first PENDING_LIMIT entries: look the member up in the rest, bounded.
+        members = await redis.zrange(keys.mailbox(serial), PENDING_LIMIT, MAILBOX_SCAN_LIMIT - 1)
         for i, m in enumerate(members):
             p = PendingEvent.from_member(m)
             if p.event_id == event_id:
                 out.where, out.position, out.event = "pending", PENDING_LIMIT + i + 1, p.wire
-                out.detail = f"queued, {out.position} of {detail.pending_total} in its serial"
+                out.retry = detail.retries.get(event_id) or await _retry_record(redis, account_id, event_id)
+                out.detail = (
+                    f"queued, {out.position} of {detail.pending_total} in its serial; " + detail.waiting
+                )
                 return out
     written = [h for h in hist if h.kind == "written"]
     if written:
@@ -608,16 +668,43 @@ async def find_event(redis: Redis, account_id: str, event_id: str, dedup_window_
         out.detail = f"delivered to Klaviyo at {iso(written[-1].at_ms)}"
         if written[-1].detail.get("worker"):
             out.detail += f" by {written[-1].detail['worker']}"
+    elif detail.pending_total > MAILBOX_SCAN_LIMIT:
+        out.detail = (
+            f"not among the first {MAILBOX_SCAN_LIMIT} of the serial's {detail.pending_total} queued events, "
+            "not in the DLQ and no delivery in the kept history"
+        )
     else:
         out.detail = "not queued, not in the DLQ and no delivery in the kept history"
     return out
 
 
+async def _retry_record(redis: Redis, account_id: str, event_id: str) -> dict[str, Any] | None:
+    raw = await redis.hget(account_keys(account_id).retries, event_id)
+    return orjson.loads(raw) if raw is not None else None
+
+
 def _serial_sentence(detail: SerialDetail) -> str:
     if detail.lease is not None:
         return f"the serial is being worked on by {detail.lease.worker_id}"
+    # A paused or throttled account's serials look due, but no worker takes them: say why, not "free worker".
+    info = detail.account
+    if detail.pause is not None:
+        return (
+            f"the account is paused since {iso(detail.pause.since_ms)} ({detail.pause.kind}: "
+            f"{detail.pause.reason or 'no reason given'}); nothing is sent until it resumes"
+        )
+    if info is not None and info.registry_state not in (None, "connected"):
+        return (
+            f"the account is {info.registry_state} in the registry ({info.reason or 'no reason given'}); "
+            "nothing is sent until it is connected"
+        )
     if detail.status == "parked":
         return f"the serial waits for its next attempt at {iso(detail.ready_at_ms)}"
+    if detail.status == "ready" and detail.throttled_until_ms is not None:
+        return (
+            f"the serial is due, but Klaviyo throttled the account (429): no worker takes its serials "
+            f"before {iso(detail.throttled_until_ms)}"
+        )
     if detail.status == "ready":
         return "the serial is due and waits for a free worker"
     return "the serial is not scheduled"
@@ -626,14 +713,26 @@ def _serial_sentence(detail: SerialDetail) -> str:
 # --- the report --------------------------------------------------------------------------------------------
 
 
+#: Most UTC days a report reads: every day whose counters may still be kept (:data:`REPORT_TTL_S` past the
+#: day's end, so the day that began up to a day before the oldest instant kept counts too).
+REPORT_DAYS = REPORT_TTL_S // 86_400 + 1
+
+
+def report_kept_since(now_ms: int) -> int:
+    """The start (epoch ms) of the oldest UTC day whose report counters may still be kept at ``now_ms``;
+    events that occurred before it are no longer counted anywhere."""
+    return (now_ms - REPORT_TTL_S * 1000) // 86_400_000 * 86_400_000
+
+
 async def report_rows(redis: Redis, account_id: str, since_ms: int, until_ms: int) -> list[ReportRow]:
     """Ingested lifecycle events of the account that occurred in ``[since_ms, until_ms)``, hour-granular,
-    summed by (kind, platform, pass type). At most 400 days are read."""
+    summed by (kind, platform, pass type). At most :data:`REPORT_DAYS` days are read: the newest of the range
+    (older ones have expired; see :func:`report_kept_since`)."""
     keys = account_keys(account_id)
     start_hour = since_ms // 3_600_000
     end_hour = -(-until_ms // 3_600_000)
-    day0 = start_hour // 24
-    days = range(day0, min(-(-end_hour // 24), day0 + 400))
+    end_day = -(-end_hour // 24)
+    days = range(max(start_hour // 24, end_day - REPORT_DAYS), end_day)
     async with redis.pipeline(transaction=False) as pipe:
         for d in days:
             pipe.hgetall(keys.report(datetime.fromtimestamp(d * 86_400, UTC).strftime("%Y%m%d")))

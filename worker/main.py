@@ -197,7 +197,8 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         if await pause.reconcile(redis, store, account_id, probe=probe) == "resumed":
             resumed += 1
     metrics.leases_taken_over(taken)
-    stale = await redis.zrangebyscore(WORKERS, "-inf", int(time.time() * 1000) - WORKER_STALE_MS)
+    # Heartbeats are Redis time: a sweeping host whose clock runs ahead must not prune live workers.
+    stale = await redis.zrangebyscore(WORKERS, "-inf", await pause.redis_now_ms(redis) - WORKER_STALE_MS)
     if stale:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.zrem(WORKERS, *stale)

@@ -34,9 +34,9 @@ from passbridge.accounts import (
     new_webhook_secret,
 )
 from passbridge.accounts_file import AccountsFileError, ApplyReport, apply_specs, load_accounts_file
-from passbridge.cli.common import emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import emit_json, fail, redis_url, run, safe, settings
 from passbridge.crypto import SecretKeyError, cipher_from_settings
-from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
+from passbridge.keys import ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
 from passbridge.oauth import DEFAULT_SCOPES, start_connect
 
 app = typer.Typer(help="Merchant accounts: credentials, sources, Klaviyo connection.", no_args_is_help=True)
@@ -261,7 +261,7 @@ def _show_table(doc: dict[str, Any]) -> None:
     ]
     for label, value in rows:
         if value not in (None, "", {}):
-            table.add_row(label, str(value))
+            table.add_row(label, safe(value))
     out.print(table)
 
 
@@ -516,11 +516,11 @@ def list_(as_json: JsonOpt = False) -> None:
     colors = {"connected": "green", "paused": "yellow", "disconnected": "red"}
     for r in rows:
         table.add_row(
-            r["account_id"],
-            r["name"],
+            safe(r["account_id"]),
+            safe(r["name"]),
             f"[{colors[r['state']]}]{r['state']}[/]",
-            r["klaviyo_auth"] or "[red]none[/]",
-            ", ".join(r["sync_pass_types"]) or "all",
+            safe(r["klaviyo_auth"]) if r["klaviyo_auth"] else "[red]none[/]",
+            safe(", ".join(r["sync_pass_types"]) or "all"),
             str(r["waiting"]),
             str(r["skipped"]),
         )
@@ -573,6 +573,7 @@ def remove(
                 async for key in redis.scan_iter(match=account_keys(account_id).base + ":*", count=500):
                     purged += await redis.unlink(key)
                 await redis.zrem(ACTIVE_ACCOUNTS, account_id)
+                await redis.srem(REMOVED_ACCOUNTS, account_id)  # nothing of it is left to show
             return {"account_id": account_id, "removed": True, "waiting": waiting, "purged_keys": purged}
 
     doc = run(go())
@@ -623,9 +624,11 @@ def check(
         }
         table = Table("", "question", "answer", box=None)
         for f in doc["findings"]:
-            table.add_row(marks[Status(f["status"])], f["topic"], f["words"])
+            table.add_row(marks[Status(f["status"])], safe(f["topic"]), safe(f["words"]))
         out.print(table)
-        out.print(f"account {account_id}: " + ("[green]ready[/]" if doc["ok"] else "[red]needs attention[/]"))
+        out.print(
+            f"account {safe(account_id)}: " + ("[green]ready[/]" if doc["ok"] else "[red]needs attention[/]")
+        )
     if not doc["ok"]:
         raise typer.Exit(1)
 
@@ -733,7 +736,7 @@ def apply(
     if report.unchanged:
         out.print(f"unchanged: {', '.join(report.unchanged)}")
     for warning in report.warnings:
-        out.print(f"[yellow]warning:[/] {warning}")
+        out.print(f"[yellow]warning:[/] {safe(warning)}")
 
 
 @app.command("rotate-key")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 import sys
 from collections.abc import Coroutine
 from typing import Any, NoReturn, TypeVar
@@ -14,6 +15,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
+from rich.markup import escape
 
 from passbridge.crypto import SecretKeyError
 from passbridge.logging import configure_logging, redact_text
@@ -21,7 +23,12 @@ from passbridge.redis_server import RedisServerError, resolve_redis_url
 from passbridge.settings import Settings, get_settings
 
 T = TypeVar("T")
+#: Errors, prompts and progress: on stderr, so they never mix into output a pipe or a file takes.
 console = Console(stderr=True)
+#: What a command answers (tables, lines of data): on stdout, so `passbridge status | grep acme` works.
+out = Console()
+#: C0 and C1 control characters: in data they could move the cursor, clear the screen or retitle the window.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The Redis URL this command resolved last, so a failure can say which server it could not reach.
 _current_url: str | None = None
 
@@ -67,9 +74,27 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     return redact_text(f"{where} failed: {text}")
 
 
+def plain(value: object) -> str:
+    """``value`` as text that is safe on a terminal: control characters shown as ``\\xNN``, never sent.
+
+    For output that Rich does not interpret (``typer.echo``).
+    """
+    text = str(value)
+    return _CONTROL.sub(lambda m: f"\\x{ord(m.group()):02x}", text) if _CONTROL.search(text) else text
+
+
+def safe(value: object) -> str:
+    """``value`` for a Rich table cell or ``console.print``: :func:`plain`, and its ``[...]`` shown literally.
+
+    Serials, event ids, reasons and Klaviyo's error details are data: Rich would otherwise read
+    ``[link=...]`` as a hyperlink, drop ``[gold]`` and fail on a stray ``[/]``.
+    """
+    return escape(plain(value))
+
+
 def fail(message: str, code: int = 1) -> NoReturn:
-    """Print an error for a person and exit non-zero."""
-    console.print(f"[bold red]error:[/] {message}")
+    """Print an error for a person and exit non-zero (the message is data: never read as markup)."""
+    console.print("[bold red]error:[/] " + "\n".join(safe(line) for line in message.split("\n")))
     raise typer.Exit(code)
 
 

@@ -18,10 +18,8 @@ from redis.asyncio import Redis
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
-from passbridge.accounts import AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
-from passbridge.crypto import load_cipher
-from worker import dlq, history
+from passbridge.cli.common import console, emit_json, fail, out, redis_url, run, safe, settings
+from worker import dlq, history, inspect
 from worker.dlq import DLQEntry, DLQFilter
 from worker.inspect import dlq_summary
 
@@ -71,28 +69,27 @@ def _iso(ms: int) -> str:
     return datetime.fromtimestamp(ms / 1000, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
-async def _with_redis(fn: Callable[[Redis, AccountStore], Awaitable[Any]]) -> Any:
-    s = settings()
-    redis = Redis.from_url(redis_url(s))
+async def _with_redis(fn: Callable[[Redis], Awaitable[Any]]) -> Any:
+    # Never the embedded Redis started on demand: an empty one would answer "nothing dead-lettered". The DLQ
+    # holds no secrets, so no secret key is needed (or created) either.
+    redis = Redis.from_url(redis_url(settings(), start=False))
     try:
-        secret = s.secret_key.get_secret_value() if s.secret_key else None
-        return await fn(redis, AccountStore(redis, load_cipher(secret, s.state_dir)))
+        return await fn(redis)
     finally:
         await redis.aclose()
 
 
-async def _accounts(store: AccountStore, account: str | None) -> list[str]:
+async def _accounts(redis: Redis, account: str | None) -> list[str]:
+    """``account``, or every account the other operator tools show (removed ones with dead letters too)."""
     if account:
         return [account]
-    return await store.list_ids()
+    return await inspect.account_ids(redis)
 
 
-async def _select(
-    redis: Redis, store: AccountStore, account: str | None, flt: DLQFilter, ids: list[str]
-) -> dict[str, list[str]]:
+async def _select(redis: Redis, account: str | None, flt: DLQFilter, ids: list[str]) -> dict[str, list[str]]:
     """account → event ids chosen by explicit ids (looked up in every account unless --account) or filters."""
     chosen: dict[str, list[str]] = {}
-    for account_id in await _accounts(store, account):
+    for account_id in await _accounts(redis, account):
         if ids:
             found = [
                 i for i in ids if (e := await dlq.get(redis, account_id, i)) is not None and flt.matches(e)
@@ -117,9 +114,9 @@ def list_(
     """Dead-lettered events, oldest first, with their last error."""
     flt = _filter(code, serial, since, until)
 
-    async def go(redis: Redis, store: AccountStore) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    async def go(redis: Redis) -> tuple[list[dict[str, Any]], dict[str, int]]:
         rows, totals = [], {}
-        for account_id in await _accounts(store, account):
+        for account_id in await _accounts(redis, account):
             totals[account_id] = await dlq.count(redis, account_id)
             rows += [
                 dlq_summary(account_id, e)
@@ -137,17 +134,19 @@ def list_(
     table = Table("account", "event id", "serial", "kind", "dead at", "tries", "error", "reason")
     for r in rows:
         table.add_row(
-            r["account"],
-            r["event_id"],
-            r["serial"],
-            str(r["kind"]),
-            r["dead_at"],
+            safe(r["account"]),
+            safe(r["event_id"]),
+            safe(r["serial"]),
+            safe(r["kind"]),
+            safe(r["dead_at"]),
             str(r["attempts"]),
-            f"{r['status'] or ''} {r['code'] or ''}".strip(),
-            r["reason"][:80],
+            safe(f"{r['status'] or ''} {r['code'] or ''}".strip()),
+            safe(r["reason"][:80]),
         )
-    console.print(table)
-    console.print(f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{a} {n}" for a, n in totals.items() if n))
+    out.print(table)
+    out.print(
+        f"{len(rows)} shown; in the DLQ: " + ", ".join(f"{safe(a)} {n}" for a, n in totals.items() if n)
+    )
 
 
 @app.command()
@@ -158,8 +157,8 @@ def show(
 ) -> None:
     """One entry in full: the event, the reason, every attempt's error and the event's history."""
 
-    async def go(redis: Redis, store: AccountStore) -> tuple[str, DLQEntry, list[dict[str, Any]]] | None:
-        for account_id in await _accounts(store, account):
+    async def go(redis: Redis) -> tuple[str, DLQEntry, list[dict[str, Any]]] | None:
+        for account_id in await _accounts(redis, account):
             entry = await dlq.get(redis, account_id, event_id)
             if entry is not None:
                 hist = await history.event_history(redis, account_id, event_id, entry.serial)
@@ -175,23 +174,24 @@ def show(
     if as_json:
         emit_json(doc)
         return
-    console.print(f"[bold]{entry.event_id}[/] (account {account_id}, serial {entry.serial})")
-    console.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {entry.worker}: {entry.reason}")
-    console.print_json(data=entry.event)
+    out.print(f"[bold]{safe(entry.event_id)}[/] (account {safe(account_id)}, serial {safe(entry.serial)})")
+    out.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {safe(entry.worker)}: {safe(entry.reason)}")
+    # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
+    out.print_json(data=entry.event, ensure_ascii=True)
     table = Table("time", "worker", "kind", "status", "code", "endpoint", "detail")
     for err in entry.errors:
         table.add_row(
             _iso(int(err.get("at_ms", 0))),
-            str(err.get("worker", "")),
-            str(err.get("kind", "")),
-            str(err.get("status") or ""),
-            str(err.get("code") or ""),
-            str(err.get("endpoint") or ""),
-            str(err.get("detail") or err.get("message") or "")[:100],
+            safe(err.get("worker", "")),
+            safe(err.get("kind", "")),
+            safe(err.get("status") or ""),
+            safe(err.get("code") or ""),
+            safe(err.get("endpoint") or ""),
+            safe(str(err.get("detail") or err.get("message") or "")[:100]),
         )
-    console.print(table)
+    out.print(table)
     for h in hist:
-        console.print(f"  {_iso(int(h['at_ms']))} {h['kind']}")
+        out.print(f"  {_iso(int(h['at_ms']))} {safe(h['kind'])}")
 
 
 def _bulk(
@@ -209,8 +209,8 @@ def _bulk(
             f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
         )
 
-    async def pick(redis: Redis, store: AccountStore) -> dict[str, list[str]]:
-        return await _select(redis, store, account, flt, ids)
+    async def pick(redis: Redis) -> dict[str, list[str]]:
+        return await _select(redis, account, flt, ids)
 
     chosen = run(_with_redis(pick))
     total = sum(len(v) for v in chosen.values())
@@ -224,7 +224,7 @@ def _bulk(
         if not typer.confirm(f"{verb} {total} dead-lettered events ({where})?", err=True):
             fail("aborted")
 
-    async def go(redis: Redis, _: AccountStore) -> dict[str, int]:
+    async def go(redis: Redis) -> dict[str, int]:
         done: dict[str, int] = {}
         with Progress(
             TextColumn(f"{verb} {{task.description}}"),

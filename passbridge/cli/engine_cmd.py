@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 from datetime import UTC, datetime
 from typing import Any
 
@@ -11,11 +10,11 @@ import typer
 from redis.asyncio import Redis
 from rich.table import Table
 
-from passbridge.accounts import AccountNotFound, AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.accounts import AccountNotFound, AccountState, AccountStore
+from passbridge.cli.common import emit_json, fail, out, plain, redis_url, run, safe, settings
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
-from worker import dlq, history, pause
+from worker import dlq, history, inspect, pause
 
 app = typer.Typer(
     help="The ordered engine: queues, leases, pauses, workers, event history.", no_args_is_help=True
@@ -27,10 +26,16 @@ def _iso(ms: int) -> str:
 
 
 def _store(redis: Redis) -> AccountStore:
+    """The registry with the secret key: only where an account's secrets are read (``resume``)."""
     s = settings()
     return AccountStore(
         redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
     )
+
+
+def _redis() -> Redis:
+    """The configured Redis, never an embedded one started on demand (it would be empty and answer wrongly)."""
+    return Redis.from_url(redis_url(settings(), start=False))
 
 
 async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str, Any]:
@@ -62,10 +67,10 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Per account: pending events, ready/parked/leased serials, DLQ size, pause; and the live workers."""
 
     async def go() -> dict[str, Any]:
-        redis = Redis.from_url(redis_url(settings()))
+        redis = _redis()
         try:
-            now = int(time.time() * 1000)
-            accounts = [await account_status(redis, a, now) for a in await _store(redis).list_ids()]
+            now = await inspect.now_ms(redis)  # the scores are Redis time, whatever this host's clock says
+            accounts = [await account_status(redis, a, now) for a in await inspect.account_ids(redis)]
             workers = []
             for wid, beat in await redis.zrange(WORKERS, 0, -1, withscores=True):
                 raw = await redis.hget(WORKERS_INFO, wid)
@@ -83,28 +88,28 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     for a in doc["accounts"]:
         paused = a["paused"]
         table.add_row(
-            a["account"],
+            safe(a["account"]),
             str(a["pending_events"]),
             str(a["ready_serials"]),
             str(a["parked_serials"]),
             a["next_attempt"] or "",
             str(a["leased_serials"]),
             str(a["dlq"]),
-            f"{paused['kind']}: {paused['reason']}"[:60] if paused else "",
+            safe(f"{paused['kind']}: {paused['reason']}"[:60]) if paused else "",
         )
-    console.print(table)
+    out.print(table)
     wt = Table("worker", "lane", "held", "written", "retried", "dead-lettered", "heartbeat")
     for w in doc["workers"]:
         wt.add_row(
-            w["worker"],
-            str(w.get("lane", "main")),
+            safe(w["worker"]),
+            safe(w.get("lane", "main")),
             f"{w.get('held', 0)}/{w.get('max_serials', '?')}",
             str(w.get("written", 0)),
             str(w.get("retried", 0)),
             str(w.get("dead_lettered", 0)),
             f"{w['beat_age_s']} s ago",
         )
-    console.print(wt)
+    out.print(wt)
 
 
 @app.command()
@@ -124,13 +129,25 @@ def resume(
     s = settings()
 
     async def go() -> dict[str, Any]:
-        redis = Redis.from_url(redis_url(s))
+        redis = _redis()
         try:
             store = _store(redis)
             try:
-                await store.get(account)
+                registered = await store.get(account)
             except AccountNotFound:
                 fail(f"no account {account!r}")
+            held = await pause.get_pause(redis, account)
+            # Only an auth pause's registry "paused" is lifted by the resume; any other registry state makes
+            # the next sweep pause the account again within seconds, so a resume here would be a false success.
+            lifted = held is not None and held.kind == "auth" and registered.state is AccountState.paused
+            if registered.state is not AccountState.connected and not lifted:
+                why = f" ({registered.state_reason})" if registered.state_reason else ""
+                return {
+                    "account": account,
+                    "resumed": False,
+                    "reason": f"the account is {registered.state.value} in the registry{why}; "
+                    f"`passbridge accounts update {account} --state connected` resumes it",
+                }
             if check:
                 async with KlaviyoClient.from_settings(s, redis, store) as client:
                     if not await probe_credentials(client, store, redis, account):
@@ -148,7 +165,7 @@ def resume(
     elif doc["resumed"]:
         typer.echo(f"resumed {account} (paused {doc['paused_s']} s)")
     else:
-        typer.echo(f"{account} not resumed: {doc['reason']}")
+        typer.echo(f"{plain(account)} not resumed: {plain(doc['reason'])}")
     if not doc["resumed"] and doc["reason"] != "not paused":
         raise typer.Exit(1)
 
@@ -165,7 +182,7 @@ def history_(
         fail("give --serial or --event")
 
     async def go() -> list[dict[str, Any]]:
-        redis = Redis.from_url(redis_url(settings()))
+        redis = _redis()
         try:
             if event_id:
                 entries = await history.event_history(redis, account, event_id, serial)
@@ -185,6 +202,7 @@ def history_(
         return
     for r in rows:
         detail = {k: v for k, v in r.items() if k not in ("at_ms", "kind", "event_id")}
-        console.print(
-            f"{_iso(int(r['at_ms']))}  {r['kind']:<10} {r['event_id']}  {orjson.dumps(detail).decode() if detail else ''}"
+        out.print(
+            f"{_iso(int(r['at_ms']))}  {safe(r['kind']):<10} {safe(r['event_id'])}  "
+            + (safe(orjson.dumps(detail).decode()) if detail else "")
         )

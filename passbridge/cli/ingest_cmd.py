@@ -13,7 +13,7 @@ from redis.exceptions import RedisError
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from passbridge.accounts import AccountNotFound, AccountStore
-from passbridge.cli.common import console, emit_json, fail, redis_problem, redis_url, run, settings
+from passbridge.cli.common import console, emit_json, fail, redis_problem, redis_url, run, safe, settings
 from passbridge.crypto import cipher_from_settings
 from passbridge.queue import BacklogFull
 
@@ -115,7 +115,7 @@ def ingest(
         )
         for r in summary.rejected[:20]:
             console.print(
-                f"  line {r['line']}: " + "; ".join(f"{e['field']}: {e['detail']}" for e in r["errors"])
+                f"  line {r['line']}: " + safe("; ".join(f"{e['field']}: {e['detail']}" for e in r["errors"]))
             )
     if summary.rejected:
         raise typer.Exit(2)
@@ -142,9 +142,9 @@ def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_
             }
         )
     else:
-        console.print(f"[bold red]error:[/] stopped after line {through}: {reason}")
+        console.print(f"[bold red]error:[/] stopped after line {through}: {safe(reason)}")
         console.print(
             f"{summary.accepted} accepted, {summary.duplicates} duplicates, {len(rejected)} rejected so far; "
-            f"resume after line {through} (e.g. tail -n +{through + 1} {file} > rest.ndjson)"
+            f"resume after line {through} (e.g. tail -n +{through + 1} {safe(file)} > rest.ndjson)"
         )
     raise typer.Exit(1)

@@ -13,9 +13,9 @@ import typer
 from redis.asyncio import Redis
 from rich.table import Table
 
-from passbridge.cli.common import console, emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import emit_json, fail, out, redis_url, run, safe, settings
 from worker import inspect
-from worker.report import summarize
+from worker.report import ReportRow, summarize
 
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -48,6 +48,18 @@ def _detail(d: dict[str, Any]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items()) if d else ""
 
 
+def _ready(a: dict[str, Any]) -> str:
+    """The ready column: marked when no worker takes those serials whatever the workers do."""
+    n = a["ready_serials"]
+    if not n:
+        return "0"
+    if a["state"] != "connected":
+        return f"{n} [red](held)[/]"
+    if a["throttled_until"]:
+        return f"{n} [yellow](throttled)[/]"
+    return str(n)
+
+
 def status(
     account: list[str] = typer.Option(None, "--account", "-a", help="Only these accounts (repeatable)."),
     as_json: bool = JsonOpt,
@@ -56,6 +68,16 @@ def status(
     429s, state; and the worker processes with their last heartbeat."""
 
     async def go(redis: Redis) -> dict[str, Any]:
+        if account:
+            # A typo would otherwise show a normal-looking row of zeros (state "unknown").
+            known = set(await inspect.account_ids(redis))
+            unknown = [a for a in dict.fromkeys(account) if a not in known]
+            if unknown:
+                fail(
+                    "no such account: "
+                    + ", ".join(repr(a) for a in unknown)
+                    + " (not registered, nothing queued or dead-lettered)"
+                )
         now, accounts = await inspect.overview(redis, account or None)
         workers = await inspect.workers(redis)
         return {
@@ -88,18 +110,24 @@ def status(
         if state != "connected":
             since = f" since {a['paused']['since']}" if a["paused"] else ""
             notes.append(
-                f"[red]{a['account']} is {state}{since}[/]: {a['state_reason'] or 'no reason given'}"
+                f"[red]{safe(a['account'])} is {safe(state)}{since}[/]: "
+                + safe(a["state_reason"] or "no reason given")
+            )
+        if a["throttled_until"] and state == "connected":
+            notes.append(
+                f"[yellow]{safe(a['account'])} is throttled by Klaviyo (429) until {a['throttled_until']}[/]: "
+                "its ready serials wait for that, not for a worker"
             )
         if a["dlq"]:
             notes.append(
-                f"{a['account']} has {a['dlq']} dead-lettered: passbridge dlq list -a {a['account']}"
+                f"{safe(a['account'])} has {a['dlq']} dead-lettered: passbridge dlq list -a {safe(a['account'])}"
             )
         table.add_row(
-            a["account"],
-            state if state == "connected" else f"[red]{state}[/]",
+            safe(a["account"]),
+            safe(state) if state == "connected" else f"[red]{safe(state)}[/]",
             str(a["pending_events"]),
             _age(a["oldest_event_age_s"]) if a["pending_events"] else "-",
-            str(a["ready_serials"]),
+            _ready(a),
             f"{a['parked_serials']}" + (f" ({a['next_attempt']})" if a["next_attempt"] else ""),
             str(a["leased_serials"]),
             f"[red]{a['dlq']}[/]" if a["dlq"] else "0",
@@ -107,11 +135,11 @@ def status(
             f"{a['delivered_per_s']['1m']:.2f} · {a['delivered_per_s']['5m']:.2f}",
             f"{a['klaviyo_requests_5m']} · {a['klaviyo_429s_5m']}",
         )
-    console.print(table)
+    out.print(table)
     for note in notes:
-        console.print(note, soft_wrap=True)
+        out.print(note, soft_wrap=True)
     if not doc["workers"]:
-        console.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
+        out.print("[red]no worker has sent a heartbeat in the last minute: nothing is being delivered[/]")
         return
     wt = Table(
         "worker",
@@ -126,8 +154,8 @@ def status(
     )
     for w in doc["workers"]:
         wt.add_row(
-            w["worker"],
-            w["lane"],
+            safe(w["worker"]),
+            safe(w["lane"]),
             "yes" if w["alive"] else "[red]no[/]",
             f"{w['last_heartbeat']} ({w['heartbeat_age_s']} s ago)",
             f"{w['held_serials']}/{w['max_serials']}",
@@ -135,7 +163,7 @@ def status(
             str(w["retried"]),
             str(w["dead_lettered"]),
         )
-    console.print(wt)
+    out.print(wt)
 
 
 def serial(
@@ -154,50 +182,64 @@ def serial(
         return
     if unknown:
         fail(f"nothing known about serial {serial_number!r} of account {account!r}")
-    line = f"[bold]{serial_number}[/] of {account}: {doc['status']}"
+    line = f"[bold]{safe(serial_number)}[/] of {safe(account)}: {doc['status']}"
     if detail.lease is not None:
-        line += f", held by {detail.lease.worker_id} (lease until {inspect.iso(detail.lease.expires_ms)})"
+        line += (
+            f", held by {safe(detail.lease.worker_id)} (lease until {inspect.iso(detail.lease.expires_ms)})"
+        )
     if doc["next_attempt"]:
         line += f", next attempt {doc['next_attempt']}"
-    console.print(line)
+    out.print(line)
+    if doc["waiting"]:
+        out.print(f"waiting: {safe(doc['waiting'])}")
     if detail.pending:
         table = Table(
             "#", "event id", "kind", "occurred", "received", "attempts", title="pending, in send order"
         )
         for i, p in enumerate(doc["pending"], 1):
             table.add_row(
-                str(i), p["event_id"], p["kind"], p["occurred_at"], p["received_at"], str(p["attempts"])
+                str(i),
+                safe(p["event_id"]),
+                safe(p["kind"]),
+                safe(p["occurred_at"]),
+                safe(p["received_at"]),
+                str(p["attempts"]),
             )
-        console.print(table)
+        out.print(table)
     else:
-        console.print("nothing pending")
+        out.print("nothing pending")
     for event_id, record in detail.retries.items():
         for err in record.get("errors", [])[-3:]:
-            console.print(
+            line = (
                 f"  {event_id} failed {inspect.iso(err.get('at_ms'))}: {err.get('status') or ''} "
-                f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"[
-                    :200
-                ]
+                f"{err.get('code') or err.get('kind')} {err.get('endpoint') or ''} {err.get('message') or ''}"
             )
+            out.print(safe(line[:200]))
     if detail.dead:
-        console.print("dead-lettered: " + ", ".join(e.event_id for e in detail.dead))
-    console.print("applied state:" if detail.applied else "applied state: none yet")
+        out.print("dead-lettered: " + ", ".join(safe(e.event_id) for e in detail.dead))
+    out.print("applied state:" if detail.applied else "applied state: none yet")
     if detail.applied:
-        console.print_json(data=detail.applied)
+        out.print_json(data=detail.applied, ensure_ascii=True)
     tl = Table("time", "what", "event id", "detail", title="timeline")
     for h in detail.timeline:
-        tl.add_row(inspect.iso(h.at_ms) or "", h.kind, h.event_id, _detail(h.detail)[:120])
-    console.print(tl)
+        tl.add_row(inspect.iso(h.at_ms) or "", safe(h.kind), safe(h.event_id), safe(_detail(h.detail)[:120]))
+    out.print(tl)
 
 
 def event(
     account: str = typer.Argument(..., help="The account."),
     event_id: str = typer.Argument(..., help="The event id."),
+    serial_number: str | None = typer.Option(
+        None,
+        "--serial",
+        help="The event's serial: finds an event still queued after the dedup window (which maps ids to "
+        "serials) has forgotten it.",
+    ),
     as_json: bool = JsonOpt,
 ) -> None:
     """Where one event is now (queued, dead-lettered, delivered) and its history."""
     window = settings().dedup_ttl_s
-    found = _query(lambda r: inspect.find_event(r, account, event_id, window))
+    found = _query(lambda r: inspect.find_event(r, account, event_id, window, serial=serial_number))
     if as_json:
         emit_json(found.to_doc())
         if found.where == "unknown":
@@ -205,11 +247,14 @@ def event(
         return
     if found.where == "unknown" and found.serial is None:
         fail(f"event {event_id!r} of account {account!r}: {found.detail}")
-    console.print(f"[bold]{event_id}[/] (serial {found.serial}): [bold]{found.where}[/] — {found.detail}")
+    out.print(
+        f"[bold]{safe(event_id)}[/] (serial {safe(found.serial)}): [bold]{found.where}[/] — {safe(found.detail)}"
+    )
     for h in found.history:
-        console.print(f"  {inspect.iso(h.at_ms)}  {h.kind:<10} {_detail(h.detail)[:140]}")
+        out.print(f"  {inspect.iso(h.at_ms)}  {safe(h.kind):<10} {safe(_detail(h.detail)[:140])}")
     if found.event:
-        console.print_json(orjson.dumps(found.event).decode())
+        # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
+        out.print_json(orjson.dumps(found.event).decode(), ensure_ascii=True)
     if found.where == "unknown":
         raise typer.Exit(1)
 
@@ -228,13 +273,32 @@ def report(
         fail(str(exc))
     if since_ms >= until_ms:
         fail(f"--since ({inspect.iso(since_ms)}) must be before --until ({inspect.iso(until_ms)})")
-    rows = _query(lambda r: inspect.report_rows(r, account, since_ms, until_ms))
-    doc: dict[str, Any] = {"account": account, "since": inspect.iso(since_ms), "until": inspect.iso(until_ms)}
+
+    async def go(redis: Redis) -> tuple[int, list[ReportRow]]:
+        # Counters are kept 400 days: an older --since would only read days that are gone.
+        start = max(since_ms, inspect.report_kept_since(await inspect.now_ms(redis)))
+        return start, await inspect.report_rows(redis, account, start, until_ms) if start < until_ms else []
+
+    start_ms, rows = _query(go)
+    doc: dict[str, Any] = {"account": account, "since": inspect.iso(start_ms), "until": inspect.iso(until_ms)}
+    note = None
+    if start_ms > since_ms:
+        doc["requested_since"] = inspect.iso(since_ms)
+        kept = f"report counters are kept {inspect.REPORT_DAYS - 1} days"
+        note = (
+            f"{kept}: --since {inspect.iso(since_ms)} is older, so the report covers {doc['since']} – "
+            f"{doc['until']}"
+            if start_ms < until_ms
+            else f"{kept}: the whole range is older, nothing is left to count"
+        )
+        doc["note"] = note
     doc.update(summarize(rows).to_doc())
     if as_json:
         emit_json(doc)
         return
-    console.print(f"[bold]{account}[/]: events that occurred {doc['since']} – {doc['until']}")
+    out.print(f"[bold]{safe(account)}[/]: events that occurred {doc['since']} – {doc['until']}")
+    if note:
+        out.print(f"[yellow]note:[/] {safe(note)}")
 
     def pct(v: float | None) -> str:
         return "-" if v is None else f"{v:.1%}"
@@ -261,10 +325,10 @@ def report(
     lines.append(("(all)", "(all)", doc["total"]))
     for platform, pass_type, t in lines:
         table.add_row(
-            platform,
-            pass_type,
+            safe(platform),
+            safe(pass_type),
             *(str(t[k]) for k in ("created", "installed", "updated", "uninstalled", "deleted")),
             pct(t["save_rate"]),
             ratio(t["install_uninstall_ratio"]),
         )
-    console.print(table)
+    out.print(table)

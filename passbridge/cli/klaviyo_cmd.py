@@ -10,7 +10,7 @@ import typer
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountNotFound, AccountStore
-from passbridge.cli.common import emit_json, fail, redis_url, run, settings
+from passbridge.cli.common import emit_json, fail, plain, redis_url, run, settings
 from passbridge.crypto import load_cipher
 
 if TYPE_CHECKING:
@@ -68,7 +68,7 @@ def setup(
         emit_json(doc)
         return
     for step in doc["steps"]:
-        typer.echo(f"{step['step']:<24} {step['outcome']}")
+        typer.echo(f"{step['step']:<24} {plain(step['outcome'])}")
     ids = doc["provisioned"]
     typer.echo(
         f"{'WalletPass ready' if not doc['changed'] else 'WalletPass provisioned'} for {account}: "
@@ -107,7 +107,7 @@ def status(
         emit_json({"account_id": account, "provisioned": doc})
     else:
         for key, value in doc.items():
-            typer.echo(f"{key:<20} {value}")
+            typer.echo(f"{key:<20} {plain(value)}")
 
 
 @app.command("ingestion-failures")
@@ -142,7 +142,7 @@ def ingestion_failures(
             why = "; ".join(
                 f"{e.get('property')}: {e.get('message') or e.get('detail') or e}" for e in doc["errors"]
             )
-            typer.echo(f"{doc['timestamp']}  {doc['summary']}  {why}")
+            typer.echo(plain(f"{doc['timestamp']}  {doc['summary']}  {why}"))
     if docs:
         raise typer.Exit(1)
 

@@ -27,7 +27,7 @@ from passbridge.account_check import (
     read_flow,
 )
 from passbridge.accounts import Account, AccountSecrets, AccountState
-from passbridge.keys import account_keys
+from passbridge.keys import WORKERS, account_keys
 from passbridge.oauth import DEFAULT_SCOPES
 from tests.accounts.conftest import Cli
 from tests.accounts.test_cli import enqueue
@@ -192,11 +192,27 @@ class TestFlow:
             "no events waiting; 3 events skipped so far (pass types not synced)",
         )
 
-    def test_stalled_means_no_worker(self) -> None:
+    def test_stalled_with_no_live_worker_fails(self) -> None:
         f = judge_flow(account(), flow(depth=12, ready=4, stalled=4, oldest_stalled_s=95.0))
         assert f.status == Status.fail
         assert "12 events waiting; 4 passes ready for over 60 s" in f.words
         assert "the oldest for 95 s" in f.words
+        assert "no worker alive" in f.words
+
+    def test_stalled_with_live_workers_is_a_warning(self) -> None:
+        f = judge_flow(account(), flow(depth=12, ready=4, stalled=4, oldest_stalled_s=95.0, live_workers=3))
+        assert f.status == Status.warn
+        assert "although 3 workers are alive: busy with other accounts' work (fair share)" in f.words
+
+    def test_stalled_while_klaviyo_throttles(self) -> None:
+        f = judge_flow(account(), flow(depth=2, ready=1, stalled=1, throttled_s=42.0))
+        assert f.status == Status.warn
+        assert "Klaviyo throttled the account (429), workers take its passes again in 42 s" in f.words
+
+    def test_engine_pause_holds_events(self) -> None:
+        f = judge_flow(account(), flow(depth=2, ready=1, stalled=1, engine_pause="auth: HTTP 401"))
+        assert f.status == Status.warn
+        assert "held because the engine paused the account (auth: HTTP 401)" in f.words
 
     def test_flowing(self) -> None:
         f = judge_flow(account(), flow(depth=5, ready=1, leased=2))
@@ -226,6 +242,16 @@ async def test_read_flow_counts_from_redis(redis: Redis) -> None:
     assert (facts.depth, facts.ready, facts.stalled, facts.leased, facts.expired_leases) == (7, 3, 1, 2, 1)
     assert facts.oldest_stalled_s == pytest.approx(120, abs=0.01)
     assert facts.stats == {"skipped": 4, "skipped:ptk_x": 4}
+    assert (facts.live_workers, facts.engine_pause, facts.throttled_s) == (0, None, None)
+
+    # Heartbeats as the workers write them (one silent for a minute), a 429 deferral and an engine pause.
+    await redis.zadd(WORKERS, {"w-alive": now * 1000 - 2000, "w-silent": now * 1000 - 60_000})
+    await redis.set(keys.deferred, b"1", px=30_000)
+    await redis.hset(keys.paused, mapping={"since_ms": int(now * 1000), "kind": "auth", "reason": "HTTP 401"})
+    facts = await read_flow(redis, "acme", now)
+    assert facts.live_workers == 1
+    assert facts.throttled_s == pytest.approx(30, abs=1)
+    assert facts.engine_pause == "auth: HTTP 401"
 
 
 class TestCommandWithoutKlaviyo:

@@ -248,7 +248,10 @@ class TestCleanFailures:
         assert "hunter2pw" not in result.stderr + result.stdout
         assert len(result.stderr.strip().splitlines()) <= 3  # one line, wrapped at most by the terminal width
 
-    @pytest.mark.parametrize("args", COMMANDS, ids=lambda a: " ".join(a[:2]))
+    #: Commands that read secrets (``dlq`` and ``engine status`` read none and need no key).
+    SECRET_COMMANDS = (*(c for c in COMMANDS if c[0] not in ("engine", "dlq")), ["engine", "resume", "acme"])
+
+    @pytest.mark.parametrize("args", SECRET_COMMANDS, ids=lambda a: " ".join(a[:2]))
     def test_bad_secret_key(self, args: list[str], redis_url: str, tmp_path: Path) -> None:
         env = cli_env(tmp_path / "state", "notakey", redis_url)
         args = [str(ndjson(tmp_path / "in.ndjson", 3)) if a == "IN" else a for a in args]
@@ -256,6 +259,14 @@ class TestCleanFailures:
         assert result.returncode == 1, (result.stdout, result.stderr)
         err = " ".join(result.stderr.split())
         assert err == "error: PASSBRIDGE_SECRET_KEY must be urlsafe-base64 Fernet keys, comma-separated", err
+
+    @pytest.mark.parametrize("args", [["engine", "status"], ["dlq", "list"]], ids=" ".join)
+    def test_commands_without_secrets_need_no_key(
+        self, args: list[str], redis_url: str, tmp_path: Path
+    ) -> None:
+        result = run(args, cli_env(tmp_path / "state", "notakey", redis_url), tmp_path)
+        assert result.returncode == 0, (result.stdout, result.stderr)
+        assert not (tmp_path / "state" / "secret.key").exists()
 
     async def test_ingest_over_the_high_water_mark_says_where_to_resume(
         self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str

@@ -90,6 +90,7 @@ class TestEventsRoute:
         ("field", "value", "reason"),
         [
             ("event_id", "", "at least 1"),
+            ("event_id", "evt-\x1b]0;x\x07-1", "control"),  # an escape sequence for operators' terminals
             ("kind", "exploded", "created"),
             ("serial_number", "x" * 256, "at most 255"),
             ("serial_number", "bad\nserial", "control"),
