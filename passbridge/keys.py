@@ -154,17 +154,6 @@ class AccountKeys:
         return f"{self.base}:pjobs"
 
     @property
-    def ingestion_failures(self) -> str:
-        """List: WalletPass records Klaviyo failed to ingest (JSON, newest last, capped), read from its ingestion
-        log by ``worker.ingestion.poll``."""
-        return f"{self.base}:ingest-fail"
-
-    @property
-    def ingestion_poll(self) -> str:
-        """Hash: ``last_ms`` (when the ingestion log was last read), ``seen`` (newest failure id seen)."""
-        return f"{self.base}:ingest-poll"
-
-    @property
     def oauth_lock(self) -> str:
         """Lock held by the one process refreshing the account's OAuth tokens."""
         return f"{self.base}:oauth-lock"

@@ -57,7 +57,8 @@ class Settings(BaseSettings):
     #: Most serials one claim hands out, and most per account per claim.
     worker_claim_batch: int = 32
     #: Fair share: slots of a worker kept free for accounts holding fewer than this many serials there
-    #: (unset: an eighth of ``worker_max_jobs``). One account's backlog never fills a worker.
+    #: (unset: an eighth of the serials a worker holds: ``worker_bulk_max_serials`` in adaptive/bulk mode,
+    #: ``worker_max_jobs`` in single mode). One account's backlog never fills a worker.
     worker_fair_reserve: int | None = None
     #: Most events a serial is worked on under one lease before it goes to the back of the line.
     worker_events_per_lease: int = 200

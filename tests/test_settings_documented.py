@@ -71,3 +71,42 @@ def test_readme_table_matches_the_settings() -> None:
     section = text.split("## Configuration", 1)[1].split("\n## ", 1)[0]
     rows = set(re.findall(r"^\| `([A-Z0-9_]+)` \|", section, re.M))
     assert rows == _variables()
+
+
+#: Reads of any environment variable straight from the process environment (a CLI option's envvar, os.environ,
+#: os.getenv), not through Settings, which is the only reader of `.env`.
+_PROCESS_READS = re.compile(
+    r"""envvar\s*=\s*["']([A-Z][A-Z0-9_]*)["']"""
+    r"""|os\.environ\.get\(\s*["']([A-Z][A-Z0-9_]*)["']"""
+    r"""|os\.getenv\(\s*["']([A-Z][A-Z0-9_]*)["']"""
+    r"""|os\.environ\[\s*["']([A-Z][A-Z0-9_]*)["']\s*\](?!\s*=[^=])"""
+)
+
+
+def _read_only_from_process_env() -> set[str]:
+    settings = set()
+    for name, field in Settings.model_fields.items():
+        alias = field.validation_alias
+        settings.add(alias if isinstance(alias, str) else f"PASSBRIDGE_{name.upper()}")
+    out = set()
+    for package in ("passbridge", "producer", "worker", "klaviyo_sandbox"):
+        for path in (ROOT / package).rglob("*.py"):
+            out |= {next(g for g in m.groups() if g) for m in _PROCESS_READS.finditer(path.read_text())}
+    return out - settings - INTERNAL
+
+
+def test_variables_not_read_from_dotenv_are_named() -> None:
+    """A variable the code reads only from the process environment is silently ignored as a line of `.env`: the
+    README's configuration intro and .env.example's header name each such variable."""
+    found = _read_only_from_process_env()
+    assert {
+        "PASSBRIDGE_REDIS_SERVER",
+        "PASSBRIDGE_KLAVIYO_CLIENT_SECRET",
+        "PROMETHEUS_MULTIPROC_DIR",
+    } <= found
+    readme = (ROOT / "README.md").read_text()
+    intro = readme.split("## Configuration", 1)[1].split("\n|", 1)[0]
+    header = (ROOT / ".env.example").read_text().split("\n\n", 1)[0]
+    for name in sorted(found):
+        assert f"`{name}`" in intro, f"README's configuration intro does not say {name} is not read from .env"
+        assert name in header, f".env.example's header does not say {name} is not read from .env"

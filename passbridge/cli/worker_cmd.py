@@ -18,7 +18,8 @@ def worker(
         "--concurrency",
         "-c",
         min=1,
-        help="Serials worked on at once (default PASSBRIDGE_WORKER_MAX_JOBS).",
+        help="Serials worked on at once in single sync mode (default PASSBRIDGE_WORKER_MAX_JOBS); "
+        "adaptive/bulk mode (the default) holds up to PASSBRIDGE_WORKER_BULK_MAX_SERIALS instead.",
     ),
     lease_ttl: float = typer.Option(
         None, min=0.5, help="Lease TTL in seconds (default PASSBRIDGE_WORKER_LEASE_TTL_S)."
