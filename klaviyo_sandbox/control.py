@@ -318,6 +318,8 @@ def build_aux_app(rt: Runtime) -> Starlette:
 def _event_doc(state: Any, event: Any, base_url: str) -> dict[str, Any]:
     doc = event_rules.resource(event, base_url)
     doc["metric_name"] = state.metrics[event.metric_id].name
+    # Klaviyo's read-back has no such field; tests read whether the event came as a backfill (no flows).
+    doc["backfill"] = event.backfill
     return doc
 
 

@@ -87,7 +87,7 @@ def open_engine(
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
     store = AccountStore(redis, load_cipher(secret, settings.state_dir))
     client = KlaviyoClient.from_settings(settings, redis, store)
-    syncer = Syncer(client, redis)
+    syncer = Syncer(client, redis, backfill_age_s=settings.backfill_age_s)
     mode = mode or SyncMode(settings.worker_sync_mode)
     engine = Engine(
         redis,

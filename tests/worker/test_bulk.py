@@ -573,3 +573,41 @@ async def test_adaptive_fresh_event_goes_by_single_calls_while_a_backlog_drains(
     assert record_writes(pipeline, "acme")["FRESH"] == 1
     assert fresh.event_id in pipeline.stored_unique_ids("acme")
     assert len(set(jobs_items(pipeline, "acme"))) >= 200
+
+
+# --- (f) historical events are sent as backfills ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "age_s", "old_is_backfill"),
+    [("single", None, True), ("adaptive", None, True), ("bulk", None, True), ("bulk", "0", False)],
+    ids=["single", "adaptive-single-calls", "bulk", "bulk-no-age-rule"],
+)
+async def test_historical_events_are_sent_with_backfill_so_they_trigger_no_flows(
+    pipeline: Pipeline, start_workers: StartWorkers, mode: str, age_s: str | None, old_is_backfill: bool
+) -> None:
+    await pipeline.add_account("acme")
+    now = datetime.now(UTC)
+    events = [
+        # What the NDJSON route (and `passbridge ingest`) enqueue: source "ndjson", however recent.
+        pass_event("acme", "ND", 0, kind="created", occurred_at=now - timedelta(minutes=1), source="ndjson"),
+        # A live event, and one that happened days before the worker sends it (default age: 24 h).
+        pass_event("acme", "LIVE", 0, kind="created", occurred_at=now - timedelta(minutes=1)),
+        pass_event("acme", "OLD", 0, kind="created", occurred_at=now - timedelta(days=3)),
+        pass_event("acme", "OLD", 1, kind="installed", occurred_at=now - timedelta(days=3, minutes=-1)),
+    ]
+    await pipeline.put(events)
+    before = counts(pipeline)
+    extra = {} if age_s is None else {"PASSBRIDGE_BACKFILL_AGE_S": age_s}
+    workers = start_workers(mode, **extra)
+    await drained(pipeline, workers)
+    stored = pipeline.sandbox.all_events(pipeline.accounts["acme"])
+    backfill = {e["attributes"]["event_properties"]["$event_id"]: e["backfill"] for e in stored}
+    assert backfill == {
+        "acme-ND-0": True,
+        "acme-LIVE-0": False,
+        "acme-OLD-0": old_is_backfill,
+        "acme-OLD-1": old_is_backfill,
+    }
+    # Which endpoint carried them: the mode's.
+    assert delta(before, counts(pipeline), "bulk_create_events", 202) == (1 if mode == "bulk" else 0)
