@@ -73,6 +73,10 @@ class Outage:
     status: int = 503
 
 
+#: The ways a profile bulk-import job can word its import errors (``FaultConfig.import_error_shape``).
+IMPORT_ERROR_SHAPES = ("absolute", "relative", "unnamed")
+
+
 @dataclass(frozen=True)
 class FaultConfig:
     """Injected failures. Rates are probabilities per /api request (drawn in this order, at most one fires).
@@ -88,6 +92,13 @@ class FaultConfig:
     is imported). Profiles and metric events are matched by their profile's ``external_id``, records by their
     top-level ``external_id`` or ``serial_number``. ``reject_operations`` limits it to those operation ids
     (e.g. only the bulk endpoints, while other faults hit every operation); empty: ``operations`` applies.
+
+    ``import_error_shape`` is how a profile bulk-import job words its import errors (the spec leaves both the
+    pointer and ``original_payload`` open): ``absolute`` (default) points into the job body
+    (``/data/attributes/profiles/data/<i>/...``) with the whole resource object as ``original_payload``;
+    ``relative`` points into the single profile (``/data/attributes/...``) with only its attributes as
+    ``original_payload``; ``unnamed`` has the relative pointer and no ``original_payload``, so nothing in the
+    error names its item.
     """
 
     error_rates: tuple[tuple[int, float], ...] = ()
@@ -102,6 +113,11 @@ class FaultConfig:
     seed: int | None = None
     reject_external_ids: frozenset[str] = frozenset()
     reject_operations: frozenset[str] = frozenset()
+    import_error_shape: str = "absolute"
+
+    def __post_init__(self) -> None:
+        if self.import_error_shape not in IMPORT_ERROR_SHAPES:
+            raise ValueError(f"import_error_shape must be one of {', '.join(IMPORT_ERROR_SHAPES)}")
 
     @property
     def active(self) -> bool:

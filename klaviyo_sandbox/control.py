@@ -38,6 +38,7 @@ _FAULT_FIELDS = {
     "seed",
     "reject_external_ids",
     "reject_operations",
+    "import_error_shape",
 }
 
 
@@ -266,6 +267,7 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 seed=doc.get("seed"),
                 reject_external_ids=_strings(doc, "reject_external_ids"),
                 reject_operations=_strings(doc, "reject_operations"),
+                import_error_shape=str(doc.get("import_error_shape", "absolute")),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")

@@ -429,6 +429,51 @@ async def test_bulk_request_rejected_without_a_pointer_is_split_in_halves(
     assert delta(before, after, "create_event", 202) == len(events)
 
 
+@pytest.mark.parametrize("shape", ["relative", "unnamed"])
+async def test_import_errors_that_do_not_point_into_the_job_never_count_as_written(
+    pipeline: Pipeline, start_workers: StartWorkers, shape: str
+) -> None:
+    """Import errors worded otherwise than the sandbox's default (a pointer relative to the profile; the bare
+    attributes as original_payload, or none at all): a refused profile is never settled as synced."""
+    await pipeline.add_account("acme")
+    events = backlog("acme", serials=12, per_serial=2)
+    poisoned = {"S003", "S007"}
+    bad = [e for e in events if e.serial_number in poisoned]
+    good = [e for e in events if e.serial_number not in poisoned]
+    pipeline.sandbox.set_faults(
+        reject_external_ids=sorted(poisoned),
+        operations=["create_or_update_profile", "bulk_import_profiles"],
+        import_error_shape=shape,
+    )
+    await pipeline.put(events)
+    before = counts(pipeline)
+    workers = start_workers("bulk")
+    await drained(pipeline, workers)
+    after = counts(pipeline)
+    errors = import_errors(pipeline, "acme")
+    assert len(errors) == len(poisoned)
+    assert all(not e["source"]["pointer"].startswith("/data/attributes/profiles/") for e in errors)
+
+    # The refused profiles' events are dead-lettered (found by the per-event path), not settled as synced.
+    entries = await dlq.list_entries(pipeline.redis, "acme")
+    assert sorted(x.event_id for x in entries) == sorted(e.event_id for e in bad)
+    for serial in poisoned:
+        assert pipeline.sandbox.profile(serial, pipeline.accounts["acme"]) is None
+        assert await pipeline.redis.hget(account_keys("acme").state, serial) is None
+    # Everything else is delivered in full.
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in good)
+    for serial in {e.serial_number for e in good}:
+        assert pipeline.sandbox.profile(serial, pipeline.accounts["acme"]) is not None
+    singles = delta(before, after, "create_or_update_profile")
+    if shape == "relative":
+        # Each error still names its item (its payload's external_id): only the refused serials went one
+        # event at a time.
+        assert singles == len(bad)
+    else:
+        # Nothing names the failed items: every item of the job counts as not written and is upserted alone.
+        assert singles >= len(good) // 2 + len(bad)
+
+
 # --- (c) identity conflicts inside a profile job --------------------------------------------------------------
 
 
