@@ -99,6 +99,10 @@ class FaultConfig:
     ``relative`` points into the single profile (``/data/attributes/...``) with only its attributes as
     ``original_payload``; ``unnamed`` has the relative pointer and no ``original_payload``, so nothing in the
     error names its item.
+
+    ``retired_revisions`` maps a served revision to how every /api request sent with it is answered, as Klaviyo
+    answers once it stops serving a revision: ``410`` (retired) or ``404`` ("No valid revisions found for
+    method"). Checked after authentication, like the revision itself.
     """
 
     error_rates: tuple[tuple[int, float], ...] = ()
@@ -114,10 +118,13 @@ class FaultConfig:
     reject_external_ids: frozenset[str] = frozenset()
     reject_operations: frozenset[str] = frozenset()
     import_error_shape: str = "absolute"
+    retired_revisions: tuple[tuple[str, int], ...] = ()
 
     def __post_init__(self) -> None:
         if self.import_error_shape not in IMPORT_ERROR_SHAPES:
             raise ValueError(f"import_error_shape must be one of {', '.join(IMPORT_ERROR_SHAPES)}")
+        if any(status not in (404, 410) for _, status in self.retired_revisions):
+            raise ValueError("retired_revisions answers 410 (retired) or 404 (no valid revisions)")
 
     @property
     def active(self) -> bool:

@@ -39,6 +39,7 @@ _FAULT_FIELDS = {
     "reject_external_ids",
     "reject_operations",
     "import_error_shape",
+    "retired_revisions",
 }
 
 
@@ -268,6 +269,9 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 reject_external_ids=_strings(doc, "reject_external_ids"),
                 reject_operations=_strings(doc, "reject_operations"),
                 import_error_shape=str(doc.get("import_error_shape", "absolute")),
+                retired_revisions=tuple(
+                    (str(k), int(v)) for k, v in (doc.get("retired_revisions") or {}).items()
+                ),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")
@@ -342,4 +346,5 @@ def _fault_doc(config: FaultConfig) -> dict[str, Any]:
     doc["reject_external_ids"] = sorted(config.reject_external_ids)
     doc["reject_operations"] = sorted(config.reject_operations)
     doc["outages"] = [asdict(o) for o in config.outages]
+    doc["retired_revisions"] = dict(config.retired_revisions)
     return doc

@@ -70,7 +70,7 @@ from worker.klaviyo.endpoints import (
     CREATE_OR_UPDATE_PROFILE,
     Operation,
 )
-from worker.klaviyo.errors import Abandoned, PermanentError, ThrottledError
+from worker.klaviyo.errors import Abandoned, AccountFault, PermanentError, ThrottledError
 from worker.klaviyo.ratelimit import new_slot
 from worker.plan import bulk_events_entry, coalesce, event_body, profile_body, record_job_body
 from worker.queue import split_member
@@ -615,13 +615,17 @@ class AccountLanes:
 
     async def _record_single(self, account: Account, item: Item, slot: str) -> Outcome:
         ds = await self.sync.syncer.data_source_id(account)
-        await self.sync.client.call(
-            account,
-            CREATE_DATA_SOURCE_RECORD,
-            body=record_job_body(item.payload, ds),
-            acquired=slot,
-            alive=item.alive,
-        )
+        try:
+            await self.sync.client.call(
+                account,
+                CREATE_DATA_SOURCE_RECORD,
+                body=record_job_body(item.payload, ds),
+                acquired=slot,
+                alive=item.alive,
+            )
+        except AccountFault as exc:
+            self.sync.syncer.forget_data_source(account.account_id, exc)
+            raise
         return OK
 
     async def _record_bulk(self, account: Account, items: list[Item], slot: str | None) -> list[Outcome]:
@@ -634,7 +638,11 @@ class AccountLanes:
             + orjson.dumps(ds)
             + b"}}}}}"
         )
-        await self.sync.client.call(account, BULK_CREATE_DATA_SOURCE_RECORDS, content=body, acquired=slot)
+        try:
+            await self.sync.client.call(account, BULK_CREATE_DATA_SOURCE_RECORDS, content=body, acquired=slot)
+        except AccountFault as exc:
+            self.sync.syncer.forget_data_source(account.account_id, exc)
+            raise
         return [OK] * len(items)
 
     # events: the payload is the serial's events (in order); single calls send each one alone.

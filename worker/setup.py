@@ -48,7 +48,7 @@ from worker.klaviyo.endpoints import (
     UPDATE_SOURCE_MAPPING,
     Operation,
 )
-from worker.klaviyo.errors import AuthError, KlaviyoError
+from worker.klaviyo.errors import AccountFault, AuthError, KlaviyoError
 
 log = structlog.get_logger(__name__)
 
@@ -202,6 +202,8 @@ async def provision(client: KlaviyoClient, redis: Redis, account: Account) -> Se
 
 
 def _auth_words(account_id: str, exc: AuthError) -> str:
+    if isinstance(exc, AccountFault):  # not the credentials: the revision (setup writes no records)
+        return f"Klaviyo call {exc.endpoint} failed for {account_id!r}: {exc}"
     if exc.status == 403 and "entitlement" in exc.detail.lower():
         return (
             f"Klaviyo account of {account_id!r} does not have Custom Objects (Klaviyo answered: "

@@ -29,7 +29,13 @@ from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import CREATE_DATA_SOURCE_RECORD, CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
-from worker.klaviyo.errors import Abandoned, NotProvisionedError, PermanentError
+from worker.klaviyo.errors import (
+    DATA_SOURCE_MISSING,
+    Abandoned,
+    AccountFault,
+    NotProvisionedError,
+    PermanentError,
+)
 from worker.plan import (
     WITHHELD_PROPERTY,
     Identifier,
@@ -129,6 +135,7 @@ class Syncer:
             except Abandoned:
                 raise
             except Exception as exc:
+                self.forget_data_source(account.account_id, exc)
                 if new_state is None or p.profile is None:
                     raise
                 raise PartialSync(new_state.model_copy(update={"record_pending": True}), exc) from exc
@@ -163,6 +170,12 @@ class Syncer:
             raise NotProvisionedError(account.account_id, CREATE_DATA_SOURCE_RECORD.name)
         self._data_sources[account.account_id] = (provisioned.data_source_id, now)
         return provisioned.data_source_id
+
+    def forget_data_source(self, account_id: str, exc: BaseException) -> None:
+        """Drop the cached data source id of ``account_id`` when ``exc`` says Klaviyo no longer has it: the
+        account is paused until setup provisions a new one, whose id must be read afresh on resume."""
+        if isinstance(exc, AccountFault) and exc.code == DATA_SOURCE_MISSING:
+            self._data_sources.pop(account_id, None)
 
     async def write_profile(
         self,
