@@ -146,7 +146,9 @@ class SandboxConfig:
     ``rate_scale`` F runs Klaviyo's rate-limit clock F times faster (windows of 1/F s and 60/F s, the same
     counts, Retry-After divided by F); ``unlimited`` turns rate limits off. ``ingest_delay_s`` is how long
     data-source records wait before they are processed (Klaviyo ingests them asynchronously);
-    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing.
+    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing;
+    ``publish_delay_s`` is how long a schema published with ``PATCH status: active`` reads ``publishing``
+    before it is active (0: active at once).
     """
 
     accounts: tuple[AccountConfig, ...] = ()
@@ -157,6 +159,7 @@ class SandboxConfig:
     rotate_refresh_tokens: bool = False
     ingest_delay_s: float = 0.05
     job_step_s: float = 0.05
+    publish_delay_s: float = 0.0
     request_log_size: int = 10_000
     base_url: str | None = None
 

@@ -236,7 +236,9 @@ def update_object_schema(call: Call) -> Reply:
     """``PATCH /api/object-schemas/{id}``: only drafts change."""
     check_path_id(call)
     s = _schema(call.state, call.params["id"])
-    rules.update_object_schema(call.state, s, data(call)["attributes"], call.now)
+    delay = call.runtime.config.publish_delay_s
+    publish_later = functools.partial(call.later, delay) if delay > 0 else None
+    rules.update_object_schema(call.state, s, data(call)["attributes"], call.now, publish_later)
     return Reply(200, document(rules.schema_resource(call.state, s, call.base_url), call.self_url))
 
 
