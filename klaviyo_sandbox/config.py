@@ -148,7 +148,9 @@ class SandboxConfig:
     data-source records wait before they are processed (Klaviyo ingests them asynchronously);
     ``job_step_s`` is how long a profile bulk-import job stays queued and then processing;
     ``publish_delay_s`` is how long a schema published with ``PATCH status: active`` reads ``publishing``
-    before it is active (0: active at once).
+    before it is active (0: active at once). ``relationship_linkage_meta`` False leaves ``meta`` out of the items
+    of ``GET .../relationships/profile-object-schemas`` (the spec's ``{type, id}``; a third party observed
+    ``meta.relationship_id`` there): the id is then only in ``GET /api/object-schemas/{id}?include=...``.
     """
 
     accounts: tuple[AccountConfig, ...] = ()
@@ -160,6 +162,7 @@ class SandboxConfig:
     ingest_delay_s: float = 0.05
     job_step_s: float = 0.05
     publish_delay_s: float = 0.0
+    relationship_linkage_meta: bool = True
     request_log_size: int = 10_000
     base_url: str | None = None
 

@@ -514,10 +514,29 @@ class _Provisioner:
         return str((await self._mapping(schema_id))["id"])
 
     async def _relationship_id(self, schema_id: str) -> str | None:
-        """The id of the schema's profile relationship (Klaviyo reports it in ``meta.relationship_id``)."""
+        """The id of the schema's profile relationship.
+
+        A third party observed it in ``data[].meta.relationship_id`` of ``GET .../relationships/
+        profile-object-schemas``, whose items the spec documents as ``{type, id}`` only; when that linkage
+        lists a relationship without the id, it is read where the spec documents it:
+        ``GET /api/object-schemas/{id}?include=profile-object-schemas``,
+        ``included[].attributes.meta.relationship_id``.
+        """
         doc = await self._call(GET_PROFILE_SCHEMA_RELATIONSHIPS, path_params={"id": schema_id})
-        for item in doc.get("data") or []:
+        items = [item for item in doc.get("data") or [] if isinstance(item, dict)]
+        for item in items:
             meta = item.get("meta") or {}
+            if meta.get("relationship_id"):
+                return str(meta["relationship_id"])
+        if not items:
+            return None  # no relationship yet
+        doc = await self._call(
+            GET_OBJECT_SCHEMA, path_params={"id": schema_id}, params={"include": "profile-object-schemas"}
+        )
+        for item in doc.get("included") or []:
+            if not isinstance(item, dict) or item.get("type") != "profile-object-schema":
+                continue
+            meta = (item.get("attributes") or {}).get("meta") or {}
             if meta.get("relationship_id"):
                 return str(meta["relationship_id"])
         return None

@@ -135,6 +135,25 @@ def test_publish_delay_keeps_a_published_schema_publishing_before_it_is_active()
         server.stop()
 
 
+def test_relationship_linkage_without_meta_has_the_specs_shape() -> None:
+    server = start_sandbox(config(relationship_linkage_meta=False))
+    try:
+        with httpx.Client(base_url=server.url, headers=klaviyo_headers(), timeout=10) as api:
+            _, type_id = _setup(api)
+            schema_id = api.get(f"/api/object-types/{type_id}/current-schema").json()["data"]["id"]
+            rel_path = f"/api/object-schemas/{schema_id}/relationships/profile-object-schemas"
+            body = {"data": [{"type": "profile-object-schema", "id": "profile", "meta": {"name": "owner"}}]}
+            assert api.post(rel_path, json=body).status_code == 204
+            listed = check_response("get_profile_schema_relationships", api.get(rel_path))
+            assert listed["data"] == [{"type": "profile-object-schema", "id": "profile"}]
+            included = api.get(
+                f"/api/object-schemas/{schema_id}", params={"include": "profile-object-schemas"}
+            )
+            assert included.json()["included"][0]["attributes"]["meta"]["relationship_id"]
+    finally:
+        server.stop()
+
+
 def test_draft_schema_is_edited_then_published(api: httpx.Client, sandbox: SandboxClient) -> None:
     ds, type_id = _setup(api, status="draft")
     schema_id = check_response(
@@ -279,6 +298,16 @@ def test_profile_relationship_links_records_to_profiles(api: httpx.Client, sandb
     check_response("create_profile_schema_relationship", created)
     listed = check_response("get_profile_schema_relationships", api.get(rel_path))
     rel_id = listed["data"][0]["meta"]["relationship_id"]
+    # The spec documents the id in the schema's included profile relationships.
+    plain = check_response("get_object_schema", api.get(f"/api/object-schemas/{schema_id}"))
+    assert "included" not in plain
+    with_included = check_response(
+        "get_object_schema",
+        api.get(f"/api/object-schemas/{schema_id}", params={"include": "profile-object-schemas"}),
+    )
+    assert [(i["type"], i["id"], i["attributes"]["meta"]) for i in with_included["included"]] == [
+        ("profile-object-schema", "profile", {"relationship_id": rel_id, "name": "owner", "description": ""})
+    ]
     mapping_id = api.get(f"/api/object-schemas/{schema_id}/source-mapping").json()["data"]["id"]
     patch = {
         "data": {
