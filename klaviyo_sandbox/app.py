@@ -30,7 +30,7 @@ from klaviyo_sandbox.faults import Fault
 from klaviyo_sandbox.handlers import CHECKS, HANDLERS, Call, Reply
 from klaviyo_sandbox.ratelimit import format_seconds
 from klaviyo_sandbox.requestlog import LoggedRequest
-from klaviyo_sandbox.revisions import check_revision
+from klaviyo_sandbox.revisions import check_revision, retired_revision
 from klaviyo_sandbox.runtime import OperationInfo, Runtime, log_failure
 from klaviyo_sandbox.schema.loader import SpecDocument
 from klaviyo_sandbox.validation import parse_query, validate_body
@@ -117,6 +117,8 @@ class SandboxApp:
             principal = self._authenticate(headers.get(b"authorization"))
             account_id = principal.account_id
             revision = check_revision(_text(headers.get(b"revision")), info.since)
+            if rt.faults.config.retired_revisions:
+                retired_revision(rt.faults.config.retired_revisions, revision)
             if not info.scopes <= principal.scopes:
                 raise ApiError(
                     403,

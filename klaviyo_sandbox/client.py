@@ -171,7 +171,10 @@ class SandboxClient:
         """Replace the fault configuration: ``error_rates={503: 0.1}``, ``latency_ms``, ``jitter_ms``,
         ``hang_rate``, ``hang_s``, ``drop_rate``, ``drop_after_processing``, ``operations``, ``seed``,
         ``reject_external_ids=["serial-1"]`` (those identities' writes are refused as bad items) and
-        ``reject_operations`` (where; default: ``operations``)."""
+        ``reject_operations`` (where; default: ``operations``), ``import_error_shape`` (``absolute``,
+        ``relative`` or ``unnamed``: how profile bulk-import jobs word their import errors) and
+        ``retired_revisions={"2026-10-15": 410}`` (requests with that revision answer 410, or 404 "No valid
+        revisions found for method")."""
         for name in ("reject_external_ids", "reject_operations"):
             if name in config:
                 config[name] = sorted(config[name])

@@ -73,6 +73,10 @@ class Outage:
     status: int = 503
 
 
+#: The ways a profile bulk-import job can word its import errors (``FaultConfig.import_error_shape``).
+IMPORT_ERROR_SHAPES = ("absolute", "relative", "unnamed")
+
+
 @dataclass(frozen=True)
 class FaultConfig:
     """Injected failures. Rates are probabilities per /api request (drawn in this order, at most one fires).
@@ -88,6 +92,17 @@ class FaultConfig:
     is imported). Profiles and metric events are matched by their profile's ``external_id``, records by their
     top-level ``external_id`` or ``serial_number``. ``reject_operations`` limits it to those operation ids
     (e.g. only the bulk endpoints, while other faults hit every operation); empty: ``operations`` applies.
+
+    ``import_error_shape`` is how a profile bulk-import job words its import errors (the spec leaves both the
+    pointer and ``original_payload`` open): ``absolute`` (default) points into the job body
+    (``/data/attributes/profiles/data/<i>/...``) with the whole resource object as ``original_payload``;
+    ``relative`` points into the single profile (``/data/attributes/...``) with only its attributes as
+    ``original_payload``; ``unnamed`` has the relative pointer and no ``original_payload``, so nothing in the
+    error names its item.
+
+    ``retired_revisions`` maps a served revision to how every /api request sent with it is answered, as Klaviyo
+    answers once it stops serving a revision: ``410`` (retired) or ``404`` ("No valid revisions found for
+    method"). Checked after authentication, like the revision itself.
     """
 
     error_rates: tuple[tuple[int, float], ...] = ()
@@ -102,6 +117,14 @@ class FaultConfig:
     seed: int | None = None
     reject_external_ids: frozenset[str] = frozenset()
     reject_operations: frozenset[str] = frozenset()
+    import_error_shape: str = "absolute"
+    retired_revisions: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.import_error_shape not in IMPORT_ERROR_SHAPES:
+            raise ValueError(f"import_error_shape must be one of {', '.join(IMPORT_ERROR_SHAPES)}")
+        if any(status not in (404, 410) for _, status in self.retired_revisions):
+            raise ValueError("retired_revisions answers 410 (retired) or 404 (no valid revisions)")
 
     @property
     def active(self) -> bool:
@@ -123,7 +146,11 @@ class SandboxConfig:
     ``rate_scale`` F runs Klaviyo's rate-limit clock F times faster (windows of 1/F s and 60/F s, the same
     counts, Retry-After divided by F); ``unlimited`` turns rate limits off. ``ingest_delay_s`` is how long
     data-source records wait before they are processed (Klaviyo ingests them asynchronously);
-    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing.
+    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing;
+    ``publish_delay_s`` is how long a schema published with ``PATCH status: active`` reads ``publishing``
+    before it is active (0: active at once). ``relationship_linkage_meta`` False leaves ``meta`` out of the items
+    of ``GET .../relationships/profile-object-schemas`` (the spec's ``{type, id}``; a third party observed
+    ``meta.relationship_id`` there): the id is then only in ``GET /api/object-schemas/{id}?include=...``.
     """
 
     accounts: tuple[AccountConfig, ...] = ()
@@ -134,6 +161,8 @@ class SandboxConfig:
     rotate_refresh_tokens: bool = False
     ingest_delay_s: float = 0.05
     job_step_s: float = 0.05
+    publish_delay_s: float = 0.0
+    relationship_linkage_meta: bool = True
     request_log_size: int = 10_000
     base_url: str | None = None
 

@@ -38,6 +38,8 @@ _FAULT_FIELDS = {
     "seed",
     "reject_external_ids",
     "reject_operations",
+    "import_error_shape",
+    "retired_revisions",
 }
 
 
@@ -266,6 +268,10 @@ def build_aux_app(rt: Runtime) -> Starlette:
                 seed=doc.get("seed"),
                 reject_external_ids=_strings(doc, "reject_external_ids"),
                 reject_operations=_strings(doc, "reject_operations"),
+                import_error_shape=str(doc.get("import_error_shape", "absolute")),
+                retired_revisions=tuple(
+                    (str(k), int(v)) for k, v in (doc.get("retired_revisions") or {}).items()
+                ),
             )
         except (TypeError, ValueError, AttributeError) as exc:
             return _problem(400, f"bad fault config: {exc}")
@@ -318,6 +324,8 @@ def build_aux_app(rt: Runtime) -> Starlette:
 def _event_doc(state: Any, event: Any, base_url: str) -> dict[str, Any]:
     doc = event_rules.resource(event, base_url)
     doc["metric_name"] = state.metrics[event.metric_id].name
+    # Klaviyo's read-back has no such field; tests read whether the event came as a backfill (no flows).
+    doc["backfill"] = event.backfill
     return doc
 
 
@@ -338,4 +346,5 @@ def _fault_doc(config: FaultConfig) -> dict[str, Any]:
     doc["reject_external_ids"] = sorted(config.reject_external_ids)
     doc["reject_operations"] = sorted(config.reject_operations)
     doc["outages"] = [asdict(o) for o in config.outages]
+    doc["retired_revisions"] = dict(config.retired_revisions)
     return doc

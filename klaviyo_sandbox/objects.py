@@ -10,6 +10,8 @@ entry in the object type's ingestion log. Schemas still in draft do not ingest.
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
@@ -233,9 +235,16 @@ def create_object_schema(
 
 
 def update_object_schema(
-    state: AccountState, schema: ObjectSchema, attrs: dict[str, Any], now: float
+    state: AccountState,
+    schema: ObjectSchema,
+    attrs: dict[str, Any],
+    now: float,
+    publish_later: Callable[[Callable[[], None]], None] | None = None,
 ) -> None:
-    """``PATCH /api/object-schemas/{id}``: only a draft can change; ``status: active`` publishes it."""
+    """``PATCH /api/object-schemas/{id}``: only a draft can change; ``status: active`` publishes it — at once,
+    or, with ``publish_later`` (which runs its argument after the sandbox's publishing delay), after the
+    schema reads ``publishing`` for a while, as Klaviyo's spec allows ("While activation is in progress, reads
+    may report a ``publishing`` status"). Until then the type's records are not processed through it."""
     if schema.status != "draft":
         raise invalid("Only a draft schema can be updated.", pointer="/data/attributes")
     props = attrs["properties"] if attrs.get("properties") is not None else schema.properties
@@ -245,7 +254,18 @@ def update_object_schema(
     schema.required = list(required)
     schema.updated = now
     if attrs.get("status") == "active":
-        activate(state, schema, now)
+        if publish_later is None:
+            activate(state, schema, now)
+        else:
+            schema.status = "publishing"
+            publish_later(lambda: activate(state, schema, time.time()))
+
+
+def _type_status(state: AccountState, t: ObjectType) -> str:
+    if t.current_schema_id:
+        return "active"
+    draft = state.schemas.get(t.draft_schema_id) if t.draft_schema_id else None
+    return "publishing" if draft is not None and draft.status == "publishing" else "draft"
 
 
 def object_type_resource(state: AccountState, t: ObjectType, base_url: str) -> dict[str, Any]:
@@ -265,7 +285,7 @@ def object_type_resource(state: AccountState, t: ObjectType, base_url: str) -> d
         "attributes": {
             "title": t.title,
             "description": t.description,
-            "status": "active" if t.current_schema_id else "draft",
+            "status": _type_status(state, t),
             "namespace": t.namespace,
             "created_at": ids.iso(t.created),
             "updated_at": ids.iso(t.updated),

@@ -52,3 +52,22 @@ def check_revision(header: str | None, since: str) -> str:
         f"Revision `{header}` is not a published revision the sandbox serves "
         f"({OLDEST_SERVED} through {NEWEST_SERVED}: {', '.join(SERVED_REVISIONS)})."
     )
+
+
+def retired_revision(retired: tuple[tuple[str, int], ...], revision: str) -> None:
+    """Raise what Klaviyo answers once it no longer serves ``revision``, if the ``retired_revisions`` fault
+    (revision → 410 or 404) names it."""
+    for name, status in retired:
+        if name != revision:
+            continue
+        if status == 410:
+            raise ApiError(
+                410,
+                "gone",
+                f"API revision {revision} has been retired. Upgrade to a current revision.",
+                pointer=None,
+                parameter="revision",
+            )
+        raise ApiError(
+            404, "not_found", "No valid revisions found for method", pointer=None, parameter="revision"
+        )

@@ -184,6 +184,8 @@ class ImportJob:
     profile_ids: list[str] = field(default_factory=list)
     #: Items the injected ``reject_external_ids`` fault refuses (decided when the job was created).
     rejected: frozenset[int] = frozenset()
+    #: How its import errors are worded (``FaultConfig.import_error_shape`` when the job was created).
+    error_shape: str = "absolute"
 
 
 @dataclass

@@ -88,8 +88,10 @@ class Answer:
     @property
     def revision_refused(self) -> bool:
         text = f"{self.code} {self.detail}".lower()
-        return (self.status == 400 and "revision" in text) or (
-            self.status == 404 and "no valid revisions" in text
+        return (
+            (self.status == 400 and "revision" in text)
+            or (self.status == 404 and "no valid revisions" in text)
+            or self.status == 410  # what Klaviyo answers a retired revision
         )
 
 

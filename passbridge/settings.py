@@ -101,6 +101,9 @@ class Settings(BaseSettings):
     retry_max_age_s: float = 24 * 3600.0
     #: How often the sweep checks a paused account's credentials (resuming it when they work again).
     pause_probe_interval_s: float = 60.0
+    #: A metric event whose pass event happened longer ago than this when the worker sends it goes to Klaviyo
+    #: with ``backfill: true`` (recorded, triggers no flow), as do all events of NDJSON backfills (0: only those).
+    backfill_age_s: float = 24 * 3600.0
 
     # Operations (README "Operations"): each worker's Prometheus endpoint (unset = none) and its bind address.
     worker_metrics_port: int | None = None

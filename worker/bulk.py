@@ -70,7 +70,7 @@ from worker.klaviyo.endpoints import (
     CREATE_OR_UPDATE_PROFILE,
     Operation,
 )
-from worker.klaviyo.errors import Abandoned, PermanentError, ThrottledError
+from worker.klaviyo.errors import Abandoned, AccountFault, PermanentError, ThrottledError
 from worker.klaviyo.ratelimit import new_slot
 from worker.plan import bulk_events_entry, coalesce, event_body, profile_body, record_job_body
 from worker.queue import split_member
@@ -615,13 +615,17 @@ class AccountLanes:
 
     async def _record_single(self, account: Account, item: Item, slot: str) -> Outcome:
         ds = await self.sync.syncer.data_source_id(account)
-        await self.sync.client.call(
-            account,
-            CREATE_DATA_SOURCE_RECORD,
-            body=record_job_body(item.payload, ds),
-            acquired=slot,
-            alive=item.alive,
-        )
+        try:
+            await self.sync.client.call(
+                account,
+                CREATE_DATA_SOURCE_RECORD,
+                body=record_job_body(item.payload, ds),
+                acquired=slot,
+                alive=item.alive,
+            )
+        except AccountFault as exc:
+            self.sync.syncer.forget_data_source(account.account_id, exc)
+            raise
         return OK
 
     async def _record_bulk(self, account: Account, items: list[Item], slot: str | None) -> list[Outcome]:
@@ -634,7 +638,11 @@ class AccountLanes:
             + orjson.dumps(ds)
             + b"}}}}}"
         )
-        await self.sync.client.call(account, BULK_CREATE_DATA_SOURCE_RECORDS, content=body, acquired=slot)
+        try:
+            await self.sync.client.call(account, BULK_CREATE_DATA_SOURCE_RECORDS, content=body, acquired=slot)
+        except AccountFault as exc:
+            self.sync.syncer.forget_data_source(account.account_id, exc)
+            raise
         return [OK] * len(items)
 
     # events: the payload is the serial's events (in order); single calls send each one alone.
@@ -643,10 +651,15 @@ class AccountLanes:
         # A failure after some of the serial's events were accepted says how many (``value``): those are
         # settled as written, so neither a retry nor the per-event path sends them again.
         first: str | None = slot
+        old_before = self.sync.syncer.old_before()
         for i, event in enumerate(item.payload):
             try:
                 await self.sync.client.call(
-                    account, CREATE_EVENT, body=event_body(event), acquired=first, alive=item.alive
+                    account,
+                    CREATE_EVENT,
+                    body=event_body(event, old_before),
+                    acquired=first,
+                    alive=item.alive,
                 )
             except Abandoned:
                 # The lease went between two events: the new holder sends the rest (and, by ``unique_id``,
@@ -963,7 +976,8 @@ class BulkSync:
         gated = not urgent and lanes.backlog()[0] >= self.options.small_backlog
         if gated:
             await self._gate()
-        sp = coalesce(work.state, events, [split_member(m)[0] for m in members])
+        old_before = self.syncer.old_before()
+        sp = coalesce(work.state, events, [split_member(m)[0] for m in members], old_before)
         serial = work.lease.serial
         state: PassState | None = sp.new_state
         notes: list[list[str]] = [[n] for n in sp.notes]
@@ -1003,7 +1017,7 @@ class BulkSync:
                 if sp.profile is not None and state is not None:
                     held = state.model_copy(update={"record_pending": True})
                 return await self._not_ok(engine, work, members, events, out, held)
-        blob = orjson.dumps(bulk_events_entry(serial, events))
+        blob = orjson.dumps(bulk_events_entry(serial, events, old_before))
         out = await through(lanes.events, item(events, blob, len(events)))
         if out.verdict is not Verdict.ok:
             # The profile and record writes were accepted: Klaviyo holds the round's state, which a dead

@@ -114,12 +114,27 @@ class ImportJobs:
                 await self.redis.hdel(key, *serials)
                 raise TransientError(BULK_IMPORT_PROFILES.name, f"profile import job {job_id} was cancelled")
             errors: list[PermanentError | None] = [None] * len(profiles)
-            if int(attrs.get("failed_count") or 0) > 0:
+            failed = int(attrs.get("failed_count") or 0)
+            if failed > 0:
                 index = {s: i for i, s in enumerate(serials)}
                 for err in await self._errors(account, job_id):
                     i = _item_of(err, index)
                     if i is not None and errors[i] is None:
                         errors[i] = _import_error(err)
+                mapped = sum(e is not None for e in errors)
+                if failed > mapped:
+                    # Some failed profiles cannot be told apart from the imported ones: none of the unplaced
+                    # items counts as written (else a rejected profile would be recorded as synced and never
+                    # sent again). They take the per-event path, whose single upserts are idempotent.
+                    log.warning(
+                        "profile_import_errors_unmapped",
+                        account=account.account_id,
+                        job=job_id,
+                        failed=failed,
+                        mapped=mapped,
+                    )
+                    unmapped = _unmapped_error(job_id, failed, mapped)
+                    errors = [unmapped if e is None else e for e in errors]
         except ThrottledError as exc:
             # The job exists (its status or error list was throttled, not the job): a ThrottledError would
             # tell the lane "not sent" and it would send the same profiles again as a new job, overwriting
@@ -249,15 +264,33 @@ class ImportJobs:
 
 
 def _item_of(err: dict[str, Any], index: dict[str, int]) -> int | None:
-    """Which item of the job an import error is about: its pointer, else its payload's external_id."""
+    """Which item of the job an import error is about: its pointer into the job body, else its payload's
+    external_id (the payload as the resource object, or as its bare attributes: the spec leaves it open)."""
     attrs = err.get("attributes") or {}
     source = attrs.get("source") or {}
     i = rejected_item(source.get("pointer") if isinstance(source, dict) else None, PROFILES_POINTER)
     if i is not None and 0 <= i < len(index):
         return i
-    payload = attrs.get("original_payload") or {}
-    external_id = ((payload.get("attributes") or {}) if isinstance(payload, dict) else {}).get("external_id")
+    payload = attrs.get("original_payload")
+    if not isinstance(payload, dict):
+        return None
+    inner = payload.get("attributes")
+    external_id = inner.get("external_id") if isinstance(inner, dict) else None
+    if external_id is None:
+        external_id = payload.get("external_id")
     return index.get(str(external_id)) if external_id is not None else None
+
+
+def _unmapped_error(job_id: str, failed: int, mapped: int) -> PermanentError:
+    """What an item gets when its job reported more failed profiles than import errors that name theirs."""
+    return PermanentError(
+        400,
+        "import_error_unmapped",
+        f"profile import job {job_id} failed {failed} profile(s) but only {mapped} import error(s) name "
+        "their profile; this one may not have been imported",
+        None,
+        endpoint=BULK_IMPORT_PROFILES.name,
+    )
 
 
 def _import_error(err: dict[str, Any]) -> PermanentError:

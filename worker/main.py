@@ -35,7 +35,7 @@ from worker.engine import Engine, EngineConfig
 from worker.exporter import ProcessOps
 from worker.express import ExpressProcess
 from worker.klaviyo.client import KlaviyoClient
-from worker.klaviyo.endpoints import GET_DATA_SOURCES
+from worker.klaviyo.endpoints import GET_DATA_SOURCE
 from worker.klaviyo.errors import KlaviyoError
 from worker.retry import RetryPolicy
 from worker.setup import load_provisioned
@@ -87,7 +87,7 @@ def open_engine(
     secret = settings.secret_key.get_secret_value() if settings.secret_key else None
     store = AccountStore(redis, load_cipher(secret, settings.state_dir))
     client = KlaviyoClient.from_settings(settings, redis, store)
-    syncer = Syncer(client, redis)
+    syncer = Syncer(client, redis, backfill_age_s=settings.backfill_age_s)
     mode = mode or SyncMode(settings.worker_sync_mode)
     engine = Engine(
         redis,
@@ -152,12 +152,15 @@ async def close_clients(ctx: dict[str, Any]) -> None:
 async def probe_credentials(
     client: KlaviyoClient, store: AccountStore, redis: Redis, account_id: str
 ) -> bool:
-    """Whether the account's Klaviyo credentials work (and it is provisioned): one cheap read."""
-    if await load_provisioned(redis, account_id) is None:
+    """Whether the account's Klaviyo credentials work and it is provisioned, with its data source still there
+    and the revision served (what a pause for an :class:`~worker.klaviyo.errors.AccountFault` waits for): one
+    cheap read."""
+    provisioned = await load_provisioned(redis, account_id)
+    if provisioned is None:
         return False
     try:
         account = await store.get(account_id)
-        await client.call(account, GET_DATA_SOURCES)
+        await client.call(account, GET_DATA_SOURCE, path_params={"id": provisioned.data_source_id})
     except KlaviyoError as exc:
         log.info("credentials_probe_failed", account=account_id, error=str(exc))
         return False

@@ -4,7 +4,9 @@ An account is paused for the engine while ``AccountKeys.paused`` exists: ``claim
 events wait in their mailboxes) and drops it from the scheduling index until :func:`resume_account`. Two
 kinds of pause:
 
-- ``auth``: Klaviyo rejected the account's credentials (401 after a refresh, 403, not provisioned). The
+- ``auth``: Klaviyo rejected the account's credentials (401 after a refresh, 403, not provisioned) or refuses
+  its whole integration (:class:`~worker.klaviyo.errors.AccountFault`: a retired or unserved revision, the
+  data source deleted in Klaviyo). The
   registry entry is set to ``paused`` with the reason, for operators. It resumes when the credentials work
   again: an operator runs ``passbridge engine resume`` (optionally ``--check``), or the engine's sweep
   probes the credentials every ``pause_probe_interval_s`` and resumes on success, or an operator sets the

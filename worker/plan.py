@@ -5,6 +5,8 @@
 - the **metric event** (``POST /api/events``) — always, even for a stale event: metric
   ``Pass Created|Installed|Updated|Uninstalled|Deleted``, ``time`` = occurred_at, ``unique_id`` = event_id,
   the profile identified by ``external_id`` only (contact details travel only through profile writes);
+  ``backfill: true`` (recorded, no flow triggered) for a historical event: one from an NDJSON backfill, or one
+  that happened before the caller's ``old_before`` (see :func:`is_backfill`);
 - the **profile upsert** (``POST /api/profile-import``) — external_id = serial, email, E.164 phone and the
   marketer-facing properties (custom fields + ``wallet_pass_*``) of the new state; left out when it would not
   change anything Klaviyo holds;
@@ -34,7 +36,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any, Literal
 
 from passbridge.event import EventKind, PassEvent, Scalar
@@ -80,9 +82,9 @@ class Plan:
     note: str
 
 
-def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
+def plan(state: PassState | None, event: PassEvent, seq: int = 0, old_before: datetime | None = None) -> Plan:
     """The writes for ``event`` given the serial's applied ``state`` (``None``: nothing applied yet); ``seq``
-    is the event's arrival sequence (0 = unknown)."""
+    is the event's arrival sequence (0 = unknown); ``old_before``: see :func:`is_backfill`."""
     stale = is_stale(state, event, seq)
     new = next_state(state, event, seq)
     pending = state is not None and state.record_pending
@@ -92,11 +94,11 @@ def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
         else:
             note = "already applied: metric only"
         if not pending:
-            return Plan(event_body(event), None, None, None, stale, note)
+            return Plan(event_body(event, old_before), None, None, None, stale, note)
         # The profile holds this state already; only the record a failed write left out is written.
         new = new.model_copy(update={"record_pending": False})
         note = note.replace("metric only", "record written again (an earlier record write failed)")
-        return Plan(event_body(event), None, record_of(new), new, stale, note)
+        return Plan(event_body(event, old_before), None, record_of(new), new, stale, note)
     if pending:
         new = new.model_copy(update={"record_pending": False})
     profile = profile_body(new)
@@ -109,7 +111,7 @@ def plan(state: PassState | None, event: PassEvent, seq: int = 0) -> Plan:
     else:
         note = f"applied: {new.status.value}"
     return Plan(
-        event=event_body(event),
+        event=event_body(event, old_before),
         profile=None if state is not None and profile == profile_body(state) else profile,
         record=None if state is not None and not pending and record == record_of(state) else record,
         new_state=new,
@@ -133,16 +135,19 @@ class SerialPlan:
 
 
 def coalesce(
-    state: PassState | None, events: list[PassEvent], seqs: Sequence[int] | None = None
+    state: PassState | None,
+    events: list[PassEvent],
+    seqs: Sequence[int] | None = None,
+    old_before: datetime | None = None,
 ) -> SerialPlan:
     """Fold a serial's queued events (in order; ``seqs``: their arrival sequences) into their net writes: each
     metric event, and only the last profile and record state — the intermediate ones would be overwritten anyway
-    (upserts keyed by serial)."""
+    (upserts keyed by serial). ``old_before``: see :func:`is_backfill`."""
     current = state
     bodies: list[dict[str, Any]] = []
     notes: list[str] = []
     for event, seq in zip(events, seqs if seqs is not None else [0] * len(events), strict=True):
-        p = plan(current, event, seq)
+        p = plan(current, event, seq, old_before)
         bodies.append(p.event)
         notes.append(p.note)
         if p.new_state is not None:
@@ -223,7 +228,19 @@ def next_state(state: PassState | None, event: PassEvent, seq: int = 0) -> PassS
     )
 
 
-def _event_attributes(event: PassEvent) -> dict[str, Any]:
+def is_backfill(event: PassEvent, old_before: datetime | None) -> bool:
+    """Whether ``event``'s metric event goes to Klaviyo with ``backfill: true`` (recorded, but it triggers no
+    flow): it came from an NDJSON backfill, or it happened before ``old_before`` (``None``: no age rule) — a
+    merchant's flows are for what happens now, not for history passbridge delivers late."""
+    return event.source == "ndjson" or (old_before is not None and event.occurred_at < old_before)
+
+
+def backfill_cutoff(max_age_s: float, now: datetime) -> datetime | None:
+    """The ``old_before`` of :func:`is_backfill` for events older than ``max_age_s`` at ``now`` (0: none)."""
+    return now - timedelta(seconds=max_age_s) if max_age_s > 0 else None
+
+
+def _event_attributes(event: PassEvent, old_before: datetime | None) -> dict[str, Any]:
     properties: dict[str, Scalar] = {
         **event.properties,
         "serial_number": event.serial_number,
@@ -231,29 +248,37 @@ def _event_attributes(event: PassEvent) -> dict[str, Any]:
         "platform": event.platform.value,
         "pass_url": event.pass_url,
     }
-    return {
+    attributes: dict[str, Any] = {
         "properties": properties,
         "time": _iso(event.occurred_at),
         "unique_id": event.event_id,
         "metric": {"data": {"type": "metric", "attributes": {"name": METRIC_NAMES[event.kind]}}},
     }
+    if is_backfill(event, old_before):
+        attributes["backfill"] = True
+    return attributes
 
 
-def event_body(event: PassEvent) -> dict[str, Any]:
-    """``POST /api/events`` body: the metric event, its profile identified by ``external_id`` only."""
-    attributes = _event_attributes(event)
+def event_body(event: PassEvent, old_before: datetime | None = None) -> dict[str, Any]:
+    """``POST /api/events`` body: the metric event, its profile identified by ``external_id`` only;
+    ``old_before``: see :func:`is_backfill`."""
+    attributes = _event_attributes(event, old_before)
     attributes["profile"] = {"data": {"type": "profile", "attributes": {"external_id": event.serial_number}}}
     return {"data": {"type": "event", "attributes": attributes}}
 
 
-def bulk_events_entry(serial: str, events: list[PassEvent]) -> dict[str, Any]:
+def bulk_events_entry(
+    serial: str, events: list[PassEvent], old_before: datetime | None = None
+) -> dict[str, Any]:
     """One profile's entry of an ``event-bulk-create-jobs`` body: the serial's metric events, in order, each
-    the same event :func:`event_body` sends alone (profile by ``external_id`` only)."""
+    the same event :func:`event_body` sends alone (profile by ``external_id`` only; ``backfill`` per event)."""
     return {
         "type": "event-bulk-create",
         "attributes": {
             "profile": {"data": {"type": "profile", "attributes": {"external_id": serial}}},
-            "events": {"data": [{"type": "event", "attributes": _event_attributes(e)} for e in events]},
+            "events": {
+                "data": [{"type": "event", "attributes": _event_attributes(e, old_before)} for e in events]
+            },
         },
     }
 

@@ -3,7 +3,8 @@
 Given the failure's class, how many attempts the event has had, and its age, :func:`decide` answers:
 
 - ``throttled`` (429) → :class:`Wait` until Retry-After; the attempt is not counted.
-- ``auth`` (401/403, not provisioned) → :class:`PauseAccount`; the event stays queued, nothing counted.
+- ``auth`` (401/403, not provisioned, and account-wide refusals: a retired or unserved revision, the data
+  source deleted in Klaviyo) → :class:`PauseAccount`; the event stays queued, nothing counted.
 - ``permanent`` (other 4xx, 501, an event that does not parse) → :class:`DeadLetter` at once.
 - ``transient`` (network, timeout, 5xx) and ``internal`` (a bug of ours) → :class:`Retry` after a capped
   exponential backoff with full jitter (``uniform(0, min(cap, base·2^(n-1)))``, AWS's "full jitter"), until
@@ -20,6 +21,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from enum import StrEnum
 from typing import Any
+
+from worker.klaviyo.errors import ACCOUNT_FAULT_CODES
 
 
 class FailureKind(StrEnum):
@@ -157,6 +160,8 @@ def decide(
     if failure.kind is FailureKind.throttled:
         return Wait(max(MIN_THROTTLE_WAIT_S, failure.retry_after_s or 1.0))
     if failure.kind is FailureKind.auth:
+        if failure.code in ACCOUNT_FAULT_CODES:
+            return PauseAccount(f"Klaviyo refuses the account's integration: {failure.message}")
         return PauseAccount(f"Klaviyo rejected the credentials: {failure.message}")
     if failure.kind is FailureKind.permanent:
         return DeadLetter(f"permanent error: {failure.message}")

@@ -12,7 +12,10 @@
 Every step first looks at what exists and only creates or changes what is missing or different, so running
 it twice changes nothing and running it after a half-finished run completes it. A schema can only be edited
 while it is a draft: an object type whose active schema is wrong gets a new draft version, completed and
-published. The ids end up in Redis (``AccountKeys.klaviyo``), where the syncer reads the data source id.
+published. Publishing is asynchronous at Klaviyo (the schema may read ``publishing`` before ``active``, and
+records are only processed through an active schema): setup waits until it reads ``active``, at most
+:data:`PUBLISH_TIMEOUT_S`, and a run that finds it still ``publishing`` just waits. Only then do the ids end up
+in Redis (``AccountKeys.klaviyo``), where the syncer reads the data source id.
 
 An account without the Custom Objects entitlement (a paid Klaviyo feature) answers 403; that becomes a
 :class:`SetupError` saying so in plain words.
@@ -20,6 +23,7 @@ An account without the Custom Objects entitlement (a paid Klaviyo feature) answe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -48,7 +52,7 @@ from worker.klaviyo.endpoints import (
     UPDATE_SOURCE_MAPPING,
     Operation,
 )
-from worker.klaviyo.errors import AuthError, KlaviyoError
+from worker.klaviyo.errors import AccountFault, AuthError, KlaviyoError
 
 log = structlog.get_logger(__name__)
 
@@ -57,6 +61,11 @@ DATA_SOURCE_DESCRIPTION = "Apple Wallet and Google Wallet passes, one record per
 OBJECT_TYPE_TITLE = "WalletPass"
 OBJECT_TYPE_DESCRIPTION = "A wallet pass (Apple Wallet / Google Wallet) and its lifecycle status."
 RELATIONSHIP_NAME = "pass holder"
+#: How long setup waits for a published schema to read ``active`` (Klaviyo may report ``publishing`` first),
+#: polling ``GET /api/object-schemas/{id}`` (3/s, 60/m) from every 0.25 s to every 5 s.
+PUBLISH_TIMEOUT_S = 120.0
+PUBLISH_POLL_FIRST_S = 0.25
+PUBLISH_POLL_MAX_S = 5.0
 ID_PATH = "$['serial_number']"
 
 #: The WalletPass schema: (id, name, type, description). Ids are fixed so mappings can refer to them.
@@ -180,8 +189,11 @@ async def store_provisioned(redis: Redis, account_id: str, provisioned: Provisio
         await pipe.execute()
 
 
-async def provision(client: KlaviyoClient, redis: Redis, account: Account) -> SetupReport:
-    """Make the account's Klaviyo hold the WalletPass set-up; idempotent. Raises :class:`SetupError`."""
+async def provision(
+    client: KlaviyoClient, redis: Redis, account: Account, *, publish_timeout_s: float = PUBLISH_TIMEOUT_S
+) -> SetupReport:
+    """Make the account's Klaviyo hold the WalletPass set-up; idempotent. Raises :class:`SetupError`, also when
+    a published schema is not active ``publish_timeout_s`` after publishing (nothing is stored then)."""
     lock = redis.lock(account_keys(account.account_id).setup_lock, timeout=300, blocking_timeout=0)
     try:
         if not await lock.acquire():
@@ -191,7 +203,7 @@ async def provision(client: KlaviyoClient, redis: Redis, account: Account) -> Se
             f"another setup of account {account.account_id} is running; try again later"
         ) from None
     try:
-        return await _Provisioner(client, account).run(redis)
+        return await _Provisioner(client, account, publish_timeout_s).run(redis)
     except AuthError as exc:
         raise SetupError(_auth_words(account.account_id, exc)) from None
     except KlaviyoError as exc:
@@ -202,6 +214,8 @@ async def provision(client: KlaviyoClient, redis: Redis, account: Account) -> Se
 
 
 def _auth_words(account_id: str, exc: AuthError) -> str:
+    if isinstance(exc, AccountFault):  # not the credentials: the revision (setup writes no records)
+        return f"Klaviyo call {exc.endpoint} failed for {account_id!r}: {exc}"
     if exc.status == 403 and "entitlement" in exc.detail.lower():
         return (
             f"Klaviyo account of {account_id!r} does not have Custom Objects (Klaviyo answered: "
@@ -222,9 +236,10 @@ def _auth_words(account_id: str, exc: AuthError) -> str:
 class _Provisioner:
     """The steps of one provisioning run."""
 
-    def __init__(self, client: KlaviyoClient, account: Account) -> None:
+    def __init__(self, client: KlaviyoClient, account: Account, publish_timeout_s: float) -> None:
         self.client = client
         self.account = account
+        self.publish_timeout_s = publish_timeout_s
         self.report = SetupReport(account.account_id)
 
     async def _call(self, op: Operation, **kwargs: Any) -> Any:
@@ -388,8 +403,13 @@ class _Provisioner:
         )
 
     async def _complete_draft(self, schema_id: str, ds_id: str) -> None:
-        """Bring a draft schema to the wanted shape and publish it."""
+        """Bring a draft schema to the wanted shape and publish it (waiting until it is active)."""
         schema = (await self._call(GET_OBJECT_SCHEMA, path_params={"id": schema_id}))["data"]
+        if schema["attributes"].get("status") == "publishing":
+            # An earlier run published it and Klaviyo is still activating it: it can no longer be edited.
+            self.report.did("schema", "publishing")
+            await self._wait_active(schema_id)
+            return
         if not _same_properties(schema["attributes"].get("properties") or []):
             await self._call(
                 UPDATE_OBJECT_SCHEMA,
@@ -463,6 +483,28 @@ class _Provisioner:
             body={"data": {"type": "object-schema", "id": schema_id, "attributes": {"status": "active"}}},
         )
         self.report.did("schema", "published")
+        await self._wait_active(schema_id)
+
+    async def _wait_active(self, schema_id: str) -> None:
+        """Return once the published schema reads ``active``: Klaviyo may report ``publishing`` for a while,
+        and records sent before it is active are not processed into object records (the ids are stored, and
+        workers start sending records, only after this). :class:`SetupError` after ``publish_timeout_s``."""
+        deadline = time.monotonic() + self.publish_timeout_s
+        delay = PUBLISH_POLL_FIRST_S
+        status = ""
+        while True:
+            doc = await self._call(GET_OBJECT_SCHEMA, path_params={"id": schema_id})
+            status = str(doc["data"]["attributes"].get("status") or "")
+            if status == "active":
+                return
+            if time.monotonic() + delay > deadline:
+                raise SetupError(
+                    f"the WalletPass schema {schema_id} still reads {status or 'no status'!r} "
+                    f"{self.publish_timeout_s:g} s after it was published (Klaviyo has not finished activating "
+                    "it); nothing was stored: run this setup again later"
+                )
+            await asyncio.sleep(delay)
+            delay = min(PUBLISH_POLL_MAX_S, delay * 2)
 
     async def _mapping(self, schema_id: str) -> dict[str, Any]:
         doc = await self._call(GET_SOURCE_MAPPING_FOR_OBJECT_SCHEMA, path_params={"id": schema_id})
@@ -472,10 +514,29 @@ class _Provisioner:
         return str((await self._mapping(schema_id))["id"])
 
     async def _relationship_id(self, schema_id: str) -> str | None:
-        """The id of the schema's profile relationship (Klaviyo reports it in ``meta.relationship_id``)."""
+        """The id of the schema's profile relationship.
+
+        A third party observed it in ``data[].meta.relationship_id`` of ``GET .../relationships/
+        profile-object-schemas``, whose items the spec documents as ``{type, id}`` only; when that linkage
+        lists a relationship without the id, it is read where the spec documents it:
+        ``GET /api/object-schemas/{id}?include=profile-object-schemas``,
+        ``included[].attributes.meta.relationship_id``.
+        """
         doc = await self._call(GET_PROFILE_SCHEMA_RELATIONSHIPS, path_params={"id": schema_id})
-        for item in doc.get("data") or []:
+        items = [item for item in doc.get("data") or [] if isinstance(item, dict)]
+        for item in items:
             meta = item.get("meta") or {}
+            if meta.get("relationship_id"):
+                return str(meta["relationship_id"])
+        if not items:
+            return None  # no relationship yet
+        doc = await self._call(
+            GET_OBJECT_SCHEMA, path_params={"id": schema_id}, params={"include": "profile-object-schemas"}
+        )
+        for item in doc.get("included") or []:
+            if not isinstance(item, dict) or item.get("type") != "profile-object-schema":
+                continue
+            meta = (item.get("attributes") or {}).get("meta") or {}
             if meta.get("relationship_id"):
                 return str(meta["relationship_id"])
         return None

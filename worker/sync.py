@@ -4,7 +4,9 @@ For each event the syncer sends, in this order, the writes :func:`worker.plan.pl
 
 1. the profile upsert — first, so a flow triggered by the metric event finds the profile's contact details;
 2. the WalletPass record (into the account's data source, provisioned by ``passbridge klaviyo setup``);
-3. the metric event — last, so its flows see the new profile properties.
+3. the metric event — last, so its flows see the new profile properties. A historical event (from an NDJSON
+   backfill, or older than ``backfill_age_s`` when sent) goes with ``backfill: true``: Klaviyo records it
+   but triggers no flow.
 
 Every write is idempotent (profile and record are upserts keyed by serial, the metric event carries
 ``unique_id`` = event_id), so calling :meth:`Syncer.sync_event` again for an event whose writes partly went
@@ -18,18 +20,26 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import datetime
 
 import structlog
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account
-from passbridge.event import PassEvent
+from passbridge.event import PassEvent, utcnow
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import CREATE_DATA_SOURCE_RECORD, CREATE_EVENT, CREATE_OR_UPDATE_PROFILE
-from worker.klaviyo.errors import Abandoned, NotProvisionedError, PermanentError
+from worker.klaviyo.errors import (
+    DATA_SOURCE_MISSING,
+    Abandoned,
+    AccountFault,
+    NotProvisionedError,
+    PermanentError,
+)
 from worker.plan import (
     WITHHELD_PROPERTY,
     Identifier,
+    backfill_cutoff,
     contact_identifiers,
     plan,
     profile_body,
@@ -43,6 +53,8 @@ log = structlog.get_logger(__name__)
 
 #: How long a process trusts its cached copy of an account's provisioned data source id.
 PROVISIONED_CACHE_S = 60.0
+#: Events that happened longer ago than this when they are sent go as backfills (``Settings.backfill_age_s``).
+BACKFILL_AGE_S = 24 * 3600.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -71,10 +83,18 @@ class PartialSync(Exception):
 class Syncer:
     """Writes pass events to Klaviyo through a shared :class:`KlaviyoClient`."""
 
-    def __init__(self, client: KlaviyoClient, redis: Redis) -> None:
+    def __init__(
+        self, client: KlaviyoClient, redis: Redis, *, backfill_age_s: float = BACKFILL_AGE_S
+    ) -> None:
         self.client = client
         self.redis = redis
+        #: Metric events of events older than this when sent carry ``backfill: true`` (0: only NDJSON ones).
+        self.backfill_age_s = backfill_age_s
         self._data_sources: dict[str, tuple[str, float]] = {}
+
+    def old_before(self) -> datetime | None:
+        """Events that happened before this are sent as backfills now (:func:`worker.plan.is_backfill`)."""
+        return backfill_cutoff(self.backfill_age_s, utcnow())
 
     async def sync_event(
         self,
@@ -95,7 +115,7 @@ class Syncer:
         :class:`PartialSync`: the serial belongs to another holder, which replans the event from the stored
         state (the writes are idempotent).
         """
-        p = plan(state, event, seq)
+        p = plan(state, event, seq, self.old_before())
         notes = [p.note]
         new_state = p.new_state
         data_source_id = await self.data_source_id(account) if p.record is not None else None
@@ -115,6 +135,7 @@ class Syncer:
             except Abandoned:
                 raise
             except Exception as exc:
+                self.forget_data_source(account.account_id, exc)
                 if new_state is None or p.profile is None:
                     raise
                 raise PartialSync(new_state.model_copy(update={"record_pending": True}), exc) from exc
@@ -149,6 +170,12 @@ class Syncer:
             raise NotProvisionedError(account.account_id, CREATE_DATA_SOURCE_RECORD.name)
         self._data_sources[account.account_id] = (provisioned.data_source_id, now)
         return provisioned.data_source_id
+
+    def forget_data_source(self, account_id: str, exc: BaseException) -> None:
+        """Drop the cached data source id of ``account_id`` when ``exc`` says Klaviyo no longer has it: the
+        account is paused until setup provisions a new one, whose id must be read afresh on resume."""
+        if isinstance(exc, AccountFault) and exc.code == DATA_SOURCE_MISSING:
+            self._data_sources.pop(account_id, None)
 
     async def write_profile(
         self,

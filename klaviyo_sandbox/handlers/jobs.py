@@ -62,20 +62,20 @@ def _apply(state: AccountState, job: ImportJob, i: int) -> None:
         profile, _ = rules.upsert(state, attrs, item.get("id"), item.get("meta"), time.time())
     except ApiError as exc:
         job.failed_count += 1
-        pointer = (exc.pointer or "/data").replace("/data", f"/data/attributes/profiles/data/{i}", 1)
-        job.errors.append(
-            {
-                "type": "import-error",
-                "id": ids.ulid(),
-                "attributes": {
-                    "code": exc.code,
-                    "title": exc.title,
-                    "detail": exc.detail,
-                    "source": {"pointer": pointer},
-                    "original_payload": item,
-                },
-            }
-        )
+        error: dict[str, Any] = {
+            "code": exc.code,
+            "title": exc.title,
+            "detail": exc.detail,
+            "source": {"pointer": exc.pointer or "/data"},
+        }
+        if job.error_shape == "absolute":
+            error["source"]["pointer"] = error["source"]["pointer"].replace(
+                "/data", f"/data/attributes/profiles/data/{i}", 1
+            )
+            error["original_payload"] = item
+        elif job.error_shape == "relative":
+            error["original_payload"] = attrs
+        job.errors.append({"type": "import-error", "id": ids.ulid(), "attributes": error})
     else:
         job.completed_count += 1
         job.profile_ids.append(profile.id)
@@ -115,6 +115,7 @@ def bulk_import_profiles(call: Call) -> Reply:
         profiles=profiles,
         list_ids=[x["id"] for x in lists],
         rejected=_rejected(call, profiles),
+        error_shape=call.runtime.faults.config.import_error_shape,
     )
     call.state.import_jobs[job.id] = job
     state = call.state

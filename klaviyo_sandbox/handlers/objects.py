@@ -227,16 +227,31 @@ def create_object_schema(call: Call) -> Reply:
 
 
 def get_object_schema(call: Call) -> Reply:
-    """``GET /api/object-schemas/{id}``."""
+    """``GET /api/object-schemas/{id}``; ``include=profile-object-schemas`` adds the schema's profile
+    relationships (with ``attributes.meta.relationship_id``, the spec's documented place for it) as
+    ``included``."""
     s = _schema(call.state, call.params["id"])
-    return Reply(200, document(rules.schema_resource(call.state, s, call.base_url), call.self_url))
+    doc = document(rules.schema_resource(call.state, s, call.base_url), call.self_url)
+    if "profile-object-schemas" in (call.query.get("include") or ()):
+        doc["included"] = [
+            {
+                "type": "profile-object-schema",
+                "id": "profile",
+                "attributes": {"meta": {"relationship_id": rid, **meta}},
+                "links": {"self": f"{call.base_url}/api/profile-object-schemas/profile/"},
+            }
+            for rid, meta in s.profile_relationships.items()
+        ]
+    return Reply(200, doc)
 
 
 def update_object_schema(call: Call) -> Reply:
     """``PATCH /api/object-schemas/{id}``: only drafts change."""
     check_path_id(call)
     s = _schema(call.state, call.params["id"])
-    rules.update_object_schema(call.state, s, data(call)["attributes"], call.now)
+    delay = call.runtime.config.publish_delay_s
+    publish_later = functools.partial(call.later, delay) if delay > 0 else None
+    rules.update_object_schema(call.state, s, data(call)["attributes"], call.now, publish_later)
     return Reply(200, document(rules.schema_resource(call.state, s, call.base_url), call.self_url))
 
 
@@ -308,13 +323,17 @@ def create_profile_schema_relationship(call: Call) -> Reply:
 
 
 def get_profile_schema_relationships(call: Call) -> Reply:
-    """``GET .../relationships/profile-object-schemas``; ``meta.relationship_id`` as observed."""
+    """``GET .../relationships/profile-object-schemas``; ``meta.relationship_id`` as observed, or only
+    ``{type, id}`` per item (the spec's shape) when the sandbox runs with ``relationship_linkage_meta=False``."""
     s = _schema(call.state, call.params["id"])
+    with_meta = call.runtime.config.relationship_linkage_meta
     return Reply(
         200,
         {
             "data": [
                 {"type": "profile-object-schema", "id": "profile", "meta": {"relationship_id": rid, **meta}}
+                if with_meta
+                else {"type": "profile-object-schema", "id": "profile"}
                 for rid, meta in s.profile_relationships.items()
             ],
             "links": {"self": call.self_url},

@@ -83,6 +83,9 @@ def sandbox(
     seed: int | None = typer.Option(None, help="Seed for fault randomness."),
     token_ttl_s: float = typer.Option(3600.0, help="OAuth access-token lifetime."),
     ingest_delay_s: float = typer.Option(0.05, help="Delay before data-source records are ingested."),
+    publish_delay_s: float = typer.Option(
+        0.0, help="How long a published object schema reads 'publishing' before it is active."
+    ),
     base_url: str | None = typer.Option(
         None, help="Base URL used in response links (default: the Host header)."
     ),
@@ -142,6 +145,7 @@ def sandbox(
         ),
         access_token_ttl_s=token_ttl_s,
         ingest_delay_s=ingest_delay_s,
+        publish_delay_s=publish_delay_s,
         base_url=base_url.rstrip("/") if base_url else None,
     )
     console.print(f"Klaviyo sandbox on http://{host}:{port} (revision 2026-07-15 … 2026-10-15)")

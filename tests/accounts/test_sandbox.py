@@ -16,6 +16,7 @@ import httpx
 import orjson
 import pytest
 
+from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.config import ALL_SCOPES, AccountConfig, ApiKeyConfig, OAuthClientConfig, SandboxConfig
 from klaviyo_sandbox.testing import SandboxServer, start_sandbox
 from passbridge.accounts import AccountState
@@ -209,6 +210,18 @@ class TestCheck:
         assert code == 1
         assert f["revision"]["status"] == "fail"
         assert "Klaviyo refuses revision 2026-08-01" in f["revision"]["words"]
+
+    def test_retired_revision(self, world: World, sandbox: SandboxServer) -> None:
+        world.cli.ok("accounts", "add", "acme", "--klaviyo-api-key", FULL_KEY)
+        with SandboxClient(sandbox.url) as control:
+            control.set_faults(retired_revisions={REVISION: 410})
+            try:
+                code, f = world.check("acme")
+            finally:
+                control.clear_faults()
+        assert code == 1
+        assert f["revision"]["status"] == "fail"
+        assert f"Klaviyo refuses revision {REVISION}" in f["revision"]["words"]
 
     def test_walletpass_object_type_shows_entitlement(self, world: World) -> None:
         world.cli.ok("accounts", "add", "acme", "--klaviyo-api-key", FULL_KEY)

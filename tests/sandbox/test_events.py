@@ -135,6 +135,21 @@ def test_bulk_create_events(api: httpx.Client, sandbox: SandboxClient) -> None:
     assert len(_events(sandbox, "serial-2")) == 1
 
 
+def test_backfill_is_recorded_and_shown_by_the_inspection_api(
+    api: httpx.Client, sandbox: SandboxClient
+) -> None:
+    live = payloads.event(unique_id="live")
+    old = payloads.event(unique_id="old")
+    old["data"]["attributes"]["backfill"] = True
+    for body in (live, old):
+        assert api.post("/api/events", json=body).status_code == 202
+    bulk = _bulk([({"external_id": "serial-2"}, [_ev("bulk-live"), {**_ev("bulk-old"), "backfill": True}])])
+    assert api.post("/api/event-bulk-create-jobs", json=bulk).status_code == 202
+    sandbox.wait_idle()
+    seen = {e["attributes"]["event_properties"]["$event_id"]: e["backfill"] for e in sandbox.all_events()}
+    assert seen == {"live": False, "old": True, "bulk-live": False, "bulk-old": True}
+
+
 def test_bulk_with_a_repeated_key_fails_whole_request(api: httpx.Client, sandbox: SandboxClient) -> None:
     body = _bulk(
         [({"external_id": "serial-1"}, [_ev("a")]), ({"external_id": "serial-2"}, [_ev("x"), _ev("x")])]

@@ -8,8 +8,15 @@ from typing import Any
 import httpx
 
 from klaviyo_sandbox.client import SandboxClient
+from klaviyo_sandbox.testing import start_sandbox
 from tests.sandbox import payloads
-from tests.sandbox.conftest import NO_OBJECTS_KEY, assert_klaviyo_error, check_response, klaviyo_headers
+from tests.sandbox.conftest import (
+    NO_OBJECTS_KEY,
+    assert_klaviyo_error,
+    check_response,
+    config,
+    klaviyo_headers,
+)
 
 
 def _setup(api: httpx.Client, status: str = "active") -> tuple[str, str]:
@@ -95,6 +102,56 @@ def test_object_type_with_inline_schema_and_mapping(api: httpx.Client) -> None:
     assert_klaviyo_error(api.post("/api/object-types", json=payloads.wallet_pass_type(ds)), 409, "conflict")
     bad_source = payloads.wallet_pass_type("no-such-source", title="Other")
     assert_klaviyo_error(api.post("/api/object-types", json=bad_source), 400, "invalid")
+
+
+def test_publish_delay_keeps_a_published_schema_publishing_before_it_is_active() -> None:
+    server = start_sandbox(config(publish_delay_s=0.5))
+    try:
+        with (
+            httpx.Client(base_url=server.url, headers=klaviyo_headers(), timeout=10) as api,
+            SandboxClient(server.url, account="main") as sandbox,
+        ):
+            ds, type_id = _setup(api, status="draft")
+            schema_id = api.get(f"/api/object-types/{type_id}/draft-schema").json()["data"]["id"]
+            patch = {"data": {"type": "object-schema", "id": schema_id, "attributes": {"status": "active"}}}
+            published = check_response(
+                "update_object_schema", api.patch(f"/api/object-schemas/{schema_id}", json=patch)
+            )
+            assert published["data"]["attributes"]["status"] == "publishing"
+            object_type = check_response("get_object_type", api.get(f"/api/object-types/{type_id}"))
+            assert object_type["data"]["attributes"]["status"] == "publishing"
+            # While it is publishing it cannot be edited, and records are not processed through it.
+            assert_klaviyo_error(api.patch(f"/api/object-schemas/{schema_id}", json=patch), 400, "invalid")
+            record = {"pass_id": "p0", "status": "x"}
+            api.post("/api/data-source-record-create-jobs", json=payloads.record_job(ds, record))
+            sandbox.wait_idle()  # the publishing delay is background work too
+            assert _records(api, type_id) == {}
+            schema = check_response("get_object_schema", api.get(f"/api/object-schemas/{schema_id}"))
+            assert schema["data"]["attributes"]["status"] == "active"
+            api.post("/api/data-source-record-create-jobs", json=payloads.record_job(ds, record))
+            sandbox.wait_idle()
+            assert list(_records(api, type_id)) == ["p0"]
+    finally:
+        server.stop()
+
+
+def test_relationship_linkage_without_meta_has_the_specs_shape() -> None:
+    server = start_sandbox(config(relationship_linkage_meta=False))
+    try:
+        with httpx.Client(base_url=server.url, headers=klaviyo_headers(), timeout=10) as api:
+            _, type_id = _setup(api)
+            schema_id = api.get(f"/api/object-types/{type_id}/current-schema").json()["data"]["id"]
+            rel_path = f"/api/object-schemas/{schema_id}/relationships/profile-object-schemas"
+            body = {"data": [{"type": "profile-object-schema", "id": "profile", "meta": {"name": "owner"}}]}
+            assert api.post(rel_path, json=body).status_code == 204
+            listed = check_response("get_profile_schema_relationships", api.get(rel_path))
+            assert listed["data"] == [{"type": "profile-object-schema", "id": "profile"}]
+            included = api.get(
+                f"/api/object-schemas/{schema_id}", params={"include": "profile-object-schemas"}
+            )
+            assert included.json()["included"][0]["attributes"]["meta"]["relationship_id"]
+    finally:
+        server.stop()
 
 
 def test_draft_schema_is_edited_then_published(api: httpx.Client, sandbox: SandboxClient) -> None:
@@ -241,6 +298,16 @@ def test_profile_relationship_links_records_to_profiles(api: httpx.Client, sandb
     check_response("create_profile_schema_relationship", created)
     listed = check_response("get_profile_schema_relationships", api.get(rel_path))
     rel_id = listed["data"][0]["meta"]["relationship_id"]
+    # The spec documents the id in the schema's included profile relationships.
+    plain = check_response("get_object_schema", api.get(f"/api/object-schemas/{schema_id}"))
+    assert "included" not in plain
+    with_included = check_response(
+        "get_object_schema",
+        api.get(f"/api/object-schemas/{schema_id}", params={"include": "profile-object-schemas"}),
+    )
+    assert [(i["type"], i["id"], i["attributes"]["meta"]) for i in with_included["included"]] == [
+        ("profile-object-schema", "profile", {"relationship_id": rel_id, "name": "owner", "description": ""})
+    ]
     mapping_id = api.get(f"/api/object-schemas/{schema_id}/source-mapping").json()["data"]["id"]
     patch = {
         "data": {

@@ -6,7 +6,7 @@ from __future__ import annotations
 import httpx
 import pytest
 
-from klaviyo_sandbox.client import SandboxClient
+from klaviyo_sandbox.client import SandboxClient, SandboxError
 from tests.sandbox import payloads
 from tests.sandbox.conftest import READONLY_KEY, assert_klaviyo_error, check_response, klaviyo_headers
 
@@ -57,6 +57,23 @@ def test_malformed_revision_is_400(api: httpx.Client, revision: str) -> None:
 def test_revision_before_an_endpoint_existed_is_404(api: httpx.Client, path: str, revision: str) -> None:
     error = assert_klaviyo_error(api.get(path, headers={"revision": revision}), 404, "not_found")
     assert error["detail"] == "No valid revisions found for method"
+
+
+def test_retired_revisions_fault_answers_as_klaviyo_does_once_it_stops_serving_one(
+    api: httpx.Client, sandbox: SandboxClient
+) -> None:
+    doc = sandbox.set_faults(retired_revisions={"2026-10-15": 410, "2026-07-15": 404})
+    assert doc["retired_revisions"] == {"2026-10-15": 410, "2026-07-15": 404}
+    gone = assert_klaviyo_error(api.get("/api/accounts", headers={"revision": "2026-10-15"}), 410, "gone")
+    assert gone["source"] == {"parameter": "revision"}
+    unserved = assert_klaviyo_error(
+        api.post("/api/events", json=payloads.event(), headers={"revision": "2026-07-15"}), 404, "not_found"
+    )
+    assert unserved["detail"] == "No valid revisions found for method"
+    sandbox.clear_faults()
+    assert api.get("/api/accounts", headers={"revision": "2026-10-15"}).status_code == 200
+    with pytest.raises(SandboxError, match="retired_revisions"):
+        sandbox.set_faults(retired_revisions={"2026-10-15": 500})
 
 
 def test_record_job_revisions_follow_their_own_timeline(api: httpx.Client) -> None:

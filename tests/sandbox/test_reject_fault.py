@@ -114,6 +114,44 @@ def test_bulk_import_job_turns_the_item_into_an_import_error(
     assert rejecting.profile("good-b") is not None
 
 
+def _import_errors_of(api: httpx.Client, external_ids: list[str]) -> list[dict[str, Any]]:
+    """Run a bulk-import job of those profiles to completion; its import errors (checked against the spec)."""
+    job_id = api.post("/api/profile-bulk-import-jobs", json=_job(external_ids)).json()["data"]["id"]
+    deadline = time.monotonic() + 5
+    while (
+        api.get(f"/api/profile-bulk-import-jobs/{job_id}").json()["data"]["attributes"]["status"]
+        != "complete"
+    ):
+        assert time.monotonic() < deadline
+        time.sleep(0.02)
+    errors: list[dict[str, Any]] = check_response(
+        "get_errors_for_bulk_import_profiles_job",
+        api.get(f"/api/profile-bulk-import-jobs/{job_id}/import-errors"),
+    )["data"]
+    return [e["attributes"] for e in errors]
+
+
+@pytest.mark.parametrize(
+    ("shape", "payload"),
+    [("relative", {"external_id": BAD}), ("unnamed", None)],
+)
+def test_import_error_shape_words_import_errors_without_the_job_pointer(
+    api: httpx.Client, sandbox: SandboxClient, shape: str, payload: dict[str, Any] | None
+) -> None:
+    assert (
+        sandbox.set_faults(reject_external_ids=[BAD], import_error_shape=shape)["import_error_shape"] == shape
+    )
+    (error,) = _import_errors_of(api, ["good-a", BAD])
+    assert error["source"] == {"pointer": "/data/attributes/external_id"}
+    assert error.get("original_payload") == payload
+    # A job created after the fault is cleared words its errors the default way again.
+    sandbox.set_faults(reject_external_ids=[BAD])
+    (error,) = _import_errors_of(api, [BAD])
+    assert error["source"] == {"pointer": "/data/attributes/profiles/data/0/attributes/external_id"}
+    with pytest.raises(SandboxError, match="import_error_shape"):
+        sandbox.set_faults(import_error_shape="sideways")
+
+
 def test_events_single_and_bulk_all_or_nothing(api: httpx.Client, rejecting: SandboxClient) -> None:
     assert_klaviyo_error(
         api.post("/api/events", json=payloads.event(external_id=BAD, unique_id="u1")),

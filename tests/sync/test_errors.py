@@ -6,6 +6,7 @@ import orjson
 import pytest
 
 from worker.klaviyo.errors import (
+    AccountFault,
     AuthError,
     KlaviyoError,
     PermanentError,
@@ -44,7 +45,7 @@ def test_5xx_but_501_is_transient(status: int) -> None:
     assert err.endpoint == "create_event"
 
 
-@pytest.mark.parametrize("status", [400, 404, 405, 409, 410, 413, 415, 422, 501])
+@pytest.mark.parametrize("status", [400, 404, 405, 409, 413, 415, 422, 501])
 def test_other_4xx_and_501_are_permanent(status: int) -> None:
     err = error_from_response(
         "create_or_update_profile",
@@ -74,6 +75,33 @@ def test_401_403_are_auth(status: int) -> None:
     assert type(err) is AuthError
     assert err.status == status
     assert err.code == "authentication_failed"
+
+
+@pytest.mark.parametrize(
+    ("endpoint", "status", "detail", "code"),
+    [
+        ("create_or_update_profile", 410, "This revision is no longer supported.", "revision_retired"),
+        ("create_event", 410, "", "revision_retired"),
+        ("get_bulk_import_profiles_job", 404, "No valid revisions found for method", "revision_not_served"),
+        ("create_data_source_record", 404, "data-source 'XYZ' not found.", "data_source_missing"),
+        ("bulk_create_data_source_records", 404, "Not found.", "data_source_missing"),
+    ],
+)
+def test_account_wide_refusals_pause_the_account(endpoint: str, status: int, detail: str, code: str) -> None:
+    """A retired or unserved revision, or a deleted data source, fails every event of the account alike: an
+    AuthError (the account is paused), never a PermanentError (which dead-letters each event)."""
+    err = error_from_response(endpoint, status, _body(status, "x", detail) if detail else b"", {})
+    assert type(err) is AccountFault
+    assert isinstance(err, AuthError)
+    assert (err.status, err.code, err.endpoint) == (status, code, endpoint)
+    assert detail in str(err)
+    assert ("PASSBRIDGE_KLAVIYO_REVISION" in str(err)) is code.startswith("revision")
+    assert ("passbridge klaviyo setup" in str(err)) is (code == "data_source_missing")
+
+
+def test_other_404s_stay_permanent() -> None:
+    err = error_from_response("get_object_schema", 404, _body(404, "not_found", "Not found."), {})
+    assert type(err) is PermanentError
 
 
 def test_429_is_throttled_with_retry_after() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +15,17 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
 from passbridge.settings import Settings
-from tests.sync.conftest import NOCO_ACCOUNT, NOCO_KEY, RATE_SCALE, REVISION, put_account
+from tests.sync.conftest import (
+    KLAVIYO_ACCOUNT,
+    NOCO_ACCOUNT,
+    NOCO_KEY,
+    RATE_SCALE,
+    REVISION,
+    RequestRecorder,
+    make_client,
+    put_account,
+    sandbox_accounts,
+)
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import (
     CREATE_DATA_SOURCE,
@@ -22,6 +33,7 @@ from worker.klaviyo.endpoints import (
     CREATE_OBJECT_TYPE,
     CREATE_OR_UPDATE_PROFILE,
     GET_DATA_SOURCES,
+    GET_OBJECT_SCHEMA,
     GET_OBJECT_TYPES,
 )
 from worker.plan import record_job_body
@@ -102,6 +114,93 @@ async def test_setup_provisions_the_walletpass_object(
     assert [t["attributes"]["title"] for t in types] == [OBJECT_TYPE_TITLE]
     assert types[0]["attributes"]["status"] == "active"
     await check_working_setup(client, redis, account, sandbox)
+
+
+@pytest.fixture
+def own_sandbox() -> Iterator[Callable[..., tuple[str, Any]]]:
+    """Start a sandbox of its own with ``SandboxConfig`` options (e.g. a publishing delay); its URL and an
+    inspection client on the main account. Stopped after the test."""
+    from klaviyo_sandbox.client import SandboxClient
+    from klaviyo_sandbox.config import SandboxConfig
+    from klaviyo_sandbox.testing import start_sandbox
+
+    started: list[tuple[Any, Any]] = []
+
+    def start(**options: Any) -> tuple[str, Any]:
+        server = start_sandbox(SandboxConfig(accounts=sandbox_accounts(), rate_scale=RATE_SCALE, **options))
+        inspect = SandboxClient(server.url, account=KLAVIYO_ACCOUNT)
+        started.append((server, inspect))
+        return server.url, inspect
+
+    yield start
+    for server, inspect in started:
+        inspect.close()
+        server.stop()
+
+
+@pytest.fixture
+def slow_publishing(own_sandbox: Callable[..., tuple[str, Any]]) -> tuple[str, Any]:
+    """Published schemas read ``publishing`` for 1 s before they are active (what Klaviyo's spec allows)."""
+    return own_sandbox(publish_delay_s=1.0)
+
+
+async def test_setup_stores_the_ids_only_once_the_published_schema_is_active(
+    redis: Redis, store: AccountStore, account: Account, slow_publishing: tuple[str, Any]
+) -> None:
+    url, sandbox = slow_publishing
+    async with make_client(redis, store, url) as client:
+        report = await provision(client, redis, account)
+        assert dict(report.steps)["schema"] == "published"
+        assert report.provisioned is not None
+        schema = await client.call(
+            account, GET_OBJECT_SCHEMA, path_params={"id": report.provisioned.schema_id}
+        )
+        assert schema.body["data"]["attributes"]["status"] == "active"
+        # It asked until the schema read active (the PATCH answered while it was still publishing).
+        assert sandbox.count("get_object_schema") >= 3
+        # So a record pushed as soon as setup returns (an initial backfill) becomes an object record.
+        await check_working_setup(client, redis, account, sandbox)
+
+
+async def test_setup_that_times_out_while_publishing_stores_nothing_and_a_rerun_completes_it(
+    redis: Redis, store: AccountStore, account: Account, slow_publishing: tuple[str, Any]
+) -> None:
+    url, sandbox = slow_publishing
+    async with make_client(redis, store, url) as client:
+        with pytest.raises(SetupError, match=r"still reads 'publishing' 0.3 s after it was published"):
+            await provision(client, redis, account, publish_timeout_s=0.3)
+        assert await load_provisioned(redis, account.account_id) is None
+        # Run again while Klaviyo is still activating it: the schema can no longer be edited, so the rerun
+        # only waits for it (no second publish), then stores the ids.
+        report = await provision(client, redis, account)
+        assert dict(report.steps)["schema"] == "publishing"
+        assert sandbox.count("update_object_schema", 400) == 0
+        await check_working_setup(client, redis, account, sandbox)
+
+
+async def test_setup_reads_the_relationship_id_where_the_spec_documents_it(
+    redis: Redis,
+    store: AccountStore,
+    account: Account,
+    own_sandbox: Callable[..., tuple[str, Any]],
+    recorder: RequestRecorder,
+) -> None:
+    """The relationship linkage lists each item as ``{type, id}`` only (the spec's shape): the id comes from
+    ``GET /api/object-schemas/{id}?include=profile-object-schemas``, and a rerun finds the relationship."""
+    url, sandbox = own_sandbox(relationship_linkage_meta=False)
+    async with make_client(redis, store, url, recorder) as client:
+        first = await provision(client, redis, account)
+        assert dict(first.steps)["profile relationship"] == "created"
+        assert first.provisioned is not None
+        before = writes(sandbox)
+        second = await provision(client, redis, account)
+        assert all(outcome == "ok" for _, outcome in second.steps)
+        assert writes(sandbox) == before  # no second relationship
+        assert second.provisioned == first.provisioned
+        await check_working_setup(client, redis, account, sandbox)
+    includes = [r.url for r in recorder.api_requests() if "include=" in r.url]
+    assert includes
+    assert all("include=profile-object-schemas" in u for u in includes)
 
 
 async def test_setup_twice_changes_nothing(

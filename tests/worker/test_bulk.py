@@ -429,6 +429,51 @@ async def test_bulk_request_rejected_without_a_pointer_is_split_in_halves(
     assert delta(before, after, "create_event", 202) == len(events)
 
 
+@pytest.mark.parametrize("shape", ["relative", "unnamed"])
+async def test_import_errors_that_do_not_point_into_the_job_never_count_as_written(
+    pipeline: Pipeline, start_workers: StartWorkers, shape: str
+) -> None:
+    """Import errors worded otherwise than the sandbox's default (a pointer relative to the profile; the bare
+    attributes as original_payload, or none at all): a refused profile is never settled as synced."""
+    await pipeline.add_account("acme")
+    events = backlog("acme", serials=12, per_serial=2)
+    poisoned = {"S003", "S007"}
+    bad = [e for e in events if e.serial_number in poisoned]
+    good = [e for e in events if e.serial_number not in poisoned]
+    pipeline.sandbox.set_faults(
+        reject_external_ids=sorted(poisoned),
+        operations=["create_or_update_profile", "bulk_import_profiles"],
+        import_error_shape=shape,
+    )
+    await pipeline.put(events)
+    before = counts(pipeline)
+    workers = start_workers("bulk")
+    await drained(pipeline, workers)
+    after = counts(pipeline)
+    errors = import_errors(pipeline, "acme")
+    assert len(errors) == len(poisoned)
+    assert all(not e["source"]["pointer"].startswith("/data/attributes/profiles/") for e in errors)
+
+    # The refused profiles' events are dead-lettered (found by the per-event path), not settled as synced.
+    entries = await dlq.list_entries(pipeline.redis, "acme")
+    assert sorted(x.event_id for x in entries) == sorted(e.event_id for e in bad)
+    for serial in poisoned:
+        assert pipeline.sandbox.profile(serial, pipeline.accounts["acme"]) is None
+        assert await pipeline.redis.hget(account_keys("acme").state, serial) is None
+    # Everything else is delivered in full.
+    assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in good)
+    for serial in {e.serial_number for e in good}:
+        assert pipeline.sandbox.profile(serial, pipeline.accounts["acme"]) is not None
+    singles = delta(before, after, "create_or_update_profile")
+    if shape == "relative":
+        # Each error still names its item (its payload's external_id): only the refused serials went one
+        # event at a time.
+        assert singles == len(bad)
+    else:
+        # Nothing names the failed items: every item of the job counts as not written and is upserted alone.
+        assert singles >= len(good) // 2 + len(bad)
+
+
 # --- (c) identity conflicts inside a profile job --------------------------------------------------------------
 
 
@@ -573,3 +618,41 @@ async def test_adaptive_fresh_event_goes_by_single_calls_while_a_backlog_drains(
     assert record_writes(pipeline, "acme")["FRESH"] == 1
     assert fresh.event_id in pipeline.stored_unique_ids("acme")
     assert len(set(jobs_items(pipeline, "acme"))) >= 200
+
+
+# --- (f) historical events are sent as backfills ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("mode", "age_s", "old_is_backfill"),
+    [("single", None, True), ("adaptive", None, True), ("bulk", None, True), ("bulk", "0", False)],
+    ids=["single", "adaptive-single-calls", "bulk", "bulk-no-age-rule"],
+)
+async def test_historical_events_are_sent_with_backfill_so_they_trigger_no_flows(
+    pipeline: Pipeline, start_workers: StartWorkers, mode: str, age_s: str | None, old_is_backfill: bool
+) -> None:
+    await pipeline.add_account("acme")
+    now = datetime.now(UTC)
+    events = [
+        # What the NDJSON route (and `passbridge ingest`) enqueue: source "ndjson", however recent.
+        pass_event("acme", "ND", 0, kind="created", occurred_at=now - timedelta(minutes=1), source="ndjson"),
+        # A live event, and one that happened days before the worker sends it (default age: 24 h).
+        pass_event("acme", "LIVE", 0, kind="created", occurred_at=now - timedelta(minutes=1)),
+        pass_event("acme", "OLD", 0, kind="created", occurred_at=now - timedelta(days=3)),
+        pass_event("acme", "OLD", 1, kind="installed", occurred_at=now - timedelta(days=3, minutes=-1)),
+    ]
+    await pipeline.put(events)
+    before = counts(pipeline)
+    extra = {} if age_s is None else {"PASSBRIDGE_BACKFILL_AGE_S": age_s}
+    workers = start_workers(mode, **extra)
+    await drained(pipeline, workers)
+    stored = pipeline.sandbox.all_events(pipeline.accounts["acme"])
+    backfill = {e["attributes"]["event_properties"]["$event_id"]: e["backfill"] for e in stored}
+    assert backfill == {
+        "acme-ND-0": True,
+        "acme-LIVE-0": False,
+        "acme-OLD-0": old_is_backfill,
+        "acme-OLD-1": old_is_backfill,
+    }
+    # Which endpoint carried them: the mode's.
+    assert delta(before, counts(pipeline), "bulk_create_events", 202) == (1 if mode == "bulk" else 0)

@@ -16,8 +16,10 @@ from passbridge.accounts import AccountState
 from passbridge.keys import ACTIVE_ACCOUNTS, ARQ_QUEUE, WORKERS, account_keys
 from passbridge.redis_client import FastPackConnection
 from tests.conftest import async_wait_for
-from worker import pause
+from worker import dlq, pause
+from worker.klaviyo.client import KlaviyoClient
 from worker.main import close_clients, engine_config, open_engine, shutdown, startup, sweep, worker_settings
+from worker.setup import load_provisioned, provision
 
 from .e2e import Pipeline, Workers
 from .helpers import pass_event
@@ -52,6 +54,77 @@ async def test_sweep_takes_over_resumes_and_prunes(pipeline: Pipeline, redis: Re
     finally:
         await shutdown(ctx)
     assert await redis.zscore(WORKERS, ctx["engine"].worker_id) is None
+
+
+async def _paused_by_the_engine(pipeline: Pipeline, ctx: dict[str, Any], events: int) -> pause.Pause:
+    """Start the in-process engine on ``events`` queued events of ``acme`` while Klaviyo refuses the whole
+    integration; return its pause once the engine paused the account. Nothing is dead-lettered or settled."""
+    await startup(ctx)
+
+    async def paused() -> bool:
+        p = await pause.get_pause(pipeline.redis, "acme")
+        # Written in steps (the pause, its reason, then the registry): wait for the last one.
+        return p is not None and bool(p.reason) and p.synced
+
+    await async_wait_for(paused, timeout=20)
+    p = await pause.get_pause(pipeline.redis, "acme")
+    assert p is not None
+    assert await dlq.count(pipeline.redis, "acme") == 0
+    assert int(await pipeline.redis.get(account_keys("acme").depth) or 0) == events
+    account = await pipeline.store.get("acme")
+    assert (account.state, account.state_reason) == (AccountState.paused, p.reason)
+    # The sweep's probe finds the account still refused: it stays paused.
+    assert (await sweep(ctx))["resumed"] == 0
+    assert await pause.get_pause(pipeline.redis, "acme") is not None
+    await pipeline.redis.hdel(account_keys("acme").paused, "probed_ms")  # the next sweep probes again
+    return p
+
+
+async def test_a_retired_revision_pauses_the_account_instead_of_dead_lettering(pipeline: Pipeline) -> None:
+    await pipeline.add_account("acme")
+    events = [pass_event("acme", f"S{i}", 0, kind="created") for i in range(3)]
+    await pipeline.put(events)
+    pipeline.sandbox.set_faults(retired_revisions={pipeline.settings.klaviyo_revision: 410})
+    ctx: dict[str, Any] = {"settings": pipeline.settings, "redis_url": pipeline.settings.redis_url}
+    try:
+        p = await _paused_by_the_engine(pipeline, ctx, len(events))
+        assert p.reason.startswith("Klaviyo refuses the account's integration: HTTP 410 revision_retired")
+        assert "PASSBRIDGE_KLAVIYO_REVISION" in p.reason
+        # Once Klaviyo serves the revision again (here: the fault is lifted), the sweep resumes the account.
+        pipeline.sandbox.clear_faults()
+        assert (await sweep(ctx))["resumed"] == 1
+        await async_wait_for(pipeline.drained, timeout=20)
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        assert await dlq.count(pipeline.redis, "acme") == 0
+    finally:
+        await shutdown(ctx)
+
+
+async def test_a_deleted_data_source_pauses_the_account_until_setup_runs_again(pipeline: Pipeline) -> None:
+    account = await pipeline.add_account("acme")
+    provisioned = await load_provisioned(pipeline.redis, "acme")
+    assert provisioned is not None
+    # Someone deletes passbridge's data source in Klaviyo's UI.
+    state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
+    del state.data_sources[provisioned.data_source_id]
+    events = [pass_event("acme", f"S{i}", 0, kind="created") for i in range(3)]
+    await pipeline.put(events)
+    ctx: dict[str, Any] = {"settings": pipeline.settings, "redis_url": pipeline.settings.redis_url}
+    try:
+        p = await _paused_by_the_engine(pipeline, ctx, len(events))
+        assert p.reason.startswith("Klaviyo refuses the account's integration: HTTP 404 data_source_missing")
+        assert "passbridge klaviyo setup" in p.reason
+        # The operator runs setup again: a new data source; the probe finds it and the account resumes.
+        async with KlaviyoClient.from_settings(pipeline.settings, pipeline.redis, pipeline.store) as client:
+            await provision(client, pipeline.redis, account)
+        assert (await sweep(ctx))["resumed"] == 1
+        await async_wait_for(pipeline.drained, timeout=20)
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        pipeline.sandbox.wait_idle()  # records are ingested in the background
+        assert sorted(pipeline.records("acme")) == sorted(e.serial_number for e in events)
+        assert await dlq.count(pipeline.redis, "acme") == 0
+    finally:
+        await shutdown(ctx)
 
 
 def test_worker_settings_for_arq(pipeline: Pipeline) -> None:

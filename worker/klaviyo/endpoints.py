@@ -91,6 +91,8 @@ BULK_CREATE_DATA_SOURCE_RECORDS = Operation(
 
 # Account set-up (``passbridge klaviyo setup``).
 GET_DATA_SOURCES = Operation("get_data_sources", "GET", "/api/data-sources", S, _CO_R)
+#: Also the paused-account probe: it answers only while the credentials, the revision and the data source work.
+GET_DATA_SOURCE = Operation("get_data_source", "GET", "/api/data-sources/{id}", S, _CO_R)
 CREATE_DATA_SOURCE = Operation("create_data_source", "POST", "/api/data-sources", S, _CO_W)
 GET_OBJECT_TYPES = Operation("get_object_types", "GET", "/api/object-types", S, _CO_R)
 CREATE_OBJECT_TYPE = Operation("create_object_type", "POST", "/api/object-types", S, _CO_W)
@@ -132,6 +134,7 @@ OPERATIONS: tuple[Operation, ...] = (
     GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB,
     BULK_CREATE_DATA_SOURCE_RECORDS,
     GET_DATA_SOURCES,
+    GET_DATA_SOURCE,
     CREATE_DATA_SOURCE,
     GET_OBJECT_TYPES,
     CREATE_OBJECT_TYPE,

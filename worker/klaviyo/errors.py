@@ -6,7 +6,10 @@
     ├── TransientError           network error, timeout, 5xx other than 501        → retry with backoff
     ├── ThrottledError           429, with ``retry_after_s`` from Retry-After       → pause the endpoint, retry
     ├── AuthError                401 (after one OAuth refresh) or 403               → pause the account
-    │   └── NotProvisionedError  the account has not been set up (no data source)  → pause the account
+    │   ├── NotProvisionedError  the account has not been set up (no data source)  → pause the account
+    │   └── AccountFault         revision retired (410) or not served (404 "No valid → pause the account
+    │                            revisions found for method"), data source gone
+    │                            (404 on a record endpoint)
     └── PermanentError           any other 4xx, and 501                             → dead-letter
         └── (code ``duplicate_profile`` is handled by the syncer and never escapes it)
 
@@ -104,6 +107,60 @@ class NotProvisionedError(AuthError):
         )
 
 
+#: Klaviyo's detail for a revision that does not serve the method asked for (../shared/notes §1.3).
+NO_VALID_REVISIONS = "no valid revisions found for method"
+#: The record endpoints: their only path-free reference is the data source, so their 404 means it is gone.
+RECORD_ENDPOINTS = frozenset({"create_data_source_record", "bulk_create_data_source_records"})
+#: :class:`AccountFault` codes.
+REVISION_RETIRED = "revision_retired"
+REVISION_NOT_SERVED = "revision_not_served"
+DATA_SOURCE_MISSING = "data_source_missing"
+ACCOUNT_FAULT_CODES = frozenset({REVISION_RETIRED, REVISION_NOT_SERVED, DATA_SOURCE_MISSING})
+
+
+class AccountFault(AuthError):
+    """Klaviyo refuses the integration as a whole, not the item: the API revision passbridge sends is retired
+    (410) or does not serve the operation (404 "No valid revisions found for method"), or the account's
+    provisioned data source is gone (a 404 from a record endpoint: deleted in Klaviyo).
+
+    Every event of the account would fail the same way, so it is an :class:`AuthError`: the account is paused
+    (its events wait, nothing is dead-lettered) until the sweep's probe finds it working again or an operator
+    resumes it — after changing ``PASSBRIDGE_KLAVIYO_REVISION`` or running ``passbridge klaviyo setup`` again.
+    """
+
+
+def _account_fault(status: int, endpoint: str, detail: str) -> AccountFault | None:
+    """The :class:`AccountFault` a 404/410 answer of ``endpoint`` means, if any."""
+    said = f" (Klaviyo: {detail})" if detail else ""
+    if status == 410:
+        return AccountFault(
+            410,
+            endpoint,
+            code=REVISION_RETIRED,
+            detail="Klaviyo has retired the API revision passbridge sends; set PASSBRIDGE_KLAVIYO_REVISION "
+            f"to a current one{said}",
+        )
+    if status != 404:
+        return None
+    if NO_VALID_REVISIONS in detail.lower():
+        return AccountFault(
+            404,
+            endpoint,
+            code=REVISION_NOT_SERVED,
+            detail=f"the API revision passbridge sends does not serve {endpoint}; set "
+            f"PASSBRIDGE_KLAVIYO_REVISION to a current one{said}",
+        )
+    if endpoint in RECORD_ENDPOINTS:
+        return AccountFault(
+            404,
+            endpoint,
+            code=DATA_SOURCE_MISSING,
+            detail="the account's provisioned data source no longer exists in Klaviyo; run "
+            f"`passbridge klaviyo setup` again{said}",
+        )
+    return None
+
+
 class Abandoned(Exception):
     """The caller's ``alive`` check said the write is no longer wanted (its serial's lease was lost or released),
     so the request was not sent. Not a :class:`KlaviyoError`: Klaviyo never saw it, and no retry policy applies.
@@ -188,6 +245,7 @@ def error_from_response(endpoint: str, status: int, body: bytes, headers: Mappin
 
     - 429 → :class:`ThrottledError` (Retry-After, default 1 s)
     - 401, 403 → :class:`AuthError`
+    - 410, a 404 "No valid revisions found for method", a 404 of a record endpoint → :class:`AccountFault`
     - 5xx except 501 → :class:`TransientError`
     - other 4xx, 501 (and any other non-2xx status) → :class:`PermanentError`
     """
@@ -202,6 +260,8 @@ def error_from_response(endpoint: str, status: int, body: bytes, headers: Mappin
         return AuthError(status, endpoint, code=code, detail=detail)
     if 500 <= status <= 599 and status != 501:
         return TransientError(endpoint, _message(status, code, detail), status=status)
+    if status in (404, 410) and (fault := _account_fault(status, endpoint, detail)) is not None:
+        return fault
     meta = err.get("meta")
     return PermanentError(
         status,
