@@ -115,6 +115,9 @@ class BulkOptions:
     start_slice: int = 10
     #: Serial steps (a round's parse and coalesce, the next write after an answer) per event-loop turn.
     serials_per_turn: int = 10
+    #: How long a profile bulk-import job may stay queued or processing before the wait for it fails its
+    #: serials' attempt (``Settings.worker_profile_job_max_wait_s``): Klaviyo promises no completion time.
+    profile_job_max_wait_s: float = 1800.0
 
 
 class Verdict(Enum):
@@ -799,7 +802,7 @@ class BulkSync:
         self.syncer = syncer
         self.client = syncer.client
         self.options = options or BulkOptions()
-        self.jobs = ImportJobs(self.client, syncer.redis)
+        self.jobs = ImportJobs(self.client, syncer.redis, max_wait_s=self.options.profile_job_max_wait_s)
         self._lanes: dict[str, AccountLanes] = {}
         self._batchers: dict[int, EngineBatchers] = {}
         self._gate = TurnGate(self.options.serials_per_turn)

@@ -340,6 +340,72 @@ async def test_a_throttle_after_the_job_was_created_is_transient_and_keeps_the_m
     assert await markers(pipeline.redis, account) == {}
 
 
+def test_polls_back_off_with_the_jobs_age() -> None:
+    """A fast job is polled as it always was (doubling from 50 ms up to 2 s); an older one every tenth of its
+    age, at most every 30 s: a 30-minute job costs about a hundred polls, not 900."""
+    jobs = ImportJobs(None, None)  # type: ignore[arg-type]  # (the schedule needs neither)
+    delays, age, delay = [], 0.0, jobs.poll_first_s
+    while age < 1800:
+        age += delay
+        delays.append(delay)
+        delay = jobs.next_delay(delay, age)
+    assert delays[:7] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert jobs.next_delay(2.0, 100.0) == 4.0
+    assert jobs.next_delay(8.0, 100.0) == 10.0
+    assert jobs.next_delay(30.0, 1000.0) == 30.0
+    assert len(delays) < 110
+    assert jobs.max_wait_s == 1800
+
+
+# --- jobs slower than the old 60 s bound ------------------------------------------------------------------------
+
+#: Each job takes 150–200 Klaviyo seconds (1.5–2 s at RATE_SCALE): longer than the 60 s after which a job
+#: still running used to count as a failed attempt (0.6 s at this scale).
+LATENCY_S = 150.0
+LATENCY_JITTER_S = 50.0
+
+
+@pytest.fixture(scope="module")
+def latent_jobs_server() -> Iterator[SandboxServer]:
+    server = start_sandbox(
+        SandboxConfig(rate_scale=RATE_SCALE, job_latency_s=LATENCY_S, job_latency_jitter_s=LATENCY_JITTER_S)
+    )
+    yield server
+    server.stop()
+
+
+async def test_concurrent_jobs_of_an_account_are_polled_with_one_list_call(
+    redis: Redis, latent_jobs_server: SandboxServer, settings: Settings, secret_key: str
+) -> None:
+    """Six jobs waited for at once: one poller asks the account's running jobs (one list call for all six)
+    and each job's own status only once the list no longer shows it running; nothing fails however long
+    the jobs take (longer than the old bound, scaled)."""
+    s = settings.model_copy(
+        update={"klaviyo_base_url": latent_jobs_server.url, "klaviyo_rate_scale": RATE_SCALE}
+    )
+    with SandboxClient(latent_jobs_server.url) as sandbox:
+        pipeline = Pipeline(redis, sandbox, latent_jobs_server, secret_key, s)
+        account = await pipeline.add_account(f"acct-{time.monotonic_ns()}")
+        async with KlaviyoClient.from_settings(s, redis, pipeline.store) as client:
+            jobs = ImportJobs(client, redis)
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(jobs.run(account, [profile(f"J{i}")], [f"J{i}"]) for i in range(6))
+            )
+            took = time.monotonic() - started
+            assert results == [[None]] * 6
+            assert took > LATENCY_S / RATE_SCALE
+            assert jobs.jobs == 6
+            assert await markers(redis, account) == {}
+            status = client.calls[("get_bulk_import_profiles_job", "200")]
+            lists = client.calls[("get_bulk_import_profiles_jobs", "200")]
+            # Polled one by one (the old way) the six jobs cost 6 × 6 status polls; together: one list call
+            # per tick (about six) and one status read per job once it is done.
+            assert lists >= 3
+            assert status <= 6 + 2
+            assert status + lists <= 16
+
+
 # --- across processes: a worker killed while its profile job runs ---------------------------------------------
 
 SLOW_STEP_S = 2.0
