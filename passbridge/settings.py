@@ -80,6 +80,9 @@ class Settings(BaseSettings):
     #: leases renewed) for up to this long; only then is the wait a transient failure. Klaviyo promises no
     #: completion time.
     worker_profile_job_max_wait_s: float = Field(default=1800.0, gt=0)
+    #: Profile bulk-import jobs one worker process runs at once per account: while they run, more profiles
+    #: wait in the lane and go in the next (bigger) job.
+    worker_profile_jobs_in_flight: int = Field(default=4, ge=1)
     #: Express lane (README "Fair share"): each ``passbridge worker`` also runs a small child process that
     #: works only accounts with a small backlog, so their events never wait behind a big account's work ...
     worker_express_lane: bool = True

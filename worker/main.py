@@ -101,6 +101,7 @@ def open_engine(
                 mode=mode,
                 urgent_age_ms=settings.worker_bulk_fresh_ms,
                 profile_job_max_wait_s=settings.worker_profile_job_max_wait_s,
+                profile_jobs_in_flight=settings.worker_profile_jobs_in_flight,
             ),
         ),
     )

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from passbridge.accounts import Account
 from passbridge.keys import WORKERS, account_keys
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
-from worker import dlq
+from worker import dlq, history
+from worker.history import HistoryKind
 from worker.import_jobs import ImportJobs, job_body
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
@@ -622,3 +624,85 @@ async def test_a_dead_letter_in_the_profile_lane_waits_for_its_job_before_the_ne
         assert all(j.created >= first.completed for j in later), (
             f"a later job was created {first.completed - later[0].created:.3f} s before the first completed"
         )
+
+
+@pytest.fixture
+def latent_bulk_workers(
+    redis: Redis,
+    redis_url: str,
+    latent_jobs_server: SandboxServer,
+    settings: Settings,
+    secret_key: str,
+    tmp_path: Path,
+) -> StartWorkers:
+    """``latent_bulk_workers(n, **env)``: :func:`_idle_bulk_workers` against the sandbox whose jobs take
+    150–200 Klaviyo seconds."""
+    return functools.partial(
+        _idle_bulk_workers,
+        redis=redis,
+        redis_url=redis_url,
+        server=latent_jobs_server,
+        settings=settings,
+        secret_key=secret_key,
+        tmp_path=tmp_path,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_backlog_syncs_exactly_once_when_every_job_outlasts_the_old_bound(
+    redis: Redis, latent_bulk_workers: StartWorkers
+) -> None:
+    """Every profile job takes longer than the 60 s (scaled) after which a running job used to count as a failed
+    attempt and its profiles were sent again as a new job. Now each serial waits for its job (lease renewed,
+    no attempt): every event is delivered once, nothing is dead-lettered, each profile goes in exactly one job,
+    at most ``PROFILE_JOBS_IN_FLIGHT`` jobs run at once, and the polls stay few."""
+    async with latent_bulk_workers(
+        1,
+        PASSBRIDGE_WORKER_PROFILE_JOBS_IN_FLIGHT="2",
+        PASSBRIDGE_WORKER_EXPRESS_LANE="false",
+    ) as up:
+        pipeline, workers = up.pipeline, up.workers
+        old = datetime.now(UTC) - timedelta(hours=1)
+        events = [
+            pass_event("acme", f"S{i:02d}", n, kind="created" if n == 0 else "updated", received_at=old)
+            for i in range(48)
+            for n in range(2)
+        ]
+        serials = sorted({e.serial_number for e in events})
+        before = pipeline.sandbox.requests(limit=0)["counts"]
+        # Four waves of twelve serials, 0.3 s apart: the first two waves' jobs run together, the last two
+        # waves wait in the lane for a free place and go in one job.
+        for wave in range(4):
+            await pipeline.put(events[wave * 24 : (wave + 1) * 24])
+            await asyncio.sleep(0.3)
+        await drained(pipeline, workers, timeout=40)
+        state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
+        jobs = sorted(state.import_jobs.values(), key=lambda j: j.created)
+        # Each serial's profile went in exactly one job: none was sent again.
+        carried = sorted(str(p["attributes"]["external_id"]) for j in jobs for p in j.profiles)
+        assert carried == serials
+        assert all(j.status == "complete" and j.completed is not None for j in jobs)
+        assert min(j.completed - j.created for j in jobs) > 60 / RATE_SCALE  # type: ignore[operator]
+        # Every event delivered once, nothing dead-lettered, no attempt failed.
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        assert pipeline.duplicate_events("acme") == 0
+        assert await dlq.count(redis, "acme") == 0
+        for serial in serials:
+            timeline = await history.timeline(redis, "acme", serial)
+            assert not [h for h in timeline if h.kind in (HistoryKind.attempt, HistoryKind.dead)], serial
+        # At most two jobs ran at once; the profiles that came meanwhile waited and went in one bigger job.
+        assert len(jobs) >= 3
+        for job in jobs:
+            running = [j for j in jobs if j.created <= job.created < (j.completed or 0)]
+            assert len(running) <= 2, [(j.created, j.completed, len(j.profiles)) for j in jobs]
+        assert max(len(j.profiles) for j in jobs) > 12
+        # Polls: a handful per job (one list call covers both running jobs), far under the 150/min budget.
+        after = pipeline.sandbox.requests(limit=0)["counts"]
+
+        def made(op: str) -> int:
+            return sum(after.get(op, {}).values()) - sum(before.get(op, {}).values())
+
+        polls, lists = made("get_bulk_import_profiles_job"), made("get_bulk_import_profiles_jobs")
+        assert lists > 0
+        assert polls + lists <= 8 * len(jobs), (polls, lists, len(jobs))
