@@ -146,7 +146,10 @@ class SandboxConfig:
     ``rate_scale`` F runs Klaviyo's rate-limit clock F times faster (windows of 1/F s and 60/F s, the same
     counts, Retry-After divided by F); ``unlimited`` turns rate limits off. ``ingest_delay_s`` is how long
     data-source records wait before they are processed (Klaviyo ingests them asynchronously);
-    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing;
+    ``job_step_s`` is how long a profile bulk-import job stays queued and then processing (wall seconds, each);
+    ``job_latency_s`` (plus a uniform random 0..``job_latency_jitter_s``) is how much longer each job takes, in
+    Klaviyo seconds: divided by ``rate_scale`` like the rate-limit clock, half of it queued and half processing
+    (Klaviyo promises no completion time; tens of seconds to minutes are plausible);
     ``publish_delay_s`` is how long a schema published with ``PATCH status: active`` reads ``publishing``
     before it is active (0: active at once). ``relationship_linkage_meta`` False leaves ``meta`` out of the items
     of ``GET .../relationships/profile-object-schemas`` (the spec's ``{type, id}``; a third party observed
@@ -161,10 +164,20 @@ class SandboxConfig:
     rotate_refresh_tokens: bool = False
     ingest_delay_s: float = 0.05
     job_step_s: float = 0.05
+    job_latency_s: float = 0.0
+    job_latency_jitter_s: float = 0.0
     publish_delay_s: float = 0.0
     relationship_linkage_meta: bool = True
     request_log_size: int = 10_000
     base_url: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.job_latency_s < 0 or self.job_latency_jitter_s < 0:
+            raise ValueError("job_latency_s and job_latency_jitter_s must be >= 0")
+
+    def job_latency(self, draw: float) -> float:
+        """The extra wall seconds one profile bulk-import job takes (``draw``: uniform in 0..1)."""
+        return (self.job_latency_s + draw * self.job_latency_jitter_s) / self.rate_scale
 
     @classmethod
     def with_api_keys(cls, *keys: str, custom_objects: bool = True, **options: Any) -> SandboxConfig:

@@ -76,6 +76,13 @@ class Settings(BaseSettings):
     #: a backlog and take single calls first (a few per second per account; the rest go by bulk). Long
     #: enough that a fresh event which waited for a free slot is still fresh when it gets one.
     worker_bulk_fresh_ms: int = 30_000
+    #: A profile bulk-import job still queued or processing is waited for (no attempt counted, the serials'
+    #: leases renewed) for up to this long; only then is the wait a transient failure. Klaviyo promises no
+    #: completion time.
+    worker_profile_job_max_wait_s: float = Field(default=1800.0, gt=0)
+    #: Profile bulk-import jobs one worker process runs at once per account: while they run, more profiles
+    #: wait in the lane and go in the next (bigger) job.
+    worker_profile_jobs_in_flight: int = Field(default=4, ge=1)
     #: Express lane (README "Fair share"): each ``passbridge worker`` also runs a small child process that
     #: works only accounts with a small backlog, so their events never wait behind a big account's work ...
     worker_express_lane: bool = True

@@ -115,6 +115,12 @@ class BulkOptions:
     start_slice: int = 10
     #: Serial steps (a round's parse and coalesce, the next write after an answer) per event-loop turn.
     serials_per_turn: int = 10
+    #: How long a profile bulk-import job may stay queued or processing before the wait for it fails its
+    #: serials' attempt (``Settings.worker_profile_job_max_wait_s``): Klaviyo promises no completion time.
+    profile_job_max_wait_s: float = 1800.0
+    #: Profile bulk-import jobs of one account running at once from this process at most
+    #: (``Settings.worker_profile_jobs_in_flight``): more profiles wait in the lane and fill the next job.
+    profile_jobs_in_flight: int = 4
 
 
 class Verdict(Enum):
@@ -184,8 +190,12 @@ class Lane:
         backlog: Callable[[], tuple[int, float]] = lambda: (0, 1.0),
         counts_events: bool = False,
         single_reserve: float = 0.1,
+        bulk_concurrency: int | None = None,
     ) -> None:
         self.name = name
+        #: Bulk sends running at once at most (``None``: no cap; the endpoint's rate is the limit).
+        self.bulk_concurrency = bulk_concurrency
+        self._bulks = 0
         #: The account's queued events and the average events per serial (``AccountLanes.backlog``).
         self.backlog = backlog
         #: Whether this lane's units are events (else serials).
@@ -307,7 +317,9 @@ class Lane:
         now = time.monotonic()
         view = self._view(now)
         due = bulk_due(self.mode, self.policy, view)
-        if due and now >= self._bulk_at and not self._bulk_acquiring:
+        # At the cap the next bulk request waits for a running one to finish (which wakes the lane).
+        capped = self.bulk_concurrency is not None and self._bulks >= self.bulk_concurrency
+        if due and now >= self._bulk_at and not self._bulk_acquiring and not capped:
             # Only look: the send takes the slot itself, right before the request leaves.
             wait = await limiter.try_acquire(
                 account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True
@@ -320,7 +332,8 @@ class Lane:
             else:
                 items = self._pop_bulk()
                 self._bulk_acquiring = True
-                self._spawn(self._bulk(account, items, acquire=True))
+                self._bulks += 1
+                self._spawn(self._bulk_counted(account, items))
                 return 0.0
         if sent:
             return 0.0
@@ -328,7 +341,8 @@ class Lane:
         if quota > 0 and self._singles < self.policy.single_concurrency:
             waits.append((self._urgent_at if self._urgent or small or tail else self._single_at) - now)
         if due:
-            waits.append(self._bulk_at - now)
+            if not capped:
+                waits.append(self._bulk_at - now)
         elif self.pending and self.mode is not SyncMode.single:
             linger = self.policy.linger_s * (4 if small and self.mode is SyncMode.adaptive else 1)
             waits.append(linger - view.oldest_age_s)
@@ -420,6 +434,14 @@ class Lane:
         self._wake.set()
         if self._task is None:
             self._task = asyncio.create_task(self._run(), name=f"lane-{self.name}")
+
+    async def _bulk_counted(self, account: Account, items: list[Item]) -> None:
+        """A bulk send counted against ``bulk_concurrency`` until it is over (its splits included)."""
+        try:
+            await self._bulk(account, items, acquire=True)
+        finally:
+            self._bulks -= 1
+            self._wake.set()
 
     async def _bulk(self, account: Account, items: list[Item], *, acquire: bool = False) -> None:
         """Send ``items`` as one bulk request; on a 4xx isolate the bad items (never resend all of them).
@@ -528,6 +550,8 @@ class AccountLanes:
             send_single=self._profile_single,
             send_bulk=self._profile_bulk,
             backlog=self.backlog,
+            # A job's send lasts until the job is complete: a slow Klaviyo gets a few big jobs, not a pile.
+            bulk_concurrency=opts.profile_jobs_in_flight,
         )
         self.records = Lane(
             "records",
@@ -799,7 +823,7 @@ class BulkSync:
         self.syncer = syncer
         self.client = syncer.client
         self.options = options or BulkOptions()
-        self.jobs = ImportJobs(self.client, syncer.redis)
+        self.jobs = ImportJobs(self.client, syncer.redis, max_wait_s=self.options.profile_job_max_wait_s)
         self._lanes: dict[str, AccountLanes] = {}
         self._batchers: dict[int, EngineBatchers] = {}
         self._gate = TurnGate(self.options.serials_per_turn)

@@ -9,13 +9,22 @@ for its job. Across leases — a worker killed while its job runs — a marker p
 before writing its profile. The marker is written *before* the POST (without an id: a kill during the POST
 leaves a job we cannot name) and completed with the id after the 202; an unnamed marker waits until no job of
 the account that was created up to ``orphan_slack_s`` after it is still queued or processing.
+
+Klaviyo promises no completion time (tens of seconds to minutes are plausible), and the status endpoint has a
+small budget (10/s, 150/m per account). So a job still queued or processing is waited for, not failed, for up
+to ``max_wait_s`` (``PASSBRIDGE_WORKER_PROFILE_JOB_MAX_WAIT_S``, 30 min by default: only then is it a transient
+failure of its serials); the polls back off with the job's age; and every job of an account waited for in
+this process is watched by one poller, which asks the account's job list (one call for all of them) while
+more than one runs, and a job's own status only once the list no longer shows it running.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
@@ -41,6 +50,10 @@ log = structlog.get_logger(__name__)
 #: Where the profiles sit in the job body (import errors point into it).
 PROFILES_POINTER = "/data/attributes/profiles/data"
 DONE = frozenset({"complete", "cancelled"})
+RUNNING_FILTER = 'any(status,["queued","processing"])'
+#: Pages of the running-jobs list read per poll at most (100 jobs each); a job not seen in them is simply
+#: asked about on its own, so the list only saves calls and never decides a job is done.
+LIST_PAGES = 5
 
 
 def job_body(profiles: Sequence[bytes]) -> bytes:
@@ -62,16 +75,29 @@ class ImportJobs:
         *,
         poll_first_s: float = 0.05,
         poll_max_s: float = 2.0,
-        max_wait_s: float = 60.0,
+        poll_age_share: float = 0.1,
+        poll_ceiling_s: float = 30.0,
+        max_wait_s: float = 1800.0,
         orphan_slack_s: float = 5.0,
     ) -> None:
         self.client = client
         self.redis = redis
+        #: Polls start ``poll_first_s`` after the job and double up to ``poll_max_s`` (what a fast job sees);
+        #: an older job is polled every ``poll_age_share`` of its age, at most every ``poll_ceiling_s``.
         self.poll_first_s = poll_first_s
         self.poll_max_s = poll_max_s
+        self.poll_age_share = poll_age_share
+        self.poll_ceiling_s = poll_ceiling_s
+        #: How long a job may stay queued or processing before the wait is a transient failure.
         self.max_wait_s = max_wait_s
         self.orphan_slack_s = orphan_slack_s
         self.jobs = 0
+        self._watches: dict[str, _Watch] = {}
+
+    def next_delay(self, delay: float, age_s: float) -> float:
+        """The wait before the next poll of a job ``age_s`` old whose last wait was ``delay``."""
+        cap = max(self.poll_max_s, min(self.poll_ceiling_s, age_s * self.poll_age_share))
+        return min(cap, delay * 2)
 
     async def run(
         self,
@@ -154,8 +180,9 @@ class ImportJobs:
     async def wait_clear(self, account: Account, serials: Sequence[str]) -> None:
         """Return once no profile import job that carries one of ``serials`` can still be running.
 
-        Called before a serial's profile is written. Usually nothing is marked (one ``HMGET``). Raises
-        :class:`TransientError` when a job is still running after ``max_wait_s`` (the serial is retried later).
+        Called before a serial's profile is written. Usually nothing is marked (one ``HMGET``). A running job is
+        waited for, however slow, up to ``max_wait_s``; then :class:`TransientError` is raised (the serial is
+        retried later, its marker kept, so even then it is never written before that job is complete).
         """
         if not serials:
             return
@@ -165,8 +192,8 @@ class ImportJobs:
         if not marked:
             return
         jobs = {str(doc.get("job") or "") for _, doc in marked}
-        for job_id in sorted(jobs - {""}):
-            await self._wait(account, job_id)
+        # Together, so one poller watches them all (one list call while several run).
+        await asyncio.gather(*(self._wait(account, job_id) for job_id in sorted(jobs - {""})))
         if "" in jobs:
             newest = max(int(doc.get("at") or 0) for _, doc in marked if not doc.get("job"))
             await self._wait_orphans(account, newest + int(self.orphan_slack_s * 1000))
@@ -176,43 +203,140 @@ class ImportJobs:
         await self.redis.hdel(key, *(s for s, _ in marked))
 
     async def _wait(self, account: Account, job_id: str) -> dict[str, Any]:
-        """Poll the job until it is complete or cancelled (a job Klaviyo no longer knows counts as done); a
-        poll that fails (5xx, network, 429) is repeated until ``max_wait_s``."""
-        delay = self.poll_first_s
-        deadline = time.monotonic() + self.max_wait_s
-        while True:
-            await asyncio.sleep(delay)
+        """The job's attributes once it is complete or cancelled (a job Klaviyo no longer knows counts as
+        done). The account's poller asks (see :meth:`_poll`); a failed or throttled poll is asked again. Raises
+        :class:`TransientError` after ``max_wait_s``, and a poll's :class:`PermanentError` (other than 404)."""
+        watch = self._watches.get(account.account_id)
+        if watch is None:
+            watch = self._watches[account.account_id] = _Watch(account)
+        watch.account = account
+        job = watch.jobs.get(job_id)
+        if job is None:
+            now = time.monotonic()
+            fut: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+            # Retrieved here even when every waiter left first (a cancelled wait), so it is never "unretrieved".
+            fut.add_done_callback(lambda f: f.cancelled() or f.exception())
+            job = watch.jobs[job_id] = _Job(fut, now, now + self.poll_first_s, self.poll_first_s)
+            watch.wake.set()
+        job.waiters += 1
+        if watch.task is None:
+            watch.task = asyncio.create_task(self._poll(watch), name=f"profile-jobs-{account.account_id}")
+        try:
+            return await asyncio.wait_for(asyncio.shield(job.fut), self.max_wait_s)
+        except TimeoutError:
+            last = f" (last poll: {job.last_error})" if job.last_error else ""
+            raise TransientError(
+                GET_BULK_IMPORT_PROFILES_JOB.name,
+                f"profile import job {job_id} not complete yet after {self.max_wait_s:g} s{last}",
+            ) from None
+        finally:
+            job.waiters -= 1
+            if job.waiters <= 0 and watch.jobs.get(job_id) is job:
+                del watch.jobs[job_id]
+
+    async def _poll(self, watch: _Watch) -> None:
+        """Poll the jobs of one account that this process waits for, while there are any, each when its
+        backoff is due (``next_delay``); polls due at about the same time are asked together."""
+        try:
+            while watch.jobs:
+                now = time.monotonic()
+                due_at = min(j.due for j in watch.jobs.values())
+                if due_at > now:
+                    watch.wake.clear()
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(watch.wake.wait(), due_at - now)
+                    continue
+                try:
+                    await self._poll_once(watch)
+                except Exception as exc:
+                    # Never let the poller die with jobs waiting on it: they would hang until max_wait_s.
+                    log.exception("profile_job_poll_failed", account=watch.account.account_id)
+                    for job in watch.jobs.values():
+                        job.last_error = str(exc)[:200]
+                        job.due = time.monotonic() + job.delay
+        finally:
+            watch.task = None
+
+    async def _poll_once(self, watch: _Watch) -> None:
+        account = watch.account
+        now = time.monotonic()
+        asked = {jid: j for jid, j in watch.jobs.items() if j.due <= now}
+        if len(watch.jobs) > 1:
+            # Several jobs: one look at the account's running jobs covers them all; only those it no longer
+            # shows running are asked about on their own (for their failed_count, or because the list missed
+            # them).
             try:
-                reply = await self.client.call(
-                    account, GET_BULK_IMPORT_PROFILES_JOB, path_params={"job_id": job_id}
-                )
-            except PermanentError as exc:
-                if exc.status == 404:
-                    return {"status": "complete", "failed_count": 0}
-                raise
+                running = await self._running(account, set(watch.jobs))
             except ThrottledError as exc:
-                # The job runs on regardless; ask again once the status endpoint has budget.
-                if time.monotonic() + exc.retry_after_s > deadline:
-                    raise
-                delay = exc.retry_after_s
-                continue
-            except TransientError:
-                # A lost or failed status poll (5xx, network) is not a failed job, which runs on at Klaviyo:
-                # ask again rather than charge every serial of the job a retry attempt. Under a 10 % error
-                # rate a job's polls failed often enough to exhaust its events' attempts (the property test's
-                # fast retry clock did it within seconds).
-                if time.monotonic() > deadline:
-                    raise
-                delay = min(self.poll_max_s, delay * 2)
-                continue
-            attrs: dict[str, Any] = ((reply.body or {}).get("data") or {}).get("attributes") or {}
-            if attrs.get("status") in DONE:
-                return attrs
-            if time.monotonic() > deadline:
-                raise TransientError(
-                    GET_BULK_IMPORT_PROFILES_JOB.name, f"profile import job {job_id} not complete yet"
-                )
-            delay = min(self.poll_max_s, delay * 2)
+                for job in asked.values():
+                    job.throttled(exc)
+                return
+            except TransientError as exc:
+                now = time.monotonic()
+                for job in asked.values():
+                    job.last_error = str(exc)[:200]
+                    job.reschedule(self, now)
+                return
+            if running is not None:
+                now = time.monotonic()
+                for jid, job in watch.jobs.items():
+                    if jid in running:
+                        job.reschedule(self, now)
+                asked = {jid: j for jid, j in watch.jobs.items() if jid not in running}
+        for jid, job in list(asked.items()):
+            if not job.fut.done():
+                await self._ask(account, jid, job)
+            if job.fut.done() and watch.jobs.get(jid) is job:
+                del watch.jobs[jid]
+
+    async def _running(self, account: Account, wanted: set[str]) -> set[str] | None:
+        """Which of ``wanted`` the account's job list shows queued or processing; ``None`` when Klaviyo
+        refuses the list (the jobs are then asked about on their own). A failed or throttled call raises."""
+        running: set[str] = set()
+        params: dict[str, str] = {"filter": RUNNING_FILTER, "sort": "created_at", "page[size]": "100"}
+        for _ in range(LIST_PAGES):
+            try:
+                reply = await self.client.call(account, GET_BULK_IMPORT_PROFILES_JOBS, params=params)
+            except PermanentError:
+                return None
+            body = reply.body or {}
+            running |= {str(d.get("id")) for d in body.get("data") or [] if isinstance(d, dict)}
+            cursor = _next_cursor((body.get("links") or {}).get("next"))
+            if not cursor or wanted <= running:
+                break
+            params = {**params, "page[cursor]": cursor}
+        return running & wanted
+
+    async def _ask(self, account: Account, job_id: str, job: _Job) -> None:
+        """One status poll of one job: resolve it when done, else schedule its next poll."""
+        try:
+            reply = await self.client.call(
+                account, GET_BULK_IMPORT_PROFILES_JOB, path_params={"job_id": job_id}
+            )
+        except PermanentError as exc:
+            if exc.status == 404:
+                job.fut.set_result({"status": "complete", "failed_count": 0})
+            else:
+                job.fut.set_exception(exc)
+            return
+        except ThrottledError as exc:
+            # The job runs on regardless; ask again once the status endpoint has budget.
+            job.throttled(exc)
+            return
+        except TransientError as exc:
+            # A lost or failed status poll (5xx, network) is not a failed job, which runs on at Klaviyo:
+            # ask again rather than charge every serial of the job a retry attempt. Under a 10 % error
+            # rate a job's polls failed often enough to exhaust its events' attempts (the property test's
+            # fast retry clock did it within seconds).
+            job.last_error = str(exc)[:200]
+            job.reschedule(self, time.monotonic())
+            return
+        attrs: dict[str, Any] = ((reply.body or {}).get("data") or {}).get("attributes") or {}
+        if attrs.get("status") in DONE:
+            job.fut.set_result(attrs)
+        else:
+            job.last_error = None
+            job.reschedule(self, time.monotonic())
 
     async def _errors(self, account: Account, job_id: str) -> list[dict[str, Any]]:
         """Every import error of the job (pages of 100)."""
@@ -232,14 +356,15 @@ class ImportJobs:
     async def _wait_orphans(self, account: Account, created_before_ms: int) -> None:
         """Wait until the account's oldest unfinished job (if any) was created after ``created_before_ms``."""
         delay = self.poll_first_s
-        deadline = time.monotonic() + self.max_wait_s
+        started = time.monotonic()
+        deadline = started + self.max_wait_s
         while True:
             try:
                 reply = await self.client.call(
                     account,
                     GET_BULK_IMPORT_PROFILES_JOBS,
                     params={
-                        "filter": 'any(status,["queued","processing"])',
+                        "filter": RUNNING_FILTER,
                         "sort": "created_at",
                         "page[size]": "1",
                     },
@@ -249,7 +374,7 @@ class ImportJobs:
                 if time.monotonic() > deadline:
                     raise
                 await asyncio.sleep(delay)
-                delay = min(self.poll_max_s, delay * 2)
+                delay = self.next_delay(delay, time.monotonic() - started)
                 continue
             data = (reply.body or {}).get("data") or []
             created = _ms((data[0].get("attributes") or {}).get("created_at")) if data else None
@@ -260,7 +385,40 @@ class ImportJobs:
                     GET_BULK_IMPORT_PROFILES_JOBS.name, "an earlier profile import job is still running"
                 )
             await asyncio.sleep(delay)
-            delay = min(self.poll_max_s, delay * 2)
+            delay = self.next_delay(delay, time.monotonic() - started)
+
+
+@dataclass(slots=True)
+class _Job:
+    """A job this process waits for: resolved with its attributes once done."""
+
+    fut: asyncio.Future[dict[str, Any]]
+    #: When this process began to wait for it (``time.monotonic()``): the age its polls back off with.
+    started: float
+    #: When it is polled next, and the wait before that poll.
+    due: float
+    delay: float
+    waiters: int = 0
+    #: Why the last poll failed, for the error raised if the wait gives up.
+    last_error: str | None = None
+
+    def reschedule(self, jobs: ImportJobs, now: float) -> None:
+        self.delay = jobs.next_delay(self.delay, now - self.started)
+        self.due = now + self.delay
+
+    def throttled(self, exc: ThrottledError) -> None:
+        self.last_error = str(exc)[:200]
+        self.due = time.monotonic() + max(exc.retry_after_s, self.delay)
+
+
+@dataclass(slots=True)
+class _Watch:
+    """The jobs of one account waited for in this process, and the task polling them."""
+
+    account: Account
+    jobs: dict[str, _Job] = field(default_factory=dict)
+    task: asyncio.Task[None] | None = None
+    wake: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def _item_of(err: dict[str, Any], index: dict[str, int]) -> int | None:

@@ -95,7 +95,15 @@ def open_engine(
         syncer,
         config=config,
         blocking_redis=blocking,
-        batch_sync=BulkSync(syncer, BulkOptions(mode=mode, urgent_age_ms=settings.worker_bulk_fresh_ms)),
+        batch_sync=BulkSync(
+            syncer,
+            BulkOptions(
+                mode=mode,
+                urgent_age_ms=settings.worker_bulk_fresh_ms,
+                profile_job_max_wait_s=settings.worker_profile_job_max_wait_s,
+                profile_jobs_in_flight=settings.worker_profile_jobs_in_flight,
+            ),
+        ),
     )
     log.info("sync_mode", mode=mode.value, max_serials=config.max_serials, express=config.express)
     return {"pb_redis": redis, "pb_blocking": blocking, "store": store, "client": client, "engine": engine}

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import functools
+import random
 import time
 from typing import Any
 
@@ -120,16 +121,21 @@ def bulk_import_profiles(call: Call) -> Reply:
     call.state.import_jobs[job.id] = job
     state = call.state
     step = call.runtime.config.job_step_s
+    # Klaviyo's latency (rate-scaled, with jitter): half of it queued, half processing.
+    extra = call.runtime.config.job_latency(random.random()) / 2
 
     def start() -> None:
         job.status = "processing"
         job.started = time.time()
         # Profiles in order, a turn at a time, so ``completed_count`` grows while the job runs.
         call.runtime.later_in_turns(
-            step, range(len(job.profiles)), lambda i: _apply(state, job, i), then=lambda: _complete(job)
+            step + extra,
+            range(len(job.profiles)),
+            lambda i: _apply(state, job, i),
+            then=lambda: _complete(job),
         )
 
-    call.later(step, start)
+    call.later(step + extra, start)
     return Reply(202, document(_resource(job, call.base_url), call.self_url))
 
 

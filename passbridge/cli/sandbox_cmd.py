@@ -86,6 +86,13 @@ def sandbox(
     publish_delay_s: float = typer.Option(
         0.0, help="How long a published object schema reads 'publishing' before it is active."
     ),
+    job_latency_s: float = typer.Option(
+        0.0,
+        help="Extra time each profile bulk-import job takes, in Klaviyo seconds (divided by --rate-scale).",
+    ),
+    job_latency_jitter_s: float = typer.Option(
+        0.0, help="Extra random job time, uniform 0..N Klaviyo seconds."
+    ),
     base_url: str | None = typer.Option(
         None, help="Base URL used in response links (default: the Host header)."
     ),
@@ -104,6 +111,8 @@ def sandbox(
 
     if rate_scale <= 0:
         fail("--rate-scale must be > 0")
+    if job_latency_s < 0 or job_latency_jitter_s < 0:
+        fail("--job-latency-s and --job-latency-jitter-s must be >= 0")
     for rate in (hang_rate, drop_rate):
         if not 0 <= rate <= 1:
             fail("--hang-rate and --drop-rate take a probability between 0 and 1")
@@ -146,6 +155,8 @@ def sandbox(
         access_token_ttl_s=token_ttl_s,
         ingest_delay_s=ingest_delay_s,
         publish_delay_s=publish_delay_s,
+        job_latency_s=job_latency_s,
+        job_latency_jitter_s=job_latency_jitter_s,
         base_url=base_url.rstrip("/") if base_url else None,
     )
     console.print(f"Klaviyo sandbox on http://{host}:{port} (revision 2026-07-15 … 2026-10-15)")

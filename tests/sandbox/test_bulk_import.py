@@ -6,9 +6,11 @@ import time
 from typing import Any
 
 import httpx
+import pytest
 
 from klaviyo_sandbox.client import SandboxClient
-from tests.sandbox.conftest import assert_klaviyo_error, check_response
+from klaviyo_sandbox.testing import start_sandbox
+from tests.sandbox.conftest import assert_klaviyo_error, check_response, config, klaviyo_headers
 
 
 def _job(profiles: list[dict[str, Any]]) -> dict[str, Any]:
@@ -77,3 +79,33 @@ def test_job_limits_and_unknown_job(api: httpx.Client) -> None:
     error = assert_klaviyo_error(api.post("/api/profile-bulk-import-jobs", json=too_many), 400, "invalid")
     assert "10000" in error["detail"]
     assert_klaviyo_error(api.get("/api/profile-bulk-import-jobs/nope"), 404, "not_found")
+
+
+def test_job_latency_is_rate_scaled_with_jitter() -> None:
+    """``job_latency_s`` is Klaviyo time: at rate scale 100, 100 Klaviyo seconds (+ up to 50 of jitter) are
+    1–1.5 wall seconds, half of it queued and half processing."""
+    server = start_sandbox(
+        config(unlimited=False, rate_scale=100, job_latency_s=100, job_latency_jitter_s=50)
+    )
+    try:
+        with httpx.Client(base_url=server.url, headers=klaviyo_headers(), timeout=10) as api:
+            started = time.monotonic()
+            job = api.post("/api/profile-bulk-import-jobs", json=_job([{"external_id": "s1"}])).json()["data"]
+            seen: list[str] = []
+            while True:
+                doc = api.get(f"/api/profile-bulk-import-jobs/{job['id']}").json()["data"]
+                status = doc["attributes"]["status"]
+                if not seen or seen[-1] != status:
+                    seen.append(status)
+                if status == "complete":
+                    break
+                assert time.monotonic() - started < 5, seen
+                time.sleep(0.05)
+            took = time.monotonic() - started
+    finally:
+        server.stop()
+    assert seen == ["queued", "processing", "complete"]
+    # Two job steps of 0.1 s plus 1–1.5 s of scaled latency.
+    assert 1.0 <= took <= 1.7 + 0.3, took
+    with pytest.raises(ValueError, match="job_latency_s"):
+        config(job_latency_s=-1)

@@ -13,6 +13,7 @@ import subprocess
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -27,7 +28,8 @@ from passbridge.accounts import Account
 from passbridge.keys import WORKERS, account_keys
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
-from worker import dlq
+from worker import dlq, history
+from worker.history import HistoryKind
 from worker.import_jobs import ImportJobs, job_body
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_IMPORT_PROFILES, GET_BULK_IMPORT_PROFILES_JOB
@@ -340,6 +342,72 @@ async def test_a_throttle_after_the_job_was_created_is_transient_and_keeps_the_m
     assert await markers(pipeline.redis, account) == {}
 
 
+def test_polls_back_off_with_the_jobs_age() -> None:
+    """A fast job is polled as it always was (doubling from 50 ms up to 2 s); an older one every tenth of its
+    age, at most every 30 s: a 30-minute job costs about a hundred polls, not 900."""
+    jobs = ImportJobs(None, None)  # type: ignore[arg-type]  # (the schedule needs neither)
+    delays, age, delay = [], 0.0, jobs.poll_first_s
+    while age < 1800:
+        age += delay
+        delays.append(delay)
+        delay = jobs.next_delay(delay, age)
+    assert delays[:7] == [0.05, 0.1, 0.2, 0.4, 0.8, 1.6, 2.0]
+    assert jobs.next_delay(2.0, 100.0) == 4.0
+    assert jobs.next_delay(8.0, 100.0) == 10.0
+    assert jobs.next_delay(30.0, 1000.0) == 30.0
+    assert len(delays) < 110
+    assert jobs.max_wait_s == 1800
+
+
+# --- jobs slower than the old 60 s bound ------------------------------------------------------------------------
+
+#: Each job takes 150–200 Klaviyo seconds (1.5–2 s at RATE_SCALE): longer than the 60 s after which a job
+#: still running used to count as a failed attempt (0.6 s at this scale).
+LATENCY_S = 150.0
+LATENCY_JITTER_S = 50.0
+
+
+@pytest.fixture(scope="module")
+def latent_jobs_server() -> Iterator[SandboxServer]:
+    server = start_sandbox(
+        SandboxConfig(rate_scale=RATE_SCALE, job_latency_s=LATENCY_S, job_latency_jitter_s=LATENCY_JITTER_S)
+    )
+    yield server
+    server.stop()
+
+
+async def test_concurrent_jobs_of_an_account_are_polled_with_one_list_call(
+    redis: Redis, latent_jobs_server: SandboxServer, settings: Settings, secret_key: str
+) -> None:
+    """Six jobs waited for at once: one poller asks the account's running jobs (one list call for all six)
+    and each job's own status only once the list no longer shows it running; nothing fails however long
+    the jobs take (longer than the old bound, scaled)."""
+    s = settings.model_copy(
+        update={"klaviyo_base_url": latent_jobs_server.url, "klaviyo_rate_scale": RATE_SCALE}
+    )
+    with SandboxClient(latent_jobs_server.url) as sandbox:
+        pipeline = Pipeline(redis, sandbox, latent_jobs_server, secret_key, s)
+        account = await pipeline.add_account(f"acct-{time.monotonic_ns()}")
+        async with KlaviyoClient.from_settings(s, redis, pipeline.store) as client:
+            jobs = ImportJobs(client, redis)
+            started = time.monotonic()
+            results = await asyncio.gather(
+                *(jobs.run(account, [profile(f"J{i}")], [f"J{i}"]) for i in range(6))
+            )
+            took = time.monotonic() - started
+            assert results == [[None]] * 6
+            assert took > LATENCY_S / RATE_SCALE
+            assert jobs.jobs == 6
+            assert await markers(redis, account) == {}
+            status = client.calls[("get_bulk_import_profiles_job", "200")]
+            lists = client.calls[("get_bulk_import_profiles_jobs", "200")]
+            # Polled one by one (the old way) the six jobs cost 6 × 6 status polls; together: one list call
+            # per tick (about six) and one status read per job once it is done.
+            assert lists >= 3
+            assert status <= 6 + 2
+            assert status + lists <= 16
+
+
 # --- across processes: a worker killed while its profile job runs ---------------------------------------------
 
 SLOW_STEP_S = 2.0
@@ -556,3 +624,85 @@ async def test_a_dead_letter_in_the_profile_lane_waits_for_its_job_before_the_ne
         assert all(j.created >= first.completed for j in later), (
             f"a later job was created {first.completed - later[0].created:.3f} s before the first completed"
         )
+
+
+@pytest.fixture
+def latent_bulk_workers(
+    redis: Redis,
+    redis_url: str,
+    latent_jobs_server: SandboxServer,
+    settings: Settings,
+    secret_key: str,
+    tmp_path: Path,
+) -> StartWorkers:
+    """``latent_bulk_workers(n, **env)``: :func:`_idle_bulk_workers` against the sandbox whose jobs take
+    150–200 Klaviyo seconds."""
+    return functools.partial(
+        _idle_bulk_workers,
+        redis=redis,
+        redis_url=redis_url,
+        server=latent_jobs_server,
+        settings=settings,
+        secret_key=secret_key,
+        tmp_path=tmp_path,
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(60)
+async def test_a_backlog_syncs_exactly_once_when_every_job_outlasts_the_old_bound(
+    redis: Redis, latent_bulk_workers: StartWorkers
+) -> None:
+    """Every profile job takes longer than the 60 s (scaled) after which a running job used to count as a failed
+    attempt and its profiles were sent again as a new job. Now each serial waits for its job (lease renewed,
+    no attempt): every event is delivered once, nothing is dead-lettered, each profile goes in exactly one job,
+    at most ``PROFILE_JOBS_IN_FLIGHT`` jobs run at once, and the polls stay few."""
+    async with latent_bulk_workers(
+        1,
+        PASSBRIDGE_WORKER_PROFILE_JOBS_IN_FLIGHT="2",
+        PASSBRIDGE_WORKER_EXPRESS_LANE="false",
+    ) as up:
+        pipeline, workers = up.pipeline, up.workers
+        old = datetime.now(UTC) - timedelta(hours=1)
+        events = [
+            pass_event("acme", f"S{i:02d}", n, kind="created" if n == 0 else "updated", received_at=old)
+            for i in range(48)
+            for n in range(2)
+        ]
+        serials = sorted({e.serial_number for e in events})
+        before = pipeline.sandbox.requests(limit=0)["counts"]
+        # Four waves of twelve serials, 0.3 s apart: the first two waves' jobs run together, the last two
+        # waves wait in the lane for a free place and go in one job.
+        for wave in range(4):
+            await pipeline.put(events[wave * 24 : (wave + 1) * 24])
+            await asyncio.sleep(0.3)
+        await drained(pipeline, workers, timeout=40)
+        state = pipeline.server.app.runtime.states[pipeline.accounts["acme"]]
+        jobs = sorted(state.import_jobs.values(), key=lambda j: j.created)
+        # Each serial's profile went in exactly one job: none was sent again.
+        carried = sorted(str(p["attributes"]["external_id"]) for j in jobs for p in j.profiles)
+        assert carried == serials
+        assert all(j.status == "complete" and j.completed is not None for j in jobs)
+        assert min(j.completed - j.created for j in jobs) > 60 / RATE_SCALE  # type: ignore[operator]
+        # Every event delivered once, nothing dead-lettered, no attempt failed.
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        assert pipeline.duplicate_events("acme") == 0
+        assert await dlq.count(redis, "acme") == 0
+        for serial in serials:
+            timeline = await history.timeline(redis, "acme", serial)
+            assert not [h for h in timeline if h.kind in (HistoryKind.attempt, HistoryKind.dead)], serial
+        # At most two jobs ran at once; the profiles that came meanwhile waited and went in one bigger job.
+        assert len(jobs) >= 3
+        for job in jobs:
+            running = [j for j in jobs if j.created <= job.created < (j.completed or 0)]
+            assert len(running) <= 2, [(j.created, j.completed, len(j.profiles)) for j in jobs]
+        assert max(len(j.profiles) for j in jobs) > 12
+        # Polls: a handful per job (one list call covers both running jobs), far under the 150/min budget.
+        after = pipeline.sandbox.requests(limit=0)["counts"]
+
+        def made(op: str) -> int:
+            return sum(after.get(op, {}).values()) - sum(before.get(op, {}).values())
+
+        polls, lists = made("get_bulk_import_profiles_job"), made("get_bulk_import_profiles_jobs")
+        assert lists > 0
+        assert polls + lists <= 8 * len(jobs), (polls, lists, len(jobs))
