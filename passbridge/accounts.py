@@ -15,7 +15,6 @@ import re
 import secrets as pysecrets
 import time
 from collections.abc import Callable
-from enum import StrEnum
 from typing import Any, Literal
 
 import orjson
@@ -24,18 +23,12 @@ from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
+# Defined in a light module of its own so that the CLI can offer it as an option; re-exported here.
+from passbridge.account_state import AccountState as AccountState
 from passbridge.crypto import SecretKeyError, decrypt, encrypt
 from passbridge.keys import ACCOUNTS_INDEX, REMOVED_ACCOUNTS, account_keys
 
 DEFAULT_PASS_URL_TEMPLATE = "https://passninja.com/p/{serial_number}"
-
-
-class AccountState(StrEnum):
-    """Whether workers may send this account's events to Klaviyo."""
-
-    connected = "connected"
-    paused = "paused"
-    disconnected = "disconnected"
 
 
 class OAuthTokens(BaseModel):

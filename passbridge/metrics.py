@@ -32,6 +32,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import orjson
 import structlog
@@ -49,9 +50,13 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from passbridge.event import PassEvent
 from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
 from passbridge.scripts import script
+
+if TYPE_CHECKING:
+    # Only a type here: importing it would load email and phone validation into every reader of the
+    # series (`passbridge status`, `dlq list`), which never builds an event.
+    from passbridge.event import PassEvent
 
 log = structlog.get_logger(__name__)
 

@@ -6,13 +6,17 @@ import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from redis.asyncio import Redis
 
-from passbridge.event import PassEvent
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
 from passbridge.redis_lean import LeanScripts
 from passbridge.scripts import lua_source, script
+
+if TYPE_CHECKING:
+    # A type only: readers of the queue (the CLI, the exporter) should not load event validation.
+    from passbridge.event import PassEvent
 
 
 class BacklogFull(Exception):

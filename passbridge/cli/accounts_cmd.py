@@ -12,32 +12,22 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
-import httpx
 import typer
-from cryptography.fernet import MultiFernet
-from pydantic import SecretStr, ValidationError
-from redis.asyncio import Redis
 from rich.console import Console
-from rich.table import Table
 
-from passbridge.account_check import Status, check_account
-from passbridge.account_spec import AccountSpec, build
-from passbridge.accounts import (
-    Account,
-    AccountNotFound,
-    AccountState,
-    AccountStore,
-    masked,
-    new_token,
-    new_webhook_secret,
-)
-from passbridge.accounts_file import AccountsFileError, ApplyReport, apply_specs, load_accounts_file
+from passbridge.account_state import AccountState
 from passbridge.cli.common import emit_json, fail, redis_url, run, safe, settings
-from passbridge.crypto import SecretKeyError, cipher_from_settings
-from passbridge.keys import ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
-from passbridge.oauth import DEFAULT_SCOPES, start_connect
+
+# What a command needs is imported when it runs: `passbridge --help` should not pay for httpx, Redis or pydantic.
+if TYPE_CHECKING:
+    from cryptography.fernet import MultiFernet
+    from pydantic import SecretStr, ValidationError
+
+    from passbridge.account_spec import AccountSpec
+    from passbridge.accounts import Account, AccountStore
+    from passbridge.accounts_file import ApplyReport
 
 app = typer.Typer(help="Merchant accounts: credentials, sources, Klaviyo connection.", no_args_is_help=True)
 out = Console()
@@ -105,6 +95,11 @@ WebhookSecretOpt = Annotated[
 
 @asynccontextmanager
 async def _registry() -> AsyncIterator[AccountStore]:
+    from redis.asyncio import Redis
+
+    from passbridge.accounts import AccountStore
+    from passbridge.crypto import SecretKeyError
+
     s = settings()
     redis = Redis.from_url(redis_url(s))
     try:
@@ -116,6 +111,8 @@ async def _registry() -> AsyncIterator[AccountStore]:
 
 
 def _cipher() -> MultiFernet:
+    from passbridge.crypto import SecretKeyError, cipher_from_settings
+
     try:
         return cipher_from_settings(settings())
     except SecretKeyError as exc:
@@ -134,6 +131,8 @@ def _fresh_command() -> None:
 
 def _secret(value: str | None, option: str) -> SecretStr | None:
     """A secret option's value; ``-`` reads one line from stdin (once per command)."""
+    from pydantic import SecretStr
+
     global _stdin_used
     if value is None:
         return None
@@ -182,6 +181,10 @@ def _validation_message(exc: ValidationError) -> str:
 
 def _spec(fields: dict[str, Any], clear: tuple[str, ...] = ()) -> AccountSpec:
     """A spec from the options that were given (``None`` = not given); ``clear`` names fields to reset."""
+    from pydantic import ValidationError
+
+    from passbridge.account_spec import AccountSpec
+
     given = {k: v for k, v in fields.items() if v is not None} | dict.fromkeys(clear)
     try:
         return AccountSpec.model_validate(given)
@@ -190,6 +193,10 @@ def _spec(fields: dict[str, Any], clear: tuple[str, ...] = ()) -> AccountSpec:
 
 
 def _build(account_id: str, spec: AccountSpec, current: Account | None) -> Account:
+    from pydantic import ValidationError
+
+    from passbridge.account_spec import build
+
     try:
         return build(account_id, spec, current)
     except ValidationError as exc:
@@ -222,6 +229,8 @@ def _overrides(doc: dict[str, Any]) -> str:
 
 
 def _show_table(doc: dict[str, Any]) -> None:
+    from rich.table import Table
+
     table = Table(show_header=False, box=None, pad_edge=False)
     table.add_column(style="bold cyan")
     table.add_column(overflow="fold")
@@ -302,6 +311,10 @@ def add(
     as_json: JsonOpt = False,
 ) -> None:
     """Create an account. Credentials not given are generated and printed once (stored hashed or encrypted)."""
+    from pydantic import SecretStr
+
+    from passbridge.accounts import masked, new_token, new_webhook_secret
+
     shown: dict[str, Any] = {}
     token = _secret(ingest_token, "--ingest-token")
     if token is None:
@@ -403,6 +416,10 @@ def update(
     as_json: JsonOpt = False,
 ) -> None:
     """Change an account; only the options given change. Secrets generated here are printed once."""
+    from pydantic import SecretStr
+
+    from passbridge.accounts import masked, new_token, new_webhook_secret
+
     shown: dict[str, Any] = {}
     token = _secret(ingest_token, "--ingest-token")
     if new_ingest_token:
@@ -487,6 +504,10 @@ def update(
 @app.command("list")
 def list_(as_json: JsonOpt = False) -> None:
     """Every account: state, Klaviyo connection, synced pass types, events waiting and skipped."""
+    from rich.table import Table
+
+    from passbridge.accounts import masked
+    from passbridge.keys import account_keys
 
     async def go() -> list[dict[str, Any]]:
         async with _registry() as store:
@@ -530,6 +551,7 @@ def list_(as_json: JsonOpt = False) -> None:
 @app.command()
 def show(account_id: AccountArg, as_json: JsonOpt = False) -> None:
     """One account, every secret masked."""
+    from passbridge.accounts import AccountNotFound, masked
 
     async def go() -> dict[str, Any]:
         async with _registry() as store:
@@ -555,6 +577,7 @@ def remove(
     as_json: JsonOpt = False,
 ) -> None:
     """Remove an account from the registry (its credentials stop working at once)."""
+    from passbridge.keys import ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
 
     if not yes:
         if not sys.stdin.isatty():
@@ -602,6 +625,12 @@ def check(
 
     Exits 1 when any answer is a failure.
     """
+    import httpx
+    from rich.table import Table
+
+    from passbridge.account_check import Status, check_account
+    from passbridge.accounts import AccountNotFound
+
     s = settings()
 
     async def go() -> dict[str, Any]:
@@ -662,6 +691,9 @@ def connect(
 
     The producer's /oauth/klaviyo/callback then stores the tokens; the link works once, for 10 minutes.
     """
+    from passbridge.accounts import AccountNotFound
+    from passbridge.oauth import DEFAULT_SCOPES, start_connect
+
     s = settings()
     secret = _secret(client_secret, "--client-secret")
 
@@ -714,6 +746,8 @@ def apply(
     as_json: JsonOpt = False,
 ) -> None:
     """Apply a declarative accounts.yaml (what PASSBRIDGE_ACCOUNTS_FILE does at start). ${VAR} reads env."""
+    from passbridge.accounts_file import AccountsFileError, apply_specs, load_accounts_file
+
     try:
         specs = load_accounts_file(file)
     except AccountsFileError as exc:
@@ -746,6 +780,7 @@ def rotate_key(as_json: JsonOpt = False) -> None:
     Rotation: first give every producer and worker PASSBRIDGE_SECRET_KEY=NEW,OLD and restart them, then run
     this, then drop OLD everywhere and restart again.
     """
+    from passbridge.crypto import SecretKeyError
     from passbridge.oauth import rotate_pending
 
     started = time.monotonic()

@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import typer
-from redis.asyncio import Redis
 
-from passbridge.accounts import AccountNotFound, AccountStore
 from passbridge.cli.common import fail, redis_url, run, settings
-from passbridge.crypto import load_cipher
 
 app = typer.Typer(help="The Apple PassKit web service.", no_args_is_help=True)
 
@@ -19,6 +16,10 @@ def token(
     pass_type_id: str = typer.Option(..., "--pass-type-id", help="The pass's passTypeIdentifier."),
 ) -> None:
     """Print the pass's authenticationToken: HMAC-SHA256(account's Apple token secret, passTypeId/serial)."""
+    from redis.asyncio import Redis
+
+    from passbridge.accounts import AccountNotFound, AccountStore
+    from passbridge.crypto import load_cipher
     from producer.sources.apple import pass_token
 
     s = settings()

@@ -2,25 +2,22 @@
 
 from __future__ import annotations
 
-import asyncio
 import re
 import sys
 from collections.abc import Coroutine
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
-import orjson
 import typer
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
-from redis.exceptions import TimeoutError as RedisTimeoutError
 from rich.console import Console
 from rich.markup import escape
 
-from passbridge.crypto import SecretKeyError
-from passbridge.logging import configure_logging, redact_text
-from passbridge.redis_server import RedisServerError, resolve_redis_url
-from passbridge.settings import Settings, get_settings
+# Every command module imports this one, so it stays light: settings, logging, Redis and asyncio are
+# imported by the functions that use them, and `passbridge --help` never pays for them.
+if TYPE_CHECKING:
+    from redis.exceptions import RedisError
+
+    from passbridge.settings import Settings
 
 T = TypeVar("T")
 #: Errors, prompts and progress: on stderr, so they never mix into output a pipe or a file takes.
@@ -33,8 +30,17 @@ _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _current_url: str | None = None
 
 
+def configure_logging(level: str = "info", fmt: str = "auto") -> None:
+    """:func:`passbridge.logging.configure_logging`, imported on first use (structlog is not needed for ``--help``)."""
+    from passbridge.logging import configure_logging as configure
+
+    configure(level, fmt)
+
+
 def settings() -> Settings:
     """Settings, with logging configured for this command."""
+    from passbridge.settings import get_settings
+
     s = get_settings()
     configure_logging(s.log_level, s.log_format)
     return s
@@ -42,6 +48,8 @@ def settings() -> Settings:
 
 def redis_url(s: Settings, *, start: bool = True) -> str:
     """The Redis URL: ``REDIS_URL``, or the embedded server (started on demand when ``start``)."""
+    from passbridge.redis_server import RedisServerError, resolve_redis_url
+
     global _current_url
     try:
         _current_url = resolve_redis_url(s.redis_url, s.state_dir, start=start)
@@ -63,6 +71,11 @@ def redis_location(url: str) -> str:
 
 def redis_problem(exc: RedisError, url: str | None = None) -> str:
     """One line for a person: which Redis, and what went wrong, without the URL's credentials."""
+    from redis.exceptions import ConnectionError as RedisConnectionError
+    from redis.exceptions import TimeoutError as RedisTimeoutError
+
+    from passbridge.logging import redact_text
+
     url = url or _current_url
     where = f"Redis at {redis_location(url)}" if url else "Redis"
     text = str(exc) or type(exc).__name__
@@ -100,6 +113,8 @@ def fail(message: str, code: int = 1) -> NoReturn:
 
 def emit_json(doc: Any) -> None:
     """Print a JSON document on stdout."""
+    import orjson
+
     sys.stdout.write(orjson.dumps(doc, option=orjson.OPT_INDENT_2).decode() + "\n")
 
 
@@ -108,6 +123,13 @@ def run(coro: Coroutine[Any, Any, T]) -> T:
 
     Every Redis-backed command goes through here, so these failures never show as a traceback.
     """
+    import asyncio
+
+    from redis.exceptions import RedisError
+
+    from passbridge.crypto import SecretKeyError
+    from passbridge.logging import redact_text
+
     try:
         return asyncio.run(coro)
     except SecretKeyError as exc:

@@ -11,17 +11,18 @@ from __future__ import annotations
 import re
 from collections.abc import Awaitable, Callable
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import typer
-from redis.asyncio import Redis
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
-from rich.table import Table
 
 from passbridge.cli.common import console, emit_json, fail, out, redis_url, run, safe, settings
-from worker import dlq, history, inspect
-from worker.dlq import DLQEntry, DLQFilter
-from worker.inspect import dlq_summary
+
+# Redis and the worker's modules are imported by the commands that use them: `--help` stays quick.
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+    from rich.progress import TaskID
+
+    from worker.dlq import DLQEntry, DLQFilter
 
 app = typer.Typer(
     help="Dead-lettered events: inspect, replay into their serials, purge.", no_args_is_help=True
@@ -57,6 +58,8 @@ def parse_when(text: str, *, now: datetime | None = None) -> int:
 
 
 def _filter(code: str | None, serial: str | None, since: str | None, until: str | None) -> DLQFilter:
+    from worker.dlq import DLQFilter
+
     return DLQFilter(
         code=code,
         serial=serial,
@@ -70,6 +73,8 @@ def _iso(ms: int) -> str:
 
 
 async def _with_redis(fn: Callable[[Redis], Awaitable[Any]]) -> Any:
+    from redis.asyncio import Redis
+
     # Never the embedded Redis started on demand: an empty one would answer "nothing dead-lettered". The DLQ
     # holds no secrets, so no secret key is needed (or created) either.
     redis = Redis.from_url(redis_url(settings(), start=False))
@@ -81,6 +86,8 @@ async def _with_redis(fn: Callable[[Redis], Awaitable[Any]]) -> Any:
 
 async def _accounts(redis: Redis, account: str | None) -> list[str]:
     """``account``, or every account the other operator tools show (removed ones with dead letters too)."""
+    from worker import inspect
+
     if account:
         return [account]
     return await inspect.account_ids(redis)
@@ -88,6 +95,8 @@ async def _accounts(redis: Redis, account: str | None) -> list[str]:
 
 async def _select(redis: Redis, account: str | None, flt: DLQFilter, ids: list[str]) -> dict[str, list[str]]:
     """account → event ids chosen by explicit ids (looked up in every account unless --account) or filters."""
+    from worker import dlq
+
     chosen: dict[str, list[str]] = {}
     for account_id in await _accounts(redis, account):
         if ids:
@@ -112,6 +121,11 @@ def list_(
     as_json: bool = JsonOpt,
 ) -> None:
     """Dead-lettered events, oldest first, with their last error."""
+    from rich.table import Table
+
+    from worker import dlq
+    from worker.inspect import dlq_summary
+
     flt = _filter(code, serial, since, until)
 
     async def go(redis: Redis) -> tuple[list[dict[str, Any]], dict[str, int]]:
@@ -156,6 +170,9 @@ def show(
     as_json: bool = JsonOpt,
 ) -> None:
     """One entry in full: the event, the reason, every attempt's error and the event's history."""
+    from rich.table import Table
+
+    from worker import dlq, history
 
     async def go(redis: Redis) -> tuple[str, DLQEntry, list[dict[str, Any]]] | None:
         for account_id in await _accounts(redis, account):
@@ -204,6 +221,10 @@ def _bulk(
     yes: bool,
     as_json: bool,
 ) -> None:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from worker.dlq import DLQFilter
+
     if not ids and flt == DLQFilter() and not everything:
         fail(
             f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
@@ -267,6 +288,8 @@ def replay(
     A replayed event older than what its serial has applied since is written as a metric event only:
     the pass's state never goes backwards.
     """
+    from worker import dlq
+
     retention_ms = settings().history_retention_s * 1000
 
     async def action(redis: Redis, account_id: str, ids: list[str], progress: Callable[[int], None]) -> int:
@@ -299,6 +322,7 @@ def purge(
     as_json: bool = JsonOpt,
 ) -> None:
     """Delete entries for good (their events are not sent)."""
+    from worker import dlq
 
     async def action(redis: Redis, account_id: str, ids: list[str], progress: Callable[[int], None]) -> int:
         return await dlq.purge(redis, account_id, ids, progress=progress)

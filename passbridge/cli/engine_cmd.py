@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 import typer
-from redis.asyncio import Redis
-from rich.table import Table
 
-from passbridge.accounts import AccountNotFound, AccountState, AccountStore
+from passbridge.account_state import AccountState
 from passbridge.cli.common import emit_json, fail, out, plain, redis_url, run, safe, settings
-from passbridge.crypto import load_cipher
-from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
-from worker import dlq, history, inspect, pause
+
+# Redis, the account store and the worker's modules are imported by the commands that use them.
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from passbridge.accounts import AccountStore
 
 app = typer.Typer(
     help="The ordered engine: queues, leases, pauses, workers, event history.", no_args_is_help=True
@@ -27,6 +27,9 @@ def _iso(ms: int) -> str:
 
 def _store(redis: Redis) -> AccountStore:
     """The registry with the secret key: only where an account's secrets are read (``resume``)."""
+    from passbridge.accounts import AccountStore
+    from passbridge.crypto import load_cipher
+
     s = settings()
     return AccountStore(
         redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
@@ -35,11 +38,16 @@ def _store(redis: Redis) -> AccountStore:
 
 def _redis() -> Redis:
     """The configured Redis, never an embedded one started on demand (it would be empty and answer wrongly)."""
+    from redis.asyncio import Redis
+
     return Redis.from_url(redis_url(settings(), start=False))
 
 
 async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str, Any]:
     """Queue figures of one account (what ``engine status`` shows)."""
+    from passbridge.keys import account_keys
+    from worker import dlq, pause
+
     keys = account_keys(account_id)
     async with redis.pipeline(transaction=False) as pipe:
         pipe.get(keys.depth)
@@ -65,6 +73,11 @@ async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Per account: pending events, ready/parked/leased serials, DLQ size, pause; and the live workers."""
+    import orjson
+    from rich.table import Table
+
+    from passbridge.keys import WORKERS, WORKERS_INFO
+    from worker import inspect
 
     async def go() -> dict[str, Any]:
         redis = _redis()
@@ -123,6 +136,8 @@ def resume(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """Resume an account the engine paused (e.g. after its Klaviyo credentials were fixed)."""
+    from passbridge.accounts import AccountNotFound
+    from worker import pause
     from worker.klaviyo.client import KlaviyoClient
     from worker.main import probe_credentials
 
@@ -178,6 +193,10 @@ def history_(
     as_json: bool = typer.Option(False, "--json"),
 ) -> None:
     """What happened to a serial's events (ingested, attempts, written, dead-lettered, replayed)."""
+    import orjson
+
+    from worker import history
+
     if not serial and not event_id:
         fail("give --serial or --event")
 

@@ -6,22 +6,18 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import orjson
 import typer
-from redis.asyncio import Redis
-from redis.exceptions import RedisError
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from passbridge.accounts import AccountNotFound, AccountStore
 from passbridge.cli.common import console, emit_json, fail, redis_problem, redis_url, run, safe, settings
-from passbridge.crypto import cipher_from_settings
-from passbridge.queue import BacklogFull
 
+# Redis, the account store and the producer are imported when the command runs: `--help` stays quick.
 if TYPE_CHECKING:
     from producer.api import PublishSummary
 
 
 def _lines(path: Path, bad: list[dict[str, Any]]) -> Iterator[Any]:
+    import orjson
+
     with path.open("rb") as fh:
         for number, line in enumerate(fh, start=1):
             if not line.strip():
@@ -44,6 +40,13 @@ def ingest(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
     """Validate and enqueue every line of FILE for ACCOUNT; rejected lines are listed with their numbers."""
+    from redis.asyncio import Redis
+    from redis.exceptions import RedisError
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from passbridge.accounts import AccountNotFound, AccountStore
+    from passbridge.crypto import cipher_from_settings
+    from passbridge.queue import BacklogFull
     from producer.api import PublishSummary, publish_iter
 
     s = settings()

@@ -6,16 +6,17 @@ Every command prints tables for people and, with ``--json``, one JSON document o
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-import orjson
 import typer
-from redis.asyncio import Redis
-from rich.table import Table
 
 from passbridge.cli.common import emit_json, fail, out, redis_url, run, safe, settings
-from worker import inspect
-from worker.report import ReportRow, summarize
+
+# Redis and the worker's modules are imported by the commands that use them: `--help` stays quick.
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from worker.report import ReportRow
 
 T = TypeVar("T")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
@@ -23,6 +24,8 @@ JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 def _query(fn: Callable[[Redis], Awaitable[T]]) -> T:
     """Run ``fn`` against the configured Redis (never starting the embedded one); a clear error if unreachable."""
+    from redis.asyncio import Redis
+
     url = redis_url(settings(), start=False)
 
     async def go() -> T:
@@ -66,6 +69,9 @@ def status(
 ) -> None:
     """Per account: queued events, ready/parked/leased serials, oldest event, DLQ, rates, Klaviyo calls and
     429s, state; and the worker processes with their last heartbeat."""
+    from rich.table import Table
+
+    from worker import inspect
 
     async def go(redis: Redis) -> dict[str, Any]:
         if account:
@@ -172,6 +178,10 @@ def serial(
     as_json: bool = JsonOpt,
 ) -> None:
     """One pass: its pending events in order, applied state, lease holder, attempts and timeline."""
+    from rich.table import Table
+
+    from worker import inspect
+
     detail = _query(lambda r: inspect.serial_detail(r, account, serial_number))
     doc = detail.to_doc()
     unknown = not detail.pending_total and not detail.timeline and detail.applied is None
@@ -238,6 +248,10 @@ def event(
     as_json: bool = JsonOpt,
 ) -> None:
     """Where one event is now (queued, dead-lettered, delivered) and its history."""
+    import orjson
+
+    from worker import inspect
+
     window = settings().dedup_ttl_s
     found = _query(lambda r: inspect.find_event(r, account, event_id, window, serial=serial_number))
     if as_json:
@@ -267,6 +281,11 @@ def report(
 ) -> None:
     """Pass save rate (installed/created) and install-to-uninstall ratio, by platform and pass type, for the
     events that occurred in a time range (hour granularity)."""
+    from rich.table import Table
+
+    from worker import inspect
+    from worker.report import summarize
+
     try:
         since_ms, until_ms = inspect.parse_when(since), inspect.parse_when(until)
     except ValueError as exc:

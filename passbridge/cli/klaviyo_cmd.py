@@ -7,13 +7,14 @@ from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, TypeVar
 
 import typer
-from redis.asyncio import Redis
 
-from passbridge.accounts import Account, AccountNotFound, AccountStore
 from passbridge.cli.common import emit_json, fail, plain, redis_url, run, settings
-from passbridge.crypto import load_cipher
 
+# Redis, the account store and the Klaviyo client are imported when a command runs: `--help` stays quick.
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
+
+    from passbridge.accounts import Account
     from worker.klaviyo.client import KlaviyoClient
 
 T = TypeVar("T")
@@ -21,6 +22,10 @@ T = TypeVar("T")
 
 def _with_klaviyo(account: str, work: Callable[[KlaviyoClient, Redis, Account], Awaitable[T]]) -> T:
     """Run ``work`` with a Klaviyo client, Redis and the registered ``account`` (exit 1 if it is unknown)."""
+    from redis.asyncio import Redis
+
+    from passbridge.accounts import AccountNotFound, AccountStore
+    from passbridge.crypto import load_cipher
     from worker.klaviyo.client import KlaviyoClient
 
     s = settings()
@@ -83,6 +88,8 @@ def status(
 ) -> None:
     """The Klaviyo ids recorded by the last successful setup (exit 1 when the account is not set up)."""
     from dataclasses import asdict
+
+    from redis.asyncio import Redis
 
     from worker.setup import load_provisioned
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import typer
-import uvicorn
 
 from passbridge.cli.common import fail, redis_url, settings
 
@@ -14,6 +13,8 @@ def producer(
     workers: int = typer.Option(1, help="uvicorn worker processes."),
 ) -> None:
     """Run the producer (webhooks, Apple and Google callbacks, the events API)."""
+    import uvicorn
+
     s = settings()
     if s.accounts_file:
         from passbridge.accounts_file import AccountsFileError, load_accounts_file

@@ -5,7 +5,6 @@ from __future__ import annotations
 import typer
 
 from passbridge.cli.common import console, emit_json, fail, settings
-from passbridge.redis_server import RedisServerError, ensure_embedded, read_state, stop_embedded
 
 app = typer.Typer(help="The embedded Redis server (used when REDIS_URL is unset).", no_args_is_help=True)
 
@@ -13,6 +12,9 @@ app = typer.Typer(help="The embedded Redis server (used when REDIS_URL is unset)
 @app.command()
 def start(port: int = typer.Option(0, help="Port (0 = a free one).")) -> None:
     """Start the embedded Redis (AOF on) unless it is running; print its URL."""
+    # Imported here: passbridge.redis_server imports redis, which every other command's --help can skip.
+    from passbridge.redis_server import RedisServerError, ensure_embedded
+
     s = settings()
     try:
         server = ensure_embedded(s.state_dir, port or None)
@@ -24,6 +26,8 @@ def start(port: int = typer.Option(0, help="Port (0 = a free one).")) -> None:
 @app.command()
 def stop() -> None:
     """Stop the embedded Redis (it writes its AOF first)."""
+    from passbridge.redis_server import stop_embedded
+
     s = settings()
     if stop_embedded(s.state_dir):
         console.print("stopped")
@@ -34,6 +38,8 @@ def stop() -> None:
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
     """Whether the embedded Redis is running, and where."""
+    from passbridge.redis_server import read_state
+
     s = settings()
     server = read_state(s.state_dir)
     doc = {

@@ -6,7 +6,6 @@ import sys
 from typing import TYPE_CHECKING
 
 import typer
-import uvicorn
 
 from passbridge.cli.common import console, fail, settings
 
@@ -98,6 +97,8 @@ def sandbox(
     ),
 ) -> None:
     """Run the local Klaviyo sandbox: the Klaviyo REST API subset passbridge uses, with real limits."""
+    import uvicorn
+
     settings()
     from klaviyo_sandbox.app import create_app
     from klaviyo_sandbox.config import (

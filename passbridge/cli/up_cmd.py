@@ -6,11 +6,14 @@ import shlex
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from passbridge.cli.common import console, settings
-from passbridge.settings import Settings
+
+if TYPE_CHECKING:
+    from passbridge.settings import Settings
 
 
 def cli_exports(state_dir: Path, redis_url: str) -> str:

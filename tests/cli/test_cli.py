@@ -343,3 +343,57 @@ def test_up_takes_the_klaviyo_url_from_dotenv_too(tmp_path: Path, monkeypatch: p
     assert external_klaviyo(Settings()) is None
     (tmp_path / ".env").write_text("PASSBRIDGE_KLAVIYO_BASE_URL=https://a.klaviyo.com\n")
     assert external_klaviyo(Settings()) == "https://a.klaviyo.com"
+
+
+#: What a command imports only when it runs: loaded at start-up, they cost every invocation (even ``--help``)
+#: most of a second. The CLI itself needs typer and rich.
+HEAVY_PACKAGES = {
+    "asyncio",
+    "cryptography",
+    "email_validator",
+    "fastapi",
+    "httpx",
+    "klaviyo_sandbox",
+    "orjson",
+    "phonenumbers",
+    "producer",
+    "prometheus_client",
+    "pydantic",
+    "pydantic_settings",
+    "redis",
+    "starlette",
+    "structlog",
+    "uvicorn",
+    "worker",
+}
+#: The passbridge modules start-up may load: the commands and the light modules their options need.
+LIGHT_PASSBRIDGE = {"passbridge", "passbridge.account_state", "passbridge.demo", "passbridge.demo.defaults"}
+
+STARTUP_PROBE = """
+import contextlib, io, sys
+from passbridge.cli.main import app
+with contextlib.suppress(SystemExit), contextlib.redirect_stdout(io.StringIO()):
+    app(["--help"])  # builds every command, so every option's type and default is resolved
+print("\\n".join(sorted(sys.modules)))
+"""
+
+
+def test_help_imports_no_heavy_module() -> None:
+    """``passbridge --help`` (and so the start of every command) loads neither the producer, the worker, Redis,
+    HTTP nor pydantic: each command imports what it needs when it runs."""
+    result = subprocess.run(
+        [sys.executable, "-c", STARTUP_PROBE], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    loaded = result.stdout.split()
+    heavy = sorted(
+        m
+        for m in loaded
+        if m.split(".")[0] in HEAVY_PACKAGES
+        or (
+            m.split(".")[0] == "passbridge"
+            and not m.startswith("passbridge.cli")
+            and m not in LIGHT_PASSBRIDGE
+        )
+    )
+    assert heavy == []
