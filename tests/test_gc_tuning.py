@@ -6,6 +6,7 @@ import gc
 from collections.abc import Iterator
 
 import pytest
+import structlog
 from structlog.testing import capture_logs
 
 from passbridge import gc_tuning
@@ -48,6 +49,9 @@ def test_producer_start_tunes_the_collector(default_gc: None, settings: Settings
 def test_long_collections_are_logged(monkeypatch: pytest.MonkeyPatch, default_gc: None) -> None:
     tune_gc()
     monkeypatch.setattr(gc_tuning, "GC_PAUSE_LOG_MS", 0.0)
+    # A fresh logger: the module's own may already be cached with the processors of an earlier test's set-up
+    # (cache_logger_on_first_use), which capture_logs cannot reach.
+    monkeypatch.setattr(gc_tuning, "log", structlog.get_logger(gc_tuning.__name__))
     with capture_logs() as logs:
         gc.collect()
     pauses = [e for e in logs if e["event"] == "gc_pause"]

@@ -34,15 +34,17 @@ async def test_jobs_run_in_order_in_short_shared_turns() -> None:
     assert runtime.pending == 2
     waits = []
     while runtime.pending:
-        started = time.perf_counter()
+        # CPU time of this thread (the loop's): what the turn itself took, without the time the machine gave
+        # other processes meanwhile (seen at 34 ms of wall time with the test suite in two processes).
+        started = time.thread_time()
         await asyncio.sleep(0)  # a request's turn on the loop
-        waits.append(time.perf_counter() - started)
+        waits.append(time.thread_time() - started)
 
     assert [i for job, i in applied if job == "a"] == list(range(ITEMS))
     assert [i for job, i in applied if job == "b"] == list(range(ITEMS))
     # Taking turns: b started long before a finished.
     assert applied.index(("b", 0)) < applied.index(("a", ITEMS - 1)) / 2
-    # A turn is 2 ms; the bound leaves room for a busy machine and is still 8x below one job's length.
+    # A turn is 2 ms of work; the bound is still 8x below one job's length.
     assert max(waits) < 0.025, max(waits)
 
 
