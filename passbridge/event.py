@@ -16,7 +16,15 @@ from urllib.parse import quote
 
 import orjson
 from email_validator import EmailNotValidError, validate_email
-from pydantic import BaseModel, ConfigDict, Field, StringConstraints, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    StringConstraints,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from passbridge.phones import to_e164
 
@@ -203,19 +211,12 @@ class EventIn(BaseModel):
     device_id: str | None = Field(default=None, max_length=255)
     properties: dict[str, Any] = Field(default_factory=dict)
 
-    @field_validator("serial_number")
+    @field_validator("serial_number", "event_id")
     @classmethod
-    def _serial_printable(cls, v: str) -> str:
+    def _printable(cls, v: str, info: ValidationInfo) -> str:
+        # Operators read serials and event ids in terminals and pages: an escape sequence in one would act there.
         if _CONTROL.search(v):
-            raise ValueError("serial_number must not contain control characters")
-        return v
-
-    @field_validator("event_id")
-    @classmethod
-    def _event_id_printable(cls, v: str) -> str:
-        # Operators read event ids in terminals and pages: an escape sequence in one would act there.
-        if _CONTROL.search(v):
-            raise ValueError("event_id must not contain control characters")
+            raise ValueError(f"{info.field_name} must not contain control characters")
         return v
 
     @field_validator("occurred_at")

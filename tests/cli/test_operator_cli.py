@@ -27,7 +27,7 @@ from tests.cli.test_cli import PASSBRIDGE, cli_env, run
 from tests.conftest import async_wait_for
 from tests.factories import make_account
 from tests.worker.e2e import worker_env
-from tests.worker.helpers import pass_event, put
+from tests.worker.helpers import dead_letter_head, pass_event, put
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.queue import WorkQueue
@@ -50,38 +50,9 @@ async def dead_letter(
     redis: Redis, account_id: str, serial: str, *, reason: str, detail: str, worker: str = "w1"
 ) -> DLQEntry:
     """Claim ``serial``, dead-letter its head event with ``reason`` and an error ``detail``, release it."""
-    q = WorkQueue(redis, worker_id=worker)
-    claimed = await q.claim(50)
-    (lease,) = [lease for lease in claimed.leases if lease.serial == serial]
-    for other in claimed.leases:
-        if other is not lease:
-            await q.release(other)
-    keys = account_keys(account_id)
-    (member, score) = (await redis.zrange(keys.mailbox(serial), 0, 0, withscores=True))[0]
     now = int(time.time() * 1000)
-    entry = DLQEntry(
-        event_id=orjson.loads(member[12:])["id"],
-        serial=serial,
-        member=member.decode(),
-        score=int(score),
-        reason=reason,
-        dead_at_ms=now,
-        worker=worker,
-        errors=[
-            {
-                "at_ms": now,
-                "worker": worker,
-                "kind": "permanent",
-                "status": 400,
-                "code": "invalid",
-                "endpoint": "create_event",
-                "detail": detail,
-            }
-        ],
-    )
-    assert (await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])).ok
-    assert await q.release(lease)
-    return entry
+    q = WorkQueue(redis, worker_id=worker)
+    return await dead_letter_head(q, redis, account_id, serial, at_ms=now, reason=reason, detail=detail)
 
 
 def output(result: Any) -> str:

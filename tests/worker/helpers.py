@@ -69,17 +69,55 @@ async def fill_dlq(redis: Redis, account_id: str, serials: Sequence[str], per_se
                 event_id = orjson.loads(member[12:])["id"]
                 code, status = FILL_CODES[int(event_id.rsplit("-", 1)[1]) % len(FILL_CODES)]
                 at = int(datetime.now(UTC).timestamp() * 1000)
-                error = {"at_ms": at, "worker": "filler", "kind": "permanent", "status": status, "code": code}
-                entry = DLQEntry(
-                    event_id=event_id,
-                    serial=lease.serial,
-                    member=member.decode(),
-                    score=0,
-                    reason=f"permanent error: HTTP {status} {code}",
-                    dead_at_ms=at,
-                    worker="filler",
-                    errors=[error],
-                )
+                entry = permanent_entry("filler", lease.serial, member, 0, code=code, status=status, at_ms=at)
                 dead.append((event_id, entry.to_json()))
             assert (await q.settle(lease, members, dead=dead)).ok
         await q.release(lease)
+
+
+def permanent_entry(
+    worker: str,
+    serial: str,
+    member: bytes,
+    score: int,
+    *,
+    at_ms: int,
+    code: str = "invalid",
+    status: int = 400,
+    reason: str | None = None,
+    detail: str | None = None,
+) -> DLQEntry:
+    """The dead letter of mailbox ``member`` after one permanent Klaviyo error, as the engine writes it."""
+    error: dict[str, Any] = {
+        "at_ms": at_ms,
+        "worker": worker,
+        "kind": "permanent",
+        "status": status,
+        "code": code,
+    }
+    if detail is not None:
+        error |= {"endpoint": "create_event", "detail": detail}
+    return DLQEntry(
+        event_id=orjson.loads(member[12:])["id"],
+        serial=serial,
+        member=member.decode(),
+        score=score,
+        reason=reason or f"permanent error: HTTP {status} {code}",
+        dead_at_ms=at_ms,
+        worker=worker,
+        errors=[error],
+    )
+
+
+async def dead_letter_head(q: WorkQueue, redis: Redis, account_id: str, serial: str, **kw: Any) -> DLQEntry:
+    """Claim ``serial`` with ``q``, dead-letter its head event (:func:`permanent_entry` with ``kw``), release it."""
+    claimed = await q.claim(50)
+    (lease,) = [lease for lease in claimed.leases if lease.serial == serial]
+    for other in claimed.leases:
+        if other is not lease:
+            await q.release(other)
+    (member, score) = (await redis.zrange(account_keys(account_id).mailbox(serial), 0, 0, withscores=True))[0]
+    entry = permanent_entry(lease.worker_id, serial, member, int(score), **kw)
+    assert (await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])).ok
+    assert await q.release(lease)
+    return entry

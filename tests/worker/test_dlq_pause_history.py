@@ -15,43 +15,11 @@ from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
 from tests.factories import make_account
 from worker import dlq, history, pause
 from worker.dlq import DLQEntry, DLQFilter
-from worker.queue import Lease, WorkQueue
+from worker.queue import WorkQueue
 
-from .helpers import FILL_CODES, fill_dlq, pass_event, put
+from .helpers import FILL_CODES, dead_letter_head, fill_dlq, pass_event, permanent_entry, put
 
 DAY_MS = 86_400_000
-
-
-def entry_for(lease: Lease, member: bytes, score: int, *, code: str, status: int, at_ms: int) -> DLQEntry:
-    event = orjson.loads(member[12:])
-    return DLQEntry(
-        event_id=event["id"],
-        serial=lease.serial,
-        member=member.decode(),
-        score=score,
-        reason=f"permanent error: HTTP {status} {code}",
-        dead_at_ms=at_ms,
-        worker=lease.worker_id,
-        errors=[
-            {"at_ms": at_ms, "worker": lease.worker_id, "kind": "permanent", "status": status, "code": code}
-        ],
-    )
-
-
-async def dead_letter_head(q: WorkQueue, redis: Redis, account: str, serial: str, **kw: object) -> DLQEntry:
-    """Claim ``serial``, dead-letter its head event, release it."""
-    claimed = await q.claim(50)
-    (lease,) = [lease for lease in claimed.leases if lease.serial == serial]
-    for other in claimed.leases:
-        if other is not lease:
-            await q.release(other)
-    keys = account_keys(account)
-    (member, score) = (await redis.zrange(keys.mailbox(serial), 0, 0, withscores=True))[0]
-    entry = entry_for(lease, member, int(score), **kw)  # type: ignore[arg-type]
-    done = await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])
-    assert done.ok
-    assert await q.release(lease)
-    return entry
 
 
 class TestDLQ:
@@ -347,7 +315,7 @@ class TestHistory:
         (member,) = await redis.zrange(keys.mailbox("S7"), 0, 0)
         now = int(time.time() * 1000)
         dead = history.entry(history.HistoryKind.dead, "a-S7-1", now, reason="permanent")
-        entry = entry_for(claimed, member, 0, code="invalid", status=400, at_ms=now)
+        entry = permanent_entry(claimed.worker_id, claimed.serial, member, 0, at_ms=now)
         assert (
             await q.settle(claimed, [member], history=[dead], dead=[(entry.event_id, entry.to_json())])
         ).ok
