@@ -6,10 +6,11 @@ preferred when present. The server gets its own data dir with AOF on, and its UR
 
 One state dir has at most one server: finding, starting and recording it happen under a lock file
 (``redis.lock``), so a producer and a worker started together share one server instead of each starting
-its own on the same AOF. A recorded server is only trusted (used, or stopped) while its process is alive and
-works in the recorded data dir: a stale record whose port or pid now belongs to another Redis is ignored,
-never adopted or killed. A server is known by its pid and its process's start time, so a server whose data dir
-was moved or deleted is still stopped, and a pid reused by another process never is.
+its own on the same AOF. A recorded server is only trusted (used, or stopped) while its process is alive and is
+still the process that was started: a stale record whose port or pid now belongs to another Redis is ignored,
+never adopted or killed. A server is known by its pid and its process's start time (records written before the
+start time was kept: by the working directory, its data dir), so a server whose data dir was moved or deleted is
+still stopped, and a pid reused by another process never is.
 
 A server that is still loading a large AOF answers ``LOADING``; starting or finding it waits for the load as
 long as its process lives, instead of giving up and leaving it running unrecorded (the next command would
