@@ -40,7 +40,8 @@ def session_value(token: str, issued_s: int | None = None) -> str:
 def session_ok(value: str, token: str, *, now_s: float | None = None) -> bool:
     """Whether ``value`` is a session cookie made with ``token`` and issued less than ``SESSION_MAX_AGE_S`` ago."""
     issued, _, mac = value.partition(".")
-    if not issued.isdigit() or len(issued) > 12:
+    # ASCII digits only: str.isdigit() also takes '²', which int() refuses (a crafted cookie was a 500).
+    if not (issued.isascii() and issued.isdigit()) or len(issued) > 12:
         return False
     if not hmac.compare_digest(mac.encode(), session_value(token, int(issued)).partition(".")[2].encode()):
         return False

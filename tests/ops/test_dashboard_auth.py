@@ -25,6 +25,10 @@ def test_a_session_cookie_is_refused_after_its_max_age(dashboard_url: str) -> No
     assert status_with(auth.session_value("another-token", now)) == 401
     mac = auth.session_value(ADMIN_TOKEN, now - auth.SESSION_MAX_AGE_S - 1).partition(".")[2]
     assert status_with(f"{now}.{mac}") == 401  # a fresher time on an old cookie's HMAC
+    # A byte that decodes (latin-1) to a digit int() refuses, '\u00b2': a 401, not a 500.
+    raw = f"{auth.COOKIE}=".encode() + b"\xb2" + f"{now}.{mac}".encode()
+    assert httpx.get(f"{dashboard_url}/dashboard", headers={"cookie": raw}, timeout=10).status_code == 401
+    assert status_with("garbage") == 401
     with httpx.Client(base_url=dashboard_url, timeout=10) as browser:
         r = browser.post("/dashboard/login", data={"token": ADMIN_TOKEN})
         assert r.status_code == 303
