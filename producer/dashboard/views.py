@@ -408,7 +408,7 @@ def _ms_field(form: dict[str, Any], name: str) -> int | None:
     raw = str(form.get(name) or "")
     if not raw:
         return None
-    if not raw.isdigit() or len(raw) > 15:
+    if not (raw.isascii() and raw.isdigit()) or len(raw) > 15:
         raise ValueError(f"{name}: must be epoch milliseconds (digits only)")
     return int(raw)
 

@@ -77,6 +77,6 @@ def parse_updated_since(tag: str | None) -> int:
 
     An unreadable tag counts as absent: the device then gets every serial, which is always safe.
     """
-    if tag and tag.isdigit():
+    if tag and tag.isascii() and tag.isdigit():  # isdigit() alone also takes '²', which int() refuses
         return int(tag)
     return 0

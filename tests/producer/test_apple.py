@@ -194,6 +194,10 @@ class TestDeviceQueries:
         assert r.json()["serialNumbers"] == ["SER4"]
         await unregister(env, "dev1", "SER4")
         assert (await env.http.get(url, params={"passesUpdatedSince": tag})).status_code == 204
+        # An unreadable tag counts as absent (every serial), also one of digits int() refuses: never a 500.
+        for unreadable in ("\u00b2", "12a", ""):
+            r = await env.http.get(url, params={"passesUpdatedSince": unreadable})
+            assert sorted(r.json()["serialNumbers"]) == ["SER1", "SER2"], unreadable
 
     async def test_registrations_list_of_unknown_pass_type_is_404(self, env: Env) -> None:
         r = await env.http.get(f"{BASE}/devices/dev1/registrations/pass.com.other")
