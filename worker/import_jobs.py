@@ -23,7 +23,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -42,6 +42,7 @@ from worker.klaviyo.endpoints import (
     GET_BULK_IMPORT_PROFILES_JOB,
     GET_BULK_IMPORT_PROFILES_JOBS,
     GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB,
+    Operation,
 )
 from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, TransientError
 
@@ -293,18 +294,16 @@ class ImportJobs:
         """Which of ``wanted`` the account's job list shows queued or processing; ``None`` when Klaviyo
         refuses the list (the jobs are then asked about on their own). A failed or throttled call raises."""
         running: set[str] = set()
-        params: dict[str, str] = {"filter": RUNNING_FILTER, "sort": "created_at", "page[size]": "100"}
-        for _ in range(LIST_PAGES):
-            try:
-                reply = await self.client.call(account, GET_BULK_IMPORT_PROFILES_JOBS, params=params)
-            except PermanentError:
-                return None
-            body = reply.body or {}
-            running |= {str(d.get("id")) for d in body.get("data") or [] if isinstance(d, dict)}
-            cursor = _next_cursor((body.get("links") or {}).get("next"))
-            if not cursor or wanted <= running:
-                break
-            params = {**params, "page[cursor]": cursor}
+        params = {"filter": RUNNING_FILTER, "sort": "created_at", "page[size]": "100"}
+        pages = self._pages(account, GET_BULK_IMPORT_PROFILES_JOBS, params, max_pages=LIST_PAGES)
+        try:
+            async with contextlib.aclosing(pages):
+                async for job in pages:
+                    running.add(str(job.get("id")))
+                    if wanted <= running:
+                        break
+        except PermanentError:
+            return None
         return running & wanted
 
     async def _ask(self, account: Account, job_id: str, job: _Job) -> None:
@@ -340,18 +339,32 @@ class ImportJobs:
 
     async def _errors(self, account: Account, job_id: str) -> list[dict[str, Any]]:
         """Every import error of the job (pages of 100)."""
-        out: list[dict[str, Any]] = []
-        params: dict[str, str] = {"page[size]": "100"}
+        op, params = GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB, {"page[size]": "100"}
+        return [e async for e in self._pages(account, op, params, path_params={"id": job_id})]
+
+    async def _pages(
+        self,
+        account: Account,
+        op: Operation,
+        params: Mapping[str, str],
+        *,
+        path_params: Mapping[str, str] | None = None,
+        max_pages: int | None = None,
+    ) -> AsyncGenerator[dict[str, Any], None]:
+        """The resources of a paged collection, following ``links.next`` cursors (at most ``max_pages``)."""
+        query = dict(params)
+        pages = 0
         while True:
-            reply = await self.client.call(
-                account, GET_ERRORS_FOR_BULK_IMPORT_PROFILES_JOB, path_params={"id": job_id}, params=params
-            )
+            reply = await self.client.call(account, op, params=query, path_params=path_params)
             body = reply.body or {}
-            out += [e for e in body.get("data") or [] if isinstance(e, dict)]
+            for item in body.get("data") or []:
+                if isinstance(item, dict):
+                    yield item
+            pages += 1
             cursor = _next_cursor((body.get("links") or {}).get("next"))
-            if not cursor:
-                return out
-            params = {"page[size]": "100", "page[cursor]": cursor}
+            if not cursor or (max_pages is not None and pages >= max_pages):
+                return
+            query = {**params, "page[cursor]": cursor}
 
     async def _wait_orphans(self, account: Account, created_before_ms: int) -> None:
         """Wait until the account's oldest unfinished job (if any) was created after ``created_before_ms``."""
