@@ -17,6 +17,8 @@ import time
 
 from starlette.requests import Request
 
+from worker import exporter
+
 COOKIE = "pb_dashboard"
 COOKIE_PATH = "/dashboard"
 SESSION_MAX_AGE_S = 12 * 3600
@@ -55,9 +57,8 @@ def csrf_value(token: str) -> str:
 
 
 def bearer_ok(request: Request, token: str) -> bool:
-    """Whether the request carries ``Authorization: Bearer <token>``."""
-    scheme, _, given = request.headers.get("authorization", "").partition(" ")
-    return scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode())
+    """Whether the request carries ``Authorization: Bearer <token>`` (the check /metrics uses too)."""
+    return exporter.bearer_ok(request.headers.get("authorization", ""), token) if token else False
 
 
 def cookie_ok(request: Request, token: str) -> bool:
