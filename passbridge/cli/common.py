@@ -15,6 +15,7 @@ from rich.markup import escape
 # Every command module imports this one, so it stays light: settings, logging, Redis and asyncio are
 # imported by the functions that use them, and `passbridge --help` never pays for them.
 if TYPE_CHECKING:
+    from redis.asyncio import Redis
     from redis.exceptions import RedisError
 
     from passbridge.settings import Settings
@@ -56,6 +57,14 @@ def redis_url(s: Settings, *, start: bool = True) -> str:
     except RedisServerError as exc:
         fail(str(exc))
     return _current_url
+
+
+def running_redis() -> Redis:
+    """A client of the configured Redis, never of an embedded one started on demand: for the commands that read
+    or act on queued data, an empty new server would answer "nothing there"."""
+    from redis.asyncio import Redis
+
+    return Redis.from_url(redis_url(settings(), start=False))
 
 
 def redis_location(url: str) -> str:

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import typer
 
-from passbridge.cli.common import console, emit_json, fail, out, redis_url, run, safe, settings
+from passbridge.cli.common import console, emit_json, fail, out, run, running_redis, safe, settings
 
 # Redis and the worker's modules are imported by the commands that use them: `--help` stays quick.
 if TYPE_CHECKING:
@@ -73,11 +73,8 @@ def _iso(ms: int) -> str:
 
 
 async def _with_redis(fn: Callable[[Redis], Awaitable[Any]]) -> Any:
-    from redis.asyncio import Redis
-
-    # Never the embedded Redis started on demand: an empty one would answer "nothing dead-lettered". The DLQ
-    # holds no secrets, so no secret key is needed (or created) either.
-    redis = Redis.from_url(redis_url(settings(), start=False))
+    # The DLQ holds no secrets, so no secret key is needed (or created) either.
+    redis = running_redis()
     try:
         return await fn(redis)
     finally:

@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Any
 import typer
 
 from passbridge.account_state import AccountState
-from passbridge.cli.common import emit_json, fail, out, plain, redis_url, run, safe, settings
+from passbridge.cli.common import emit_json, fail, out, plain, run, running_redis, safe, settings
 
 # Redis, the account store and the worker's modules are imported by the commands that use them.
 if TYPE_CHECKING:
@@ -34,13 +34,6 @@ def _store(redis: Redis) -> AccountStore:
     return AccountStore(
         redis, load_cipher(s.secret_key.get_secret_value() if s.secret_key else None, s.state_dir)
     )
-
-
-def _redis() -> Redis:
-    """The configured Redis, never an embedded one started on demand (it would be empty and answer wrongly)."""
-    from redis.asyncio import Redis
-
-    return Redis.from_url(redis_url(settings(), start=False))
 
 
 async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str, Any]:
@@ -80,7 +73,7 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
     from worker import inspect
 
     async def go() -> dict[str, Any]:
-        redis = _redis()
+        redis = running_redis()
         try:
             now = await inspect.now_ms(redis)  # the scores are Redis time, whatever this host's clock says
             accounts = [await account_status(redis, a, now) for a in await inspect.account_ids(redis)]
@@ -144,7 +137,7 @@ def resume(
     s = settings()
 
     async def go() -> dict[str, Any]:
-        redis = _redis()
+        redis = running_redis()
         try:
             store = _store(redis)
             try:
@@ -201,7 +194,7 @@ def history_(
         fail("give --serial or --event")
 
     async def go() -> list[dict[str, Any]]:
-        redis = _redis()
+        redis = running_redis()
         try:
             if event_id:
                 entries = await history.event_history(redis, account, event_id, serial)
