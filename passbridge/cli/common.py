@@ -40,9 +40,12 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
 
 def settings() -> Settings:
     """Settings, with logging configured for this command."""
-    from passbridge.settings import get_settings
+    from passbridge.settings import SettingsError, get_settings
 
-    s = get_settings()
+    try:
+        s = get_settings()
+    except SettingsError as exc:
+        fail(str(exc))
     configure_logging(s.log_level, s.log_format)
     return s
 
@@ -53,7 +56,9 @@ def redis_url(s: Settings, *, start: bool = True) -> str:
 
     global _current_url
     try:
-        _current_url = resolve_redis_url(s.redis_url, s.state_dir, start=start)
+        _current_url = resolve_redis_url(
+            s.redis_url, s.state_dir, start=start, appendfsync=s.redis_appendfsync
+        )
     except RedisServerError as exc:
         fail(str(exc))
     return _current_url
