@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     worker_lease_ttl_s: float = 10.0
     #: SIGTERM: how long in-flight serials may finish their current event before they are released.
     worker_grace_s: float = 8.0
+    #: At start, how long to wait for Redis to answer before giving up with an error (a running worker waits
+    #: out any outage: passbridge/outage.py).
+    worker_redis_wait_s: float = 60.0
     #: Most serials one claim hands out, and most per account per claim.
     worker_claim_batch: int = 32
     #: Fair share: slots of a worker kept free for accounts holding fewer than this many serials there

@@ -72,17 +72,6 @@ def running_redis() -> Redis:
     return Redis.from_url(redis_url(settings(), start=False))
 
 
-def redis_location(url: str) -> str:
-    """Where ``url`` points, as ``host:port`` (or a socket path): never its user or password."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path
-        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-    except ValueError:
-        return "the configured Redis"
-
-
 def redis_problem(exc: RedisError, url: str | None = None) -> str:
     """One line for a person: which Redis, and what went wrong, without the URL's credentials."""
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -91,6 +80,8 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     from passbridge.logging import redact_text
 
     url = url or _current_url
+    from passbridge.redis_client import redis_location
+
     where = f"Redis at {redis_location(url)}" if url else "Redis"
     text = str(exc) or type(exc).__name__
     password = urlsplit(url).password if url else None
