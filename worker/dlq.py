@@ -277,6 +277,11 @@ class ReplayOutcome:
     full: bool = False
 
 
+async def depth(redis: Redis, account_id: str) -> int:
+    """The account's pending events: what a replay's room under the backlog high-water mark is measured from."""
+    return int(await redis.get(account_keys(account_id).depth) or 0)
+
+
 def backlog_full_message(account_id: str, depth: int, high_water: int, left: int) -> str:
     """Why ``left`` entries stayed in the DLQ, for an operator (the CLI and the dashboard add what to do)."""
     return (

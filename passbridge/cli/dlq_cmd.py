@@ -301,18 +301,13 @@ def _bulk(
 WAIT_POLL_S = 0.5
 
 
-async def _depth(redis: Redis, account_id: str) -> int:
-    from passbridge.keys import account_keys
-
-    return int(await redis.get(account_keys(account_id).depth) or 0)
-
-
 def _wave_size(left: int, high_water: int) -> int:
-    """Room a waiting replay waits for before its next wave: a whole chunk (or all that is left), not a
-    single freed slot, so the wave does not take each slot live ingest needs the moment a worker frees it."""
+    """Room a waiting replay waits for before its next wave: a whole chunk (or all that is left; a tenth of a
+    small high-water mark), not a single freed slot, so the replay does not take each slot live ingest needs
+    the moment a worker frees it."""
     from worker.dlq import CHUNK
 
-    return max(1, min(left, CHUNK, high_water))
+    return max(1, min(left, CHUNK, high_water // 10))
 
 
 @dataclass(slots=True)
@@ -353,6 +348,7 @@ async def _replay_waves(
         while state.left and not stop.is_set():
             for account_id in list(state.left):
                 task = tasks[account_id]
+                progress.update(task, description=account_id)
 
                 def advance(n: int, task: TaskID = task) -> None:
                     progress.advance(task, n)
@@ -372,7 +368,6 @@ async def _replay_waves(
                 if not outcome.left:
                     del state.left[account_id]
                     state.full.pop(account_id, None)
-                    progress.update(task, description=account_id)
                 elif outcome.full:
                     state.full[account_id] = outcome.depth
             if not state.left or not wait or stop.is_set():
@@ -395,7 +390,7 @@ async def _replay_waves(
                     )
                 )
             while not stop.is_set():
-                depths = {a: await _depth(redis, a) for a in state.left}
+                depths = {a: await dlq.depth(redis, a) for a in state.left}
                 if any(
                     high_water - d >= _wave_size(len(state.left[a]), high_water) for a, d in depths.items()
                 ):
@@ -448,12 +443,12 @@ def replay(
     async def room_notes(redis: Redis, chosen: dict[str, list[str]]) -> list[str]:
         lines = []
         for account_id, ids in chosen.items():
-            room = max(0, high_water - await _depth(redis, account_id))
+            room = max(0, high_water - await dlq.depth(redis, account_id))
             if len(ids) > room:
                 then = "the rest waits for the workers to drain it" if wait else "the rest stays in the DLQ"
                 lines.append(
                     f"account {account_id}: room for {room} of its {len(ids)} selected entries under its "
-                    f"backlog high-water mark ({high_water}); {then}"
+                    f"backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}); {then}"
                 )
         return lines
 

@@ -585,9 +585,19 @@ async def dlq_bulk(page: Page) -> Response:
             changed = (
                 f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
             )
+        # What will not fit under the high-water mark now, said before the click (the replay leaves it).
+        short: list[tuple[str, int, int]] = []
+        if action == "replay":
+            high_water = page.ctx.settings.backlog_high_water
+            for a, ids in chosen.items():
+                room = max(0, high_water - await dlq.depth(page.redis, a))
+                if len(ids) > room:
+                    short.append((a, room, len(ids)))
         return await page.render(
             "confirm.html",
             status=409 if changed else 200,
+            short_of_room=short,
+            high_water=page.ctx.settings.backlog_high_water,
             action=action,
             chosen=chosen,
             total=total,

@@ -213,6 +213,10 @@ def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Setting
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as dashboard:
             r = dashboard.post("/dashboard/dlq/bulk", data={"action": "replay", "account": "acme"})
             assert "Replay 200 dead-lettered events?" in r.text
+            assert (
+                "acme: room for 120 of its 200 under its backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER=150) now"
+                in r.text
+            )
             r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
             assert r.status_code == 303
             [notice] = parse_qs(urlsplit(r.headers["location"]).query)["notice"]
