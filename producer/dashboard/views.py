@@ -499,14 +499,22 @@ async def dlq_replay_one(page: Page) -> Response:
     account_id, event_id = form.get("account", ""), form.get("id", "")
     if not account_id or not event_id:
         return await page.error(400, "account and id: give both")
+    high_water = page.ctx.settings.backlog_high_water
     done = await dlq.replay(
         page.redis,
         account_id,
         [event_id],
+        high_water=high_water,
         history_retention_ms=page.ctx.settings.history_retention_s * 1000,
         by="dashboard",
     )
-    if not done:
+    if done.full:
+        return await page.error(
+            409,
+            f"not replayed: {dlq.backlog_full_message(account_id, done.depth, high_water, 1)}. "
+            "Replay it once the workers have drained the backlog.",
+        )
+    if not done.replayed:
         return await page.error(404, f"no dead-lettered event {event_id!r} in account {account_id!r}")
     target = url(
         "/dashboard/event", account=account_id, id=event_id, notice="replayed: back in its serial's queue"
@@ -577,9 +585,19 @@ async def dlq_bulk(page: Page) -> Response:
             changed = (
                 f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
             )
+        # What will not fit under the high-water mark now, said before the click (the replay leaves it).
+        short: list[tuple[str, int, int]] = []
+        if action == "replay":
+            high_water = page.ctx.settings.backlog_high_water
+            for a, ids in chosen.items():
+                room = max(0, high_water - await dlq.depth(page.redis, a))
+                if len(ids) > room:
+                    short.append((a, room, len(ids)))
         return await page.render(
             "confirm.html",
             status=409 if changed else 200,
+            short_of_room=short,
+            high_water=page.ctx.settings.backlog_high_water,
             action=action,
             chosen=chosen,
             total=total,
@@ -592,19 +610,32 @@ async def dlq_bulk(page: Page) -> Response:
             changed=changed,
         )
     done = 0
+    # A web request does not wait for the workers: each account gets back what fits under its high-water mark
+    # now (oldest first), and the notice says what stayed in the DLQ and why.
+    full: list[str] = []
+    high_water = page.ctx.settings.backlog_high_water
     for a, ids in chosen.items():
         if action == "replay":
-            done += await dlq.replay(
+            outcome = await dlq.replay(
                 page.redis,
                 a,
                 ids,
+                high_water=high_water,
                 history_retention_ms=page.ctx.settings.history_retention_s * 1000,
                 by="dashboard",
             )
+            done += outcome.replayed
+            if outcome.full:
+                full.append(dlq.backlog_full_message(a, outcome.depth, high_water, len(outcome.left)))
         else:
             done += await dlq.purge(page.redis, a, ids)
     verb = "replayed" if action == "replay" else "purged"
     notice = f"{verb} {done} of {total} selected"
+    if full:
+        notice += (
+            "; " + "; ".join(full) + ". Replay the rest once the workers have drained the backlog "
+            "(`passbridge dlq replay` waits for room and goes on in waves)."
+        )
     return RedirectResponse(with_notice(back, notice), status_code=303, headers=SECURITY_HEADERS)
 
 
