@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -26,62 +26,62 @@ class Settings(BaseSettings):
     redis_appendfsync: Literal["everysec", "always"] = "everysec"
 
     # Logging
-    log_level: str = "info"
-    log_format: str = "auto"  # auto | json | console
+    log_level: Literal["debug", "info", "warning", "error", "critical"] = "info"
+    log_format: Literal["auto", "json", "console"] = "auto"
 
     # Producer
     producer_host: str = "127.0.0.1"
-    producer_port: int = 8000
-    max_body_bytes: int = 10 * 1024 * 1024
-    max_batch_events: int = 1000
-    dedup_ttl_s: int = 7 * 24 * 3600
-    backlog_high_water: int = 1_000_000
-    retry_after_s: int = 5
+    producer_port: int = Field(default=8000, ge=0, le=65535)
+    max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
+    max_batch_events: int = Field(default=1000, ge=1)
+    dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
+    backlog_high_water: int = Field(default=1_000_000, ge=1)
+    retry_after_s: int = Field(default=5, ge=0)
     default_phone_region: str = "US"
     admin_token: SecretStr | None = None
 
     # Klaviyo
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
-    klaviyo_rate_scale: float = 1.0
+    klaviyo_rate_scale: float = Field(default=1.0, gt=0)
     #: ``passbridge demo`` against a real Klaviyo (PASSBRIDGE_KLAVIYO_BASE_URL set): one private API key for
     #: every demo account, or a comma-separated list handed out to the demo accounts in turn.
     demo_klaviyo_api_keys: SecretStr | None = None
 
     # Engine (worker/): see docs/architecture.md and README "The ordered engine"
     #: Serials one worker process works on at once; also arq's ``max_jobs``.
-    worker_max_jobs: int = 64
+    worker_max_jobs: int = Field(default=64, ge=1)
     #: arq's poll delay (only arq's own jobs - the cron sweeps - wait on it; the engine wakes via BLPOP).
-    worker_poll_delay_s: float = 0.5
+    worker_poll_delay_s: float = Field(default=0.5, gt=0)
     #: Lease TTL: a SIGKILLed worker's serials are taken over at most this long after its last renewal.
-    worker_lease_ttl_s: float = 10.0
+    worker_lease_ttl_s: float = Field(default=10.0, gt=0)
     #: SIGTERM: how long in-flight serials may finish their current event before they are released.
-    worker_grace_s: float = 8.0
+    worker_grace_s: float = Field(default=8.0, ge=0)
     #: At start, how long to wait for Redis to answer before giving up with an error (a running worker waits
     #: out any outage: passbridge/outage.py).
-    worker_redis_wait_s: float = 60.0
+    worker_redis_wait_s: float = Field(default=60.0, ge=0)
     #: Most serials one claim hands out, and most per account per claim.
-    worker_claim_batch: int = 32
+    worker_claim_batch: int = Field(default=32, ge=1)
     #: Fair share: slots of a worker kept free for accounts holding fewer than this many serials there
     #: (unset: an eighth of the serials a worker holds: ``worker_bulk_max_serials`` in adaptive/bulk mode,
     #: ``worker_max_jobs`` in single mode). One account's backlog never fills a worker.
-    worker_fair_reserve: int | None = None
+    worker_fair_reserve: int | None = Field(default=None, ge=0)
     #: Most events a serial is worked on under one lease before it goes to the back of the line.
-    worker_events_per_lease: int = 200
+    worker_events_per_lease: int = Field(default=200, ge=1)
     #: How workers write to Klaviyo (README "Throughput at Klaviyo's limits"): ``adaptive`` single calls for a
     #: small backlog and bulk endpoints as it grows, both budgets spent; ``single`` one call per operation,
     #: nothing coalesced; ``bulk`` bulk endpoints for everything (tests of the bulk path).
     worker_sync_mode: Literal["adaptive", "single", "bulk"] = "adaptive"
     #: In adaptive/bulk mode: serials a worker holds at once (a bulk request carries hundreds of them) ...
-    worker_bulk_max_serials: int = 6000
+    worker_bulk_max_serials: int = Field(default=6000, ge=1)
     #: ... most serials one claim hands out (and per account) ...
-    worker_bulk_claim_batch: int = 250
+    worker_bulk_claim_batch: int = Field(default=250, ge=1)
     #: ... and mailbox entries read per serial per round (its queued events coalesce into one write).
-    worker_bulk_heads: int = 32
+    worker_bulk_heads: int = Field(default=32, ge=1)
     #: Events received at most this long before they are worked on count as fresh: they are claimed ahead of
     #: a backlog and take single calls first (a few per second per account; the rest go by bulk). Long
     #: enough that a fresh event which waited for a free slot is still fresh when it gets one.
-    worker_bulk_fresh_ms: int = 30_000
+    worker_bulk_fresh_ms: int = Field(default=30_000, ge=0)
     #: A profile bulk-import job still queued or processing is waited for (no attempt counted, the serials'
     #: leases renewed) for up to this long; only then is the wait a transient failure. Klaviyo promises no
     #: completion time.
@@ -93,33 +93,33 @@ class Settings(BaseSettings):
     #: works only accounts with a small backlog, so their events never wait behind a big account's work ...
     worker_express_lane: bool = True
     #: ... an account is small while its backlog is at most this many pending events ...
-    worker_express_small: int = 32
+    worker_express_small: int = Field(default=32, ge=0)
     #: ... other lanes leave a small account's due serials to the express lanes for this long (a dead
     #: express lane costs a small account at most this much latency) ...
-    worker_express_grace_ms: int = 250
+    worker_express_grace_ms: int = Field(default=250, ge=0)
     #: ... the most serials one express lane works on at once ...
-    worker_express_max_serials: int = 64
+    worker_express_max_serials: int = Field(default=64, ge=1)
     #: ... and from how many held serials on a worker counts as busy (draining a backlog): only a busy worker
     #: leaves small accounts' events to the express lanes; an idle one takes them at once (0 = always leave).
-    worker_express_busy_serials: int = 250
+    worker_express_busy_serials: int = Field(default=250, ge=0)
     #: With an express lane, the worker itself (whose loop drains backlogs) lowers its CPU priority by this
     #: much (``nice``): on a shared host, small accounts' events, Redis and the producer go first.
-    worker_backlog_nice: int = 10
+    worker_backlog_nice: int = Field(default=10, ge=0, le=19)
     #: Per-event history (ingested, attempts, written, dead-lettered, replayed) retention.
-    history_retention_s: int = 7 * 86_400
+    history_retention_s: int = Field(default=7 * 86_400, ge=1)
     #: Retry defaults; an account's ``retry_policy`` overrides any of them.
-    retry_base_delay_s: float = 1.0
-    retry_max_delay_s: float = 300.0
-    retry_max_attempts: int = 8
-    retry_max_age_s: float = 24 * 3600.0
+    retry_base_delay_s: float = Field(default=1.0, ge=0)
+    retry_max_delay_s: float = Field(default=300.0, ge=0)
+    retry_max_attempts: int = Field(default=8, ge=1)
+    retry_max_age_s: float = Field(default=24 * 3600.0, gt=0)
     #: How often the sweep checks a paused account's credentials (resuming it when they work again).
-    pause_probe_interval_s: float = 60.0
+    pause_probe_interval_s: float = Field(default=60.0, gt=0)
     #: A metric event whose pass event happened longer ago than this when the worker sends it goes to Klaviyo
     #: with ``backfill: true`` (recorded, triggers no flow), as do all events of NDJSON backfills (0: only those).
-    backfill_age_s: float = 24 * 3600.0
+    backfill_age_s: float = Field(default=24 * 3600.0, ge=0)
 
     # Operations (README "Operations"): each worker's Prometheus endpoint (unset = none) and its bind address.
-    worker_metrics_port: int | None = None
+    worker_metrics_port: int | None = Field(default=None, ge=0, le=65535)
     metrics_host: str = "127.0.0.1"
     #: When set, /metrics (the producer's and each worker's) answers only ``Authorization: Bearer <token>``.
     metrics_token: SecretStr | None = None
@@ -135,6 +135,12 @@ class Settings(BaseSettings):
     #: Where a merchant approves an OAuth grant; empty = derived from the base URL (Klaviyo serves it on
     #: www.klaviyo.com, the sandbox on its own base URL).
     klaviyo_authorize_url: str = ""
+
+    @field_validator("log_level", "log_format", mode="before")
+    @classmethod
+    def _any_case(cls, v: object) -> object:
+        # INFO and info alike, as logging itself takes them.
+        return v.lower() if isinstance(v, str) else v
 
     def oauth_authorize_url(self) -> str:
         """Klaviyo's authorize endpoint for this deployment."""

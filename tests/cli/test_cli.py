@@ -425,3 +425,33 @@ def test_help_works_with_an_invalid_setting(tmp_path: Path) -> None:
     result = run(["producer", "--help"], _bad_settings_env(tmp_path), tmp_path)
     assert result.returncode == 0, result.stderr
     assert "Usage" in result.stdout
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "why"),
+    [
+        ("PASSBRIDGE_WORKER_LEASE_TTL_S", "0", "greater than 0"),
+        ("PASSBRIDGE_BACKLOG_HIGH_WATER", "-5", "greater than or equal to 1"),
+        ("PASSBRIDGE_LOG_LEVEL", "verbose", "'debug', 'info', 'warning', 'error' or 'critical'"),
+        ("PASSBRIDGE_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
+        ("PASSBRIDGE_PRODUCER_PORT", "70000", "less than or equal to 65535"),
+    ],
+)
+def test_a_nonsensical_setting_is_refused_not_run_with(
+    tmp_path: Path, variable: str, value: str, why: str
+) -> None:
+    """A zero lease TTL or a negative high-water mark would run, and misbehave in ways far from their cause."""
+    env = cli_env(tmp_path / "state", "unused", None)
+    env[variable] = value
+    result = run(["redis", "status"], env, tmp_path)
+    assert result.returncode == 1
+    assert f"{variable}: Input should be" in result.stderr
+    assert why in " ".join(result.stderr.split())
+
+
+def test_log_level_and_format_are_read_in_any_case(tmp_path: Path) -> None:
+    env = cli_env(tmp_path / "state", "unused", None)
+    env.update(PASSBRIDGE_LOG_LEVEL="WARNING", PASSBRIDGE_LOG_FORMAT="JSON")
+    result = run(["redis", "status"], env, tmp_path)
+    assert "invalid configuration" not in result.stderr
+    assert result.stdout.strip() == "not running"
