@@ -1,7 +1,10 @@
 """The dead-letter queue, per account: events the engine gave up on, with every attempt's error.
 
-Layout (``docs/architecture.md``): ``AccountKeys.dlq`` is a sorted set of event ids scored by when they were
-dead-lettered, ``AccountKeys.dlq_entries`` a hash event id → :class:`DLQEntry` JSON. An entry keeps the event's
+Layout (``docs/architecture.md``): ``AccountKeys.dlq`` is a sorted set of DLQ ids scored by when they were
+dead-lettered, ``AccountKeys.dlq_entries`` a hash DLQ id → :class:`DLQEntry` JSON. A DLQ id is the entry's
+event id, or the event id plus ``#2``, ``#3``, ... when an entry of that event id was in the DLQ already (after
+the dedup window a client may send the same event id again, and both may fail): ``settle.lua`` picks the
+smallest free one, so no entry ever replaces another. Every operation takes DLQ ids. An entry keeps the event's
 exact mailbox member (arrival sequence + wire JSON) and score (``occurred_at`` ms), so :func:`replay` puts it
 back into its serial's mailbox in its original place in time. Entries are written by the engine inside the
 fenced ``settle.lua`` step that removes the event from its mailbox, so an event is always in exactly one of
@@ -41,6 +44,31 @@ class DLQEntry:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: How often the event was replayed before (an entry that fails again keeps its earlier errors).
     replays: int = 0
+    #: Counted attempts of its last run (since its last replay; ``None``: an entry written before this was
+    #: kept, of an event replayed before). ``errors`` also holds earlier runs' (the newest 50 in all).
+    attempts: int | None = None
+    #: Counted attempts across all its runs (``None``: not known, see :attr:`last_run_attempts`).
+    attempts_total: int | None = None
+    #: Its key in the DLQ (the event id, or the event id plus ``#n``: see the module docstring). Not stored:
+    #: readers set it from the key they read; empty means the event id.
+    dlq_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dlq_id:
+            self.dlq_id = self.event_id
+
+    @property
+    def last_run_attempts(self) -> int | None:
+        """Counted attempts since its last replay; entries written before this was stored fall back to
+        ``len(errors)`` when the event was never replayed (then that is every attempt), else ``None``."""
+        if self.attempts is not None:
+            return self.attempts
+        return len(self.errors) if self.replays == 0 else None
+
+    @property
+    def total_attempts(self) -> int:
+        """Counted attempts across every run (at least ``len(errors)`` for entries written before it was kept)."""
+        return self.attempts_total if self.attempts_total is not None else len(self.errors)
 
     @property
     def event(self) -> dict[str, Any]:
@@ -61,8 +89,10 @@ class DLQEntry:
         return out
 
     def to_doc(self) -> dict[str, Any]:
-        """JSON-able form (what is stored, plus nothing secret: events and Klaviyo errors only)."""
+        """JSON-able form (what is stored, plus nothing secret: events and Klaviyo errors only); the DLQ id is
+        not stored (it is the entry's key) but is part of the doc."""
         return {
+            "dlq_id": self.dlq_id,
             "event_id": self.event_id,
             "serial": self.serial,
             "member": self.member,
@@ -72,17 +102,25 @@ class DLQEntry:
             "worker": self.worker,
             "errors": self.errors,
             "replays": self.replays,
+            "attempts": self.attempts,
+            "attempts_total": self.attempts_total,
         }
 
     def to_json(self) -> bytes:
-        """Stored form."""
-        return orjson.dumps(self.to_doc())
+        """Stored form (without the DLQ id: that is chosen when it is stored, see ``settle.lua``)."""
+        doc = self.to_doc()
+        del doc["dlq_id"]
+        return orjson.dumps(doc)
 
     @classmethod
-    def from_json(cls, raw: bytes, *, dlq_score: float | None = None) -> DLQEntry:
+    def from_json(
+        cls, raw: bytes, *, dlq_score: float | None = None, dlq_id: str | bytes | None = None
+    ) -> DLQEntry:
         """Inverse of :meth:`to_json`; ``dlq_score`` (the entry's DLQ score, Redis time) replaces the stored
-        ``dead_at_ms`` when given."""
+        ``dead_at_ms`` when given; ``dlq_id`` is the key it was read from (default: its event id)."""
         d = orjson.loads(raw)
+        if isinstance(dlq_id, bytes):
+            dlq_id = dlq_id.decode()
         return cls(
             event_id=d["event_id"],
             serial=d["serial"],
@@ -93,7 +131,14 @@ class DLQEntry:
             worker=d["worker"],
             errors=list(d.get("errors", [])),
             replays=int(d.get("replays", 0)),
+            attempts=_int_or_none(d.get("attempts")),
+            attempts_total=_int_or_none(d.get("attempts_total")),
+            dlq_id=dlq_id or "",
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +186,7 @@ def needs_entries(flt: DLQFilter) -> bool:
 async def _pages(
     redis: Redis, key: str, lo: int | None, hi: int | None, *, newest_first: bool = False
 ) -> AsyncIterator[list[tuple[str, int]]]:
-    """(event id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
+    """(DLQ id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
 
     Pages are positioned by rank, never by an offset (Redis walks every skipped entry again for an offset, so a
     full scan of a big DLQ would be quadratic): the first by ZCOUNT, each next one by the rank of the last id
@@ -189,8 +234,8 @@ async def _pages(
 async def iter_ids(
     redis: Redis, account_id: str, since_ms: int | None = None, until_ms: int | None = None
 ) -> AsyncIterator[list[str]]:
-    """Ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at a
-    time, without reading the entries."""
+    """DLQ ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at
+    a time, without reading the entries."""
     async for page in _pages(redis, account_keys(account_id).dlq, since_ms, until_ms):
         yield [event_id for event_id, _ in page]
 
@@ -219,11 +264,11 @@ async def iter_entries(
                 budget.exhausted = True
             budget.examined += len(page)
         if page:
-            raws = await redis.hmget(keys.dlq_entries, [event_id for event_id, _ in page])
-            for (_, dlq_score), raw in zip(page, raws, strict=True):
+            raws = await redis.hmget(keys.dlq_entries, [dlq_id for dlq_id, _ in page])
+            for (dlq_id, dlq_score), raw in zip(page, raws, strict=True):
                 if raw is None:  # purged or replayed meanwhile
                     continue
-                entry = DLQEntry.from_json(raw, dlq_score=dlq_score)
+                entry = DLQEntry.from_json(raw, dlq_score=dlq_score, dlq_id=dlq_id)
                 if flt.matches(entry):
                     yield entry
                     yielded += 1
@@ -236,12 +281,12 @@ async def iter_entries(
 async def select_ids(
     redis: Redis, account_id: str, flt: DLQFilter | None = None, *, budget: Budget | None = None
 ) -> list[str]:
-    """Ids of every entry ``flt`` matches, oldest first. Only a code or serial filter reads the entries (and
+    """DLQ ids of every entry ``flt`` matches, oldest first. Only a code or serial filter reads the entries (and
     spends ``budget``); a time range alone is answered from the DLQ's scores."""
     flt = flt or DLQFilter()
     if not needs_entries(flt):
         return [i async for page in iter_ids(redis, account_id, flt.since_ms, flt.until_ms) for i in page]
-    return [e.event_id async for e in iter_entries(redis, account_id, flt, budget=budget)]
+    return [e.dlq_id async for e in iter_entries(redis, account_id, flt, budget=budget)]
 
 
 async def list_entries(
@@ -251,26 +296,67 @@ async def list_entries(
     return [e async for e in iter_entries(redis, account_id, flt, limit=limit)]
 
 
-async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
-    """One entry by event id."""
+async def get(redis: Redis, account_id: str, dlq_id: str) -> DLQEntry | None:
+    """One entry by DLQ id (for an event's first entry, its event id)."""
     keys = account_keys(account_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hget(keys.dlq_entries, event_id)
-        pipe.zscore(keys.dlq, event_id)
+        pipe.hget(keys.dlq_entries, dlq_id)
+        pipe.zscore(keys.dlq, dlq_id)
         raw, dlq_score = await pipe.execute()
-    return DLQEntry.from_json(raw, dlq_score=dlq_score) if raw is not None else None
+    return DLQEntry.from_json(raw, dlq_score=dlq_score, dlq_id=dlq_id) if raw is not None else None
+
+
+#: How many ``#n`` DLQ ids of one event id :func:`entries_of` looks at. ``settle.lua`` takes the smallest free
+#: ``n``, so an entry lies beyond this only if that many entries of one event id were in the DLQ at once.
+SAME_ID_PROBE = 8
+
+
+def same_id_keys(event_id: str) -> list[str]:
+    """The DLQ ids an event id's entries can have (see :data:`SAME_ID_PROBE`)."""
+    return [event_id, *(f"{event_id}#{n}" for n in range(2, SAME_ID_PROBE + 2))]
+
+
+async def entries_of(redis: Redis, account_id: str, event_ids: Sequence[str]) -> list[DLQEntry]:
+    """Every DLQ entry of these event ids (an event id sent again after the dedup window can have several),
+    oldest first per event id, in one round trip."""
+    if not event_ids:
+        return []
+    keys = account_keys(account_id)
+    probe = [k for event_id in event_ids for k in same_id_keys(event_id)]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hmget(keys.dlq_entries, probe)
+        pipe.zmscore(keys.dlq, probe)
+        raws, scores = await pipe.execute()
+    width = SAME_ID_PROBE + 1
+    out: list[DLQEntry] = []
+    for i, event_id in enumerate(event_ids):
+        found = [
+            DLQEntry.from_json(raw, dlq_score=score, dlq_id=dlq_id)
+            for dlq_id, raw, score in zip(
+                probe[i * width : (i + 1) * width],
+                raws[i * width : (i + 1) * width],
+                scores[i * width : (i + 1) * width],
+                strict=True,
+            )
+            if raw is not None
+        ]
+        # A key such as "x#2" may belong to another event whose id is "x#2".
+        out += sorted((e for e in found if e.event_id == event_id), key=lambda e: (e.dead_at_ms, e.dlq_id))
+    return out
 
 
 async def replay(
     redis: Redis,
     account_id: str,
-    event_ids: Sequence[str],
+    dlq_ids: Sequence[str],
     *,
     history_retention_ms: int,
     by: str = "operator",
     progress: Callable[[int], None] | None = None,
 ) -> int:
-    """Put entries back into their serials' mailboxes (see ``replay.lua``); returns how many were replayed.
+    """Put the entries ``dlq_ids`` back into their serials' mailboxes (see ``replay.lua``); returns how many
+    were replayed. Each replays its own payload, under its event id (replay writes the mailbox directly: no
+    dedup window drops it).
 
     Their earlier errors move into the event's retry record, so one that fails again lands in the DLQ with
     its whole history. ``progress`` is called with the number done after each chunk.
@@ -278,8 +364,8 @@ async def replay(
     scripts = Scripts(redis)
     keys = account_keys(account_id)
     done = 0
-    for i in range(0, len(event_ids), CHUNK):
-        chunk = list(event_ids[i : i + CHUNK])
+    for i in range(0, len(dlq_ids), CHUNK):
+        chunk = list(dlq_ids[i : i + CHUNK])
         flags = await scripts.replay(
             args=[
                 keys.base,
@@ -298,13 +384,13 @@ async def replay(
 
 
 async def purge(
-    redis: Redis, account_id: str, event_ids: Sequence[str], *, progress: Callable[[int], None] | None = None
+    redis: Redis, account_id: str, dlq_ids: Sequence[str], *, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Delete entries for good; returns how many existed."""
+    """Delete the entries ``dlq_ids`` for good; returns how many existed."""
     keys = account_keys(account_id)
     removed = 0
-    for i in range(0, len(event_ids), CHUNK):
-        chunk = list(event_ids[i : i + CHUNK])
+    for i in range(0, len(dlq_ids), CHUNK):
+        chunk = list(dlq_ids[i : i + CHUNK])
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.dlq_entries, *chunk)
             pipe.zrem(keys.dlq, *chunk)

@@ -2,14 +2,17 @@
 --
 -- ARGV[1] account key base   ARGV[2] account id   ARGV[3] active-accounts key   ARGV[4] notify key
 -- ARGV[5] history retention ms   ARGV[6] history entry template suffix (JSON object text, e.g. {"by":"cli"})
--- ARGV[7..] event ids
+-- ARGV[7..] DLQ ids (an entry's event id, or the event id plus '#n' for a later entry of the same event id:
+-- see settle.lua); each replays its own entry, under its event's id
 --
 -- Each entry's mailbox member (arrival seq + wire JSON) and score (occurred_at ms) are restored as they
 -- were, so the mailbox orders it among the serial's other events exactly as on first arrival; the state
 -- machine then keeps an old replayed event from regressing newer state (it is applied as stale). The serial
 -- is offered unless a worker holds it (that worker sees the entry when it reads the head again).
 -- Earlier errors move into the event's retry record, with the replay time (`replayed_ms`): the retry policy
--- measures the event's age from it, so an event dead-lettered for its age gets a fresh retry window.
+-- measures the event's age from it, so an event dead-lettered for its age gets a fresh retry window; and
+-- with the attempts of all its earlier runs (`attempts_before`), so its next DLQ entry can tell the attempts
+-- of its last run from its total.
 -- Returns one flag per id: 1 replayed, 0 not in the DLQ.
 local base, account, active, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local retention, extra = tonumber(ARGV[5]), ARGV[6]
@@ -18,23 +21,26 @@ local now = clock_ms()
 local out = {}
 local woke = false
 for i = 7, #ARGV do
-  local id = ARGV[i]
-  local raw = redis.call('HGET', entries, id)
+  local dlq_id = ARGV[i]
+  local raw = redis.call('HGET', entries, dlq_id)
   if not raw then
     out[#out + 1] = 0
   else
     local entry = cjson.decode(raw)
+    local id = entry['event_id']
     local serial = entry['serial']
     redis.call('ZADD', base .. ':mb:' .. serial, entry['score'], entry['member'])
-    redis.call('HDEL', entries, id)
+    redis.call('HDEL', entries, dlq_id)
     -- A fresh attempt budget, but the earlier errors stay with the event: if it fails again, its DLQ
     -- entry shows its whole history.
     local errors = entry['errors']
     if errors == nil or #errors == 0 then errors = cjson.decode('[]') end
+    -- Entries written before the total was kept: their errors are every counted attempt (up to 50).
+    local before = tonumber(entry['attempts_total']) or #errors
     redis.call('HSET', base .. ':retry', id, cjson.encode({
-      serial = serial, attempts = 0, throttled = 0, first_failure_ms = 0,
+      serial = serial, attempts = 0, throttled = 0, first_failure_ms = 0, attempts_before = before,
       errors = errors, replays = (tonumber(entry['replays']) or 0) + 1, replayed_ms = math.floor(now)}))
-    redis.call('ZREM', dlq, id)
+    redis.call('ZREM', dlq, dlq_id)
     redis.call('INCR', base .. ':depth')
     if retention > 0 then
       local key = base .. ':h:' .. serial
