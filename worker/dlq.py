@@ -44,8 +44,8 @@ class DLQEntry:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: How often the event was replayed before (an entry that fails again keeps its earlier errors).
     replays: int = 0
-    #: Counted attempts of its last run (since its last replay; ``None``: an entry written before this was
-    #: kept, of an event replayed before). ``errors`` also holds earlier runs' (the newest 50 in all).
+    #: Counted attempts of its last run, since its last replay (``None`` in entries written before it was
+    #: stored: see :attr:`last_run_attempts`). ``errors`` also holds earlier runs' (the newest 50 in all).
     attempts: int | None = None
     #: Counted attempts across all its runs (``None``: not known, see :attr:`last_run_attempts`).
     attempts_total: int | None = None
@@ -207,17 +207,17 @@ async def _pages(
         page: list[tuple[str, int]] = []
         in_range = True
         for member, score in raw:
-            event_id, at = member.decode(), int(score)
+            dlq_id, at = member.decode(), int(score)
             if (lo is not None and at < lo) if newest_first else (hi is not None and at > hi):
                 in_range = False
                 break
             if at == last_score:
-                if event_id in seen_at_last:
+                if dlq_id in seen_at_last:
                     continue
-                seen_at_last.add(event_id)
+                seen_at_last.add(dlq_id)
             else:
-                last_score, seen_at_last = at, {event_id}
-            page.append((event_id, at))
+                last_score, seen_at_last = at, {dlq_id}
+            page.append((dlq_id, at))
         if page:
             yield page
         if not in_range or len(raw) < CHUNK:
@@ -237,7 +237,7 @@ async def iter_ids(
     """DLQ ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at
     a time, without reading the entries."""
     async for page in _pages(redis, account_keys(account_id).dlq, since_ms, until_ms):
-        yield [event_id for event_id, _ in page]
+        yield [dlq_id for dlq_id, _ in page]
 
 
 async def iter_entries(
