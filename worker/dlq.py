@@ -1,7 +1,10 @@
 """The dead-letter queue, per account: events the engine gave up on, with every attempt's error.
 
-Layout (``docs/architecture.md``): ``AccountKeys.dlq`` is a sorted set of event ids scored by when they were
-dead-lettered, ``AccountKeys.dlq_entries`` a hash event id → :class:`DLQEntry` JSON. An entry keeps the event's
+Layout (``docs/architecture.md``): ``AccountKeys.dlq`` is a sorted set of DLQ ids scored by when they were
+dead-lettered, ``AccountKeys.dlq_entries`` a hash DLQ id → :class:`DLQEntry` JSON. A DLQ id is the entry's
+event id, or the event id plus ``#2``, ``#3``, ... when an entry of that event id was in the DLQ already (after
+the dedup window a client may send the same event id again, and both may fail): ``settle.lua`` picks the
+smallest free one, so no entry ever replaces another. Every operation takes DLQ ids. An entry keeps the event's
 exact mailbox member (arrival sequence + wire JSON) and score (``occurred_at`` ms), so :func:`replay` puts it
 back into its serial's mailbox in its original place in time. Entries are written by the engine inside the
 fenced ``settle.lua`` step that removes the event from its mailbox, so an event is always in exactly one of
@@ -41,6 +44,31 @@ class DLQEntry:
     errors: list[dict[str, Any]] = field(default_factory=list)
     #: How often the event was replayed before (an entry that fails again keeps its earlier errors).
     replays: int = 0
+    #: Counted attempts of its last run, since its last replay (``None`` in entries written before it was
+    #: stored: see :attr:`last_run_attempts`). ``errors`` also holds earlier runs' (the newest 50 in all).
+    attempts: int | None = None
+    #: Counted attempts across all its runs (``None``: not known, see :attr:`last_run_attempts`).
+    attempts_total: int | None = None
+    #: Its key in the DLQ (the event id, or the event id plus ``#n``: see the module docstring). Not stored:
+    #: readers set it from the key they read; empty means the event id.
+    dlq_id: str = ""
+
+    def __post_init__(self) -> None:
+        if not self.dlq_id:
+            self.dlq_id = self.event_id
+
+    @property
+    def last_run_attempts(self) -> int | None:
+        """Counted attempts since its last replay; entries written before this was stored fall back to
+        ``len(errors)`` when the event was never replayed (then that is every attempt), else ``None``."""
+        if self.attempts is not None:
+            return self.attempts
+        return len(self.errors) if self.replays == 0 else None
+
+    @property
+    def total_attempts(self) -> int:
+        """Counted attempts across every run (at least ``len(errors)`` for entries written before it was kept)."""
+        return self.attempts_total if self.attempts_total is not None else len(self.errors)
 
     @property
     def event(self) -> dict[str, Any]:
@@ -61,8 +89,10 @@ class DLQEntry:
         return out
 
     def to_doc(self) -> dict[str, Any]:
-        """JSON-able form (what is stored, plus nothing secret: events and Klaviyo errors only)."""
+        """JSON-able form (what is stored, plus nothing secret: events and Klaviyo errors only); the DLQ id is
+        not stored (it is the entry's key) but is part of the doc."""
         return {
+            "dlq_id": self.dlq_id,
             "event_id": self.event_id,
             "serial": self.serial,
             "member": self.member,
@@ -72,17 +102,25 @@ class DLQEntry:
             "worker": self.worker,
             "errors": self.errors,
             "replays": self.replays,
+            "attempts": self.attempts,
+            "attempts_total": self.attempts_total,
         }
 
     def to_json(self) -> bytes:
-        """Stored form."""
-        return orjson.dumps(self.to_doc())
+        """Stored form (without the DLQ id: that is chosen when it is stored, see ``settle.lua``)."""
+        doc = self.to_doc()
+        del doc["dlq_id"]
+        return orjson.dumps(doc)
 
     @classmethod
-    def from_json(cls, raw: bytes, *, dlq_score: float | None = None) -> DLQEntry:
+    def from_json(
+        cls, raw: bytes, *, dlq_score: float | None = None, dlq_id: str | bytes | None = None
+    ) -> DLQEntry:
         """Inverse of :meth:`to_json`; ``dlq_score`` (the entry's DLQ score, Redis time) replaces the stored
-        ``dead_at_ms`` when given."""
+        ``dead_at_ms`` when given; ``dlq_id`` is the key it was read from (default: its event id)."""
         d = orjson.loads(raw)
+        if isinstance(dlq_id, bytes):
+            dlq_id = dlq_id.decode()
         return cls(
             event_id=d["event_id"],
             serial=d["serial"],
@@ -93,7 +131,14 @@ class DLQEntry:
             worker=d["worker"],
             errors=list(d.get("errors", [])),
             replays=int(d.get("replays", 0)),
+            attempts=_int_or_none(d.get("attempts")),
+            attempts_total=_int_or_none(d.get("attempts_total")),
+            dlq_id=dlq_id or "",
         )
+
+
+def _int_or_none(value: Any) -> int | None:
+    return int(value) if value is not None else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,7 +186,7 @@ def needs_entries(flt: DLQFilter) -> bool:
 async def _pages(
     redis: Redis, key: str, lo: int | None, hi: int | None, *, newest_first: bool = False
 ) -> AsyncIterator[list[tuple[str, int]]]:
-    """(event id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
+    """(DLQ id, score) of the entries scored in ``[lo, hi]``, oldest (or newest) first, a page at a time.
 
     Pages are positioned by rank, never by an offset (Redis walks every skipped entry again for an offset, so a
     full scan of a big DLQ would be quadratic): the first by ZCOUNT, each next one by the rank of the last id
@@ -162,17 +207,17 @@ async def _pages(
         page: list[tuple[str, int]] = []
         in_range = True
         for member, score in raw:
-            event_id, at = member.decode(), int(score)
+            dlq_id, at = member.decode(), int(score)
             if (lo is not None and at < lo) if newest_first else (hi is not None and at > hi):
                 in_range = False
                 break
             if at == last_score:
-                if event_id in seen_at_last:
+                if dlq_id in seen_at_last:
                     continue
-                seen_at_last.add(event_id)
+                seen_at_last.add(dlq_id)
             else:
-                last_score, seen_at_last = at, {event_id}
-            page.append((event_id, at))
+                last_score, seen_at_last = at, {dlq_id}
+            page.append((dlq_id, at))
         if page:
             yield page
         if not in_range or len(raw) < CHUNK:
@@ -189,10 +234,10 @@ async def _pages(
 async def iter_ids(
     redis: Redis, account_id: str, since_ms: int | None = None, until_ms: int | None = None
 ) -> AsyncIterator[list[str]]:
-    """Ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at a
-    time, without reading the entries."""
+    """DLQ ids of the entries dead-lettered in ``[since_ms, until_ms]`` (Redis time), oldest first, a page at
+    a time, without reading the entries."""
     async for page in _pages(redis, account_keys(account_id).dlq, since_ms, until_ms):
-        yield [event_id for event_id, _ in page]
+        yield [dlq_id for dlq_id, _ in page]
 
 
 async def iter_entries(
@@ -219,11 +264,11 @@ async def iter_entries(
                 budget.exhausted = True
             budget.examined += len(page)
         if page:
-            raws = await redis.hmget(keys.dlq_entries, [event_id for event_id, _ in page])
-            for (_, dlq_score), raw in zip(page, raws, strict=True):
+            raws = await redis.hmget(keys.dlq_entries, [dlq_id for dlq_id, _ in page])
+            for (dlq_id, dlq_score), raw in zip(page, raws, strict=True):
                 if raw is None:  # purged or replayed meanwhile
                     continue
-                entry = DLQEntry.from_json(raw, dlq_score=dlq_score)
+                entry = DLQEntry.from_json(raw, dlq_score=dlq_score, dlq_id=dlq_id)
                 if flt.matches(entry):
                     yield entry
                     yielded += 1
@@ -236,12 +281,12 @@ async def iter_entries(
 async def select_ids(
     redis: Redis, account_id: str, flt: DLQFilter | None = None, *, budget: Budget | None = None
 ) -> list[str]:
-    """Ids of every entry ``flt`` matches, oldest first. Only a code or serial filter reads the entries (and
+    """DLQ ids of every entry ``flt`` matches, oldest first. Only a code or serial filter reads the entries (and
     spends ``budget``); a time range alone is answered from the DLQ's scores."""
     flt = flt or DLQFilter()
     if not needs_entries(flt):
         return [i async for page in iter_ids(redis, account_id, flt.since_ms, flt.until_ms) for i in page]
-    return [e.event_id async for e in iter_entries(redis, account_id, flt, budget=budget)]
+    return [e.dlq_id async for e in iter_entries(redis, account_id, flt, budget=budget)]
 
 
 async def list_entries(
@@ -251,14 +296,53 @@ async def list_entries(
     return [e async for e in iter_entries(redis, account_id, flt, limit=limit)]
 
 
-async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
-    """One entry by event id."""
+async def get(redis: Redis, account_id: str, dlq_id: str) -> DLQEntry | None:
+    """One entry by DLQ id (for an event's first entry, its event id)."""
     keys = account_keys(account_id)
     async with redis.pipeline(transaction=True) as pipe:
-        pipe.hget(keys.dlq_entries, event_id)
-        pipe.zscore(keys.dlq, event_id)
+        pipe.hget(keys.dlq_entries, dlq_id)
+        pipe.zscore(keys.dlq, dlq_id)
         raw, dlq_score = await pipe.execute()
-    return DLQEntry.from_json(raw, dlq_score=dlq_score) if raw is not None else None
+    return DLQEntry.from_json(raw, dlq_score=dlq_score, dlq_id=dlq_id) if raw is not None else None
+
+
+#: How many ``#n`` DLQ ids of one event id :func:`entries_of` looks at. ``settle.lua`` takes the smallest free
+#: ``n``, so an entry lies beyond this only if that many entries of one event id were in the DLQ at once.
+SAME_ID_PROBE = 8
+
+
+def same_id_keys(event_id: str) -> list[str]:
+    """The DLQ ids an event id's entries can have (see :data:`SAME_ID_PROBE`)."""
+    return [event_id, *(f"{event_id}#{n}" for n in range(2, SAME_ID_PROBE + 2))]
+
+
+async def entries_of(redis: Redis, account_id: str, event_ids: Sequence[str]) -> list[DLQEntry]:
+    """Every DLQ entry of these event ids (an event id sent again after the dedup window can have several),
+    oldest first per event id, in one round trip."""
+    if not event_ids:
+        return []
+    keys = account_keys(account_id)
+    probe = [k for event_id in event_ids for k in same_id_keys(event_id)]
+    async with redis.pipeline(transaction=True) as pipe:
+        pipe.hmget(keys.dlq_entries, probe)
+        pipe.zmscore(keys.dlq, probe)
+        raws, scores = await pipe.execute()
+    width = SAME_ID_PROBE + 1
+    out: list[DLQEntry] = []
+    for i, event_id in enumerate(event_ids):
+        found = [
+            DLQEntry.from_json(raw, dlq_score=score, dlq_id=dlq_id)
+            for dlq_id, raw, score in zip(
+                probe[i * width : (i + 1) * width],
+                raws[i * width : (i + 1) * width],
+                scores[i * width : (i + 1) * width],
+                strict=True,
+            )
+            if raw is not None
+        ]
+        # A key such as "x#2" may belong to another event whose id is "x#2".
+        out += sorted((e for e in found if e.event_id == event_id), key=lambda e: (e.dead_at_ms, e.dlq_id))
+    return out
 
 
 @dataclass(slots=True)
@@ -294,7 +378,7 @@ def backlog_full_message(account_id: str, depth: int, high_water: int, left: int
 async def replay(
     redis: Redis,
     account_id: str,
-    event_ids: Sequence[str],
+    dlq_ids: Sequence[str],
     *,
     high_water: int,
     history_retention_ms: int,
@@ -302,12 +386,13 @@ async def replay(
     progress: Callable[[int], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> ReplayOutcome:
-    """Put entries back into their serials' mailboxes (see ``replay.lua``), oldest first as given, while the
-    account's pending events stay within ``high_water`` (the producer's backlog high-water mark: ingest answers
-    503 beyond it).
+    """Put the entries ``dlq_ids`` back into their serials' mailboxes (see ``replay.lua``), oldest first as
+    given, while the account's pending events stay within ``high_water`` (the producer's backlog high-water
+    mark: ingest answers 503 beyond it). Each replays its own payload, under its event id (replay writes the
+    mailbox directly: no dedup window drops it).
 
     Each chunk is one atomic step: an entry leaves the DLQ in the step that puts it back in its mailbox. At the
-    first chunk that finds the backlog full, the rest of ``event_ids`` is left (``ReplayOutcome.left``), so
+    first chunk that finds the backlog full, the rest of ``dlq_ids`` is left (``ReplayOutcome.left``), so
     what is replayed is always the oldest part of the selection; so is everything after ``stop()`` turns true.
     Their earlier errors move into the event's retry record, so one that fails again lands in the DLQ with
     its whole history. ``progress`` is called after each chunk with how many of it are done (replayed, or
@@ -316,11 +401,11 @@ async def replay(
     scripts = Scripts(redis)
     keys = account_keys(account_id)
     outcome = ReplayOutcome()
-    for i in range(0, len(event_ids), CHUNK):
+    for i in range(0, len(dlq_ids), CHUNK):
         if stop is not None and stop():
-            outcome.left += event_ids[i:]
+            outcome.left += dlq_ids[i:]
             break
-        chunk = list(event_ids[i : i + CHUNK])
+        chunk = list(dlq_ids[i : i + CHUNK])
         depth, *flags = await scripts.replay(
             args=[
                 keys.base,
@@ -335,9 +420,9 @@ async def replay(
         )
         outcome.depth = int(depth)
         settled = 0
-        for event_id, flag in zip(chunk, flags, strict=True):
+        for dlq_id, flag in zip(chunk, flags, strict=True):
             if flag == 2:
-                outcome.left.append(event_id)
+                outcome.left.append(dlq_id)
             else:
                 outcome.replayed += int(flag)
                 outcome.missing += 1 - int(flag)
@@ -346,19 +431,19 @@ async def replay(
             progress(settled)
         if outcome.left:
             outcome.full = True
-            outcome.left += event_ids[i + CHUNK :]
+            outcome.left += dlq_ids[i + CHUNK :]
             break
     return outcome
 
 
 async def purge(
-    redis: Redis, account_id: str, event_ids: Sequence[str], *, progress: Callable[[int], None] | None = None
+    redis: Redis, account_id: str, dlq_ids: Sequence[str], *, progress: Callable[[int], None] | None = None
 ) -> int:
-    """Delete entries for good; returns how many existed."""
+    """Delete the entries ``dlq_ids`` for good; returns how many existed."""
     keys = account_keys(account_id)
     removed = 0
-    for i in range(0, len(event_ids), CHUNK):
-        chunk = list(event_ids[i : i + CHUNK])
+    for i in range(0, len(dlq_ids), CHUNK):
+        chunk = list(dlq_ids[i : i + CHUNK])
         async with redis.pipeline(transaction=True) as pipe:
             pipe.hdel(keys.dlq_entries, *chunk)
             pipe.zrem(keys.dlq, *chunk)

@@ -728,6 +728,8 @@ class Engine:
             worker=self.worker_id,
             errors=record.errors,
             replays=record.replays,
+            attempts=record.attempts,
+            attempts_total=record.attempts_before + record.attempts,
         )
         hist = entry(HistoryKind.dead, event_id, now, **_error_detail(failure), reason=decision.reason)
         # The writes Klaviyo accepted stay there: without their state the next event would be planned from

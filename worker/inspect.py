@@ -33,7 +33,7 @@ from passbridge.keys import (
 )
 from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, REPORT_TTL_S, SAMPLED, SERIES, bucket_of
 from passbridge.queue import dedup_bucket_width
-from worker import history, pause
+from worker import dlq, history, pause
 from worker.dlq import DLQEntry
 from worker.pause import Pause
 from worker.queue import split_member
@@ -506,7 +506,7 @@ class SerialDetail:
             ],
             "applied_state": self.applied,
             "retries": self.retries,
-            "dead_lettered": [e.event_id for e in self.dead],
+            "dead_lettered": [e.dlq_id for e in self.dead],
             "timeline": [h.to_doc() for h in self.timeline],
         }
 
@@ -530,9 +530,8 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
         retries = {p.event_id: orjson.loads(r) for p, r in zip(pending, raw, strict=True) if r is not None}
     timeline = await history.timeline(redis, account_id, serial)
     dead_ids = list(dict.fromkeys(h.event_id for h in timeline if h.kind == "dead"))
-    dead: list[DLQEntry] = []
-    if dead_ids:
-        dead = [DLQEntry.from_json(r) for r in await redis.hmget(keys.dlq_entries, dead_ids) if r is not None]
+    # Every entry of those ids: one sent again after the dedup window may be in the DLQ twice.
+    dead = [e for e in await dlq.entries_of(redis, account_id, dead_ids) if e.serial == serial]
     lease = None
     if token is not None:
         lease = LeaseInfo(token.decode().rsplit(".", 1)[0], int(expiry) if expiry is not None else 0)
@@ -586,7 +585,10 @@ class EventDetail:
     position: int | None = None
     event: dict[str, Any] | None = None
     retry: dict[str, Any] | None = None
+    #: Its newest DLQ entry; ``dead_letters``: all of them, oldest first (an event id sent again after the
+    #: dedup window may have several).
     dlq: DLQEntry | None = None
+    dead_letters: list[DLQEntry] = field(default_factory=list)
     history: list[history.HistoryEntry] = field(default_factory=list)
     serial_status: str | None = None
 
@@ -607,6 +609,7 @@ class EventDetail:
             "event": self.event,
             "retry": self.retry,
             "dlq": dlq_doc,
+            "dlq_entries": [{"dlq_id": e.dlq_id, "dead_at": iso(e.dead_at_ms)} for e in self.dead_letters],
             "history": [h.to_doc() for h in self.history],
         }
 
@@ -621,8 +624,8 @@ async def find_event(
     when the caller knows it, is searched then (its mailbox up to :data:`MAILBOX_SCAN_LIMIT` entries).
     """
     keys = account_keys(account_id)
-    raw_dead = await redis.hget(keys.dlq_entries, event_id)
-    dead = DLQEntry.from_json(raw_dead) if raw_dead is not None else None
+    dead_letters = await dlq.entries_of(redis, account_id, [event_id])
+    dead = max(dead_letters, key=lambda e: e.dead_at_ms) if dead_letters else None
     given = serial
     serial = dead.serial if dead is not None else await serial_of(redis, account_id, event_id, dedup_window_s)
     serial = serial or given
@@ -640,9 +643,14 @@ async def find_event(
     if dead is not None:
         last = dead.errors[-1] if dead.errors else {}
         out.where, out.dlq, out.event = "dead_lettered", dead, dead.event
+        out.dead_letters = dead_letters
         out.detail = f"in the DLQ since {iso(dead.dead_at_ms)}: {dead.reason}"
         if last.get("endpoint"):
             out.detail += f" ({last['endpoint']})"
+        if len(dead_letters) > 1:
+            out.detail += f"; {len(dead_letters)} DLQ entries have this event id: " + ", ".join(
+                f"{e.dlq_id} (dead at {iso(e.dead_at_ms)})" for e in dead_letters
+            )
         return out
     for i, p in enumerate(detail.pending):
         if p.event_id == event_id:
@@ -782,17 +790,21 @@ async def leased_serials(redis: Redis, account_id: str, limit: int = 50) -> list
 
 
 def dlq_summary(account_id: str, entry: DLQEntry) -> dict[str, Any]:
-    """One line of a DLQ listing: the event's id, serial and kind, when and why it died, its last error."""
+    """One line of a DLQ listing: its DLQ id, the event's id, serial and kind, when and why it died, its last
+    error, the attempts of its last run (since its last replay; None when an old entry does not say) and of
+    all its runs."""
     last = entry.errors[-1] if entry.errors else {}
     event = entry.event
     return {
         "account": account_id,
+        "dlq_id": entry.dlq_id,
         "event_id": entry.event_id,
         "serial": entry.serial,
         "kind": event.get("k"),
         "occurred_at": event.get("o"),
         "dead_at": iso(entry.dead_at_ms),
-        "attempts": len(entry.errors),
+        "attempts": entry.last_run_attempts,
+        "attempts_total": entry.total_attempts,
         "status": last.get("status"),
         "code": last.get("code") or last.get("kind"),
         "endpoint": last.get("endpoint"),

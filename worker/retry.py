@@ -189,6 +189,8 @@ class RetryRecord:
     replays: int = 0
     #: When it last came back from the DLQ (epoch ms; 0 = never): its age counts from then, not from receipt.
     replayed_ms: int = 0
+    #: Counted attempts of its runs before the last replay (``attempts`` counts only this run's).
+    attempts_before: int = 0
 
     #: Most errors kept per event (attempts are bounded by the policy; throttles are only counted).
     MAX_ERRORS = 50
@@ -214,6 +216,7 @@ class RetryRecord:
             "errors": self.errors,
             "replays": self.replays,
             "replayed_ms": self.replayed_ms,
+            "attempts_before": self.attempts_before,
         }
 
     @classmethod
@@ -227,4 +230,5 @@ class RetryRecord:
             errors=list(doc.get("errors") or []),
             replays=int(doc.get("replays", 0)),
             replayed_ms=int(doc.get("replayed_ms", 0)),
+            attempts_before=int(doc.get("attempts_before", 0)),
         )

@@ -4,6 +4,9 @@ Selections take the same filters everywhere: ``--account``, ``--code`` (a Klaviy
 an error kind seen in any attempt), ``--serial``, ``--since``/``--until`` (ISO 8601 or a relative age such as
 ``30m``, ``2h``, ``7d``). Operations on more than one entry ask for confirmation (``--yes`` skips it) and
 show a progress bar; ``--json`` prints machine-readable output.
+
+Entries are named by their DLQ id: the event id, or ``<event id>#2``, ``#3``, ... for a later entry of an event
+id that is in the DLQ already (a client may send an event id again once the dedup window forgot it).
 """
 
 from __future__ import annotations
@@ -40,6 +43,7 @@ SinceOpt = typer.Option(None, "--since", help="Dead-lettered at/after: ISO 8601 
 UntilOpt = typer.Option(None, "--until", help="Dead-lettered at/before: ISO 8601 or an age like 30m, 2h, 7d.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 YesOpt = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation.")
+_IDS_HELP = "DLQ ids, as `dlq list` shows them (default: everything the filters select)."
 
 
 def parse_when(text: str, *, now: datetime | None = None) -> int:
@@ -93,7 +97,7 @@ async def _accounts(redis: Redis, account: str | None) -> list[str]:
 
 
 async def _select(redis: Redis, account: str | None, flt: DLQFilter, ids: list[str]) -> dict[str, list[str]]:
-    """account → event ids chosen by explicit ids (looked up in every account unless --account) or filters."""
+    """account → DLQ ids chosen by explicit ids (looked up in every account unless --account) or filters."""
     from worker import dlq
 
     chosen: dict[str, list[str]] = {}
@@ -119,7 +123,8 @@ def list_(
     limit: int = typer.Option(100, min=1, help="At most this many entries per account."),
     as_json: bool = JsonOpt,
 ) -> None:
-    """Dead-lettered events, oldest first, with their last error."""
+    """Dead-lettered events, oldest first, with their last error and attempts (of the last run since a
+    replay; "in all" counts every run)."""
     from rich.table import Table
 
     from worker import dlq
@@ -144,15 +149,20 @@ def list_(
     if not rows:
         typer.echo("no dead-lettered events match")
         return
-    table = Table("account", "event id", "serial", "kind", "dead at", "tries", "error", "reason")
+    table = Table("account")
+    # The id is what `dlq show|replay|purge` take: never cut short, the other columns give way.
+    width = min(80, max(len(r["dlq_id"]) for r in rows))
+    table.add_column("id", no_wrap=True, min_width=width)
+    for name in ("serial", "kind", "dead at", "attempts", "error", "reason"):
+        table.add_column(name)
     for r in rows:
         table.add_row(
             safe(r["account"]),
-            safe(r["event_id"]),
+            safe(r["dlq_id"]) + ("" if r["dlq_id"] == r["event_id"] else f"\n(event {safe(r['event_id'])})"),
             safe(r["serial"]),
             safe(r["kind"]),
             safe(r["dead_at"]),
-            str(r["attempts"]),
+            _attempts(r),
             safe(f"{r['status'] or ''} {r['code'] or ''}".strip()),
             safe(r["reason"][:80]),
         )
@@ -162,36 +172,63 @@ def list_(
     )
 
 
+def _attempts(row: dict[str, Any]) -> str:
+    last = "?" if row["attempts"] is None else str(row["attempts"])
+    return last if row["attempts"] == row["attempts_total"] else f"{last} ({row['attempts_total']} in all)"
+
+
 @app.command()
 def show(
-    event_id: str = typer.Argument(..., help="The dead-lettered event's id."),
+    dlq_id: str = typer.Argument(
+        ..., help="The entry's DLQ id (its event id; <event id>#2, #3, ... for later entries of that id)."
+    ),
     account: str | None = AccountOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """One entry in full: the event, the reason, every attempt's error and the event's history."""
+    """One entry in full: the event, the reason, every attempt's error and the event's history; and the
+    other entries of its event id, if any."""
     from rich.table import Table
 
     from worker import dlq, history
 
-    async def go(redis: Redis) -> tuple[str, DLQEntry, list[dict[str, Any]]] | None:
+    async def go(redis: Redis) -> tuple[str, DLQEntry, list[dict[str, Any]], list[DLQEntry]] | None:
         for account_id in await _accounts(redis, account):
-            entry = await dlq.get(redis, account_id, event_id)
+            entry = await dlq.get(redis, account_id, dlq_id)
             if entry is not None:
-                hist = await history.event_history(redis, account_id, event_id, entry.serial)
-                return account_id, entry, [h.to_doc() for h in hist]
+                hist = await history.event_history(redis, account_id, entry.event_id, entry.serial)
+                same = await dlq.entries_of(redis, account_id, [entry.event_id])
+                others = [e for e in same if e.dlq_id != entry.dlq_id]
+                return account_id, entry, [h.to_doc() for h in hist], others
         return None
 
     found = run(_with_redis(go))
     if found is None:
-        fail(f"no dead-lettered event {event_id!r}" + (f" in account {account!r}" if account else ""))
-    account_id, entry, hist = found
-    doc = {"account": account_id, **entry.to_doc(), "event": entry.event, "history": hist}
+        fail(f"no dead-lettered event {dlq_id!r}" + (f" in account {account!r}" if account else ""))
+    account_id, entry, hist, others = found
+    same_id = [{"dlq_id": e.dlq_id, "dead_at": _iso(e.dead_at_ms)} for e in others]
+    doc = {
+        "account": account_id,
+        **entry.to_doc(),
+        "event": entry.event,
+        "history": hist,
+        "same_event_id": same_id,
+    }
     doc.pop("member")
     if as_json:
         emit_json(doc)
         return
-    out.print(f"[bold]{safe(entry.event_id)}[/] (account {safe(account_id)}, serial {safe(entry.serial)})")
+    title = safe(entry.dlq_id)
+    if entry.dlq_id != entry.event_id:
+        title += f" (event {safe(entry.event_id)})"
+    out.print(f"[bold]{title}[/] (account {safe(account_id)}, serial {safe(entry.serial)})")
     out.print(f"dead-lettered {_iso(entry.dead_at_ms)} by {safe(entry.worker)}: {safe(entry.reason)}")
+    last = "?" if entry.last_run_attempts is None else str(entry.last_run_attempts)
+    out.print(
+        f"attempts: {last} in its last run"
+        + (f", {entry.total_attempts} in all ({entry.replays} replay(s) before)" if entry.replays else "")
+    )
+    for o in same_id:
+        out.print(f"also in the DLQ with this event id: {safe(o['dlq_id'])} (dead-lettered {o['dead_at']})")
     # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
     out.print_json(data=entry.event, ensure_ascii=True)
     table = Table("time", "worker", "kind", "status", "code", "endpoint", "detail")
@@ -281,13 +318,13 @@ def _bulk(
     async def go(redis: Redis) -> dict[str, int]:
         done: dict[str, int] = {}
         with _progress(verb, total, as_json) as progress:
-            for account_id, event_ids in chosen.items():
-                task = progress.add_task(account_id, total=len(event_ids))
+            for account_id, dlq_ids in chosen.items():
+                task = progress.add_task(account_id, total=len(dlq_ids))
 
                 def advance(n: int, task: TaskID = task) -> None:
                     progress.advance(task, n)
 
-                done[account_id] = await action(redis, account_id, event_ids, advance)
+                done[account_id] = await action(redis, account_id, dlq_ids, advance)
         return done
 
     done = run(_with_redis(go))
@@ -410,7 +447,7 @@ async def _replay_waves(
 
 @app.command()
 def replay(
-    event_ids: list[str] = typer.Argument(None, help="Event ids (default: everything the filters select)."),
+    dlq_ids: list[str] = typer.Argument(None, help=_IDS_HELP),
     account: str | None = AccountOpt,
     code: str | None = CodeOpt,
     serial: str | None = SerialOpt,
@@ -454,7 +491,7 @@ def replay(
 
     chosen = _choose(
         "replayed",
-        event_ids or [],
+        dlq_ids or [],
         account,
         _filter(code, serial, since, until),
         everything,
@@ -509,7 +546,7 @@ def replay(
 
 @app.command()
 def purge(
-    event_ids: list[str] = typer.Argument(None, help="Event ids (default: everything the filters select)."),
+    dlq_ids: list[str] = typer.Argument(None, help=_IDS_HELP),
     account: str | None = AccountOpt,
     code: str | None = CodeOpt,
     serial: str | None = SerialOpt,
@@ -528,7 +565,7 @@ def purge(
     _bulk(
         "purged",
         action,
-        event_ids or [],
+        dlq_ids or [],
         account,
         _filter(code, serial, since, until),
         everything,

@@ -226,7 +226,10 @@ def serial(
             )
             out.print(safe(line[:200]))
     if detail.dead:
-        out.print("dead-lettered: " + ", ".join(safe(e.event_id) for e in detail.dead))
+        out.print(
+            "dead-lettered: "
+            + ", ".join(f"{safe(e.dlq_id)} ({inspect.iso(e.dead_at_ms)})" for e in detail.dead)
+        )
     out.print("applied state:" if detail.applied else "applied state: none yet")
     if detail.applied:
         out.print_json(data=detail.applied, ensure_ascii=True)

@@ -414,11 +414,15 @@ def _ms_field(form: dict[str, Any], name: str) -> int | None:
 
 
 def _selection_digest(chosen: dict[str, list[str]]) -> str:
-    """What the confirmation page showed, in a form field's worth: a hash of every (account, id) selected."""
+    """What the confirmation page showed, in a form field's worth: a hash of every (account, DLQ id) selected.
+
+    DLQ ids, not event ids: two entries of one event id (sent again after the dedup window) are two. An id
+    reused meanwhile (``x#2`` replayed, a new ``x#2`` dead-lettered) is not selected again: the new entry is
+    later than the preview's fixed ``until``."""
     h = hashlib.sha256()
     for account_id in sorted(chosen):
-        for event_id in sorted(chosen[account_id]):
-            h.update(f"{account_id}\0{event_id}\n".encode())
+        for dlq_id in sorted(chosen[account_id]):
+            h.update(f"{account_id}\0{dlq_id}\n".encode())
     return h.hexdigest()
 
 
@@ -473,14 +477,15 @@ async def dlq_list(page: Page) -> Response:
 
 
 async def dlq_entry(page: Page) -> Response:
-    """GET /dashboard/dlq/entry?account=A&id=E: the payload, every attempt's error, the history."""
-    account_id, event_id = page.q("account"), page.q("id")
-    if not account_id or not event_id:
+    """GET /dashboard/dlq/entry?account=A&id=D: the payload, every attempt's error, the history; ``id`` is the
+    DLQ id (the event id, or ``<event id>#n`` for a later entry of the same event id)."""
+    account_id, dlq_id = page.q("account"), page.q("id")
+    if not account_id or not dlq_id:
         return await page.error(400, "account and id: give both")
-    entry = await dlq.get(page.redis, account_id, event_id)
+    entry = await dlq.get(page.redis, account_id, dlq_id)
     if entry is None:
-        return await page.error(404, f"no dead-lettered event {event_id!r} in account {account_id!r}")
-    found = await inspect.find_event(page.redis, account_id, event_id, page.ctx.settings.dedup_ttl_s)
+        return await page.error(404, f"no dead-lettered event {dlq_id!r} in account {account_id!r}")
+    found = await inspect.find_event(page.redis, account_id, entry.event_id, page.ctx.settings.dedup_ttl_s)
     return await page.render(
         "dlq_entry.html",
         account_id=account_id,
@@ -488,22 +493,27 @@ async def dlq_entry(page: Page) -> Response:
         summary=inspect.dlq_summary(account_id, entry),
         errors=list(reversed(entry.errors)),
         history=found.history,
+        same_id=[e for e in found.dead_letters if e.dlq_id != entry.dlq_id],
     )
 
 
 async def dlq_replay_one(page: Page) -> Response:
-    """POST /dashboard/dlq/replay (account, id): put one entry back into its serial at once."""
+    """POST /dashboard/dlq/replay (account, id): put one entry (``id``: its DLQ id) back into its serial at
+    once."""
     form = await _form(page)
     if not _checked(page, form):
         return await page.error(403, "the form is stale or forged (CSRF check failed); reload the page")
-    account_id, event_id = form.get("account", ""), form.get("id", "")
-    if not account_id or not event_id:
+    account_id, dlq_id = form.get("account", ""), form.get("id", "")
+    if not account_id or not dlq_id:
         return await page.error(400, "account and id: give both")
+    entry = await dlq.get(page.redis, account_id, dlq_id)
+    if entry is None:
+        return await page.error(404, f"no dead-lettered event {dlq_id!r} in account {account_id!r}")
     high_water = page.ctx.settings.backlog_high_water
     done = await dlq.replay(
         page.redis,
         account_id,
-        [event_id],
+        [dlq_id],
         high_water=high_water,
         history_retention_ms=page.ctx.settings.history_retention_s * 1000,
         by="dashboard",
@@ -514,10 +524,13 @@ async def dlq_replay_one(page: Page) -> Response:
             f"not replayed: {dlq.backlog_full_message(account_id, done.depth, high_water, 1)}. "
             "Replay it once the workers have drained the backlog.",
         )
-    if not done.replayed:
-        return await page.error(404, f"no dead-lettered event {event_id!r} in account {account_id!r}")
+    if not done.replayed:  # replayed or purged since it was read
+        return await page.error(404, f"no dead-lettered event {dlq_id!r} in account {account_id!r}")
     target = url(
-        "/dashboard/event", account=account_id, id=event_id, notice="replayed: back in its serial's queue"
+        "/dashboard/event",
+        account=account_id,
+        id=entry.event_id,
+        notice="replayed: back in its serial's queue",
     )
     return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
 

@@ -24,7 +24,7 @@ from producer.app import create_app
 from producer.dashboard.views import DLQ_EXAMINE
 from tests.conftest import serve
 from tests.factories import make_account
-from tests.worker.helpers import fill_dlq, pass_event, put
+from tests.worker.helpers import dead_letter_same_id_twice, fill_dlq, pass_event, put
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
 
@@ -238,3 +238,55 @@ def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Setting
     finally:
         server.stop()
         redis.close()
+
+
+def test_two_dead_letters_of_one_event_id(dashboard: httpx.Client, redis_url: str) -> None:
+    """An event id sent again after the dedup window, dead-lettered twice: both rows are listed and linked by
+    their DLQ ids, each entry page shows its own payload and names the other, and replay or purge acts on the
+    one chosen."""
+
+    async def seed() -> None:
+        redis = Redis.from_url(redis_url)
+        try:
+            await make_account(redis, MultiFernet([Fernet(Fernet.generate_key())]), "acme")
+            await dead_letter_same_id_twice(redis, "acme", "S1")
+        finally:
+            await redis.aclose()
+
+    asyncio.run(seed())
+    r = dashboard.get("/dashboard/dlq?account=acme")
+    assert listed(r.text) == [("acme", "acme-S1-0#2"), ("acme", "acme-S1-0")]
+    assert "event acme-S1-0</span>" in r.text
+    r = dashboard.get("/dashboard/dlq/entry", params={"account": "acme", "id": "acme-S1-0#2"})
+    assert r.status_code == 200
+    assert "Dead letter <code>acme-S1-0#2</code>" in r.text
+    assert "points&#34;: 2" in r.text
+    assert 'id="same-id"' in r.text
+    same_id = r.text.split('id="same-id"')[1].split("</p>")[0]
+    assert 'id=acme-S1-0">' in same_id  # the first entry, not this one (acme-S1-0%232)
+    csrf = re.search(r'name="csrf" value="([0-9a-f]+)"', r.text)
+    assert csrf is not None
+    r = dashboard.get("/dashboard/event", params={"account": "acme", "id": "acme-S1-0"})
+    assert "2 DLQ entries have this event id" in r.text
+
+    # Replay the second: its own payload goes back, the first stays.
+    r = dashboard.post(
+        "/dashboard/dlq/replay", data={"account": "acme", "id": "acme-S1-0#2", "csrf": csrf[1]}
+    )
+    assert r.status_code == 303
+    assert "id=acme-S1-0&" in r.headers["location"]
+    redis = redis_sync.Redis.from_url(redis_url)
+    keys = account_keys("acme")
+    (member,) = redis.zrange(keys.mailbox("S1"), 0, -1)
+    assert b'"points":2' in member
+    assert redis.hkeys(keys.dlq_entries) == [b"acme-S1-0"]
+    # The purge confirmation names the DLQ id it acts on.
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "ids": "acme-S1-0"})
+    assert "Purge 1 dead-lettered event?" in r.text
+    assert "<code>acme-S1-0</code>" in r.text
+    r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
+    assert r.status_code == 303
+    assert "purged+1+of+1+selected" in r.headers["location"]
+    assert redis.hlen(keys.dlq_entries) == 0
+    assert redis.zcard(keys.mailbox("S1")) == 1
+    redis.close()

@@ -139,3 +139,25 @@ async def settle_pending(redis: Redis, account_id: str, limit: int) -> int:
                 done += len(members)
         await q.release(lease)
     return done
+
+
+async def forget_dedup(redis: Redis, account_id: str) -> None:
+    """What the passing of the dedup window does: the producer forgets every event id it saw."""
+    async for key in redis.scan_iter(match=account_keys(account_id).dedup_prefix + "*"):
+        await redis.delete(key)
+
+
+async def dead_letter_same_id_twice(redis: Redis, account_id: str, serial: str) -> tuple[DLQEntry, DLQEntry]:
+    """Event ``<account>-<serial>-0`` dead-lettered (400 invalid, points 1), then — the dedup window passed —
+    sent again with other properties (points 2) and dead-lettered too (404 not_found)."""
+    q = WorkQueue(redis, worker_id="w1", history_retention_ms=86_400_000)
+    await put(redis, pass_event(account_id, serial, 0, properties={"points": 1}))
+    first = await dead_letter_head(
+        q, redis, account_id, serial, code="invalid", status=400, at_ms=1, detail="bad phone"
+    )
+    await forget_dedup(redis, account_id)
+    await put(redis, pass_event(account_id, serial, 0, properties={"points": 2}))
+    second = await dead_letter_head(
+        q, redis, account_id, serial, code="not_found", status=404, at_ms=2, detail="no such list"
+    )
+    return first, second

@@ -26,7 +26,7 @@ from worker import dlq, pause
 from worker.dlq import DLQEntry
 from worker.queue import WorkQueue
 
-from .helpers import pass_event, put
+from .helpers import dead_letter_same_id_twice, pass_event, put
 
 
 @pytest.fixture
@@ -163,6 +163,57 @@ def test_replay_needs_a_selection_and_confirms_bulk(cli_env: str, secret_key: st
     code, out = invoke("dlq", "replay", "acme-S2-0")
     assert code == 0, out
     assert "replayed: 1 of 1" in out
+
+
+def test_two_dead_letters_of_one_event_id(cli_env: str, secret_key: str) -> None:
+    """An event id sent again after the dedup window and dead-lettered twice: both are listed, told apart by
+    their DLQ ids and dead-at times, and each is shown, replayed or purged on its own."""
+
+    async def seed_twice() -> None:
+        redis = Redis.from_url(cli_env)
+        await make_account(redis, MultiFernet([Fernet(secret_key.encode())]), "acme")
+        await dead_letter_same_id_twice(redis, "acme", "S1")
+        await redis.aclose()
+
+    asyncio.run(seed_twice())
+    code, out = invoke("dlq", "list", "--json")
+    assert code == 0, out
+    rows = orjson.loads(out)["entries"]
+    assert [(r["dlq_id"], r["event_id"], r["code"]) for r in rows] == [
+        ("acme-S1-0", "acme-S1-0", "invalid"),
+        ("acme-S1-0#2", "acme-S1-0", "not_found"),
+    ]
+    assert rows[0]["dead_at"] <= rows[1]["dead_at"]
+    code, out = invoke("dlq", "list")
+    assert "acme-S1-0#2" in out
+    assert "(event acme-S1-0)" in out
+
+    code, out = invoke("dlq", "show", "acme-S1-0#2", "--json")
+    assert code == 0, out
+    doc = orjson.loads(out)
+    assert (doc["dlq_id"], doc["event_id"], doc["event"]["x"]["points"]) == ("acme-S1-0#2", "acme-S1-0", 2)
+    assert [o["dlq_id"] for o in doc["same_event_id"]] == ["acme-S1-0"]
+    code, out = invoke("dlq", "show", "acme-S1-0")
+    assert code == 0, out
+    assert "also in the DLQ with this event id: acme-S1-0#2" in out
+
+    code, out = invoke("dlq", "replay", "acme-S1-0#2")
+    assert code == 0, out
+    assert "replayed: 1 of 1" in out
+
+    async def queued() -> list[int]:
+        redis = Redis.from_url(cli_env)
+        members = await redis.zrange(account_keys("acme").mailbox("S1"), 0, -1)
+        await redis.aclose()
+        return [orjson.loads(m[12:])["x"]["points"] for m in members]
+
+    assert asyncio.run(queued()) == [2]
+    code, out = invoke("dlq", "purge", "acme-S1-0", "--json")
+    assert code == 0, out
+    assert orjson.loads(out)["purged"] == 1
+    _, out = invoke("dlq", "list", "--json")
+    assert orjson.loads(out)["entries"] == []
+    assert asyncio.run(queued()) == [2]
 
 
 def test_purge_all_of_one_account(cli_env: str, secret_key: str) -> None:

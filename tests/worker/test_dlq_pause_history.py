@@ -17,7 +17,16 @@ from worker import dlq, history, pause
 from worker.dlq import DLQEntry, DLQFilter
 from worker.queue import WorkQueue
 
-from .helpers import FILL_CODES, HIGH_WATER, dead_letter_head, fill_dlq, pass_event, permanent_entry, put
+from .helpers import (
+    FILL_CODES,
+    HIGH_WATER,
+    dead_letter_head,
+    fill_dlq,
+    forget_dedup,
+    pass_event,
+    permanent_entry,
+    put,
+)
 
 DAY_MS = 86_400_000
 
@@ -106,6 +115,71 @@ class TestDLQ:
         assert seen == [3]
         assert await dlq.count(redis, "a") == 0
         assert await redis.hlen(account_keys("a").dlq_entries) == 0
+
+    async def test_an_event_id_sent_again_gets_its_own_entry(self, redis: Redis) -> None:
+        """After the dedup window a client may send an event id again; if that one is dead-lettered too while
+        the first still is, both stay (``x``, ``x#2``), each replayed or purged on its own with its own payload."""
+        keys = account_keys("a")
+        q = WorkQueue(redis, worker_id="w1", history_retention_ms=DAY_MS)
+        await put(redis, pass_event("a", "S1", 0, properties={"points": 1}))
+        first = await dead_letter_head(q, redis, "a", "S1", code="invalid", status=400, at_ms=1)
+        await forget_dedup(redis, "a")
+        await put(redis, pass_event("a", "S1", 0, properties={"points": 2}))
+        second = await dead_letter_head(q, redis, "a", "S1", code="not_found", status=404, at_ms=2)
+        # A different event whose id happens to look like a later entry's: it is neither replaced nor
+        # taken for one of "a-S1-0"'s.
+        await put(redis, pass_event("a", "S1", 9, event_id="a-S1-0#2", properties={"points": 3}))
+        lookalike = await dead_letter_head(q, redis, "a", "S1", code="invalid", status=400, at_ms=3)
+
+        listed = await dlq.list_entries(redis, "a")
+        assert [(e.dlq_id, e.event_id) for e in listed] == [
+            ("a-S1-0", "a-S1-0"),
+            ("a-S1-0#2", "a-S1-0"),
+            ("a-S1-0#2#2", "a-S1-0#2"),
+        ]
+        assert [e.event["x"]["points"] for e in listed] == [1, 2, 3]
+        assert [e.member for e in listed] == [first.member, second.member, lookalike.member]
+        assert [e.dlq_id for e in await dlq.entries_of(redis, "a", ["a-S1-0"])] == ["a-S1-0", "a-S1-0#2"]
+        assert await dlq.select_ids(redis, "a", DLQFilter(code="404")) == ["a-S1-0#2"]
+
+        # Replaying the later entry puts back its own payload, under its event id.
+        assert (
+            await dlq.replay(redis, "a", ["a-S1-0#2"], high_water=HIGH_WATER, history_retention_ms=DAY_MS)
+        ).replayed == 1
+        (member,) = await redis.zrange(keys.mailbox("S1"), 0, -1)
+        assert member.decode() == second.member
+        record = orjson.loads(await redis.hget(keys.retries, "a-S1-0"))
+        assert [e["code"] for e in record["errors"]] == ["not_found"]
+        assert [e.kind for e in await history.event_history(redis, "a", "a-S1-0")][-1] == "replayed"
+        first_left = await dlq.get(redis, "a", "a-S1-0")
+        assert first_left is not None
+        assert first_left.member == first.member
+        # Dead-lettered again meanwhile: it takes the free "#2" again, beside the first.
+        await dead_letter_head(q, redis, "a", "S1", code="not_found", status=404, at_ms=4)
+        assert sorted(await redis.hkeys(keys.dlq_entries)) == [b"a-S1-0", b"a-S1-0#2", b"a-S1-0#2#2"]
+        # Purging the first leaves the others.
+        assert await dlq.purge(redis, "a", ["a-S1-0"]) == 1
+        assert [e.dlq_id for e in await dlq.entries_of(redis, "a", ["a-S1-0"])] == ["a-S1-0#2"]
+        assert await dlq.count(redis, "a") == 2
+
+    async def test_attempts_of_entries_written_before_they_were_kept(self, redis: Redis) -> None:
+        """Older entries store no attempt counts: their errors are every attempt when the event was never
+        replayed, and of an event replayed before, the last run's are not known (not guessed)."""
+        await put(redis, pass_event("a", "S1", 0), pass_event("a", "S2", 0))
+        q = WorkQueue(redis, worker_id="w1")
+        keys = account_keys("a")
+        for serial, replays in (("S1", 0), ("S2", 2)):
+            entry = await dead_letter_head(q, redis, "a", serial, at_ms=1)
+            doc = orjson.loads(entry.to_json())
+            del doc["attempts"], doc["attempts_total"]
+            await redis.hset(keys.dlq_entries, entry.event_id, orjson.dumps(doc | {"replays": replays}))
+        never, replayed = await dlq.list_entries(redis, "a")
+        assert (never.last_run_attempts, never.total_attempts) == (1, 1)
+        assert (replayed.last_run_attempts, replayed.total_attempts) == (None, 1)
+        assert (
+            await dlq.replay(redis, "a", ["a-S2-0"], high_water=HIGH_WATER, history_retention_ms=0)
+        ).replayed == 1
+        assert orjson.loads(await redis.hget(keys.retries, "a-S2-0"))["attempts_before"] == 1
 
 
 class TestDLQScan:

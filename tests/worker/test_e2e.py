@@ -15,7 +15,7 @@ from worker import dlq
 from worker.state import PassState
 
 from .e2e import Pipeline, Workers
-from .helpers import HIGH_WATER, pass_event
+from .helpers import HIGH_WATER, forget_dedup, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -85,6 +85,49 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
     profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
     assert profile is not None
     assert profile["attributes"]["email"] == "holder@example.com"
+
+
+async def test_an_event_id_sent_again_and_dead_lettered_twice_keeps_both(
+    pipeline: Pipeline, workers: Workers
+) -> None:
+    """Once the dedup window has passed a client sends an event id again, with other data; Klaviyo refuses
+    both. Neither dead letter replaces the other: the second lives beside the first, each replays its own
+    payload (the replay is not taken for a duplicate) or is purged on its own."""
+    await pipeline.add_account("acme")
+    workers.start(1)
+    pipeline.sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
+    first = pass_event("acme", "S1", 0, kind="created", email="first@example.com")
+    await pipeline.put([first])
+    await async_wait_for(pipeline.drained, timeout=30)
+    await forget_dedup(pipeline.redis, "acme")
+    again = pass_event("acme", "S1", 0, kind="created", email="again@example.com")
+    await pipeline.put([again])
+    await async_wait_for(pipeline.drained, timeout=30)
+    entries = await dlq.list_entries(pipeline.redis, "acme")
+    assert [(e.dlq_id, e.event_id, e.event["e"]) for e in entries] == [
+        ("acme-S1-0", first.event_id, "first@example.com"),
+        ("acme-S1-0#2", first.event_id, "again@example.com"),
+    ]
+    assert entries[0].dead_at_ms <= entries[1].dead_at_ms
+    assert all(int(e.worker.split(":")[1]) in workers.family(workers.procs[0]) for e in entries)
+
+    # The cause is fixed; the operator replays the second one only: its own payload reaches Klaviyo.
+    pipeline.sandbox.clear_faults()
+    assert (
+        await dlq.replay(
+            pipeline.redis, "acme", ["acme-S1-0#2"], high_water=HIGH_WATER, history_retention_ms=86_400_000
+        )
+    ).replayed == 1
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert pipeline.stored_unique_ids("acme") == [first.event_id]
+    pipeline.sandbox.wait_idle()
+    profile = pipeline.sandbox.profile("S1", pipeline.accounts["acme"])
+    assert profile is not None
+    assert profile["attributes"]["email"] == "again@example.com"
+    (left,) = await dlq.list_entries(pipeline.redis, "acme")
+    assert (left.dlq_id, left.event["e"]) == ("acme-S1-0", "first@example.com")
+    assert await dlq.purge(pipeline.redis, "acme", ["acme-S1-0"]) == 1
+    assert await dlq.count(pipeline.redis, "acme") == 0
 
 
 async def test_replayed_event_older_than_max_age_gets_a_fresh_retry_window(

@@ -16,7 +16,7 @@ from passbridge.accounts import AccountState, AccountStore
 from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
 from tests.conftest import async_wait_for
 from tests.factories import make_account
-from worker import dlq, history, pause
+from worker import dlq, history, inspect, pause
 from worker.engine import Engine, EngineConfig
 from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, TransientError
 from worker.retry import RetryPolicy
@@ -224,6 +224,32 @@ class TestFailures:
         assert [e["status"] for e in entry.errors] == [500, 501, 502, 503]
         assert "gave up after 4 attempts" in entry.reason
         assert syncer.written[("acme", "S1")] == ["acme-S1-1"]
+        await assert_clean(redis, "acme")
+
+    async def test_a_dead_letter_counts_the_attempts_of_its_last_run_and_of_all(
+        self, redis: Redis, store: AccountStore, engines: EngineFactory
+    ) -> None:
+        """Replayed and dead-lettered again, an entry keeps every error, but its attempts are those since the
+        replay (what the policy allowed this time); the total counts both runs."""
+        await make_account(redis, store.cipher, "acme")
+        errors = [TransientError("create_event", f"HTTP 50{i}", status=500 + i) for i in range(8)]
+        syncer = ScriptedSyncer(failures={"acme-S1-0": errors})
+        await put(redis, pass_event("acme", "S1", 0))
+        await engines(syncer)
+        await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
+        (entry,) = await dlq.list_entries(redis, "acme")
+        assert (entry.attempts, entry.attempts_total, entry.replays) == (4, 4, 0)
+        assert (
+            await dlq.replay(
+                redis, "acme", [entry.dlq_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+            )
+        ).replayed == 1
+        await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
+        (entry,) = await dlq.list_entries(redis, "acme")
+        assert len(entry.errors) == 8
+        assert (entry.attempts, entry.attempts_total, entry.replays) == (4, 8, 1)
+        row = inspect.dlq_summary("acme", entry)
+        assert (row["attempts"], row["attempts_total"]) == (4, 8)
         await assert_clean(redis, "acme")
 
     async def test_429_parks_without_counting_an_attempt(

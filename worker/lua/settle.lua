@@ -7,6 +7,10 @@
 -- ARGV[7] m members to remove  ARGV[8] r retry fields to delete  ARGV[9] h history entries
 -- ARGV[10] d DLQ entries, then the m members, r event ids, h history entries and d pairs (event id, JSON)
 --
+-- A DLQ entry's id is its event id, or — when an entry of that event id is in the DLQ already (a client may
+-- send an event id again once the dedup window has forgotten it) — the event id plus '#2', '#3', ...: the
+-- smallest one free. Chosen here, atomically, so no entry ever replaces another (worker/dlq.py).
+--
 -- Returns {1, removed, head members...} (the mailbox's next entries after the removal, in order), or {0}
 -- when the token is no longer the serial's: the lease was lost and nothing was written.
 local base, serial, token = ARGV[1], ARGV[2], ARGV[3]
@@ -27,8 +31,14 @@ i = i + r
 push_history(base, base .. ':h:' .. serial, i, i + h - 1, now, retention)
 i = i + h
 for j = i, i + 2 * d - 1, 2 do
-  redis.call('ZADD', base .. ':dlq', now, ARGV[j])
-  redis.call('HSET', base .. ':dlq:e', ARGV[j], ARGV[j + 1])
+  local id = ARGV[j]
+  if redis.call('HEXISTS', base .. ':dlq:e', id) == 1 then
+    local n = 2
+    while redis.call('HEXISTS', base .. ':dlq:e', ARGV[j] .. '#' .. n) == 1 do n = n + 1 end
+    id = ARGV[j] .. '#' .. n
+  end
+  redis.call('ZADD', base .. ':dlq', now, id)
+  redis.call('HSET', base .. ':dlq:e', id, ARGV[j + 1])
 end
 if state ~= '' then redis.call('HSET', base .. ':state', serial, state) end
 
