@@ -4,7 +4,8 @@ Two ways in: ``Authorization: Bearer <admin token>`` on every request (scripts, 
 sets an HttpOnly, SameSite=Strict session cookie. The cookie holds the time it was issued and an HMAC of that
 time keyed with the token, never the token itself: the server refuses it once ``SESSION_MAX_AGE_S`` has passed
 (whatever the browser keeps, so a copied cookie does not work for ever), and changing the token ends every
-session. Forms that change something carry a CSRF value (another HMAC of the token) that a cookie-authenticated
+session. Logging out revokes that session on the server too (a marker in Redis until the session would have
+expired), so a copy of the cookie taken before the logout stops working with it. Forms that change something carry a CSRF value (another HMAC of the token) that a cookie-authenticated
 POST must echo. The login form refuses a client (by address) after ``LOGIN_MAX_FAILURES`` wrong tokens within
 ``LOGIN_WINDOW_S``, so a short token cannot be guessed at network speed.
 """
@@ -15,8 +16,10 @@ import hashlib
 import hmac
 import time
 
+from redis.asyncio import Redis
 from starlette.requests import Request
 
+from passbridge.keys import DASHBOARD_REVOKED
 from worker import exporter
 
 COOKIE = "pb_dashboard"
@@ -61,9 +64,29 @@ def bearer_ok(request: Request, token: str) -> bool:
     return exporter.bearer_ok(request.headers.get("authorization", ""), token) if token else False
 
 
-def cookie_ok(request: Request, token: str) -> bool:
-    """Whether the request carries a valid session cookie."""
-    return session_ok(request.cookies.get(COOKIE, ""), token)
+def _revoked_key(value: str) -> str:
+    # A digest, not the cookie itself: whoever can read Redis must not find working sessions there.
+    return DASHBOARD_REVOKED + hashlib.sha256(value.encode()).hexdigest()
+
+
+async def cookie_ok(request: Request, token: str, redis: Redis) -> bool:
+    """Whether the request carries a valid session cookie that was not logged out (one EXISTS, made only
+    for a cookie that is otherwise valid)."""
+    value = request.cookies.get(COOKIE, "")
+    return session_ok(value, token) and not await redis.exists(_revoked_key(value))
+
+
+async def revoke(request: Request, token: str, redis: Redis) -> None:
+    """End the request's session on the server: its cookie is refused from now on, wherever it is copied.
+
+    Only a valid cookie is recorded (so nobody can fill Redis with made-up ones), and the marker lives as long
+    as the cookie would still be accepted (its remaining life plus the allowed clock skew).
+    """
+    value = request.cookies.get(COOKIE, "")
+    if not session_ok(value, token):
+        return
+    remaining_s = int(value.partition(".")[0]) + SESSION_MAX_AGE_S + SESSION_SKEW_S - int(time.time())
+    await redis.set(_revoked_key(value), 1, ex=max(1, remaining_s))
 
 
 def token_ok(given: str, token: str) -> bool:

@@ -166,7 +166,8 @@ def protected(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         token = _token(request)
         if token is None:
             return _disabled()
-        if not (auth.bearer_ok(request, token) or auth.cookie_ok(request, token)):
+        ctx: ProducerContext = request.app.state.ctx
+        if not (auth.bearer_ok(request, token) or await auth.cookie_ok(request, token, ctx.redis)):
             if request.headers.get("x-dashboard-fragment"):
                 return Response(
                     "session expired",
@@ -177,7 +178,7 @@ def protected(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return _login_page(
                 request, status=401, next_url=target if request.method == "GET" else "/dashboard"
             )
-        return await handler(Page(request, request.app.state.ctx, auth.csrf_value(token)))
+        return await handler(Page(request, ctx, auth.csrf_value(token)))
 
     return route
 
@@ -247,7 +248,10 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    """POST /dashboard/logout."""
+    """POST /dashboard/logout: revokes the session on the server and drops the browser's cookie."""
+    token = _token(request)
+    if token is not None:
+        await auth.revoke(request, token, request.app.state.ctx.redis)
     response = RedirectResponse("/dashboard/login", status_code=303, headers=SECURITY_HEADERS)
     response.delete_cookie(auth.COOKIE, path=auth.COOKIE_PATH)
     return response
