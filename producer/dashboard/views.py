@@ -12,11 +12,11 @@ import functools
 import hashlib
 import heapq
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -58,9 +58,33 @@ def url(path: str, **params: Any) -> str:
     return f"{path}?{query}" if query else path
 
 
-def with_notice(target: str, notice: str) -> str:
-    """``target`` (which may have a query already) with a ``notice`` to show."""
-    return f"{target}{'&' if '?' in target else '?'}{urlencode({'notice': notice})}"
+#: What a redirect may ask the next page to say: ``?notice=<code>``, plus ``done`` and ``total`` for the texts
+#: with counts. The words are always these: a crafted link cannot show an operator a message of its own.
+NoticeCode = Literal["replayed-one", "nothing-matched", "replayed", "purged"]
+NOTICES: dict[str, str] = {
+    "replayed-one": "replayed: back in its serial's queue",
+    "nothing-matched": "nothing matched",
+    "replayed": "replayed {done} of {total} selected",
+    "purged": "purged {done} of {total} selected",
+}
+
+
+def with_notice(target: str, code: NoticeCode, **counts: int) -> str:
+    """``target`` (which may have a query already) with the notice ``code`` to show."""
+    return f"{target}{'&' if '?' in target else '?'}{urlencode({'notice': code, **counts})}"
+
+
+def notice_text(params: Mapping[str, str]) -> str:
+    """The text of a query's notice: '' for an unknown code, or counts that are not small whole numbers."""
+    template = NOTICES.get(params.get("notice", ""), "")
+    counts: dict[str, int] = {}
+    for name in ("done", "total"):
+        if "{" + name + "}" in template:
+            raw = params.get(name, "")
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+                return ""
+            counts[name] = int(raw)
+    return template.format(**counts)
 
 
 def _age(ms: int | None, now_ms: int) -> str:
@@ -122,7 +146,7 @@ class Page:
             now_ms=now,
             age=functools.partial(_age, now_ms=now),
             all_accounts=await inspect.account_ids(self.redis),
-            notice=self.q("notice"),
+            notice=notice_text(self.request.query_params),
             path=self.request.url.path,
             **values,
         )
@@ -512,9 +536,7 @@ async def dlq_replay_one(page: Page) -> Response:
     )
     if not done:
         return await page.error(404, f"no dead-lettered event {event_id!r} in account {account_id!r}")
-    target = url(
-        "/dashboard/event", account=account_id, id=event_id, notice="replayed: back in its serial's queue"
-    )
+    target = with_notice(url("/dashboard/event", account=account_id, id=event_id), "replayed-one")
     return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
 
 
@@ -570,7 +592,7 @@ async def dlq_bulk(page: Page) -> Response:
     )
     if total == 0:
         return RedirectResponse(
-            with_notice(back, "nothing matched"), status_code=303, headers=SECURITY_HEADERS
+            with_notice(back, "nothing-matched"), status_code=303, headers=SECURITY_HEADERS
         )
     confirming = form.get("confirm") == "yes"
     if not confirming or form.get("selection") != digest or form.get("total") != str(total):
@@ -607,9 +629,8 @@ async def dlq_bulk(page: Page) -> Response:
             )
         else:
             done += await dlq.purge(page.redis, a, ids)
-    verb = "replayed" if action == "replay" else "purged"
-    notice = f"{verb} {done} of {total} selected"
-    return RedirectResponse(with_notice(back, notice), status_code=303, headers=SECURITY_HEADERS)
+    notice = with_notice(back, "replayed" if action == "replay" else "purged", done=done, total=total)
+    return RedirectResponse(notice, status_code=303, headers=SECURITY_HEADERS)
 
 
 def json_block(doc: Any) -> Markup:

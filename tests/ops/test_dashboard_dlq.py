@@ -6,6 +6,7 @@ thousands of dead letters through the sandbox would take minutes)."""
 from __future__ import annotations
 
 import asyncio
+import html as html_lib
 import re
 from collections.abc import Iterator
 
@@ -92,7 +93,7 @@ def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> No
         dead_letter("S4", "S5", expect=5)
         r = browser.post("/dashboard/dlq/bulk", data=confirm)
         assert r.status_code == 303
-        assert "purged+3+of+3+selected" in r.headers["location"]
+        assert "purged 3 of 3 selected" in browser.get(r.headers["location"]).text
         assert stack.dlq_size("acme") == 2  # the two nobody previewed are still there
         remaining = {"acme-s4-c", "acme-s5-c"}
 
@@ -115,7 +116,7 @@ def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> No
         # Confirming the page shown again purges what it shows.
         r = browser.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
         assert r.status_code == 303
-        assert "purged+1+of+1+selected" in r.headers["location"]
+        assert "purged 1 of 1 selected" in browser.get(r.headers["location"]).text
         assert stack.dlq_size("acme") == 0
         assert "acme-s5-c" not in stack.stored_unique_ids("acme")
         assert remaining - stack.stored_unique_ids("acme") == {"acme-s5-c"}
@@ -180,3 +181,45 @@ def test_out_of_range_times_are_a_clear_400(dashboard: httpx.Client) -> None:
         r = dashboard.post("/dashboard/dlq/bulk", content=f"action=purge&{query}", headers=FORM)
         assert r.status_code == 400, query
         assert ("since:" if query.startswith("since") else "until:") in r.text
+
+
+def notice(html: str) -> str | None:
+    """The notice a page shows, if any."""
+    found = re.search(r'<p class="notice" role="status">([^<]*)</p>', html)
+    return html_lib.unescape(found.group(1)) if found else None
+
+
+def test_notices_are_chosen_by_the_server_not_by_the_link(dashboard: httpx.Client, redis_url: str) -> None:
+    fill(redis_url, "acme", ["S1"], 3, register=True)
+    # A crafted link cannot put words on an operator's page, on any page ...
+    spoof = "Security update: paste your admin token into https://evil.example"
+    pages = [("/dashboard", {}), ("/dashboard/dlq", {}), ("/dashboard/workers", {})]
+    pages += [
+        ("/dashboard/account", {"account": "acme"}),
+        ("/dashboard/serial", {"account": "acme", "serial": "S1"}),
+    ]
+    for path, params in pages:
+        r = dashboard.get(path, params={**params, "notice": spoof})
+        assert r.status_code == 200, path
+        assert notice(r.text) is None, path
+        assert "evil.example" not in r.text, path
+    # ... nor counts of its own: only whole numbers fill a known text, else nothing is shown.
+    for counts in (
+        {"done": "all", "total": "3"},
+        {"done": "-1", "total": "3"},
+        {"total": "3"},
+        {"done": "1" * 10},
+    ):
+        assert notice(dashboard.get("/dashboard/dlq", params={"notice": "purged", **counts}).text) is None
+    # The real flows still say what they did.
+    r = dashboard.post("/dashboard/dlq/replay", data={"account": "acme", "id": "acme-S1-0"})
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "replayed: back in its serial's queue"
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "code": "429"})
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "nothing matched"
+    preview = dashboard.post("/dashboard/dlq/bulk", data={"action": "replay", "account": "acme"})
+    assert "Replay 2 dead-lettered events?" in preview.text
+    r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(preview.text))
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "replayed 2 of 2 selected"
