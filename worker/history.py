@@ -157,21 +157,6 @@ async def timeline(redis: Redis, account_id: str, serial: str) -> list[HistoryEn
     return merge([parse(r) for r in raw], pending)
 
 
-async def serial_of(redis: Redis, account_id: str, event_id: str) -> str | None:
-    """The serial an event id belongs to, from the producer's dedup index (kept for the dedup window)."""
-    keys = account_keys(account_id)
-    async for key in redis.scan_iter(match=keys.dedup_prefix + "*", count=100):
-        serial = await redis.hget(key, event_id)
-        if serial is not None:
-            return str(serial.decode())
-    return None
-
-
-async def event_history(
-    redis: Redis, account_id: str, event_id: str, serial: str | None = None
-) -> list[HistoryEntry]:
-    """The entries of one event (its serial looked up in the dedup index unless given)."""
-    serial = serial or await serial_of(redis, account_id, event_id)
-    if serial is None:
-        return []
+async def event_history(redis: Redis, account_id: str, event_id: str, serial: str) -> list[HistoryEntry]:
+    """The entries of one event of ``serial`` (an event id's serial: :func:`worker.inspect.serial_of`)."""
     return [e for e in await timeline(redis, account_id, serial) if e.event_id == event_id]
