@@ -174,7 +174,7 @@ async def read(
     pending_limit: int | None = None,
 ) -> Timeline:
     """The serial's timeline from its newest ``stored_limit`` history entries and the ``ingested`` steps of the
-    first ``pending_limit`` events of its mailbox in send order (None: all of them).
+    first ``pending_limit`` events of its mailbox in send order (None or 0: all of them).
 
     A page that refreshes every few seconds reads a bounded part of a hot serial, not all of it. What is shown
     is in the right order among itself (:func:`merge`): an ``ingested`` step that belongs before the oldest entry
