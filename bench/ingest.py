@@ -579,12 +579,18 @@ def main() -> None:
     parser.add_argument(
         "--only", choices=["ndjson", "webhooks"], help="run one part (development; ok is false)"
     )
+    parser.add_argument(
+        "--appendfsync",
+        choices=["everysec", "always"],
+        default="everysec",
+        help="Redis's AOF fsync policy (PASSBRIDGE_REDIS_APPENDFSYNC; the targets are for the default)",
+    )
     args = parser.parse_args()
 
     # A terminated benchmark still stops its servers (the finally below).
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     tmp = Path(tempfile.mkdtemp(prefix="pb-bench-"))
-    redis_server: RedisServer = start_redis(tmp / "redis", appendonly=True)
+    redis_server: RedisServer = start_redis(tmp / "redis", appendonly=True, appendfsync=args.appendfsync)
     server: Server | None = None
     try:
         secret_key = Fernet.generate_key().decode()
@@ -596,7 +602,7 @@ def main() -> None:
         load_before = round(os.getloadavg()[0], 2)
         print(
             f"machine: {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f}; producer: {args.workers} "
-            f"uvicorn workers (uvloop, httptools); Redis 6.2 embedded, AOF everysec",
+            f"uvicorn workers (uvloop, httptools); Redis 6.2 embedded, AOF {args.appendfsync}",
             flush=True,
         )
         nd = ndjson_phase(server, redis, redis_server.pid, args) if args.only != "webhooks" else _skipped_nd()
@@ -658,6 +664,7 @@ def main() -> None:
             "load_average_after": round(os.getloadavg()[0], 2),
             "workers": args.workers,
             "cpus": os.cpu_count(),
+            "appendfsync": args.appendfsync,
             "ok": ok,
         }
         print(orjson.dumps({"ndjson": nd, "webhooks": hooks}).decode(), file=sys.stderr)

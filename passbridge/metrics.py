@@ -305,12 +305,20 @@ class Recorder:
 
     async def run(self, redis: Redis, interval_s: float = FLUSH_S) -> None:
         """Flush every ``interval_s`` until cancelled (see :func:`start_flusher`)."""
+        from passbridge.outage import OUTAGE_ERRORS, OutageLog
+
+        outage = OutageLog("activity-flush")
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.flush(redis)
-            except (RedisError, OSError) as exc:
+            except OUTAGE_ERRORS as exc:
+                outage.failed(exc)  # the counts wait in the buffer (put_back)
+                continue
+            except RedisError as exc:
                 log.warning("activity_flush_failed", error=type(exc).__name__)
+                continue
+            outage.succeeded()
 
 
 def start_flusher(redis: Redis, interval_s: float = FLUSH_S) -> asyncio.Task[None]:

@@ -10,6 +10,7 @@ behaviour (type errors included) is unchanged.
 from __future__ import annotations
 
 from typing import Any
+from urllib.parse import urlsplit
 
 import hiredis
 from redis.asyncio import Redis
@@ -41,3 +42,14 @@ def fast_redis(url: str, **kwargs: Any) -> Redis:
     For ``rediss://`` and ``unix://`` redis-py's ``from_url`` lets the URL pick its own connection class over
     ours: TLS and unix sockets keep working, with commands packed in Python."""
     return Redis.from_url(url, connection_class=FastPackConnection, **kwargs)
+
+
+def redis_location(url: str) -> str:
+    """Where ``url`` points, as ``host:port`` (or a socket path): never its user or password."""
+    try:
+        parts = urlsplit(url)
+        if parts.scheme == "unix":
+            return parts.path
+        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
+    except ValueError:
+        return "the configured Redis"

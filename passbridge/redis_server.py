@@ -159,10 +159,16 @@ def _port_free(port: int) -> bool:
 
 
 def start_redis(
-    data_dir: Path, port: int | None = None, *, appendonly: bool = True, ready_timeout: float = 15.0
+    data_dir: Path,
+    port: int | None = None,
+    *,
+    appendonly: bool = True,
+    appendfsync: str = "everysec",
+    ready_timeout: float = 15.0,
 ) -> RedisServer:
     """Start ``redis-server`` on loopback with its data in ``data_dir`` and wait until it answers PING.
 
+    ``appendfsync`` is Redis's own setting (``everysec`` or ``always``; README, "Durability").
     ``ready_timeout`` bounds only the silence before an answer: a server loading its AOF is waited for.
     """
     data_dir.mkdir(parents=True, exist_ok=True)
@@ -182,7 +188,7 @@ def start_redis(
         "--appendonly",
         "yes" if appendonly else "no",
         "--appendfsync",
-        "everysec",
+        appendfsync,
         "--save",
         "",
         # Redis forks itself into the background, so the server outlives the command that started it.
@@ -340,18 +346,25 @@ def _wait_ready(server: RedisServer, timeout: float = 30.0) -> bool:
     return False
 
 
-def ensure_embedded(state_dir: Path, port: int | None = None) -> RedisServer:
-    """Find the embedded server recorded in ``state_dir`` or start one and record it."""
+def ensure_embedded(
+    state_dir: Path, port: int | None = None, *, appendfsync: str = "everysec"
+) -> RedisServer:
+    """Find the embedded server recorded in ``state_dir`` or start one and record it.
+
+    A server found running takes ``appendfsync`` too (Redis applies it at once), so a changed
+    ``PASSBRIDGE_REDIS_APPENDFSYNC`` holds from the next command on, without a restart.
+    """
     with _locked(state_dir):
         recorded = _recorded(state_dir)
         if recorded:
             if _wait_ready(recorded):
+                _apply_appendfsync(recorded, appendfsync)
                 return recorded
             raise RedisServerError(
                 f"the embedded Redis (pid {recorded.pid}) is running but does not answer; "
                 f"see {recorded.data_dir}/redis.log"
             )
-        server = start_redis(state_dir / "redis", port)
+        server = start_redis(state_dir / "redis", port, appendfsync=appendfsync)
         record = state_dir / STATE_FILE
         tmp = record.with_suffix(".tmp")
         tmp.write_text(
@@ -369,6 +382,15 @@ def ensure_embedded(state_dir: Path, port: int | None = None) -> RedisServer:
         return server
 
 
+def _apply_appendfsync(server: RedisServer, appendfsync: str) -> None:
+    client = redis.Redis.from_url(server.url, socket_connect_timeout=1, socket_timeout=5)
+    try:
+        if client.config_get("appendfsync").get("appendfsync") != appendfsync:
+            client.config_set("appendfsync", appendfsync)
+    finally:
+        client.close()
+
+
 def stop_embedded(state_dir: Path) -> bool:
     """Stop the embedded server recorded in ``state_dir``; ``False`` if none was running."""
     with _locked(state_dir):
@@ -379,12 +401,15 @@ def stop_embedded(state_dir: Path) -> bool:
     return running is not None
 
 
-def resolve_redis_url(redis_url: str | None, state_dir: Path, *, start: bool = True) -> str:
-    """``REDIS_URL`` when set; else the embedded server's URL (started on demand when ``start``)."""
+def resolve_redis_url(
+    redis_url: str | None, state_dir: Path, *, start: bool = True, appendfsync: str = "everysec"
+) -> str:
+    """``REDIS_URL`` when set; else the embedded server's URL (started on demand when ``start``, with
+    ``appendfsync``: :func:`ensure_embedded`)."""
     if redis_url:
         return redis_url
     if start:
-        return ensure_embedded(state_dir).url
+        return ensure_embedded(state_dir, appendfsync=appendfsync).url
     running = read_state(state_dir)
     if not running:
         raise RedisServerError(

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, ValidationError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -21,6 +21,9 @@ class Settings(BaseSettings):
     # Redis. Unset means: start (or find) the embedded server recorded in the state dir.
     redis_url: str | None = Field(default=None, validation_alias="REDIS_URL")
     state_dir: Path = Path(".passbridge")
+    # When the embedded Redis fsyncs its AOF: everysec (a host crash can lose the last second of acknowledged
+    # events) or always (none, at a cost measured in BENCHMARKS.md). See README, "Durability".
+    redis_appendfsync: Literal["everysec", "always"] = "everysec"
 
     # Logging
     log_level: str = "info"
@@ -54,6 +57,9 @@ class Settings(BaseSettings):
     worker_lease_ttl_s: float = 10.0
     #: SIGTERM: how long in-flight serials may finish their current event before they are released.
     worker_grace_s: float = 8.0
+    #: At start, how long to wait for Redis to answer before giving up with an error (a running worker waits
+    #: out any outage: passbridge/outage.py).
+    worker_redis_wait_s: float = 60.0
     #: Most serials one claim hands out, and most per account per claim.
     worker_claim_batch: int = 32
     #: Fair share: slots of a worker kept free for accounts holding fewer than this many serials there
@@ -145,7 +151,28 @@ class Settings(BaseSettings):
         return base.rstrip("/") + "/oauth/klaviyo/callback"
 
 
+class SettingsError(ValueError):
+    """A variable of the environment (or ``.env``) does not hold a valid value; the message names each one."""
+
+
 @lru_cache(maxsize=1)
 def get_settings() -> Settings:
-    """The process-wide settings, read once from the environment."""
-    return Settings()
+    """The process-wide settings, read once from the environment.
+
+    Raises :class:`SettingsError` naming each bad variable and why, never its value: it may be a secret.
+    """
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(_describe(exc)) from None
+
+
+def _describe(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors(include_input=False, include_url=False):
+        field = str(err["loc"][0]) if err["loc"] else ""
+        info = Settings.model_fields.get(field)
+        alias = info.validation_alias if info is not None else None
+        name = alias if isinstance(alias, str) else f"PASSBRIDGE_{field.upper()}"
+        lines.append(f"{name}: {err['msg']}")
+    return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)

@@ -9,4 +9,7 @@ from producer.app import create_app
 
 _settings = get_settings()
 configure_logging(_settings.log_level, _settings.log_format)
-app = create_app(_settings, resolve_redis_url(_settings.redis_url, _settings.state_dir))
+app = create_app(
+    _settings,
+    resolve_redis_url(_settings.redis_url, _settings.state_dir, appendfsync=_settings.redis_appendfsync),
+)

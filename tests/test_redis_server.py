@@ -222,3 +222,39 @@ def test_a_server_loading_a_large_aof_is_waited_for(tmp_path: Path, monkeypatch:
     finally:
         for pid in _redis_pids_serving(data_dir):
             os.kill(pid, signal.SIGKILL)
+
+
+def _passbridge(state_dir: Path, cwd: Path, *args: str, **env_extra: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(PASSBRIDGE_STATE_DIR=str(state_dir), **env_extra)
+    return subprocess.run(
+        [sys.executable, "-m", "passbridge", *args],
+        env=env,
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+def test_the_embedded_servers_fsync_policy_is_the_setting_and_follows_its_changes(
+    state_dir: Path, tmp_path: Path
+) -> None:
+    """PASSBRIDGE_REDIS_APPENDFSYNC reaches the server started on demand, and a later command with another value
+    changes the running server's policy (Redis applies it at once), so no restart is needed."""
+    started = _passbridge(state_dir, tmp_path, "redis", "start", PASSBRIDGE_REDIS_APPENDFSYNC="always")
+    assert started.returncode == 0, started.stderr
+    client = redis_sync.Redis.from_url(started.stdout.strip())
+    try:
+        assert client.config_get("appendfsync") == {"appendfsync": "always"}
+        assert client.config_get("appendonly") == {"appendonly": "yes"}
+        again = _passbridge(state_dir, tmp_path, "redis", "start")  # the default: everysec
+        assert again.returncode == 0, again.stderr
+        assert again.stdout.strip() == started.stdout.strip()  # the same server, not a second one
+        assert client.config_get("appendfsync") == {"appendfsync": "everysec"}
+    finally:
+        client.close()
+    refused = _passbridge(state_dir, tmp_path, "redis", "start", PASSBRIDGE_REDIS_APPENDFSYNC="sometimes")
+    assert refused.returncode != 0
+    assert "redis_appendfsync" in refused.stderr.lower() or "appendfsync" in refused.stderr.lower()
+    assert "Traceback" not in refused.stderr

@@ -261,26 +261,67 @@ async def get(redis: Redis, account_id: str, event_id: str) -> DLQEntry | None:
     return DLQEntry.from_json(raw, dlq_score=dlq_score) if raw is not None else None
 
 
+@dataclass(slots=True)
+class ReplayOutcome:
+    """What one :func:`replay` call did."""
+
+    replayed: int = 0
+    #: Ids still in the DLQ, in the order given: no room under the account's high-water mark (``full``), or
+    #: the caller stopped the replay. The next wave replays them.
+    left: list[str] = field(default_factory=list)
+    #: Ids that were not in the DLQ (replayed or purged meanwhile).
+    missing: int = 0
+    #: The account's pending events after the last step.
+    depth: int = 0
+    #: Whether the account's backlog reached its high-water mark.
+    full: bool = False
+
+
+async def depth(redis: Redis, account_id: str) -> int:
+    """The account's pending events: what a replay's room under the backlog high-water mark is measured from."""
+    return int(await redis.get(account_keys(account_id).depth) or 0)
+
+
+def backlog_full_message(account_id: str, depth: int, high_water: int, left: int) -> str:
+    """Why ``left`` entries stayed in the DLQ, for an operator (the CLI and the dashboard add what to do)."""
+    return (
+        f"account {account_id}'s backlog is at its high-water mark ({depth} pending, "
+        f"PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}): {left} of the selected entries are still in the DLQ; "
+        "replaying them now would make its live ingest answer 503"
+    )
+
+
 async def replay(
     redis: Redis,
     account_id: str,
     event_ids: Sequence[str],
     *,
+    high_water: int,
     history_retention_ms: int,
     by: str = "operator",
     progress: Callable[[int], None] | None = None,
-) -> int:
-    """Put entries back into their serials' mailboxes (see ``replay.lua``); returns how many were replayed.
+    stop: Callable[[], bool] | None = None,
+) -> ReplayOutcome:
+    """Put entries back into their serials' mailboxes (see ``replay.lua``), oldest first as given, while the
+    account's pending events stay within ``high_water`` (the producer's backlog high-water mark: ingest answers
+    503 beyond it).
 
+    Each chunk is one atomic step: an entry leaves the DLQ in the step that puts it back in its mailbox. At the
+    first chunk that finds the backlog full, the rest of ``event_ids`` is left (``ReplayOutcome.left``), so
+    what is replayed is always the oldest part of the selection; so is everything after ``stop()`` turns true.
     Their earlier errors move into the event's retry record, so one that fails again lands in the DLQ with
-    its whole history. ``progress`` is called with the number done after each chunk.
+    its whole history. ``progress`` is called after each chunk with how many of it are done (replayed, or
+    no longer in the DLQ).
     """
     scripts = Scripts(redis)
     keys = account_keys(account_id)
-    done = 0
+    outcome = ReplayOutcome()
     for i in range(0, len(event_ids), CHUNK):
+        if stop is not None and stop():
+            outcome.left += event_ids[i:]
+            break
         chunk = list(event_ids[i : i + CHUNK])
-        flags = await scripts.replay(
+        depth, *flags = await scripts.replay(
             args=[
                 keys.base,
                 account_id,
@@ -288,13 +329,26 @@ async def replay(
                 NOTIFY,
                 history_retention_ms,
                 orjson.dumps({"by": by}),
+                high_water,
                 *chunk,
             ]
         )
-        done += sum(int(f) for f in flags)
+        outcome.depth = int(depth)
+        settled = 0
+        for event_id, flag in zip(chunk, flags, strict=True):
+            if flag == 2:
+                outcome.left.append(event_id)
+            else:
+                outcome.replayed += int(flag)
+                outcome.missing += 1 - int(flag)
+                settled += 1
         if progress:
-            progress(len(chunk))
-    return done
+            progress(settled)
+        if outcome.left:
+            outcome.full = True
+            outcome.left += event_ids[i + CHUNK :]
+            break
+    return outcome
 
 
 async def purge(

@@ -56,6 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
+from passbridge.outage import OUTAGE_ERRORS, OutageLog
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -257,6 +258,7 @@ class Engine:
         self.syncer = syncer
         self.config = config or EngineConfig()
         self.worker_id = worker_id or default_worker_id()
+        self._outage = OutageLog("claim", worker=self.worker_id)
         #: BLPOP blocks its connection; it gets its own client so commands of the workers never queue behind it.
         self.blocking_redis = blocking_redis
         self.batch_sync: BatchSync = batch_sync or PerEventSync()
@@ -378,6 +380,7 @@ class Engine:
                     accounts=self._hinted,
                 )
                 self._hinted = []
+                self._outage.succeeded()
                 if claimed.taken_over:
                     self.stats["taken_over"] += claimed.taken_over
                     metrics.leases_taken_over(claimed.taken_over)
@@ -393,6 +396,10 @@ class Engine:
                         raise
                 finally:
                     self._idle = None
+            except OUTAGE_ERRORS as exc:
+                # Redis restarting or gone: keep trying, say so once (and every half minute), not twice a second.
+                self._outage.failed(exc)
+                await asyncio.sleep(0.5)
             except RedisError as exc:
                 log.warning("claim_failed", worker=self.worker_id, error=str(exc))
                 await asyncio.sleep(0.5)

@@ -40,9 +40,12 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
 
 def settings() -> Settings:
     """Settings, with logging configured for this command."""
-    from passbridge.settings import get_settings
+    from passbridge.settings import SettingsError, get_settings
 
-    s = get_settings()
+    try:
+        s = get_settings()
+    except SettingsError as exc:
+        fail(str(exc))
     configure_logging(s.log_level, s.log_format)
     return s
 
@@ -53,7 +56,9 @@ def redis_url(s: Settings, *, start: bool = True) -> str:
 
     global _current_url
     try:
-        _current_url = resolve_redis_url(s.redis_url, s.state_dir, start=start)
+        _current_url = resolve_redis_url(
+            s.redis_url, s.state_dir, start=start, appendfsync=s.redis_appendfsync
+        )
     except RedisServerError as exc:
         fail(str(exc))
     return _current_url
@@ -67,17 +72,6 @@ def running_redis() -> Redis:
     return Redis.from_url(redis_url(settings(), start=False))
 
 
-def redis_location(url: str) -> str:
-    """Where ``url`` points, as ``host:port`` (or a socket path): never its user or password."""
-    try:
-        parts = urlsplit(url)
-        if parts.scheme == "unix":
-            return parts.path
-        return f"{parts.hostname or 'localhost'}:{parts.port or 6379}"
-    except ValueError:
-        return "the configured Redis"
-
-
 def redis_problem(exc: RedisError, url: str | None = None) -> str:
     """One line for a person: which Redis, and what went wrong, without the URL's credentials."""
     from redis.exceptions import ConnectionError as RedisConnectionError
@@ -86,6 +80,8 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     from passbridge.logging import redact_text
 
     url = url or _current_url
+    from passbridge.redis_client import redis_location
+
     where = f"Redis at {redis_location(url)}" if url else "Redis"
     text = str(exc) or type(exc).__name__
     password = urlsplit(url).password if url else None

@@ -8,8 +8,10 @@ show a progress bar; ``--json`` prints machine-readable output.
 
 from __future__ import annotations
 
+import contextlib
 import re
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
@@ -20,7 +22,7 @@ from passbridge.cli.common import console, emit_json, fail, out, run, running_re
 # Redis and the worker's modules are imported by the commands that use them: `--help` stays quick.
 if TYPE_CHECKING:
     from redis.asyncio import Redis
-    from rich.progress import TaskID
+    from rich.progress import Progress, TaskID
 
     from worker.dlq import DLQEntry, DLQFilter
 
@@ -208,6 +210,59 @@ def show(
         out.print(f"  {_iso(int(h['at_ms']))} {safe(h['kind'])}")
 
 
+def _choose(
+    verb: str,
+    ids: list[str],
+    account: str | None,
+    flt: DLQFilter,
+    everything: bool,
+    yes: bool,
+    as_json: bool,
+    notes: Callable[[Redis, dict[str, list[str]]], Awaitable[list[str]]] | None = None,
+) -> dict[str, list[str]] | None:
+    """The entries an operation acts on (account → ids, oldest first), confirmed when more than one; ``None``
+    when nothing matches and ``--json`` said so. ``notes`` adds lines shown before the confirmation."""
+    from worker.dlq import DLQFilter
+
+    if not ids and flt == DLQFilter() and not everything:
+        fail(
+            f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
+        )
+
+    async def pick(redis: Redis) -> tuple[dict[str, list[str]], list[str]]:
+        chosen = await _select(redis, account, flt, ids)
+        return chosen, await notes(redis, chosen) if notes and chosen else []
+
+    picked: tuple[dict[str, list[str]], list[str]] = run(_with_redis(pick))
+    chosen, lines = picked
+    total = sum(len(v) for v in chosen.values())
+    if total == 0:
+        if as_json:
+            emit_json({verb: 0, "selected": 0, "accounts": {}})
+            return None
+        fail("no dead-lettered events match", code=1)
+    for line in lines:
+        console.print(safe(line))
+    if total > 1 and not yes:
+        where = ", ".join(f"{a}: {len(v)}" for a, v in chosen.items())
+        if not typer.confirm(f"{verb} {total} dead-lettered events ({where})?", err=True):
+            fail("aborted")
+    return chosen
+
+
+def _progress(verb: str, total: int, as_json: bool) -> Progress:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+    return Progress(
+        TextColumn(f"{verb} {{task.description}}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=console,
+        disable=total <= 1 or as_json,
+    )
+
+
 def _bulk(
     verb: str,
     action: Callable[[Redis, str, list[str], Callable[[int], None]], Awaitable[int]],
@@ -218,40 +273,14 @@ def _bulk(
     yes: bool,
     as_json: bool,
 ) -> None:
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    from worker.dlq import DLQFilter
-
-    if not ids and flt == DLQFilter() and not everything:
-        fail(
-            f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
-        )
-
-    async def pick(redis: Redis) -> dict[str, list[str]]:
-        return await _select(redis, account, flt, ids)
-
-    chosen = run(_with_redis(pick))
+    chosen = _choose(verb, ids, account, flt, everything, yes, as_json)
+    if chosen is None:
+        return
     total = sum(len(v) for v in chosen.values())
-    if total == 0:
-        if as_json:
-            emit_json({verb: 0, "selected": 0, "accounts": {}})
-            return
-        fail("no dead-lettered events match", code=1)
-    if total > 1 and not yes:
-        where = ", ".join(f"{a}: {len(v)}" for a, v in chosen.items())
-        if not typer.confirm(f"{verb} {total} dead-lettered events ({where})?", err=True):
-            fail("aborted")
 
     async def go(redis: Redis) -> dict[str, int]:
         done: dict[str, int] = {}
-        with Progress(
-            TextColumn(f"{verb} {{task.description}}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeRemainingColumn(),
-            console=console,
-            disable=total <= 1 or as_json,
-        ) as progress:
+        with _progress(verb, total, as_json) as progress:
             for account_id, event_ids in chosen.items():
                 task = progress.add_task(account_id, total=len(event_ids))
 
@@ -268,6 +297,117 @@ def _bulk(
         typer.echo(f"{verb}: {sum(done.values())} of {total} selected")
 
 
+#: How often a waiting replay looks at the backlogs it waits on.
+WAIT_POLL_S = 0.5
+
+
+def _wave_size(left: int, high_water: int) -> int:
+    """Room a waiting replay waits for before its next wave: a whole chunk (or all that is left; a tenth of a
+    small high-water mark), not a single freed slot, so the replay does not take each slot live ingest needs
+    the moment a worker frees it."""
+    from worker.dlq import CHUNK
+
+    return max(1, min(left, CHUNK, high_water // 10))
+
+
+@dataclass(slots=True)
+class _Waves:
+    """A replay in waves: what each account got back, what is still in the DLQ and why."""
+
+    replayed: dict[str, int] = field(default_factory=dict)
+    left: dict[str, list[str]] = field(default_factory=dict)
+    #: The account's pending events when its last wave found no room.
+    full: dict[str, int] = field(default_factory=dict)
+    interrupted: bool = False
+
+
+async def _replay_waves(
+    redis: Redis,
+    chosen: dict[str, list[str]],
+    *,
+    high_water: int,
+    retention_ms: int,
+    wait: bool,
+    progress: Progress,
+) -> _Waves:
+    """Replay ``chosen`` as far as each account's high-water mark allows; with ``wait``, again whenever the
+    workers have drained a wave's worth, until everything is back or Ctrl-C (SIGINT) stops it between two
+    atomic steps (what was replayed stays replayed, the rest stays in the DLQ)."""
+    import asyncio
+    import signal
+
+    from worker import dlq, pause
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGINT, stop.set)
+    state = _Waves(replayed=dict.fromkeys(chosen, 0), left=dict(chosen))
+    tasks = {a: progress.add_task(a, total=len(ids)) for a, ids in chosen.items()}
+    announced: set[str] = set()
+    try:
+        while state.left and not stop.is_set():
+            for account_id in list(state.left):
+                task = tasks[account_id]
+                progress.update(task, description=account_id)
+
+                def advance(n: int, task: TaskID = task) -> None:
+                    progress.advance(task, n)
+
+                outcome = await dlq.replay(
+                    redis,
+                    account_id,
+                    state.left[account_id],
+                    high_water=high_water,
+                    history_retention_ms=retention_ms,
+                    by="cli",
+                    progress=advance,
+                    stop=stop.is_set,
+                )
+                state.replayed[account_id] += outcome.replayed
+                state.left[account_id] = outcome.left
+                if not outcome.left:
+                    del state.left[account_id]
+                    state.full.pop(account_id, None)
+                elif outcome.full:
+                    state.full[account_id] = outcome.depth
+            if not state.left or not wait or stop.is_set():
+                break
+            for account_id in state.full.keys() - announced:
+                announced.add(account_id)
+                paused = await pause.get_pause(redis, account_id)
+                console.print(
+                    safe(
+                        f"account {account_id}'s backlog is at its high-water mark ({state.full[account_id]} "
+                        f"pending, PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}): waiting for the workers to "
+                        "drain it, then replaying the rest in waves (Ctrl-C stops; what is replayed stays "
+                        "replayed, the rest stays in the DLQ)"
+                        + (
+                            f"; it is paused ({paused.reason}), so nothing drains until "
+                            f"`passbridge engine resume {account_id}`"
+                            if paused
+                            else ""
+                        )
+                    )
+                )
+            while not stop.is_set():
+                depths = {a: await dlq.depth(redis, a) for a in state.left}
+                if any(
+                    high_water - d >= _wave_size(len(state.left[a]), high_water) for a, d in depths.items()
+                ):
+                    break
+                for a, d in depths.items():
+                    state.full[a] = d
+                    progress.update(
+                        tasks[a], description=f"{a} (waiting for room: {d} pending of {high_water})"
+                    )
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(stop.wait(), WAIT_POLL_S)
+    finally:
+        loop.remove_signal_handler(signal.SIGINT)
+    state.interrupted = stop.is_set() and bool(state.left)
+    return state
+
+
 @app.command()
 def replay(
     event_ids: list[str] = typer.Argument(None, help="Event ids (default: everything the filters select)."),
@@ -277,33 +417,94 @@ def replay(
     since: str | None = SinceOpt,
     until: str | None = UntilOpt,
     everything: bool = typer.Option(False, "--all", help="Every entry (of --account, or of all accounts)."),
+    wait: bool = typer.Option(
+        True,
+        "--wait/--no-wait",
+        help="When an account's backlog reaches its high-water mark: wait for the workers to drain it and go on "
+        "in waves (default), or stop there and leave the rest in the DLQ.",
+    ),
     yes: bool = YesOpt,
     as_json: bool = JsonOpt,
 ) -> None:
-    """Put entries back into their serials' mailboxes, in their original place in time.
+    """Put entries back into their serials' mailboxes, in their original place in time, oldest first.
+
+    A replay never takes an account's pending events over PASSBRIDGE_BACKLOG_HIGH_WATER (ingest would answer
+    503 beyond it): it replays what fits, then waits for the workers to drain the backlog and goes on in
+    waves; with --no-wait it stops there. Exits 1 when entries were left in the DLQ (130 after Ctrl-C).
 
     A replayed event older than what its serial has applied since is written as a metric event only:
     the pass's state never goes backwards.
     """
     from worker import dlq
 
-    retention_ms = settings().history_retention_s * 1000
+    s = settings()
+    high_water, retention_ms = s.backlog_high_water, s.history_retention_s * 1000
 
-    async def action(redis: Redis, account_id: str, ids: list[str], progress: Callable[[int], None]) -> int:
-        return await dlq.replay(
-            redis, account_id, ids, history_retention_ms=retention_ms, by="cli", progress=progress
-        )
+    async def room_notes(redis: Redis, chosen: dict[str, list[str]]) -> list[str]:
+        lines = []
+        for account_id, ids in chosen.items():
+            room = max(0, high_water - await dlq.depth(redis, account_id))
+            if len(ids) > room:
+                then = "the rest waits for the workers to drain it" if wait else "the rest stays in the DLQ"
+                lines.append(
+                    f"account {account_id}: room for {room} of its {len(ids)} selected entries under its "
+                    f"backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}); {then}"
+                )
+        return lines
 
-    _bulk(
+    chosen = _choose(
         "replayed",
-        action,
         event_ids or [],
         account,
         _filter(code, serial, since, until),
         everything,
         yes,
         as_json,
+        notes=room_notes,
     )
+    if chosen is None:
+        return
+    total = sum(len(v) for v in chosen.values())
+
+    async def go(redis: Redis) -> _Waves:
+        with _progress("replayed", total, as_json) as progress:
+            return await _replay_waves(
+                redis, chosen, high_water=high_water, retention_ms=retention_ms, wait=wait, progress=progress
+            )
+
+    waves: _Waves = run(_with_redis(go))
+    replayed = sum(waves.replayed.values())
+    left = {a: len(ids) for a, ids in waves.left.items()}
+    if as_json:
+        emit_json(
+            {
+                "replayed": replayed,
+                "selected": total,
+                "accounts": waves.replayed,
+                "left": left,
+                "interrupted": waves.interrupted,
+            }
+        )
+    else:
+        typer.echo(f"replayed: {replayed} of {total} selected")
+    for account_id, n in left.items():
+        if waves.interrupted:
+            console.print(
+                safe(f"stopped: {n} of account {account_id}'s selected entries are still in the DLQ")
+            )
+        else:
+            console.print(
+                safe(
+                    dlq.backlog_full_message(
+                        account_id, waves.full.get(account_id, high_water), high_water, n
+                    )
+                    + "; replay them once the workers have drained it (without --no-wait, the replay waits)"
+                )
+            )
+    if waves.interrupted:
+        raise typer.Exit(130)
+    if left:
+        raise typer.Exit(1)
 
 
 @app.command()

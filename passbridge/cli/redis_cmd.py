@@ -17,7 +17,7 @@ def start(port: int = typer.Option(0, help="Port (0 = a free one).")) -> None:
 
     s = settings()
     try:
-        server = ensure_embedded(s.state_dir, port or None)
+        server = ensure_embedded(s.state_dir, port or None, appendfsync=s.redis_appendfsync)
     except RedisServerError as exc:
         fail(str(exc))
     typer.echo(server.url)

@@ -57,6 +57,7 @@ def up(
         producer_port=producer_port,
         sandbox_port=sandbox_port,
         admin_token=admin,
+        redis_appendfsync=s.redis_appendfsync,
         secret_key=s.secret_key.get_secret_value() if s.secret_key else None,
     )
     stop = threading.Event()

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import typer
 
-from passbridge.cli.common import redis_url, settings
+from passbridge.cli.common import fail, redis_url, settings
 
 
 def worker(
@@ -42,8 +42,10 @@ def worker(
     Start as many as you like, on one machine or many, against the same Redis. SIGTERM stops claiming,
     lets in-flight events finish (up to --grace) and hands the rest back at once.
     """
-    from arq.worker import check_health, run_worker
+    from arq.worker import check_health
 
+    from passbridge.outage import StillUnreachable, wait_until_reachable
+    from worker.arq_worker import run_worker
     from worker.main import worker_settings
 
     s = settings()
@@ -63,6 +65,11 @@ def worker(
     url = redis_url(s, start=not check)
     if check:
         raise typer.Exit(check_health(worker_settings(s, url)))
+    try:
+        # Before the express lane is forked: both processes need Redis from their first step.
+        wait_until_reachable(url, s.worker_redis_wait_s)
+    except StillUnreachable as exc:
+        fail(str(exc))
     express = None
     if s.worker_express_lane:
         from worker.express import ExpressProcess

@@ -39,6 +39,7 @@ class StackConfig:
     producer_port: int = 0
     sandbox_port: int = 0
     redis_url: str | None = None
+    redis_appendfsync: str = "everysec"  # for the embedded Redis (README, "Durability")
     secret_key: str | None = None
     admin_token: str | None = None
     extra_env: dict[str, str] = field(default_factory=dict)
@@ -153,7 +154,7 @@ def run_stack(cfg: StackConfig) -> Iterator[Stack]:
     if cfg.redis_url:
         redis_url = cfg.redis_url
     else:
-        redis = start_redis(cfg.state_dir / "redis")
+        redis = start_redis(cfg.state_dir / "redis", appendfsync=cfg.redis_appendfsync)
         redis_url = redis.url
     env = {
         **os.environ,

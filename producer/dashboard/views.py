@@ -58,13 +58,19 @@ def url(path: str, **params: Any) -> str:
     return f"{path}?{query}" if query else path
 
 
-#: What a redirect may ask the next page to say: ``?notice=<code>``, plus ``done`` and ``total`` for the texts
-#: with counts. The words are always these: a crafted link cannot show an operator a message of its own.
-NoticeCode = Literal["replayed-one", "nothing-matched", "replayed", "purged"]
+#: What a redirect may ask the next page to say: ``?notice=<code>``, plus ``done``, ``total`` and ``left`` for the
+#: texts with counts. The words are always these: a crafted link cannot show an operator a message of its own.
+NoticeCode = Literal["replayed-one", "nothing-matched", "replayed", "replayed-short", "purged"]
 NOTICES: dict[str, str] = {
     "replayed-one": "replayed: back in its serial's queue",
     "nothing-matched": "nothing matched",
     "replayed": "replayed {done} of {total} selected",
+    "replayed-short": (
+        "replayed {done} of {total} selected; {left} of them are still in the DLQ: their account's backlog is at "
+        "its high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER), and replaying them now would make its live ingest "
+        "answer 503. Replay the rest once the workers have drained the backlog (`passbridge dlq replay` waits for "
+        "room and goes on in waves)."
+    ),
     "purged": "purged {done} of {total} selected",
 }
 
@@ -78,7 +84,7 @@ def notice_text(params: Mapping[str, str]) -> str:
     """The text of a query's notice: '' for an unknown code, or counts that are not small whole numbers."""
     template = NOTICES.get(params.get("notice", ""), "")
     counts: dict[str, int] = {}
-    for name in ("done", "total"):
+    for name in ("done", "total", "left"):
         if "{" + name + "}" in template:
             raw = params.get(name, "")
             if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
@@ -527,14 +533,22 @@ async def dlq_replay_one(page: Page) -> Response:
     account_id, event_id = form.get("account", ""), form.get("id", "")
     if not account_id or not event_id:
         return await page.error(400, "account and id: give both")
+    high_water = page.ctx.settings.backlog_high_water
     done = await dlq.replay(
         page.redis,
         account_id,
         [event_id],
+        high_water=high_water,
         history_retention_ms=page.ctx.settings.history_retention_s * 1000,
         by="dashboard",
     )
-    if not done:
+    if done.full:
+        return await page.error(
+            409,
+            f"not replayed: {dlq.backlog_full_message(account_id, done.depth, high_water, 1)}. "
+            "Replay it once the workers have drained the backlog.",
+        )
+    if not done.replayed:
         return await page.error(404, f"no dead-lettered event {event_id!r} in account {account_id!r}")
     target = with_notice(url("/dashboard/event", account=account_id, id=event_id), "replayed-one")
     return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
@@ -603,9 +617,19 @@ async def dlq_bulk(page: Page) -> Response:
             changed = (
                 f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
             )
+        # What will not fit under the high-water mark now, said before the click (the replay leaves it).
+        short: list[tuple[str, int, int]] = []
+        if action == "replay":
+            high_water = page.ctx.settings.backlog_high_water
+            for a, ids in chosen.items():
+                room = max(0, high_water - await dlq.depth(page.redis, a))
+                if len(ids) > room:
+                    short.append((a, room, len(ids)))
         return await page.render(
             "confirm.html",
             status=409 if changed else 200,
+            short_of_room=short,
+            high_water=page.ctx.settings.backlog_high_water,
             action=action,
             chosen=chosen,
             total=total,
@@ -618,18 +642,30 @@ async def dlq_bulk(page: Page) -> Response:
             changed=changed,
         )
     done = 0
+    # A web request does not wait for the workers: each account gets back what fits under its high-water mark
+    # now (oldest first), and the notice says how many stayed in the DLQ and why (the confirmation page named
+    # the accounts short of room).
+    left = 0
+    high_water = page.ctx.settings.backlog_high_water
     for a, ids in chosen.items():
         if action == "replay":
-            done += await dlq.replay(
+            outcome = await dlq.replay(
                 page.redis,
                 a,
                 ids,
+                high_water=high_water,
                 history_retention_ms=page.ctx.settings.history_retention_s * 1000,
                 by="dashboard",
             )
+            done += outcome.replayed
+            if outcome.full:
+                left += len(outcome.left)
         else:
             done += await dlq.purge(page.redis, a, ids)
-    notice = with_notice(back, "replayed" if action == "replay" else "purged", done=done, total=total)
+    if left:
+        notice = with_notice(back, "replayed-short", done=done, total=total, left=left)
+    else:
+        notice = with_notice(back, "replayed" if action == "replay" else "purged", done=done, total=total)
     return RedirectResponse(notice, status_code=303, headers=SECURITY_HEADERS)
 
 

@@ -397,3 +397,31 @@ def test_help_imports_no_heavy_module() -> None:
         )
     )
     assert heavy == []
+
+
+def _bad_settings_env(tmp_path: Path) -> dict[str, str]:
+    env = cli_env(tmp_path / "state", "unused", None)
+    env.update(PASSBRIDGE_PRODUCER_PORT="sk_live_not_a_port", PASSBRIDGE_REDIS_APPENDFSYNC="sometimes")
+    return env
+
+
+@pytest.mark.parametrize("command", [["redis", "status"], ["status"], ["producer"]])
+def test_an_invalid_setting_is_one_clear_error_naming_the_variable_not_its_value(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """A typo in .env or the environment gets a message naming the variable and why, with no traceback, and
+    without echoing the value: it may be a secret pasted into the wrong variable."""
+    result = run(command, _bad_settings_env(tmp_path), tmp_path)
+    assert result.returncode == 1
+    assert "invalid configuration" in result.stderr
+    assert "PASSBRIDGE_PRODUCER_PORT: Input should be a valid integer" in result.stderr
+    assert "PASSBRIDGE_REDIS_APPENDFSYNC: Input should be 'everysec' or 'always'" in result.stderr
+    assert "sk_live_not_a_port" not in result.stderr + result.stdout
+    assert "Traceback" not in result.stderr
+
+
+def test_help_works_with_an_invalid_setting(tmp_path: Path) -> None:
+    """The operator fixing a bad .env can still read what each command takes."""
+    result = run(["producer", "--help"], _bad_settings_env(tmp_path), tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "Usage" in result.stdout

@@ -73,7 +73,9 @@ def test_services_are_shaped_for_production(compose: dict[str, Any]) -> None:
     redis = s["redis"]
     assert re.fullmatch(r"redis:7\.\d+\.\d+(-alpine)?", redis["image"])
     assert redis["command"][redis["command"].index("--appendonly") + 1] == "yes"
-    assert redis["command"][redis["command"].index("--appendfsync") + 1] == "everysec"
+    fsync = redis["command"][redis["command"].index("--appendfsync") + 1]
+    assert _interpolate(fsync, {}) == "everysec"
+    assert _interpolate(fsync, {"PASSBRIDGE_REDIS_APPENDFSYNC": "always"}) == "always"
     assert any(v.startswith("redis-data:") for v in redis["volumes"])
     assert "redis-data" in compose["volumes"]
     assert redis["healthcheck"]["test"][-1] == "ping"

@@ -6,20 +6,25 @@ thousands of dead letters through the sandbox would take minutes)."""
 from __future__ import annotations
 
 import asyncio
-import html as html_lib
+import html
 import re
 from collections.abc import Iterator
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 import redis as redis_sync
 from cryptography.fernet import Fernet, MultiFernet
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from passbridge.keys import account_keys
+from passbridge.settings import Settings
+from producer.app import create_app
 from producer.dashboard.views import DLQ_EXAMINE
+from tests.conftest import serve
 from tests.factories import make_account
-from tests.worker.helpers import fill_dlq
+from tests.worker.helpers import fill_dlq, pass_event, put
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
 
@@ -183,10 +188,10 @@ def test_out_of_range_times_are_a_clear_400(dashboard: httpx.Client) -> None:
         assert ("since:" if query.startswith("since") else "until:") in r.text
 
 
-def notice(html: str) -> str | None:
+def notice(page: str) -> str | None:
     """The notice a page shows, if any."""
-    found = re.search(r'<p class="notice" role="status">([^<]*)</p>', html)
-    return html_lib.unescape(found.group(1)) if found else None
+    found = re.search(r'<p class="notice" role="status">([^<]*)</p>', page)
+    return html.unescape(found.group(1)) if found else None
 
 
 def test_notices_are_chosen_by_the_server_not_by_the_link(dashboard: httpx.Client, redis_url: str) -> None:
@@ -223,3 +228,57 @@ def test_notices_are_chosen_by_the_server_not_by_the_link(dashboard: httpx.Clien
     r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(preview.text))
     assert r.status_code == 303
     assert notice(dashboard.get(r.headers["location"]).text) == "replayed 2 of 2 selected"
+
+
+def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Settings, redis_url: str) -> None:
+    """A bulk replay gets back what fits under PASSBRIDGE_BACKLOG_HIGH_WATER now (the oldest) and says how many
+    are left and why; a single replay into a full backlog is refused. Live ingest would answer 503 beyond it."""
+    high_water = 150
+    app = create_app(
+        settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN), "backlog_high_water": high_water}),
+        redis_url,
+    )
+    fill(redis_url, "acme", ["A1", "A2"], 100, register=True)
+
+    async def live() -> None:
+        redis = Redis.from_url(redis_url)
+        await put(redis, *(pass_event("acme", "LIVE", n) for n in range(30)))
+        await redis.aclose()
+
+    asyncio.run(live())  # 30 pending: room for 120 of the 200
+    redis = redis_sync.Redis.from_url(redis_url)
+    keys = account_keys("acme")
+    oldest_first = [m.decode() for m in redis.zrange(keys.dlq, 0, -1)]
+    server = serve(app)
+    try:
+        headers = {"authorization": f"Bearer {ADMIN_TOKEN}"}
+        with httpx.Client(base_url=server.url, headers=headers, timeout=60) as dashboard:
+            r = dashboard.post("/dashboard/dlq/bulk", data={"action": "replay", "account": "acme"})
+            assert "Replay 200 dead-lettered events?" in r.text
+            assert (
+                "acme: room for 120 of its 200 under its backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER=150) now"
+                in r.text
+            )
+            r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
+            assert r.status_code == 303
+            assert parse_qs(urlsplit(r.headers["location"]).query)["left"] == ["80"]
+            shown = notice(dashboard.get(r.headers["location"]).text)
+            assert shown is not None
+            assert shown.startswith(
+                "replayed 120 of 200 selected; 80 of them are still in the DLQ: their account's backlog is at its "
+                "high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER)"
+            )
+            assert int(redis.get(keys.depth)) == high_water
+            assert {m.decode() for m in redis.zrange(keys.dlq, 0, -1)} == set(oldest_first[120:])
+
+            r = dashboard.post("/dashboard/dlq/replay", data={"account": "acme", "id": oldest_first[-1]})
+            assert r.status_code == 409
+            assert (
+                "not replayed: account acme's backlog is at its high-water mark (150 pending, "
+                "PASSBRIDGE_BACKLOG_HIGH_WATER=150)"
+            ) in html.unescape(r.text)
+            assert redis.zscore(keys.dlq, oldest_first[-1]) is not None
+            assert int(redis.get(keys.depth)) == high_water
+    finally:
+        server.stop()
+        redis.close()

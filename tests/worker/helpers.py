@@ -16,6 +16,8 @@ from worker.dlq import DLQEntry
 from worker.queue import WorkQueue
 
 BASE_TIME = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
+#: The backlog high-water mark tests enqueue and replay under: far above any test's backlog.
+HIGH_WATER = 10_000_000
 
 
 def pass_event(
@@ -47,7 +49,7 @@ async def put(redis: Redis, *events: PassEvent) -> None:
     for ev in events:
         by_account.setdefault(ev.account_id, []).append(ev)
     for account_id, evs in by_account.items():
-        await enqueue(redis, account_id, evs, high_water=10_000_000, dedup_window_s=3600)
+        await enqueue(redis, account_id, evs, high_water=HIGH_WATER, dedup_window_s=3600)
 
 
 #: Error (code, status) of the n-th event dead-lettered by :func:`fill_dlq`.
@@ -121,3 +123,19 @@ async def dead_letter_head(q: WorkQueue, redis: Redis, account_id: str, serial: 
     assert (await q.settle(lease, [member], dead=[(entry.event_id, entry.to_json())])).ok
     assert await q.release(lease)
     return entry
+
+
+async def settle_pending(redis: Redis, account_id: str, limit: int) -> int:
+    """Settle (as written) up to ``limit`` pending events of ``account_id`` through the engine's own claim,
+    settle and release steps, as a worker that drains the backlog would; returns how many."""
+    q = WorkQueue(redis, worker_id="drainer")
+    keys = account_keys(account_id)
+    done = 0
+    for lease in (await q.claim(50, per_account=50)).leases:
+        if lease.account_id == account_id and done < limit:
+            members = await redis.zrange(keys.mailbox(lease.serial), 0, limit - done - 1)
+            if members:
+                assert (await q.settle(lease, members)).ok
+                done += len(members)
+        await q.release(lease)
+    return done

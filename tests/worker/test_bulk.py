@@ -24,7 +24,7 @@ from worker.plan import coalesce, record_of
 from worker.state import PassState
 
 from .e2e import Pipeline, Workers, drained, worker_env
-from .helpers import pass_event
+from .helpers import HIGH_WATER, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -263,9 +263,13 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
     # The cause is fixed; replay delivers them (coalesced again) and the DLQ empties.
     pipeline.sandbox.clear_faults()
     replayed = await dlq.replay(
-        pipeline.redis, "acme", [e.event_id for e in bad], history_retention_ms=86_400_000
+        pipeline.redis,
+        "acme",
+        [e.event_id for e in bad],
+        high_water=HIGH_WATER,
+        history_retention_ms=86_400_000,
     )
-    assert replayed == len(bad)
+    assert replayed.replayed == len(bad)
     await drained(pipeline, workers)
     assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
     assert await dlq.count(pipeline.redis, "acme") == 0

@@ -144,7 +144,13 @@ def test_replay_needs_a_selection_and_confirms_bulk(cli_env: str, secret_key: st
     assert "aborted" in out
     code, out = invoke("dlq", "replay", "--account", "acme", "--code", "invalid", "--yes", "--json")
     assert code == 0, out
-    assert orjson.loads(out) == {"replayed": 2, "selected": 2, "accounts": {"acme": 2}}
+    assert orjson.loads(out) == {
+        "replayed": 2,
+        "selected": 2,
+        "accounts": {"acme": 2},
+        "left": {},
+        "interrupted": False,
+    }
 
     async def check() -> None:
         redis = Redis.from_url(cli_env)

@@ -17,7 +17,7 @@ from worker import dlq, history, inspect, pause
 from worker.dlq import DLQEntry, DLQFilter
 from worker.queue import WorkQueue
 
-from .helpers import FILL_CODES, dead_letter_head, fill_dlq, pass_event, permanent_entry, put
+from .helpers import FILL_CODES, HIGH_WATER, dead_letter_head, fill_dlq, pass_event, permanent_entry, put
 
 DAY_MS = 86_400_000
 
@@ -38,8 +38,10 @@ class TestDLQ:
         assert stored == dataclasses.replace(entry, dead_at_ms=int(await redis.zscore(keys.dlq, "a-S1-0")))
         assert entry.event["id"] == "a-S1-0"
 
-        replayed = await dlq.replay(redis, "a", ["a-S1-0", "missing"], history_retention_ms=DAY_MS)
-        assert replayed == 1
+        replayed = await dlq.replay(
+            redis, "a", ["a-S1-0", "missing"], high_water=HIGH_WATER, history_retention_ms=DAY_MS
+        )
+        assert (replayed.replayed, replayed.missing, replayed.left, replayed.depth) == (1, 1, [], 3)
         assert await dlq.count(redis, "a") == 0
         assert int(await redis.get(keys.depth)) == 3
         members = await redis.zrange(keys.mailbox("S1"), 0, -1)
@@ -323,7 +325,9 @@ class TestHistory:
         stored = [history.parse(r) for r in await redis.lrange(keys.history("S7"), 0, -1)]
         assert [(e.kind, e.at_ms) for e in stored] == [("ingested", received_ms), ("dead", now)]
         # Replayed, then written: pending again (mailbox) and settled again (stored again), shown once.
-        assert await dlq.replay(redis, "a", ["a-S7-1"], history_retention_ms=DAY_MS) == 1
+        assert (
+            await dlq.replay(redis, "a", ["a-S7-1"], high_water=HIGH_WATER, history_retention_ms=DAY_MS)
+        ).replayed == 1
         kinds = [e.kind for e in await history.event_history(redis, "a", "a-S7-1", "S7")]
         assert kinds == ["ingested", "dead", "replayed"]
         claimed = (await q.claim(5)).leases[0]

@@ -15,7 +15,7 @@ from worker import dlq
 from worker.state import PassState
 
 from .e2e import Pipeline, Workers
-from .helpers import pass_event
+from .helpers import HIGH_WATER, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -72,7 +72,11 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
     # The cause is fixed; replay delivers the event. It is older than what was applied since, so it lands
     # as a metric event only and the pass's state does not go back.
     pipeline.sandbox.clear_faults()
-    assert await dlq.replay(pipeline.redis, "acme", [entry.event_id], history_retention_ms=86_400_000) == 1
+    assert (
+        await dlq.replay(
+            pipeline.redis, "acme", [entry.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+        )
+    ).replayed == 1
     await async_wait_for(pipeline.drained, timeout=30)
     assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in (first, poison, after))
     assert await dlq.count(pipeline.redis, "acme") == 0
@@ -99,7 +103,11 @@ async def test_replayed_event_older_than_max_age_gets_a_fresh_retry_window(
     (entry,) = await dlq.list_entries(pipeline.redis, "acme")
     assert "older than max age" in entry.reason
     # Klaviyo still fails when the operator replays: that error must be retried with backoff.
-    assert await dlq.replay(pipeline.redis, "acme", [old.event_id], history_retention_ms=86_400_000) == 1
+    assert (
+        await dlq.replay(
+            pipeline.redis, "acme", [old.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+        )
+    ).replayed == 1
     keys = account_keys("acme")
 
     async def retried_or_dead() -> bool:
@@ -133,8 +141,14 @@ async def test_replayed_event_loses_a_tie_in_time_to_a_later_arrival(
     await pipeline.put([uninstalled])
     await async_wait_for(pipeline.drained, timeout=30)
     assert (
-        await dlq.replay(pipeline.redis, "acme", [installed.event_id], history_retention_ms=86_400_000) == 1
-    )
+        await dlq.replay(
+            pipeline.redis,
+            "acme",
+            [installed.event_id],
+            high_water=HIGH_WATER,
+            history_retention_ms=86_400_000,
+        )
+    ).replayed == 1
     await async_wait_for(pipeline.drained, timeout=30)
     assert await dlq.count(pipeline.redis, "acme") == 0
     assert sorted(pipeline.stored_unique_ids("acme")) == [installed.event_id, uninstalled.event_id]

@@ -22,7 +22,7 @@ from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, Tra
 from worker.retry import RetryPolicy
 from worker.state import PassState
 
-from .helpers import pass_event, put
+from .helpers import HIGH_WATER, pass_event, put
 from .scripted import ScriptedSyncer
 
 FAST = RetryPolicy(base_delay_s=0.02, max_delay_s=0.05, max_attempts=4, max_age_s=3600)
@@ -197,7 +197,11 @@ class TestFailures:
         assert entry.event["k"] == "updated"
         # Replay (the cause is fixed): delivered, and — being older than the applied state — stale, so the
         # serial's state stays at its newest event.
-        assert await dlq.replay(redis, "acme", [entry.event_id], history_retention_ms=86_400_000) == 1
+        assert (
+            await dlq.replay(
+                redis, "acme", [entry.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+            )
+        ).replayed == 1
         await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
         assert syncer.written[("acme", "S1")] == ["acme-S1-0", "acme-S1-2", "acme-S1-1"]
         state = PassState.from_json(await redis.hget(account_keys("acme").state, "S1"))
