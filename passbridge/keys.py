@@ -225,6 +225,8 @@ WORKERS_INFO = f"{PREFIX}:workers:info"
 SERIES_SAMPLED = f"{PREFIX}:ts-sampled:"
 #: Failed dashboard logins per client address (+ address): a counter that expires after the login window.
 DASHBOARD_LOGIN_FAILURES = f"{PREFIX}:dashboard:login-failures:"
+#: Dashboard sessions ended by logout (+ SHA-256 of the cookie value): a marker that expires with the session.
+DASHBOARD_REVOKED = f"{PREFIX}:dashboard:revoked:"
 #: arq's queue (cron sweeps); its health-check key is this + ``:health-check``.
 ARQ_QUEUE = f"{PREFIX}:arq"
 

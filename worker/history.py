@@ -146,32 +146,65 @@ def merge(stored: Sequence[HistoryEntry], pending: Sequence[HistoryEntry]) -> li
     return out
 
 
-async def timeline(redis: Redis, account_id: str, serial: str) -> list[HistoryEntry]:
-    """Every kept entry of the serial, oldest first, with the ``ingested`` step of its pending events."""
+@dataclass(frozen=True, slots=True)
+class Timeline:
+    """A serial's timeline as read (:func:`read`), and what was left unread."""
+
+    entries: list[HistoryEntry]
+    #: The mailbox members read: the first ones in send order (their ``ingested`` steps are in ``entries``).
+    members: list[bytes]
+    #: Entries in the serial's history list and events in its mailbox, read or not.
+    stored_total: int
+    pending_total: int
+    #: Stored entries not read: the oldest ones.
+    stored_omitted: int
+
+    @property
+    def pending_omitted(self) -> int:
+        """Pending events whose ``ingested`` step was not read (those queued behind the ones read)."""
+        return self.pending_total - len(self.members)
+
+
+async def read(
+    redis: Redis,
+    account_id: str,
+    serial: str,
+    *,
+    stored_limit: int | None = None,
+    pending_limit: int | None = None,
+) -> Timeline:
+    """The serial's timeline from its newest ``stored_limit`` history entries and the ``ingested`` steps of the
+    first ``pending_limit`` events of its mailbox in send order (None or 0: all of them).
+
+    A page that refreshes every few seconds reads a bounded part of a hot serial, not all of it. What is shown
+    is in the right order among itself (:func:`merge`): an ``ingested`` step that belongs before the oldest entry
+    read comes first. The steps of the events queued behind the ones read are left out, not guessed
+    (:attr:`Timeline.pending_omitted` says how many).
+    """
     keys = account_keys(account_id)
+    history_key, mailbox = keys.history(serial), keys.mailbox(serial)
     async with redis.pipeline(transaction=True) as pipe:  # one snapshot: an event settles in neither or both
-        pipe.lrange(keys.history(serial), 0, -1)
-        pipe.zrange(keys.mailbox(serial), 0, -1)
-        raw, members = await pipe.execute()
+        pipe.llen(history_key)
+        pipe.lrange(history_key, -stored_limit if stored_limit else 0, -1)
+        pipe.zcard(mailbox)
+        pipe.zrange(mailbox, 0, pending_limit - 1 if pending_limit else -1)
+        stored_total, raw, pending_total, members = await pipe.execute()
     pending = [parse(r) for r in (ingested_entry(m) for m in members) if r is not None]
-    return merge([parse(r) for r in raw], pending)
+    return Timeline(
+        entries=merge([parse(r) for r in raw], pending),
+        members=members,
+        stored_total=int(stored_total),
+        pending_total=int(pending_total),
+        stored_omitted=int(stored_total) - len(raw),
+    )
 
 
-async def serial_of(redis: Redis, account_id: str, event_id: str) -> str | None:
-    """The serial an event id belongs to, from the producer's dedup index (kept for the dedup window)."""
-    keys = account_keys(account_id)
-    async for key in redis.scan_iter(match=keys.dedup_prefix + "*", count=100):
-        serial = await redis.hget(key, event_id)
-        if serial is not None:
-            return str(serial.decode())
-    return None
+async def timeline(redis: Redis, account_id: str, serial: str) -> list[HistoryEntry]:
+    """Every kept entry of the serial, oldest first, with the ``ingested`` step of its pending events (a
+    whole read, for one-off commands: the dashboard's pages use :func:`read` with limits)."""
+    return (await read(redis, account_id, serial)).entries
 
 
-async def event_history(
-    redis: Redis, account_id: str, event_id: str, serial: str | None = None
-) -> list[HistoryEntry]:
-    """The entries of one event (its serial looked up in the dedup index unless given)."""
-    serial = serial or await serial_of(redis, account_id, event_id)
-    if serial is None:
-        return []
+async def event_history(redis: Redis, account_id: str, event_id: str, serial: str) -> list[HistoryEntry]:
+    """The entries of one event of ``serial`` (an event id's serial: :func:`worker.inspect.serial_of`)."""
     return [e for e in await timeline(redis, account_id, serial) if e.event_id == event_id]

@@ -45,8 +45,11 @@ WORKER_ALIVE_MS = 10_000
 OLDEST_SAMPLE = 100
 #: Accounts :func:`overview` reads concurrently.
 OVERVIEW_CONCURRENCY = 8
-#: Most pending events :func:`serial_detail` lists.
+#: Most pending events :func:`serial_detail` lists (and whose ``ingested`` steps its timeline shows).
 PENDING_LIMIT = 200
+#: Most history entries :func:`serial_detail` reads, the newest (the dashboard re-reads them every few seconds;
+#: ``passbridge engine history`` reads them all).
+TIMELINE_LIMIT = 500
 #: Most mailbox entries :func:`find_event` reads looking for an event (a serial rarely queues more).
 MAILBOX_SCAN_LIMIT = 10_000
 
@@ -467,8 +470,12 @@ class SerialDetail:
     #: Retry records of pending events: event id → record (attempts, throttles, errors).
     retries: dict[str, dict[str, Any]]
     dead: list[DLQEntry]
+    #: The newest :data:`TIMELINE_LIMIT` history entries, with the ``ingested`` steps of the listed events.
     timeline: list[history.HistoryEntry]
     now_ms: int = 0
+    #: Kept history entries older than those read (not in ``timeline``), and all the serial keeps.
+    timeline_omitted: int = 0
+    history_total: int = 0
     #: The account's registry entry and engine pause, and its Klaviyo deferral: why a due serial may wait.
     account: AccountInfo | None = None
     pause: Pause | None = None
@@ -508,27 +515,33 @@ class SerialDetail:
             "retries": self.retries,
             "dead_lettered": [e.dlq_id for e in self.dead],
             "timeline": [h.to_doc() for h in self.timeline],
+            "timeline_omitted": self.timeline_omitted,
         }
 
 
 async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDetail:
-    """Everything known about ``serial`` of ``account_id`` (empty parts when it is unknown)."""
+    """Everything known about ``serial`` of ``account_id`` (empty parts when it is unknown).
+
+    Bounded however hot the serial is: the first :data:`PENDING_LIMIT` pending events and the newest
+    :data:`TIMELINE_LIMIT` history entries are read (the dashboard re-reads them every few seconds).
+    """
     keys = account_keys(account_id)
     now = await now_ms(redis)
+    read = await history.read(
+        redis, account_id, serial, stored_limit=TIMELINE_LIMIT, pending_limit=PENDING_LIMIT
+    )
     async with redis.pipeline(transaction=False) as pipe:
-        pipe.zcard(keys.mailbox(serial))
-        pipe.zrange(keys.mailbox(serial), 0, PENDING_LIMIT - 1)
         pipe.hget(keys.state, serial)
         pipe.hget(keys.lease_tokens, serial)
         pipe.zscore(keys.leased, serial)
         pipe.zscore(keys.ready, serial)
-        total, members, state, token, expiry, ready_at = await pipe.execute()
-    pending = [PendingEvent.from_member(m) for m in members]
+        state, token, expiry, ready_at = await pipe.execute()
+    pending = [PendingEvent.from_member(m) for m in read.members]
     retries: dict[str, dict[str, Any]] = {}
     if pending:
         raw = await redis.hmget(keys.retries, [p.event_id for p in pending])
         retries = {p.event_id: orjson.loads(r) for p, r in zip(pending, raw, strict=True) if r is not None}
-    timeline = await history.timeline(redis, account_id, serial)
+    timeline = read.entries
     dead_ids = list(dict.fromkeys(h.event_id for h in timeline if h.kind == "dead"))
     # Every entry of those ids: one sent again after the dedup window may be in the DLQ twice.
     dead = [e for e in await dlq.entries_of(redis, account_id, dead_ids) if e.serial == serial]
@@ -539,7 +552,7 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
     return SerialDetail(
         account_id=account_id,
         serial=serial,
-        pending_total=int(total),
+        pending_total=read.pending_total,
         pending=pending,
         applied=orjson.loads(state) if state is not None else None,
         lease=lease,
@@ -548,6 +561,8 @@ async def serial_detail(redis: Redis, account_id: str, serial: str) -> SerialDet
         dead=dead,
         timeline=timeline,
         now_ms=now,
+        timeline_omitted=read.stored_omitted,
+        history_total=read.stored_total,
         account=await account_info(redis, account_id),
         pause=account_pause,
         throttled_until_ms=await throttled_until(redis, account_id, now),
@@ -591,6 +606,9 @@ class EventDetail:
     dead_letters: list[DLQEntry] = field(default_factory=list)
     history: list[history.HistoryEntry] = field(default_factory=list)
     serial_status: str | None = None
+    #: Older history entries of its serial that were not read (:data:`TIMELINE_LIMIT`) when its history may be
+    #: missing steps among them (it does not start with its ``ingested`` step); else 0.
+    history_omitted: int = 0
 
     def to_doc(self) -> dict[str, Any]:
         """JSON form (``passbridge event --json``)."""
@@ -611,6 +629,7 @@ class EventDetail:
             "dlq": dlq_doc,
             "dlq_entries": [{"dlq_id": e.dlq_id, "dead_at": iso(e.dead_at_ms)} for e in self.dead_letters],
             "history": [h.to_doc() for h in self.history],
+            "history_omitted": self.history_omitted,
         }
 
 
@@ -639,7 +658,16 @@ async def find_event(
         )
     detail = await serial_detail(redis, account_id, serial)
     hist = [h for h in detail.timeline if h.event_id == event_id]
-    out = EventDetail(account_id, event_id, serial, "unknown", "", history=hist, serial_status=detail.status)
+    out = EventDetail(
+        account_id,
+        event_id,
+        serial,
+        "unknown",
+        "",
+        history=hist,
+        serial_status=detail.status,
+        history_omitted=_omitted(hist, detail.timeline_omitted),
+    )
     if dead is not None:
         last = dead.errors[-1] if dead.errors else {}
         out.where, out.dlq, out.event = "dead_lettered", dead, dead.event
@@ -665,6 +693,10 @@ async def find_event(
             p = PendingEvent.from_member(m)
             if p.event_id == event_id:
                 out.where, out.position, out.event = "pending", PENDING_LIMIT + i + 1, p.wire
+                # The timeline read only the listed events' mailbox entries: add this one's own step.
+                if (raw := history.ingested_entry(m)) is not None:
+                    out.history = history.merge(hist, [history.parse(raw)])
+                    out.history_omitted = _omitted(out.history, detail.timeline_omitted)
                 out.retry = detail.retries.get(event_id) or await _retry_record(redis, account_id, event_id)
                 out.detail = (
                     f"queued, {out.position} of {detail.pending_total} in its serial; " + detail.waiting
@@ -676,14 +708,29 @@ async def find_event(
         out.detail = f"delivered to Klaviyo at {iso(written[-1].at_ms)}"
         if written[-1].detail.get("worker"):
             out.detail += f" by {written[-1].detail['worker']}"
-    elif detail.pending_total > MAILBOX_SCAN_LIMIT:
-        out.detail = (
-            f"not among the first {MAILBOX_SCAN_LIMIT} of the serial's {detail.pending_total} queued events, "
-            "not in the DLQ and no delivery in the kept history"
-        )
     else:
-        out.detail = "not queued, not in the DLQ and no delivery in the kept history"
+        if detail.pending_total > MAILBOX_SCAN_LIMIT:
+            out.detail = (
+                f"not among the first {MAILBOX_SCAN_LIMIT} of the serial's {detail.pending_total} queued events, "
+                "not in the DLQ"
+            )
+        else:
+            out.detail = "not queued, not in the DLQ"
+        if out.history_omitted:
+            out.detail += (
+                f" and no delivery in the newest {TIMELINE_LIMIT} of its serial's {detail.history_total} kept "
+                f"history entries (`passbridge engine history {account_id} --event {event_id} --serial {serial}` "
+                "reads them all)"
+            )
+        else:
+            out.detail += " and no delivery in the kept history"
     return out
+
+
+def _omitted(hist: list[history.HistoryEntry], omitted: int) -> int:
+    """``omitted`` unless an event's history read from the newest entries is whole: an event's life starts
+    with its ``ingested`` step, and the entries read are the newest, so nothing of it is older than that."""
+    return 0 if hist and hist[0].kind == history.HistoryKind.ingested else omitted
 
 
 async def _retry_record(redis: Redis, account_id: str, event_id: str) -> dict[str, Any] | None:

@@ -188,24 +188,33 @@ def history_(
     """What happened to a serial's events (ingested, attempts, written, dead-lettered, replayed)."""
     import orjson
 
-    from worker import history
+    from worker import history, inspect
 
     if not serial and not event_id:
         fail("give --serial or --event")
+    window_s = settings().dedup_ttl_s
 
-    async def go() -> list[dict[str, Any]]:
+    async def go() -> list[dict[str, Any]] | None:
         redis = running_redis()
         try:
+            # The serial of an event id from the dedup index, the lookup `passbridge event` makes (no SCAN).
+            found = serial or await inspect.serial_of(redis, account, event_id or "", window_s)
+            if found is None:
+                return None
             if event_id:
-                entries = await history.event_history(redis, account, event_id, serial)
+                entries = await history.event_history(redis, account, event_id, found)
             else:
-                assert serial is not None
-                entries = await history.timeline(redis, account, serial)
+                entries = await history.timeline(redis, account, found)
             return [e.to_doc() for e in entries]
         finally:
             await redis.aclose()
 
     rows = run(go())
+    if rows is None:
+        fail(
+            f"no event {event_id!r} in account {account!r} within the dedup window ({window_s} s): "
+            "give --serial for an older event"
+        )
     if as_json:
         emit_json(rows)
         return

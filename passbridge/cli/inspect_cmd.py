@@ -237,6 +237,16 @@ def serial(
     for h in detail.timeline:
         tl.add_row(inspect.iso(h.at_ms) or "", safe(h.kind), safe(h.event_id), safe(_detail(h.detail)[:120]))
     out.print(tl)
+    unlisted = detail.pending_total - len(detail.pending)
+    if detail.timeline_omitted or unlisted:
+        shown = detail.history_total - detail.timeline_omitted
+        out.print(
+            safe(
+                f"timeline: the newest {shown} of {detail.history_total} kept history entries, the arrival of "
+                f"the {len(detail.pending)} pending events listed; `passbridge engine history {account} "
+                f"--serial {serial_number}` lists everything"
+            )
+        )
 
 
 def event(
@@ -269,6 +279,13 @@ def event(
     )
     for h in found.history:
         out.print(f"  {inspect.iso(h.at_ms)}  {safe(h.kind):<10} {safe(_detail(h.detail)[:140])}")
+    if found.history_omitted:
+        out.print(
+            safe(
+                f"  (the serial's {found.history_omitted} oldest history entries were not read: "
+                f"`passbridge engine history {account} --event {event_id} --serial {found.serial}` reads all)"
+            )
+        )
     if found.event:
         # ASCII-only JSON: every control character (C1 included) is a \u escape, never sent to the terminal.
         out.print_json(orjson.dumps(found.event).decode(), ensure_ascii=True)

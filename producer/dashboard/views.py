@@ -12,11 +12,11 @@ import functools
 import hashlib
 import heapq
 import json
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from importlib import resources
-from typing import Any
+from typing import Any, Literal
 from urllib.parse import urlencode
 
 from jinja2 import Environment, PackageLoader, StrictUndefined, select_autoescape
@@ -58,9 +58,39 @@ def url(path: str, **params: Any) -> str:
     return f"{path}?{query}" if query else path
 
 
-def with_notice(target: str, notice: str) -> str:
-    """``target`` (which may have a query already) with a ``notice`` to show."""
-    return f"{target}{'&' if '?' in target else '?'}{urlencode({'notice': notice})}"
+#: What a redirect may ask the next page to say: ``?notice=<code>``, plus ``done``, ``total`` and ``left`` for the
+#: texts with counts. The words are always these: a crafted link cannot show an operator a message of its own.
+NoticeCode = Literal["replayed-one", "nothing-matched", "replayed", "replayed-short", "purged"]
+NOTICES: dict[str, str] = {
+    "replayed-one": "replayed: back in its serial's queue",
+    "nothing-matched": "nothing matched",
+    "replayed": "replayed {done} of {total} selected",
+    "replayed-short": (
+        "replayed {done} of {total} selected; {left} of them are still in the DLQ: their account's backlog is at "
+        "its high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER), and replaying them now would make its live ingest "
+        "answer 503. Replay the rest once the workers have drained the backlog (`passbridge dlq replay` waits for "
+        "room and goes on in waves)."
+    ),
+    "purged": "purged {done} of {total} selected",
+}
+
+
+def with_notice(target: str, code: NoticeCode, **counts: int) -> str:
+    """``target`` (which may have a query already) with the notice ``code`` to show."""
+    return f"{target}{'&' if '?' in target else '?'}{urlencode({'notice': code, **counts})}"
+
+
+def notice_text(params: Mapping[str, str]) -> str:
+    """The text of a query's notice: '' for an unknown code, or counts that are not small whole numbers."""
+    template = NOTICES.get(params.get("notice", ""), "")
+    counts: dict[str, int] = {}
+    for name in ("done", "total", "left"):
+        if "{" + name + "}" in template:
+            raw = params.get(name, "")
+            if not (raw.isascii() and raw.isdigit()) or len(raw) > 9:
+                return ""
+            counts[name] = int(raw)
+    return template.format(**counts)
 
 
 def _age(ms: int | None, now_ms: int) -> str:
@@ -122,7 +152,7 @@ class Page:
             now_ms=now,
             age=functools.partial(_age, now_ms=now),
             all_accounts=await inspect.account_ids(self.redis),
-            notice=self.q("notice"),
+            notice=notice_text(self.request.query_params),
             path=self.request.url.path,
             **values,
         )
@@ -166,7 +196,8 @@ def protected(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
         token = _token(request)
         if token is None:
             return _disabled()
-        if not (auth.bearer_ok(request, token) or auth.cookie_ok(request, token)):
+        ctx: ProducerContext = request.app.state.ctx
+        if not (auth.bearer_ok(request, token) or await auth.cookie_ok(request, token, ctx.redis)):
             if request.headers.get("x-dashboard-fragment"):
                 return Response(
                     "session expired",
@@ -177,7 +208,7 @@ def protected(handler: Handler) -> Callable[[Request], Awaitable[Response]]:
             return _login_page(
                 request, status=401, next_url=target if request.method == "GET" else "/dashboard"
             )
-        return await handler(Page(request, request.app.state.ctx, auth.csrf_value(token)))
+        return await handler(Page(request, ctx, auth.csrf_value(token)))
 
     return route
 
@@ -247,7 +278,10 @@ async def login(request: Request) -> Response:
 
 
 async def logout(request: Request) -> Response:
-    """POST /dashboard/logout."""
+    """POST /dashboard/logout: revokes the session on the server and drops the browser's cookie."""
+    token = _token(request)
+    if token is not None:
+        await auth.revoke(request, token, request.app.state.ctx.redis)
     response = RedirectResponse("/dashboard/login", status_code=303, headers=SECURITY_HEADERS)
     response.delete_cookie(auth.COOKIE, path=auth.COOKIE_PATH)
     return response
@@ -526,12 +560,7 @@ async def dlq_replay_one(page: Page) -> Response:
         )
     if not done.replayed:  # replayed or purged since it was read
         return await page.error(404, f"no dead-lettered event {dlq_id!r} in account {account_id!r}")
-    target = url(
-        "/dashboard/event",
-        account=account_id,
-        id=entry.event_id,
-        notice="replayed: back in its serial's queue",
-    )
+    target = with_notice(url("/dashboard/event", account=account_id, id=entry.event_id), "replayed-one")
     return RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)
 
 
@@ -587,7 +616,7 @@ async def dlq_bulk(page: Page) -> Response:
     )
     if total == 0:
         return RedirectResponse(
-            with_notice(back, "nothing matched"), status_code=303, headers=SECURITY_HEADERS
+            with_notice(back, "nothing-matched"), status_code=303, headers=SECURITY_HEADERS
         )
     confirming = form.get("confirm") == "yes"
     if not confirming or form.get("selection") != digest or form.get("total") != str(total):
@@ -624,8 +653,9 @@ async def dlq_bulk(page: Page) -> Response:
         )
     done = 0
     # A web request does not wait for the workers: each account gets back what fits under its high-water mark
-    # now (oldest first), and the notice says what stayed in the DLQ and why.
-    full: list[str] = []
+    # now (oldest first), and the notice says how many stayed in the DLQ and why (the confirmation page named
+    # the accounts short of room).
+    left = 0
     high_water = page.ctx.settings.backlog_high_water
     for a, ids in chosen.items():
         if action == "replay":
@@ -639,17 +669,14 @@ async def dlq_bulk(page: Page) -> Response:
             )
             done += outcome.replayed
             if outcome.full:
-                full.append(dlq.backlog_full_message(a, outcome.depth, high_water, len(outcome.left)))
+                left += len(outcome.left)
         else:
             done += await dlq.purge(page.redis, a, ids)
-    verb = "replayed" if action == "replay" else "purged"
-    notice = f"{verb} {done} of {total} selected"
-    if full:
-        notice += (
-            "; " + "; ".join(full) + ". Replay the rest once the workers have drained the backlog "
-            "(`passbridge dlq replay` waits for room and goes on in waves)."
-        )
-    return RedirectResponse(with_notice(back, notice), status_code=303, headers=SECURITY_HEADERS)
+    if left:
+        notice = with_notice(back, "replayed-short", done=done, total=total, left=left)
+    else:
+        notice = with_notice(back, "replayed" if action == "replay" else "purged", done=done, total=total)
+    return RedirectResponse(notice, status_code=303, headers=SECURITY_HEADERS)
 
 
 def json_block(doc: Any) -> Markup:

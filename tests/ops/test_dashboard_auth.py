@@ -1,4 +1,4 @@
-"""Dashboard sessions end on the server after their max age, and the login form stops answering a client that
+"""Dashboard sessions end on the server after their max age or at logout, and the login form stops answering a client that
 keeps sending wrong tokens (real HTTP to the producer app, real Redis)."""
 
 from __future__ import annotations
@@ -6,7 +6,9 @@ from __future__ import annotations
 import time
 
 import httpx
+from redis import Redis
 
+from passbridge.keys import DASHBOARD_REVOKED
 from producer.dashboard import auth
 
 from .harness import ADMIN_TOKEN
@@ -60,3 +62,47 @@ def test_the_login_form_stops_a_client_guessing_tokens(dashboard_url: str) -> No
     finally:
         guesser.close()
         other.close()
+
+
+def test_logout_ends_the_session_on_the_server(dashboard_url: str, redis_url: str) -> None:
+    # Two operators log in (within the same second, as often as not: each login is still its own session).
+    now = int(time.time())
+    assert auth.session_value(ADMIN_TOKEN, now) != auth.session_value(ADMIN_TOKEN, now)
+    other = httpx.Client(base_url=dashboard_url, timeout=10)
+    assert other.post("/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 303
+    with httpx.Client(base_url=dashboard_url, timeout=10) as browser:
+        assert browser.post("/dashboard/login", data={"token": ADMIN_TOKEN}).status_code == 303
+        copied = browser.cookies[auth.COOKIE]  # e.g. from a HAR attached to a ticket
+        assert copied != other.cookies[auth.COOKIE]
+        r = browser.post("/dashboard/logout")
+        assert r.status_code == 303
+        assert r.headers["location"] == "/dashboard/login"
+    with httpx.Client(base_url=dashboard_url, timeout=10, cookies={auth.COOKIE: copied}) as thief:
+        r = thief.get("/dashboard")
+        assert r.status_code == 401
+        assert 'action="/dashboard/login"' in r.text
+        r = thief.get("/dashboard/fragment/overview", headers={"x-dashboard-fragment": "1"})
+        assert r.status_code == 401
+    # Only that session ends: the other operator's still works ...
+    try:
+        assert other.get("/dashboard").status_code == 200
+    finally:
+        other.close()
+    # ... and the marker is a digest of the cookie that expires when the cookie would have.
+    redis = Redis.from_url(redis_url)
+    try:
+        keys = redis.keys(DASHBOARD_REVOKED + "*")
+        assert len(keys) == 1
+        assert copied.encode() not in keys[0]
+        ttl = redis.ttl(keys[0])
+        assert auth.SESSION_MAX_AGE_S - 60 < ttl <= auth.SESSION_MAX_AGE_S + auth.SESSION_SKEW_S
+    finally:
+        redis.close()
+    # Logging out with a cookie that is not a valid session records nothing.
+    httpx.post(f"{dashboard_url}/dashboard/logout", cookies={auth.COOKIE: "garbage"}, timeout=10)
+    httpx.post(f"{dashboard_url}/dashboard/logout", timeout=10)
+    redis = Redis.from_url(redis_url)
+    try:
+        assert len(redis.keys(DASHBOARD_REVOKED + "*")) == 1
+    finally:
+        redis.close()

@@ -98,7 +98,7 @@ def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> No
         dead_letter("S4", "S5", expect=5)
         r = browser.post("/dashboard/dlq/bulk", data=confirm)
         assert r.status_code == 303
-        assert "purged+3+of+3+selected" in r.headers["location"]
+        assert "purged 3 of 3 selected" in browser.get(r.headers["location"]).text
         assert stack.dlq_size("acme") == 2  # the two nobody previewed are still there
         remaining = {"acme-s4-c", "acme-s5-c"}
 
@@ -121,7 +121,7 @@ def test_bulk_confirmation_acts_only_on_what_it_showed(fresh_stack: Stack) -> No
         # Confirming the page shown again purges what it shows.
         r = browser.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
         assert r.status_code == 303
-        assert "purged+1+of+1+selected" in r.headers["location"]
+        assert "purged 1 of 1 selected" in browser.get(r.headers["location"]).text
         assert stack.dlq_size("acme") == 0
         assert "acme-s5-c" not in stack.stored_unique_ids("acme")
         assert remaining - stack.stored_unique_ids("acme") == {"acme-s5-c"}
@@ -188,6 +188,48 @@ def test_out_of_range_times_are_a_clear_400(dashboard: httpx.Client) -> None:
         assert ("since:" if query.startswith("since") else "until:") in r.text
 
 
+def notice(page: str) -> str | None:
+    """The notice a page shows, if any."""
+    found = re.search(r'<p class="notice" role="status">([^<]*)</p>', page)
+    return html.unescape(found.group(1)) if found else None
+
+
+def test_notices_are_chosen_by_the_server_not_by_the_link(dashboard: httpx.Client, redis_url: str) -> None:
+    fill(redis_url, "acme", ["S1"], 3, register=True)
+    # A crafted link cannot put words on an operator's page, on any page ...
+    spoof = "Security update: paste your admin token into https://evil.example"
+    pages = [("/dashboard", {}), ("/dashboard/dlq", {}), ("/dashboard/workers", {})]
+    pages += [
+        ("/dashboard/account", {"account": "acme"}),
+        ("/dashboard/serial", {"account": "acme", "serial": "S1"}),
+    ]
+    for path, params in pages:
+        r = dashboard.get(path, params={**params, "notice": spoof})
+        assert r.status_code == 200, path
+        assert notice(r.text) is None, path
+        assert "evil.example" not in r.text, path
+    # ... nor counts of its own: only whole numbers fill a known text, else nothing is shown.
+    for counts in (
+        {"done": "all", "total": "3"},
+        {"done": "-1", "total": "3"},
+        {"total": "3"},
+        {"done": "1" * 10},
+    ):
+        assert notice(dashboard.get("/dashboard/dlq", params={"notice": "purged", **counts}).text) is None
+    # The real flows still say what they did.
+    r = dashboard.post("/dashboard/dlq/replay", data={"account": "acme", "id": "acme-S1-0"})
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "replayed: back in its serial's queue"
+    r = dashboard.post("/dashboard/dlq/bulk", data={"action": "purge", "account": "acme", "code": "429"})
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "nothing matched"
+    preview = dashboard.post("/dashboard/dlq/bulk", data={"action": "replay", "account": "acme"})
+    assert "Replay 2 dead-lettered events?" in preview.text
+    r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(preview.text))
+    assert r.status_code == 303
+    assert notice(dashboard.get(r.headers["location"]).text) == "replayed 2 of 2 selected"
+
+
 def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Settings, redis_url: str) -> None:
     """A bulk replay gets back what fits under PASSBRIDGE_BACKLOG_HIGH_WATER now (the oldest) and says how many
     are left and why; a single replay into a full backlog is refused. Live ingest would answer 503 beyond it."""
@@ -219,10 +261,12 @@ def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Setting
             )
             r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
             assert r.status_code == 303
-            [notice] = parse_qs(urlsplit(r.headers["location"]).query)["notice"]
-            assert notice.startswith(
-                "replayed 120 of 200 selected; account acme's backlog is at its high-water mark (150 pending, "
-                "PASSBRIDGE_BACKLOG_HIGH_WATER=150): 80 of the selected entries are still in the DLQ"
+            assert parse_qs(urlsplit(r.headers["location"]).query)["left"] == ["80"]
+            shown = notice(dashboard.get(r.headers["location"]).text)
+            assert shown is not None
+            assert shown.startswith(
+                "replayed 120 of 200 selected; 80 of them are still in the DLQ: their account's backlog is at its "
+                "high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER)"
             )
             assert int(redis.get(keys.depth)) == high_water
             assert {m.decode() for m in redis.zrange(keys.dlq, 0, -1)} == set(oldest_first[120:])
@@ -286,7 +330,7 @@ def test_two_dead_letters_of_one_event_id(dashboard: httpx.Client, redis_url: st
     assert "<code>acme-S1-0</code>" in r.text
     r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
     assert r.status_code == 303
-    assert "purged+1+of+1+selected" in r.headers["location"]
+    assert r.headers["location"].endswith("notice=purged&done=1&total=1")
     assert redis.hlen(keys.dlq_entries) == 0
     assert redis.zcard(keys.mailbox("S1")) == 1
     redis.close()

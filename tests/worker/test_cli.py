@@ -11,6 +11,7 @@ from pathlib import Path
 
 import orjson
 import pytest
+import redis as redis_sync
 import structlog
 from cryptography.fernet import Fernet, MultiFernet
 from redis.asyncio import Redis
@@ -256,6 +257,38 @@ def test_engine_status_history_and_resume(cli_env: str, secret_key: str) -> None
     assert "not paused" in out
     code, out = invoke("engine", "resume", "nobody")
     assert code == 1
+
+
+def test_engine_history_of_an_event_finds_its_serial_without_a_scan(
+    cli_env: str, secret_key: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PASSBRIDGE_DEDUP_TTL_S", "3600")  # the window `put` enqueues with
+    get_settings.cache_clear()
+    seed(cli_env, secret_key)
+    redis = redis_sync.Redis.from_url(cli_env)
+    try:
+        # Many keys, as a real Redis has: a SCAN of the keyspace would have to walk them all.
+        redis.mset({f"other:{n}": 1 for n in range(20_000)})
+        redis.config_resetstat()
+        code, out = invoke("engine", "history", "globex", "--event", "globex-G1-1", "--json")
+        assert code == 0, out
+        assert [(h["kind"], h["event_id"]) for h in orjson.loads(out)] == [("ingested", "globex-G1-1")]
+        code, out = invoke("engine", "history", "globex", "--event", "nope-1")
+        assert code == 1
+        assert " ".join(out.split()) == (  # Rich wraps it at the terminal's width
+            "error: no event 'nope-1' in account 'globex' within the dedup window (3600 s): "
+            "give --serial for an older event"
+        )
+        assert "Traceback" not in out
+        stats = redis.info("commandstats")
+        assert "cmdstat_scan" not in stats
+        assert "cmdstat_hget" in stats  # the dedup index was read
+    finally:
+        redis.close()
+    # With the serial given, an event with no kept history is no error.
+    code, out = invoke("engine", "history", "globex", "--event", "nope-1", "--serial", "G1")
+    assert code == 0, out
+    assert "no history" in out
 
 
 def test_parse_when() -> None:

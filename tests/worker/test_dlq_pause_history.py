@@ -13,7 +13,7 @@ from redis.asyncio import Redis
 from passbridge.accounts import AccountState, AccountStore
 from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
 from tests.factories import make_account
-from worker import dlq, history, pause
+from worker import dlq, history, inspect, pause
 from worker.dlq import DLQEntry, DLQFilter
 from worker.queue import WorkQueue
 
@@ -64,7 +64,7 @@ class TestDLQ:
         assert [e["code"] for e in record["errors"]] == ["invalid"]
         # The serial is offered again.
         assert [lease.serial for lease in (await q.claim(5)).leases] == ["S1"]
-        kinds = [e.kind for e in await history.event_history(redis, "a", "a-S1-0")]
+        kinds = [e.kind for e in await history.event_history(redis, "a", "a-S1-0", "S1")]
         assert kinds == ["ingested", "replayed"]
 
     async def test_filters(self, redis: Redis) -> None:
@@ -150,7 +150,7 @@ class TestDLQ:
         assert member.decode() == second.member
         record = orjson.loads(await redis.hget(keys.retries, "a-S1-0"))
         assert [e["code"] for e in record["errors"]] == ["not_found"]
-        assert [e.kind for e in await history.event_history(redis, "a", "a-S1-0")][-1] == "replayed"
+        assert [e.kind for e in await history.event_history(redis, "a", "a-S1-0", "S1")][-1] == "replayed"
         first_left = await dlq.get(redis, "a", "a-S1-0")
         assert first_left is not None
         assert first_left.member == first.member
@@ -458,7 +458,8 @@ class TestHistory:
 
     async def test_event_history_uses_the_dedup_index(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S9", 1), pass_event("a", "S9", 2))
-        assert await history.serial_of(redis, "a", "a-S9-2") == "S9"
+        assert await inspect.serial_of(redis, "a", "a-S9-2", 3600) == "S9"
+        assert await inspect.serial_of(redis, "a", "unknown", 3600) is None
         assert [e.event_id for e in await history.timeline(redis, "a", "S9")] == ["a-S9-1", "a-S9-2"]
-        assert [e.kind for e in await history.event_history(redis, "a", "a-S9-2")] == ["ingested"]
-        assert await history.event_history(redis, "a", "unknown") == []
+        assert [e.kind for e in await history.event_history(redis, "a", "a-S9-2", "S9")] == ["ingested"]
+        assert await history.event_history(redis, "a", "unknown", "S9") == []

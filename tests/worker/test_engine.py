@@ -164,9 +164,9 @@ class TestFailures:
         await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
         assert syncer.written[("acme", "S1")] == ["acme-S1-0", "acme-S1-1", "acme-S1-2"]
         assert syncer.attempts["acme-S1-1"] == 3
-        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-1")]
+        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-1", "S1")]
         assert kinds == ["ingested", "attempt", "attempt", "written"]
-        attempt = (await history.event_history(redis, "acme", "acme-S1-1"))[1]
+        attempt = (await history.event_history(redis, "acme", "acme-S1-1", "S1"))[1]
         assert attempt.detail["status"] == 503
         assert attempt.detail["attempt"] == 1
         await assert_clean(redis, "acme")
@@ -206,7 +206,7 @@ class TestFailures:
         assert syncer.written[("acme", "S1")] == ["acme-S1-0", "acme-S1-2", "acme-S1-1"]
         state = PassState.from_json(await redis.hget(account_keys("acme").state, "S1"))
         assert state.event_id == "acme-S1-2"
-        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-1")]
+        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-1", "S1")]
         assert kinds == ["ingested", "dead", "replayed", "written"]
         await assert_clean(redis, "acme")
         assert await dlq.count(redis, "acme") == 0
@@ -264,7 +264,7 @@ class TestFailures:
         # max_attempts=1 would dead-letter on the first counted failure: 429s are not counted.
         assert syncer.written[("acme", "S1")] == ["acme-S1-0"]
         assert await dlq.count(redis, "acme") == 0
-        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-0")]
+        kinds = [e.kind for e in await history.event_history(redis, "acme", "acme-S1-0", "S1")]
         assert kinds == ["ingested", "throttled", "throttled", "throttled", "written"]
         await assert_clean(redis, "acme")
 
