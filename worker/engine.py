@@ -302,7 +302,10 @@ class Engine:
 
     async def start(self) -> None:
         """Start claiming, renewing and heart-beating."""
-        await self._heartbeat_once()
+        # The first beat at once, so status lists this worker from its start; a Redis outage in that instant
+        # leaves it to the heartbeat loop (the claim loop waits the outage out as well).
+        with contextlib.suppress(*OUTAGE_ERRORS):
+            await self._heartbeat_once()
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._renew_loop(), name="engine-renew"),

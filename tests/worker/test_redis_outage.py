@@ -14,6 +14,7 @@ from redis.asyncio import Redis
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
+from passbridge.keys import WORKERS
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
@@ -57,6 +58,7 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
     logs = tmp_path / "logs"
     logs.mkdir()
     workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    restarted: RedisServer | None = None
     try:
         await pipeline.add_account("acme")
         workers.start(2)
@@ -64,13 +66,19 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
         await pipeline.put(before)
         await async_wait_for(pipeline.drained, timeout=60)
 
+        async def all_running() -> bool:  # both workers and their express lanes past their start-up
+            return await pipeline.redis.zcard(WORKERS) == 4
+
+        await async_wait_for(all_running, timeout=60)
+        await asyncio.sleep(1)  # and arq inside its poll loop
+
         own_redis.stop()
         await asyncio.sleep(
             4
         )  # longer than arq's poll delay and the engine's retry pause, several times over
         assert [p.poll() for p in workers.procs] == [None, None], workers.logs()
 
-        start_redis(own_redis.data_dir, own_redis.port, appendonly=True)
+        restarted = start_redis(own_redis.data_dir, own_redis.port, appendonly=True)
         after = [pass_event("acme", f"S{s}", 1) for s in range(10)]
         await pipeline.redis.aclose()  # its pooled connections died with the server
         pipeline.redis = Redis.from_url(own_redis.url)
@@ -86,6 +94,8 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
         assert text.count('"event": "redis_unreachable"') <= 3 * 2 * 2, text
     finally:
         workers.stop_all()
+        if restarted is not None:
+            restarted.stop()
 
 
 def _worker(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
