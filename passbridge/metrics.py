@@ -305,7 +305,7 @@ class Recorder:
 
     async def run(self, redis: Redis, interval_s: float = FLUSH_S) -> None:
         """Flush every ``interval_s`` until cancelled (see :func:`start_flusher`)."""
-        from passbridge.outage import OUTAGE_ERRORS, OutageLog
+        from passbridge.outage import OUTAGE_ERRORS, OutageLog, refuses_writes
 
         outage = OutageLog("activity-flush")
         while True:
@@ -316,7 +316,10 @@ class Recorder:
                 outage.failed(exc)  # the counts wait in the buffer (put_back)
                 continue
             except RedisError as exc:
-                log.warning("activity_flush_failed", error=type(exc).__name__)
+                if refuses_writes(exc):
+                    outage.failed(exc)
+                else:
+                    log.warning("activity_flush_failed", error=type(exc).__name__)
                 continue
             outage.succeeded()
 

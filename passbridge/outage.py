@@ -1,6 +1,7 @@
 """Redis outages seen by a long-running loop: reported once, reminded of, and closed.
 
-A worker (and the producer's background flush) must outlive a Redis restart (a container upgrade, a failover, the host's Redis restarted): exiting
+A worker (and the producer's background flush) must outlive a Redis restart (a container upgrade, a failover, the
+host's Redis restarted) and a Redis that refuses writes for a while (full, or a replica mid-failover): exiting
 would only turn a short outage into a crash loop, and the supervisor (compose, systemd) would start processes
 that fail the same way until Redis is back. So the loops that talk to Redis keep going, and what the operator
 reads is three kinds of line per outage: ``redis_unreachable`` at its start, the same every
@@ -13,13 +14,31 @@ import time
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 log = structlog.get_logger(__name__)
 
-#: What an unreachable or restarting Redis raises (``LOADING`` is a ``ConnectionError`` too). Script errors
-#: and wrong types are not outages and are not caught by callers as such.
-OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError)
+#: What a Redis that refuses every write answers: ``OOM`` (used memory over ``maxmemory`` with the
+#: ``noeviction`` policy) and ``READONLY`` (a replica: a failover under way, or REDIS_URL names a replica).
+#: Both last until an operator (or the failover) acts, like an unreachable Redis, and are waited out the same
+#: way: a worker that exited on them would turn a full Redis into a crash loop.
+REFUSAL_ERRORS = (OutOfMemoryError, ReadOnlyError)
+#: What an unreachable, restarting or write-refusing Redis raises (``LOADING`` is a ``ConnectionError``
+#: too). Other script errors and wrong types are not outages and are not caught by callers as such.
+OUTAGE_ERRORS = (RedisConnectionError, RedisTimeoutError, OSError, *REFUSAL_ERRORS)
+#: How a Lua script's failed write reports those refusals (a plain ``ResponseError``: "Error running script
+#: ... -OOM command not allowed ...").
+_SCRIPT_REFUSALS = ("-OOM ", "-READONLY ")
+
+
+def refuses_writes(exc: BaseException) -> bool:
+    """Whether ``exc`` says Redis refuses writes (full, or a replica), raised directly or from a script."""
+    if isinstance(exc, REFUSAL_ERRORS):
+        return True
+    return isinstance(exc, ResponseError) and any(mark in str(exc) for mark in _SCRIPT_REFUSALS)
+
+
 #: While an outage lasts, one reminder per this many seconds.
 REMIND_S = 30.0
 
@@ -63,7 +82,12 @@ class OutageLog:
 
 def _describe(exc: BaseException) -> str:
     # redis-py's messages name host and port, never the URL's password.
-    return f"{type(exc).__name__}: {exc}"[:300]
+    text = f"{type(exc).__name__}: {exc}"[:300]
+    if isinstance(exc, OutOfMemoryError) or "-OOM " in text:
+        return f"{text} (Redis is full and refuses writes: free memory or raise maxmemory)"
+    if isinstance(exc, ReadOnlyError) or "-READONLY " in text:
+        return f"{text} (Redis is a read-only replica: a failover under way, or REDIS_URL names a replica)"
+    return text
 
 
 class StillUnreachable(Exception):

@@ -56,7 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.outage import OUTAGE_ERRORS, OutageLog
+from passbridge.outage import OUTAGE_ERRORS, OutageLog, refuses_writes
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -404,7 +404,10 @@ class Engine:
                 self._outage.failed(exc)
                 await asyncio.sleep(0.5)
             except RedisError as exc:
-                log.warning("claim_failed", worker=self.worker_id, error=str(exc))
+                if refuses_writes(exc):  # the claim script's writes refused: an outage like the above
+                    self._outage.failed(exc)
+                else:
+                    log.warning("claim_failed", worker=self.worker_id, error=str(exc))
                 await asyncio.sleep(0.5)
             except Exception:
                 # A bug must not silently stop this process from claiming: log it and go on.

@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ReadOnlyError
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
@@ -169,3 +170,82 @@ def _worker_check(env: dict[str, str]) -> int:
         capture_output=True,
         timeout=30,
     ).returncode
+
+
+async def _refuse_writes_for(own_redis: RedisServer, tmp_path: Path, how: str, seconds: float) -> None:
+    """Make the test's Redis refuse every write for ``seconds``: ``oom`` (full, ``noeviction``) or
+    ``readonly`` (a replica, as in a failover: a second server takes its data, then it follows that one)."""
+    admin = Redis.from_url(own_redis.url)
+    other: RedisServer | None = None
+    try:
+        if how == "oom":
+            used = (await admin.info("memory"))["used_memory"]
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", str(used + 1024))
+            await asyncio.sleep(seconds)
+            await admin.config_set("maxmemory", "0")
+            return
+        other = start_redis(tmp_path / f"other-{how}", free_port(), appendonly=False)
+        promoted = Redis.from_url(other.url)
+        try:
+            await promoted.replicaof("127.0.0.1", str(own_redis.port))
+
+            async def synced() -> bool:
+                return (await promoted.info("replication")).get("master_link_status") == "up"
+
+            await async_wait_for(synced, timeout=30)
+            await promoted.replicaof("NO", "ONE")
+            await admin.replicaof("127.0.0.1", str(other.port))
+            with pytest.raises(ReadOnlyError):
+                await admin.set("pb:test:probe", "1")
+            await asyncio.sleep(seconds)
+            await admin.replicaof("NO", "ONE")
+        finally:
+            await promoted.aclose()
+    finally:
+        await admin.aclose()
+        if other is not None:
+            other.stop()
+
+
+async def test_workers_outlive_a_redis_that_refuses_writes(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis full (OOM under ``noeviction``) and then a read-only replica (a failover): arq's poll loop got
+    an ``OutOfMemoryError``/``ReadOnlyError`` from its cron and ended the worker; now both are waited out."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:  # the worker and its express lane past their start-up
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        before = [pass_event("acme", f"S{s}", n) for s in range(10) for n in range(3)]
+        await pipeline.put(before)
+        # Longer than arq's cron period (the sweep, every 5 s), whose writes ended the worker.
+        for how in ("oom", "readonly"):
+            await _refuse_writes_for(own_redis, tmp_path, how, 6)
+            assert workers.procs[0].poll() is None, workers.logs()
+        after = [pass_event("acme", f"S{s}", 3) for s in range(10)]
+        await pipeline.put(after)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in before + after)
+        assert workers.procs[0].poll() is None
+        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        assert "Redis is full and refuses writes" in text
+        assert "Redis is a read-only replica" in text
+        # The claim script's refusals are reported as an outage, not twice a second; what is left is the
+        # failover's one "UNBLOCKED" of each engine's blocking wait.
+        assert text.count('"event": "claim_failed"') <= 2, text
+    finally:
+        workers.stop_all()
