@@ -10,12 +10,17 @@ reads is three kinds of line per outage: ``redis_unreachable`` at its start, the
 
 from __future__ import annotations
 
+import os
 import time
+from typing import TYPE_CHECKING
 
 import structlog
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import OutOfMemoryError, ReadOnlyError, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+
+if TYPE_CHECKING:
+    from redis.asyncio import Redis
 
 log = structlog.get_logger(__name__)
 
@@ -124,3 +129,35 @@ def wait_until_reachable(url: str, timeout_s: float) -> None:
             return
     finally:
         client.close()
+
+
+class DataMarker:
+    """Notices a Redis that came back without its data (no AOF, a new container without its volume, a
+    flush): every event queued before is gone, and so are the accounts. Nothing in the data says so (an
+    empty Redis looks like a fresh install), so each process remembers the marker it saw
+    (``keys.DATA_MARKER``) and reports, once per loss, when it is gone or replaced."""
+
+    def __init__(self, where: str) -> None:
+        self.where = where
+        self.seen: bytes | None = None
+
+    async def check(self, redis: Redis) -> bool:
+        """Set the marker if missing and read it (one round trip); ``True`` (logged as ``redis_data_lost``)
+        when it is not the one this process saw before. Redis errors are the caller's."""
+        from passbridge.keys import DATA_MARKER
+
+        async with redis.pipeline(transaction=False) as pipe:
+            pipe.set(DATA_MARKER, os.urandom(8).hex(), nx=True)
+            pipe.get(DATA_MARKER)
+            _, current = await pipe.execute()
+        lost = self.seen is not None and current != self.seen
+        if lost:
+            log.error(
+                "redis_data_lost",
+                loop=self.where,
+                detail="Redis came back without its data (restarted without its AOF, a new server, or "
+                "flushed): events queued before are gone; register the accounts again (or restart with "
+                "PASSBRIDGE_ACCOUNTS_FILE) and run `passbridge klaviyo setup`",
+            )
+        self.seen = current
+        return lost

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -10,6 +11,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.exception_handlers import http_exception_handler
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -56,7 +58,11 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         )
         await publisher.start()
         cipher = cipher_from_settings(settings)
-        app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        app.state.ctx = ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        with contextlib.suppress(
+            RedisError, OSError
+        ):  # Redis down at start: armed at the first unknown account
+            await ctx.data_marker.check(redis)
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
         # it out of the collector's scans, and keep concurrent requests from setting off collections.
         tune_gc()

@@ -56,7 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.outage import OUTAGE_ERRORS, OutageLog, refuses_writes
+from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, refuses_writes
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -259,6 +259,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.worker_id = worker_id or default_worker_id()
         self._outage = OutageLog("claim", worker=self.worker_id)
+        self._data_marker = DataMarker("heartbeat")
         #: BLPOP blocks its connection; it gets its own client so commands of the workers never queue behind it.
         self.blocking_redis = blocking_redis
         self.batch_sync: BatchSync = batch_sync or PerEventSync()
@@ -306,6 +307,7 @@ class Engine:
         # leaves it to the heartbeat loop (the claim loop waits the outage out as well).
         with contextlib.suppress(*OUTAGE_ERRORS):
             await self._heartbeat_once()
+            await self._data_marker.check(self.redis)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._renew_loop(), name="engine-renew"),
@@ -897,6 +899,7 @@ class Engine:
             await asyncio.sleep(self.config.heartbeat_s)
             with contextlib.suppress(RedisError):
                 await self._heartbeat_once()
+                await self._data_marker.check(self.redis)
 
     async def _heartbeat_once(self) -> None:
         # Redis's clock, as every lease and not-before score: readers compare beats with Redis TIME, so a host

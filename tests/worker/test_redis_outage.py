@@ -249,3 +249,52 @@ async def test_workers_outlive_a_redis_that_refuses_writes(
         assert text.count('"event": "claim_failed"') <= 2, text
     finally:
         workers.stop_all()
+
+
+async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis restarted without its data (a new container without its volume): what was queued is gone, which
+    nothing in Redis can say. Each engine reports it once (``redis_data_lost``) and works on with the
+    accounts registered again."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    empty: RedisServer | None = None
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        own_redis.stop()
+        empty = start_redis(tmp_path / "empty", own_redis.port, appendonly=False)
+        await pipeline.redis.aclose()
+        pipeline.redis = Redis.from_url(own_redis.url)
+
+        def told() -> str:
+            return "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+
+        async def reported() -> bool:  # by the worker's engine and its express lane's
+            return told().count('"event": "redis_data_lost"') == 2
+
+        await async_wait_for(reported, timeout=30)
+        await pipeline.add_account("acme")
+        events = [pass_event("acme", f"S{s}", 0) for s in range(5)]
+        await pipeline.put(events)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        assert workers.procs[0].poll() is None
+        assert told().count('"event": "redis_data_lost"') == 2  # once per engine and loss
+    finally:
+        workers.stop_all()
+        if empty is not None:
+            empty.stop()
