@@ -25,7 +25,7 @@ from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer import dashboard
 from producer.context import ProducerContext
-from producer.problems import Problem
+from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
 from producer.routes import apple, events, google, health, oauth, webhooks
 from producer.routes.metrics import get_metrics
@@ -90,6 +90,25 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         if _is_dashboard(request):
             return await http_exception_handler(request, exc)
         return await _problem(request, _framework_problem(request, exc))
+
+    @app.exception_handler(RedisError)
+    async def _redis_failed(request: Request, exc: RedisError) -> Response:
+        # Redis unreachable, restarting, full or read-only under a route that does not answer for itself (the
+        # dashboard's pages): a 503 to retry, not a 500 with a traceback (which also reset the connection).
+        log.warning("redis_failed", method=request.method, path=request.url.path, error=type(exc).__name__)
+        retry_after = {"Retry-After": str(settings.retry_after_s)}
+        if _is_dashboard(request):
+            return PlainTextResponse(
+                "Service unavailable: Redis did not answer (unreachable, restarting, full or read-only). "
+                "Retry in a few seconds.",
+                status_code=503,
+                headers=retry_after,
+            )
+        metrics.rejected("unavailable")
+        return unavailable(
+            "Redis did not answer (unreachable, restarting, full or read-only); retry later",
+            settings.retry_after_s,
+        ).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from passbridge.keys import account_keys
@@ -225,3 +226,26 @@ async def test_redis_restarted_empty_is_503_until_accounts_return_never_404(
         server.stop()
         if restarted is not None:
             restarted.stop()
+
+
+async def test_the_dashboard_answers_503_while_redis_is_down(
+    own_redis: RedisServer, settings: Settings
+) -> None:
+    """Its pages read Redis without answering for an outage themselves: a 503 to retry, not a 500 with a
+    traceback in the log (and a connection reset for the next request on it)."""
+    token = "admin-token-of-this-test-0123456789"
+    settings = settings.model_copy(update={"redis_url": own_redis.url, "admin_token": SecretStr(token)})
+    server = serve(create_app(settings, own_redis.url))
+    headers = {"authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=15, headers=headers) as http:
+            assert (await http.get("/dashboard")).status_code == 200
+            own_redis.stop()
+            for path in ("/dashboard", "/dashboard/workers", "/dashboard/dlq"):  # one kept-alive connection
+                r = await http.get(path)
+                assert r.status_code == 503, (path, r.text)
+                assert r.headers["Retry-After"] == "3"
+                assert "Redis did not answer" in r.text
+            assert (await http.post("/dashboard/login", data={"token": token})).status_code == 503
+    finally:
+        server.stop()
