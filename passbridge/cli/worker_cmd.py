@@ -121,7 +121,8 @@ def _multiprocess_metrics(state_dir: Path) -> None:
     except OSError as exc:
         fail(
             f"cannot write the worker's metrics files under PASSBRIDGE_STATE_DIR {state_dir} "
-            f"({exc.strerror or exc}): point it at a writable directory, or set PROMETHEUS_MULTIPROC_DIR"
+            f"({exc.strerror or exc}): point it at a writable directory with room, or set "
+            "PROMETHEUS_MULTIPROC_DIR"
         )
     os.environ[_OWN_METRICS_DIR] = str(d)
     sys.stdout.flush()

@@ -5,17 +5,24 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
+import pytest
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
 
+from klaviyo_sandbox.testing import SandboxServer
 from passbridge.crypto import load_cipher
+from passbridge.keys import WORKERS
+from tests.conftest import async_wait_for
 from tests.factories import make_account
 
-from .e2e import worker_env
+from .e2e import Pipeline, Workers, drained, worker_env
+from .helpers import pass_event
 
 
 def _worker(
@@ -106,3 +113,70 @@ def _still_running_after(env: dict[str, str], seconds: float) -> bool:
     finally:
         proc.terminate()
         proc.wait(timeout=30)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 4 MiB file system of its own (tmpfs), to fill up: needs the right to mount (root in CI)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True)
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small file system here: {done.stderr.decode(errors='replace').strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _fill(disk: Path) -> None:
+    """Write (unbuffered) until the file system is full."""
+    fd = os.open(disk / "filler", os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\0" * 65536)
+        with contextlib.suppress(OSError):
+            while True:  # the last partial block
+                os.write(fd, b"\0" * 512)
+    finally:
+        os.close(fd)
+
+
+async def test_a_worker_outlives_its_state_dir_disk_filling_up(
+    small_disk: Path,
+    pipeline: Pipeline,
+    redis_url: str,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Metrics of the worker and its express lane live in files under the state dir, written through a memory
+    map. On a full disk a write to a page of those (sparse) files was a SIGBUS: the worker died at once, its
+    events waited for another worker. Now the files are allocated up front, and a metric that cannot get a
+    file is skipped (one error line) while the events go through."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(redis_url, sandbox_server.url, secret_key, small_disk / "state"), logs)
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        await asyncio.to_thread(_fill, small_disk)
+        for account_id in ("beta", "gamma"):  # new label sets: new metric values to write
+            await pipeline.add_account(account_id)
+        events = [
+            pass_event(a, f"S{s}", n) for a in ("acme", "beta", "gamma") for s in range(20) for n in range(3)
+        ]
+        await pipeline.put(events)
+        await drained(pipeline, workers, timeout=60)
+        assert workers.procs[0].poll() is None, workers.logs()
+        for account_id in ("acme", "beta", "gamma"):
+            expected = sorted(e.event_id for e in events if e.account_id == account_id)
+            assert sorted(pipeline.stored_unique_ids(account_id)) == expected
+    finally:
+        workers.stop_all()
