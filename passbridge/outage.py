@@ -62,13 +62,13 @@ class OutageLog:
         now = time.monotonic()
         if self.since is None:
             self.since = self._told = now
-            log.warning("redis_unreachable", loop=self.where, error=_describe(exc), **self.context)
+            log.warning("redis_unreachable", loop=self.where, error=describe_outage(exc), **self.context)
         elif now - self._told >= REMIND_S:
             self._told = now
             log.warning(
                 "redis_unreachable",
                 loop=self.where,
-                error=_describe(exc),
+                error=describe_outage(exc),
                 down_s=round(now - self.since, 1),
                 **self.context,
             )
@@ -85,7 +85,8 @@ class OutageLog:
             self.since = None
 
 
-def _describe(exc: BaseException) -> str:
+def describe_outage(exc: BaseException) -> str:
+    """One line for an outage error: its type and text, and for a refusal what to do."""
     # redis-py's messages name host and port, never the URL's password.
     text = f"{type(exc).__name__}: {exc}"[:300]
     if isinstance(exc, OutOfMemoryError) or "-OOM " in text:
@@ -119,7 +120,7 @@ def wait_until_reachable(url: str, timeout_s: float) -> None:
                 outage.failed(exc)
                 if time.monotonic() + pause > deadline:
                     raise StillUnreachable(
-                        f"Redis at {redis_location(url)} did not answer for {timeout_s:g} s ({_describe(exc)}); "
+                        f"Redis at {redis_location(url)} did not answer for {timeout_s:g} s ({describe_outage(exc)}); "
                         "check REDIS_URL, or raise PASSBRIDGE_WORKER_REDIS_WAIT_S"
                     ) from None
                 time.sleep(pause)

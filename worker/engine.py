@@ -56,7 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, refuses_writes
+from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, describe_outage, refuses_writes
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -522,8 +522,15 @@ class Engine:
                     await self.release(work, delay_ms=self.config.unknown_account_delay_ms)
                 return
             await self.batch_sync.run(self, Batch(account, self._policy(account), works))
-        except Exception:
-            log.exception("batch_failed", account=account_id, worker=self.worker_id)
+        except Exception as exc:
+            if isinstance(exc, RedisError) and (isinstance(exc, OUTAGE_ERRORS) or refuses_writes(exc)):
+                # Redis went away or refuses writes mid-batch: no bug to trace back (the loops report the
+                # outage); the serials are handed back below, or their leases expire meanwhile.
+                log.warning(
+                    "batch_interrupted", account=account_id, worker=self.worker_id, error=describe_outage(exc)
+                )
+            else:
+                log.exception("batch_failed", account=account_id, worker=self.worker_id)
             # A strategy that fails outright would fail again at once: back off instead of spinning.
             delay_ms = self.config.failed_batch_delay_ms
         finally:

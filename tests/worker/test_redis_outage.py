@@ -15,7 +15,7 @@ from redis.exceptions import ReadOnlyError
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
-from passbridge.keys import WORKERS
+from passbridge.keys import WORKERS, account_keys
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
@@ -298,3 +298,58 @@ async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
         workers.stop_all()
         if empty is not None:
             empty.stop()
+
+
+async def test_a_redis_restart_mid_batch_loses_nothing_and_keeps_order(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis stopped while the worker holds leases and its Klaviyo calls are in flight (slowed by the
+    sandbox): after the restart every event is delivered, each serial ends on its last state, no lease stays
+    behind, and the interrupted batch is one warning line, not a traceback of a bug."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    restarted: RedisServer | None = None
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        pipeline.sandbox.set_faults(latency_ms=300)
+        events = [pass_event("acme", f"S{s}", n) for s in range(20) for n in range(4)]
+        await pipeline.put(events)
+        leased = account_keys("acme").leased
+
+        async def in_flight() -> bool:
+            return bool(await pipeline.redis.zcard(leased))
+
+        await async_wait_for(in_flight, timeout=30, interval=0.01)
+        await asyncio.sleep(0.1)  # its Klaviyo calls under way
+        own_redis.stop()
+        await asyncio.sleep(3)  # longer than the leases (2 s)
+        restarted = start_redis(own_redis.data_dir, own_redis.port, appendonly=True)
+        pipeline.sandbox.clear_faults()
+        await pipeline.redis.aclose()
+        pipeline.redis = Redis.from_url(own_redis.url)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        sandbox_id = pipeline.accounts["acme"]
+        for s in range(20):
+            [profile] = pipeline.sandbox.profiles(sandbox_id, external_id=f"S{s}")
+            assert profile["attributes"]["properties"]["points"] == 3, profile  # the last event's state
+        assert workers.procs[0].poll() is None
+        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        assert '"event": "batch_failed"' not in text, text
+    finally:
+        workers.stop_all()
+        if restarted is not None:
+            restarted.stop()
