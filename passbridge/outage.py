@@ -11,6 +11,7 @@ reads is three kinds of line per outage: ``redis_unreachable`` at its start, the
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import TYPE_CHECKING
 
@@ -85,10 +86,20 @@ class OutageLog:
             self.since = None
 
 
+#: redis-py's error for a command of a pipeline quotes all of its arguments: account records (encrypted
+#: secrets), event payloads (contact details), pickled arq jobs. Only the command's name is kept.
+_PIPELINE_ARGS = re.compile(r"\((\S+) .*\) of pipeline caused error: ", re.DOTALL)
+
+
+def redis_error_text(exc: BaseException) -> str:
+    """``exc``'s text with a pipeline command's arguments left out (its name stays)."""
+    return _PIPELINE_ARGS.sub(r"(\1 ...) of pipeline caused error: ", str(exc))
+
+
 def describe_outage(exc: BaseException) -> str:
     """One line for an outage error: its type and text, and for a refusal what to do."""
     # redis-py's messages name host and port, never the URL's password.
-    text = f"{type(exc).__name__}: {exc}"[:300]
+    text = f"{type(exc).__name__}: {redis_error_text(exc)}"[:300]
     if isinstance(exc, OutOfMemoryError) or "-OOM " in text:
         return f"{text} (Redis is full and refuses writes: free memory or raise maxmemory)"
     if isinstance(exc, ReadOnlyError) or "-READONLY " in text:
