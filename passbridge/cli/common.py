@@ -78,10 +78,9 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from passbridge.logging import redact_text
-
-    url = url or _current_url
     from passbridge.redis_client import redis_location
 
+    url = url or _current_url
     where = f"Redis at {redis_location(url)}" if url else "Redis"
     text = str(exc) or type(exc).__name__
     password = urlsplit(url).password if url else None
