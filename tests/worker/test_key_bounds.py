@@ -10,6 +10,7 @@ import asyncio
 import re
 import subprocess
 import sys
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from redis.asyncio import Redis
 from passbridge.event import PassEvent
 from passbridge.keys import account_keys
 from passbridge.queue import dedup_bucket_width, enqueue
+from producer import registrations
+from producer.registrations import Limits
 from tests.conftest import async_wait_for
 from worker import dlq
 
@@ -32,6 +35,8 @@ HISTORY_S = 3
 DEDUP_S = 2
 SERIALS = [f"S{i}" for i in range(12)]
 GONE_SERIALS = ["G0", "G1", "G2"]
+APPLE_SERIALS = SERIALS[6:10]
+PASS_TYPE = "pass.com.example.loyalty"
 HOUR_S = 3600
 DAY_S = 86_400
 
@@ -153,6 +158,10 @@ def cli(workers: Workers, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
 async def put(pipeline: Pipeline, events: list[PassEvent]) -> None:
     """Enqueue like the producer does, with the short dedup window."""
     by_account: dict[str, list[PassEvent]] = {}
@@ -188,6 +197,23 @@ async def test_every_key_family_is_bounded_after_a_whole_lifecycle(
         ],
     )
     await drained(pipeline, workers)
+    # Apple devices register for four passes (their "installed" events come from the registration, as the
+    # producer's Apple web service sends them), then unregister (the "uninstalled" ones).
+    limits = Limits(high_water=HIGH_WATER, dedup_window_s=DEDUP_S)
+    for s in APPLE_SERIALS:
+        reg = await registrations.register(
+            redis,
+            "acme",
+            PASS_TYPE,
+            s,
+            f"dev-{s}",
+            "tok",
+            now_ms=now_ms(),
+            installed=ev("acme", s, 1, "installed"),
+            limits=limits,
+        )
+        assert reg.outcome is registrations.Outcome.created
+    await drained(pipeline, workers)
     # Poison updates (a permanent 400 on their profile write): four of acme's and one of gone's dead-lettered.
     pipeline.sandbox.set_faults(error_rates={400: 1.0}, operations=["create_or_update_profile"])
     poisoned = [*SERIALS[:4], "G0"]
@@ -217,7 +243,19 @@ async def test_every_key_family_is_bounded_after_a_whole_lifecycle(
     assert await dlq.purge(redis, "acme", ids[2:3]) == 1
     await drained(pipeline, workers)
     # Uninstalled and deleted, every pass of acme.
-    await put(pipeline, [ev("acme", s, 4, "uninstalled") for s in SERIALS])
+    for s in APPLE_SERIALS:
+        unreg = await registrations.unregister(
+            redis,
+            "acme",
+            PASS_TYPE,
+            s,
+            f"dev-{s}",
+            now_ms=now_ms(),
+            uninstalled=ev("acme", s, 4, "uninstalled"),
+            limits=limits,
+        )
+        assert unreg.outcome is registrations.Outcome.changed
+    await put(pipeline, [ev("acme", s, 4, "uninstalled") for s in SERIALS if s not in APPLE_SERIALS])
     await put(pipeline, [ev("acme", s, 5, "deleted") for s in SERIALS])
     await drained(pipeline, workers)
     left = await dlq.list_entries(redis, "acme")
@@ -264,6 +302,11 @@ async def test_every_key_family_is_bounded_after_a_whole_lifecycle(
     assert sorted(s.decode() for s in states) == sorted(SERIALS)
     assert {orjson.loads(v)["status"] for v in states.values()} == {"deleted"}
     assert (size("dlq"), size("dlq entries")) == (1, 1)  # the dead letter the operator kept
+    # Unregistered devices leave nothing but each pass's install generation (kept so event ids never repeat).
+    assert size("apple registrations") == size("apple device") == 0
+    assert sorted(found["apple generation"].keys) == sorted(
+        account_keys("acme").apple_gen(PASS_TYPE, s) for s in APPLE_SERIALS
+    )
     assert size("active accounts") == 0  # nothing pending anywhere
     assert size("workers") == size("workers info") == 0  # stopped workers unregister
     assert size("notify") <= 1000
@@ -289,6 +332,7 @@ SIZED = {
     "notify",
     "express notify",
     "lease counter",
+    "apple generation",
     "workers",
     "workers info",
     "arq queue",
