@@ -279,12 +279,23 @@ class AccountStore:
     async def remove(self, account_id: str) -> bool:
         """Delete the registry entry (queued events and dead letters stay until drained or purged; the
         operator tools keep showing the account meanwhile, see ``REMOVED_ACCOUNTS``)."""
+        key = account_keys(account_id).config
         async with self.redis.pipeline(transaction=True) as pipe:
-            pipe.delete(account_keys(account_id).config)
-            pipe.srem(ACCOUNTS_INDEX, account_id)
-            pipe.sadd(REMOVED_ACCOUNTS, account_id)
-            deleted, _, _ = await pipe.execute()
-        return bool(deleted)
+            while True:
+                try:
+                    # Only an account that exists is marked removed: the set would otherwise keep every id
+                    # ever mistyped into `accounts remove`, for good.
+                    await pipe.watch(key)
+                    existed = bool(await pipe.exists(key))
+                    pipe.multi()
+                    pipe.delete(key)
+                    pipe.srem(ACCOUNTS_INDEX, account_id)
+                    if existed:
+                        pipe.sadd(REMOVED_ACCOUNTS, account_id)
+                    await pipe.execute()
+                    return existed
+                except WatchError:
+                    continue
 
     async def set_state(self, account_id: str, state: AccountState, reason: str = "") -> None:
         """Pause, resume or mark an account disconnected; raises :class:`AccountNotFound`.

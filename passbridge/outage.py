@@ -1,11 +1,11 @@
 """Redis outages seen by a long-running loop: reported once, reminded of, and closed.
 
-A worker (and the producer's background flush) must outlive a Redis restart (a container upgrade, a failover, the
-host's Redis restarted) and a Redis that refuses writes for a while (full, or a replica mid-failover): exiting
-would only turn a short outage into a crash loop, and the supervisor (compose, systemd) would start processes
-that fail the same way until Redis is back. So the loops that talk to Redis keep going, and what the operator
-reads is three kinds of line per outage: ``redis_unreachable`` at its start, the same every
-:data:`REMIND_S` while it lasts (with how long so far), and ``redis_reachable_again`` with its length.
+A worker (and the producer's background flush) must outlive a Redis restart (a container upgrade, a
+failover, the host's Redis restarted) and a Redis that refuses writes for a while (full, or a replica
+mid-failover). Exiting would only turn a short outage into a crash loop, and the supervisor (compose, systemd)
+would start processes that fail the same way until Redis is back. So the loops that talk to Redis keep going,
+and what the operator reads is three kinds of line per outage: ``redis_unreachable`` at its start, the same
+every :data:`REMIND_S` while it lasts (with how long so far), and ``redis_reachable_again`` with its length.
 """
 
 from __future__ import annotations

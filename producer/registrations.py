@@ -19,12 +19,19 @@ from producer.sources.apple import event_id_prefix
 _GEN = "{gen}"
 
 
+#: Devices one pass may have registered at once. A pass is on a person's phone and watch, perhaps a few more;
+#: its authentication token is in the pass file, so without a bound anyone holding the file could register
+#: device ids (a hash field and a key each) for as long as they like.
+MAX_DEVICES_PER_PASS = 100
+
+
 class Outcome(IntEnum):
     """What a register/unregister call did (the values are the HTTP status Apple expects)."""
 
     created = 201
     changed = 200  # register: already registered (token refreshed); unregister: removed
     not_registered = 204
+    too_many_devices = 409  # register: the pass has MAX_DEVICES_PER_PASS devices already
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,6 +103,7 @@ async def _call(
             prefix,
             head,
             tail,
+            MAX_DEVICES_PER_PASS,
         ],
     )
     if int(code) == 503:

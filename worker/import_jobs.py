@@ -32,6 +32,7 @@ from urllib.parse import parse_qs, urlsplit
 import orjson
 import structlog
 from redis.asyncio import Redis
+from redis.exceptions import WatchError
 
 from passbridge.accounts import Account
 from passbridge.keys import account_keys
@@ -55,6 +56,48 @@ RUNNING_FILTER = 'any(status,["queued","processing"])'
 #: Pages of the running-jobs list read per poll at most (100 jobs each); a job not seen in them is simply
 #: asked about on its own, so the list only saves calls and never decides a job is done.
 LIST_PAGES = 5
+
+
+#: A marker older than this (or than twice the configured max wait, if longer) is dropped by the sweep
+#: (:func:`prune_markers`): its job is long complete, and a marker is otherwise only cleared by the serial's
+#: next profile write — one that never comes (the serial's last event was dead-lettered while its job could
+#: not be confirmed) would keep it for good.
+MARKER_HORIZON_S = 86_400
+
+
+async def prune_markers(redis: Redis, account_id: str, older_than_ms: int) -> int:
+    """Drop the account's profile-job markers written before ``older_than_ms`` (epoch ms); returns how many.
+
+    A marker re-written meanwhile (a new job carrying the serial) is kept: the deletion is a transaction
+    watching the hash, given up for this round when another writer touched it.
+    """
+    key = account_keys(account_id).profile_jobs
+    stale = [
+        serial
+        async for serial, raw in redis.hscan_iter(key, count=500)
+        if int(orjson.loads(raw).get("at") or 0) < older_than_ms
+    ]
+    if not stale:
+        return 0
+    async with redis.pipeline(transaction=True) as pipe:
+        try:
+            await pipe.watch(key)
+            now = await pipe.hmget(key, stale)
+            gone = [
+                s
+                for s, raw in zip(stale, now, strict=True)
+                if raw and int(orjson.loads(raw).get("at") or 0) < older_than_ms
+            ]
+            if not gone:
+                await pipe.unwatch()
+                return 0
+            pipe.multi()
+            pipe.hdel(key, *gone)
+            await pipe.execute()
+        except WatchError:
+            return 0
+    log.info("profile_job_markers_pruned", account=account_id, markers=len(gone))
+    return len(gone)
 
 
 def job_body(profiles: Sequence[bytes]) -> bytes:

@@ -34,6 +34,7 @@ from worker.bulk import BulkOptions, BulkSync
 from worker.engine import Engine, EngineConfig
 from worker.exporter import ProcessOps
 from worker.express import ExpressProcess
+from worker.import_jobs import MARKER_HORIZON_S, prune_markers
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import GET_DATA_SOURCE
 from worker.klaviyo.errors import KlaviyoError
@@ -45,6 +46,8 @@ log = structlog.get_logger(__name__)
 
 #: How often the sweep runs (arq cron seconds).
 SWEEP_EVERY_S = 5
+#: How often (per worker process) the sweep drops profile-job markers past their horizon.
+MARKERS_PRUNE_EVERY_S = 3600.0
 #: A worker whose heartbeat is older than this is dropped from the registry of live workers.
 WORKER_STALE_MS = 60_000
 HEALTH_CHECK_INTERVAL_S = 10
@@ -208,6 +211,14 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         if await pause.reconcile(redis, store, account_id, probe=probe) == "resumed":
             resumed += 1
     metrics.leases_taken_over(taken)
+    # Profile-job markers no next write clears: once an hour is plenty for data that is only ever days old.
+    pruned = 0
+    if time.monotonic() - ctx.get("markers_pruned_s", -MARKERS_PRUNE_EVERY_S) >= MARKERS_PRUNE_EVERY_S:
+        ctx["markers_pruned_s"] = time.monotonic()
+        horizon_s = max(MARKER_HORIZON_S, 2 * settings.worker_profile_job_max_wait_s)
+        cutoff_ms = await pause.redis_now_ms(redis) - int(horizon_s * 1000)
+        for account_id in sorted(ids):
+            pruned += await prune_markers(redis, account_id, cutoff_ms)
     # Heartbeats are Redis time: a sweeping host whose clock runs ahead must not prune live workers.
     stale = await redis.zrangebyscore(WORKERS, "-inf", await pause.redis_now_ms(redis) - WORKER_STALE_MS)
     if stale:
@@ -215,9 +226,9 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
             pipe.zrem(WORKERS, *stale)
             pipe.hdel(WORKERS_INFO, *stale)
             await pipe.execute()
-    if taken or resumed or stale:
-        log.info("sweep", taken_over=taken, resumed=resumed, workers_pruned=len(stale))
-    return {"taken_over": taken, "resumed": resumed, "workers_pruned": len(stale)}
+    if taken or resumed or stale or pruned:
+        log.info("sweep", taken_over=taken, resumed=resumed, workers_pruned=len(stale), markers_pruned=pruned)
+    return {"taken_over": taken, "resumed": resumed, "workers_pruned": len(stale), "markers_pruned": pruned}
 
 
 def worker_settings(

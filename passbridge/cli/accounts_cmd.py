@@ -572,7 +572,11 @@ def remove(
     account_id: AccountArg,
     yes: Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")] = False,
     purge: Annotated[
-        bool, typer.Option(help="Also delete the account's queued events, dedup memory and counters.")
+        bool,
+        typer.Option(
+            help="Also delete the account's queued events, dead letters, pass states and counters (also for an "
+            "account removed earlier without --purge)."
+        ),
     ] = False,
     as_json: JsonOpt = False,
 ) -> None:
@@ -588,7 +592,10 @@ def remove(
         async with _registry() as store:
             redis = store.redis
             waiting = int(await redis.get(account_keys(account_id).depth) or 0)
-            if not await store.remove(account_id):
+            removed = await store.remove(account_id)
+            # An account removed earlier without --purge left its keys (state, DLQ, counters, ...) behind;
+            # --purge must still reach them, or nothing could ever delete them.
+            if not removed and not (purge and await redis.sismember(REMOVED_ACCOUNTS, account_id)):
                 _missing(account_id)
             purged = 0
             if purge:
@@ -597,13 +604,16 @@ def remove(
                     purged += await redis.unlink(key)
                 await redis.zrem(ACTIVE_ACCOUNTS, account_id)
                 await redis.srem(REMOVED_ACCOUNTS, account_id)  # nothing of it is left to show
-            return {"account_id": account_id, "removed": True, "waiting": waiting, "purged_keys": purged}
+            return {"account_id": account_id, "removed": removed, "waiting": waiting, "purged_keys": purged}
 
     doc = run(go())
     if as_json:
         emit_json(doc)
         return
-    out.print(f"removed account [bold]{account_id}[/]")
+    if doc["removed"]:
+        out.print(f"removed account [bold]{account_id}[/]")
+    else:
+        out.print(f"account [bold]{account_id}[/] was removed earlier; purging what it left behind")
     if purge:
         out.print(f"purged {doc['purged_keys']} keys ({doc['waiting']} queued events)")
     elif doc["waiting"]:

@@ -78,11 +78,10 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from passbridge.logging import redact_text
-
-    url = url or _current_url
     from passbridge.outage import describe_outage, redis_error_text, refuses_writes
     from passbridge.redis_client import redis_location
 
+    url = url or _current_url
     where = f"Redis at {redis_location(url)}" if url else "Redis"
     if refuses_writes(exc):  # full or read-only: what it says and what to do, without the command's data
         return redact_text(f"{where} refused the write ({describe_outage(exc)})")

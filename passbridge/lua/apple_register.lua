@@ -10,9 +10,12 @@
 -- ARGV[12] event id prefix (the generation is appended)
 -- ARGV[13], ARGV[14] the event's wire JSON before and after the generation (empty = fire no event,
 --             the pass type is not synced)
+-- ARGV[15] how many devices a pass may have registered (anyone holding the pass file has its token and
+--             could register device ids without end otherwise)
 --
 -- Returns {code, event_id}: code 201 new registration, 200 already registered (push token refreshed),
--- 503 refused because the account's backlog is over its high-water mark (nothing written).
+-- 409 refused because the pass has the most devices it may have, 503 refused because the account's backlog
+-- is over its high-water mark (nothing written).
 --!include _enqueue_core
 
 local regs, genkey, devkey = KEYS[1], KEYS[2], KEYS[3]
@@ -23,8 +26,10 @@ if redis.call('HEXISTS', regs, device) == 1 then
   return {200, ''}
 end
 
+local devices = redis.call('HLEN', regs)
+if devices >= tonumber(ARGV[15]) then return {409, ''} end
 local event_id = ''
-if redis.call('HLEN', regs) == 0 then
+if devices == 0 then
   local gen = tonumber(redis.call('GET', genkey) or '0') + 1
   if ARGV[13] ~= '' then
     event_id = ARGV[12] .. gen

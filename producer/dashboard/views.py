@@ -248,7 +248,12 @@ async def login(request: Request) -> Response:
     redis: Redis = request.app.state.ctx.redis
     failures_key = DASHBOARD_LOGIN_FAILURES + (request.client.host if request.client else "unknown")
     if int(await redis.get(failures_key) or 0) >= auth.LOGIN_MAX_FAILURES:
-        wait_s = max(1, int(await redis.ttl(failures_key)))
+        wait_s = int(await redis.ttl(failures_key))
+        if wait_s == -1:
+            # A counter without a TTL (see below) would refuse the address for good: it gets its window.
+            await redis.expire(failures_key, auth.LOGIN_WINDOW_S)
+            wait_s = auth.LOGIN_WINDOW_S
+        wait_s = max(1, wait_s)
         response = _login_page(
             request,
             status=429,
@@ -261,7 +266,12 @@ async def login(request: Request) -> Response:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.set(failures_key, 0, ex=auth.LOGIN_WINDOW_S, nx=True)
             pipe.incr(failures_key)
-            await pipe.execute()
+            pipe.ttl(failures_key)
+            *_, ttl = await pipe.execute()
+        if ttl == -1:
+            # Before Redis 7 a transaction does not freeze the clock: the key can expire between SET NX and
+            # INCR, which then makes it anew without a TTL — a counter (and a refusal) that would never end.
+            await redis.expire(failures_key, auth.LOGIN_WINDOW_S)
         return _login_page(request, status=401, error="That is not the admin token.", next_url=target)
     await redis.delete(failures_key)
     response = RedirectResponse(target, status_code=303, headers=SECURITY_HEADERS)

@@ -29,7 +29,14 @@ from passbridge.accounts import Account
 from passbridge.event import EventKind, PassEvent, Platform, render_pass_url, utcnow
 from producer.context import ProducerContext
 from producer.problems import Problem, bad_json, unprocessable
-from producer.registrations import Limits, Outcome, register, unregister, updated_serials
+from producer.registrations import (
+    MAX_DEVICES_PER_PASS,
+    Limits,
+    Outcome,
+    register,
+    unregister,
+    updated_serials,
+)
 from producer.routes.common import json_response, read_body, store_errors_as_503
 from producer.sources.apple import (
     MAX_PUSH_TOKEN_CHARS,
@@ -153,6 +160,15 @@ async def post_registration(request: Request) -> Response:
             now_ms=int(utcnow().timestamp() * 1000) if event is None else event.occurred_ms,
             installed=event,
             limits=_limits(ctx),
+        )
+    if result.outcome is Outcome.too_many_devices:
+        detail = f"the pass has {MAX_DEVICES_PER_PASS} devices registered, the most it may have"
+        raise Problem(
+            409,
+            "too-many-devices",
+            "Too many devices registered for this pass",
+            detail,
+            errors=[{"pointer": "", "field": "deviceLibraryIdentifier", "detail": detail}],
         )
     log.info(
         "apple registration",

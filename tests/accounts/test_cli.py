@@ -8,7 +8,7 @@ import pytest
 from redis.asyncio import Redis
 
 from passbridge.accounts import AccountState, hash_token
-from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, account_keys
+from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
 from producer.api import publish
 from tests.accounts.conftest import Cli
 from tests.factories import event, webhook_secret
@@ -328,3 +328,25 @@ class TestRemove:
         assert list(cli.redis.scan_iter(match=account_keys("bolt").base + ":*")) == []
         assert cli.redis.zscore(ACTIVE_ACCOUNTS, "bolt") is None
         assert cli.redis.zscore(ACTIVE_ACCOUNTS, "acme") is not None  # the other account is untouched
+
+    def test_purge_reaches_an_account_removed_earlier_without_it(self, cli: Cli) -> None:
+        # A plain remove leaves the account's keys (queued events, dead letters, pass states, counters): a
+        # later --purge must still delete them, else nothing ever could.
+        for a in ("acme", "bolt"):
+            cli.ok("accounts", "add", a)
+            enqueue(cli, a, [event(1), event(2)])
+        cli.redis.hset(account_keys("acme").state, "S1", b"{}")
+        cli.ok("accounts", "remove", "acme", "--yes")
+        assert cli.redis.smembers(REMOVED_ACCOUNTS) == {b"acme"}
+
+        doc = cli.json("accounts", "remove", "acme", "--yes", "--purge")
+        assert (doc["removed"], doc["waiting"]) == (False, 2)
+        assert doc["purged_keys"] > 0
+        assert list(cli.redis.scan_iter(match=account_keys("acme").base + ":*")) == []
+        assert cli.redis.zscore(ACTIVE_ACCOUNTS, "acme") is None
+        assert cli.redis.smembers(REMOVED_ACCOUNTS) == set()
+        assert cli.redis.get(account_keys("bolt").depth) == b"2"  # the other account is untouched
+        # An id that never was an account is refused, and not remembered as a removed account.
+        assert "no account 'nope'" in cli.fails("accounts", "remove", "nope", "--yes")
+        assert "no account 'nope'" in cli.fails("accounts", "remove", "nope", "--yes", "--purge")
+        assert cli.redis.smembers(REMOVED_ACCOUNTS) == set()

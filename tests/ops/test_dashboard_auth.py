@@ -8,7 +8,7 @@ import time
 import httpx
 from redis import Redis
 
-from passbridge.keys import DASHBOARD_REVOKED
+from passbridge.keys import DASHBOARD_LOGIN_FAILURES, DASHBOARD_REVOKED
 from producer.dashboard import auth
 
 from .harness import ADMIN_TOKEN
@@ -62,6 +62,25 @@ def test_the_login_form_stops_a_client_guessing_tokens(dashboard_url: str) -> No
     finally:
         guesser.close()
         other.close()
+
+
+def test_a_login_failure_counter_without_a_ttl_gets_its_window(dashboard_url: str, redis_url: str) -> None:
+    # Before Redis 7 the counter can expire between the transaction's SET NX and INCR, which recreates it
+    # without a TTL: it must still end, not refuse (or count against) the address for good.
+    r = Redis.from_url(redis_url)
+    counting, refused = DASHBOARD_LOGIN_FAILURES + "127.0.0.3", DASHBOARD_LOGIN_FAILURES + "127.0.0.4"
+    r.set(counting, 3)
+    r.set(refused, auth.LOGIN_MAX_FAILURES)
+    try:
+        for address, key, status in ((3, counting, 401), (4, refused, 429)):
+            transport = httpx.HTTPTransport(local_address=f"127.0.0.{address}")
+            with httpx.Client(base_url=dashboard_url, timeout=10, transport=transport) as client:
+                assert client.post("/dashboard/login", data={"token": "wrong"}).status_code == status
+            assert 0 < r.ttl(key) <= auth.LOGIN_WINDOW_S, key
+        assert r.get(counting) == b"4"
+    finally:
+        r.delete(counting, refused)
+        r.close()
 
 
 def test_logout_ends_the_session_on_the_server(dashboard_url: str, redis_url: str) -> None:

@@ -7,6 +7,7 @@ import pytest
 
 from passbridge.event import PassEvent
 from passbridge.keys import account_keys
+from producer.registrations import MAX_DEVICES_PER_PASS
 from producer.sources.apple import pass_token
 from tests.producer.conftest import Env
 
@@ -86,6 +87,24 @@ class TestRegistration:
         assert r.status_code == 200
         assert r.json() == {"status": "not_registered", "event_id": None}
         assert await mailbox(env, "SER1") == []
+
+    async def test_a_pass_takes_at_most_its_device_bound(self, env: Env) -> None:
+        # The pass's token is in the pass file: whoever holds it must not be able to register device ids
+        # (a hash field and a key each, kept until unregistered) without end.
+        for n in range(MAX_DEVICES_PER_PASS):
+            assert (await register(env, f"dev{n}", "SER1")).status_code in (200, 201)
+        r = await register(env, "one-too-many", "SER1")
+        assert r.status_code == 409
+        assert r.headers["content-type"] == "application/problem+json"
+        assert r.json()["errors"][0]["field"] == "deviceLibraryIdentifier"
+        keys = account_keys("acme")
+        assert await env.redis.hlen(keys.apple_regs(PTID, "SER1")) == MAX_DEVICES_PER_PASS
+        assert not await env.redis.exists(keys.apple_device("one-too-many", PTID))
+        # A registered device still refreshes its push token, and a freed place can be taken again.
+        assert (await register(env, "dev0", "SER1")).status_code == 200
+        assert (await unregister(env, "dev1", "SER1")).status_code == 200
+        assert (await register(env, "one-too-many", "SER1")).status_code == 201
+        assert len(await mailbox(env, "SER1")) == 1  # the pass's one installed event
 
     async def test_reinstall_gets_new_event_ids(self, env: Env) -> None:
         first_install = (await register(env, "dev1", "SER1")).json()["event_id"]

@@ -9,6 +9,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import orjson
 import pytest
 from redis.asyncio import Redis
 
@@ -37,12 +38,18 @@ async def test_sweep_takes_over_resumes_and_prunes(pipeline: Pipeline, redis: Re
     await redis.zrem(ACTIVE_ACCOUNTS, "acme")
     await pause.pause_account(redis, pipeline.store, "acme", "HTTP 401", kind="auth")
     await redis.zadd(WORKERS, {"ghost": 1})
+    # Profile-job markers of serials that never got another event: one days old (its job is long complete),
+    # one fresh (its job may still run, a later write of S8 must wait for it).
+    now_ms = int(time.time() * 1000)
+    old, fresh = (orjson.dumps({"job": "J", "at": at}) for at in (now_ms - 3 * 86_400_000, now_ms))
+    await redis.hset(keys.profile_jobs, mapping={"S9": old, "S8": fresh})
     settings = pipeline.settings.model_copy(update={"worker_lease_ttl_s": 2.0})
     ctx: dict[str, Any] = {"settings": settings, "redis_url": pipeline.settings.redis_url}
     await startup(ctx)
     try:
         result = await sweep(ctx)
-        assert result == {"taken_over": 1, "resumed": 1, "workers_pruned": 1}
+        assert result == {"taken_over": 1, "resumed": 1, "workers_pruned": 1, "markers_pruned": 1}
+        assert await redis.hgetall(keys.profile_jobs) == {b"S8": fresh}
         assert (await pipeline.store.get("acme")).state is AccountState.connected
         # The in-process engine then delivers the event.
         await async_wait_for(pipeline.drained, timeout=20)

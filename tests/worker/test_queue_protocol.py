@@ -149,6 +149,22 @@ class TestSettle:
         assert history == [["ingested", "a-S1-1"], ["written", "a-S1-1"]]
         assert 0 < await redis.pttl(keys.history("S1")) <= 60_000
 
+    async def test_a_large_settle_drops_as_many_expired_entries_as_it_appends(self, redis: Redis) -> None:
+        # A busy serial's list never expires (each append pushes its TTL back): if a settle appending 21
+        # entries dropped only 16 expired ones, entries past the retention would pile up settle after settle.
+        await put(redis, pass_event("a", "S1", 1))
+        keys = account_keys("a")
+        await redis.rpush(keys.history("S1"), *(b'[1000,"attempt","ancient-%d"]' % i for i in range(30)))
+        q = WorkQueue(redis, worker_id="w", history_retention_ms=60_000)
+        (lease,) = (await q.claim(1)).leases
+        (snap,) = await q.snapshot([lease])
+        now = int(time.time() * 1000)
+        entries = [b'[%d,"attempt","a-S1-1",{"n":%d}]' % (now, i) for i in range(19)]
+        entries.append(b'[%d,"written","a-S1-1"]' % now)
+        assert (await q.settle(lease, snap.heads[:1], history=entries)).ok
+        history = [orjson.loads(h)[2] for h in await redis.lrange(keys.history("S1"), 0, -1)]
+        assert history == ["a-S1-1"] * 21
+
     async def test_settle_with_a_foreign_token_writes_nothing(self, redis: Redis) -> None:
         await put(redis, pass_event("a", "S1", 1))
         q = wq(redis)

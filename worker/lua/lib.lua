@@ -28,11 +28,14 @@ end
 -- Append history entries ARGV[first..last] (JSON arrays starting with their ms timestamp) to `key`,
 -- stamped with the account's arrival stamp (`base`), drop entries older than the retention from its head,
 -- and keep the list `retention_ms` past its newest entry.
+-- Up to 16 more entries are dropped than were appended: a serial that never idles long enough to expire
+-- (its list's PEXPIRE is pushed back at every append) and appends many entries per settle would otherwise
+-- keep ever more entries past the retention. A head within the retention stops the loop at once.
 local function push_history(base, key, first, last, now, retention_ms)
   if retention_ms <= 0 or last < first then return end
   local stamp = arrival_stamp(base)
   for i = first, last do redis.call('RPUSH', key, stamped(ARGV[i], stamp)) end
-  for _ = 1, 16 do
+  for _ = 1, 16 + last - first + 1 do
     local head = redis.call('LINDEX', key, 0)
     if not head then break end
     local ts = tonumber(string.match(head, '^%[(%d+)'))
