@@ -33,19 +33,32 @@ def generated_key(state_dir: Path) -> str:
     reads that one, waiting briefly if the creator has not written it yet.
     """
     path = state_dir / "secret.key"
-    if not path.exists():
-        state_dir.mkdir(parents=True, exist_ok=True)
-        try:
-            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
-        except FileExistsError:
-            pass  # another process won the race: read its key below
-        else:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(Fernet.generate_key())
-                fh.flush()
-                os.fsync(fh.fileno())
+    try:
+        if not path.exists():
+            state_dir.mkdir(parents=True, exist_ok=True)
+            try:
+                fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600)
+            except FileExistsError:
+                pass  # another process won the race: read its key below
+            else:
+                try:
+                    with os.fdopen(fd, "wb") as fh:
+                        fh.write(Fernet.generate_key())
+                        fh.flush()
+                        os.fsync(fh.fileno())
+                except OSError:
+                    # A full disk: an empty key file left behind would stop every later start.
+                    path.unlink(missing_ok=True)
+                    raise
+        key = path.read_text().strip()
+    except OSError as exc:
+        # A read-only or full state dir: one clear error instead of a traceback (the key is never in it).
+        raise SecretKeyError(
+            f"no PASSBRIDGE_SECRET_KEY is set and {path} cannot be used ({exc.strerror or exc}): "
+            "set PASSBRIDGE_SECRET_KEY, or PASSBRIDGE_STATE_DIR to a writable directory"
+        ) from None
     deadline = time.monotonic() + KEY_FILE_WAIT_S
-    while not (key := path.read_text().strip()):
+    while not (key := key or path.read_text().strip()):
         if time.monotonic() >= deadline:
             raise SecretKeyError(
                 f"{path} is empty: delete it to generate a new key (only if nothing was encrypted with it yet) "

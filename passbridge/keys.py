@@ -194,6 +194,9 @@ ACCOUNTS_INDEX = f"{PREFIX}:accounts"
 #: Set of account ids removed from the registry (``AccountStore.remove``): their DLQ and queued events stay,
 #: and the operator tools keep listing such an account while it has any (``worker.inspect.account_ids``).
 REMOVED_ACCOUNTS = f"{PREFIX}:accounts:removed"
+#: A random value every long-running process sets if missing and remembers: gone or replaced later, Redis
+#: lost its data (restarted without its AOF, a new server, a flush) (:class:`passbridge.outage.DataMarker`).
+DATA_MARKER = f"{PREFIX}:data-marker"
 #: List the producer pushes account ids onto so idle workers wake at once (BLPOP) instead of polling.
 NOTIFY = f"{PREFIX}:notify"
 #: Sorted set of account ids with queued work; score = when the engine should look at the account next

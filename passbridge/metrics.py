@@ -32,7 +32,7 @@ from collections import Counter as Tally
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, cast
 
 import orjson
 import structlog
@@ -43,8 +43,10 @@ from prometheus_client import (
     Counter,
     Histogram,
     generate_latest,
+    mmap_dict,
     multiprocess,
 )
+from prometheus_client import values as prometheus_values
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 from redis.asyncio import Redis
@@ -70,6 +72,8 @@ MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 #: Set by passbridge, never by an operator: the directory passbridge chose for this process tree. When it
 #: equals PROMETHEUS_MULTIPROC_DIR, that directory is this tree's own, not an operator's shared base.
 OWN_DIR_ENV = "PASSBRIDGE_METRICS_OWN_DIR"
+#: Free disk a multiprocess metrics directory must have at start: its processes' first value files.
+ROOM_BYTES = 1 << 20
 
 
 def setup_multiprocess(directory: Path) -> Path:
@@ -83,6 +87,17 @@ def setup_multiprocess(directory: Path) -> Path:
     # Values of earlier runs would be added to this run's; only prometheus-client's own files are removed.
     for stale in directory.glob("*.db"):
         stale.unlink()
+    # Room for the value files the processes open as they start (an OSError here is one line for the CLI,
+    # not a traceback of the first metric each process creates).
+    probe = directory / f".room-{os.getpid()}"
+    try:
+        fd = os.open(probe, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            _allocate(fd, ROOM_BYTES)
+        finally:
+            os.close(fd)
+    finally:
+        probe.unlink(missing_ok=True)
     os.environ[MULTIPROC_ENV] = str(directory)
     os.environ[OWN_DIR_ENV] = str(directory)
     return directory
@@ -122,7 +137,46 @@ def _remove_own_dir(directory: Path, creator: int) -> None:
         shutil.rmtree(directory, ignore_errors=True)
 
 
+class _AllocatedMmapedDict(mmap_dict.MmapedDict):
+    """prometheus-client's value file (multiprocess mode), with its disk blocks allocated before use.
+
+    The library sizes the file with ``truncate`` (a sparse file: no blocks yet) and writes values into a
+    memory map of it. On a full disk the first write to a page without a block is a SIGBUS, which killed a
+    worker outright (found by filling the disk of its state dir under load). Allocated up front, a full disk
+    is an ``OSError`` where the file is opened or grown, and a disk that fills later never reaches the map.
+    """
+
+    def __init__(self, filename: str, read_mode: bool = False) -> None:
+        if not read_mode:
+            fd = os.open(filename, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                _allocate(fd, max(os.fstat(fd).st_size, mmap_dict._INITIAL_MMAP_SIZE))
+            finally:
+                os.close(fd)
+        super().__init__(filename, read_mode)  # type: ignore[no-untyped-call]
+
+    def _init_value(self, key: str) -> None:
+        # A new key that does not fit doubles the file (in the library): allocate that size first. The
+        # key's record is its bytes, up to 8 of padding and 4 + 16 of length and values.
+        needed = self._used + len(key.encode("utf-8")) + 28
+        capacity = self._capacity
+        while needed > capacity:
+            capacity *= 2
+        if capacity != self._capacity:
+            _allocate(self._f.fileno(), capacity)
+        super()._init_value(key)  # type: ignore[no-untyped-call]
+
+
+def _allocate(fd: int, size: int) -> None:
+    """Give the file ``size`` bytes of disk blocks (where the OS can say so; else the library's own way)."""
+    if hasattr(os, "posix_fallocate"):
+        os.posix_fallocate(fd, 0, size)
+
+
 _own_multiprocess_dir()
+if os.environ.get(MULTIPROC_ENV):
+    # Before any metric below opens its file.
+    prometheus_values.MmapedDict = _AllocatedMmapedDict  # type: ignore[attr-defined]
 if _multiproc_dir := os.environ.get(MULTIPROC_ENV):
     # In multiprocess mode every metric below opens a file there as it is created: the directory must exist.
     Path(_multiproc_dir).mkdir(parents=True, exist_ok=True)
@@ -305,7 +359,7 @@ class Recorder:
 
     async def run(self, redis: Redis, interval_s: float = FLUSH_S) -> None:
         """Flush every ``interval_s`` until cancelled (see :func:`start_flusher`)."""
-        from passbridge.outage import OUTAGE_ERRORS, OutageLog
+        from passbridge.outage import OUTAGE_ERRORS, OutageLog, refuses_writes
 
         outage = OutageLog("activity-flush")
         while True:
@@ -316,7 +370,10 @@ class Recorder:
                 outage.failed(exc)  # the counts wait in the buffer (put_back)
                 continue
             except RedisError as exc:
-                log.warning("activity_flush_failed", error=type(exc).__name__)
+                if refuses_writes(exc):
+                    outage.failed(exc)
+                else:
+                    log.warning("activity_flush_failed", error=type(exc).__name__)
                 continue
             outage.succeeded()
 
@@ -415,14 +472,59 @@ def report_key(
 
 
 @functools.lru_cache(maxsize=16_384)
-def _counter(metric: Counter, *labels: str) -> Counter:
+def _counter_child(metric: Counter, *labels: str) -> Counter:
     # prometheus-client validates and locks on every labels() call (~3 µs); the children never change.
     return metric.labels(*labels)
 
 
 @functools.lru_cache(maxsize=4_096)
-def _histogram(metric: Histogram, *labels: str) -> Histogram:
+def _histogram_child(metric: Histogram, *labels: str) -> Histogram:
     return metric.labels(*labels)
+
+
+class _Discard:
+    """Stands in for a metric child whose value file could not be written (a full disk, multiprocess mode)."""
+
+    def inc(self, amount: float = 1) -> None:
+        """Count nothing."""
+
+    def observe(self, amount: float) -> None:
+        """Observe nothing."""
+
+
+_DISCARD = _Discard()
+#: When the last "metrics not written" line was logged (monotonic s): at most one a minute.
+_discard_logged = -60.0
+
+
+def _no_child(exc: OSError) -> Any:
+    # A new child opens (and, in multiprocess mode, allocates) its value file: on a full disk that fails, and
+    # a metric must never fail the work it counts (a written event, a Klaviyo call). Not cached: counting
+    # resumes once there is room.
+    global _discard_logged
+    now = time.monotonic()
+    if now - _discard_logged >= 60:
+        _discard_logged = now
+        log.error(
+            "metrics_not_written",
+            error=f"{type(exc).__name__}: {exc}",
+            directory=os.environ.get(MULTIPROC_ENV),
+        )
+    return _DISCARD
+
+
+def _counter(metric: Counter, *labels: str) -> Counter:
+    try:
+        return _counter_child(metric, *labels)
+    except OSError as exc:
+        return cast(Counter, _no_child(exc))
+
+
+def _histogram(metric: Histogram, *labels: str) -> Histogram:
+    try:
+        return _histogram_child(metric, *labels)
+    except OSError as exc:
+        return cast(Histogram, _no_child(exc))
 
 
 def events_ingested(account_id: str, events: Sequence[PassEvent], accepted: Sequence[bool]) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -10,6 +11,7 @@ import structlog
 from fastapi import FastAPI
 from fastapi.exception_handlers import http_exception_handler
 from redis.asyncio import Redis
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import PlainTextResponse, Response
@@ -23,7 +25,7 @@ from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer import dashboard
 from producer.context import ProducerContext
-from producer.problems import Problem
+from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
 from producer.routes import apple, events, google, health, oauth, webhooks
 from producer.routes.metrics import get_metrics
@@ -56,7 +58,11 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         )
         await publisher.start()
         cipher = cipher_from_settings(settings)
-        app.state.ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        app.state.ctx = ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
+        with contextlib.suppress(
+            RedisError, OSError
+        ):  # Redis down at start: armed at the first unknown account
+            await ctx.data_marker.check(redis)
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
         # it out of the collector's scans, and keep concurrent requests from setting off collections.
         tune_gc()
@@ -84,6 +90,25 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         if _is_dashboard(request):
             return await http_exception_handler(request, exc)
         return await _problem(request, _framework_problem(request, exc))
+
+    @app.exception_handler(RedisError)
+    async def _redis_failed(request: Request, exc: RedisError) -> Response:
+        # Redis unreachable, restarting, full or read-only under a route that does not answer for itself (the
+        # dashboard's pages): a 503 to retry, not a 500 with a traceback (which also reset the connection).
+        log.warning("redis_failed", method=request.method, path=request.url.path, error=type(exc).__name__)
+        retry_after = {"Retry-After": str(settings.retry_after_s)}
+        if _is_dashboard(request):
+            return PlainTextResponse(
+                "Service unavailable: Redis did not answer (unreachable, restarting, full or read-only). "
+                "Retry in a few seconds.",
+                status_code=503,
+                headers=retry_after,
+            )
+        metrics.rejected("unavailable")
+        return unavailable(
+            "Redis did not answer (unreachable, restarting, full or read-only); retry later",
+            settings.retry_after_s,
+        ).response(request.url.path)
 
     @app.exception_handler(Exception)
     async def _crash(request: Request, exc: Exception) -> Response:

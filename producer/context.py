@@ -12,6 +12,8 @@ from redis.exceptions import RedisError
 
 from passbridge.accounts import Account, AccountNotFound, AccountStore
 from passbridge.crypto import SecretKeyError
+from passbridge.keys import ACCOUNTS_INDEX
+from passbridge.outage import DataMarker
 from passbridge.settings import Settings
 from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
@@ -35,6 +37,10 @@ class ProducerContext:
     _cache: dict[str, tuple[float, Account]] = field(default_factory=dict)
     _loading: dict[str, asyncio.Future[Account]] = field(default_factory=dict)
     _mismatch_logged: dict[str, float] = field(default_factory=dict)
+    #: Notices a Redis that came back empty (checked at start and when an account is unknown).
+    data_marker: DataMarker = field(default_factory=lambda: DataMarker("producer"))
+    #: Redis lost its data and no account was registered since: unknown accounts answer 503, not 404.
+    data_lost: bool = False
 
     async def account(self, account_id: str) -> Account:
         """The account (cached briefly); a 404 problem when it does not exist, 503 when Redis is unreachable."""
@@ -55,7 +61,7 @@ class ProducerContext:
         try:
             account = await self.accounts.get(account_id)
         except AccountNotFound:
-            raise Problem(404, "unknown-account", "Unknown account", f"no account {account_id!r}") from None
+            account = await self._unknown(account_id)
         except (RedisError, OSError):
             raise unavailable(
                 "the account registry is unreachable; nothing was written", self.settings.retry_after_s
@@ -78,6 +84,42 @@ class ProducerContext:
             ) from None
         self._cache[account_id] = (now + ACCOUNT_CACHE_S, account)
         return account
+
+    async def _unknown(self, account_id: str) -> Account:
+        """An account the registry lacks: 404, unless Redis lost its data (the cold path only).
+
+        A sender takes a 404 as final and drops its event. After Redis came back empty, every account is
+        unknown until registered again: the accounts file (``PASSBRIDGE_ACCOUNTS_FILE``) is applied again at
+        once, and without one the answer is a 503 (retry later) until any account is registered.
+        """
+        from passbridge.accounts_file import apply_accounts_file
+
+        try:
+            if await self.data_marker.check(self.redis):
+                self.data_lost = True
+                if self.settings.accounts_file is not None:
+                    try:
+                        await apply_accounts_file(self.redis, self.settings)
+                    except Exception:
+                        log.exception(
+                            "accounts file not applied again", path=str(self.settings.accounts_file)
+                        )
+            if self.data_lost:
+                try:
+                    return await self.accounts.get(account_id)
+                except AccountNotFound:
+                    if not await self.redis.scard(ACCOUNTS_INDEX):
+                        raise unavailable(
+                            "Redis lost its data and no account is registered again yet; nothing was written",
+                            self.settings.retry_after_s,
+                            kind="redis-data-lost",
+                        ) from None
+                self.data_lost = False
+        except (RedisError, OSError):
+            raise unavailable(
+                "the account registry is unreachable; nothing was written", self.settings.retry_after_s
+            ) from None
+        raise Problem(404, "unknown-account", "Unknown account", f"no account {account_id!r}")
 
     def forget(self, account_id: str) -> None:
         """Drop a cached account (after a registry change in this process)."""

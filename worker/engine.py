@@ -56,7 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.outage import OUTAGE_ERRORS, OutageLog
+from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, describe_outage, refuses_writes
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -259,6 +259,7 @@ class Engine:
         self.config = config or EngineConfig()
         self.worker_id = worker_id or default_worker_id()
         self._outage = OutageLog("claim", worker=self.worker_id)
+        self._data_marker = DataMarker("heartbeat")
         #: BLPOP blocks its connection; it gets its own client so commands of the workers never queue behind it.
         self.blocking_redis = blocking_redis
         self.batch_sync: BatchSync = batch_sync or PerEventSync()
@@ -306,6 +307,7 @@ class Engine:
         # leaves it to the heartbeat loop (the claim loop waits the outage out as well).
         with contextlib.suppress(*OUTAGE_ERRORS):
             await self._heartbeat_once()
+            await self._data_marker.check(self.redis)
         self._loops = [
             asyncio.create_task(self._claim_loop(), name="engine-claim"),
             asyncio.create_task(self._renew_loop(), name="engine-renew"),
@@ -404,7 +406,10 @@ class Engine:
                 self._outage.failed(exc)
                 await asyncio.sleep(0.5)
             except RedisError as exc:
-                log.warning("claim_failed", worker=self.worker_id, error=str(exc))
+                if refuses_writes(exc):  # the claim script's writes refused: an outage like the above
+                    self._outage.failed(exc)
+                else:
+                    log.warning("claim_failed", worker=self.worker_id, error=str(exc))
                 await asyncio.sleep(0.5)
             except Exception:
                 # A bug must not silently stop this process from claiming: log it and go on.
@@ -517,8 +522,15 @@ class Engine:
                     await self.release(work, delay_ms=self.config.unknown_account_delay_ms)
                 return
             await self.batch_sync.run(self, Batch(account, self._policy(account), works))
-        except Exception:
-            log.exception("batch_failed", account=account_id, worker=self.worker_id)
+        except Exception as exc:
+            if isinstance(exc, RedisError) and (isinstance(exc, OUTAGE_ERRORS) or refuses_writes(exc)):
+                # Redis went away or refuses writes mid-batch: no bug to trace back (the loops report the
+                # outage); the serials are handed back below, or their leases expire meanwhile.
+                log.warning(
+                    "batch_interrupted", account=account_id, worker=self.worker_id, error=describe_outage(exc)
+                )
+            else:
+                log.exception("batch_failed", account=account_id, worker=self.worker_id)
             # A strategy that fails outright would fail again at once: back off instead of spinning.
             delay_ms = self.config.failed_batch_delay_ms
         finally:
@@ -894,6 +906,7 @@ class Engine:
             await asyncio.sleep(self.config.heartbeat_s)
             with contextlib.suppress(RedisError):
                 await self._heartbeat_once()
+                await self._data_marker.check(self.redis)
 
     async def _heartbeat_once(self) -> None:
         # Redis's clock, as every lease and not-before score: readers compare beats with Redis TIME, so a host

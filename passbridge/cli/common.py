@@ -78,11 +78,14 @@ def redis_problem(exc: RedisError, url: str | None = None) -> str:
     from redis.exceptions import TimeoutError as RedisTimeoutError
 
     from passbridge.logging import redact_text
+    from passbridge.outage import describe_outage, redis_error_text, refuses_writes
     from passbridge.redis_client import redis_location
 
     url = url or _current_url
     where = f"Redis at {redis_location(url)}" if url else "Redis"
-    text = str(exc) or type(exc).__name__
+    if refuses_writes(exc):  # full or read-only: what it says and what to do, without the command's data
+        return redact_text(f"{where} refused the write ({describe_outage(exc)})")
+    text = redis_error_text(exc) or type(exc).__name__
     password = urlsplit(url).password if url else None
     if password:
         text = text.replace(password, "***")

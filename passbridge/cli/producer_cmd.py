@@ -24,6 +24,13 @@ def producer(
             load_accounts_file(s.accounts_file)
         except AccountsFileError as exc:
             fail(str(exc))
+    from passbridge.crypto import SecretKeyError, cipher_from_settings
+
+    # Likewise an unusable key (a generated one in a read-only or full state dir, a malformed one).
+    try:
+        cipher_from_settings(s)
+    except SecretKeyError as exc:
+        fail(str(exc))
     url = redis_url(s)
     from producer.app import create_app
 
@@ -35,7 +42,11 @@ def producer(
 
         os.environ["REDIS_URL"] = url
         # Every process counts into files here; a scrape of any one of them adds them all up.
-        setup_multiprocess(Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or s.state_dir / "prometheus"))
+        metrics_dir = Path(os.environ.get("PROMETHEUS_MULTIPROC_DIR") or s.state_dir / "prometheus")
+        try:
+            setup_multiprocess(metrics_dir)
+        except OSError as exc:
+            fail(f"cannot write the producer's metrics files in {metrics_dir} ({exc.strerror or exc})")
         uvicorn.run(
             "producer.main:app",
             host=host or s.producer_host,

@@ -6,10 +6,14 @@ import os
 import shutil
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import typer
 
 from passbridge.cli.common import fail, redis_url, settings
+
+if TYPE_CHECKING:
+    from passbridge.settings import Settings
 
 
 def worker(
@@ -70,6 +74,7 @@ def worker(
         wait_until_reachable(url, s.worker_redis_wait_s)
     except StillUnreachable as exc:
         fail(str(exc))
+    _check_secret_key(s, url)
     express = None
     if s.worker_express_lane:
         from worker.express import ExpressProcess
@@ -111,11 +116,57 @@ def _multiprocess_metrics(state_dir: Path) -> None:
         return
     from passbridge.metrics import setup_multiprocess
 
-    d = setup_multiprocess(state_dir / "prometheus" / f"worker-{os.getpid()}")
+    try:
+        d = setup_multiprocess(state_dir / "prometheus" / f"worker-{os.getpid()}")
+    except OSError as exc:
+        fail(
+            f"cannot write the worker's metrics files under PASSBRIDGE_STATE_DIR {state_dir} "
+            f"({exc.strerror or exc}): point it at a writable directory with room, or set "
+            "PROMETHEUS_MULTIPROC_DIR"
+        )
     os.environ[_OWN_METRICS_DIR] = str(d)
     sys.stdout.flush()
     sys.stderr.flush()
     os.execv(sys.executable, [sys.executable, "-c", _REEXEC, *sys.argv[1:]])  # noqa: S606 (same program)
+
+
+def _check_secret_key(s: Settings, url: str) -> None:
+    """Fail with one line, before any engine starts, when this worker could decrypt no account's secrets.
+
+    Without ``PASSBRIDGE_SECRET_KEY`` a process uses ``<state dir>/secret.key``, generating it if missing. A
+    worker on another host or container than the producer (its own state dir) would generate a key of its
+    own, then fail every batch of every account with a traceback while their events wait: a key generated
+    now cannot decrypt secrets stored before. So a worker that had to generate its key while accounts exist
+    stops here, and removes that key so the next start with the right settings does not find it.
+    """
+    import redis
+
+    from passbridge.crypto import SecretKeyError, load_cipher
+    from passbridge.keys import ACCOUNTS_INDEX
+
+    secret = s.secret_key.get_secret_value() if s.secret_key else None
+    key_file = s.state_dir / "secret.key"
+    generating = not secret and not key_file.exists()
+    try:
+        load_cipher(secret, s.state_dir)
+    except SecretKeyError as exc:
+        fail(str(exc))
+    if not generating:
+        return
+    client = redis.Redis.from_url(url, socket_connect_timeout=5, socket_timeout=10)
+    try:
+        accounts = int(client.scard(ACCOUNTS_INDEX))
+    except redis.RedisError:
+        return  # the outage is the engine's to wait out; the batches will say what is wrong
+    finally:
+        client.close()
+    if accounts:
+        key_file.unlink(missing_ok=True)
+        fail(
+            f"no PASSBRIDGE_SECRET_KEY is set and {key_file} did not exist: a key generated now cannot decrypt "
+            f"the secrets of the {accounts} account(s) in Redis; set PASSBRIDGE_SECRET_KEY to the producer's "
+            "key (or share its PASSBRIDGE_STATE_DIR)"
+        )
 
 
 _REEXEC = "import sys; sys.argv[0] = 'passbridge'; from passbridge.cli import main; main()"

@@ -143,6 +143,26 @@ class TestAdd:
         cli.ok("accounts", "add", "acme", env={"PASSBRIDGE_NEW_ACCOUNT_KLAVIYO_KEY": KEY})
         assert cli.account("acme").secrets.klaviyo_api_key is None
 
+    def test_a_full_redis_is_one_line_without_the_account_record(self, cli: Cli) -> None:
+        """Redis full (``noeviction``): redis-py's error quoted the whole pipeline command, the account record
+        and its encrypted secrets included; now the command's name and what to do."""
+        policy = cli.redis.config_get("maxmemory-policy")["maxmemory-policy"]
+        cli.redis.config_set("maxmemory-policy", "noeviction")
+        cli.redis.config_set("maxmemory", 1)  # below what any Redis uses: every write is refused
+        try:
+            error = cli.fails(
+                "accounts", "add", "gamma", "--name", "Gamma", "--klaviyo-api-key", "pk_full_0123456789"
+            )
+        finally:
+            cli.redis.config_set("maxmemory", 0)
+            cli.redis.config_set("maxmemory-policy", policy)
+        assert "refused the write" in error
+        assert "Redis is full and refuses writes: free memory or raise maxmemory" in error
+        assert "(HSET ...)" in error
+        assert "gAAAA" not in error  # no Fernet token
+        assert "Gamma" not in error
+        assert "pk_full" not in error
+
 
 class TestListAndShow:
     def test_list_counts_waiting_and_skipped_per_account(self, cli: Cli) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
 from redis.asyncio import Redis
 
 from passbridge.keys import account_keys
@@ -180,3 +181,71 @@ async def test_backlog_over_high_water_is_503_with_nothing_half_written(env: Env
     assert (await env.http.post("/webhooks/acme", content=raw, headers=headers)).status_code == 202
     assert (await env.http.post(apple_url, json={"pushToken": "t"}, headers=apple)).status_code == 201
     assert (await env.http.post("/google/acme/callback", content=body)).status_code == 200
+
+
+@pytest.mark.parametrize("with_file", [False, True])
+async def test_redis_restarted_empty_is_503_until_accounts_return_never_404(
+    own_redis: RedisServer, settings: Settings, tmp_path: Path, with_file: bool
+) -> None:
+    """Redis came back without its data (no AOF, a new container without its volume): every account is
+    unknown. A 404 would make senders drop their events for good; the producer answers 503 instead until an
+    account is registered again, and applies its accounts file again at once when it has one."""
+    settings = settings.model_copy(update={"redis_url": own_redis.url})
+    if with_file:
+        accounts = tmp_path / "accounts.yaml"
+        accounts.write_text("accounts:\n  acme: {name: Acme, ingest_token: tok-acme}\n")
+        settings = settings.model_copy(update={"accounts_file": accounts})
+    else:
+        redis = Redis.from_url(own_redis.url)
+        await make_account(redis, cipher(settings))
+        await redis.aclose()
+    server = serve(create_app(settings, own_redis.url))
+    restarted: RedisServer | None = None
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=15) as http:
+            assert (await http.post(URL, json=event(1), headers=AUTH)).status_code == 202
+            own_redis.stop()
+            restarted = start_redis(tmp_path / "empty", own_redis.port, appendonly=False)
+            server.server.config.app.state.ctx.forget("acme")  # its cached copy: as after ACCOUNT_CACHE_S
+            r = await http.post(URL, json=event(2), headers=AUTH)
+            if with_file:
+                assert r.status_code == 202, r.text
+            else:
+                assert r.status_code == 503, r.text
+                assert r.headers["content-type"] == "application/problem+json"
+                assert r.json()["type"].endswith("redis-data-lost")
+                assert r.headers["Retry-After"] == "3"
+                # An account registered again: the next request goes through, and unknown ones are 404.
+                check = Redis.from_url(restarted.url)
+                await make_account(check, cipher(settings))
+                await check.aclose()
+                assert (await http.post(URL, json=event(2), headers=AUTH)).status_code == 202
+                other = await http.post(URL.replace("acme", "ghost"), json=event(3), headers=AUTH)
+                assert other.status_code == 404
+    finally:
+        server.stop()
+        if restarted is not None:
+            restarted.stop()
+
+
+async def test_the_dashboard_answers_503_while_redis_is_down(
+    own_redis: RedisServer, settings: Settings
+) -> None:
+    """Its pages read Redis without answering for an outage themselves: a 503 to retry, not a 500 with a
+    traceback in the log (and a connection reset for the next request on it)."""
+    token = "admin-token-of-this-test-0123456789"
+    settings = settings.model_copy(update={"redis_url": own_redis.url, "admin_token": SecretStr(token)})
+    server = serve(create_app(settings, own_redis.url))
+    headers = {"authorization": f"Bearer {token}"}
+    try:
+        async with httpx.AsyncClient(base_url=server.url, timeout=15, headers=headers) as http:
+            assert (await http.get("/dashboard")).status_code == 200
+            own_redis.stop()
+            for path in ("/dashboard", "/dashboard/workers", "/dashboard/dlq"):  # one kept-alive connection
+                r = await http.get(path)
+                assert r.status_code == 503, (path, r.text)
+                assert r.headers["Retry-After"] == "3"
+                assert "Redis did not answer" in r.text
+            assert (await http.post("/dashboard/login", data={"token": token})).status_code == 503
+    finally:
+        server.stop()

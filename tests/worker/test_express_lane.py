@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import signal
 from pathlib import Path
 
 import httpx
@@ -171,3 +172,29 @@ async def _diverting(pipeline: Pipeline) -> bool:
 
 async def _one_worker(pipeline: Pipeline) -> bool:
     return len(await lanes(pipeline)) == 1
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+async def test_an_express_lane_killed_alone_is_started_again(
+    pipeline: Pipeline, workers: Workers, sig: signal.Signals
+) -> None:
+    """The child killed (an OOM kill, an operator's signal) while its worker lives: the worker notices,
+    says so and starts a new one, which delivers; the worker itself goes on."""
+    await pipeline.add_account("small")
+    [proc] = workers.start(1)
+    workers.wait_express()
+    [child] = Workers.family(proc) - {proc.pid}
+    os.kill(child, sig)
+
+    async def replaced() -> bool:
+        return len(Workers.family(proc) - {proc.pid, child}) == 1
+
+    await async_wait_for(replaced, timeout=30)  # within the restart back-off (5 s) of a young child
+    workers.wait_express()
+    small = [pass_event("small", f"S{i}", 0) for i in range(3)]
+    await pipeline.put(small)
+    await async_wait_for(pipeline.drained, timeout=30)
+    assert proc.poll() is None
+    text = workers.logs()
+    assert '"event": "express_lane_exited"' in text
+    assert '"restarts": 1' in text

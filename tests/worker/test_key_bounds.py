@@ -91,6 +91,7 @@ FAMILIES = [
     Family("express on", r"pb:notify:x:on", ttl_s=60),
     Family("express busy", r"pb:notify:x:busy", ttl_s=60),
     Family("lease counter", r"pb:lease-seq"),
+    Family("data marker", r"pb:data-marker"),
     Family("workers", r"pb:workers"),
     Family("workers info", r"pb:workers:info"),
     Family("series gate", r"pb:ts-sampled:\d+", ttl_s=60),
@@ -324,6 +325,7 @@ async def test_every_key_family_is_bounded_after_a_whole_lifecycle(
     assert size("express notify") <= 1000
     assert size("pause log") <= 100
     assert size("arq queue") <= 2  # at most the next sweep tick's job
+    assert size("data marker") <= 1  # one value
 
 
 #: Families without a TTL whose size the test checks against what must remain (or that hold one value).
@@ -343,6 +345,7 @@ SIZED = {
     "notify",
     "express notify",
     "lease counter",
+    "data marker",
     "apple generation",
     "workers",
     "workers info",

@@ -11,10 +11,11 @@ from pathlib import Path
 
 import pytest
 from redis.asyncio import Redis
+from redis.exceptions import ReadOnlyError
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
-from passbridge.keys import WORKERS
+from passbridge.keys import WORKERS, account_keys
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
@@ -43,8 +44,11 @@ async def own_pipeline(
 ) -> AsyncIterator[Pipeline]:
     redis = Redis.from_url(own_redis.url)
     s = settings.model_copy(update={"klaviyo_base_url": sandbox_server.url, "klaviyo_rate_scale": RATE_SCALE})
-    yield Pipeline(redis, sandbox, sandbox_server, secret_key, s)
+    pipeline = Pipeline(redis, sandbox, sandbox_server, secret_key, s)
+    yield pipeline
     await redis.aclose()
+    if pipeline.redis is not redis:  # a test's client of the restarted server
+        await pipeline.redis.aclose()
 
 
 async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
@@ -169,3 +173,185 @@ def _worker_check(env: dict[str, str]) -> int:
         capture_output=True,
         timeout=30,
     ).returncode
+
+
+async def _refuse_writes_for(own_redis: RedisServer, tmp_path: Path, how: str, seconds: float) -> None:
+    """Make the test's Redis refuse every write for ``seconds``: ``oom`` (full, ``noeviction``) or
+    ``readonly`` (a replica, as in a failover: a second server takes its data, then it follows that one)."""
+    admin = Redis.from_url(own_redis.url)
+    other: RedisServer | None = None
+    try:
+        if how == "oom":
+            await admin.config_set("maxmemory-policy", "noeviction")
+            await admin.config_set("maxmemory", "1")  # below what any Redis uses: every write refused
+            await asyncio.sleep(seconds)
+            await admin.config_set("maxmemory", "0")
+            return
+        other = start_redis(tmp_path / f"other-{how}", free_port(), appendonly=False)
+        promoted = Redis.from_url(other.url)
+        try:
+            await promoted.replicaof("127.0.0.1", str(own_redis.port))
+
+            async def synced() -> bool:
+                return (await promoted.info("replication")).get("master_link_status") == "up"
+
+            await async_wait_for(synced, timeout=30)
+            await promoted.replicaof("NO", "ONE")
+            await admin.replicaof("127.0.0.1", str(other.port))
+            with pytest.raises(ReadOnlyError):
+                await admin.set("pb:test:probe", "1")
+            await asyncio.sleep(seconds)
+            await admin.replicaof("NO", "ONE")
+        finally:
+            await promoted.aclose()
+    finally:
+        await admin.aclose()
+        if other is not None:
+            other.stop()
+
+
+async def test_workers_outlive_a_redis_that_refuses_writes(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis full (OOM under ``noeviction``) and then a read-only replica (a failover): arq's poll loop got
+    an ``OutOfMemoryError``/``ReadOnlyError`` from its cron and ended the worker; now both are waited out."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:  # the worker and its express lane past their start-up
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        before = [pass_event("acme", f"S{s}", n) for s in range(10) for n in range(3)]
+        await pipeline.put(before)
+        # Longer than arq's cron period (the sweep, every 5 s), whose writes ended the worker.
+        for how in ("oom", "readonly"):
+            await _refuse_writes_for(own_redis, tmp_path, how, 6)
+            assert workers.procs[0].poll() is None, workers.logs()
+        after = [pass_event("acme", f"S{s}", 3) for s in range(10)]
+        await pipeline.put(after)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in before + after)
+        assert workers.procs[0].poll() is None
+        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        assert "Redis is full and refuses writes" in text
+        assert "Redis is a read-only replica" in text
+        # The claim script's refusals are reported as an outage, not twice a second; what is left is the
+        # failover's one "UNBLOCKED" of each engine's blocking wait.
+        assert text.count('"event": "claim_failed"') <= 2, text
+    finally:
+        workers.stop_all()
+
+
+async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis restarted without its data (a new container without its volume): what was queued is gone, which
+    nothing in Redis can say. Each engine reports it once (``redis_data_lost``) and works on with the
+    accounts registered again."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    empty: RedisServer | None = None
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        own_redis.stop()
+        empty = start_redis(tmp_path / "empty", own_redis.port, appendonly=False)
+        await pipeline.redis.aclose()
+        pipeline.redis = Redis.from_url(own_redis.url)
+
+        def told() -> str:
+            return "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+
+        async def reported() -> bool:  # by the worker's engine and its express lane's
+            return told().count('"event": "redis_data_lost"') == 2
+
+        await async_wait_for(reported, timeout=30)
+        await pipeline.add_account("acme")
+        events = [pass_event("acme", f"S{s}", 0) for s in range(5)]
+        await pipeline.put(events)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        assert workers.procs[0].poll() is None
+        assert told().count('"event": "redis_data_lost"') == 2  # once per engine and loss
+    finally:
+        workers.stop_all()
+        if empty is not None:
+            empty.stop()
+
+
+async def test_a_redis_restart_mid_batch_loses_nothing_and_keeps_order(
+    own_redis: RedisServer,
+    own_pipeline: Pipeline,
+    sandbox_server: SandboxServer,
+    secret_key: str,
+    tmp_path: Path,
+) -> None:
+    """Redis stopped while the worker holds leases and its Klaviyo calls are in flight (slowed by the
+    sandbox): after the restart every event is delivered, each serial ends on its last state, no lease stays
+    behind, and the interrupted batch is one warning line, not a traceback of a bug."""
+    pipeline = own_pipeline
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    restarted: RedisServer | None = None
+    try:
+        await pipeline.add_account("acme")
+        workers.start(1)
+
+        async def running() -> bool:
+            return await pipeline.redis.zcard(WORKERS) == 2
+
+        await async_wait_for(running, timeout=60)
+        pipeline.sandbox.set_faults(latency_ms=300)
+        events = [pass_event("acme", f"S{s}", n) for s in range(20) for n in range(4)]
+        await pipeline.put(events)
+        leased = account_keys("acme").leased
+
+        async def in_flight() -> bool:
+            return bool(await pipeline.redis.zcard(leased))
+
+        await async_wait_for(in_flight, timeout=30, interval=0.01)
+        await asyncio.sleep(0.1)  # its Klaviyo calls under way
+        own_redis.stop()
+        await asyncio.sleep(3)  # longer than the leases (2 s)
+        restarted = start_redis(own_redis.data_dir, own_redis.port, appendonly=True)
+        pipeline.sandbox.clear_faults()
+        await pipeline.redis.aclose()
+        pipeline.redis = Redis.from_url(own_redis.url)
+        await async_wait_for(pipeline.drained, timeout=60)
+        pipeline.sandbox.wait_idle()
+        assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+        sandbox_id = pipeline.accounts["acme"]
+        for s in range(20):
+            [profile] = pipeline.sandbox.profiles(sandbox_id, external_id=f"S{s}")
+            assert profile["attributes"]["properties"]["points"] == 3, profile  # the last event's state
+        assert workers.procs[0].poll() is None
+        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        assert '"event": "batch_failed"' not in text, text
+    finally:
+        workers.stop_all()
+        if restarted is not None:
+            restarted.stop()
