@@ -59,9 +59,8 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         await publisher.start()
         cipher = cipher_from_settings(settings)
         app.state.ctx = ctx = ProducerContext(settings, redis, AccountStore(redis, cipher), publisher)
-        with contextlib.suppress(
-            RedisError, OSError
-        ):  # Redis down at start: armed at the first unknown account
+        # Redis down at start: the marker is armed at the first unknown account instead.
+        with contextlib.suppress(RedisError, OSError):
             await ctx.data_marker.check(redis)
         # Everything loaded so far (pydantic schemas, phone metadata, ...) lives as long as the process: keep
         # it out of the collector's scans, and keep concurrent requests from setting off collections.
