@@ -359,19 +359,16 @@ class Recorder:
 
     async def run(self, redis: Redis, interval_s: float = FLUSH_S) -> None:
         """Flush every ``interval_s`` until cancelled (see :func:`start_flusher`)."""
-        from passbridge.outage import OUTAGE_ERRORS, OutageLog, refuses_writes
+        from passbridge.outage import OutageLog, is_outage
 
         outage = OutageLog("activity-flush")
         while True:
             await asyncio.sleep(interval_s)
             try:
                 await self.flush(redis)
-            except OUTAGE_ERRORS as exc:
-                outage.failed(exc)  # the counts wait in the buffer (put_back)
-                continue
-            except RedisError as exc:
-                if refuses_writes(exc):
-                    outage.failed(exc)
+            except (RedisError, OSError) as exc:
+                if is_outage(exc):
+                    outage.failed(exc)  # the counts wait in the buffer (put_back)
                 else:
                     log.warning("activity_flush_failed", error=type(exc).__name__)
                 continue

@@ -45,6 +45,12 @@ def refuses_writes(exc: BaseException) -> bool:
     return isinstance(exc, ResponseError) and any(mark in str(exc) for mark in _SCRIPT_REFUSALS)
 
 
+def is_outage(exc: BaseException) -> bool:
+    """Whether ``exc`` is an outage to wait out: Redis unreachable or restarting, or refusing writes (raised
+    directly or from a script)."""
+    return isinstance(exc, OUTAGE_ERRORS) or refuses_writes(exc)
+
+
 #: While an outage lasts, one reminder per this many seconds.
 REMIND_S = 30.0
 

@@ -56,7 +56,7 @@ from passbridge.keys import (
     WORKERS_INFO,
     account_keys,
 )
-from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, describe_outage, refuses_writes
+from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, describe_outage, is_outage
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -401,12 +401,10 @@ class Engine:
                         raise
                 finally:
                     self._idle = None
-            except OUTAGE_ERRORS as exc:
-                # Redis restarting or gone: keep trying, say so once (and every half minute), not twice a second.
-                self._outage.failed(exc)
-                await asyncio.sleep(0.5)
-            except RedisError as exc:
-                if refuses_writes(exc):  # the claim script's writes refused: an outage like the above
+            except (RedisError, OSError) as exc:
+                if is_outage(exc):
+                    # Redis restarting, gone or refusing writes: keep trying, say so once (and every half
+                    # minute), not twice a second.
                     self._outage.failed(exc)
                 else:
                     log.warning("claim_failed", worker=self.worker_id, error=str(exc))
@@ -523,7 +521,7 @@ class Engine:
                 return
             await self.batch_sync.run(self, Batch(account, self._policy(account), works))
         except Exception as exc:
-            if isinstance(exc, RedisError) and (isinstance(exc, OUTAGE_ERRORS) or refuses_writes(exc)):
+            if isinstance(exc, RedisError) and is_outage(exc):
                 # Redis went away or refuses writes mid-batch: no bug to trace back (the loops report the
                 # outage); the serials are handed back below, or their leases expire meanwhile.
                 log.warning(

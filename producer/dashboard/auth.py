@@ -3,11 +3,11 @@
 Two ways in: ``Authorization: Bearer <admin token>`` on every request (scripts, curl), or the login form, which
 sets an HttpOnly, SameSite=Strict session cookie. The cookie holds the time it was issued, a random nonce (each
 login is its own session, even two in the same second) and an HMAC of both keyed with the token, never the token
-itself: the server refuses it once ``SESSION_MAX_AGE_S`` has passed
-(whatever the browser keeps, so a copied cookie does not work for ever), and changing the token ends every
-session. Logging out revokes that session on the server too (a marker in Redis until the session would have
-expired), so a copy of the cookie taken before the logout stops working with it. Forms that change something carry a CSRF value (another HMAC of the token) that a cookie-authenticated
-POST must echo. The login form refuses a client (by address) after ``LOGIN_MAX_FAILURES`` wrong tokens within
+itself: the server refuses it once ``SESSION_MAX_AGE_S`` has passed (whatever the browser keeps, so a copied
+cookie does not work for ever), and changing the token ends every session. Logging out revokes that session on
+the server too (a marker in Redis until the session would have expired), so a copy of the cookie taken before
+the logout stops working with it. Forms that change something carry a CSRF value (another HMAC of the token)
+that a cookie-authenticated POST must echo. The login form refuses a client (by address) after ``LOGIN_MAX_FAILURES`` wrong tokens within
 ``LOGIN_WINDOW_S``, so a short token cannot be guessed at network speed.
 """
 

@@ -30,6 +30,11 @@ def cli(known: Known, monkeypatch: pytest.MonkeyPatch) -> Iterator[Known]:
     monkeypatch.setattr("passbridge.cli.common.configure_logging", _log_to_real_stderr)
     get_settings.cache_clear()
     structlog.reset_defaults()
+    # Before any command runs, too: structlog's default prints to sys.stdout, which CliRunner swaps for its
+    # capture while a command runs, so a line logged then by another thread of this process (the in-process
+    # Klaviyo sandbox serving the scenario's workers) landed in a command's --json output (one CI failure:
+    # "2026-11-27 …" before the document).
+    _log_to_real_stderr()
     yield known
     get_settings.cache_clear()
     structlog.reset_defaults()

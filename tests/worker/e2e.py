@@ -26,7 +26,7 @@ from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
 from passbridge.accounts import Account, AccountSecrets, AccountStore
 from passbridge.event import PassEvent
-from passbridge.keys import EXPRESS_ON, account_keys
+from passbridge.keys import EXPRESS_ON, WORKERS, account_keys
 from passbridge.queue import enqueue
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
@@ -214,6 +214,16 @@ class Pipeline:
             if int(await self.redis.get(keys.depth) or 0) or await self.redis.zcard(keys.leased):
                 return False
         return True
+
+
+async def engines_running(redis: Redis, engines: int, timeout: float = 60) -> None:
+    """Wait until ``engines`` engines are registered (a worker and its express lane are two): all past their
+    start-up."""
+
+    async def registered() -> bool:
+        return bool(await redis.zcard(WORKERS) == engines)
+
+    await async_wait_for(registered, timeout=timeout)
 
 
 async def drained(

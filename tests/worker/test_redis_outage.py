@@ -15,12 +15,12 @@ from redis.exceptions import ReadOnlyError
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.testing import SandboxServer
-from passbridge.keys import WORKERS, account_keys
+from passbridge.keys import account_keys
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 from tests.conftest import async_wait_for
 
-from .e2e import RATE_SCALE, Pipeline, Workers, worker_env
+from .e2e import RATE_SCALE, Pipeline, Workers, engines_running, worker_env
 from .helpers import pass_event
 
 pytestmark = pytest.mark.slow
@@ -59,9 +59,7 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
     tmp_path: Path,
 ) -> None:
     pipeline = own_pipeline
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    workers = _workers(own_redis, sandbox_server, secret_key, tmp_path)
     restarted: RedisServer | None = None
     try:
         await pipeline.add_account("acme")
@@ -69,11 +67,7 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
         before = [pass_event("acme", f"S{s}", 0) for s in range(10)]
         await pipeline.put(before)
         await async_wait_for(pipeline.drained, timeout=60)
-
-        async def all_running() -> bool:  # both workers and their express lanes past their start-up
-            return await pipeline.redis.zcard(WORKERS) == 4
-
-        await async_wait_for(all_running, timeout=60)
+        await engines_running(pipeline.redis, 4)
         await asyncio.sleep(1)  # and arq inside its poll loop
 
         own_redis.stop()
@@ -100,6 +94,15 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
         workers.stop_all()
         if restarted is not None:
             restarted.stop()
+
+
+def _workers(
+    own_redis: RedisServer, sandbox_server: SandboxServer, secret_key: str, tmp_path: Path
+) -> Workers:
+    """Worker processes (none started yet) against the test's own Redis, logging under ``tmp_path/logs``."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    return Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
 
 
 def _worker(env: dict[str, str], timeout: float) -> subprocess.CompletedProcess[str]:
@@ -220,17 +223,11 @@ async def test_workers_outlive_a_redis_that_refuses_writes(
     """Redis full (OOM under ``noeviction``) and then a read-only replica (a failover): arq's poll loop got
     an ``OutOfMemoryError``/``ReadOnlyError`` from its cron and ended the worker; now both are waited out."""
     pipeline = own_pipeline
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    workers = _workers(own_redis, sandbox_server, secret_key, tmp_path)
     try:
         await pipeline.add_account("acme")
         workers.start(1)
-
-        async def running() -> bool:  # the worker and its express lane past their start-up
-            return await pipeline.redis.zcard(WORKERS) == 2
-
-        await async_wait_for(running, timeout=60)
+        await engines_running(pipeline.redis, 2)
         before = [pass_event("acme", f"S{s}", n) for s in range(10) for n in range(3)]
         await pipeline.put(before)
         # Longer than arq's cron period (the sweep, every 5 s), whose writes ended the worker.
@@ -243,7 +240,7 @@ async def test_workers_outlive_a_redis_that_refuses_writes(
         pipeline.sandbox.wait_idle()
         assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in before + after)
         assert workers.procs[0].poll() is None
-        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        text = "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
         assert "Redis is full and refuses writes" in text
         assert "Redis is a read-only replica" in text
         # The claim script's refusals are reported as an outage, not twice a second; what is left is the
@@ -264,25 +261,19 @@ async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
     nothing in Redis can say. Each engine reports it once (``redis_data_lost``) and works on with the
     accounts registered again."""
     pipeline = own_pipeline
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    workers = _workers(own_redis, sandbox_server, secret_key, tmp_path)
     empty: RedisServer | None = None
     try:
         await pipeline.add_account("acme")
         workers.start(1)
-
-        async def running() -> bool:
-            return await pipeline.redis.zcard(WORKERS) == 2
-
-        await async_wait_for(running, timeout=60)
+        await engines_running(pipeline.redis, 2)
         own_redis.stop()
         empty = start_redis(tmp_path / "empty", own_redis.port, appendonly=False)
         await pipeline.redis.aclose()
         pipeline.redis = Redis.from_url(own_redis.url)
 
         def told() -> str:
-            return "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+            return "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
 
         async def reported() -> bool:  # by the worker's engine and its express lane's
             return told().count('"event": "redis_data_lost"') == 2
@@ -313,18 +304,12 @@ async def test_a_redis_restart_mid_batch_loses_nothing_and_keeps_order(
     sandbox): after the restart every event is delivered, each serial ends on its last state, no lease stays
     behind, and the interrupted batch is one warning line, not a traceback of a bug."""
     pipeline = own_pipeline
-    logs = tmp_path / "logs"
-    logs.mkdir()
-    workers = Workers(worker_env(own_redis.url, sandbox_server.url, secret_key, tmp_path / "state"), logs)
+    workers = _workers(own_redis, sandbox_server, secret_key, tmp_path)
     restarted: RedisServer | None = None
     try:
         await pipeline.add_account("acme")
         workers.start(1)
-
-        async def running() -> bool:
-            return await pipeline.redis.zcard(WORKERS) == 2
-
-        await async_wait_for(running, timeout=60)
+        await engines_running(pipeline.redis, 2)
         pipeline.sandbox.set_faults(latency_ms=300)
         events = [pass_event("acme", f"S{s}", n) for s in range(20) for n in range(4)]
         await pipeline.put(events)
@@ -349,7 +334,7 @@ async def test_a_redis_restart_mid_batch_loses_nothing_and_keeps_order(
             [profile] = pipeline.sandbox.profiles(sandbox_id, external_id=f"S{s}")
             assert profile["attributes"]["properties"]["points"] == 3, profile  # the last event's state
         assert workers.procs[0].poll() is None
-        text = "".join(f.read_text(errors="replace") for f in logs.glob("worker-*.log"))
+        text = "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
         assert '"event": "batch_failed"' not in text, text
     finally:
         workers.stop_all()

@@ -17,11 +17,9 @@ from redis.asyncio import Redis
 
 from klaviyo_sandbox.testing import SandboxServer
 from passbridge.crypto import load_cipher
-from passbridge.keys import WORKERS
-from tests.conftest import async_wait_for
 from tests.factories import make_account
 
-from .e2e import Pipeline, Workers, drained, worker_env
+from .e2e import Pipeline, Workers, drained, engines_running, worker_env
 from .helpers import pass_event
 
 
@@ -161,11 +159,7 @@ async def test_a_worker_outlives_its_state_dir_disk_filling_up(
     try:
         await pipeline.add_account("acme")
         workers.start(1)
-
-        async def running() -> bool:
-            return await pipeline.redis.zcard(WORKERS) == 2
-
-        await async_wait_for(running, timeout=60)
+        await engines_running(pipeline.redis, 2)
         await asyncio.to_thread(_fill, small_disk)
         for account_id in ("beta", "gamma"):  # new label sets: new metric values to write
             await pipeline.add_account(account_id)
