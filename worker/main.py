@@ -211,16 +211,18 @@ async def sweep(ctx: dict[str, Any]) -> dict[str, int]:
         if await pause.reconcile(redis, store, account_id, probe=probe) == "resumed":
             resumed += 1
     metrics.leases_taken_over(taken)
+    # Heartbeats and markers are on Redis time: a sweeping host whose clock runs ahead must not prune live
+    # workers, nor markers early.
+    now_ms = await pause.redis_now_ms(redis)
     # Profile-job markers no next write clears: once an hour is plenty for data that is only ever days old.
     pruned = 0
     if time.monotonic() - ctx.get("markers_pruned_s", -MARKERS_PRUNE_EVERY_S) >= MARKERS_PRUNE_EVERY_S:
         ctx["markers_pruned_s"] = time.monotonic()
         horizon_s = max(MARKER_HORIZON_S, 2 * settings.worker_profile_job_max_wait_s)
-        cutoff_ms = await pause.redis_now_ms(redis) - int(horizon_s * 1000)
+        cutoff_ms = now_ms - int(horizon_s * 1000)
         for account_id in sorted(ids):
             pruned += await prune_markers(redis, account_id, cutoff_ms)
-    # Heartbeats are Redis time: a sweeping host whose clock runs ahead must not prune live workers.
-    stale = await redis.zrangebyscore(WORKERS, "-inf", await pause.redis_now_ms(redis) - WORKER_STALE_MS)
+    stale = await redis.zrangebyscore(WORKERS, "-inf", now_ms - WORKER_STALE_MS)
     if stale:
         async with redis.pipeline(transaction=True) as pipe:
             pipe.zrem(WORKERS, *stale)
