@@ -5,11 +5,13 @@ Read once per process with :func:`get_settings`; tests build :class:`Settings` d
 
 from __future__ import annotations
 
+import math
+from fractions import Fraction
 from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -36,6 +38,10 @@ class Settings(BaseSettings):
     max_batch_events: int = Field(default=1000, ge=1)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     backlog_high_water: int = Field(default=1_000_000, ge=1)
+    #: Share of the high-water mark a DLQ replay leaves to live ingest: a replay fills an account's backlog up
+    #: to :func:`replay_limit` only, so live ingest is not refused while a replay waits for room (README,
+    #: "The ordered engine"). 0: replays may fill the backlog up to the mark.
+    replay_reserve: float = Field(default=0.1, ge=0, lt=1)
     retry_after_s: int = Field(default=5, ge=0)
     default_phone_region: str = "US"
     admin_token: SecretStr | None = None
@@ -142,6 +148,23 @@ class Settings(BaseSettings):
         # INFO and info alike, as logging itself takes them.
         return v.lower() if isinstance(v, str) else v
 
+    @field_validator("replay_reserve")
+    @classmethod
+    def _replay_room(cls, v: float, info: ValidationInfo) -> float:
+        # A reserve that leaves no room under a small mark would make every replay wait forever.
+        high_water = info.data.get("backlog_high_water")
+        if isinstance(high_water, int) and replay_limit(high_water, v) < 1:
+            raise ValueError(
+                f"leaves a DLQ replay no room under PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}: a replay fills "
+                f"a backlog up to {high_water} x (1 - {v:g}) rounded down, which is 0; lower it"
+            )
+        return v
+
+    @property
+    def replay_limit(self) -> int:
+        """Pending events per account up to which a DLQ replay fills a backlog (see :func:`replay_limit`)."""
+        return replay_limit(self.backlog_high_water, self.replay_reserve)
+
     def oauth_authorize_url(self) -> str:
         """Klaviyo's authorize endpoint for this deployment."""
         if self.klaviyo_authorize_url:
@@ -155,6 +178,13 @@ class Settings(BaseSettings):
         """Where Klaviyo sends the merchant back: the producer's ``/oauth/klaviyo/callback``."""
         base = self.public_url or f"http://{self.producer_host}:{self.producer_port}"
         return base.rstrip("/") + "/oauth/klaviyo/callback"
+
+
+def replay_limit(high_water: int, reserve: float) -> int:
+    """``floor(high_water * (1 - reserve))``: how far a DLQ replay may fill an account's backlog, so that the
+    rest of the high-water mark stays free for live ingest. The reserve is taken as written (0.1 is a tenth,
+    not the binary float just above it), so a mark of 150 gives 135, not 134."""
+    return math.floor(high_water * (1 - Fraction(repr(reserve))))
 
 
 class SettingsError(ValueError):
@@ -180,5 +210,9 @@ def _describe(exc: ValidationError) -> str:
         info = Settings.model_fields.get(field)
         alias = info.validation_alias if info is not None else None
         name = alias if isinstance(alias, str) else f"PASSBRIDGE_{field.upper()}"
-        lines.append(f"{name}: {err['msg']}")
+        msg = err["msg"]
+        # A validator's own message says what is wrong; pydantic's prefix adds nothing.
+        if err["type"] == "value_error":
+            msg = msg.removeprefix("Value error, ")
+        lines.append(f"{name}: {msg}")
     return "invalid configuration:\n" + "\n".join(f"  {line}" for line in lines)

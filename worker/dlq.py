@@ -21,6 +21,7 @@ import orjson
 from redis.asyncio import Redis
 
 from passbridge.keys import ACTIVE_ACCOUNTS, NOTIFY, account_keys
+from passbridge.settings import replay_limit
 from worker.queue import split_member
 from worker.scripts import Scripts
 
@@ -350,28 +351,38 @@ class ReplayOutcome:
     """What one :func:`replay` call did."""
 
     replayed: int = 0
-    #: Ids still in the DLQ, in the order given: no room under the account's high-water mark (``full``), or
+    #: Ids still in the DLQ, in the order given: no room under the account's replay limit (``full``), or
     #: the caller stopped the replay. The next wave replays them.
     left: list[str] = field(default_factory=list)
     #: Ids that were not in the DLQ (replayed or purged meanwhile).
     missing: int = 0
     #: The account's pending events after the last step.
     depth: int = 0
-    #: Whether the account's backlog reached its high-water mark.
+    #: Whether the account's backlog reached the replay limit.
     full: bool = False
+    #: The replay limit: the depth up to which the replay filled the backlog (see :func:`replay`).
+    limit: int = 0
 
 
 async def depth(redis: Redis, account_id: str) -> int:
-    """The account's pending events: what a replay's room under the backlog high-water mark is measured from."""
+    """The account's pending events: what a replay's room under its replay limit is measured from."""
     return int(await redis.get(account_keys(account_id).depth) or 0)
 
 
-def backlog_full_message(account_id: str, depth: int, high_water: int, left: int) -> str:
+def limit_text(high_water: int, reserve: float) -> str:
+    """The replay limit and where it comes from, for operators' messages."""
+    return (
+        f"{replay_limit(high_water, reserve)} pending: PASSBRIDGE_BACKLOG_HIGH_WATER={high_water} less the "
+        f"PASSBRIDGE_REPLAY_RESERVE={reserve:g} kept for live ingest"
+    )
+
+
+def backlog_full_message(account_id: str, depth: int, high_water: int, reserve: float, left: int) -> str:
     """Why ``left`` entries stayed in the DLQ, for an operator (the CLI and the dashboard add what to do)."""
     return (
-        f"account {account_id}'s backlog is at its high-water mark ({depth} pending, "
-        f"PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}): {left} of the selected entries are still in the DLQ; "
-        "replaying them now would make its live ingest answer 503"
+        f"account {account_id}'s backlog has reached its replay limit ({depth} pending; a replay fills it up to "
+        f"{limit_text(high_water, reserve)}): {left} of the selected entries are still in the DLQ; replaying "
+        "them now would take the room kept for its live ingest"
     )
 
 
@@ -381,15 +392,18 @@ async def replay(
     dlq_ids: Sequence[str],
     *,
     high_water: int,
+    reserve: float,
     history_retention_ms: int,
     by: str = "operator",
     progress: Callable[[int], None] | None = None,
     stop: Callable[[], bool] | None = None,
 ) -> ReplayOutcome:
     """Put the entries ``dlq_ids`` back into their serials' mailboxes (see ``replay.lua``), oldest first as
-    given, while the account's pending events stay within ``high_water`` (the producer's backlog high-water
-    mark: ingest answers 503 beyond it). Each replays its own payload, under its event id (replay writes the
-    mailbox directly: no dedup window drops it).
+    given, while the account's pending events stay within its replay limit: ``high_water`` (the producer's
+    backlog high-water mark: ingest answers 503 beyond it) less the share ``reserve`` of it, which is kept for
+    the account's live ingest (see ``passbridge.settings.replay_limit``; ``reserve`` 0: up to the mark). Each
+    replays its own payload, under its event id (replay writes the mailbox directly: no dedup window drops
+    it).
 
     Each chunk is one atomic step: an entry leaves the DLQ in the step that puts it back in its mailbox. At the
     first chunk that finds the backlog full, the rest of ``dlq_ids`` is left (``ReplayOutcome.left``), so
@@ -400,7 +414,7 @@ async def replay(
     """
     scripts = Scripts(redis)
     keys = account_keys(account_id)
-    outcome = ReplayOutcome()
+    outcome = ReplayOutcome(limit=replay_limit(high_water, reserve))
     for i in range(0, len(dlq_ids), CHUNK):
         if stop is not None and stop():
             outcome.left += dlq_ids[i:]
@@ -414,7 +428,7 @@ async def replay(
                 NOTIFY,
                 history_retention_ms,
                 orjson.dumps({"by": by}),
-                high_water,
+                outcome.limit,
                 *chunk,
             ]
         )

@@ -338,13 +338,13 @@ def _bulk(
 WAIT_POLL_S = 0.5
 
 
-def _wave_size(left: int, high_water: int) -> int:
+def _wave_size(left: int, limit: int) -> int:
     """Room a waiting replay waits for before its next wave: a whole chunk (or all that is left; a tenth of a
-    small high-water mark), not a single freed slot, so the replay does not take each slot live ingest needs
-    the moment a worker frees it."""
+    small replay limit), not a single freed slot, so the replay does not chase each slot under its limit the
+    moment a worker frees it."""
     from worker.dlq import CHUNK
 
-    return max(1, min(left, CHUNK, high_water // 10))
+    return max(1, min(left, CHUNK, limit // 10))
 
 
 @dataclass(slots=True)
@@ -353,7 +353,7 @@ class _Waves:
 
     replayed: dict[str, int] = field(default_factory=dict)
     left: dict[str, list[str]] = field(default_factory=dict)
-    #: The account's pending events when its last wave found no room.
+    #: The account's pending events when its last wave found no room under the replay limit.
     full: dict[str, int] = field(default_factory=dict)
     interrupted: bool = False
 
@@ -363,18 +363,22 @@ async def _replay_waves(
     chosen: dict[str, list[str]],
     *,
     high_water: int,
+    reserve: float,
     retention_ms: int,
     wait: bool,
     progress: Progress,
 ) -> _Waves:
-    """Replay ``chosen`` as far as each account's high-water mark allows; with ``wait``, again whenever the
-    workers have drained a wave's worth, until everything is back or Ctrl-C (SIGINT) stops it between two
-    atomic steps (what was replayed stays replayed, the rest stays in the DLQ)."""
+    """Replay ``chosen`` as far as each account's replay limit allows (its high-water mark less the
+    ``reserve`` kept for live ingest); with ``wait``, again whenever the workers have drained a wave's worth
+    under the limit, until everything is back or Ctrl-C (SIGINT) stops it between two atomic steps (what was
+    replayed stays replayed, the rest stays in the DLQ)."""
     import asyncio
     import signal
 
+    from passbridge.settings import replay_limit
     from worker import dlq, pause
 
+    limit = replay_limit(high_water, reserve)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     loop.add_signal_handler(signal.SIGINT, stop.set)
@@ -395,6 +399,7 @@ async def _replay_waves(
                     account_id,
                     state.left[account_id],
                     high_water=high_water,
+                    reserve=reserve,
                     history_retention_ms=retention_ms,
                     by="cli",
                     progress=advance,
@@ -414,10 +419,10 @@ async def _replay_waves(
                 paused = await pause.get_pause(redis, account_id)
                 console.print(
                     safe(
-                        f"account {account_id}'s backlog is at its high-water mark ({state.full[account_id]} "
-                        f"pending, PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}): waiting for the workers to "
-                        "drain it, then replaying the rest in waves (Ctrl-C stops; what is replayed stays "
-                        "replayed, the rest stays in the DLQ)"
+                        f"account {account_id}'s backlog has reached its replay limit ({state.full[account_id]} "
+                        f"pending; a replay fills it up to {dlq.limit_text(high_water, reserve)}): waiting for "
+                        "the workers to drain it, then replaying the rest in waves (Ctrl-C stops; what is "
+                        "replayed stays replayed, the rest stays in the DLQ)"
                         + (
                             f"; it is paused ({paused.reason}), so nothing drains until "
                             f"`passbridge engine resume {account_id}`"
@@ -428,14 +433,12 @@ async def _replay_waves(
                 )
             while not stop.is_set():
                 depths = {a: await dlq.depth(redis, a) for a in state.left}
-                if any(
-                    high_water - d >= _wave_size(len(state.left[a]), high_water) for a, d in depths.items()
-                ):
+                if any(limit - d >= _wave_size(len(state.left[a]), limit) for a, d in depths.items()):
                     break
                 for a, d in depths.items():
                     state.full[a] = d
                     progress.update(
-                        tasks[a], description=f"{a} (waiting for room: {d} pending of {high_water})"
+                        tasks[a], description=f"{a} (waiting for room: {d} pending, replay limit {limit})"
                     )
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(stop.wait(), WAIT_POLL_S)
@@ -457,17 +460,19 @@ def replay(
     wait: bool = typer.Option(
         True,
         "--wait/--no-wait",
-        help="When an account's backlog reaches its high-water mark: wait for the workers to drain it and go on "
-        "in waves (default), or stop there and leave the rest in the DLQ.",
+        help="When an account's backlog reaches its replay limit (PASSBRIDGE_BACKLOG_HIGH_WATER less "
+        "PASSBRIDGE_REPLAY_RESERVE): wait for the workers to drain it and go on in waves (default), or stop there "
+        "and leave the rest in the DLQ.",
     ),
     yes: bool = YesOpt,
     as_json: bool = JsonOpt,
 ) -> None:
     """Put entries back into their serials' mailboxes, in their original place in time, oldest first.
 
-    A replay never takes an account's pending events over PASSBRIDGE_BACKLOG_HIGH_WATER (ingest would answer
-    503 beyond it): it replays what fits, then waits for the workers to drain the backlog and goes on in
-    waves; with --no-wait it stops there. Exits 1 when entries were left in the DLQ (130 after Ctrl-C).
+    A replay fills an account's pending events only up to its replay limit: PASSBRIDGE_BACKLOG_HIGH_WATER
+    (ingest answers 503 beyond it) less the share PASSBRIDGE_REPLAY_RESERVE kept for live ingest. It replays
+    what fits, then waits for the workers to drain the backlog and goes on in waves; with --no-wait it stops
+    there. Exits 1 when entries were left in the DLQ (130 after Ctrl-C).
 
     A replayed event older than what its serial has applied since is written as a metric event only:
     the pass's state never goes backwards.
@@ -475,17 +480,17 @@ def replay(
     from worker import dlq
 
     s = settings()
-    high_water, retention_ms = s.backlog_high_water, s.history_retention_s * 1000
+    high_water, reserve, retention_ms = s.backlog_high_water, s.replay_reserve, s.history_retention_s * 1000
 
     async def room_notes(redis: Redis, chosen: dict[str, list[str]]) -> list[str]:
         lines = []
         for account_id, ids in chosen.items():
-            room = max(0, high_water - await dlq.depth(redis, account_id))
+            room = max(0, s.replay_limit - await dlq.depth(redis, account_id))
             if len(ids) > room:
                 then = "the rest waits for the workers to drain it" if wait else "the rest stays in the DLQ"
                 lines.append(
                     f"account {account_id}: room for {room} of its {len(ids)} selected entries under its "
-                    f"backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER={high_water}); {then}"
+                    f"replay limit ({dlq.limit_text(high_water, reserve)}); {then}"
                 )
         return lines
 
@@ -506,7 +511,13 @@ def replay(
     async def go(redis: Redis) -> _Waves:
         with _progress("replayed", total, as_json) as progress:
             return await _replay_waves(
-                redis, chosen, high_water=high_water, retention_ms=retention_ms, wait=wait, progress=progress
+                redis,
+                chosen,
+                high_water=high_water,
+                reserve=reserve,
+                retention_ms=retention_ms,
+                wait=wait,
+                progress=progress,
             )
 
     waves: _Waves = run(_with_redis(go))
@@ -533,7 +544,7 @@ def replay(
             console.print(
                 safe(
                     dlq.backlog_full_message(
-                        account_id, waves.full.get(account_id, high_water), high_water, n
+                        account_id, waves.full.get(account_id, s.replay_limit), high_water, reserve, n
                     )
                     + "; replay them once the workers have drained it (without --no-wait, the replay waits)"
                 )

@@ -66,10 +66,10 @@ NOTICES: dict[str, str] = {
     "nothing-matched": "nothing matched",
     "replayed": "replayed {done} of {total} selected",
     "replayed-short": (
-        "replayed {done} of {total} selected; {left} of them are still in the DLQ: their account's backlog is at "
-        "its high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER), and replaying them now would make its live ingest "
-        "answer 503. Replay the rest once the workers have drained the backlog (`passbridge dlq replay` waits for "
-        "room and goes on in waves)."
+        "replayed {done} of {total} selected; {left} of them are still in the DLQ: their account's backlog has "
+        "reached its replay limit (PASSBRIDGE_BACKLOG_HIGH_WATER less the PASSBRIDGE_REPLAY_RESERVE kept for live "
+        "ingest), and replaying them now would take the room kept for its live ingest. Replay the rest once the "
+        "workers have drained the backlog (`passbridge dlq replay` waits for room and goes on in waves)."
     ),
     "purged": "purged {done} of {total} selected",
 }
@@ -553,19 +553,20 @@ async def dlq_replay_one(page: Page) -> Response:
     entry = await dlq.get(page.redis, account_id, dlq_id)
     if entry is None:
         return await page.error(404, f"no dead-lettered event {dlq_id!r} in account {account_id!r}")
-    high_water = page.ctx.settings.backlog_high_water
+    high_water, reserve = page.ctx.settings.backlog_high_water, page.ctx.settings.replay_reserve
     done = await dlq.replay(
         page.redis,
         account_id,
         [dlq_id],
         high_water=high_water,
+        reserve=reserve,
         history_retention_ms=page.ctx.settings.history_retention_s * 1000,
         by="dashboard",
     )
     if done.full:
         return await page.error(
             409,
-            f"not replayed: {dlq.backlog_full_message(account_id, done.depth, high_water, 1)}. "
+            f"not replayed: {dlq.backlog_full_message(account_id, done.depth, high_water, reserve, 1)}. "
             "Replay it once the workers have drained the backlog.",
         )
     if not done.replayed:  # replayed or purged since it was read
@@ -637,19 +638,18 @@ async def dlq_bulk(page: Page) -> Response:
             changed = (
                 f"The selection changed since the confirmation page was shown ({before} then, {total} now)."
             )
-        # What will not fit under the high-water mark now, said before the click (the replay leaves it).
+        # What will not fit under the replay limit now, said before the click (the replay leaves it).
         short: list[tuple[str, int, int]] = []
         if action == "replay":
-            high_water = page.ctx.settings.backlog_high_water
             for a, ids in chosen.items():
-                room = max(0, high_water - await dlq.depth(page.redis, a))
+                room = max(0, page.ctx.settings.replay_limit - await dlq.depth(page.redis, a))
                 if len(ids) > room:
                     short.append((a, room, len(ids)))
         return await page.render(
             "confirm.html",
             status=409 if changed else 200,
             short_of_room=short,
-            high_water=page.ctx.settings.backlog_high_water,
+            limit_text=dlq.limit_text(page.ctx.settings.backlog_high_water, page.ctx.settings.replay_reserve),
             action=action,
             chosen=chosen,
             total=total,
@@ -662,18 +662,18 @@ async def dlq_bulk(page: Page) -> Response:
             changed=changed,
         )
     done = 0
-    # A web request does not wait for the workers: each account gets back what fits under its high-water mark
+    # A web request does not wait for the workers: each account gets back what fits under its replay limit
     # now (oldest first), and the notice says how many stayed in the DLQ and why (the confirmation page named
     # the accounts short of room).
     left = 0
-    high_water = page.ctx.settings.backlog_high_water
     for a, ids in chosen.items():
         if action == "replay":
             outcome = await dlq.replay(
                 page.redis,
                 a,
                 ids,
-                high_water=high_water,
+                high_water=page.ctx.settings.backlog_high_water,
+                reserve=page.ctx.settings.replay_reserve,
                 history_retention_ms=page.ctx.settings.history_retention_s * 1000,
                 by="dashboard",
             )

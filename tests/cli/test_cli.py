@@ -432,6 +432,8 @@ def test_help_works_with_an_invalid_setting(tmp_path: Path) -> None:
     [
         ("PASSBRIDGE_WORKER_LEASE_TTL_S", "0", "greater than 0"),
         ("PASSBRIDGE_BACKLOG_HIGH_WATER", "-5", "greater than or equal to 1"),
+        ("PASSBRIDGE_REPLAY_RESERVE", "1", "less than 1"),
+        ("PASSBRIDGE_REPLAY_RESERVE", "-0.1", "greater than or equal to 0"),
         ("PASSBRIDGE_LOG_LEVEL", "verbose", "'debug', 'info', 'warning', 'error' or 'critical'"),
         ("PASSBRIDGE_LOG_FORMAT", "xml", "'auto', 'json' or 'console'"),
         ("PASSBRIDGE_PRODUCER_PORT", "70000", "less than or equal to 65535"),
@@ -447,6 +449,21 @@ def test_a_nonsensical_setting_is_refused_not_run_with(
     assert result.returncode == 1
     assert f"{variable}: Input should be" in result.stderr
     assert why in " ".join(result.stderr.split())
+
+
+def test_a_replay_reserve_that_leaves_replays_no_room_is_refused(tmp_path: Path) -> None:
+    """A reserve that rounds a small mark's replay limit down to 0 would make every replay wait forever."""
+    env = cli_env(tmp_path / "state", "unused", None)
+    env.update(PASSBRIDGE_BACKLOG_HIGH_WATER="9", PASSBRIDGE_REPLAY_RESERVE="0.9")
+    result = run(["dlq", "replay", "--all", "--yes"], env, tmp_path)
+    assert result.returncode == 1
+    assert (
+        "PASSBRIDGE_REPLAY_RESERVE: leaves a DLQ replay no room under PASSBRIDGE_BACKLOG_HIGH_WATER=9: a replay "
+        "fills a backlog up to 9 x (1 - 0.9) rounded down, which is 0; lower it"
+    ) in " ".join(result.stderr.split())
+    assert "Traceback" not in result.stderr
+    env.update(PASSBRIDGE_BACKLOG_HIGH_WATER="10")  # 10 x 0.1 leaves 1
+    assert "invalid configuration" not in run(["redis", "status"], env, tmp_path).stderr
 
 
 def test_log_level_and_format_are_read_in_any_case(tmp_path: Path) -> None:

@@ -23,7 +23,8 @@ from passbridge.settings import Settings
 from producer.app import create_app
 from producer.dashboard.views import DLQ_EXAMINE
 from tests.conftest import serve
-from tests.factories import make_account
+from tests.factories import event, make_account
+from tests.producer.conftest import cipher
 from tests.worker.helpers import dead_letter_same_id_twice, fill_dlq, pass_event, put
 
 from .harness import ADMIN_TOKEN, Stack, item, wait_until
@@ -230,22 +231,39 @@ def test_notices_are_chosen_by_the_server_not_by_the_link(dashboard: httpx.Clien
     assert notice(dashboard.get(r.headers["location"]).text) == "replayed 2 of 2 selected"
 
 
-def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Settings, redis_url: str) -> None:
-    """A bulk replay gets back what fits under PASSBRIDGE_BACKLOG_HIGH_WATER now (the oldest) and says how many
-    are left and why; a single replay into a full backlog is refused. Live ingest would answer 503 beyond it."""
+@pytest.mark.parametrize(("reserve", "limit"), [(0.1, 135), (0.0, 150)])
+def test_replay_fills_a_backlog_only_up_to_its_replay_limit(
+    settings: Settings, redis_url: str, reserve: float, limit: int
+) -> None:
+    """A bulk replay gets back what fits under the replay limit now (the oldest: PASSBRIDGE_BACKLOG_HIGH_WATER
+    less the PASSBRIDGE_REPLAY_RESERVE kept for live ingest) and says how many are left and why; a single replay
+    into a backlog at its limit is refused. The account's live ingest, through the same producer, still gets the
+    reserve (with a reserve of 0, as before the reserve existed: 503)."""
     high_water = 150
-    app = create_app(
-        settings.model_copy(update={"admin_token": SecretStr(ADMIN_TOKEN), "backlog_high_water": high_water}),
-        redis_url,
+    settings = settings.model_copy(
+        update={
+            "admin_token": SecretStr(ADMIN_TOKEN),
+            "backlog_high_water": high_water,
+            "replay_reserve": reserve,
+        }
     )
-    fill(redis_url, "acme", ["A1", "A2"], 100, register=True)
+    app = create_app(settings, redis_url)
 
-    async def live() -> None:
+    async def seed() -> None:
         redis = Redis.from_url(redis_url)
-        await put(redis, *(pass_event("acme", "LIVE", n) for n in range(30)))
-        await redis.aclose()
+        try:
+            await make_account(redis, cipher(settings))
+            await fill_dlq(redis, "acme", ["A1", "A2"], 100)
+            await put(redis, *(pass_event("acme", "LIVE", n) for n in range(30)))
+        finally:
+            await redis.aclose()
 
-    asyncio.run(live())  # 30 pending: room for 120 of the 200
+    asyncio.run(seed())  # 30 pending: room for limit - 30 of the 200
+    room = limit - 30
+    limit_text = (
+        f"{limit} pending: PASSBRIDGE_BACKLOG_HIGH_WATER=150 less the PASSBRIDGE_REPLAY_RESERVE={reserve:g} kept "
+        "for live ingest"
+    )
     redis = redis_sync.Redis.from_url(redis_url)
     keys = account_keys("acme")
     oldest_first = [m.decode() for m in redis.zrange(keys.dlq, 0, -1)]
@@ -255,29 +273,44 @@ def test_replay_never_fills_a_backlog_past_its_high_water_mark(settings: Setting
         with httpx.Client(base_url=server.url, headers=headers, timeout=60) as dashboard:
             r = dashboard.post("/dashboard/dlq/bulk", data={"action": "replay", "account": "acme"})
             assert "Replay 200 dead-lettered events?" in r.text
-            assert (
-                "acme: room for 120 of its 200 under its backlog high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER=150) now"
-                in r.text
-            )
+            assert f"acme: room for {room} of its 200 under its replay limit ({limit_text}) now" in r.text
             r = dashboard.post("/dashboard/dlq/bulk", data=hidden_fields(r.text))
             assert r.status_code == 303
-            assert parse_qs(urlsplit(r.headers["location"]).query)["left"] == ["80"]
+            assert parse_qs(urlsplit(r.headers["location"]).query)["left"] == [str(200 - room)]
             shown = notice(dashboard.get(r.headers["location"]).text)
             assert shown is not None
             assert shown.startswith(
-                "replayed 120 of 200 selected; 80 of them are still in the DLQ: their account's backlog is at its "
-                "high-water mark (PASSBRIDGE_BACKLOG_HIGH_WATER)"
+                f"replayed {room} of 200 selected; {200 - room} of them are still in the DLQ: their account's "
+                "backlog has reached its replay limit (PASSBRIDGE_BACKLOG_HIGH_WATER less the PASSBRIDGE_REPLAY_RESERVE "
+                "kept for live ingest)"
             )
-            assert int(redis.get(keys.depth)) == high_water
-            assert {m.decode() for m in redis.zrange(keys.dlq, 0, -1)} == set(oldest_first[120:])
+            assert int(redis.get(keys.depth)) == limit
+            assert {m.decode() for m in redis.zrange(keys.dlq, 0, -1)} == set(oldest_first[room:])
 
             r = dashboard.post("/dashboard/dlq/replay", data={"account": "acme", "id": oldest_first[-1]})
             assert r.status_code == 409
             assert (
-                "not replayed: account acme's backlog is at its high-water mark (150 pending, "
-                "PASSBRIDGE_BACKLOG_HIGH_WATER=150)"
+                f"not replayed: account acme's backlog has reached its replay limit ({limit} pending; a replay fills it "
+                f"up to {limit_text})"
             ) in html.unescape(r.text)
             assert redis.zscore(keys.dlq, oldest_first[-1]) is not None
+            assert int(redis.get(keys.depth)) == limit
+
+        # The account's live ingest, with the backlog at the replay limit: the reserve is all its own.
+        with httpx.Client(
+            base_url=server.url, headers={"authorization": "Bearer tok-acme"}, timeout=10
+        ) as sender:
+            r = sender.post("/v1/accounts/acme/events", json=event(0))
+            if reserve:
+                assert r.status_code == 202, r.text
+                r = sender.post(
+                    "/v1/accounts/acme/events", json=[event(i) for i in range(1, high_water - limit)]
+                )
+                assert r.status_code == 202, r.text
+                assert int(redis.get(keys.depth)) == high_water
+                # The mark still holds for live ingest.
+                r = sender.post("/v1/accounts/acme/events", json=event(high_water))
+            assert r.status_code == 503, r.text
             assert int(redis.get(keys.depth)) == high_water
     finally:
         server.stop()

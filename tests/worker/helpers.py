@@ -18,6 +18,8 @@ from worker.queue import WorkQueue
 BASE_TIME = datetime(2026, 11, 25, 10, 0, tzinfo=UTC)
 #: The backlog high-water mark tests enqueue and replay under: far above any test's backlog.
 HIGH_WATER = 10_000_000
+#: The share of it replays leave to live ingest (PASSBRIDGE_REPLAY_RESERVE's default).
+REPLAY_RESERVE = 0.1
 
 
 def pass_event(

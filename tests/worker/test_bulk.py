@@ -24,7 +24,7 @@ from worker.plan import coalesce, record_of
 from worker.state import PassState
 
 from .e2e import Pipeline, Workers, drained, worker_env
-from .helpers import HIGH_WATER, pass_event
+from .helpers import HIGH_WATER, REPLAY_RESERVE, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -267,6 +267,7 @@ async def test_rejected_items_are_isolated_dead_lettered_and_replayed(
         "acme",
         [e.event_id for e in bad],
         high_water=HIGH_WATER,
+        reserve=REPLAY_RESERVE,
         history_retention_ms=86_400_000,
     )
     assert replayed.replayed == len(bad)

@@ -20,6 +20,7 @@ from worker.queue import WorkQueue
 from .helpers import (
     FILL_CODES,
     HIGH_WATER,
+    REPLAY_RESERVE,
     dead_letter_head,
     fill_dlq,
     forget_dedup,
@@ -48,7 +49,12 @@ class TestDLQ:
         assert entry.event["id"] == "a-S1-0"
 
         replayed = await dlq.replay(
-            redis, "a", ["a-S1-0", "missing"], high_water=HIGH_WATER, history_retention_ms=DAY_MS
+            redis,
+            "a",
+            ["a-S1-0", "missing"],
+            high_water=HIGH_WATER,
+            reserve=REPLAY_RESERVE,
+            history_retention_ms=DAY_MS,
         )
         assert (replayed.replayed, replayed.missing, replayed.left, replayed.depth) == (1, 1, [], 3)
         assert await dlq.count(redis, "a") == 0
@@ -144,7 +150,14 @@ class TestDLQ:
 
         # Replaying the later entry puts back its own payload, under its event id.
         assert (
-            await dlq.replay(redis, "a", ["a-S1-0#2"], high_water=HIGH_WATER, history_retention_ms=DAY_MS)
+            await dlq.replay(
+                redis,
+                "a",
+                ["a-S1-0#2"],
+                high_water=HIGH_WATER,
+                reserve=REPLAY_RESERVE,
+                history_retention_ms=DAY_MS,
+            )
         ).replayed == 1
         (member,) = await redis.zrange(keys.mailbox("S1"), 0, -1)
         assert member.decode() == second.member
@@ -177,7 +190,9 @@ class TestDLQ:
         assert (never.last_run_attempts, never.total_attempts) == (1, 1)
         assert (replayed.last_run_attempts, replayed.total_attempts) == (None, 1)
         assert (
-            await dlq.replay(redis, "a", ["a-S2-0"], high_water=HIGH_WATER, history_retention_ms=0)
+            await dlq.replay(
+                redis, "a", ["a-S2-0"], high_water=HIGH_WATER, reserve=REPLAY_RESERVE, history_retention_ms=0
+            )
         ).replayed == 1
         assert orjson.loads(await redis.hget(keys.retries, "a-S2-0"))["attempts_before"] == 1
 
@@ -400,7 +415,14 @@ class TestHistory:
         assert [(e.kind, e.at_ms) for e in stored] == [("ingested", received_ms), ("dead", now)]
         # Replayed, then written: pending again (mailbox) and settled again (stored again), shown once.
         assert (
-            await dlq.replay(redis, "a", ["a-S7-1"], high_water=HIGH_WATER, history_retention_ms=DAY_MS)
+            await dlq.replay(
+                redis,
+                "a",
+                ["a-S7-1"],
+                high_water=HIGH_WATER,
+                reserve=REPLAY_RESERVE,
+                history_retention_ms=DAY_MS,
+            )
         ).replayed == 1
         kinds = [e.kind for e in await history.event_history(redis, "a", "a-S7-1", "S7")]
         assert kinds == ["ingested", "dead", "replayed"]

@@ -15,7 +15,7 @@ from worker import dlq
 from worker.state import PassState
 
 from .e2e import Pipeline, Workers
-from .helpers import HIGH_WATER, forget_dedup, pass_event
+from .helpers import HIGH_WATER, REPLAY_RESERVE, forget_dedup, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,12 @@ async def test_poison_event_is_dead_lettered_the_serial_goes_on_and_replay_deliv
     pipeline.sandbox.clear_faults()
     assert (
         await dlq.replay(
-            pipeline.redis, "acme", [entry.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+            pipeline.redis,
+            "acme",
+            [entry.event_id],
+            high_water=HIGH_WATER,
+            reserve=REPLAY_RESERVE,
+            history_retention_ms=86_400_000,
         )
     ).replayed == 1
     await async_wait_for(pipeline.drained, timeout=30)
@@ -115,7 +120,12 @@ async def test_an_event_id_sent_again_and_dead_lettered_twice_keeps_both(
     pipeline.sandbox.clear_faults()
     assert (
         await dlq.replay(
-            pipeline.redis, "acme", ["acme-S1-0#2"], high_water=HIGH_WATER, history_retention_ms=86_400_000
+            pipeline.redis,
+            "acme",
+            ["acme-S1-0#2"],
+            high_water=HIGH_WATER,
+            reserve=REPLAY_RESERVE,
+            history_retention_ms=86_400_000,
         )
     ).replayed == 1
     await async_wait_for(pipeline.drained, timeout=30)
@@ -148,7 +158,12 @@ async def test_replayed_event_older_than_max_age_gets_a_fresh_retry_window(
     # Klaviyo still fails when the operator replays: that error must be retried with backoff.
     assert (
         await dlq.replay(
-            pipeline.redis, "acme", [old.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+            pipeline.redis,
+            "acme",
+            [old.event_id],
+            high_water=HIGH_WATER,
+            reserve=REPLAY_RESERVE,
+            history_retention_ms=86_400_000,
         )
     ).replayed == 1
     keys = account_keys("acme")
@@ -189,6 +204,7 @@ async def test_replayed_event_loses_a_tie_in_time_to_a_later_arrival(
             "acme",
             [installed.event_id],
             high_water=HIGH_WATER,
+            reserve=REPLAY_RESERVE,
             history_retention_ms=86_400_000,
         )
     ).replayed == 1

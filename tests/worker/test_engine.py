@@ -22,7 +22,7 @@ from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, Tra
 from worker.retry import RetryPolicy
 from worker.state import PassState
 
-from .helpers import HIGH_WATER, pass_event, put
+from .helpers import HIGH_WATER, REPLAY_RESERVE, pass_event, put
 from .scripted import ScriptedSyncer
 
 FAST = RetryPolicy(base_delay_s=0.02, max_delay_s=0.05, max_attempts=4, max_age_s=3600)
@@ -199,7 +199,12 @@ class TestFailures:
         # serial's state stays at its newest event.
         assert (
             await dlq.replay(
-                redis, "acme", [entry.event_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+                redis,
+                "acme",
+                [entry.event_id],
+                high_water=HIGH_WATER,
+                reserve=REPLAY_RESERVE,
+                history_retention_ms=86_400_000,
             )
         ).replayed == 1
         await async_wait_for(lambda: drained(redis, "acme"), timeout=10)
@@ -241,7 +246,12 @@ class TestFailures:
         assert (entry.attempts, entry.attempts_total, entry.replays) == (4, 4, 0)
         assert (
             await dlq.replay(
-                redis, "acme", [entry.dlq_id], high_water=HIGH_WATER, history_retention_ms=86_400_000
+                redis,
+                "acme",
+                [entry.dlq_id],
+                high_water=HIGH_WATER,
+                reserve=REPLAY_RESERVE,
+                history_retention_ms=86_400_000,
             )
         ).replayed == 1
         await async_wait_for(lambda: drained(redis, "acme"), timeout=10)

@@ -27,7 +27,7 @@ from tests.conftest import async_wait_for
 from worker import dlq
 
 from .e2e import Pipeline, Workers, drained
-from .helpers import HIGH_WATER, pass_event
+from .helpers import HIGH_WATER, REPLAY_RESERVE, pass_event
 
 pytestmark = pytest.mark.slow
 
@@ -247,7 +247,12 @@ async def test_every_key_family_is_bounded_after_a_whole_lifecycle(
     ids = sorted(e.dlq_id for e in await dlq.list_entries(redis, "acme"))
     assert ids == [f"acme-{s}-2" for s in SERIALS[:4]]  # the retried updates were all written
     replayed = await dlq.replay(
-        redis, "acme", ids[:2], high_water=HIGH_WATER, history_retention_ms=HISTORY_S * 1000
+        redis,
+        "acme",
+        ids[:2],
+        high_water=HIGH_WATER,
+        reserve=REPLAY_RESERVE,
+        history_retention_ms=HISTORY_S * 1000,
     )
     assert replayed.replayed == 2
     assert await dlq.purge(redis, "acme", ids[2:3]) == 1

@@ -2,7 +2,8 @@
 --
 -- ARGV[1] account key base   ARGV[2] account id   ARGV[3] active-accounts key   ARGV[4] notify key
 -- ARGV[5] history retention ms   ARGV[6] history entry template suffix (JSON object text, e.g. {"by":"cli"})
--- ARGV[7] backlog high-water mark (the producer's PASSBRIDGE_BACKLOG_HIGH_WATER)
+-- ARGV[7] replay limit: the depth up to which a replay fills the account's backlog (below the producer's
+-- PASSBRIDGE_BACKLOG_HIGH_WATER by PASSBRIDGE_REPLAY_RESERVE: passbridge/settings.py replay_limit)
 -- ARGV[8..] DLQ ids (an entry's event id, or the event id plus '#n' for a later entry of the same event id:
 -- see settle.lua); each replays its own entry, under its event's id
 --
@@ -14,13 +15,15 @@
 -- measures the event's age from it, so an event dead-lettered for its age gets a fresh retry window; and
 -- with the attempts of all its earlier runs (`attempts_before`), so its next DLQ entry can tell the attempts
 -- of its last run from its total.
--- A replay never takes the account's depth over the high-water mark: ingest answers 503 beyond it, so an
--- operator's bulk replay after an outage would otherwise knock the account's live ingest over. Ids are
--- replayed in the order given (the caller passes the oldest first) while there is room; the rest stay in the
--- DLQ untouched, to be replayed once the workers have drained the backlog.
+-- A replay never takes the account's depth over the replay limit: ingest answers 503 beyond the high-water
+-- mark, and a replay that filled the backlog up to the mark would take every slot the workers free from the
+-- account's live ingest while it waits for room; the reserve between the limit and the mark stays free for
+-- live ingest. The check and the writes are one script, so no other replay or ingest slips in between. Ids
+-- are replayed in the order given (the caller passes the oldest first) while there is room; the rest stay in
+-- the DLQ untouched, to be replayed once the workers have drained the backlog.
 -- Returns {depth after, one flag per id}: 1 replayed, 0 not in the DLQ, 2 left in the DLQ (no room).
 local base, account, active, notify = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
-local retention, extra, hwm = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
+local retention, extra, limit = tonumber(ARGV[5]), ARGV[6], tonumber(ARGV[7])
 local entries, dlq = base .. ':dlq:e', base .. ':dlq'
 local now = clock_ms()
 local depth = tonumber(redis.call('GET', base .. ':depth') or '0')
@@ -29,10 +32,10 @@ local woke = false
 for i = 8, #ARGV do
   local dlq_id = ARGV[i]
   local raw = false
-  if depth < hwm then raw = redis.call('HGET', entries, dlq_id) end
+  if depth < limit then raw = redis.call('HGET', entries, dlq_id) end
   if not raw then
-    -- not in the DLQ (0), or no room under the high-water mark (2: it stays in the DLQ as it is)
-    out[#out + 1] = (depth >= hwm and redis.call('HEXISTS', entries, dlq_id) == 1) and 2 or 0
+    -- not in the DLQ (0), or no room under the replay limit (2: it stays in the DLQ as it is)
+    out[#out + 1] = (depth >= limit and redis.call('HEXISTS', entries, dlq_id) == 1) and 2 or 0
   else
     local entry = cjson.decode(raw)
     local id = entry['event_id']
