@@ -17,6 +17,7 @@ from passbridge.accounts import Account
 from passbridge.event import PassEvent
 from passbridge.queue import BacklogFull
 from passbridge.redis_lean import ReplyLost
+from producer.coding import PIECE, BadGzip, Gunzip, bad_gzip, is_gzip
 from producer.context import ProducerContext
 from producer.problems import Problem, unavailable
 from producer.publisher import Prepare
@@ -32,15 +33,23 @@ def json_response(doc: Any, status: int = 200, headers: dict[str, str] | None = 
     return Response(orjson.dumps(doc), status_code=status, media_type="application/json", headers=headers)
 
 
-async def read_body(request: Request, limit: int) -> bytes:
-    """The request body, or a 413 problem as soon as it exceeds ``limit`` bytes (its declared length first)."""
+async def read_body(request: Request, limit: int, *, gzip_ok: bool = False) -> bytes:
+    """The request body, or a 413 problem as soon as it exceeds ``limit`` bytes (its declared length first).
+
+    With ``gzip_ok`` a ``Content-Encoding: gzip`` body is decompressed as it arrives and the limit holds for
+    the decompressed bytes too (400 problem for corrupt gzip data); any other coding is a 415 problem.
+    """
     # Straight from the ASGI scope and receive channel: Starlette's Request.body() adds a stream generator, a
     # context manager and a weak set per request, on every ingest route's hot path.
-    for name, value in request.scope["headers"]:
+    coding: bytes | None = None
+    for name, value in request.scope["headers"]:  # the one scan of the headers, for both
         if name == b"content-length":
             if value.isdigit() and int(value) > limit:
                 raise _too_large(limit)
-            break
+        elif name == b"content-encoding":
+            coding = value if coding is None else coding + b"," + value
+    if coding is not None and is_gzip(coding, gzip_ok=gzip_ok):
+        return await _read_gzip(request, limit)
     receive = request.receive
     chunks: list[bytes] = []
     size = 0
@@ -57,8 +66,44 @@ async def read_body(request: Request, limit: int) -> bytes:
             return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
-def _too_large(limit: int) -> Problem:
-    return Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit")
+def content_is_gzip(request: Request) -> bool:
+    """Whether the body comes gzip-compressed (``Content-Encoding: gzip``); 415 problem for other codings."""
+    coding: bytes | None = None
+    for name, value in request.scope["headers"]:
+        if name == b"content-encoding":
+            coding = value if coding is None else coding + b"," + value
+    return coding is not None and is_gzip(coding, gzip_ok=True)
+
+
+async def _read_gzip(request: Request, limit: int) -> bytes:
+    """:func:`read_body` for a gzip body: decompressed chunk by chunk, so a bomb stops at ``limit``."""
+    receive = request.receive
+    gz = Gunzip(piece=min(PIECE, limit + 1))
+    out: list[bytes] = []
+    received = size = 0
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:  # the compressed bytes too, as the declared length is
+                raise _too_large(limit)
+            for piece in gz.feed(chunk):
+                size += len(piece)
+                if size > limit:
+                    raise _too_large(limit, " once decompressed")
+                out.append(piece)
+            if not message.get("more_body", False):
+                gz.close()
+                return out[0] if len(out) == 1 else b"".join(out)
+    except BadGzip as exc:
+        raise bad_gzip(exc) from None
+
+
+def _too_large(limit: int, how: str = "") -> Problem:
+    return Problem(413, "body-too-large", "Body too large", f"the body is over the {limit}-byte limit{how}")
 
 
 async def authenticate_ingest(request: Request, ctx: ProducerContext) -> Account:

@@ -17,11 +17,13 @@ from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
 from passbridge.queue import count_skipped
+from producer.coding import BadGzip, Gunzip, bad_gzip
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unprocessable
 from producer.routes.common import (
     authenticate_ingest,
+    content_is_gzip,
     enqueue_or_503,
     enqueue_prepared_or_503,
     json_response,
@@ -38,7 +40,7 @@ async def post_events(request: Request) -> Response:
     """One canonical event or an array of up to ``max_batch_events``; all-or-nothing."""
     ctx: ProducerContext = request.app.state.ctx
     account = await authenticate_ingest(request, ctx)
-    body = await read_body(request, ctx.settings.max_body_bytes)
+    body = await read_body(request, ctx.settings.max_body_bytes, gzip_ok=True)
     try:
         doc = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
@@ -217,6 +219,31 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     tally.skipped += len(batch.events) - len(synced)
 
 
+def _gzip_broken(exc: BadGzip, tally: _Tally, line: int, account_id: str) -> Problem:
+    """The 400 for NDJSON whose gzip data went bad part-way, in the shape of a 503 part-way: every line
+    before ``resume_after_line`` was taken (accepted, a duplicate, skipped, or listed in ``rejected``)."""
+    log.info("ndjson gzip data invalid", account_id=account_id, offset=exc.offset, line=line)
+    problem = bad_gzip(exc)
+    problem.detail = (
+        f"the gzip data is invalid at or after byte {exc.offset} of the body, in line {line}: {exc.reason}; "
+        f"the {tally.lines} line(s) before were read"
+    )
+    problem.errors = [{"pointer": "", "field": "(body)", "detail": problem.detail}]
+    problem.extra.update(
+        {
+            "gzip_offset": exc.offset,
+            "line": line,
+            "lines_read": tally.lines,
+            "accepted": tally.accepted,
+            "duplicates": tally.duplicates,
+            "skipped": tally.skipped,
+            "rejected": tally.rejected,
+            "resume_after_line": tally.lines,
+        }
+    )
+    return problem
+
+
 def _line_error(line: int, detail: str) -> dict[str, Any]:
     return {"line": line, "errors": [{"pointer": "", "field": "(line)", "detail": detail}]}
 
@@ -229,6 +256,7 @@ async def post_ndjson(request: Request) -> Response:
     """
     ctx: ProducerContext = request.app.state.ctx
     account = await authenticate_ingest(request, ctx)
+    gunzip = Gunzip() if content_is_gzip(request) else None
     region = ctx.settings.default_phone_region
     tally = _Tally()
     batch = _Batch(1)
@@ -269,27 +297,41 @@ async def post_ndjson(request: Request) -> Response:
         in_flight = asyncio.create_task(_publish_batch(ctx, account, batch, tally))
         batch = _Batch(tally.lines + 1)
 
+    broken: BadGzip | None = None
     try:
-        async for chunk in request.stream():
-            received = utcnow()  # the receive time of the lines in this chunk
-            if discarding:
-                end = chunk.find(b"\n")
-                if end < 0:
-                    continue
-                chunk = chunk[end + 1 :]
-                discarding = False
-            buffer += chunk
-            if b"\n" not in buffer:
-                if len(buffer) > MAX_NDJSON_LINE:  # too long whatever follows: report it now, drop the rest
-                    take(buffer)
-                    buffer = b""
-                    discarding = True
-                continue
-            *complete, buffer = buffer.split(b"\n")
-            for line in complete:
-                take(line)
-                if len(batch.events) >= NDJSON_CHUNK:  # a network chunk may hold thousands of lines
-                    await send()
+        try:
+            async for chunk in request.stream():
+                received = utcnow()  # the receive time of the lines in this chunk
+                for piece in (chunk,) if gunzip is None else gunzip.feed(chunk):
+                    if gunzip is not None:  # a chunk may inflate 1000-fold: let other requests run meanwhile
+                        await asyncio.sleep(0)
+                    if discarding:
+                        end = piece.find(b"\n")
+                        if end < 0:
+                            continue
+                        piece = piece[end + 1 :]
+                        discarding = False
+                    buffer += piece
+                    if b"\n" not in buffer:
+                        # Too long whatever follows: report it now, drop the rest.
+                        if len(buffer) > MAX_NDJSON_LINE:
+                            take(buffer)
+                            buffer = b""
+                            discarding = True
+                        continue
+                    *complete, buffer = buffer.split(b"\n")
+                    for line in complete:
+                        take(line)
+                        # A network chunk may hold thousands of lines.
+                        if len(batch.events) >= NDJSON_CHUNK:
+                            await send()
+            if gunzip is not None:
+                gunzip.close()
+        except BadGzip as exc:
+            # The lines complete before the bad data are kept, as a 503 keeps the batches before it; the
+            # unfinished line after them is dropped (its end never arrived).
+            broken = exc
+            buffer = b""
         if buffer:
             take(buffer)
         if batch.events:
@@ -299,6 +341,8 @@ async def post_ndjson(request: Request) -> Response:
     finally:
         if in_flight is not None and not in_flight.done():
             in_flight.cancel()
+    if broken is not None:
+        raise _gzip_broken(broken, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
     metrics.rejected("invalid-line", len(tally.rejected))
     log.info(
         "ndjson ingested",
