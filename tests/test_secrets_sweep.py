@@ -604,6 +604,11 @@ def _web_views(w: World) -> None:
             "/dashboard/nope",
         ):
             assert admin.get(path).is_client_error, path
+        with w.http() as copy:  # the cookie copied elsewhere, then the session ended: a marker in Redis
+            copy.cookies = {"pb_dashboard": admin.cookies["pb_dashboard"]}
+            assert copy.get("/dashboard").status_code == 200
+            assert admin.post("/dashboard/logout").status_code == 303
+            assert copy.get("/dashboard").status_code == 401
 
     bearer = {"authorization": f"Bearer {env['PASSBRIDGE_METRICS_TOKEN']}"}
     assert producer.get("/metrics").status_code == 401
