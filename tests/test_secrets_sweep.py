@@ -583,7 +583,8 @@ def _crawl(admin: httpx.Client) -> set[str]:
 
 
 def _web_views(w: World) -> None:
-    """The dashboard (a wrong password, every page reachable when logged in, error pages) and every /metrics."""
+    """The dashboard (a wrong password, every page reachable when logged in, error pages), the public pages and
+    every /metrics."""
     env, producer = w.stack.env, w.producer
     typo = w.sweep.secret("a mistyped admin password", env["PASSBRIDGE_ADMIN_TOKEN"][:-1] + "x")
     assert producer.post("/dashboard/login", data={"token": typo}).status_code == 401
@@ -610,6 +611,8 @@ def _web_views(w: World) -> None:
             assert admin.post("/dashboard/logout").status_code == 303
             assert copy.get("/dashboard").status_code == 401
 
+    for public in ("/healthz", "/readyz", "/docs", "/openapi.json"):
+        assert producer.get(public).status_code == 200, public
     bearer = {"authorization": f"Bearer {env['PASSBRIDGE_METRICS_TOKEN']}"}
     assert producer.get("/metrics").status_code == 401
     assert producer.get("/metrics", headers=bearer).status_code == 200
