@@ -118,6 +118,8 @@ class Sweep:
         return value
 
     def saw(self, where: str, what: str | bytes) -> None:
+        for label, value in self.secrets.items():  # a command line may hold one: name it instead
+            where = where.replace(value, f"<{label}>")
         self.seen.append((where, what.encode() if isinstance(what, str) else what))
 
     def leaks(self) -> list[str]:
@@ -538,6 +540,9 @@ def _cli_views(w: World, tmp_path: Path) -> None:
     bad_hook = sweep.secret("a malformed webhook secret", "whs_" + pysecrets.token_urlsafe(20))
     cli.fails("accounts", "update", "alpha", "--klaviyo-api-key", typo_key + " ")  # pasted with a blank
     cli.fails("accounts", "add", "beta", "--webhook-secret", bad_hook)
+    alpha_hook, other_hook = (w.shown[a]["webhook_secret"][0] for a in ("alpha", "oauthco"))
+    cli.fails("accounts", "update", "alpha", "--add-webhook-secret", alpha_hook)  # listed twice
+    cli.fails("accounts", "update", "alpha", "--remove-webhook-secret", other_hook)  # not alpha's
     cli.fails("accounts", "add", "alpha", "--klaviyo-api-key", sweep.secrets["alpha Klaviyo key"])  # exists
     cli.fails("accounts", "show", "nosuch")
     cli.fails("dlq", "show", "nosuch")
