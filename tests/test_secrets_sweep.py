@@ -31,12 +31,12 @@ import re
 import secrets as pysecrets
 import subprocess
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from html import unescape
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from urllib.parse import parse_qs, quote, quote_plus, urlsplit
 
 import httpx
@@ -45,12 +45,13 @@ import pytest
 import redis as redis_sync
 import structlog
 from cryptography.fernet import Fernet
+from pydantic import SecretStr
 from redis.asyncio import Redis
 from standardwebhooks.webhooks import Webhook
 from typer.testing import CliRunner, Result
 
 from klaviyo_sandbox.client import SandboxClient
-from passbridge.accounts import Account, AccountState, AccountStore
+from passbridge.accounts import Account, AccountSecrets, AccountState, AccountStore
 from passbridge.cli.main import app as cli_app
 from passbridge.crypto import load_cipher
 from passbridge.demo.stack import spawn_cli, stop_process
@@ -62,6 +63,7 @@ from producer.sources.google_sign import GoogleSigner
 from tests.accounts.conftest import configure_uncached
 from tests.worker.e2e import RATE_SCALE, worker_env
 
+T = TypeVar("T")
 ISSUER = "3388000000022999001"
 APPLE_PASS_TYPE = "pass.com.alpha.loyalty"
 OAUTH_CLIENT_ID = "passbridge-sweep-app"
@@ -216,16 +218,20 @@ class Stack:
 
     def account(self, account_id: str) -> Account:
         """The stored account, decrypted."""
+        return asyncio.run(self._registry(lambda store: store.get(account_id)))
 
-        async def get() -> Account:
-            redis = Redis.from_url(self.redis.url)
-            try:
-                cipher = load_cipher(self.env["PASSBRIDGE_SECRET_KEY"], self.state_dir)
-                return await AccountStore(redis, cipher).get(account_id)
-            finally:
-                await redis.aclose()
+    def put(self, account: Account) -> None:
+        """Store ``account`` as it is (past the checks of ``accounts add``)."""
+        asyncio.run(self._registry(lambda store: store.put(account)))
 
-        return asyncio.run(get())
+    async def _registry(self, use: Callable[[AccountStore], Awaitable[T]]) -> T:
+        redis = Redis.from_url(self.redis.url)
+        try:
+            return await use(
+                AccountStore(redis, load_cipher(self.env["PASSBRIDGE_SECRET_KEY"], self.state_dir))
+            )
+        finally:
+            await redis.aclose()
 
     def stop(self) -> None:
         for name in sorted(self.procs, key=lambda n: (not n.startswith("worker"), n)):
@@ -535,6 +541,16 @@ def _cli_views(w: World, tmp_path: Path) -> None:
         cli.ok("accounts", "show", account_id, "--json")
         cli("accounts", "check", account_id)  # exit 1 for the broken ones
         cli("accounts", "check", account_id, "--json")
+
+    # A key stored before the registry refused keys HTTP cannot carry (a paste that broke the line).
+    broken = sweep.secret(
+        "a stored key with a line break", "pk_" + pysecrets.token_hex(8) + "\n" + pysecrets.token_hex(8)
+    )
+    for part in broken.split("\n"):
+        sweep.secret(f"part of a stored key ({part[-4:]})", part)
+    w.stack.put(Account(account_id="garbled", secrets=AccountSecrets(klaviyo_api_key=SecretStr(broken))))
+    cli("accounts", "check", "garbled")
+    cli("accounts", "check", "garbled", "--json")
 
     typo_key = sweep.secret("a mistyped Klaviyo key", "sk_" + pysecrets.token_hex(17))
     bad_hook = sweep.secret("a malformed webhook secret", "whs_" + pysecrets.token_urlsafe(20))
