@@ -204,6 +204,11 @@ class Stack:
     procs: dict[str, subprocess.Popen[bytes]] = field(default_factory=dict)
 
     @property
+    def redis_url(self) -> str:
+        """Redis's URL, with its password."""
+        return self.env["REDIS_URL"]
+
+    @property
     def logs(self) -> Path:
         return self.tmp / "logs"
 
@@ -225,7 +230,7 @@ class Stack:
         asyncio.run(self._registry(lambda store: store.put(account)))
 
     async def _registry(self, use: Callable[[AccountStore], Awaitable[T]]) -> T:
-        redis = Redis.from_url(self.redis.url)
+        redis = Redis.from_url(self.redis_url)
         try:
             return await use(
                 AccountStore(redis, load_cipher(self.env["PASSBRIDGE_SECRET_KEY"], self.state_dir))
@@ -243,12 +248,15 @@ def stack(tmp_path: Path) -> Iterator[Stack]:
     """Redis, the sandbox, the producer and two workers, all started at once (the test waits for them)."""
     redis = start_redis(tmp_path / "redis", appendonly=True)
     # Every command goes to the slow log, arguments included: what MONITOR would have shown, read at the end.
+    # And a password, which belongs in REDIS_URL only.
+    password = pysecrets.token_urlsafe(18)
     with redis_sync.Redis.from_url(redis.url) as r:
         r.config_set("slowlog-log-slower-than", 0)
         r.config_set("slowlog-max-len", 1_000_000)
+        r.config_set("requirepass", password)
     sandbox_port, producer_port = free_port(), free_port()
     env = worker_env(
-        redis.url,
+        f"redis://:{password}@127.0.0.1:{redis.port}/0",
         f"http://127.0.0.1:{sandbox_port}",
         Fernet.generate_key().decode(),
         tmp_path / "state",
@@ -565,6 +573,11 @@ def _cli_views(w: World, tmp_path: Path) -> None:
     cli.fails("event", "alpha", "nosuch")
     cli.fails("engine", "resume", "nosuch")
     cli.fails("accounts", "list", env={"PASSBRIDGE_SECRET_KEY": Fernet.generate_key().decode()})
+    wrong = sweep.secret("a wrong Redis password", pysecrets.token_urlsafe(18))
+    cli.fails(
+        "status",
+        env={"REDIS_URL": w.stack.redis_url.replace(urlsplit(w.stack.redis_url).password or "", wrong)},
+    )
     truncated = sweep.secret("a damaged PASSBRIDGE_SECRET_KEY", env["PASSBRIDGE_SECRET_KEY"][:-6])
     cli.fails("accounts", "list", env={"PASSBRIDGE_SECRET_KEY": truncated})
     # A secret pasted into the wrong variable: the settings error names the variable, never its value.
@@ -704,13 +717,14 @@ def test_no_secret_shows_anywhere(stack: Stack, tmp_path: Path, monkeypatch: pyt
     sweep = Sweep()
     for name in ("PASSBRIDGE_SECRET_KEY", "PASSBRIDGE_ADMIN_TOKEN", "PASSBRIDGE_METRICS_TOKEN"):
         sweep.secret(name, stack.env[name])
+    sweep.secret("Redis password", urlsplit(stack.redis_url).password or "")
     # The Fernet key's 32 bytes (signing key, then encryption key), each half as well.
     key = base64.urlsafe_b64decode(stack.env["PASSBRIDGE_SECRET_KEY"])
     sweep.secret("PASSBRIDGE_SECRET_KEY bytes, base64", base64.b64encode(key).decode())
     sweep.secret("Fernet signing key, hex", key[:16].hex())
     sweep.secret("Fernet encryption key, hex", key[16:].hex())
     cli = Cli({**stack.env, "PASSBRIDGE_LOG_FORMAT": "console"}, sweep)
-    w = World(stack, sweep, cli, SandboxClient(stack.sandbox_url), redis_sync.Redis.from_url(stack.redis.url))
+    w = World(stack, sweep, cli, SandboxClient(stack.sandbox_url), redis_sync.Redis.from_url(stack.redis_url))
     try:
         google = _accounts(w, tmp_path)
         wait_until(lambda: w.redis.zcard(WORKERS) >= 2, "the workers' heartbeats", 30)
