@@ -153,6 +153,12 @@ def _answer(response: httpx.Response) -> Answer:
     return Answer(response.status_code, code, detail, body)
 
 
+_UNSENDABLE = (
+    "the stored Klaviyo credential cannot be sent in an HTTP header (it holds a control or non-ASCII "
+    "character); set it again"
+)
+
+
 async def _call(http: httpx.AsyncClient, method: str, url: str, headers: dict[str, str]) -> Answer:
     try:
         if method == "GET":
@@ -160,6 +166,10 @@ async def _call(http: httpx.AsyncClient, method: str, url: str, headers: dict[st
         else:
             # An empty document: invalid by every schema, so nothing is written (see module docstring).
             response = await http.post(url, headers=headers, json={})
+    except (httpx.LocalProtocolError, UnicodeEncodeError):
+        # Never sent: a header holds a character HTTP forbids. httpx's message quotes the header it refused,
+        # the Authorization one with the credential in it, so only what to do is said.
+        return Answer(None, "bad-header", _UNSENDABLE)
     except httpx.HTTPError as exc:
         return Answer(None, type(exc).__name__, str(exc) or type(exc).__name__)
     return _answer(response)

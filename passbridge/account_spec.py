@@ -96,6 +96,10 @@ def check_webhook_secret(value: str) -> str:
     return value
 
 
+#: What an HTTP header value can carry as one token: visible ASCII.
+_HEADER_TOKEN = re.compile(r"[\x21-\x7e]+")
+
+
 def _no_blank(value: SecretStr | None, what: str) -> SecretStr | None:
     if value is not None and (
         not value.get_secret_value() or value.get_secret_value() != value.get_secret_value().strip()
@@ -140,7 +144,15 @@ class AccountSpec(BaseModel):
     @field_validator("klaviyo_api_key")
     @classmethod
     def _api_key(cls, value: SecretStr | None) -> SecretStr | None:
-        return _no_blank(value, "the Klaviyo private API key")
+        value = _no_blank(value, "the Klaviyo private API key")
+        # It is sent as an HTTP header: a control, blank or non-ASCII character inside (a paste that broke
+        # the line) could never reach Klaviyo; workers would retry it as a network error.
+        if value is not None and not _HEADER_TOKEN.fullmatch(value.get_secret_value()):
+            raise ValueError(
+                "the Klaviyo private API key must be printable ASCII with no blank inside (Klaviyo's keys are "
+                "pk_ and hex digits)"
+            )
+        return value
 
     @field_validator("ingest_token_sha256")
     @classmethod

@@ -124,13 +124,19 @@ def load_accounts_file(path: Path, env: Mapping[str, str] | None = None) -> dict
     return parse_accounts(doc, os.environ if env is None else env)
 
 
+#: A name PyYAML quotes in its problem text: whatever followed ``*``, ``!`` or ``!…!`` in the file (an undefined
+#: alias, an unknown tag or tag handle) — a literal secret value written there, say.
+_QUOTED_NAME = re.compile(r"\b(alias|tag|handle) '[^']*'")
+
+
 def _yaml_problem(exc: yaml.YAMLError) -> str:
     """What is wrong and where, without PyYAML's quote of the source line: that line may hold a literal key."""
     problem = getattr(exc, "problem", None) or "cannot be parsed"
     mark = getattr(exc, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    # The problem text can quote a token (an undefined alias name); mask anything secret-shaped in it.
-    return redact_text(f"{problem}{where}")
+    # The problem text can quote a token from the file: not the names (a secret need not look like one, so
+    # masking secret-shaped text alone let an OAuth client secret through), and nothing secret-shaped.
+    return redact_text(_QUOTED_NAME.sub(r"\1 '…'", f"{problem}{where}"))
 
 
 def _warnings(account: Account) -> list[str]:

@@ -66,7 +66,10 @@ def up(
         creds = asyncio.run(ensure_local_account(stack, account, None if external else key))
         console.print(f"[bold]passbridge is up[/] (logs in {stack.logs})")
         console.print(f"  producer   {stack.producer_url}   (API docs {stack.producer_url}/docs)")
-        console.print(f"  dashboard  {stack.producer_url}/dashboard   admin token: {admin}")
+        # Only the local default is printed: a token the operator chose is theirs already, and output ends up
+        # in terminals' scrollback and CI logs.
+        shown = "as set in PASSBRIDGE_ADMIN_TOKEN" if s.admin_token else admin
+        console.print(f"  dashboard  {stack.producer_url}/dashboard   admin token: {shown}")
         console.print(f"  metrics    {stack.producer_url}/metrics")
         console.print(f"  Klaviyo    {stack.klaviyo_url}")
         console.print(f"  Redis      {stack.redis_url}")

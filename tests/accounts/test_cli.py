@@ -130,6 +130,13 @@ class TestAdd:
             (["acme", "--apple-pass-type", "pass.x"], "KEY=VALUE"),
             (["acme", "--google-serial-from", "middle"], "google_serial_from"),
             (["acme", "--klaviyo-oauth-client-secret", "s"], "needs klaviyo_oauth_client_id"),
+            *(
+                (
+                    ["acme", "--klaviyo-api-key", key],
+                    "klaviyo_api_key: the Klaviyo private API key must be printable",
+                )
+                for key in ("pk_0123\n4567abcdef", "pk_0123 4567abcdef", "pk_0123\u00e94567abcdef")
+            ),
             (["acme", "--klaviyo-oauth-client-id", "c"], "needs its klaviyo_oauth_client_secret"),
         ],
     )

@@ -6,6 +6,7 @@ redirects, PKCE S256 checked at the token endpoint), scopes enforced per endpoin
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -15,11 +16,14 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import orjson
 import pytest
+from pydantic import SecretStr
+from redis.asyncio import Redis
 
 from klaviyo_sandbox.client import SandboxClient
 from klaviyo_sandbox.config import ALL_SCOPES, AccountConfig, ApiKeyConfig, OAuthClientConfig, SandboxConfig
 from klaviyo_sandbox.testing import SandboxServer, start_sandbox
-from passbridge.accounts import AccountState
+from passbridge.accounts import Account, AccountSecrets, AccountState, AccountStore
+from passbridge.crypto import load_cipher
 from passbridge.keys import account_keys
 from passbridge.oauth import DEFAULT_SCOPES
 from passbridge.settings import Settings
@@ -90,6 +94,21 @@ class World:
             "--redirect-uri", f"{self.producer}/oauth/klaviyo/callback", *extra, env=self.env,
         )  # fmt: skip
         return httpx.get(doc["authorize_url"], follow_redirects=True, timeout=10, headers={"accept": accept})
+
+
+def _store_key(cli: Cli, account_id: str, key: str) -> None:
+    """An account holding exactly ``key`` as its Klaviyo private key."""
+
+    async def put() -> None:
+        client = Redis.from_url(cli.env["REDIS_URL"])
+        try:
+            cipher = load_cipher(cli.env["PASSBRIDGE_SECRET_KEY"], cli.account_state_dir())
+            secrets = AccountSecrets(klaviyo_api_key=SecretStr(key))
+            await AccountStore(client, cipher).put(Account(account_id=account_id, secrets=secrets))
+        finally:
+            await client.aclose()
+
+    asyncio.run(put())
 
 
 @pytest.fixture
@@ -203,6 +222,24 @@ class TestCheck:
         assert f["credentials"]["status"] == "fail"
         assert "Klaviyo rejects the private API key (authentication_failed)" in f["credentials"]["words"]
         assert f["scopes"]["status"] == "skip"
+
+    @pytest.mark.parametrize(
+        "key", ["pk_sandbox_full\n0123456789abcdef", "pk_sandbox_full\u00e90123456789abcdef"]
+    )
+    def test_a_key_http_cannot_carry_is_named_never_quoted(self, world: World, key: str) -> None:
+        # Stored as it was given (the registry does not vet keys): httpx refuses the header and quotes it,
+        # credential included, or cannot encode it at all.
+        _store_key(world.cli, "acme", key)
+        result = world.run("accounts", "check", "acme", "--json")
+        assert result.exit_code == 1
+        assert "Traceback" not in result.stderr
+        assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+        f = {x["topic"]: x for x in orjson.loads(result.stdout)["findings"]}
+        assert f["credentials"]["status"] == "fail"
+        assert "cannot be sent in an HTTP header" in f["credentials"]["words"]
+        table = world.run("accounts", "check", "acme")
+        for shown in (result.stdout, result.stderr, table.stdout, table.stderr):
+            assert "0123456789abcdef" not in shown
 
     def test_unserved_revision(self, world: World) -> None:
         world.cli.ok("accounts", "add", "acme", "--klaviyo-api-key", FULL_KEY)
@@ -335,12 +372,6 @@ class TestCheck:
 
 def _expire_stored_token(world: World) -> None:
     """Set the stored access-token expiry into the past (what an hour of waiting would do)."""
-    import asyncio
-
-    from redis.asyncio import Redis
-
-    from passbridge.accounts import Account, AccountStore
-    from passbridge.crypto import load_cipher
 
     async def go() -> None:
         redis = Redis.from_url(world.cli.env["REDIS_URL"])

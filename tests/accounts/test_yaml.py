@@ -178,6 +178,22 @@ class TestApplyCommand:
         assert "is not valid YAML: mapping values are not allowed here at line 3, column 46" in error
         assert "0123456789abcdef" not in error
 
+    @pytest.mark.parametrize(
+        ("value", "says"),
+        [
+            ("*{}", "found undefined alias '…' at line 3"),
+            ("!{} x", "could not determine a constructor for the tag '…' at line 3"),
+            ("!a!{} x", "found undefined tag handle '…' at line 3"),
+        ],
+    )
+    def test_a_name_yaml_quotes_is_never_shown(self, cli: Cli, tmp_path: Path, value: str, says: str) -> None:
+        # A secret with no recognizable shape (an OAuth client secret) after a YAML sigil: PyYAML names it.
+        secret = "Zq3xV9kLm2Tn8RwY4pBc"
+        text = f"accounts:\n  acme:\n    klaviyo_oauth_client_secret: {value.format(secret)}\n"
+        error = cli.fails("accounts", "apply", str(write(tmp_path, text)))
+        assert says in error
+        assert secret not in error
+
     def test_build_errors_also_stop_the_whole_file(self, cli: Cli, tmp_path: Path) -> None:
         text = "accounts:\n  good: {name: Good}\n  acme: {klaviyo_oauth_client_id: only-an-id}\n"
         assert (

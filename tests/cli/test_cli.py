@@ -295,11 +295,13 @@ class TestCleanFailures:
 @pytest.mark.timeout(180)
 def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     """``passbridge up`` keeps its own state dir and generated key; the line it prints lets the CLI read the
-    stack's accounts (without it, `accounts list` would use another key and fail to decrypt them)."""
+    stack's accounts (without it, `accounts list` would use another key and fail to decrypt them). It does not
+    print an admin token the operator set."""
     from passbridge.redis_server import free_port
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
-    env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console")
+    admin_token = "adm_" + "q7" * 16
+    env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console", PASSBRIDGE_ADMIN_TOKEN=admin_token)
     args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(free_port())]
     up = subprocess.Popen(
         [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
@@ -317,6 +319,10 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
             assert line, "".join(lines)  # `up` ended before it was up
             lines.append(line)
         [export] = [x.strip() for x in lines if x.strip().startswith("export ")]
+        # The operator's admin token is theirs: it is named, never printed.
+        printed = " ".join("".join(lines).split())  # lines wrap at 80 columns
+        assert "admin token: as set in PASSBRIDGE_ADMIN_TOKEN" in printed
+        assert admin_token not in "".join(lines)
         cli = dict(env)
         for assignment in shlex.split(export)[1:]:
             name, _, value = assignment.partition("=")
