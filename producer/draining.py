@@ -9,6 +9,7 @@ where to resume, instead of being cut off without an answer when the grace runs 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import signal
 import threading
 from collections.abc import Callable
@@ -33,12 +34,14 @@ def on_stop_signal(stopping: asyncio.Event) -> Callable[[], None]:
 
     def handler(sig: int, frame: FrameType | None) -> None:
         # A signal handler runs between two bytecodes of whatever the loop was doing: hand the event over to
-        # the loop rather than waking its waiters from here.
-        loop.call_soon_threadsafe(stopping.set)
+        # the loop rather than waking its waiters from here. (A loop already closed has no one left to tell.)
+        with contextlib.suppress(RuntimeError):
+            loop.call_soon_threadsafe(stopping.set)
         before = previous[sig]
         if callable(before):
             before(sig, frame)
-        else:  # not under uvicorn: what the signal did before (SIG_DFL ends the process)
+        elif before != signal.SIG_IGN:
+            # Not under uvicorn: what the signal did before (SIG_DFL ends the process).
             signal.signal(sig, before or signal.SIG_DFL)
             signal.raise_signal(sig)
 
