@@ -54,7 +54,7 @@ def producer(
             port=port or s.producer_port,
             workers=workers,
             log_level="warning",
-            # Requests still running then are cancelled: a stop never outlasts the container's stop timeout.
+            # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
             timeout_graceful_shutdown=s.producer_shutdown_grace_s,
             log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
@@ -68,7 +68,7 @@ def producer(
             host=host or s.producer_host,
             port=port or s.producer_port,
             log_level="warning",
-            # Requests still running then are cancelled: a stop never outlasts the container's stop timeout.
+            # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
             timeout_graceful_shutdown=s.producer_shutdown_grace_s,
             log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
