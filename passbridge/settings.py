@@ -34,6 +34,9 @@ class Settings(BaseSettings):
     # Producer
     producer_host: str = "127.0.0.1"
     producer_port: int = Field(default=8000, ge=0, le=65535)
+    #: SIGTERM: how long requests in flight may take to finish before they are cut off (README, "Running the
+    #: producer"). Below docker's 10 s stop timeout, so the process exits before it is killed.
+    producer_shutdown_grace_s: int = Field(default=8, ge=1, le=300)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_batch_events: int = Field(default=1000, ge=1)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)

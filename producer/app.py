@@ -25,6 +25,7 @@ from passbridge.redis_client import fast_redis
 from passbridge.settings import Settings
 from producer import dashboard
 from producer.context import ProducerContext
+from producer.draining import on_stop_signal
 from producer.problems import Problem, unavailable
 from producer.publisher import Publisher
 from producer.routes import apple, events, google, health, oauth, webhooks
@@ -66,9 +67,11 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         # it out of the collector's scans, and keep concurrent requests from setting off collections.
         tune_gc()
         flusher = metrics.start_flusher(redis)
+        restore_signals = on_stop_signal(ctx.stopping)
         try:
             yield
         finally:
+            restore_signals()
             await publisher.close()
             await metrics.stop_flusher(flusher, redis)
             await redis.aclose()

@@ -41,6 +41,8 @@ class ProducerContext:
     data_marker: DataMarker = field(default_factory=lambda: DataMarker("producer"))
     #: Redis lost its data and no account was registered since: unknown accounts answer 503, not 404.
     data_lost: bool = False
+    #: Set when the server was told to stop (producer/draining.py): long requests end early.
+    stopping: asyncio.Event = field(default_factory=asyncio.Event)
 
     async def account(self, account_id: str) -> Account:
         """The account (cached briefly); a 404 problem when it does not exist, 503 when Redis is unreachable."""

@@ -38,6 +38,7 @@ def producer(
         import os
         from pathlib import Path
 
+        from passbridge.cli.uvicorn_workers import serve_workers
         from passbridge.metrics import setup_multiprocess
 
         os.environ["REDIS_URL"] = url
@@ -47,23 +48,28 @@ def producer(
             setup_multiprocess(metrics_dir)
         except OSError as exc:
             fail(f"cannot write the producer's metrics files in {metrics_dir} ({exc.strerror or exc})")
-        uvicorn.run(
+        config = uvicorn.Config(
             "producer.main:app",
             host=host or s.producer_host,
             port=port or s.producer_port,
             workers=workers,
             log_level="warning",
+            # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
+            timeout_graceful_shutdown=s.producer_shutdown_grace_s,
             log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
             loop="uvloop",
             http="httptools",
         )
+        serve_workers(config)
     else:
         uvicorn.run(
             create_app(s, url),
             host=host or s.producer_host,
             port=port or s.producer_port,
             log_level="warning",
+            # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
+            timeout_graceful_shutdown=s.producer_shutdown_grace_s,
             log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
             access_log=False,
             loop="uvloop",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from typing import Any
@@ -53,17 +54,20 @@ async def read_body(request: Request, limit: int, *, gzip_ok: bool = False) -> b
     receive = request.receive
     chunks: list[bytes] = []
     size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":  # http.disconnect: the client went away mid-body
-            raise ClientDisconnect()
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise _too_large(limit)
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    try:
+        while True:
+            message = await receive()
+            if message["type"] != "http.request":  # http.disconnect: the client went away mid-body
+                raise ClientDisconnect()
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > limit:
+                raise _too_large(limit)
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+    except asyncio.CancelledError:
+        raise _cut_off(request, size) from None
 
 
 def content_is_gzip(request: Request) -> bool:
@@ -100,6 +104,25 @@ async def _read_gzip(request: Request, limit: int) -> bytes:
                 return out[0] if len(out) == 1 else b"".join(out)
     except BadGzip as exc:
         raise bad_gzip(exc) from None
+    except asyncio.CancelledError:
+        raise _cut_off(request, received) from None
+
+
+def _cut_off(request: Request, received: int) -> BaseException:
+    """What a body still arriving when the shutdown's grace period runs out (uvicorn then cancels the request)
+    becomes: a 503 to retry (nothing of the request was taken), rather than uvicorn's plain-text 500 and a
+    traceback in the log. Any other cancellation stays one."""
+    task = asyncio.current_task()
+    ctx: ProducerContext = request.app.state.ctx
+    if task is None or not ctx.stopping.is_set():
+        return asyncio.CancelledError()
+    task.uncancel()
+    log.info("request cut off by shutdown", path=request.url.path, received_bytes=received)
+    return unavailable(
+        "the server is shutting down and the request body had not fully arrived; nothing was taken",
+        ctx.settings.retry_after_s,
+        kind="shutting-down",
+    )
 
 
 def _too_large(limit: int, how: str = "") -> Problem:

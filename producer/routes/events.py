@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -20,7 +20,7 @@ from passbridge.queue import count_skipped
 from producer.coding import BadGzip, Gunzip, bad_gzip
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
-from producer.problems import Problem, bad_json, unprocessable
+from producer.problems import Problem, bad_json, unavailable, unprocessable
 from producer.routes.common import (
     authenticate_ingest,
     content_is_gzip,
@@ -244,6 +244,53 @@ def _gzip_broken(exc: BadGzip, tally: _Tally, line: int, account_id: str) -> Pro
     return problem
 
 
+class _Stopping(Exception):
+    """The server was told to stop while an NDJSON upload was being read."""
+
+
+async def _until_stopping(chunks: AsyncIterator[bytes], stopping: asyncio.Event) -> AsyncIterator[bytes]:
+    """``chunks``, but a stop of the server raises :class:`_Stopping` at once, even while the next chunk is
+    still on its way (a slow sender's upload could otherwise hold the shutdown until its grace runs out)."""
+    stop = asyncio.ensure_future(stopping.wait())
+    try:
+        while True:
+            # One task per network chunk (tens of KB, hundreds of lines): nothing next to parsing them.
+            chunk = asyncio.ensure_future(anext(chunks))
+            await asyncio.wait((chunk, stop), return_when=asyncio.FIRST_COMPLETED)
+            if stop.done():
+                chunk.cancel()
+                raise _Stopping
+            try:
+                yield chunk.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop.cancel()
+
+
+def _stopped(tally: _Tally, account_id: str, retry_after_s: int) -> Problem:
+    """The 503 for an NDJSON upload the server stopped reading because it is shutting down, in the shape of a
+    503 part-way: every line before ``resume_after_line`` was taken (the unfinished line after them was not)."""
+    log.info("ndjson upload ended by shutdown", account_id=account_id, lines=tally.lines)
+    problem = unavailable(
+        f"the server is shutting down: the {tally.lines} line(s) read were taken; "
+        "send the lines after resume_after_line again",
+        retry_after_s,
+        kind="shutting-down",
+    )
+    problem.extra.update(
+        {
+            "lines_read": tally.lines,
+            "accepted": tally.accepted,
+            "duplicates": tally.duplicates,
+            "skipped": tally.skipped,
+            "rejected": tally.rejected,
+            "resume_after_line": tally.lines,
+        }
+    )
+    return problem
+
+
 def _line_error(line: int, detail: str) -> dict[str, Any]:
     return {"line": line, "errors": [{"pointer": "", "field": "(line)", "detail": detail}]}
 
@@ -298,9 +345,10 @@ async def post_ndjson(request: Request) -> Response:
         batch = _Batch(tally.lines + 1)
 
     broken: BadGzip | None = None
+    stopped = False
     try:
         try:
-            async for chunk in request.stream():
+            async for chunk in _until_stopping(request.stream(), ctx.stopping):
                 received = utcnow()  # the receive time of the lines in this chunk
                 for piece in (chunk,) if gunzip is None else gunzip.feed(chunk):
                     if gunzip is not None:  # a chunk may inflate 1000-fold: let other requests run meanwhile
@@ -332,6 +380,11 @@ async def post_ndjson(request: Request) -> Response:
             # unfinished line after them is dropped (its end never arrived).
             broken = exc
             buffer = b""
+        except _Stopping:
+            # The lines read so far are taken (enqueued just below) and the client is told where to resume; the
+            # unfinished line after them is dropped, as for gzip data gone bad.
+            stopped = True
+            buffer = b""
         if buffer:
             take(buffer)
         if batch.events:
@@ -341,6 +394,8 @@ async def post_ndjson(request: Request) -> Response:
     finally:
         if in_flight is not None and not in_flight.done():
             in_flight.cancel()
+    if stopped:
+        raise _stopped(tally, account.account_id, ctx.settings.retry_after_s)
     if broken is not None:
         raise _gzip_broken(broken, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
     metrics.rejected("invalid-line", len(tally.rejected))
