@@ -17,11 +17,37 @@ import redis as redis_sync
 import uvicorn
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from xdist.scheduler import LoadFileScheduling
 
 from passbridge.redis_server import RedisServer, free_port, start_redis
 from passbridge.settings import Settings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+
+#: Test files that read the operations scenario (the package-scoped ``known`` fixture of tests/ops/conftest.py,
+#: a producer, a worker and five accounts' history: 15-25 s to build).
+SCENARIO_FILES = frozenset(
+    f"tests/ops/{name}.py" for name in ("test_browser", "test_cli", "test_dashboard", "test_metrics")
+)
+
+
+class LoadFileSharingTheScenario(LoadFileScheduling):
+    """``--dist loadfile``, except that the files reading the operations scenario are one unit of work.
+
+    xdist hands out files by size, so these four land apart, and a worker that goes on to another package in
+    between tears the package-scoped scenario down: it was built four times per run. As one unit they run in
+    one worker, back to back, on one scenario; every other file is scheduled as before."""
+
+    def _split_scope(self, nodeid: str) -> str:
+        scope = super()._split_scope(nodeid)
+        return "tests/ops (scenario)" if scope in SCENARIO_FILES else scope
+
+
+def pytest_xdist_make_scheduler(config: pytest.Config, log: Any) -> LoadFileScheduling | None:
+    """Our ``--dist loadfile`` (see :class:`LoadFileSharingTheScenario`); xdist's own for any other mode."""
+    if config.getvalue("dist") == "loadfile":
+        return LoadFileSharingTheScenario(config, log)
+    return None
 
 
 @pytest.fixture(scope="session")
