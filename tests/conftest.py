@@ -4,7 +4,9 @@ servers started on free loopback ports."""
 from __future__ import annotations
 
 import asyncio
+import os
 import socket
+import sys
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -14,13 +16,16 @@ from typing import Any
 
 import pytest
 import redis as redis_sync
+import structlog
 import uvicorn
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from typer.testing import CliRunner
 from xdist.scheduler import LoadFileScheduling
 
+from passbridge.cli import app
 from passbridge.redis_server import RedisServer, free_port, start_redis
-from passbridge.settings import Settings
+from passbridge.settings import Settings, get_settings
 
 SHARED = Path(__file__).resolve().parents[1].parent / "shared"
 
@@ -142,3 +147,51 @@ async def async_wait_for(predicate: Any, timeout: float = 10.0, interval: float 
         if time.monotonic() > deadline:
             pytest.fail("condition not reached in time")
         await asyncio.sleep(interval)
+
+
+@dataclass
+class Answer:
+    """What a command run in this process answered: the fields of a finished process that tests read."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+class InProcessCli:
+    """Runs a ``passbridge`` command in this process (typer's CliRunner) with exactly the environment ``env``
+    (variables ``env`` lacks are unset meanwhile), as ``subprocess.run([passbridge, ...], env=env)`` would,
+    without a second of start-up; in a thread, since the command runs its own event loop. Only for tests about
+    what a command answers: what reaches a terminal or a pipe is checked on real processes."""
+
+    def invoke(self, args: list[str], env: dict[str, str]) -> Answer:
+        environ: dict[str, str | None] = {name: None for name in os.environ if name not in env}
+        environ.update(env)
+        get_settings.cache_clear()  # settings are read once per process; each command is a "process" here
+        try:
+            result = CliRunner().invoke(app, args, env=environ)
+        finally:
+            get_settings.cache_clear()
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception  # the traceback the process would have printed
+        return Answer(result.exit_code, result.stdout, result.stderr)
+
+    async def __call__(self, args: list[str], env: dict[str, str]) -> Answer:
+        return await asyncio.to_thread(self.invoke, args, env)
+
+
+@pytest.fixture
+def cli_in_process(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[InProcessCli]:
+    """In-process commands, run from ``tmp_path`` as the tests run their processes (settings read a ``.env``
+    in the working directory)."""
+    monkeypatch.chdir(tmp_path)
+    # Each command configures logging as the process does (to whatever sys.stderr is when a line is written:
+    # CliRunner's capture while it runs, so its log lines are in the answer's stderr as in the process's).
+    # Before the first command, structlog's default prints to sys.stdout, which CliRunner swaps for its capture
+    # while a command runs: a line another thread logged then (an in-process sandbox) would land in its output.
+    structlog.configure(
+        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__), cache_logger_on_first_use=False
+    )
+    yield InProcessCli()
+    get_settings.cache_clear()
+    structlog.reset_defaults()

@@ -12,31 +12,23 @@ import asyncio
 import os
 import signal
 import subprocess
-import sys
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
 import orjson
-import pytest
-import structlog
 from cryptography.fernet import MultiFernet
 from redis.asyncio import Redis
-from typer.testing import CliRunner
 
 from passbridge.account_check import read_flow
 from passbridge.accounts import AccountState, AccountStore
-from passbridge.cli import app
 from passbridge.crypto import load_cipher
 from passbridge.keys import WORKERS, WORKERS_INFO, account_keys
 from passbridge.metrics import Recorder
 from passbridge.queue import enqueue
-from passbridge.settings import get_settings
 from tests.cli.test_cli import PASSBRIDGE, cli_env, run
-from tests.conftest import async_wait_for
+from tests.conftest import InProcessCli, async_wait_for
 from tests.factories import make_account
 from tests.worker.e2e import worker_env
 from tests.worker.helpers import dead_letter_head, pass_event, put
@@ -69,54 +61,6 @@ async def dead_letter(
 
 def output(result: Any) -> str:
     return str(result.stdout) + str(result.stderr)
-
-
-@dataclass
-class Answer:
-    """What a command run in this process answered: the fields of a finished process the tests read."""
-
-    returncode: int
-    stdout: str
-    stderr: str
-
-
-class Cli:
-    """Runs a command in this process with exactly the environment ``env`` (variables ``env`` lacks are unset
-    meanwhile), as :func:`run` starts the process; in a thread, since the command runs its own event loop."""
-
-    def invoke(self, args: list[str], env: dict[str, str]) -> Answer:
-        environ: dict[str, str | None] = {name: None for name in os.environ if name not in env}
-        environ.update(env)
-        get_settings.cache_clear()  # settings are read once per process; each command is a "process" here
-        try:
-            result = CliRunner().invoke(app, args, env=environ)
-        finally:
-            get_settings.cache_clear()
-        if result.exception is not None and not isinstance(result.exception, SystemExit):
-            raise result.exception  # the traceback the process would have printed
-        return Answer(result.exit_code, result.stdout, result.stderr)
-
-    async def __call__(self, args: list[str], env: dict[str, str]) -> Answer:
-        return await asyncio.to_thread(self.invoke, args, env)
-
-
-@pytest.fixture
-def cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Cli]:
-    """In-process commands, run from ``tmp_path`` like the processes (settings read a ``.env`` there)."""
-    monkeypatch.chdir(tmp_path)
-    # The commands would configure structlog to cache loggers bound to CliRunner's stream, which is closed
-    # after each invocation; later tests in this process would then log into a closed file.
-    monkeypatch.setattr("passbridge.cli.common.configure_logging", _log_to_real_stderr)
-    _log_to_real_stderr()
-    yield Cli()
-    get_settings.cache_clear()
-    structlog.reset_defaults()
-
-
-def _log_to_real_stderr(*_: object, **__: object) -> None:
-    structlog.configure(
-        logger_factory=structlog.PrintLoggerFactory(file=sys.__stderr__), cache_logger_on_first_use=False
-    )
 
 
 class TestHostileData:
@@ -196,13 +140,13 @@ class TestWhichRedisAndWhichAccounts:
     )
 
     async def test_no_redis_configured_is_an_error_not_an_empty_answer(
-        self, cli: Cli, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, tmp_path: Path, secret_key: str
     ) -> None:
         state = tmp_path / "state"
         env = env_for(state, secret_key, None)
         try:
             for args in self.COMMANDS:
-                result = await cli(args, env)
+                result = await cli_in_process(args, env)
                 assert result.returncode == 1, (args, output(result))
                 assert " ".join(result.stderr.split()) == (
                     "error: REDIS_URL is unset and no embedded Redis is running; start one with "
@@ -216,36 +160,36 @@ class TestWhichRedisAndWhichAccounts:
                 os.kill(int(orjson.loads(record.read_bytes())["pid"]), signal.SIGTERM)
 
     async def test_a_removed_account_with_dead_letters_stays_visible(
-        self, cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
     ) -> None:
         await make_account(redis, cipher(secret_key, tmp_path), "acme")
         await make_account(redis, cipher(secret_key, tmp_path), "globex")
         await put(redis, pass_event("acme", "S1", 0))
         await dead_letter(redis, "acme", "S1", reason="permanent error: HTTP 400 invalid", detail="bad")
         env = env_for(tmp_path / "state", secret_key, redis_url)
-        removed = await cli(["accounts", "remove", "acme", "--yes"], env)
+        removed = await cli_in_process(["accounts", "remove", "acme", "--yes"], env)
         assert removed.returncode == 0, output(removed)
         assert await redis.zscore("pb:active", "acme") is None  # nothing pending: the engine forgot it
 
-        listed = await cli(["dlq", "list", "--json"], env)
+        listed = await cli_in_process(["dlq", "list", "--json"], env)
         assert listed.returncode == 0, output(listed)
         doc = orjson.loads(listed.stdout)
         assert [(e["account"], e["event_id"]) for e in doc["entries"]] == [("acme", "acme-S1-0")]
         assert doc["totals"] == {"acme": 1, "globex": 0}
-        engine = orjson.loads((await cli(["engine", "status", "--json"], env)).stdout)
+        engine = orjson.loads((await cli_in_process(["engine", "status", "--json"], env)).stdout)
         assert {a["account"]: a["dlq"] for a in engine["accounts"]} == {"acme": 1, "globex": 0}
-        status = orjson.loads((await cli(["status", "--json"], env)).stdout)
+        status = orjson.loads((await cli_in_process(["status", "--json"], env)).stdout)
         assert {a["account"]: a["dlq"] for a in status["accounts"]} == {"acme": 1, "globex": 0}
 
-        purged = await cli(["dlq", "purge", "--all", "--yes", "--json"], env)
+        purged = await cli_in_process(["dlq", "purge", "--all", "--yes", "--json"], env)
         assert orjson.loads(purged.stdout)["purged"] == 1, output(purged)
         # Nothing left of it: it is no longer listed.
-        status = orjson.loads((await cli(["status", "--json"], env)).stdout)
+        status = orjson.loads((await cli_in_process(["status", "--json"], env)).stdout)
         assert [a["account"] for a in status["accounts"]] == ["globex"]
 
 
 async def test_report_since_beyond_the_retention_reads_the_kept_days_and_says_so(
-    cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
 ) -> None:
     """``--since 730d`` (two years) means "all there is": the last 400 days, not the oldest 400 days from two years ago."""
     rec = Recorder()
@@ -257,7 +201,7 @@ async def test_report_since_beyond_the_retention_reads_the_kept_days_and_says_so
     assert await rec.flush(redis, now_s=now.timestamp()) > 0
     env = env_for(tmp_path / "state", secret_key, redis_url)
 
-    result = await cli(["report", "acme", "--since", "730d", "--json"], env)
+    result = await cli_in_process(["report", "acme", "--since", "730d", "--json"], env)
     assert result.returncode == 0, output(result)
     doc = orjson.loads(result.stdout)
     assert (doc["total"]["created"], doc["total"]["installed"]) == (4, 1)
@@ -266,30 +210,30 @@ async def test_report_since_beyond_the_retention_reads_the_kept_days_and_says_so
     assert doc["requested_since"] < doc["since"]
     assert "kept 400 days" in doc["note"]
 
-    text = await cli(["report", "acme", "--since", "730d"], env)
+    text = await cli_in_process(["report", "acme", "--since", "730d"], env)
     assert "note: report counters are kept 400 days" in " ".join(output(text).split())
-    within = orjson.loads((await cli(["report", "acme", "--since", "30d", "--json"], env)).stdout)
+    within = orjson.loads((await cli_in_process(["report", "acme", "--since", "30d", "--json"], env)).stdout)
     assert "note" not in within
     assert within["total"]["created"] == 3
-    gone = await cli(["report", "acme", "--since", "1095d", "--until", "730d", "--json"], env)
+    gone = await cli_in_process(["report", "acme", "--since", "1095d", "--until", "730d", "--json"], env)
     assert orjson.loads(gone.stdout)["total"]["created"] == 0
     assert "nothing is left to count" in orjson.loads(gone.stdout)["note"]
 
 
 async def test_engine_resume_refuses_an_account_paused_in_the_registry(
-    cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
 ) -> None:
     """The sweep mirrors the registry: resuming only the engine's pause would be undone within seconds."""
     store = AccountStore(redis, cipher(secret_key, tmp_path))
     await make_account(redis, store.cipher, "acme")
     env = env_for(tmp_path / "state", secret_key, redis_url)
-    updated = await cli(
+    updated = await cli_in_process(
         ["accounts", "update", "acme", "--state", "paused", "--reason", "merchant asked"], env
     )
     assert updated.returncode == 0, output(updated)
     assert await pause.reconcile(redis, store, "acme") == "paused"  # what the workers' sweep does
 
-    result = await cli(["engine", "resume", "acme"], env)
+    result = await cli_in_process(["engine", "resume", "acme"], env)
     assert result.returncode == 1, output(result)
     assert " ".join(output(result).split()) == (
         "acme not resumed: the account is paused in the registry (merchant asked); "
@@ -299,10 +243,10 @@ async def test_engine_resume_refuses_an_account_paused_in_the_registry(
     assert await redis.llen(account_keys("acme").pause_log) == 0  # no spurious closed interval
 
     # An auth pause (the engine set the registry to paused itself) is still resumed by the command.
-    assert (await cli(["accounts", "update", "acme", "--state", "connected"], env)).returncode == 0
+    assert (await cli_in_process(["accounts", "update", "acme", "--state", "connected"], env)).returncode == 0
     assert await pause.reconcile(redis, store, "acme") == "resumed"
     await pause.pause_account(redis, store, "acme", "HTTP 401 not_authenticated")
-    resumed = await cli(["engine", "resume", "acme", "--json"], env)
+    resumed = await cli_in_process(["engine", "resume", "acme", "--json"], env)
     assert orjson.loads(resumed.stdout)["resumed"] is True, output(resumed)
     assert (await store.get("acme")).state is AccountState.connected
 
@@ -311,7 +255,7 @@ class TestWhyWaiting:
     """A paused or throttled account's serials look due; the tools say why no worker takes them."""
 
     async def test_paused_account_and_an_event_older_than_the_dedup_window(
-        self, cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
     ) -> None:
         store = AccountStore(redis, cipher(secret_key, tmp_path))
         await make_account(
@@ -330,10 +274,10 @@ class TestWhyWaiting:
         )
         env = env_for(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_DEDUP_TTL_S": str(7 * 86_400)}
 
-        lost = await cli(["event", "acme", "acme-S1-0"], env)
+        lost = await cli_in_process(["event", "acme", "acme-S1-0"], env)
         assert lost.returncode == 1
         assert "an older event is found with its serial" in " ".join(lost.stderr.split())
-        found = await cli(["event", "acme", "acme-S1-0", "--serial", "S1", "--json"], env)
+        found = await cli_in_process(["event", "acme", "acme-S1-0", "--serial", "S1", "--json"], env)
         assert found.returncode == 0, output(found)
         doc = orjson.loads(found.stdout)
         assert (doc["where"], doc["serial"], doc["position"]) == ("pending", "S1", 1)
@@ -341,13 +285,13 @@ class TestWhyWaiting:
         assert "(operator: billing hold); nothing is sent until it resumes" in doc["detail"]
         assert "free worker" not in doc["detail"]
 
-        text = " ".join(output(await cli(["serial", "acme", "S1"], env)).split())
+        text = " ".join(output(await cli_in_process(["serial", "acme", "S1"], env)).split())
         assert "waiting: the account is paused since" in text
-        status = await cli(["status"], env)
+        status = await cli_in_process(["status"], env)
         assert "1 (held)" in output(status)
 
     async def test_throttled_account(
-        self, cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
     ) -> None:
         await make_account(redis, cipher(secret_key, tmp_path), "acme")
         await put(redis, pass_event("acme", "S1", 0))
@@ -355,13 +299,13 @@ class TestWhyWaiting:
         await redis.set(account_keys("acme").deferred, b"1", px=60_000)
         env = env_for(tmp_path / "state", secret_key, redis_url)
 
-        doc = orjson.loads((await cli(["event", "acme", "acme-S1-0", "--json"], env)).stdout)
+        doc = orjson.loads((await cli_in_process(["event", "acme", "acme-S1-0", "--json"], env)).stdout)
         assert doc["where"] == "pending"
         assert "Klaviyo throttled the account (429): no worker takes its serials before" in doc["detail"]
-        status = await cli(["status", "--json"], env)
+        status = await cli_in_process(["status", "--json"], env)
         (row,) = orjson.loads(status.stdout)["accounts"]
         assert row["throttled_until"] is not None
-        text = " ".join(output(await cli(["status"], env)).split())
+        text = " ".join(output(await cli_in_process(["status"], env)).split())
         assert "1 (throttled)" in text
         assert "acme is throttled by Klaviyo (429) until" in text
 
@@ -414,7 +358,7 @@ class TestWorkerClocks:
         return {w.decode(): s for w, s in await redis.zrange(WORKERS, 0, -1, withscores=True)}
 
     async def test_a_worker_ahead_prunes_no_live_worker_and_shows_no_negative_age(
-        self, cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
     ) -> None:
         await make_account(redis, cipher(secret_key, tmp_path), "acme")
         ahead = self.start_worker(tmp_path, redis_url, secret_key, 90)
@@ -428,12 +372,12 @@ class TestWorkerClocks:
             assert "other" in await self.beats(redis)
 
             env = env_for(tmp_path / "state", secret_key, redis_url)
-            status = orjson.loads((await cli(["status", "--json"], env)).stdout)
+            status = orjson.loads((await cli_in_process(["status", "--json"], env)).stdout)
             ages = {w["worker"]: w["heartbeat_age_s"] for w in status["workers"]}
             (mine,) = [w for w in ages if w != "other"]
             assert 0 <= ages[mine] < 10, ages
             assert [w["alive"] for w in status["workers"] if w["worker"] == mine] == [True]
-            engine = orjson.loads((await cli(["engine", "status", "--json"], env)).stdout)
+            engine = orjson.loads((await cli_in_process(["engine", "status", "--json"], env)).stdout)
             engine_ages = {w["worker"]: w["beat_age_s"] for w in engine["workers"]}
             assert 0 <= engine_ages[mine] < 10, engine_ages
             assert 20 <= engine_ages["other"] < 60, engine_ages
@@ -441,7 +385,7 @@ class TestWorkerClocks:
             self.stop(ahead)
 
     async def test_a_worker_behind_is_alive_for_every_reader(
-        self, cli: Cli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+        self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
     ) -> None:
         await make_account(redis, cipher(secret_key, tmp_path), "acme")
         await put(redis, pass_event("acme", "S1", 0))
@@ -450,9 +394,9 @@ class TestWorkerClocks:
         try:
             await async_wait_for(lambda: self.beats(redis), timeout=30)
             env = env_for(tmp_path / "state", secret_key, redis_url)
-            status = orjson.loads((await cli(["status", "--json"], env)).stdout)
+            status = orjson.loads((await cli_in_process(["status", "--json"], env)).stdout)
             assert [(w["alive"], w["heartbeat_age_s"] < 10) for w in status["workers"]] == [(True, True)]
-            engine = orjson.loads((await cli(["engine", "status", "--json"], env)).stdout)
+            engine = orjson.loads((await cli_in_process(["engine", "status", "--json"], env)).stdout)
             assert [w["beat_age_s"] < 10 for w in engine["workers"]] == [True]
             # `accounts check` counts live workers by the same clock.
             assert (await read_flow(redis, "acme")).live_workers == 1
