@@ -12,6 +12,7 @@ import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import pytest
@@ -20,6 +21,7 @@ import structlog
 import uvicorn
 from cryptography.fernet import Fernet
 from redis.asyncio import Redis
+from rich.console import Console
 from typer.testing import CliRunner
 from xdist.scheduler import LoadFileScheduling
 
@@ -168,16 +170,34 @@ class InProcessCli:
         environ: dict[str, str | None] = {name: None for name in os.environ if name not in env}
         environ.update(env)
         get_settings.cache_clear()  # settings are read once per process; each command is a "process" here
+        consoles = self._fresh_consoles(env)
         try:
             result = CliRunner().invoke(app, args, env=environ)
         finally:
             get_settings.cache_clear()
+            for module, name, console in consoles:
+                setattr(module, name, console)
         if result.exception is not None and not isinstance(result.exception, SystemExit):
             raise result.exception  # the traceback the process would have printed
         return Answer(result.exit_code, result.stdout, result.stderr)
 
     async def __call__(self, args: list[str], env: dict[str, str]) -> Answer:
         return await asyncio.to_thread(self.invoke, args, env)
+
+    @staticmethod
+    def _fresh_consoles(env: dict[str, str]) -> list[tuple[ModuleType, str, Console]]:
+        """Give the command modules' Rich consoles (made at import, as a process makes them at its start) fresh
+        ones that read ``env``: a console reads COLUMNS when it is made, and xdist's workers import with
+        COLUMNS=80, where the process would get the command's own. Returns what to put back."""
+        replaced = []
+        for module_name, module in list(sys.modules.items()):
+            if not module_name.startswith("passbridge.cli"):
+                continue
+            for name, value in list(vars(module).items()):
+                if isinstance(value, Console):
+                    replaced.append((module, name, value))
+                    setattr(module, name, Console(stderr=value.stderr, _environ=dict(env)))
+        return replaced
 
 
 @pytest.fixture
