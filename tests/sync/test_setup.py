@@ -3,10 +3,7 @@
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import orjson
@@ -15,6 +12,7 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
 from passbridge.settings import Settings
+from tests.conftest import Answer, InProcessCli
 from tests.sync.conftest import (
     KLAVIYO_ACCOUNT,
     NOCO_ACCOUNT,
@@ -340,7 +338,8 @@ def test_schema_has_the_right_types() -> None:
     }
 
 
-def _cli(settings: Settings, base_url: str, *args: str) -> subprocess.CompletedProcess[str]:
+async def _cli(cli: InProcessCli, settings: Settings, base_url: str, *args: str) -> Answer:
+    """``passbridge ARGS`` in this process, with the environment a process would get."""
     assert settings.secret_key is not None
     env = {
         **os.environ,
@@ -352,33 +351,40 @@ def _cli(settings: Settings, base_url: str, *args: str) -> subprocess.CompletedP
         "PASSBRIDGE_KLAVIYO_RATE_SCALE": str(RATE_SCALE),
         "PASSBRIDGE_LOG_FORMAT": "json",
     }
-    cli = Path(sys.executable).with_name("passbridge")
-    return subprocess.run([str(cli), *args], env=env, capture_output=True, text=True, timeout=60, check=False)
+    return await cli(list(args), env)
 
 
-async def test_cli_setup(settings: Settings, store: AccountStore, account: Account, sandbox: Any) -> None:
+async def test_cli_setup(
+    cli_in_process: InProcessCli, settings: Settings, store: AccountStore, account: Account, sandbox: Any
+) -> None:
     await put_account(store, "noco", klaviyo_api_key=NOCO_KEY)
-    first = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme", "--json")
+    first = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme", "--json"
+    )
     assert first.returncode == 0, first.stderr
     doc = orjson.loads(first.stdout)
     assert doc["changed"] is True
     assert doc["provisioned"]["data_source_id"]
-    second = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme")
+    second = await _cli(cli_in_process, settings, sandbox.base_url, "klaviyo", "setup", "--account", "acme")
     assert second.returncode == 0, second.stderr
     assert "WalletPass ready for acme" in second.stdout
-    status = _cli(settings, sandbox.base_url, "klaviyo", "status", "--account", "acme", "--json")
+    status = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "status", "--account", "acme", "--json"
+    )
     assert orjson.loads(status.stdout)["provisioned"] == doc["provisioned"]
-    refused = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "noco")
+    refused = await _cli(cli_in_process, settings, sandbox.base_url, "klaviyo", "setup", "--account", "noco")
     assert refused.returncode == 1
     assert "does not have Custom Objects" in refused.stderr
     assert NOCO_KEY not in refused.stderr + refused.stdout
-    missing = _cli(settings, sandbox.base_url, "klaviyo", "setup", "--account", "nobody")
+    missing = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "setup", "--account", "nobody"
+    )
     assert missing.returncode == 1
     assert "no account 'nobody'" in missing.stderr
-    unset = _cli(settings, sandbox.base_url, "klaviyo", "status", "--account", "noco")
+    unset = await _cli(cli_in_process, settings, sandbox.base_url, "klaviyo", "status", "--account", "noco")
     assert unset.returncode == 1
     assert "not set up" in unset.stderr
-    scopes = _cli(settings, sandbox.base_url, "klaviyo", "scopes")
+    scopes = await _cli(cli_in_process, settings, sandbox.base_url, "klaviyo", "scopes")
     assert scopes.stdout.split() == [
         "custom-objects:read",
         "custom-objects:write",
@@ -413,11 +419,18 @@ async def test_ingestion_failures_are_visible(
 
 
 async def test_cli_shows_ingestion_failures(
-    client: KlaviyoClient, redis: Redis, settings: Settings, account: Account, sandbox: Any
+    cli_in_process: InProcessCli,
+    client: KlaviyoClient,
+    redis: Redis,
+    settings: Settings,
+    account: Account,
+    sandbox: Any,
 ) -> None:
     """Operators see record failures with ``passbridge klaviyo ingestion-failures`` (exit 1 while any)."""
     await provision(client, redis, account)
-    clean = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme")
+    clean = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme"
+    )
     assert clean.returncode == 0, clean.stderr
     assert "no WalletPass ingestion failures for acme" in clean.stdout
     provisioned = await load_provisioned(redis, "acme")
@@ -427,15 +440,28 @@ async def test_cli_shows_ingestion_failures(
         account, CREATE_DATA_SOURCE_RECORD, body=record_job_body(bad, provisioned.data_source_id)
     )
     sandbox.wait_idle()
-    shown = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme")
+    shown = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme"
+    )
     assert shown.returncode == 1
     assert "created_at" in shown.stdout
     doc = orjson.loads(
-        _cli(
-            settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "acme", "--json"
+        (
+            await _cli(
+                cli_in_process,
+                settings,
+                sandbox.base_url,
+                "klaviyo",
+                "ingestion-failures",
+                "--account",
+                "acme",
+                "--json",
+            )
         ).stdout
     )
     assert [e["property"] for f in doc["failures"] for e in f["errors"]] == ["created_at"]
-    missing = _cli(settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "nobody")
+    missing = await _cli(
+        cli_in_process, settings, sandbox.base_url, "klaviyo", "ingestion-failures", "--account", "nobody"
+    )
     assert missing.returncode == 1
     assert "no account 'nobody'" in missing.stderr
