@@ -49,6 +49,8 @@ LONG_FILES_FIRST = (
     "tests/worker/test_e2e_property.py",
     "tests/worker/test_express_lane.py",
     "tests/worker/test_key_bounds.py",
+    "tests/producer/test_shutdown.py",
+    "tests/test_secrets_sweep.py",
     "tests/test_demo.py",
     "tests/ops/test_dashboard_dlq.py",
     "tests/worker/test_state_dir.py",
