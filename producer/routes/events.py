@@ -186,6 +186,19 @@ class _Tally:
     skipped: int = 0
     rejected: list[dict[str, Any]] = field(default_factory=list)
 
+    def part_way(self, resume_after_line: int) -> dict[str, Any]:
+        """What an upload that ended part-way reports: the counts so far, the rejected lines up to the resume
+        point (the client will not send those again, so they must not go unreported; later ones come back with
+        the retry), and where to resume."""
+        return {
+            "lines_read": self.lines,
+            "accepted": self.accepted,
+            "duplicates": self.duplicates,
+            "skipped": self.skipped,
+            "rejected": [r for r in self.rejected if r["line"] <= resume_after_line],
+            "resume_after_line": resume_after_line,
+        }
+
 
 async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, tally: _Tally) -> None:
     """Enqueue one NDJSON batch and count the outcome; a 503 says from which line to resume."""
@@ -195,19 +208,8 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     try:
         flags = await enqueue_or_503(ctx, account.account_id, synced)
     except Problem as exc:
-        # Lines before this batch stay accepted; the client resumes after them. Everything the client will not
-        # send again (the lines up to the resume point) is reported: rejected lines there included, or they
-        # would be dropped unreported. Lines from the resume point on, rejected or not, come back with the retry.
-        exc.extra.update(
-            {
-                "lines_read": tally.lines,
-                "accepted": tally.accepted,
-                "duplicates": tally.duplicates,
-                "skipped": tally.skipped,
-                "rejected": [r for r in tally.rejected if r["line"] < batch.first_line],
-                "resume_after_line": batch.first_line - 1,
-            }
-        )
+        # Lines before this batch stay accepted; the client resumes after them.
+        exc.extra.update(tally.part_way(batch.first_line - 1))
         raise
     fresh = sum(flags)
     tally.accepted += fresh
@@ -229,18 +231,7 @@ def _gzip_broken(exc: BadGzip, tally: _Tally, line: int, account_id: str) -> Pro
         f"the {tally.lines} line(s) before were read"
     )
     problem.errors = [{"pointer": "", "field": "(body)", "detail": problem.detail}]
-    problem.extra.update(
-        {
-            "gzip_offset": exc.offset,
-            "line": line,
-            "lines_read": tally.lines,
-            "accepted": tally.accepted,
-            "duplicates": tally.duplicates,
-            "skipped": tally.skipped,
-            "rejected": tally.rejected,
-            "resume_after_line": tally.lines,
-        }
-    )
+    problem.extra.update({"gzip_offset": exc.offset, "line": line, **tally.part_way(tally.lines)})
     return problem
 
 
@@ -278,16 +269,7 @@ def _stopped(tally: _Tally, account_id: str, retry_after_s: int) -> Problem:
         retry_after_s,
         kind="shutting-down",
     )
-    problem.extra.update(
-        {
-            "lines_read": tally.lines,
-            "accepted": tally.accepted,
-            "duplicates": tally.duplicates,
-            "skipped": tally.skipped,
-            "rejected": tally.rejected,
-            "resume_after_line": tally.lines,
-        }
-    )
+    problem.extra.update(tally.part_way(tally.lines))
     return problem
 
 
