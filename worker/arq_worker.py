@@ -44,18 +44,22 @@ class Worker(ArqWorker):
         self._outage.succeeded()
 
     async def close(self) -> None:
-        """arq's ``close``, with the health record's deletion allowed to fail: a worker stopped while Redis is
-        down must still run ``on_shutdown`` (the engine's grace period, the express lane's stop)."""
+        """arq's ``close``, with the health record's deletion allowed to fail (a worker stopped while Redis is
+        down must still run ``on_shutdown``: the engine's grace period, the express lane's stop), and jobs
+        cancelled by the stop waited for without raising."""
         if not self._handle_signals:
             self.handle_sig(signal.SIGUSR1)
         if not self._pool:
             return
-        await asyncio.gather(*self.tasks.values())
+        # Jobs were just cancelled (handle_sig). One cancelled before its first step (a cron job arq had just
+        # created when the signal came) raises CancelledError without arq's own handler running: returned here
+        # instead of raised, or the stop would end in a traceback and exit 1 without on_shutdown.
+        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
         with contextlib.suppress(*OUTAGE_ERRORS):
             await self.pool.delete(self.health_check_key)
         if self.on_shutdown:
             await self.on_shutdown(self.ctx)
-        await self.pool.close(close_connection_pool=True)
+        await self.pool.aclose(close_connection_pool=True)
         self._pool = None
 
 

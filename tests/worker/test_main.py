@@ -175,3 +175,23 @@ async def test_health_check_exit_codes(pipeline: Pipeline, workers: Workers) -> 
 
 async def _health_key(redis: Redis) -> bool:
     return bool(await redis.exists(ARQ_QUEUE + ":health-check"))
+
+
+async def test_a_stop_as_a_cron_job_starts_is_a_clean_exit(redis_url: str) -> None:
+    """SIGTERM in the instant arq has created the sweep's task but not yet run it: arq cancels the task before
+    its first step, so it raises CancelledError without its own handler; ``close`` gathered the tasks and let
+    that out, and the worker exited 1 with a traceback (seen once in CI)."""
+    from arq.connections import RedisSettings, create_pool
+
+    from worker.arq_worker import Worker
+
+    async def job(ctx: dict[str, Any]) -> None:
+        await asyncio.sleep(60)
+
+    worker = Worker(functions=[job], redis_settings=RedisSettings.from_dsn(redis_url), handle_signals=False)
+    worker._pool = await create_pool(RedisSettings.from_dsn(redis_url))
+    # Created and not yet started when close() cancels it (handle_signals=False: close sends itself SIGUSR1).
+    task = asyncio.create_task(job({}))
+    worker.tasks["cron:sweep"] = task
+    await worker.close()
+    assert task.cancelled()
