@@ -49,8 +49,13 @@ class Producer:
         """SIGTERM (to the process only, as ``docker stop`` sends it to PID 1); the time it took to exit."""
         started = time.monotonic()
         self.proc.send_signal(signal.SIGTERM)
+        self.wait_exit(GRACE_S + 20)
+        return time.monotonic() - started
+
+    def wait_exit(self, timeout: float) -> None:
+        """Wait for the producer to exit; if it does not, fail with where each of its processes is stuck."""
         try:
-            self.proc.wait(timeout=GRACE_S + 20)
+            self.proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
             # Where each of its processes is stuck: faulthandler (PYTHONFAULTHANDLER) prints every thread's stack
             # on SIGABRT into the log.
@@ -62,8 +67,7 @@ class Producer:
             ).stdout
             os.killpg(self.proc.pid, signal.SIGABRT)
             time.sleep(2)
-            pytest.fail(f"the producer did not exit within {GRACE_S + 20} s of SIGTERM\n{ps}\n{self.logs()}")
-        return time.monotonic() - started
+            pytest.fail(f"the producer did not exit within {timeout} s\n{ps}\n{self.logs()}")
 
 
 def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: int) -> Producer:
@@ -78,7 +82,7 @@ def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: 
         PASSBRIDGE_RETRY_AFTER_S="3",
         PASSBRIDGE_PRODUCER_SHUTDOWN_GRACE_S=str(GRACE_S),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
-        PYTHONFAULTHANDLER="1",  # see Producer.terminate
+        PYTHONFAULTHANDLER="1",  # see Producer.wait_exit
     )
     port = free_port()
     log = tmp_path / "producer.log"
@@ -248,7 +252,7 @@ async def test_sigterm_answers_an_ndjson_upload_in_progress_at_once_with_where_t
         with contextlib.suppress(asyncio.CancelledError, OSError):
             await uploading
         writer.close()
-        await asyncio.to_thread(producer.proc.wait, GRACE_S + 15)
+        await asyncio.to_thread(producer.wait_exit, GRACE_S + 15)
         exited_after = time.monotonic() - signalled
     finally:
         kill(producer)
@@ -299,7 +303,7 @@ async def test_a_request_still_unfinished_when_the_grace_runs_out_is_cut_off_and
         answer = await asyncio.wait_for(reader.read(), GRACE_S + 15)
         cut_after = time.monotonic() - signalled
         writer.close()
-        await asyncio.to_thread(producer.proc.wait, GRACE_S + 15)
+        await asyncio.to_thread(producer.wait_exit, GRACE_S + 15)
         exited_after = time.monotonic() - signalled
     finally:
         kill(producer)
