@@ -119,9 +119,14 @@ class Workers:
                 proc.wait(timeout=5)
 
     def logs(self) -> str:
+        """The tail of each worker's log, for failure messages."""
         return "\n".join(
             p.read_text(errors="replace")[-4000:] for p in sorted(self.log_dir.glob("worker-*.log"))
         )
+
+    def text(self) -> str:
+        """Every worker's log in full, for assertions that search or count lines (:meth:`logs` is a tail)."""
+        return "".join(p.read_text(errors="replace") for p in sorted(self.log_dir.glob("worker-*.log")))
 
 
 def worker_env(

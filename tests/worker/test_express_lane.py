@@ -195,6 +195,6 @@ async def test_an_express_lane_killed_alone_is_started_again(
     await pipeline.put(small)
     await async_wait_for(pipeline.drained, timeout=30)
     assert proc.poll() is None
-    text = workers.logs()
+    text = workers.text()
     assert '"event": "express_lane_exited"' in text
     assert '"restarts": 1' in text

@@ -85,7 +85,7 @@ async def test_workers_outlive_a_redis_restart_and_deliver_what_follows(
         pipeline.sandbox.wait_idle()
         assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in before + after)
         assert all(p.poll() is None for p in workers.procs)
-        text = workers.logs()
+        text = workers.text()
         assert '"event": "redis_unreachable"' in text
         assert '"event": "redis_reachable_again"' in text
         # one report per loop and outage, not a line per retry
@@ -240,7 +240,7 @@ async def test_workers_outlive_a_redis_that_refuses_writes(
         pipeline.sandbox.wait_idle()
         assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in before + after)
         assert workers.procs[0].poll() is None
-        text = "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
+        text = workers.text()
         assert "Redis is full and refuses writes" in text
         assert "Redis is a read-only replica" in text
         # The claim script's refusals are reported as an outage, not twice a second; what is left is the
@@ -272,11 +272,8 @@ async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
         await pipeline.redis.aclose()
         pipeline.redis = Redis.from_url(own_redis.url)
 
-        def told() -> str:
-            return "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
-
         async def reported() -> bool:  # by the worker's engine and its express lane's
-            return told().count('"event": "redis_data_lost"') == 2
+            return workers.text().count('"event": "redis_data_lost"') == 2
 
         await async_wait_for(reported, timeout=30)
         await pipeline.add_account("acme")
@@ -286,7 +283,7 @@ async def test_workers_report_a_redis_that_came_back_empty_and_go_on(
         pipeline.sandbox.wait_idle()
         assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
         assert workers.procs[0].poll() is None
-        assert told().count('"event": "redis_data_lost"') == 2  # once per engine and loss
+        assert workers.text().count('"event": "redis_data_lost"') == 2  # once per engine and loss
     finally:
         workers.stop_all()
         if empty is not None:
@@ -334,7 +331,7 @@ async def test_a_redis_restart_mid_batch_loses_nothing_and_keeps_order(
             [profile] = pipeline.sandbox.profiles(sandbox_id, external_id=f"S{s}")
             assert profile["attributes"]["properties"]["points"] == 3, profile  # the last event's state
         assert workers.procs[0].poll() is None
-        text = "".join(f.read_text(errors="replace") for f in workers.log_dir.glob("worker-*.log"))
+        text = workers.text()
         assert '"event": "batch_failed"' not in text, text
     finally:
         workers.stop_all()
