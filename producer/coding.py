@@ -17,9 +17,10 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 #: The most decompressed bytes one step yields: a gzip bomb (about 1000:1) never inflates at once.
 PIECE = 256 * 1024
 
-#: Decompressed bytes up to which no ratio guard applies (:class:`Gunzip` ``max_ratio``). Small bodies may be
-#: very dense (a few thousand identical lines reach 230:1) and cost little whatever their ratio: this much costs
-#: well under a second even as blank lines, the cheapest bytes to send and the dearest per byte to read.
+#: Decompressed bytes up to which no ratio guard applies (:class:`Gunzip` ``max_ratio``): small bodies may be
+#: very dense (a few thousand identical lines reach 230:1). Reading this much costs what a plain body of this
+#: size costs: a fifth of a second as blank lines, seconds as tiny lines that are each rejected (whose cost is
+#: their rejected entries', compressed or not).
 RATIO_FLOOR = 1024 * 1024
 
 _GZIP = (b"gzip", b"x-gzip")
