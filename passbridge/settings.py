@@ -39,6 +39,11 @@ class Settings(BaseSettings):
     producer_shutdown_grace_s: int = Field(default=8, ge=1, le=300)
     max_body_bytes: int = Field(default=10 * 1024 * 1024, ge=1)
     max_batch_events: int = Field(default=1000, ge=1)
+    #: A gzip NDJSON upload (which has no total size limit) is stopped with a 413 once its decompressed bytes,
+    #: past 1 MiB, exceed this many times the compressed bytes read (README, "POST .../events/ndjson"). Pass-event
+    #: NDJSON compresses 8-20:1, a gzip bomb about 1000:1. At least 20 (below that, ordinary backfills are
+    #: refused); 1032, deflate's most, never stops one.
+    gzip_max_ratio: int = Field(default=100, ge=20, le=1032)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     backlog_high_water: int = Field(default=1_000_000, ge=1)
     #: Share of the high-water mark a DLQ replay leaves to live ingest: a replay fills an account's backlog up

@@ -17,6 +17,12 @@ GZIP_WBITS = 16 + zlib.MAX_WBITS
 #: The most decompressed bytes one step yields: a gzip bomb (about 1000:1) never inflates at once.
 PIECE = 256 * 1024
 
+#: Decompressed bytes up to which no ratio guard applies (:class:`Gunzip` ``max_ratio``): small bodies may be
+#: very dense (a few thousand identical lines reach 230:1). Reading this much costs what a plain body of this
+#: size costs: a fifth of a second as blank lines, seconds as tiny lines that are each rejected (whose cost is
+#: their rejected entries', compressed or not).
+RATIO_FLOOR = 1024 * 1024
+
 _GZIP = (b"gzip", b"x-gzip")
 
 
@@ -79,21 +85,39 @@ def bad_gzip(exc: BadGzip) -> Problem:
     )
 
 
+class TooDense(Exception):
+    """The gzip data inflated to more than ``max_ratio`` times the compressed bytes decoded so far."""
+
+    def __init__(self, inflated: int, offset: int, max_ratio: int) -> None:
+        super().__init__(f"{inflated} bytes from {offset}, over {max_ratio}:1")
+        self.inflated = inflated
+        self.offset = offset
+        self.max_ratio = max_ratio
+
+
 class Gunzip:
     """Decompresses a gzip body chunk by chunk as it arrives, never holding more than :data:`PIECE`
     decompressed bytes of one step. Members follow one another (concatenated ``.gz`` files decode as
     ``gzip -d`` decodes them); zero bytes padding the end of a member are skipped, as gzip does. Other bytes
     after a member must be another member: where ``gzip -d`` only warns of trailing garbage, it is an error
     here, since it may as well be the mangled start of data that never arrived.
+
+    With ``max_ratio``, once more than :data:`RATIO_FLOOR` bytes are out, a piece that takes the decompressed
+    bytes over ``max_ratio`` times the compressed bytes decoded so far raises :class:`TooDense` instead of
+    being yielded: the cost of reading what a body inflates to stays within that many times the cost of the
+    bytes sent, whatever the body's length.
     """
 
-    def __init__(self, piece: int = PIECE) -> None:
+    def __init__(self, piece: int = PIECE, *, max_ratio: int | None = None) -> None:
         self._piece = piece
+        self._max_ratio = max_ratio
         self._d = zlib.decompressobj(GZIP_WBITS)
         self._in_member = False  # the current member has had input and has not ended
         self._members = 0
         #: Compressed bytes decoded so far (where a failure is reported).
         self.offset = 0
+        #: Decompressed bytes yielded so far.
+        self.inflated = 0
 
     def feed(self, data: bytes) -> Iterator[bytes]:
         """The decompressed bytes of the next chunk of the body, in pieces; :class:`BadGzip` if corrupt."""
@@ -124,6 +148,13 @@ class Gunzip:
                 self._d = zlib.decompressobj(GZIP_WBITS)
                 capped = False
             if out:
+                inflated = self.inflated + len(out)
+                ratio = self._max_ratio
+                # The whole body's ratio so far, not this step's: a dense stretch of ordinary data (a run of
+                # similar lines) is averaged with the rest.
+                if ratio is not None and inflated > RATIO_FLOOR and inflated > ratio * self.offset:
+                    raise TooDense(inflated, self.offset, ratio)
+                self.inflated = inflated
                 yield out
 
     def close(self) -> None:

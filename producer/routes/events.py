@@ -17,7 +17,7 @@ from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
 from passbridge.queue import count_skipped
-from producer.coding import BadGzip, Gunzip, bad_gzip
+from producer.coding import RATIO_FLOOR, BadGzip, Gunzip, TooDense, bad_gzip
 from producer.context import ProducerContext
 from producer.ingest import ItemError, to_event
 from producer.problems import Problem, bad_json, unavailable, unprocessable
@@ -235,6 +235,38 @@ def _gzip_broken(exc: BadGzip, tally: _Tally, line: int, account_id: str) -> Pro
     return problem
 
 
+def _too_dense(exc: TooDense, tally: _Tally, line: int, account_id: str) -> Problem:
+    """The 413 for gzip NDJSON that inflates more than ``PASSBRIDGE_GZIP_MAX_RATIO`` allows, in the shape of a
+    503 part-way: every line before ``resume_after_line`` was taken; the piece that went over was not read."""
+    log.info(
+        "ndjson gzip data over the ratio limit",
+        account_id=account_id,
+        offset=exc.offset,
+        inflated=exc.inflated,
+        line=line,
+    )
+    detail = (
+        f"the gzip data inflated to {exc.inflated} bytes from the first {exc.offset} bytes of the body, more "
+        f"than {exc.max_ratio} times as many (the limit past {RATIO_FLOOR} decompressed bytes, "
+        f"PASSBRIDGE_GZIP_MAX_RATIO), in line {line}; the {tally.lines} line(s) before were read; send the "
+        "lines after resume_after_line again, less compressed or not compressed"
+    )
+    return Problem(
+        413,
+        "gzip-ratio-exceeded",
+        "gzip data inflates too much",
+        detail,
+        errors=[{"pointer": "", "field": "(body)", "detail": detail}],
+        extra={
+            "gzip_offset": exc.offset,
+            "decompressed_bytes": exc.inflated,
+            "max_ratio": exc.max_ratio,
+            "line": line,
+            **tally.part_way(tally.lines),
+        },
+    )
+
+
 class _Stopping(Exception):
     """The server was told to stop while an NDJSON upload was being read."""
 
@@ -285,7 +317,9 @@ async def post_ndjson(request: Request) -> Response:
     """
     ctx: ProducerContext = request.app.state.ctx
     account = await authenticate_ingest(request, ctx)
-    gunzip = Gunzip() if content_is_gzip(request) else None
+    # The ratio guard bounds what one compressed byte can cost here, since no total limit does (backfills run
+    # to millions of lines); the events route's body limit already bounds its whole body.
+    gunzip = Gunzip(max_ratio=ctx.settings.gzip_max_ratio) if content_is_gzip(request) else None
     region = ctx.settings.default_phone_region
     tally = _Tally()
     batch = _Batch(1)
@@ -327,6 +361,7 @@ async def post_ndjson(request: Request) -> Response:
         batch = _Batch(tally.lines + 1)
 
     broken: BadGzip | None = None
+    dense: TooDense | None = None
     stopped = False
     try:
         try:
@@ -362,6 +397,10 @@ async def post_ndjson(request: Request) -> Response:
             # unfinished line after them is dropped (its end never arrived).
             broken = exc
             buffer = b""
+        except TooDense as exc:
+            # As for bad data: the lines complete before the piece that went over are kept, the rest dropped.
+            dense = exc
+            buffer = b""
         except _Stopping:
             # The lines read so far are taken (enqueued just below) and the client is told where to resume; the
             # unfinished line after them is dropped, as for gzip data gone bad.
@@ -380,6 +419,8 @@ async def post_ndjson(request: Request) -> Response:
         raise _stopped(tally, account.account_id, ctx.settings.retry_after_s)
     if broken is not None:
         raise _gzip_broken(broken, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
+    if dense is not None:
+        raise _too_dense(dense, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
     metrics.rejected("invalid-line", len(tally.rejected))
     log.info(
         "ndjson ingested",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import time
 import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
@@ -11,9 +12,11 @@ from functools import cache
 import httpx
 import orjson
 import pytest
+from pydantic import ValidationError
 
 from passbridge.keys import account_keys
-from passbridge.settings import Settings
+from passbridge.settings import Settings, SettingsError, get_settings
+from producer.coding import PIECE, RATIO_FLOOR
 from producer.sources.apple import pass_token
 from tests.factories import event
 from tests.producer.conftest import Env
@@ -27,19 +30,26 @@ LIMIT = 1024 * 1024
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
-    """A 1 MB body limit, so a bomb is cut off quickly."""
-    return settings.model_copy(update={"max_body_bytes": LIMIT})
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """A 1 MB body limit, so a bomb is cut off quickly; a test's own settings (indirect parameter) on top."""
+    return settings.model_copy(update={"max_body_bytes": LIMIT, **getattr(request, "param", {})})
 
 
 @cache
-def bomb() -> bytes:
-    """50 MB of zeros, gzip-compressed to about 50 KB."""
-    return gzip.compress(b"\0" * 50_000_000, compresslevel=9)
+def bomb(byte: bytes = b"\0") -> bytes:
+    """50 MB of one byte (zeros: one over-long line; newlines: 50 million blank ones), gzip-compressed to about
+    50 KB."""
+    return gzip.compress(byte * 50_000_000, compresslevel=9)
 
 
 def ndjson(lines: list[bytes]) -> bytes:
     return b"\n".join(lines) + b"\n"
+
+
+def wordy_lines(n: int) -> list[bytes]:
+    """Events that all carry the same 1,000-character property: valid, and about 55:1 gzipped."""
+    terms = ("Terms and conditions apply. " * 40)[:1000]
+    return [orjson.dumps(event(i, properties={"terms": terms, "points": i})) for i in range(n)]
 
 
 async def chunked(body: bytes, size: int) -> AsyncIterator[bytes]:
@@ -171,6 +181,7 @@ class TestNdjsonRoute:
         assert r.status_code == 200, r.text
         assert (r.json()["lines"], r.json()["accepted"], r.json()["rejected"]) == (6, 6, [])
 
+    @pytest.mark.parametrize("settings", [{"gzip_max_ratio": 1032}], indirect=True)  # no ratio guard
     async def test_bomb_is_one_overlong_line_and_never_inflates_in_memory(self, env: Env) -> None:
         peak_during_start()
         try:
@@ -217,6 +228,119 @@ class TestNdjsonRoute:
         assert "truncated" in doc["detail"]
         assert (doc["resume_after_line"], doc["accepted"], doc["line"]) == (whole, whole, whole + 1)
         assert await depth(env) == whole
+
+
+class TestNdjsonRatioGuard:
+    """gzip NDJSON has no total limit, so what it inflates to is bounded per compressed byte instead."""
+
+    async def test_bomb_stops_soon_and_keeps_the_lines_before(self, env: Env) -> None:
+        lines = [orjson.dumps(event(i)) for i in range(1200)]
+        lines[9] = b"{broken"
+        head = gzip.compress(ndjson(lines))
+        body = head + bomb(b"\n")  # then 50 million blank lines: many seconds of CPU to read
+        start = time.monotonic()
+        r = await env.http.post(NDJSON, content=chunked(body, 4096), headers=GZ)
+        took = time.monotonic() - start
+        assert r.status_code == 413, r.text
+        assert r.headers["content-type"] == "application/problem+json"
+        doc = r.json()
+        assert doc["type"].endswith("/gzip-ratio-exceeded")
+        assert doc["errors"] == [{"pointer": "", "field": "(body)", "detail": doc["detail"]}]
+        assert "PASSBRIDGE_GZIP_MAX_RATIO" in doc["detail"]
+        assert "more than 100 times" in doc["detail"]
+        assert doc["max_ratio"] == 100
+        # Stopped by the first piece over 100:1 past the floor: the piece before was within the limit.
+        inflated, offset = doc["decompressed_bytes"], doc["gzip_offset"]
+        assert inflated > max(RATIO_FLOOR, 100 * offset)
+        assert inflated - PIECE <= max(RATIO_FLOOR, 100 * offset)
+        assert inflated < 4 * 1024 * 1024  # of over 50 MB
+        assert offset < len(head) + len(bomb(b"\n")) // 10
+        # The real lines and the blank ones read before the stop were taken; nothing after.
+        assert 1200 < doc["lines_read"] < inflated
+        assert doc["resume_after_line"] == doc["lines_read"] == doc["line"] - 1
+        assert (doc["accepted"], [x["line"] for x in doc["rejected"]]) == (1199, [10])
+        assert await depth(env) == 1199
+        assert took < 30, took  # generous for a loaded machine; without the guard it reads all 50 million
+
+    async def test_bomb_of_one_long_line_stops_in_that_line(self, env: Env) -> None:
+        r = await env.http.post(NDJSON, content=bomb(), headers=GZ)
+        assert r.status_code == 413, r.text
+        doc = r.json()
+        assert doc["type"].endswith("/gzip-ratio-exceeded")
+        assert (doc["lines_read"], doc["line"], doc["resume_after_line"], doc["accepted"]) == (1, 1, 1, 0)
+        assert "line longer than" in doc["rejected"][0]["errors"][0]["detail"]
+        assert doc["decompressed_bytes"] <= RATIO_FLOOR + PIECE
+
+    async def test_dense_body_under_the_floor_is_read_whole(self, env: Env) -> None:
+        body = ndjson([orjson.dumps(event(1))] * 3000)
+        packed = gzip.compress(body)
+        assert len(body) < RATIO_FLOOR
+        assert len(body) > 200 * len(packed)
+        r = await env.http.post(NDJSON, content=packed, headers=GZ)
+        assert r.status_code == 200, r.text
+        assert (r.json()["lines"], r.json()["accepted"], r.json()["duplicates"]) == (3000, 1, 2999)
+
+    async def test_large_realistic_upload_is_read_whole(self, env: Env) -> None:
+        body = ndjson([orjson.dumps(event(i)) for i in range(20_000)])
+        packed = gzip.compress(body, compresslevel=9)
+        assert len(body) > 5 * RATIO_FLOOR
+        assert len(body) > 15 * len(packed)  # as dense as pass events get
+        r = await env.http.post(NDJSON, content=chunked(packed, 16384), headers=GZ)
+        assert r.status_code == 200, r.text
+        assert (r.json()["lines"], r.json()["accepted"], r.json()["rejected"]) == (20_000, 20_000, [])
+        assert await depth(env) == 20_000
+
+    @pytest.mark.parametrize("settings", [{"gzip_max_ratio": 40}], indirect=True)
+    async def test_denser_than_the_setting_is_stopped_and_resumes(self, env: Env) -> None:
+        lines = wordy_lines(5000)
+        body = ndjson(lines)
+        packed = gzip.compress(body)
+        assert 50 < len(body) / len(packed) < 60
+        r = await env.http.post(NDJSON, content=chunked(packed, 16384), headers=GZ)
+        assert r.status_code == 413, r.text
+        doc = r.json()
+        assert doc["max_ratio"] == 40
+        assert "more than 40 times" in doc["detail"]
+        after = doc["resume_after_line"]
+        assert 0 < after < 5000
+        assert (doc["accepted"], doc["rejected"], doc["line"]) == (after, [], after + 1)
+        assert await depth(env) == after
+
+        # The rest, sent uncompressed, completes the upload: nothing lost, nothing twice.
+        r = await env.http.post(NDJSON, content=ndjson(lines[after:]), headers=AUTH)
+        assert r.status_code == 200, r.text
+        assert (r.json()["accepted"], r.json()["duplicates"]) == (5000 - after, 0)
+        assert await depth(env) == 5000
+
+    @pytest.mark.parametrize("settings", [{"gzip_max_ratio": 70}], indirect=True)
+    async def test_less_dense_than_the_setting_is_read_whole(self, env: Env) -> None:
+        packed = gzip.compress(ndjson(wordy_lines(5000)))
+        r = await env.http.post(NDJSON, content=chunked(packed, 16384), headers=GZ)
+        assert r.status_code == 200, r.text
+        assert (r.json()["lines"], r.json()["accepted"]) == (5000, 5000)
+
+
+class TestRatioSetting:
+    @pytest.mark.parametrize("value", [20, 100, 1032])
+    def test_bounds_are_taken(self, value: int) -> None:
+        assert Settings(gzip_max_ratio=value).gzip_max_ratio == value
+
+    def test_default_is_100(self) -> None:
+        assert Settings.model_fields["gzip_max_ratio"].default == 100
+
+    @pytest.mark.parametrize("value", ["19", "1033", "0", "-5", "lots", "50.5"])
+    def test_out_of_bounds_stops_naming_the_variable(
+        self, monkeypatch: pytest.MonkeyPatch, value: str
+    ) -> None:
+        monkeypatch.setenv("PASSBRIDGE_GZIP_MAX_RATIO", value)
+        get_settings.cache_clear()
+        try:
+            with pytest.raises(SettingsError, match="PASSBRIDGE_GZIP_MAX_RATIO"):
+                get_settings()
+        finally:
+            get_settings.cache_clear()
+        with pytest.raises(ValidationError):
+            Settings(gzip_max_ratio=value)
 
 
 BR = ["br", "deflate", "zstd", "compress", "gzip, gzip", "gzip, br", "x-unknown"]
