@@ -44,6 +44,11 @@ class Settings(BaseSettings):
     #: NDJSON compresses 8-20:1, a gzip bomb about 1000:1. At least 20 (below that, ordinary backfills are
     #: refused); 1032, deflate's most, never stops one.
     gzip_max_ratio: int = Field(default=100, ge=20, le=1032)
+    #: An NDJSON answer (and `passbridge ingest`'s) lists every rejected line, with its errors for the first this
+    #: many only: a backfill with a systematic error would otherwise be answered with each line's errors, many
+    #: times the upload (README, "POST .../events/ndjson"). Up to 100,000 (about 35 MB of errors at a typical
+    #: 350 bytes a line; more says no more about a systematic error); 0: line numbers only.
+    ndjson_rejected_details: int = Field(default=1000, ge=0, le=100_000)
     dedup_ttl_s: int = Field(default=7 * 24 * 3600, ge=1)
     backlog_high_water: int = Field(default=1_000_000, ge=1)
     #: Share of the high-water mark a DLQ replay leaves to live ingest: a replay fills an account's backlog up

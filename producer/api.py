@@ -12,17 +12,21 @@ from redis.asyncio import Redis
 from passbridge.accounts import Account
 from passbridge.event import EventSource, PassEvent, utcnow
 from passbridge.queue import count_skipped, enqueue
-from producer.ingest import ItemError, to_event
+from producer.ingest import REJECTED_DETAILS, ItemError, Rejections, to_event
 
 
 @dataclass
 class PublishSummary:
-    """What happened to each item: accepted, duplicate, skipped (pass type not synced) or rejected."""
+    """What happened to each item: accepted, duplicate, skipped (pass type not synced) or rejected.
+
+    ``rejected`` lists every rejected item by its 1-based number, with its errors for the first
+    ``rejected.details`` of them only (:class:`~producer.ingest.Rejections`), as the NDJSON route does.
+    """
 
     accepted: int = 0
     duplicates: int = 0
     skipped: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: Rejections = field(default_factory=Rejections)
     #: Every item up to this one (1-based) is settled in Redis: where to resume after a failure.
     settled_through: int = 0
 
@@ -41,9 +45,11 @@ async def publish(
     high_water: int = 1_000_000,
     dedup_window_s: int = 7 * 24 * 3600,
     chunk: int = 500,
+    rejected_details: int = REJECTED_DETAILS,
 ) -> PublishSummary:
-    """Publish raw event items (dicts in the events-API shape) for ``account``; invalid ones are reported."""
-    summary = PublishSummary()
+    """Publish raw event items (dicts in the events-API shape) for ``account``; invalid ones are reported, the
+    errors of the first ``rejected_details`` of them included."""
+    summary = PublishSummary(rejected=Rejections(rejected_details))
     async for _ in publish_iter(
         redis,
         account,
@@ -71,7 +77,12 @@ async def publish_iter(
     dedup_window_s: int,
     chunk: int = 500,
 ) -> AsyncIterator[int]:
-    """Like :func:`publish`, yielding the number of items handled after each chunk (for progress bars)."""
+    """Like :func:`publish`, yielding the number of items handled after each chunk (for progress bars).
+
+    An item that is an :class:`~producer.ingest.ItemError` is rejected with its errors (a line that is not JSON,
+    say).
+    """
+    rejected = summary.rejected
     pending: list[PassEvent] = []
     skipped: list[str] = []
     handled = 0
@@ -91,12 +102,20 @@ async def publish_iter(
 
     for index, raw in enumerate(items, start=1):
         handled += 1
+        if isinstance(raw, ItemError):
+            rejected.add(index, raw.errors)
+            continue
         try:
             ev = to_event(
-                raw, account=account, source=source, received_at=utcnow(), default_region=default_region
+                raw,
+                account=account,
+                source=source,
+                received_at=utcnow(),
+                default_region=default_region,
+                details=rejected.wants_details,
             )
         except ItemError as exc:
-            summary.rejected.append({"line": index, "errors": exc.errors})
+            rejected.add(index, exc.errors)
             continue
         if account.syncs(ev.pass_type):
             pending.append(ev)

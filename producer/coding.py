@@ -19,8 +19,8 @@ PIECE = 256 * 1024
 
 #: Decompressed bytes up to which no ratio guard applies (:class:`Gunzip` ``max_ratio``): small bodies may be
 #: very dense (a few thousand identical lines reach 230:1). Reading this much costs what a plain body of this
-#: size costs: a fifth of a second as blank lines, seconds as tiny lines that are each rejected (whose cost is
-#: their rejected entries', compressed or not).
+#: size costs: a fifth of a second as blank lines, two seconds as tiny lines that are each rejected (measured
+#: with only the first PASSBRIDGE_NDJSON_REJECTED_DETAILS of them given their errors; compressed or not).
 RATIO_FLOOR = 1024 * 1024
 
 _GZIP = (b"gzip", b"x-gzip")

@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_right
+from collections.abc import Iterator
 from datetime import datetime
 from typing import Any
 
+import orjson
 from pydantic import TypeAdapter, ValidationError
 
 from passbridge.accounts import Account
@@ -21,6 +25,15 @@ from passbridge.event import (
 from producer.problems import pointer, validation_errors
 
 _EVENT_IN = TypeAdapter(EventIn)
+
+#: How many rejected lines an NDJSON answer gives the errors of when nothing says otherwise (the default of
+#: ``PASSBRIDGE_NDJSON_REJECTED_DETAILS``, and of the Python API's ``publish``).
+REJECTED_DETAILS = 1000
+#: The most errors listed for one rejected line: a line of 256 KB can hold 25,000 bad custom properties, 3.4 MB
+#: of errors (more again as Python objects) for one line; the first hundred say what is wrong as well.
+MAX_LINE_ERRORS = 100
+#: Line numbers written per piece of the ``{"line": n}`` tail of a rejected list.
+_TAIL_PIECE = 65536
 
 
 class ItemError(Exception):
@@ -39,8 +52,13 @@ def to_event(
     received_at: datetime,
     default_region: str,
     prefix: tuple[str | int, ...] = (),
+    details: bool = True,
 ) -> PassEvent:
-    """Validate one raw JSON item and build its canonical event; raises :class:`ItemError`."""
+    """Validate one raw JSON item and build its canonical event; raises :class:`ItemError`.
+
+    With ``details=False`` the error raised has no ``errors``: for a rejected line whose errors will not be
+    reported (see :class:`Rejections`), they are not worked out.
+    """
     try:
         # The common shape skips pydantic's machinery (same result, see fast_event_in); the rest, errors
         # included, is validated by pydantic.
@@ -57,12 +75,18 @@ def to_event(
             pass_url_template=account.pass_url_template,
         )
     except ValidationError as exc:
+        if not details:
+            raise ItemError([]) from None
         raise ItemError(_per_property(validation_errors(exc, prefix), raw, prefix)) from None
     except FieldError as exc:
+        if not details:
+            raise ItemError([]) from None
         raise ItemError(
             [{"pointer": pointer(*prefix, exc.field), "field": exc.field, "detail": exc.reason}]
         ) from None
     except OverflowError:
+        if not details:
+            raise ItemError([]) from None
         # A backstop: the validators above turn an out-of-range time into a field error, and occurred_at is
         # the only input any arithmetic is done on, so a bad item must never become a 500 (nor abort an NDJSON
         # upload) through a path they miss.
@@ -97,3 +121,78 @@ def _per_property(
         for key, reason in found
     ]
     return errors[:at] + each + errors[at + 1 :]
+
+
+class Rejections:
+    """The lines of an NDJSON upload (or items of a backfill) rejected so far, in order: every line's number, and
+    the errors of the first ``details`` of them only.
+
+    A file whose every line is rejected (a field misnamed throughout a backfill) would otherwise cost each line's
+    errors in memory and in the answer: 1 MiB of ``{}`` lines, a few errors each, was answered with 131 MB. So
+    past the first ``details`` lines only the number is kept, as an 8-byte int, and written as ``{"line": n}``.
+    """
+
+    def __init__(self, details: int = REJECTED_DETAILS) -> None:
+        self.details = details
+        self.lines: array[int] = array("q")
+        #: The errors of ``lines[i]`` for each i below ``min(len(lines), details)``.
+        self._errors: list[list[dict[str, Any]]] = []
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+    @property
+    def wants_details(self) -> bool:
+        """Whether the errors of the next rejected line are kept: only then are they worth building."""
+        return len(self.lines) < self.details
+
+    def add(self, line: int, errors: list[dict[str, Any]]) -> None:
+        """Record ``line`` as rejected with ``errors`` (ignored, and may be empty, unless :attr:`wants_details`);
+        lines must come in increasing order."""
+        if self.wants_details:
+            if len(errors) > MAX_LINE_ERRORS:
+                more = len(errors) - MAX_LINE_ERRORS
+                errors = [
+                    *errors[:MAX_LINE_ERRORS],
+                    {"pointer": "", "field": "(line)", "detail": f"and {more} more error(s) in this line"},
+                ]
+            self._errors.append(errors)
+        self.lines.append(line)
+
+    def count(self, through: int | None = None) -> int:
+        """How many lines up to line ``through`` (all when None) were rejected."""
+        return len(self.lines) if through is None else bisect_right(self.lines, through)
+
+    def entries(self, through: int | None = None) -> Iterator[dict[str, Any]]:
+        """The rejected lines up to line ``through`` (all when None) as the answer lists them, one at a time:
+        ``{"line": n, "errors": [...]}`` for the first ``details``, ``{"line": n}`` after."""
+        for i in range(self.count(through)):
+            if i < len(self._errors):
+                yield {"line": self.lines[i], "errors": self._errors[i]}
+            else:
+                yield {"line": self.lines[i]}
+
+    def report(self, through: int | None = None) -> dict[str, Any]:
+        """The fields of an answer for the lines rejected up to line ``through`` (all when None): ``rejected``
+        (their list, as :meth:`entries`, serialized already), ``rejected_count`` (its length) and
+        ``rejected_details_omitted`` (how many of them are listed without their errors)."""
+        n = self.count(through)
+        full = min(n, len(self._errors))
+        return {
+            "rejected": orjson.Fragment(self._json(n, full)),
+            "rejected_count": n,
+            "rejected_details_omitted": n - full,
+        }
+
+    def _json(self, n: int, full: int) -> bytes:
+        head = orjson.dumps([{"line": self.lines[i], "errors": self._errors[i]} for i in range(full)])
+        if n == full:
+            return head
+        # Written straight from the numbers: a dict per line (about 200 bytes each) for millions of lines
+        # would cost more than the answer itself.
+        parts = [head[:-1]]
+        for start in range(full, n, _TAIL_PIECE):
+            numbers = '},{"line":'.join(map(str, self.lines[start : min(n, start + _TAIL_PIECE)]))
+            parts.append(f'{"," if start else ""}{{"line":{numbers}}}'.encode())
+        parts.append(b"]")
+        return b"".join(parts)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
@@ -13,23 +14,24 @@ from passbridge.cli.common import console, emit_json, fail, redis_problem, redis
 # Redis, the account store and the producer are imported when the command runs: `--help` stays quick.
 if TYPE_CHECKING:
     from producer.api import PublishSummary
+    from producer.ingest import Rejections
 
 
-def _lines(path: Path, bad: list[dict[str, Any]]) -> Iterator[Any]:
+def _lines(path: Path) -> Iterator[Any]:
+    """Each line of ``path`` read as JSON; a line that is not JSON as the ItemError that rejects it."""
     import orjson
 
+    from producer.ingest import ItemError
+
     with path.open("rb") as fh:
-        for number, line in enumerate(fh, start=1):
+        for line in fh:
             if not line.strip():
                 yield None  # keeps line numbers aligned; rejected as "empty"
                 continue
             try:
                 yield orjson.loads(line)
             except orjson.JSONDecodeError as exc:
-                bad.append(
-                    {"line": number, "errors": [{"pointer": "", "field": "(line)", "detail": str(exc)}]}
-                )
-                yield None
+                yield ItemError([{"pointer": "", "field": "(line)", "detail": str(exc)}])
 
 
 def ingest(
@@ -39,7 +41,8 @@ def ingest(
     account: str = typer.Option(..., "--account", "-a", help="Account id."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
 ) -> None:
-    """Validate and enqueue every line of FILE for ACCOUNT; rejected lines are listed with their numbers."""
+    """Validate and enqueue every line of FILE for ACCOUNT; rejected lines are listed with their numbers (and
+    their errors, for the first PASSBRIDGE_NDJSON_REJECTED_DETAILS of them)."""
     from redis.asyncio import Redis
     from redis.exceptions import RedisError
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
@@ -48,6 +51,7 @@ def ingest(
     from passbridge.crypto import cipher_from_settings
     from passbridge.queue import BacklogFull
     from producer.api import PublishSummary, publish_iter
+    from producer.ingest import Rejections
 
     s = settings()
     url = redis_url(s)
@@ -62,9 +66,7 @@ def ingest(
                 acct = await store.get(account)
             except AccountNotFound:
                 fail(f"no account {account!r}; create it with `passbridge accounts add {account}`")
-            bad: list[dict[str, Any]] = []
-            summary = PublishSummary()
-            items = (x for x in _lines(file, bad))
+            summary = PublishSummary(rejected=Rejections(s.ndjson_rejected_details))
             with Progress(
                 TextColumn("ingest"),
                 BarColumn(),
@@ -78,7 +80,7 @@ def ingest(
                     async for done in publish_iter(
                         redis,
                         acct,
-                        items,
+                        _lines(file),
                         summary,
                         source="ndjson",
                         default_region=s.default_phone_region,
@@ -90,9 +92,6 @@ def ingest(
                     stopped.append(f"{exc}; let the workers drain it")
                 except RedisError as exc:
                     stopped.append(redis_problem(exc, url))
-            # Lines that were not JSON were yielded as None and rejected by validation too; keep the JSON reason.
-            reasons = {b["line"]: b for b in bad}
-            summary.rejected = [reasons.get(r["line"], r) for r in summary.rejected]
             return summary
         finally:
             await redis.aclose()
@@ -107,7 +106,7 @@ def ingest(
         "accepted": summary.accepted,
         "duplicates": summary.duplicates,
         "skipped": summary.skipped,
-        "rejected": summary.rejected,
+        **summary.rejected.report(),
     }
     if as_json:
         emit_json(doc)
@@ -116,12 +115,20 @@ def ingest(
             f"{summary.accepted} accepted, {summary.duplicates} duplicates, {summary.skipped} skipped, "
             f"{len(summary.rejected)} rejected"
         )
-        for r in summary.rejected[:20]:
-            console.print(
-                f"  line {r['line']}: " + safe("; ".join(f"{e['field']}: {e['detail']}" for e in r["errors"]))
-            )
+        _print_rejected(summary.rejected)
     if summary.rejected:
         raise typer.Exit(2)
+
+
+def _print_rejected(rejected: Rejections) -> None:
+    """The first 20 rejected lines, with their errors where they were kept."""
+    for r in islice(rejected.entries(), 20):
+        errors = r.get("errors")
+        if errors:
+            reason = "; ".join(f"{e['field']}: {e['detail']}" for e in errors)
+        else:
+            reason = f"(errors listed for the first {rejected.details} rejected lines only)"
+        console.print(f"  line {r['line']}: " + safe(reason))
 
 
 def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_json: bool) -> NoReturn:
@@ -131,7 +138,7 @@ def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_
     again on the rest of the file, or on the whole file, adds no duplicates: the dedup window drops them.
     """
     through = summary.settled_through
-    rejected = [r for r in summary.rejected if r["line"] <= through]
+    rejected = summary.rejected.report(through)
     if as_json:
         emit_json(
             {
@@ -141,13 +148,14 @@ def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_
                 "resume_after_line": through,
                 "accepted": summary.accepted,
                 "duplicates": summary.duplicates,
-                "rejected": rejected,
+                **rejected,
             }
         )
     else:
         console.print(f"[bold red]error:[/] stopped after line {through}: {safe(reason)}")
         console.print(
-            f"{summary.accepted} accepted, {summary.duplicates} duplicates, {len(rejected)} rejected so far; "
+            f"{summary.accepted} accepted, {summary.duplicates} duplicates, {rejected['rejected_count']} rejected "
+            "so far; "
             f"resume after line {through} (e.g. tail -n +{through + 1} {safe(file)} > rest.ndjson)"
         )
     raise typer.Exit(1)

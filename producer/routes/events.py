@@ -19,7 +19,7 @@ from passbridge.event import PassEvent, utcnow
 from passbridge.queue import count_skipped
 from producer.coding import RATIO_FLOOR, BadGzip, Gunzip, TooDense, bad_gzip
 from producer.context import ProducerContext
-from producer.ingest import ItemError, to_event
+from producer.ingest import ItemError, Rejections, to_event
 from producer.problems import Problem, bad_json, unavailable, unprocessable
 from producer.routes.common import (
     authenticate_ingest,
@@ -184,18 +184,18 @@ class _Tally:
     accepted: int = 0
     duplicates: int = 0
     skipped: int = 0
-    rejected: list[dict[str, Any]] = field(default_factory=list)
+    rejected: Rejections = field(default_factory=Rejections)
 
     def part_way(self, resume_after_line: int) -> dict[str, Any]:
         """What an upload that ended part-way reports: the counts so far, the rejected lines up to the resume
         point (the client will not send those again, so they must not go unreported; later ones come back with
-        the retry), and where to resume."""
+        the retry, and are not counted in ``rejected_count`` either), and where to resume."""
         return {
             "lines_read": self.lines,
             "accepted": self.accepted,
             "duplicates": self.duplicates,
             "skipped": self.skipped,
-            "rejected": [r for r in self.rejected if r["line"] <= resume_after_line],
+            **self.rejected.report(resume_after_line),
             "resume_after_line": resume_after_line,
         }
 
@@ -305,8 +305,8 @@ def _stopped(tally: _Tally, account_id: str, retry_after_s: int) -> Problem:
     return problem
 
 
-def _line_error(line: int, detail: str) -> dict[str, Any]:
-    return {"line": line, "errors": [{"pointer": "", "field": "(line)", "detail": detail}]}
+def _line_errors(detail: str) -> list[dict[str, Any]]:
+    return [{"pointer": "", "field": "(line)", "detail": detail}]
 
 
 async def post_ndjson(request: Request) -> Response:
@@ -321,7 +321,8 @@ async def post_ndjson(request: Request) -> Response:
     # to millions of lines); the events route's body limit already bounds its whole body.
     gunzip = Gunzip(max_ratio=ctx.settings.gzip_max_ratio) if content_is_gzip(request) else None
     region = ctx.settings.default_phone_region
-    tally = _Tally()
+    tally = _Tally(rejected=Rejections(ctx.settings.ndjson_rejected_details))
+    rejected = tally.rejected
     batch = _Batch(1)
     in_flight: asyncio.Task[None] | None = None
     buffer = b""
@@ -332,22 +333,29 @@ async def post_ndjson(request: Request) -> Response:
 
     def take(line: bytes) -> None:
         tally.lines += 1
+        # A rejected line's errors are built only while they are still reported (Rejections).
         if len(line) > MAX_NDJSON_LINE:  # before the blank check: a long line's head may be all whitespace
-            tally.rejected.append(_line_error(tally.lines, f"line longer than {MAX_NDJSON_LINE} bytes"))
+            too_long = f"line longer than {MAX_NDJSON_LINE} bytes"
+            rejected.add(tally.lines, _line_errors(too_long) if rejected.wants_details else [])
             return
         if not line.strip():
             return
         try:
             raw = orjson.loads(line)
         except orjson.JSONDecodeError as exc:
-            tally.rejected.append(_line_error(tally.lines, str(exc)))
+            rejected.add(tally.lines, _line_errors(str(exc)) if rejected.wants_details else [])
             return
         try:
             event = to_event(
-                raw, account=account, source="ndjson", received_at=received, default_region=region
+                raw,
+                account=account,
+                source="ndjson",
+                received_at=received,
+                default_region=region,
+                details=rejected.wants_details,
             )
         except ItemError as exc:
-            tally.rejected.append({"line": tally.lines, "errors": exc.errors})
+            rejected.add(tally.lines, exc.errors)
             return
         if not batch.events:
             batch.first_line = tally.lines
@@ -421,14 +429,14 @@ async def post_ndjson(request: Request) -> Response:
         raise _gzip_broken(broken, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
     if dense is not None:
         raise _too_dense(dense, tally, tally.lines if discarding else tally.lines + 1, account.account_id)
-    metrics.rejected("invalid-line", len(tally.rejected))
+    metrics.rejected("invalid-line", len(rejected))
     log.info(
         "ndjson ingested",
         account_id=account.account_id,
         lines=tally.lines,
         accepted=tally.accepted,
         duplicates=tally.duplicates,
-        rejected=len(tally.rejected),
+        rejected=len(rejected),
     )
     return json_response(
         {
@@ -436,7 +444,7 @@ async def post_ndjson(request: Request) -> Response:
             "accepted": tally.accepted,
             "duplicates": tally.duplicates,
             "skipped": tally.skipped,
-            "rejected": tally.rejected,
+            **rejected.report(),
         },
         200,
     )

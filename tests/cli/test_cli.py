@@ -104,6 +104,39 @@ class TestIngest:
         assert rejected["line"] == 3
         assert rejected["errors"][0]["pointer"] == "/kind"
 
+    async def test_lists_every_rejected_line_with_errors_for_the_first_n(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        """As the NDJSON route: every rejected line by number, errors for the first
+        PASSBRIDGE_NDJSON_REJECTED_DETAILS, counts that say so."""
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        bad = {3: b"{broken", 5: orjson.dumps(event(4, kind="exploded")), 7: b"{}", 8: b"{broken", 40: b"{}"}
+        path = ndjson(tmp_path / "b.ndjson", 50, bad)
+        env = cli_env(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_NDJSON_REJECTED_DETAILS": "2"}
+        result = run(["ingest", str(path), "-a", "acme", "--json"], env, tmp_path)
+        assert result.returncode == 2, result.stderr
+        doc = orjson.loads(result.stdout)
+        assert (doc["lines"], doc["accepted"], doc["rejected_count"], doc["rejected_details_omitted"]) == (
+            50,
+            45,
+            5,
+            3,
+        )
+        first, second, *rest = doc["rejected"]
+        assert (first["line"], first["errors"][0]["field"]) == (
+            3,
+            "(line)",
+        )  # the JSON error, not "not an object"
+        assert (second["line"], second["errors"][0]["pointer"]) == (5, "/kind")
+        assert rest == [{"line": 7}, {"line": 8}, {"line": 40}]
+        assert int(await redis.get(account_keys("acme").depth)) == 45
+
+        plain = run(["ingest", str(path), "-a", "acme"], env, tmp_path)
+        assert plain.returncode == 2, plain.stderr
+        assert "0 accepted, 45 duplicates, 0 skipped, 5 rejected" in plain.stderr
+        assert "line 5: kind:" in plain.stderr
+        assert "line 7: (errors listed for the first 2 rejected lines only)" in plain.stderr
+
     def test_unknown_account_and_missing_file(self, redis_url: str, tmp_path: Path, secret_key: str) -> None:
         env = cli_env(tmp_path / "state", secret_key, redis_url)
         path = ndjson(tmp_path / "x.ndjson", 1)
@@ -290,6 +323,7 @@ class TestCleanFailures:
         doc = orjson.loads(as_json.stdout)
         assert (doc["resume_after_line"], doc["accepted"], doc["duplicates"]) == (501, 0, 500)
         assert [r["line"] for r in doc["rejected"]] == [3]
+        assert (doc["rejected_count"], doc["rejected_details_omitted"]) == (1, 0)
 
 
 @pytest.mark.timeout(180)

@@ -8,6 +8,7 @@ import tracemalloc
 import zlib
 from collections.abc import AsyncIterator
 from functools import cache
+from typing import Any
 
 import httpx
 import orjson
@@ -228,6 +229,46 @@ class TestNdjsonRoute:
         assert "truncated" in doc["detail"]
         assert (doc["resume_after_line"], doc["accepted"], doc["line"]) == (whole, whole, whole + 1)
         assert await depth(env) == whole
+
+
+@pytest.mark.parametrize("settings", [{"ndjson_rejected_details": 2}], indirect=True)
+class TestPartWayRejectedDetails:
+    """An upload ended part-way lists the rejected lines up to resume_after_line as a whole one does: each by
+    number, the first PASSBRIDGE_NDJSON_REJECTED_DETAILS with their errors, and counts that match the list."""
+
+    @staticmethod
+    def lines() -> list[bytes]:
+        lines = [orjson.dumps(event(i)) for i in range(1200)]
+        for i in (4, 9, 99, 599, 699):
+            lines[i] = b"{}" if i % 2 else orjson.dumps(event(i, email="bad"))
+        return lines
+
+    @staticmethod
+    def check(doc: dict[str, Any]) -> None:
+        rejected = doc["rejected"]
+        assert [x["line"] for x in rejected] == [5, 10, 100, 600, 700]
+        assert [bool(x.get("errors")) for x in rejected] == [True, True, False, False, False]
+        assert rejected[0]["errors"][0]["pointer"] == "/email"
+        assert all(x == {"line": x["line"]} for x in rejected[2:])
+        assert (doc["rejected_count"], doc["rejected_details_omitted"]) == (5, 3)
+
+    async def test_corrupt_gzip(self, env: Env) -> None:
+        body = ndjson(self.lines())
+        cut = sum(len(x) + 1 for x in self.lines()[:1000])  # 1000 whole lines, then bad data
+        r = await env.http.post(NDJSON, content=gzip.compress(body[:cut]) + b"NOT GZIP", headers=GZ)
+        assert r.status_code == 400, r.text
+        doc = r.json()
+        assert (doc["resume_after_line"], doc["accepted"]) == (1000, 995)
+        self.check(doc)
+
+    async def test_gzip_ratio_exceeded(self, env: Env) -> None:
+        body = gzip.compress(ndjson(self.lines())) + bomb(b"\n")
+        r = await env.http.post(NDJSON, content=chunked(body, 4096), headers=GZ)
+        assert r.status_code == 413, r.text
+        doc = r.json()
+        assert doc["type"].endswith("/gzip-ratio-exceeded")
+        assert doc["accepted"] == 1195
+        self.check(doc)
 
 
 class TestNdjsonRatioGuard:

@@ -2,15 +2,26 @@
 
 from __future__ import annotations
 
+import tracemalloc
+from typing import Any
+
 import orjson
 import pytest
+from prometheus_client import REGISTRY
 
 from passbridge.event import PassEvent
 from passbridge.keys import account_keys
+from passbridge.settings import Settings
 from tests.factories import event
 from tests.producer.conftest import Env
 
 URL = "/v1/accounts/acme/events"
+
+
+@pytest.fixture
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """The test settings, with a test's own (indirect parameter) on top."""
+    return settings.model_copy(update=getattr(request, "param", {}))
 
 
 def auth(token: str = "tok-acme") -> dict[str, str]:
@@ -248,3 +259,101 @@ class TestNdjsonRoute:
             (4, "/occurred_at"),
         ]
         assert int(await env.redis.get(account_keys("acme").depth)) == 2
+
+
+def invalid_lines_counted() -> float:
+    """``passbridge_rejected_total{reason="invalid-line"}`` as this process (the test producer's) exposes it."""
+    return REGISTRY.get_sample_value("passbridge_rejected_total", {"reason": "invalid-line"}) or 0.0
+
+
+def interleaved(n: int) -> tuple[list[bytes], list[int]]:
+    """``n`` lines, two of every three rejected (``{}``, a JSON error, a bad email in turn), the third valid; and
+    the numbers of the rejected lines."""
+    lines, bad = [], []
+    for i in range(n):
+        if i % 3 == 0:
+            lines.append(orjson.dumps(event(i)))
+            continue
+        lines.append((b"{}", b"{broken", orjson.dumps(event(i, email="bad")))[i % 9 // 3])
+        bad.append(i + 1)
+    return lines, bad
+
+
+class TestNdjsonRejectedDetails:
+    """Every rejected line is listed, with its errors for the first PASSBRIDGE_NDJSON_REJECTED_DETAILS only: a
+    backfill with a systematic error must not be answered with each line's errors, many times the upload."""
+
+    async def test_errors_for_the_first_thousand_then_line_numbers_only(self, env: Env) -> None:
+        lines, bad = interleaved(7500)
+        counted = invalid_lines_counted()
+        r = await env.http.post(URL + "/ndjson", content=b"\n".join(lines) + b"\n", headers=auth())
+        assert r.status_code == 200, r.text[:2000]
+        doc = r.json()
+        assert (doc["lines"], doc["accepted"], doc["duplicates"], doc["skipped"]) == (7500, 2500, 0, 0)
+        assert (doc["rejected_count"], doc["rejected_details_omitted"]) == (5000, 4000)
+        assert [x["line"] for x in doc["rejected"]] == bad
+        head, tail = doc["rejected"][:1000], doc["rejected"][1000:]
+        assert all(x["errors"] for x in head)
+        pointers = {i: x["errors"][0]["pointer"] for i, x in enumerate(head[:6])}
+        assert (pointers[2], pointers[3], pointers[4], pointers[5]) == ("", "", "/email", "/email")
+        assert {p["pointer"] for p in head[0]["errors"]} >= {"/event_id", "/kind", "/serial_number"}
+        assert all(x == {"line": x["line"]} for x in tail)
+        # Each listed line counts once in the metric, with its details or without.
+        assert invalid_lines_counted() - counted == 5000
+        # The valid lines, all of them, are in Redis.
+        assert int(await env.redis.get(account_keys("acme").depth)) == 2500
+        assert [e.event_id for e in await mailbox(env, "SER00007497")] == ["evt-7497"]
+        # The thousand detailed entries, then about 17 bytes a line: with every line's errors it is 1.4 MB.
+        assert len(r.content) < len(orjson.dumps(head)) + 4000 * 20 + 500, len(r.content)
+
+    @pytest.mark.parametrize("settings", [{"ndjson_rejected_details": 0}], indirect=True)
+    async def test_zero_lists_line_numbers_only(self, env: Env) -> None:
+        lines, bad = interleaved(300)
+        r = await env.http.post(URL + "/ndjson", content=b"\n".join(lines) + b"\n", headers=auth())
+        assert r.status_code == 200, r.text[:2000]
+        doc = r.json()
+        assert doc["rejected"] == [{"line": n} for n in bad]
+        assert (doc["accepted"], doc["rejected_count"], doc["rejected_details_omitted"]) == (100, 200, 200)
+
+    @pytest.mark.parametrize("settings", [{"ndjson_rejected_details": 100_000}], indirect=True)
+    async def test_a_large_setting_lists_every_lines_errors(self, env: Env) -> None:
+        lines, bad = interleaved(7500)
+        r = await env.http.post(URL + "/ndjson", content=b"\n".join(lines) + b"\n", headers=auth())
+        assert r.status_code == 200, r.text[:2000]
+        doc = r.json()
+        assert [x["line"] for x in doc["rejected"] if x["errors"]] == bad
+        assert (doc["accepted"], doc["rejected_count"], doc["rejected_details_omitted"]) == (2500, 5000, 0)
+
+    async def test_a_line_lists_its_first_hundred_errors(self, env: Env) -> None:
+        # 20,000 bad property names: 2.7 MB of errors for this one 210 KB line.
+        item = event(1, properties={f"${i}": 1 for i in range(20_000)})
+        body = orjson.dumps(event(0)) + b"\n" + orjson.dumps(item) + b"\n"
+        r = await env.http.post(URL + "/ndjson", content=body, headers=auth())
+        assert r.status_code == 200, r.text[:2000]
+        [rejected] = r.json()["rejected"]
+        assert rejected["line"] == 2
+        errors = rejected["errors"]
+        assert len(errors) == 101
+        assert errors[0]["pointer"] == "/properties"  # over 100 properties
+        assert errors[1]["pointer"] == "/properties/$0"
+        assert errors[100] == {
+            "pointer": "",
+            "field": "(line)",
+            "detail": "and 19901 more error(s) in this line",
+        }
+        assert len(r.content) < 30_000
+
+    async def test_a_file_of_bad_lines_costs_memory_for_its_numbers_only(self, env: Env) -> None:
+        body = b"{}\n" * 100_000  # 300 KB; each line's errors about 350 bytes, 35 MB in all
+        tracemalloc.start()  # the producer serves from a thread of this process
+        tracemalloc.reset_peak()
+        try:
+            r = await env.http.post(URL + "/ndjson", content=body, headers=auth(), timeout=120)
+        finally:
+            _, peak = tracemalloc.get_traced_memory()
+            tracemalloc.stop()
+        assert r.status_code == 200, r.text[:2000]
+        doc: dict[str, Any] = r.json()
+        assert (doc["rejected_count"], doc["rejected_details_omitted"]) == (100_000, 99_000)
+        assert len(r.content) < 2_500_000, len(r.content)
+        assert peak < 20 * 1024 * 1024, peak  # 11 MB measured; with every line's errors, hundreds

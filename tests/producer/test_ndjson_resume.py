@@ -15,9 +15,9 @@ AUTH = {"Authorization": "Bearer tok-acme"}
 
 
 @pytest.fixture
-def settings(settings: Settings) -> Settings:
-    """Room for one 500-event batch, not two."""
-    return settings.model_copy(update={"backlog_high_water": 600})
+def settings(settings: Settings, request: pytest.FixtureRequest) -> Settings:
+    """Room for one 500-event batch, not two; a test's own settings (indirect parameter) on top."""
+    return settings.model_copy(update={"backlog_high_water": 600, **getattr(request, "param", {})})
 
 
 async def test_backlog_full_midway_reports_the_resume_line(env: Env) -> None:
@@ -55,6 +55,23 @@ async def test_backlog_full_midway_reports_what_before_the_resume_line_was_rejec
     assert (doc["accepted"], doc["skipped"], doc["duplicates"]) == (497, 3, 0)
     assert [x["line"] for x in doc["rejected"]] == [1]
     assert doc["rejected"][0]["errors"][0]["pointer"] == ""
+
+
+@pytest.mark.parametrize("settings", [{"ndjson_rejected_details": 2}], indirect=True)
+async def test_backlog_full_midway_lists_the_rejected_lines_as_a_whole_upload_does(env: Env) -> None:
+    lines = [orjson.dumps(event(i)) for i in range(1100)]
+    for i in (0, 9, 99, 299, 699):  # the last after the resume point: it comes back with the retry
+        lines[i] = b"{}" if i % 2 else b"garbage"
+    r = await env.http.post(URL, content=b"\n".join(lines) + b"\n", headers=AUTH)
+    assert r.status_code == 503, r.text
+    doc = r.json()
+    assert (doc["resume_after_line"], doc["accepted"]) == (504, 500)
+    rejected = doc["rejected"]
+    assert [x["line"] for x in rejected] == [1, 10, 100, 300]
+    assert rejected[0]["errors"][0]["field"] == "(line)"
+    assert {e["pointer"] for e in rejected[1]["errors"]} >= {"/event_id", "/kind"}
+    assert rejected[2:] == [{"line": 100}, {"line": 300}]
+    assert (doc["rejected_count"], doc["rejected_details_omitted"]) == (4, 2)
 
 
 async def test_resume_line_counts_an_overlong_line_once(env: Env) -> None:
