@@ -336,7 +336,8 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
     admin_token = "adm_" + "q7" * 16
     env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console", PASSBRIDGE_ADMIN_TOKEN=admin_token)
-    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(free_port())]
+    sandbox_port = free_port()
+    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(sandbox_port)]
     up = subprocess.Popen(
         [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
         env=env,
@@ -365,6 +366,12 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
         listed = run(["accounts", "list", "--json"], cli, tmp_path)
         assert listed.returncode == 0, listed.stderr
         assert [a["account_id"] for a in orjson.loads(listed.stdout)] == ["local"]
+        # The stack's Klaviyo is its sandbox: the CLI's Klaviyo calls go there, not to the real Klaviyo with the
+        # sandbox's key.
+        assert cli["PASSBRIDGE_KLAVIYO_BASE_URL"] == f"http://127.0.0.1:{sandbox_port}"
+        checked = run(["accounts", "check", "local", "--json"], cli, tmp_path)
+        findings = {f["topic"]: f for f in orjson.loads(checked.stdout)["findings"]}
+        assert findings["credentials"]["status"] == "ok", findings["credentials"]
         # Only the Redis URL: this directory's own generated key cannot read the stack's account.
         only_url = {**env, "REDIS_URL": cli["REDIS_URL"]}
         assert "do not decrypt" in run(["accounts", "list"], only_url, tmp_path).stderr
