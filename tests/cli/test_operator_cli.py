@@ -251,6 +251,43 @@ async def test_engine_resume_refuses_an_account_paused_in_the_registry(
     assert (await store.get("acme")).state is AccountState.connected
 
 
+async def test_engine_resume_check_says_what_failed(
+    cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """`--check` names why it did not resume: a missing set-up, or the Klaviyo call's own error. An unreachable
+    Klaviyo says nothing about the credentials (it used to answer "credentials still rejected" for both)."""
+    from passbridge.redis_server import free_port
+    from worker.setup import Provisioned, store_provisioned
+
+    store = AccountStore(redis, cipher(secret_key, tmp_path))
+    await make_account(redis, store.cipher, "acme")
+    await pause.pause_account(redis, store, "acme", "HTTP 401 not_authenticated")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = env_for(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_KLAVIYO_BASE_URL": closed}
+
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    assert " ".join(output(result).split()) == (
+        "acme not resumed: not set up in Klaviyo: run `passbridge klaviyo setup --account acme`"
+    )
+    ids = {f: f"id-{f}" for f in ("data_source_id", "object_type_id", "schema_id", "source_mapping_id")}
+    await store_provisioned(
+        redis, "acme", Provisioned(**ids, relationship_id="r", revision="2026-10-15", provisioned_at=1.0)
+    )
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    said = " ".join(output(result).split())
+    assert said.startswith("acme not resumed: the Klaviyo check failed: HTTP 401 no_credentials"), said
+    key = await cli_in_process(["accounts", "update", "acme", "--klaviyo-api-key", "pk_" + "7" * 32], env)
+    assert key.returncode == 0, output(key)
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    said = " ".join(output(result).split())
+    assert said.startswith("acme not resumed: the Klaviyo check failed: network error"), said
+    assert "7777" not in said
+    assert (await pause.get_pause(redis, "acme")) is not None  # still paused
+
+
 class TestWhyWaiting:
     """A paused or throttled account's serials look due; the tools say why no worker takes them."""
 
