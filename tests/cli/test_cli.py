@@ -137,6 +137,39 @@ class TestIngest:
         assert "line 5: kind:" in plain.stderr
         assert "line 7: (errors listed for the first 2 rejected lines only)" in plain.stderr
 
+    async def test_a_gzip_file_is_read_decompressed_and_a_cut_one_says_where_to_resume(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        """A backfill compressed for the NDJSON route (`gzip -k`) is taken as it is, whatever its name; one cut
+        short keeps its whole lines and says where to resume (it was read as text: every line "not UTF-8")."""
+        import gzip
+
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        env = cli_env(tmp_path / "state", secret_key, redis_url)
+        plain = ndjson(tmp_path / "backfill.ndjson", 300).read_bytes()
+        # Two members, as `cat a.gz b.gz` makes: gzip -d reads them as one stream.
+        (tmp_path / "backfill.ndjson.gz").write_bytes(
+            gzip.compress(plain[: plain.index(b"\n") + 1]) + gzip.compress(plain[plain.index(b"\n") + 1 :])
+        )
+        result = run(["ingest", str(tmp_path / "backfill.ndjson.gz"), "-a", "acme", "--json"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        doc = orjson.loads(result.stdout)
+        assert (doc["lines"], doc["accepted"], doc["rejected"]) == (300, 300, []), doc
+
+        more = ndjson(tmp_path / "more.ndjson", 600).read_bytes()[len(plain) :]  # events 300..599
+        packed = gzip.compress(more)
+        (tmp_path / "cut.gz").write_bytes(packed[: len(packed) * 2 // 3])
+        result = run(["ingest", str(tmp_path / "cut.gz"), "-a", "acme"], env, tmp_path)
+        assert result.returncode == 1, result.stderr
+        err = " ".join(result.stderr.split())
+        depth = int(await redis.get(account_keys("acme").depth))
+        taken = depth - 300
+        assert 0 < taken < 300, taken
+        assert f"error: stopped after line {taken}: the gzip data is cut short after line {taken}" in err, err
+        rest = f"gzip -dc {tmp_path / 'cut.gz'} | tail -n +{taken + 1} > rest.ndjson"
+        assert f"resume after line {taken} (e.g. {rest})" in err, err
+        assert "Traceback" not in result.stderr
+
     def test_unknown_account_and_missing_file(self, redis_url: str, tmp_path: Path, secret_key: str) -> None:
         env = cli_env(tmp_path / "state", secret_key, redis_url)
         path = ndjson(tmp_path / "x.ndjson", 1)
