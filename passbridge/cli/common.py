@@ -118,6 +118,30 @@ def fail(message: str, code: int = 1) -> NoReturn:
     raise typer.Exit(code)
 
 
+def check_can_listen(host: str, port: int) -> None:
+    """Fail with one ``error:`` line when ``host:port`` cannot be listened on (in use, not an address of this
+    host), before a server command announces itself or starts anything: uvicorn would say so only after.
+
+    The probe binds as uvicorn does (``SO_REUSEADDR``), so a port in TIME_WAIT is no false alarm.
+    """
+    import socket
+
+    if port == 0:
+        return  # any free port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running there?)")
+
+
 def emit_json(doc: Any) -> None:
     """Print a JSON document on stdout."""
     import orjson

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli.common import fail, redis_url, settings
+from passbridge.cli.common import check_can_listen, fail, redis_url, settings
 
 
 def producer(
@@ -16,6 +16,7 @@ def producer(
     import uvicorn
 
     s = settings()
+    check_can_listen(host or s.producer_host, port or s.producer_port)
     if s.accounts_file:
         from passbridge.accounts_file import AccountsFileError, load_accounts_file
 

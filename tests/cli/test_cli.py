@@ -413,6 +413,28 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
         up.communicate(timeout=60)  # waits, and closes the pipe
 
 
+@pytest.mark.parametrize("command", ["sandbox", "producer"])
+def test_a_server_on_a_port_in_use_says_so_before_announcing_itself(
+    command: str, tmp_path: Path, secret_key: str
+) -> None:
+    """`passbridge sandbox --port 8089` beside a running `passbridge up` printed "Klaviyo sandbox on
+    http://127.0.0.1:8089" and only then uvicorn's bind error (exit 3): one `error:` line, exit 1, instead."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(tmp_path / "state", secret_key, "redis://127.0.0.1:1/0")  # never reached
+        result = run([command, "--port", str(port)], env, tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert (
+        said
+        == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (is another server running there?)"
+    )
+
+
 def test_up_takes_the_klaviyo_url_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A Klaviyo URL set only in ``.env`` counts, as for every other setting: `up` then starts no sandbox."""
     from passbridge.cli.up_cmd import external_klaviyo
