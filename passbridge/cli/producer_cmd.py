@@ -16,7 +16,6 @@ def producer(
     import uvicorn
 
     s = settings()
-    check_can_listen(host or s.producer_host, port or s.producer_port)
     if s.accounts_file:
         from passbridge.accounts_file import AccountsFileError, load_accounts_file
 
@@ -32,6 +31,7 @@ def producer(
         cipher_from_settings(s)
     except SecretKeyError as exc:
         fail(str(exc))
+    check_can_listen(host or s.producer_host, port or s.producer_port)  # after the file's and key's errors
     url = redis_url(s)
     from producer.app import create_app
 
