@@ -345,7 +345,8 @@ class TestCleanFailures:
         assert result.returncode == 1, result.stderr
         err = " ".join(result.stderr.split())
         assert (
-            "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+            "error: stopped after line 501: account acme has 500 pending events; the new events would take it "
+            "over its high-water mark of 700; let the workers drain it" in err
         )
         assert "500 accepted, 0 duplicates, 1 rejected so far; resume after line 501" in err
         assert "Traceback" not in result.stderr
