@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -412,6 +413,84 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     finally:
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=60)  # waits, and closes the pipe
+
+
+@pytest.mark.timeout(240)
+def test_up_started_again_sets_its_account_up_in_the_new_sandbox(tmp_path: Path) -> None:
+    """`make run` twice: the account and its stored Klaviyo ids outlive the first stack in its Redis, but the
+    sandbox keeps everything in memory. The second start sets the account up again, so its events are delivered
+    (they paused the account: "the account's provisioned data source no longer exists")."""
+    import re
+
+    import httpx
+
+    from passbridge.redis_server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(COLUMNS="200", PASSBRIDGE_LOG_FORMAT="console")
+    producer_port = free_port()
+    args = ["up", "--workers", "1", "--producer-port", str(producer_port), "--sandbox-port", str(free_port())]
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        up = subprocess.Popen(
+            [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        assert up.stderr is not None
+        lines: list[str] = []
+        while not lines or "Ctrl-C stops everything" not in lines[-1]:
+            line = up.stderr.readline()
+            assert line, "".join(lines)  # `up` ended before it was up
+            lines.append(line)
+        return up, "".join(lines)
+
+    def stop(up: subprocess.Popen[str]) -> None:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
+
+    up, printed = start()
+    try:
+        found = re.search(r"ingest token (pbi_\S+)", printed)
+        assert found, printed
+        token = found.group(1)
+    finally:
+        stop(up)
+    up, printed = start()
+    try:
+        export = next(x.strip() for x in printed.splitlines() if x.strip().startswith("export "))
+        cli = dict(env)
+        for assignment in shlex.split(export)[1:]:
+            name, _, value = assignment.partition("=")
+            cli[name] = value
+        item = {
+            "event_id": "again-1",
+            "kind": "created",
+            "serial_number": "S1",
+            "pass_type": "p",
+            "platform": "apple",
+        }
+        r = httpx.post(
+            f"http://127.0.0.1:{producer_port}/v1/accounts/local/events",
+            json=item,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 60
+        while True:
+            found_event = run(["event", "local", "again-1", "--json"], cli, tmp_path)
+            doc = orjson.loads(found_event.stdout)
+            if doc["where"] == "delivered":
+                break
+            assert "paused" not in doc["detail"], doc
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.5)
+    finally:
+        stop(up)
 
 
 @pytest.mark.parametrize("command", ["sandbox", "producer"])
