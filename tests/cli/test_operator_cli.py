@@ -441,6 +441,33 @@ class TestWorkerClocks:
             self.stop(behind)
 
 
+async def test_answers_into_a_pipe_are_never_cut_short(
+    redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """With no terminal and no COLUMNS (a pipe, a file, cron) tables take their natural width: at Rich's 80
+    columns `passbridge status | grep acme-coffee-europe` found "acm…", and `dlq list > file` kept no whole id."""
+    account, serial = "acme-coffee-europe", "SERIAL-0123456789-ABCDEFGHIJ-0123456789"
+    await make_account(redis, cipher(secret_key, tmp_path), account)
+    await put(redis, pass_event(account, serial, 0), pass_event(account, serial + "-2", 0))
+    await dead_letter(redis, account, serial + "-2", reason="permanent error: HTTP 400 invalid", detail="bad")
+    env = env_for(tmp_path / "state", secret_key, redis_url)
+    del env["COLUMNS"]
+    for args, wanted in (
+        (["status"], [account]),
+        (["dlq", "list"], [account, f"{account}-{serial}-2-0", serial + "-2"]),
+        (["engine", "status"], [account]),
+        (["accounts", "list"], [account]),
+    ):
+        result = run(args, env, tmp_path)
+        assert result.returncode == 0, (args, output(result))
+        for text in wanted:
+            assert text in result.stdout, (args, text, result.stdout)
+        assert "…" not in result.stdout, (args, result.stdout)
+    # A width the operator asks for still holds.
+    narrow = run(["accounts", "list"], env | {"COLUMNS": "60"}, tmp_path)
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 60, narrow.stdout
+
+
 async def test_answers_go_to_stdout_and_a_mistyped_account_is_an_error(
     redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
 ) -> None:
