@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -326,6 +327,10 @@ class TestWhyWaiting:
         assert "waiting: the account is paused since" in text
         status = await cli_in_process(["status"], env)
         assert "1 (held)" in output(status)
+        # The pause's kind, which the README's steps for a paused account start from.
+        assert re.search(r"acme is paused since \S+ \(kind operator\): billing hold", output(status)), output(
+            status
+        )
 
     async def test_throttled_account(
         self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
