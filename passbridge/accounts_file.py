@@ -66,20 +66,23 @@ class ApplyReport:
         }
 
 
-def _interpolate(value: Any, env: Mapping[str, str], where: str) -> Any:
+def _interpolate(value: Any, env: Mapping[str, str], where: str, unset: list[str]) -> Any:
+    """``value`` with every ``${NAME}`` replaced; each reference to an unset variable is added to ``unset``
+    (named by account and field), so one run reports all of them."""
     if isinstance(value, str):
 
         def sub(match: re.Match[str]) -> str:
             name = match.group(1)
             if name not in env:
-                raise AccountsFileError(f"{where}: environment variable {name} is not set")
+                unset.append(f"{where}: environment variable {name} is not set")
+                return match.group(0)
             return env[name]
 
         return _ENV_REF.sub(sub, value)
     if isinstance(value, list):
-        return [_interpolate(v, env, f"{where}[{i}]") for i, v in enumerate(value)]
+        return [_interpolate(v, env, f"{where}[{i}]", unset) for i, v in enumerate(value)]
     if isinstance(value, dict):
-        return {k: _interpolate(v, env, f"{where}.{k}") for k, v in value.items()}
+        return {k: _interpolate(v, env, f"{where}.{k}", unset) for k, v in value.items()}
     return value
 
 
@@ -100,16 +103,28 @@ def parse_accounts(doc: Any, env: Mapping[str, str]) -> dict[str, AccountSpec]:
     if not isinstance(accounts, dict):
         raise AccountsFileError("`accounts` must map account ids to their settings")
     specs: dict[str, AccountSpec] = {}
+    # Every account is checked and every problem reported at once: a file is fixed in one round, not one
+    # error per run.
+    problems: list[str] = []
     for account_id, body in accounts.items():
         where = f"accounts.{account_id}"
         if not isinstance(account_id, str) or not ACCOUNT_ID.fullmatch(account_id):
-            raise AccountsFileError(f"{where}: an account id is 1-64 letters, digits, '.', '_' or '-'")
+            problems.append(f"{where}: an account id is 1-64 letters, digits, '.', '_' or '-'")
+            continue
         if not isinstance(body, dict):
-            raise AccountsFileError(f"{where}: must be a mapping of settings")
+            problems.append(f"{where}: must be a mapping of settings")
+            continue
+        unset: list[str] = []
+        resolved = _interpolate(body, env, where, unset)
+        if unset:
+            problems.extend(unset)  # validating a "${NAME}" left in place would only add noise
+            continue
         try:
-            specs[account_id] = AccountSpec.model_validate(_interpolate(body, env, where))
+            specs[account_id] = AccountSpec.model_validate(resolved)
         except ValidationError as exc:
-            raise AccountsFileError(_describe(exc, where)) from None
+            problems.append(_describe(exc, where))
+    if problems:
+        raise AccountsFileError("; ".join(problems))
     return specs
 
 

@@ -20,12 +20,23 @@ if TYPE_CHECKING:
 
 
 class BacklogFull(Exception):
-    """The account's backlog is over its high-water mark; nothing of the batch was written."""
+    """The batch's new events would take the account's backlog over its high-water mark; nothing of it was
+    written. ``depth`` is the backlog (-1: unknown), ``high_water`` the mark (``None``: unknown)."""
 
-    def __init__(self, account_id: str, depth: int) -> None:
-        super().__init__(f"account {account_id} has {depth} pending events, over its high-water mark")
+    def __init__(self, account_id: str, depth: int, high_water: int | None = None) -> None:
+        super().__init__(backlog_full_text(account_id, depth, high_water))
         self.account_id = account_id
         self.depth = depth
+        self.high_water = high_water
+
+
+def backlog_full_text(account_id: str, depth: int, high_water: int | None) -> str:
+    """Why a batch was refused, in numbers an operator can check: the backlog and the mark it would pass (a
+    backlog below the mark is refused too, when the batch does not fit)."""
+    mark = "its high-water mark" if high_water is None else f"its high-water mark of {high_water}"
+    if depth < 0:
+        return f"the new events would take account {account_id}'s backlog over {mark}"
+    return f"account {account_id} has {depth} pending events; the new events would take it over {mark}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,7 +91,7 @@ async def enqueue(
         reply = await script(redis, "enqueue")(args=args)
     status, depth, *flags = reply
     if status == 0:
-        raise BacklogFull(account_id, int(depth))
+        raise BacklogFull(account_id, int(depth), high_water)
     return EnqueueResult([bool(f) for f in flags], int(depth))
 
 

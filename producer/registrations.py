@@ -107,7 +107,7 @@ async def _call(
         ],
     )
     if int(code) == 503:
-        raise BacklogFull(account_id, -1)
+        raise BacklogFull(account_id, -1, limits.high_water)
     return Registration(Outcome(int(code)), event_id.decode() or None)
 
 

@@ -166,16 +166,25 @@ async def probe_credentials(
     """Whether the account's Klaviyo credentials work and it is provisioned, with its data source still there
     and the revision served (what a pause for an :class:`~worker.klaviyo.errors.AccountFault` waits for): one
     cheap read."""
+    return await credentials_problem(client, store, redis, account_id) is None
+
+
+async def credentials_problem(
+    client: KlaviyoClient, store: AccountStore, redis: Redis, account_id: str
+) -> str | None:
+    """What :func:`probe_credentials` found wrong, in words for an operator (``None``: nothing): a missing
+    set-up, or the Klaviyo error of the probe (a refusal, but also a network error, a 429 or a 5xx, which say
+    nothing about the credentials)."""
     provisioned = await load_provisioned(redis, account_id)
     if provisioned is None:
-        return False
+        return f"not set up in Klaviyo: run `passbridge klaviyo setup --account {account_id}`"
     try:
         account = await store.get(account_id)
         await client.call(account, GET_DATA_SOURCE, path_params={"id": provisioned.data_source_id})
     except KlaviyoError as exc:
         log.info("credentials_probe_failed", account=account_id, error=str(exc))
-        return False
-    return True
+        return f"the Klaviyo check failed: {exc}"
+    return None
 
 
 async def sweep(ctx: dict[str, Any]) -> dict[str, int]:

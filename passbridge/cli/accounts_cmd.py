@@ -15,10 +15,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
-from rich.console import Console
 
 from passbridge.account_state import AccountState
-from passbridge.cli.common import emit_json, fail, redis_url, run, safe, settings
+from passbridge.cli.common import AnswerConsole, emit_json, fail, redis_url, run, safe, settings
 
 # What a command needs is imported when it runs: `passbridge --help` should not pay for httpx, Redis or pydantic.
 if TYPE_CHECKING:
@@ -30,7 +29,7 @@ if TYPE_CHECKING:
     from passbridge.accounts_file import ApplyReport
 
 app = typer.Typer(help="Merchant accounts: credentials, sources, Klaviyo connection.", no_args_is_help=True)
-out = Console()
+out = AnswerConsole()
 
 JsonOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 AccountArg = Annotated[str, typer.Argument(help="Account id (letters, digits, . _ -).")]

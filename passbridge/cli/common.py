@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any, NoReturn, TypeVar
 from urllib.parse import urlsplit
 
 import typer
-from rich.console import Console
+from rich.console import Console, ConsoleDimensions
 from rich.markup import escape
 
 # Every command module imports this one, so it stays light: settings, logging, Redis and asyncio are
@@ -21,10 +21,33 @@ if TYPE_CHECKING:
     from passbridge.settings import Settings
 
 T = TypeVar("T")
+#: The width answers are laid out in when they go to a pipe or a file: no table is ever cut to fit.
+UNBOUNDED_WIDTH = 100_000
+
+
+class AnswerConsole(Console):
+    """Stdout for answers. On a terminal (or with ``COLUMNS`` set) tables fit its width as usual; into a pipe
+    or a file they take their natural width, so no serial, event id or account id is cut short with "…" (a
+    cut id matches no grep and cannot be pasted back into a command; Rich otherwise assumed the terminal's
+    width, or 80 columns without one)."""
+
+    @property
+    def size(self) -> ConsoleDimensions:
+        """The terminal's size, or an unbounded width off a terminal without ``COLUMNS``."""
+        dims = super().size
+        if self._width is None and not self.is_terminal and "COLUMNS" not in self._environ:
+            return ConsoleDimensions(UNBOUNDED_WIDTH, dims.height)
+        return dims
+
+    @size.setter
+    def size(self, new_size: tuple[int, int]) -> None:
+        Console.size.fset(self, new_size)  # type: ignore[attr-defined]
+
+
 #: Errors, prompts and progress: on stderr, so they never mix into output a pipe or a file takes.
 console = Console(stderr=True)
 #: What a command answers (tables, lines of data): on stdout, so `passbridge status | grep acme` works.
-out = Console()
+out = AnswerConsole()
 #: C0 and C1 control characters: in data they could move the cursor, clear the screen or retitle the window.
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 #: The Redis URL this command resolved last, so a failure can say which server it could not reach.
@@ -116,6 +139,30 @@ def fail(message: str, code: int = 1) -> NoReturn:
     """Print an error for a person and exit non-zero (the message is data: never read as markup)."""
     console.print("[bold red]error:[/] " + "\n".join(safe(line) for line in message.split("\n")))
     raise typer.Exit(code)
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """Fail with one ``error:`` line when ``host:port`` cannot be listened on (in use, not an address of this
+    host), before a server command announces itself or starts anything: uvicorn would say so only after.
+
+    The probe binds as uvicorn does (``SO_REUSEADDR``), so a port in TIME_WAIT is no false alarm.
+    """
+    import socket
+
+    if port == 0:
+        return  # any free port
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+    except socket.gaierror as exc:
+        fail(f"cannot listen on {host}:{port}: {exc.strerror}")
+    with socket.socket(family, kind, proto) as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind(address)
+        except OSError as exc:
+            fail(f"cannot listen on {host}:{port}: {exc.strerror or exc} (is another server running there?)")
 
 
 def emit_json(doc: Any) -> None:

@@ -261,9 +261,11 @@ def _choose(
     when nothing matches and ``--json`` said so. ``notes`` adds lines shown before the confirmation."""
     from worker.dlq import DLQFilter
 
+    # ``verb`` is the past tense the results are reported in ("replayed"); questions ask in the present.
+    act = {"replayed": "replay", "purged": "purge"}.get(verb, verb)
     if not ids and flt == DLQFilter() and not everything:
         fail(
-            f"name the events to {verb}, narrow with filters (--code, --serial, --since, --until) or pass --all"
+            f"name the events to {act}, narrow with filters (--code, --serial, --since, --until) or pass --all"
         )
 
     async def pick(redis: Redis) -> tuple[dict[str, list[str]], list[str]]:
@@ -282,7 +284,7 @@ def _choose(
         console.print(safe(line))
     if total > 1 and not yes:
         where = ", ".join(f"{a}: {len(v)}" for a, v in chosen.items())
-        if not typer.confirm(f"{verb} {total} dead-lettered events ({where})?", err=True):
+        if not typer.confirm(f"{act} {total} dead-lettered events ({where})?", err=True):
             fail("aborted")
     return chosen
 

@@ -132,7 +132,7 @@ def resume(
     from passbridge.accounts import AccountNotFound
     from worker import pause
     from worker.klaviyo.client import KlaviyoClient
-    from worker.main import probe_credentials
+    from worker.main import credentials_problem
 
     s = settings()
 
@@ -158,8 +158,9 @@ def resume(
                 }
             if check:
                 async with KlaviyoClient.from_settings(s, redis, store) as client:
-                    if not await probe_credentials(client, store, redis, account):
-                        return {"account": account, "resumed": False, "reason": "credentials still rejected"}
+                    problem = await credentials_problem(client, store, redis, account)
+                    if problem is not None:
+                        return {"account": account, "resumed": False, "reason": problem}
             paused_ms = await pause.resume_account(redis, store, account)
             if paused_ms is None:
                 return {"account": account, "resumed": False, "reason": "not paused"}

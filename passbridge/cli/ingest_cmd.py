@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
+from io import BufferedIOBase
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
@@ -17,14 +18,60 @@ if TYPE_CHECKING:
     from producer.ingest import Rejections
 
 
-def _lines(path: Path) -> Iterator[Any]:
-    """Each line of ``path`` read as JSON; a line that is not JSON as the ItemError that rejects it."""
+#: The first bytes of every gzip member (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+
+
+def _open(path: Path) -> BufferedIOBase:
+    """The file's lines as bytes: a gzip file (told by its magic bytes, whatever its name) is decompressed as it
+    is read, as the NDJSON route does with ``Content-Encoding: gzip`` (several members decode as ``gzip -d``
+    decodes them)."""
+    import gzip
+
+    fh = path.open("rb")
+    if fh.read(2) == GZIP_MAGIC:
+        fh.close()
+        return gzip.open(path, "rb")
+    fh.seek(0)
+    return fh
+
+
+def _count_lines(path: Path) -> int | None:
+    """Lines in the file, for the progress bar; ``None`` when gzip data cannot be read to its end."""
+    import gzip
+    import zlib
+
+    try:
+        with _open(path) as fh:
+            return sum(1 for _ in fh)
+    except (gzip.BadGzipFile, EOFError, zlib.error):
+        return None  # _lines reports where it breaks
+
+
+def _lines(path: Path, broken: list[str]) -> Iterator[Any]:
+    """Each line of ``path`` read as JSON; a line that is not JSON as the ItemError that rejects it. gzip data
+    that is cut short or corrupt ends the lines there, with why in ``broken``."""
+    import gzip
+    import zlib
+
     import orjson
 
     from producer.ingest import ItemError
 
-    with path.open("rb") as fh:
-        for line in fh:
+    number = 0
+    with _open(path) as fh:
+        lines = iter(fh)
+        while True:
+            try:
+                line = next(lines)
+            except StopIteration:
+                return
+            except (gzip.BadGzipFile, EOFError, zlib.error) as exc:
+                # The lines whole before the damage are enqueued; the caller reports where to resume.
+                why = "is cut short" if isinstance(exc, EOFError) else f"is corrupt ({exc})"
+                broken.append(f"the gzip data {why} after line {number}")
+                return
+            number += 1
             if not line.strip():
                 yield None  # keeps line numbers aligned; rejected as "empty"
                 continue
@@ -36,7 +83,7 @@ def _lines(path: Path) -> Iterator[Any]:
 
 def ingest(
     file: Path = typer.Argument(
-        ..., exists=True, dir_okay=False, readable=True, help="NDJSON, one event a line."
+        ..., exists=True, dir_okay=False, readable=True, help="NDJSON, one event a line (or gzip of it)."
     ),
     account: str = typer.Option(..., "--account", "-a", help="Account id."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
@@ -55,8 +102,8 @@ def ingest(
 
     s = settings()
     url = redis_url(s)
-    total = sum(1 for _ in file.open("rb"))
-    stopped: list[str] = []  # why the file stopped part-way (the backlog is full, Redis went away)
+    total = _count_lines(file)
+    stopped: list[str] = []  # why the file stopped part-way (the backlog is full, Redis went away, bad gzip)
 
     async def go() -> PublishSummary:
         redis = Redis.from_url(url)
@@ -80,7 +127,7 @@ def ingest(
                     async for done in publish_iter(
                         redis,
                         acct,
-                        _lines(file),
+                        _lines(file, stopped),
                         summary,
                         source="ndjson",
                         default_region=s.default_phone_region,
@@ -131,6 +178,17 @@ def _print_rejected(rejected: Rejections) -> None:
         console.print(f"  line {r['line']}: " + safe(reason))
 
 
+def _rest_command(file: Path, through: int) -> str:
+    """A shell line writing the lines after ``through`` to rest.ndjson (decompressing a gzip file)."""
+    import shlex
+
+    with file.open("rb") as fh:
+        gzipped = fh.read(2) == GZIP_MAGIC
+    rest = f"tail -n +{through + 1}"
+    read = f"gzip -dc {shlex.quote(str(file))} | {rest}" if gzipped else f"{rest} {shlex.quote(str(file))}"
+    return safe(f"{read} > rest.ndjson")
+
+
 def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_json: bool) -> NoReturn:
     """Report a file that stopped part-way: what is in Redis so far and the line to resume after, exit 1.
 
@@ -156,6 +214,6 @@ def _stopped(file: Path, account: str, summary: PublishSummary, reason: str, as_
         console.print(
             f"{summary.accepted} accepted, {summary.duplicates} duplicates, {rejected['rejected_count']} rejected "
             "so far; "
-            f"resume after line {through} (e.g. tail -n +{through + 1} {safe(file)} > rest.ndjson)"
+            f"resume after line {through} (e.g. {_rest_command(file, through)})"
         )
     raise typer.Exit(1)

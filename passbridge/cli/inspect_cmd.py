@@ -114,7 +114,9 @@ def status(
     for a in doc["accounts"]:
         state = a["state"]
         if state != "connected":
-            since = f" since {a['paused']['since']}" if a["paused"] else ""
+            # The kind says what to do (README, "What to do when … an account is paused"): auth means fix the
+            # credentials and `engine resume`, operator means `accounts update --state connected`.
+            since = f" since {a['paused']['since']} (kind {a['paused']['kind']})" if a["paused"] else ""
             notes.append(
                 f"[red]{safe(a['account'])} is {safe(state)}{since}[/]: "
                 + safe(a["state_reason"] or "no reason given")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from passbridge.cli.common import fail, redis_url, settings
+from passbridge.cli.common import check_can_listen, fail, redis_url, settings
 
 
 def producer(
@@ -31,6 +31,7 @@ def producer(
         cipher_from_settings(s)
     except SecretKeyError as exc:
         fail(str(exc))
+    check_can_listen(host or s.producer_host, port or s.producer_port)  # after the file's and key's errors
     url = redis_url(s)
     from producer.app import create_app
 

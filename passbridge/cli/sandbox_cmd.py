@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 
 import typer
 
-from passbridge.cli.common import console, fail, settings
+from passbridge.cli.common import check_can_listen, console, fail, settings
 
 if TYPE_CHECKING:
     from klaviyo_sandbox.config import Outage
@@ -160,6 +160,7 @@ def sandbox(
         job_latency_jitter_s=job_latency_jitter_s,
         base_url=base_url.rstrip("/") if base_url else None,
     )
+    check_can_listen(host, port)
     console.print(f"Klaviyo sandbox on http://{host}:{port} (revision 2026-07-15 … 2026-10-15)")
     for account in accounts:
         console.print(

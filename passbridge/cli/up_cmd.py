@@ -16,10 +16,19 @@ if TYPE_CHECKING:
     from passbridge.settings import Settings
 
 
-def cli_exports(state_dir: Path, redis_url: str) -> str:
+def cli_exports(
+    state_dir: Path, redis_url: str, sandbox_url: str | None = None, rate_scale: float = 1.0
+) -> str:
     """The shell line that points CLI commands at a running ``up`` stack: its Redis and its state dir (whose
-    ``secret.key`` encrypts its accounts unless PASSBRIDGE_SECRET_KEY is set)."""
-    return f"export PASSBRIDGE_STATE_DIR={shlex.quote(str(state_dir.resolve()))} REDIS_URL={shlex.quote(redis_url)}"
+    ``secret.key`` encrypts its accounts unless PASSBRIDGE_SECRET_KEY is set), and the stack's sandbox when it
+    runs one: without it `klaviyo setup`, `accounts check` and `engine resume --check` would call the real
+    Klaviyo with the sandbox's key."""
+    line = f"export PASSBRIDGE_STATE_DIR={shlex.quote(str(state_dir.resolve()))} REDIS_URL={shlex.quote(redis_url)}"
+    if sandbox_url is not None:
+        line += f" PASSBRIDGE_KLAVIYO_BASE_URL={shlex.quote(sandbox_url)}"
+        if rate_scale != 1.0:
+            line += f" PASSBRIDGE_KLAVIYO_RATE_SCALE={rate_scale:g}"
+    return line
 
 
 def external_klaviyo(s: Settings) -> str | None:
@@ -76,7 +85,8 @@ def up(
         # The stack keeps its own state dir (and so its own generated key): CLI commands need both to read
         # its accounts. soft_wrap: a wrapped line could not be pasted.
         console.print("  CLI        run this first in a shell for `passbridge` commands against this stack:")
-        console.print(f"             {cli_exports(state_dir, stack.redis_url)}", soft_wrap=True, markup=False)
+        exports = cli_exports(state_dir, stack.redis_url, None if external else stack.klaviyo_url, rate_scale)
+        console.print(f"             {exports}", soft_wrap=True, markup=False)
         if creds:
             console.print(f"  account {account!r}: ingest token {creds[0]}  webhook secret {creds[1]}")
         console.print("Ctrl-C stops everything.")

@@ -22,7 +22,8 @@ async def ensure_local_account(
     stack: Stack, account_id: str, klaviyo_key: str | None
 ) -> tuple[str, str] | None:
     """Create ``account_id`` (with the sandbox's key) and run its Klaviyo set-up; returns its new ingest token
-    and webhook secret, or ``None`` when it already existed (its credentials were shown when it was made)."""
+    and webhook secret, or ``None`` when it already existed (its credentials were shown when it was made; an
+    account with the sandbox's key is set up again in this start's sandbox)."""
     from worker.klaviyo.client import KlaviyoClient
     from worker.setup import provision
 
@@ -36,10 +37,18 @@ async def ensure_local_account(
     try:
         store = AccountStore(redis, cipher_from_settings(settings))
         try:
-            await store.get(account_id)
-            return None
+            existing = await store.get(account_id)
         except AccountNotFound:
-            pass
+            existing = None
+        if existing is not None:
+            key = existing.secrets.klaviyo_api_key
+            if klaviyo_key and key is not None and key.get_secret_value() == klaviyo_key:
+                # The sandbox keeps everything in memory: this start's has none of the set-up whose ids an
+                # earlier start stored, and the account's first event would pause it ("data source no longer
+                # exists"). Set it up again (idempotent; it stores the new ids).
+                async with KlaviyoClient.from_settings(settings, redis, store) as client:
+                    await provision(client, redis, existing)
+            return None
         token, secret = new_token("pbi_"), new_webhook_secret()
         account = Account(
             account_id=account_id,

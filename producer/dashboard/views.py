@@ -384,6 +384,11 @@ async def account(page: Page) -> Response:
     account_id = page.q("account")
     if not account_id:
         return await page.error(400, "account: give an account id")
+    # As `passbridge status --account`: a typo would otherwise show a normal-looking page of zeros.
+    if account_id not in await inspect.account_ids(page.redis):
+        return await page.error(
+            404, f"no account {account_id!r}: not registered, nothing queued or dead-lettered"
+        )
     now = await inspect.now_ms(page.redis)
     a = await inspect.account_overview(page.redis, account_id, now)
     series = await inspect.activity_series(page.redis, account_id, now / 1000, minutes=60)

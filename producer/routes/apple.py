@@ -25,6 +25,7 @@ import structlog
 from starlette.requests import Request
 from starlette.responses import Response
 
+from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import EventKind, PassEvent, Platform, render_pass_url, utcnow
 from producer.context import ProducerContext
@@ -121,6 +122,13 @@ def _event(
     )
 
 
+def _count(account: Account, event: PassEvent | None, fired: str | None) -> None:
+    """Count a fired lifecycle event as the other sources' events are counted (``/metrics``' ingested total,
+    the activity series behind ``status`` and the report), so Apple installs show in the save rate."""
+    if event is not None and fired is not None:
+        metrics.events_ingested(account.account_id, [event], [True])
+
+
 def _limits(ctx: ProducerContext) -> Limits:
     return Limits(
         high_water=ctx.settings.backlog_high_water,
@@ -161,6 +169,7 @@ async def post_registration(request: Request) -> Response:
             installed=event,
             limits=_limits(ctx),
         )
+    _count(account, event, result.event_id)
     if result.outcome is Outcome.too_many_devices:
         detail = f"the pass has {MAX_DEVICES_PER_PASS} devices registered, the most it may have"
         raise Problem(
@@ -197,6 +206,7 @@ async def delete_registration(request: Request) -> Response:
             uninstalled=event,
             limits=_limits(ctx),
         )
+    _count(account, event, result.event_id)
     log.info(
         "apple unregistration",
         account_id=account.account_id,

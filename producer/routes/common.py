@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
-from passbridge.queue import BacklogFull
+from passbridge.queue import BacklogFull, backlog_full_text
 from passbridge.redis_lean import ReplyLost
 from producer.coding import PIECE, BadGzip, Gunzip, bad_gzip, is_gzip
 from producer.context import ProducerContext
@@ -175,11 +175,8 @@ def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]
 def as_503(ctx: ProducerContext, account_id: str, exc: Exception) -> Problem:
     """The 503 problem (with Retry-After) for a full backlog, a Redis timeout or an unreachable Redis."""
     if isinstance(exc, BacklogFull):
-        depth = f"{exc.depth} pending events" if exc.depth >= 0 else "a backlog"
-        return unavailable(
-            f"account {account_id} has {depth} over its high-water mark; nothing was written",
-            ctx.settings.retry_after_s,
-        )
+        why = backlog_full_text(account_id, exc.depth, exc.high_water or ctx.settings.backlog_high_water)
+        return unavailable(f"{why}; nothing was written", ctx.settings.retry_after_s)
     if isinstance(exc, RedisTimeoutError | TimeoutError | ReplyLost):
         log.warning("redis reply lost", error=type(exc).__name__)
         # The command may have run before the reply was lost: say so, and that a retry is safe.

@@ -140,6 +140,25 @@ class TestApplyCommand:
         assert "accounts.acme.klaviyo_api_key: environment variable ACME_KLAVIYO_KEY is not set" in error
         assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
 
+    def test_every_problem_of_the_file_is_named_in_one_run(
+        self, cli: Cli, tmp_path: Path, env: dict[str, str]
+    ) -> None:
+        """Unset variables in two fields, and another account's bad fields: all in the one error, so the file
+        is fixed in one round (the first problem alone was reported, one more per run)."""
+        del env["ACME_KLAVIYO_KEY"], env["ACME_WEBHOOK_SECRET"]
+        text = YAML + "  cyan: {klaviyo_key: x, retry: {max_attempts: 0}}\n  'bad id': {}\n"
+        error = " ".join(cli.fails("accounts", "apply", str(write(tmp_path, text)), env=env).split())
+        for says in (
+            "accounts.acme.webhook_secrets[0]: environment variable ACME_WEBHOOK_SECRET is not set",
+            "accounts.acme.klaviyo_api_key: environment variable ACME_KLAVIYO_KEY is not set",
+            "accounts.cyan.retry.max_attempts: Input should be greater than or equal to 1",
+            "accounts.cyan.klaviyo_key: Extra inputs are not permitted",
+            "accounts.bad id: an account id is",
+        ):
+            assert says in error, (says, error)
+        assert "bolt" not in error  # a valid account is not mentioned
+        assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
+
     @pytest.mark.parametrize(
         ("text", "says"),
         [

@@ -8,6 +8,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -136,6 +137,39 @@ class TestIngest:
         assert "0 accepted, 45 duplicates, 0 skipped, 5 rejected" in plain.stderr
         assert "line 5: kind:" in plain.stderr
         assert "line 7: (errors listed for the first 2 rejected lines only)" in plain.stderr
+
+    async def test_a_gzip_file_is_read_decompressed_and_a_cut_one_says_where_to_resume(
+        self, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+    ) -> None:
+        """A backfill compressed for the NDJSON route (`gzip -k`) is taken as it is, whatever its name; one cut
+        short keeps its whole lines and says where to resume (it was read as text: every line "not UTF-8")."""
+        import gzip
+
+        await make_account(redis, cipher(secret_key, tmp_path / "state"))
+        env = cli_env(tmp_path / "state", secret_key, redis_url)
+        plain = ndjson(tmp_path / "backfill.ndjson", 300).read_bytes()
+        # Two members, as `cat a.gz b.gz` makes: gzip -d reads them as one stream.
+        (tmp_path / "backfill.ndjson.gz").write_bytes(
+            gzip.compress(plain[: plain.index(b"\n") + 1]) + gzip.compress(plain[plain.index(b"\n") + 1 :])
+        )
+        result = run(["ingest", str(tmp_path / "backfill.ndjson.gz"), "-a", "acme", "--json"], env, tmp_path)
+        assert result.returncode == 0, result.stderr
+        doc = orjson.loads(result.stdout)
+        assert (doc["lines"], doc["accepted"], doc["rejected"]) == (300, 300, []), doc
+
+        more = ndjson(tmp_path / "more.ndjson", 600).read_bytes()[len(plain) :]  # events 300..599
+        packed = gzip.compress(more)
+        (tmp_path / "cut.gz").write_bytes(packed[: len(packed) * 2 // 3])
+        result = run(["ingest", str(tmp_path / "cut.gz"), "-a", "acme"], env, tmp_path)
+        assert result.returncode == 1, result.stderr
+        err = " ".join(result.stderr.split())
+        depth = int(await redis.get(account_keys("acme").depth))
+        taken = depth - 300
+        assert 0 < taken < 300, taken
+        assert f"error: stopped after line {taken}: the gzip data is cut short after line {taken}" in err, err
+        rest = f"gzip -dc {tmp_path / 'cut.gz'} | tail -n +{taken + 1} > rest.ndjson"
+        assert f"resume after line {taken} (e.g. {rest})" in err, err
+        assert "Traceback" not in result.stderr
 
     def test_unknown_account_and_missing_file(self, redis_url: str, tmp_path: Path, secret_key: str) -> None:
         env = cli_env(tmp_path / "state", secret_key, redis_url)
@@ -312,7 +346,8 @@ class TestCleanFailures:
         assert result.returncode == 1, result.stderr
         err = " ".join(result.stderr.split())
         assert (
-            "error: stopped after line 501: account acme has 500 pending events, over its high-water" in err
+            "error: stopped after line 501: account acme has 500 pending events; the new events would take it "
+            "over its high-water mark of 700; let the workers drain it" in err
         )
         assert "500 accepted, 0 duplicates, 1 rejected so far; resume after line 501" in err
         assert "Traceback" not in result.stderr
@@ -336,7 +371,8 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
     admin_token = "adm_" + "q7" * 16
     env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console", PASSBRIDGE_ADMIN_TOKEN=admin_token)
-    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(free_port())]
+    sandbox_port = free_port()
+    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(sandbox_port)]
     up = subprocess.Popen(
         [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
         env=env,
@@ -365,12 +401,118 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
         listed = run(["accounts", "list", "--json"], cli, tmp_path)
         assert listed.returncode == 0, listed.stderr
         assert [a["account_id"] for a in orjson.loads(listed.stdout)] == ["local"]
+        # The stack's Klaviyo is its sandbox: the CLI's Klaviyo calls go there, not to the real Klaviyo with the
+        # sandbox's key.
+        assert cli["PASSBRIDGE_KLAVIYO_BASE_URL"] == f"http://127.0.0.1:{sandbox_port}"
+        checked = run(["accounts", "check", "local", "--json"], cli, tmp_path)
+        findings = {f["topic"]: f for f in orjson.loads(checked.stdout)["findings"]}
+        assert findings["credentials"]["status"] == "ok", findings["credentials"]
         # Only the Redis URL: this directory's own generated key cannot read the stack's account.
         only_url = {**env, "REDIS_URL": cli["REDIS_URL"]}
         assert "do not decrypt" in run(["accounts", "list"], only_url, tmp_path).stderr
     finally:
         up.send_signal(signal.SIGTERM)
         up.communicate(timeout=60)  # waits, and closes the pipe
+
+
+@pytest.mark.timeout(240)
+def test_up_started_again_sets_its_account_up_in_the_new_sandbox(tmp_path: Path) -> None:
+    """`make run` twice: the account and its stored Klaviyo ids outlive the first stack in its Redis, but the
+    sandbox keeps everything in memory. The second start sets the account up again, so its events are delivered
+    (they paused the account: "the account's provisioned data source no longer exists")."""
+    import re
+
+    import httpx
+
+    from passbridge.redis_server import free_port
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
+    env.update(COLUMNS="200", PASSBRIDGE_LOG_FORMAT="console")
+    producer_port = free_port()
+    args = ["up", "--workers", "1", "--producer-port", str(producer_port), "--sandbox-port", str(free_port())]
+
+    def start() -> tuple[subprocess.Popen[str], str]:
+        up = subprocess.Popen(
+            [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
+            env=env,
+            cwd=tmp_path,
+            stderr=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            text=True,
+        )
+        assert up.stderr is not None
+        lines: list[str] = []
+        while not lines or "Ctrl-C stops everything" not in lines[-1]:
+            line = up.stderr.readline()
+            assert line, "".join(lines)  # `up` ended before it was up
+            lines.append(line)
+        return up, "".join(lines)
+
+    def stop(up: subprocess.Popen[str]) -> None:
+        up.send_signal(signal.SIGTERM)
+        up.communicate(timeout=60)
+
+    up, printed = start()
+    try:
+        found = re.search(r"ingest token (pbi_\S+)", printed)
+        assert found, printed
+        token = found.group(1)
+    finally:
+        stop(up)
+    up, printed = start()
+    try:
+        export = next(x.strip() for x in printed.splitlines() if x.strip().startswith("export "))
+        cli = dict(env)
+        for assignment in shlex.split(export)[1:]:
+            name, _, value = assignment.partition("=")
+            cli[name] = value
+        item = {
+            "event_id": "again-1",
+            "kind": "created",
+            "serial_number": "S1",
+            "pass_type": "p",
+            "platform": "apple",
+        }
+        r = httpx.post(
+            f"http://127.0.0.1:{producer_port}/v1/accounts/local/events",
+            json=item,
+            headers={"Authorization": f"Bearer {token}"},
+            timeout=10,
+        )
+        assert r.status_code == 202, r.text
+        deadline = time.monotonic() + 60
+        while True:
+            found_event = run(["event", "local", "again-1", "--json"], cli, tmp_path)
+            doc = orjson.loads(found_event.stdout)
+            if doc["where"] == "delivered":
+                break
+            assert "paused" not in doc["detail"], doc
+            assert time.monotonic() < deadline, doc
+            time.sleep(0.5)
+    finally:
+        stop(up)
+
+
+@pytest.mark.parametrize("command", ["sandbox", "producer"])
+def test_a_server_on_a_port_in_use_says_so_before_announcing_itself(
+    command: str, tmp_path: Path, secret_key: str
+) -> None:
+    """`passbridge sandbox --port 8089` beside a running `passbridge up` printed "Klaviyo sandbox on
+    http://127.0.0.1:8089" and only then uvicorn's bind error (exit 3): one `error:` line, exit 1, instead."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = cli_env(tmp_path / "state", secret_key, "redis://127.0.0.1:1/0")  # never reached
+        result = run([command, "--port", str(port)], env, tmp_path)
+    assert result.returncode == 1, (result.stdout, result.stderr)
+    said = " ".join((result.stdout + result.stderr).split())
+    assert (
+        said
+        == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (is another server running there?)"
+    )
 
 
 def test_up_takes_the_klaviyo_url_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

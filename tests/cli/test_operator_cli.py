@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import re
 import signal
 import subprocess
 import time
@@ -251,6 +252,43 @@ async def test_engine_resume_refuses_an_account_paused_in_the_registry(
     assert (await store.get("acme")).state is AccountState.connected
 
 
+async def test_engine_resume_check_says_what_failed(
+    cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """`--check` names why it did not resume: a missing set-up, or the Klaviyo call's own error. An unreachable
+    Klaviyo says nothing about the credentials (it used to answer "credentials still rejected" for both)."""
+    from passbridge.redis_server import free_port
+    from worker.setup import Provisioned, store_provisioned
+
+    store = AccountStore(redis, cipher(secret_key, tmp_path))
+    await make_account(redis, store.cipher, "acme")
+    await pause.pause_account(redis, store, "acme", "HTTP 401 not_authenticated")
+    closed = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    env = env_for(tmp_path / "state", secret_key, redis_url) | {"PASSBRIDGE_KLAVIYO_BASE_URL": closed}
+
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    assert " ".join(output(result).split()) == (
+        "acme not resumed: not set up in Klaviyo: run `passbridge klaviyo setup --account acme`"
+    )
+    ids = {f: f"id-{f}" for f in ("data_source_id", "object_type_id", "schema_id", "source_mapping_id")}
+    await store_provisioned(
+        redis, "acme", Provisioned(**ids, relationship_id="r", revision="2026-10-15", provisioned_at=1.0)
+    )
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    said = " ".join(output(result).split())
+    assert said.startswith("acme not resumed: the Klaviyo check failed: HTTP 401 no_credentials"), said
+    key = await cli_in_process(["accounts", "update", "acme", "--klaviyo-api-key", "pk_" + "7" * 32], env)
+    assert key.returncode == 0, output(key)
+    result = await cli_in_process(["engine", "resume", "acme", "--check"], env)
+    assert result.returncode == 1, output(result)
+    said = " ".join(output(result).split())
+    assert said.startswith("acme not resumed: the Klaviyo check failed: network error"), said
+    assert "7777" not in said
+    assert (await pause.get_pause(redis, "acme")) is not None  # still paused
+
+
 class TestWhyWaiting:
     """A paused or throttled account's serials look due; the tools say why no worker takes them."""
 
@@ -289,6 +327,10 @@ class TestWhyWaiting:
         assert "waiting: the account is paused since" in text
         status = await cli_in_process(["status"], env)
         assert "1 (held)" in output(status)
+        # The pause's kind, which the README's steps for a paused account start from.
+        assert re.search(r"acme is paused since \S+ \(kind operator\): billing hold", output(status)), output(
+            status
+        )
 
     async def test_throttled_account(
         self, cli_in_process: InProcessCli, redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
@@ -402,6 +444,33 @@ class TestWorkerClocks:
             assert (await read_flow(redis, "acme")).live_workers == 1
         finally:
             self.stop(behind)
+
+
+async def test_answers_into_a_pipe_are_never_cut_short(
+    redis: Redis, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """With no terminal and no COLUMNS (a pipe, a file, cron) tables take their natural width: at Rich's 80
+    columns `passbridge status | grep acme-coffee-europe` found "acm…", and `dlq list > file` kept no whole id."""
+    account, serial = "acme-coffee-europe", "SERIAL-0123456789-ABCDEFGHIJ-0123456789"
+    await make_account(redis, cipher(secret_key, tmp_path), account)
+    await put(redis, pass_event(account, serial, 0), pass_event(account, serial + "-2", 0))
+    await dead_letter(redis, account, serial + "-2", reason="permanent error: HTTP 400 invalid", detail="bad")
+    env = env_for(tmp_path / "state", secret_key, redis_url)
+    del env["COLUMNS"]
+    for args, wanted in (
+        (["status"], [account]),
+        (["dlq", "list"], [account, f"{account}-{serial}-2-0", serial + "-2"]),
+        (["engine", "status"], [account]),
+        (["accounts", "list"], [account]),
+    ):
+        result = run(args, env, tmp_path)
+        assert result.returncode == 0, (args, output(result))
+        for text in wanted:
+            assert text in result.stdout, (args, text, result.stdout)
+        assert "…" not in result.stdout, (args, result.stdout)
+    # A width the operator asks for still holds.
+    narrow = run(["accounts", "list"], env | {"COLUMNS": "60"}, tmp_path)
+    assert max(len(line) for line in narrow.stdout.splitlines()) <= 60, narrow.stdout
 
 
 async def test_answers_go_to_stdout_and_a_mistyped_account_is_an_error(

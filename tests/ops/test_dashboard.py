@@ -138,6 +138,10 @@ def test_bad_requests_name_the_field(admin: httpx.Client) -> None:
     assert r.status_code == 404
     r = admin.get("/dashboard/account")
     assert r.status_code == 400
+    # A mistyped account is named, not shown as a page of zeros (as `passbridge status --account` refuses it).
+    r = admin.get("/dashboard/account?account=hoolli")
+    assert r.status_code == 404
+    assert "no account &#39;hoolli&#39;: not registered, nothing queued or dead-lettered" in r.text
 
 
 def test_bulk_actions_need_csrf_and_confirmation(known: Known) -> None:

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import time
+
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
+from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.keys import account_keys
 from producer.registrations import MAX_DEVICES_PER_PASS
 from producer.sources.apple import pass_token
 from tests.producer.conftest import Env
+from worker.inspect import report_rows
 
 PTID = "pass.com.acme.loyalty"
 BASE = "/apple/acme/v1"
@@ -81,6 +86,36 @@ class TestRegistration:
         assert [k[:2] for k in kinds] == [("installed", "dev1"), ("uninstalled", "watch1")]
         assert kinds[1][2] == uninstall_id
         assert await env.redis.exists(account_keys("acme").apple_regs(PTID, "SER1")) == 0
+
+    async def test_fired_events_are_counted_like_every_source(self, env: Env) -> None:
+        """An install and an uninstall count in /metrics' ingested total and in the report (the save rate's
+        installs come from here); a second device and a repeated call, which fire nothing, count nothing."""
+
+        async def apple_ingested() -> float:
+            text = (await env.http.get("/metrics")).text
+            labels = {"account": "acme", "source": "apple"}
+            return sum(
+                s.value
+                for family in text_string_to_metric_families(text)
+                for s in family.samples
+                if s.name == "passbridge_ingested_events_total" and s.labels == labels
+            )
+
+        before = await apple_ingested()  # the counters are the process's, shared with earlier tests
+        assert (await register(env, "dev1", "SER1")).status_code == 201
+        assert (await register(env, "watch1", "SER1")).status_code == 201
+        assert (await register(env, "dev1", "SER1")).status_code == 200
+        assert (await unregister(env, "watch1", "SER1")).status_code == 200
+        assert (await unregister(env, "dev1", "SER1")).status_code == 200
+        assert (await unregister(env, "dev1", "SER1")).status_code == 200
+        assert await apple_ingested() - before == 2
+        await metrics.RECORDER.flush(env.redis)
+        now_ms = int(time.time() * 1000)
+        rows = await report_rows(env.redis, "acme", now_ms - 3_600_000, now_ms + 3_600_000)
+        assert [(r.kind, r.platform, r.pass_type, r.count) for r in rows] == [
+            ("installed", "apple", "ptk_0x216", 1),
+            ("uninstalled", "apple", "ptk_0x216", 1),
+        ]
 
     async def test_unregistering_an_unknown_device_is_200_and_fires_nothing(self, env: Env) -> None:
         r = await unregister(env, "ghost", "SER1")

@@ -135,6 +135,27 @@ class TestEventsRoute:
         assert err["pointer"].startswith(f"/{field}")
         assert reason.lower() in err["detail"].lower(), err
 
+    @pytest.mark.parametrize(
+        "bad",
+        [
+            # every kind of check at once: pydantic's, the phone number's and the receive time's
+            {"email": "nope@", "pass_url": "ftp://x", "properties": {"a": {"x": 1}}},
+            {},  # otherwise the common shape: its fast path stops at the first of the last two checks
+        ],
+    )
+    async def test_one_answer_names_every_bad_field(self, env: Env, bad: dict[str, object]) -> None:
+        """An operator fixes an item in one round: the phone number and a far-future occurred_at were only
+        checked once every other field was valid (and the phone number masked occurred_at)."""
+        item = event(1, phone_number="12", occurred_at="2031-01-01T00:00:00Z", **bad)
+        r = await env.http.post(URL, json=item, headers=auth())
+        assert r.status_code == 422, r.text
+        errors = {e["pointer"]: e["detail"] for e in r.json()["errors"]}
+        assert errors.pop("/phone_number") == "not a valid phone number for its region"
+        assert errors.pop("/occurred_at") == "must not be more than 24 hours in the future"
+        expected = {"/email", "/pass_url", "/properties/a"} if bad else set()
+        assert set(errors) == expected
+        assert r.json()["detail"] == f"{2 + len(expected)} invalid field(s); nothing was accepted"
+
     async def test_each_bad_property_gets_its_own_error(self, env: Env) -> None:
         props = {"tier": "gold", "a": {"x": 1}, "$b": 1, "c/d": [1]}
         r = await env.http.post(URL, json=[event(0), event(1, properties=props)], headers=auth())

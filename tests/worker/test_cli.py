@@ -137,11 +137,16 @@ def test_replay_needs_a_selection_and_confirms_bulk(cli_env: str, secret_key: st
     seed(cli_env, secret_key)
     code, out = invoke("dlq", "replay")
     assert code == 1
+    assert "name the events to replay, narrow with filters" in out
     assert "--all" in out
     code, out = invoke("dlq", "replay", "--account", "acme", "--code", "invalid", input="n\n")
     assert code == 1
-    assert "replayed 2 dead-lettered events (acme: 2)?" in out
+    assert "replay 2 dead-lettered events (acme: 2)? [y/N]" in out  # asked in the present, not "replayed"
     assert "aborted" in out
+    code, out = invoke("dlq", "purge", "--account", "acme", "--code", "invalid", input="n\n")
+    assert (code, "purge 2 dead-lettered events (acme: 2)? [y/N]" in out) == (1, True), out
+    code, out = invoke("dlq", "purge")
+    assert (code, "name the events to purge, narrow" in out) == (1, True), out
     code, out = invoke("dlq", "replay", "--account", "acme", "--code", "invalid", "--yes", "--json")
     assert code == 0, out
     assert orjson.loads(out) == {
