@@ -202,14 +202,18 @@ def test_embedded_redis_lifecycle_and_state_file_discovery(
     status = run(["redis", "status"], env, tmp_path)
     assert status.returncode == 1
     assert "not running" in status.stdout
+    # A script (--json) gets the exit code a person does.
+    status = run(["redis", "status", "--json"], env, tmp_path)
+    assert (status.returncode, orjson.loads(status.stdout)["running"]) == (1, False), status.stderr
 
     started = run(["redis", "start"], env, tmp_path)
     assert started.returncode == 0, started.stderr
     url = started.stdout.strip()
     assert url.startswith("redis://127.0.0.1:")
     assert not url.startswith("redis://127.0.0.1:6379/")
-    doc = orjson.loads(run(["redis", "status", "--json"], env, tmp_path).stdout)
-    assert (doc["running"], doc["url"]) == (True, url)
+    status = run(["redis", "status", "--json"], env, tmp_path)
+    doc = orjson.loads(status.stdout)
+    assert (status.returncode, doc["running"], doc["url"]) == (0, True, url)
     assert run(["redis", "start"], env, tmp_path).stdout.strip() == url  # idempotent: finds it
 
     added = run(["accounts", "add", "acme", "--ingest-token", "tok", "--json"], env, tmp_path)
