@@ -21,7 +21,7 @@ def producer(
     import structlog
     import uvicorn
 
-    s = settings()
+    s = settings(server=True)
     if s.accounts_file:
         from passbridge.accounts_file import AccountsFileError, load_accounts_file
 

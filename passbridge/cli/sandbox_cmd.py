@@ -99,7 +99,7 @@ def sandbox(
     """Run the local Klaviyo sandbox: the Klaviyo REST API subset passbridge uses, with real limits."""
     import uvicorn
 
-    settings()
+    settings(server=True)
     from klaviyo_sandbox.app import create_app
     from klaviyo_sandbox.config import (
         AccountConfig,
