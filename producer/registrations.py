@@ -41,6 +41,9 @@ class Registration:
 
     outcome: Outcome
     event_id: str | None
+    #: Whether the pass's device count crossed 0 ↔ 1: the call's lifecycle event fired, or was skipped because
+    #: the pass type is not synced.
+    crossed: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +85,7 @@ async def _call(
     head, tail = ("", "")
     if event is not None:
         head, tail = _split_wire(event.model_copy(update={"event_id": prefix + _GEN}))
-    code, event_id = await script(redis, name)(
+    code, event_id, crossed = await script(redis, name)(
         keys=[
             keys.apple_regs(pass_type_id, serial),
             keys.apple_gen(pass_type_id, serial),
@@ -108,7 +111,7 @@ async def _call(
     )
     if int(code) == 503:
         raise BacklogFull(account_id, -1, limits.high_water)
-    return Registration(Outcome(int(code)), event_id.decode() or None)
+    return Registration(Outcome(int(code)), event_id.decode() or None, bool(int(crossed)))
 
 
 async def register(

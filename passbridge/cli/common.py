@@ -61,16 +61,27 @@ def configure_logging(level: str = "info", fmt: str = "auto") -> None:
     configure(level, fmt)
 
 
-def settings() -> Settings:
-    """Settings, with logging configured for this command."""
+def settings(*, server: bool = False) -> Settings:
+    """Settings, with logging configured for this command: a ``server`` (producer, worker, sandbox) at
+    ``PASSBRIDGE_LOG_LEVEL``, any other command at :func:`command_log_level`."""
     from passbridge.settings import SettingsError, get_settings
 
     try:
         s = get_settings()
     except SettingsError as exc:
         fail(str(exc))
-    configure_logging(s.log_level, s.log_format)
+    configure_logging(s.log_level if server else command_log_level(s), s.log_format)
     return s
+
+
+def command_log_level(s: Settings) -> str:
+    """The log level of a command an operator runs and reads (``klaviyo setup``, ``dlq replay``, ``up``, ...):
+    ``PASSBRIDGE_LOG_LEVEL`` when it is set (environment or ``.env``), else warning.
+
+    A server's info lines are its record; a command's answer is its table or its lines, and info lines from the
+    code it runs (JSON when stderr is not a terminal) would bury it. Warnings and errors still show.
+    """
+    return s.log_level if "log_level" in s.model_fields_set else "warning"
 
 
 def redis_url(s: Settings, *, start: bool = True) -> str:

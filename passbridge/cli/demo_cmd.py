@@ -50,12 +50,11 @@ def demo(
     private key(s) in PASSBRIDGE_DEMO_KLAVIYO_API_KEYS and reads a sample of passes back through its API.
     """
     from passbridge.demo.run import DemoError, DemoOptions, run_demo, summary_table
-    from passbridge.logging import configure_logging
 
+    # The demo's own process talks through its progress bars and summary: like every operator command it logs
+    # warnings only unless PASSBRIDGE_LOG_LEVEL is set (common.command_log_level). The stack's processes keep
+    # logging to their files in the state dir.
     s = settings()
-    # The demo's own process talks through its progress bars and summary; its library logs (set-up steps)
-    # would only interleave with them. The stack's processes keep logging to their files in the state dir.
-    configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
     real = "klaviyo_base_url" in s.model_fields_set  # set in the environment or .env, not the default
     keys = s.demo_klaviyo_api_keys.get_secret_value() if s.demo_klaviyo_api_keys else ""
     try:

@@ -256,9 +256,10 @@ def _choose(
     yes: bool,
     as_json: bool,
     notes: Callable[[Redis, dict[str, list[str]]], Awaitable[list[str]]] | None = None,
-) -> dict[str, list[str]] | None:
-    """The entries an operation acts on (account → ids, oldest first), confirmed when more than one; ``None``
-    when nothing matches and ``--json`` said so. ``notes`` adds lines shown before the confirmation."""
+) -> dict[str, list[str]]:
+    """The entries an operation acts on (account → ids, oldest first), confirmed when more than one; exit 1
+    when nothing matches (with ``--json``, after the empty result). ``notes`` adds lines shown before the
+    confirmation."""
     from worker.dlq import DLQFilter
 
     # ``verb`` is the past tense the results are reported in ("replayed"); questions ask in the present.
@@ -277,8 +278,9 @@ def _choose(
     total = sum(len(v) for v in chosen.values())
     if total == 0:
         if as_json:
+            # The document a script parses, and the exit code a person gets: `--json` changes the output's
+            # format, never whether the command failed (as `klaviyo show --json` does for an account not set up).
             emit_json({verb: 0, "selected": 0, "accounts": {}})
-            return None
         fail("no dead-lettered events match", code=1)
     for line in lines:
         console.print(safe(line))
@@ -313,8 +315,6 @@ def _bulk(
     as_json: bool,
 ) -> None:
     chosen = _choose(verb, ids, account, flt, everything, yes, as_json)
-    if chosen is None:
-        return
     total = sum(len(v) for v in chosen.values())
 
     async def go(redis: Redis) -> dict[str, int]:
@@ -506,8 +506,6 @@ def replay(
         as_json,
         notes=room_notes,
     )
-    if chosen is None:
-        return
     total = sum(len(v) for v in chosen.values())
 
     async def go(redis: Redis) -> _Waves:

@@ -9,13 +9,19 @@ from passbridge.cli.common import check_can_listen, fail, redis_url, settings
 
 def producer(
     host: str = typer.Option(None, help="Bind address (default PASSBRIDGE_PRODUCER_HOST)."),
-    port: int = typer.Option(None, help="Port (default PASSBRIDGE_PRODUCER_PORT)."),
+    port: int = typer.Option(
+        None,
+        min=0,
+        max=65535,
+        help="Port (0 = any free port, named in the log line producer_listening; default PASSBRIDGE_PRODUCER_PORT).",
+    ),
     workers: int = typer.Option(1, help="uvicorn worker processes."),
 ) -> None:
     """Run the producer (webhooks, Apple and Google callbacks, the events API)."""
+    import structlog
     import uvicorn
 
-    s = settings()
+    s = settings(server=True)
     if s.accounts_file:
         from passbridge.accounts_file import AccountsFileError, load_accounts_file
 
@@ -31,15 +37,23 @@ def producer(
         cipher_from_settings(s)
     except SecretKeyError as exc:
         fail(str(exc))
-    check_can_listen(host or s.producer_host, port or s.producer_port)  # after the file's and key's errors
+    # `is None`, not `or`: --port 0 asks for any free port, it does not mean "unset".
+    host = host or s.producer_host
+    port = s.producer_port if port is None else port
+    check_can_listen(host, port)  # after the file's and key's errors
     url = redis_url(s)
+    from passbridge.cli.uvicorn_workers import serve
     from producer.app import create_app
+
+    def announce(bound: int) -> None:
+        structlog.get_logger("passbridge.producer").info(
+            "producer_listening", host=host, port=bound, url=f"http://{host}:{bound}", workers=workers
+        )
 
     if workers > 1:
         import os
         from pathlib import Path
 
-        from passbridge.cli.uvicorn_workers import serve_workers
         from passbridge.metrics import setup_multiprocess
 
         os.environ["REDIS_URL"] = url
@@ -49,10 +63,12 @@ def producer(
             setup_multiprocess(metrics_dir)
         except OSError as exc:
             fail(f"cannot write the producer's metrics files in {metrics_dir} ({exc.strerror or exc})")
-        config = uvicorn.Config(
-            "producer.main:app",
-            host=host or s.producer_host,
-            port=port or s.producer_port,
+    serve(
+        uvicorn.Config(
+            # With several processes each builds its own app from the import string.
+            "producer.main:app" if workers > 1 else create_app(s, url),
+            host=host,
+            port=port,
             workers=workers,
             log_level="warning",
             # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
@@ -61,18 +77,6 @@ def producer(
             access_log=False,
             loop="uvloop",
             http="httptools",
-        )
-        serve_workers(config)
-    else:
-        uvicorn.run(
-            create_app(s, url),
-            host=host or s.producer_host,
-            port=port or s.producer_port,
-            log_level="warning",
-            # Requests still running after the grace are cancelled: a stop never outlasts the container's stop timeout.
-            timeout_graceful_shutdown=s.producer_shutdown_grace_s,
-            log_config=None,  # uvicorn's records go to the root logger, whose formatter redacts secrets
-            access_log=False,
-            loop="uvloop",
-            http="httptools",
-        )
+        ),
+        announce,
+    )

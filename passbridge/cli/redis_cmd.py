@@ -53,4 +53,5 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
         typer.echo(f"running at {server.url} (pid {server.pid}, data in {server.data_dir})")
     else:
         typer.echo("not running")
-        raise typer.Exit(1)
+    if not server:
+        raise typer.Exit(1)  # with --json too: a script checks the same exit code a person does

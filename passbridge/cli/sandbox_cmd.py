@@ -47,7 +47,7 @@ def _outages(values: list[str]) -> tuple[Outage, ...]:
 
 def sandbox(
     host: str = typer.Option("127.0.0.1", help="Bind address (keep it on loopback: /_sandbox needs no key)."),
-    port: int = typer.Option(8089, help="Port."),
+    port: int = typer.Option(8089, min=0, max=65535, help="Port (0 = any free port, printed at start-up)."),
     api_key: list[str] = typer.Option(
         [], "--api-key", help="Create an account with exactly this private key (repeatable)."
     ),
@@ -99,7 +99,7 @@ def sandbox(
     """Run the local Klaviyo sandbox: the Klaviyo REST API subset passbridge uses, with real limits."""
     import uvicorn
 
-    settings()
+    settings(server=True)
     from klaviyo_sandbox.app import create_app
     from klaviyo_sandbox.config import (
         AccountConfig,
@@ -161,25 +161,33 @@ def sandbox(
         base_url=base_url.rstrip("/") if base_url else None,
     )
     check_can_listen(host, port)
-    console.print(f"Klaviyo sandbox on http://{host}:{port} (revision 2026-07-15 … 2026-10-15)")
-    for account in accounts:
-        console.print(
-            f"  account {account.account_id}: 1 private key, {len(account.oauth_clients)} OAuth client(s)"
-        )
-    if not unlimited:
-        console.print(f"  rate limits on, clock ×{rate_scale:g}")
+    from passbridge.cli.uvicorn_workers import serve
+
+    def announce(bound: int) -> None:
+        # The bound port, not --port: with --port 0 the system chose it.
+        console.print(f"Klaviyo sandbox on http://{host}:{bound} (revision 2026-07-15 … 2026-10-15)")
+        for account in accounts:
+            console.print(
+                f"  account {account.account_id}: 1 private key, {len(account.oauth_clients)} OAuth client(s)"
+            )
+        if not unlimited:
+            console.print(f"  rate limits on, clock ×{rate_scale:g}")
+
     _freeze_survivors()
     # Bulk bodies are validated in a thread (klaviyo_sandbox.app): with the default 5 ms switch interval
     # every wake-up of the event loop could wait 5 ms for the interpreter lock while one runs.
     sys.setswitchinterval(0.001)
-    uvicorn.run(
-        create_app(config),
-        host=host,
-        port=port,
-        log_level="warning",
-        access_log=False,
-        loop="uvloop",
-        http="httptools",
+    serve(
+        uvicorn.Config(
+            create_app(config),
+            host=host,
+            port=port,
+            log_level="warning",
+            access_log=False,
+            loop="uvloop",
+            http="httptools",
+        ),
+        announce,
     )
 
 

@@ -49,10 +49,8 @@ def up(
 
     from passbridge.demo.local import ensure_local_account
     from passbridge.demo.stack import StackConfig, run_stack
-    from passbridge.logging import configure_logging
 
-    s = settings()
-    configure_logging("warning" if s.log_level == "info" else s.log_level, s.log_format)
+    s = settings()  # warnings only unless PASSBRIDGE_LOG_LEVEL is set; the stack's processes log to files
     external = external_klaviyo(s)
     key = "pk_local_" + "0" * 24
     admin = s.admin_token.get_secret_value() if s.admin_token else "local-admin"

@@ -52,7 +52,7 @@ def worker(
     from worker.arq_worker import run_worker
     from worker.main import worker_settings
 
-    s = settings()
+    s = settings(server=True)
     updates = {
         k: v
         for k, v in {

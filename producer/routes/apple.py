@@ -13,7 +13,8 @@
 
 A passTypeIdentifier the account does not map (``apple_pass_types``) gets 401 on register/unregister — the
 token cannot belong to a pass this web service serves, which is Apple's "request not authorized" — and 404 on
-the registrations list.
+the registrations list. A mapped pass type the account does not sync keeps its registrations and fires no
+event; the event it would have fired is counted as skipped, as the other sources count theirs.
 """
 
 from __future__ import annotations
@@ -34,11 +35,13 @@ from producer.registrations import (
     MAX_DEVICES_PER_PASS,
     Limits,
     Outcome,
+    Registration,
     register,
     unregister,
     updated_serials,
 )
 from producer.routes.common import json_response, read_body, store_errors_as_503
+from producer.routes.events import count_skipped_events
 from producer.sources.apple import (
     MAX_PUSH_TOKEN_CHARS,
     check_authorization,
@@ -122,11 +125,17 @@ def _event(
     )
 
 
-def _count(account: Account, event: PassEvent | None, fired: str | None) -> None:
-    """Count a fired lifecycle event as the other sources' events are counted (``/metrics``' ingested total,
-    the activity series behind ``status`` and the report), so Apple installs show in the save rate."""
-    if event is not None and fired is not None:
+async def _count(
+    ctx: ProducerContext, account: Account, pass_type: str, event: PassEvent | None, result: Registration
+) -> None:
+    """Count the call's lifecycle event as the other sources' events are counted: a fired one in ``/metrics``'
+    ingested total, the activity series behind ``status`` and the report (so Apple installs show in the save
+    rate); one of a pass type the account does not sync in its skipped counters (``accounts list``/``check``),
+    as a webhook or an NDJSON line of that pass type is."""
+    if event is not None and result.event_id is not None:
         metrics.events_ingested(account.account_id, [event], [True])
+    elif event is None and result.crossed:
+        await count_skipped_events(ctx, account.account_id, [pass_type])
 
 
 def _limits(ctx: ProducerContext) -> Limits:
@@ -169,7 +178,7 @@ async def post_registration(request: Request) -> Response:
             installed=event,
             limits=_limits(ctx),
         )
-    _count(account, event, result.event_id)
+    await _count(ctx, account, pass_type, event, result)
     if result.outcome is Outcome.too_many_devices:
         detail = f"the pass has {MAX_DEVICES_PER_PASS} devices registered, the most it may have"
         raise Problem(
@@ -206,7 +215,7 @@ async def delete_registration(request: Request) -> Response:
             uninstalled=event,
             limits=_limits(ctx),
         )
-    _count(account, event, result.event_id)
+    await _count(ctx, account, pass_type, event, result)
     log.info(
         "apple unregistration",
         account_id=account.account_id,

@@ -142,7 +142,7 @@ async def publish_events(
     synced = [e for e in events if account.syncs(e.pass_type)]
     flags = iter(await enqueue_or_503(ctx, account.account_id, synced))
     if len(synced) < len(events):
-        await _count_skipped(
+        await count_skipped_events(
             ctx, account.account_id, [e.pass_type for e in events if not account.syncs(e.pass_type)]
         )
     out = []
@@ -161,7 +161,7 @@ async def publish_events(
     return out
 
 
-async def _count_skipped(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
+async def count_skipped_events(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
     """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
     (the events were rightly acknowledged and not enqueued either way)."""
     try:
@@ -215,7 +215,7 @@ async def _publish_batch(ctx: ProducerContext, account: Account, batch: _Batch, 
     tally.accepted += fresh
     tally.duplicates += len(flags) - fresh
     if len(synced) < len(batch.events):
-        await _count_skipped(
+        await count_skipped_events(
             ctx, account.account_id, [e.pass_type for e in batch.events if not account.syncs(e.pass_type)]
         )
     tally.skipped += len(batch.events) - len(synced)

@@ -202,14 +202,18 @@ def test_embedded_redis_lifecycle_and_state_file_discovery(
     status = run(["redis", "status"], env, tmp_path)
     assert status.returncode == 1
     assert "not running" in status.stdout
+    # A script (--json) gets the exit code a person does.
+    status = run(["redis", "status", "--json"], env, tmp_path)
+    assert (status.returncode, orjson.loads(status.stdout)["running"]) == (1, False), status.stderr
 
     started = run(["redis", "start"], env, tmp_path)
     assert started.returncode == 0, started.stderr
     url = started.stdout.strip()
     assert url.startswith("redis://127.0.0.1:")
     assert not url.startswith("redis://127.0.0.1:6379/")
-    doc = orjson.loads(run(["redis", "status", "--json"], env, tmp_path).stdout)
-    assert (doc["running"], doc["url"]) == (True, url)
+    status = run(["redis", "status", "--json"], env, tmp_path)
+    doc = orjson.loads(status.stdout)
+    assert (status.returncode, doc["running"], doc["url"]) == (0, True, url)
     assert run(["redis", "start"], env, tmp_path).stdout.strip() == url  # idempotent: finds it
 
     added = run(["accounts", "add", "acme", "--ingest-token", "tok", "--json"], env, tmp_path)
@@ -513,6 +517,67 @@ def test_a_server_on_a_port_in_use_says_so_before_announcing_itself(
         said
         == f"error: cannot listen on 127.0.0.1:{port}: Address already in use (is another server running there?)"
     )
+
+
+def _announced_port(line: str) -> int | None:
+    """The port a server's start-up line names: the sandbox's printed URL, the producer's JSON log line."""
+    import re
+
+    if found := re.search(r"Klaviyo sandbox on http://127\.0\.0\.1:(\d+) ", line):
+        return int(found.group(1))
+    with contextlib.suppress(orjson.JSONDecodeError):
+        doc = orjson.loads(line)
+        if isinstance(doc, dict) and doc.get("event") == "producer_listening":
+            return int(doc["port"])
+    return None
+
+
+@pytest.mark.parametrize(("command", "path"), [("sandbox", "/_sandbox/health"), ("producer", "/healthz")])
+def test_port_0_listens_on_a_free_port_and_names_it(
+    command: str, path: str, redis_url: str, tmp_path: Path, secret_key: str
+) -> None:
+    """`--port 0` means any free port, as the worker's `--metrics-port 0` does, and the server says which; the
+    producer took PASSBRIDGE_PRODUCER_PORT instead (0 counted as unset): here a port in use, so it failed."""
+    import socket
+
+    import httpx
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        env = cli_env(tmp_path / "state", secret_key, redis_url) | {
+            "PASSBRIDGE_LOG_FORMAT": "json",
+            "PASSBRIDGE_PRODUCER_PORT": str(taken.getsockname()[1]),
+        }
+        server = subprocess.Popen(
+            [PASSBRIDGE, command, "--host", "127.0.0.1", "--port", "0"],
+            env=env,
+            cwd=tmp_path,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        assert server.stderr is not None
+        try:
+            lines: list[str] = []
+            while (port := _announced_port(lines[-1] if lines else "")) is None:
+                line = server.stderr.readline()
+                assert line, "".join(lines)  # it ended without saying where it listens
+                lines.append(line)
+            assert port not in (0, taken.getsockname()[1]), lines
+            deadline = time.monotonic() + 30
+            while True:  # the port is announced once bound; the app answers once its start-up is done
+                try:
+                    answer = httpx.get(f"http://127.0.0.1:{port}{path}", timeout=5)
+                    break
+                except httpx.TransportError:
+                    assert server.poll() is None, "".join(lines)
+                    assert time.monotonic() < deadline, "".join(lines)
+                    time.sleep(0.1)
+            assert answer.status_code == 200, answer.text
+        finally:
+            server.send_signal(signal.SIGTERM)
+            server.communicate(timeout=30)
 
 
 def test_up_takes_the_klaviyo_url_from_dotenv_too(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -226,6 +226,29 @@ class TestRegistration:
         assert await mailbox(env, "SER1") == []
         assert await env.redis.hlen(account_keys("acme").apple_regs(PTID, "SER1")) == 1
 
+    async def test_unsynced_pass_types_events_are_counted_as_skipped(self, env: Env) -> None:
+        """The installed/uninstalled an unsynced pass type would have fired counts in the account's skipped
+        counters, as a webhook or an NDJSON line of that pass type does; calls that would fire nothing (a second
+        device, a repeat, an unknown device) count nothing."""
+        await env.update_account(sync_pass_types=["ptk_other"])
+        stats = account_keys("acme").stats
+
+        async def skipped() -> tuple[bytes | None, bytes | None]:
+            return await env.redis.hget(stats, "skipped"), await env.redis.hget(stats, "skipped:ptk_0x216")
+
+        assert (await register(env, "dev1", "SER1")).status_code == 201
+        assert await skipped() == (b"1", b"1")
+        assert (await register(env, "watch1", "SER1")).status_code == 201
+        assert (await register(env, "dev1", "SER1")).status_code == 200
+        assert (await unregister(env, "watch1", "SER1")).status_code == 200
+        assert (await unregister(env, "ghost", "SER1")).status_code == 200
+        assert await skipped() == (b"1", b"1")
+        assert (await unregister(env, "dev1", "SER1")).status_code == 200  # the last device: uninstalled
+        assert await skipped() == (b"2", b"2")
+        assert (await unregister(env, "dev1", "SER1")).status_code == 200
+        assert await skipped() == (b"2", b"2")
+        assert await mailbox(env, "SER1") == []
+
 
 class TestDeviceQueries:
     """The device's list of passes and the log endpoint."""

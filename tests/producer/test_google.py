@@ -87,6 +87,16 @@ class TestCallbacks:
         assert doc["duplicate"] is True
         assert len(await mailbox(g.env, "SER1")) == 1
 
+    async def test_unsynced_pass_type_is_acknowledged_and_counted_as_skipped(self, g: G) -> None:
+        """As a webhook of that pass type: 200 skipped, nothing queued, counted in the account's skipped
+        counters (which `accounts list` and `accounts check` show)."""
+        await g.env.update_account(sync_pass_types=["ptk_other"])
+        status, doc = await send(g, g.signer.sign(g.signer.message("save", "SER1", "loyalty", "nonce-1")))
+        assert (status, doc["status"]) == (200, "skipped"), doc
+        assert await mailbox(g.env, "SER1") == []
+        stats = account_keys("acme").stats
+        assert await g.env.redis.hmget(stats, ["skipped", "skipped:ptk_0x216"]) == [b"1", b"1"]
+
     async def test_object_id_mapping_mode(self, g: G) -> None:
         await g.env.update_account(google_serial_from="object_id")
         assert (await send(g, g.signer.sign(g.signer.message("save", "SER1", "loyalty", "n1"))))[0] == 200

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import subprocess
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import orjson
@@ -12,6 +14,7 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
 from passbridge.settings import Settings
+from tests.cli.test_cli import PASSBRIDGE
 from tests.conftest import Answer, InProcessCli
 from tests.sync.conftest import (
     KLAVIYO_ACCOUNT,
@@ -395,6 +398,44 @@ async def test_cli_setup(
         "profiles:write",
     ]
     assert NOCO_ACCOUNT  # the sandbox account behind NOCO_KEY has no Custom Objects
+
+
+async def test_setup_shows_the_operator_warnings_only_unless_a_log_level_is_set(
+    settings: Settings, account: Account, sandbox: Any, tmp_path: Path
+) -> None:
+    """`passbridge klaviyo setup` as a real process: its table on stdout and nothing on stderr (the set-up's
+    info lines, JSON off a terminal, are a server's record, not an operator's answer); with
+    PASSBRIDGE_LOG_LEVEL set explicitly, info included, the steps are logged as well."""
+    assert settings.secret_key is not None
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"} | {
+        "REDIS_URL": str(settings.redis_url),
+        "PASSBRIDGE_SECRET_KEY": settings.secret_key.get_secret_value(),
+        "PASSBRIDGE_STATE_DIR": str(settings.state_dir),
+        "PASSBRIDGE_KLAVIYO_BASE_URL": sandbox.base_url,
+        "PASSBRIDGE_KLAVIYO_REVISION": REVISION,
+        "PASSBRIDGE_KLAVIYO_RATE_SCALE": str(RATE_SCALE),
+    }
+
+    def setup(**extra: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            [PASSBRIDGE, "klaviyo", "setup", "--account", "acme"],
+            env=env | extra,
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+
+    quiet = setup()
+    assert quiet.returncode == 0, quiet.stderr
+    assert "WalletPass provisioned for acme" in quiet.stdout
+    assert quiet.stderr == ""
+    verbose = setup(PASSBRIDGE_LOG_LEVEL="info")
+    assert verbose.returncode == 0, verbose.stderr
+    assert "WalletPass ready for acme" in verbose.stdout
+    logged = [orjson.loads(line) for line in verbose.stderr.splitlines()]
+    assert ("klaviyo_setup_step", "ids stored in Redis") in {(d["event"], d.get("step")) for d in logged}
 
 
 async def test_ingestion_failures_are_visible(

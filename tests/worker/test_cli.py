@@ -231,6 +231,26 @@ def test_purge_all_of_one_account(cli_env: str, secret_key: str) -> None:
     assert orjson.loads(out)["totals"] == {"acme": 0, "globex": 1}
 
 
+def test_replay_or_purge_of_nothing_fails_with_json_too(cli_env: str, secret_key: str) -> None:
+    """A selection that matches nothing exits 1 whether a person or a script (``--json``) runs it: the script
+    gets the empty result on stdout and the same ``error:`` line on stderr."""
+    seed(cli_env, secret_key)
+    for verb, past in (("replay", "replayed"), ("purge", "purged")):
+        selection = ["--account", "acme", "--code", "no_such_code", "--yes"]
+        text = CliRunner().invoke(app, ["dlq", verb, *selection])
+        assert text.exit_code == 1, text.output
+        assert text.stdout == ""
+        assert text.stderr == "error: no dead-lettered events match\n"
+        as_json = CliRunner().invoke(app, ["dlq", verb, *selection, "--json"])
+        assert as_json.exit_code == text.exit_code, as_json.output
+        assert orjson.loads(as_json.stdout) == {past: 0, "selected": 0, "accounts": {}}
+        assert as_json.stderr == "error: no dead-lettered events match\n"
+        named = CliRunner().invoke(app, ["dlq", verb, "no-such-id", "--json"])
+        assert (named.exit_code, orjson.loads(named.stdout)["selected"]) == (1, 0), named.output
+    _, out = invoke("dlq", "list", "--json")
+    assert orjson.loads(out)["totals"] == {"acme": 4, "globex": 1}  # nothing was replayed or purged
+
+
 def test_engine_status_history_and_resume(cli_env: str, secret_key: str) -> None:
     seed(cli_env, secret_key)
 
