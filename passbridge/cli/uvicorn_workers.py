@@ -1,12 +1,33 @@
 """``passbridge producer --workers N``: uvicorn's worker processes, and a supervisor that stops listening when it
-stops. (Its own module: importing it imports uvicorn, which ``passbridge --help`` must not.)"""
+stops and never waits for them past the grace period. (Its own module: importing it imports uvicorn, which
+``passbridge --help`` must not.)"""
 
 from __future__ import annotations
 
 import contextlib
+import os
+import signal
+import socket
+import time
 
+import structlog
 import uvicorn
 from uvicorn.supervisors import Multiprocess
+
+log = structlog.get_logger(__name__)
+
+#: How long past the grace period the supervisor waits for a worker process it has told to stop. Within the
+#: grace a worker finishes (or cuts off) its requests; then it closes its Redis connections and flushes its
+#: counts, which takes milliseconds. One still running after this is stuck and is killed: a stop must end
+#: before the orchestrator's own timeout (compose: 15 s, for the default grace of 8 s).
+STOP_MARGIN_S = 2.0
+
+#: What a worker still running at the deadline is sent first: ``producer.main`` has faulthandler write every
+#: thread's stack to stderr on it, so the log shows where the worker was stuck.
+DUMP_SIGNAL = signal.SIGUSR1
+
+#: How long a worker gets to write its stacks before it is killed.
+DUMP_WAIT_S = 0.5
 
 
 def serve_workers(config: uvicorn.Config) -> None:
@@ -18,12 +39,57 @@ def serve_workers(config: uvicorn.Config) -> None:
 
 class Supervisor(Multiprocess):
     """uvicorn's supervisor of the worker processes, which also closes its own copy of the listening socket once
-    it has told them to stop. The workers close theirs at once; with the supervisor's still open, the kernel
-    would go on accepting connections that no one serves, reset only when the supervisor exits (up to the grace
-    period later) instead of refused at once, which sends the sender's retry elsewhere or past the restart."""
+    it has told them to stop, and waits for them only until the grace period and :data:`STOP_MARGIN_S` have run
+    out (uvicorn waits for each without a limit, so one stuck worker held the stop until docker's SIGKILL).
+
+    The workers close their sockets at once; with the supervisor's still open, the kernel would go on accepting
+    connections that no one serves, reset only when the supervisor exits (up to the grace period later) instead
+    of refused at once, which sends the sender's retry elsewhere or past the restart."""
+
+    def __init__(self, config: uvicorn.Config, sockets: list[socket.socket]) -> None:
+        super().__init__(config, sockets)
+        self._stop_deadline: float | None = None
+
+    @property
+    def stop_timeout_s(self) -> float | None:
+        """How long the workers may take to exit once told to stop; None: as long as they take (no grace)."""
+        grace = self.config.timeout_graceful_shutdown
+        return None if grace is None else grace + STOP_MARGIN_S
 
     def terminate_all(self) -> None:
         """Tell every worker to stop, and stop listening."""
+        timeout = self.stop_timeout_s
+        self._stop_deadline = None if timeout is None else time.monotonic() + timeout
         super().terminate_all()
         for sock in self.sockets:
             sock.close()
+
+    def join_all(self) -> None:
+        """Wait for the workers until the stop's deadline, then have those still running dump their stacks and
+        kill them."""
+        deadline = self._stop_deadline
+        if deadline is None:
+            super().join_all()
+            return
+        for process in self.processes:
+            process.process.join(max(0.0, deadline - time.monotonic()))
+        stuck = [p.process for p in self.processes if p.process.exitcode is None]
+        for proc in stuck:
+            log.error(
+                "producer_worker_killed",
+                pid=proc.pid,
+                waited_s=self.stop_timeout_s,
+                reason="still running past the shutdown grace period and margin; its threads' stacks follow",
+            )
+            if proc.pid is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(proc.pid, DUMP_SIGNAL)
+        if not stuck:
+            return
+        time.sleep(DUMP_WAIT_S)
+        for proc in stuck:
+            proc.kill()
+        for proc in stuck:
+            proc.join(5)
+            if proc.exitcode is None:  # in the kernel (uninterruptible I/O): nothing more to do from here
+                log.error("producer_worker_not_reaped", pid=proc.pid)

@@ -20,8 +20,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from passbridge.cli.uvicorn_workers import DUMP_WAIT_S, STOP_MARGIN_S
 from passbridge.keys import account_keys
-from passbridge.redis_server import free_port
+from passbridge.redis_server import free_port, start_redis
 from passbridge.settings import Settings
 from tests.factories import event, make_account
 from tests.producer.conftest import cipher
@@ -70,7 +71,9 @@ class Producer:
             pytest.fail(f"the producer did not exit within {timeout} s\n{ps}\n{self.logs()}")
 
 
-def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: int) -> Producer:
+def spawn_producer(
+    settings: Settings, redis_url: str, tmp_path: Path, workers: int, grace_s: float = GRACE_S
+) -> Producer:
     """``passbridge producer --workers N`` with a short grace period, in a session of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
     assert settings.secret_key is not None
@@ -80,7 +83,7 @@ def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: 
         PASSBRIDGE_SECRET_KEY=settings.secret_key.get_secret_value(),
         PASSBRIDGE_LOG_FORMAT="console",
         PASSBRIDGE_RETRY_AFTER_S="3",
-        PASSBRIDGE_PRODUCER_SHUTDOWN_GRACE_S=str(GRACE_S),
+        PASSBRIDGE_PRODUCER_SHUTDOWN_GRACE_S=str(grace_s),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
         PYTHONFAULTHANDLER="1",  # see Producer.wait_exit
     )
@@ -97,9 +100,11 @@ def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: 
     return Producer(proc, port, log)
 
 
-async def start_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: int) -> Producer:
+async def start_producer(
+    settings: Settings, redis_url: str, tmp_path: Path, workers: int, grace_s: float = GRACE_S
+) -> Producer:
     """:func:`spawn_producer`, then wait until it answers."""
-    producer = spawn_producer(settings, redis_url, tmp_path, workers)
+    producer = spawn_producer(settings, redis_url, tmp_path, workers, grace_s)
     proc = producer.proc
     deadline = time.monotonic() + 30
     async with httpx.AsyncClient(timeout=1) as http:
@@ -318,3 +323,34 @@ async def test_a_request_still_unfinished_when_the_grace_runs_out_is_cut_off_and
     assert orjson.loads(body)["type"].endswith("/shutting-down"), answer
     assert "Traceback" not in producer.logs(), producer.logs()
     assert "evt-slow" not in await stored_ids(redis)
+
+
+async def test_a_worker_process_still_stopping_past_the_grace_and_margin_is_killed_with_its_stacks_logged(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """With Redis stalled (stopped, its connections open) a worker's last flush of its counts at shutdown waits
+    for Redis's 5 s socket timeout: the supervisor does not wait that long past the grace, but has the worker
+    write its stacks into the log and kills it."""
+    server = start_redis(tmp_path / "stalled-redis", appendonly=False)
+    grace_s = 1
+    producer = await start_producer(settings, server.url, tmp_path, 2, grace_s)
+    try:
+        os.kill(server.pid, signal.SIGSTOP)
+        signalled = time.monotonic()
+        producer.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(producer.wait_exit, grace_s + 15)
+        exited_after = time.monotonic() - signalled
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        kill(producer)
+        server.stop()
+    # Without the bound the stop waits for the socket timeout (at least 5 s after the signal); with it, at most
+    # the grace and margin, the stacks' half second, and the supervisor's own half-second tick.
+    bound = grace_s + STOP_MARGIN_S + DUMP_WAIT_S + 1
+    assert exited_after < bound, (exited_after, producer.logs())
+    assert producer.proc.returncode == 0, producer.logs()
+    logs = producer.logs()
+    assert logs.count("producer_worker_killed") == 2, logs
+    # Each stuck worker's threads' stacks (faulthandler's, for the thread that got the signal and the others).
+    assert logs.count("Current thread") == 2, logs
+    assert "in always_pong" in logs, logs
