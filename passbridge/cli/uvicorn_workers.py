@@ -4,11 +4,16 @@ stops and never waits for them past the grace period. (Its own module: importing
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import faulthandler
 import os
 import signal
 import socket
+import sys
 import time
+from types import FrameType
+from typing import Any
 
 import structlog
 import uvicorn
@@ -22,8 +27,8 @@ log = structlog.get_logger(__name__)
 #: before the orchestrator's own timeout (compose: 15 s, for the default grace of 8 s).
 STOP_MARGIN_S = 2.0
 
-#: What a worker still running at the deadline is sent first: ``producer.main`` has faulthandler write every
-#: thread's stack to stderr on it, so the log shows where the worker was stuck.
+#: What a worker still running at the deadline is sent first: it then writes its stacks to stderr, so the log
+#: shows where it was stuck (:func:`install_stack_dump`, which ``producer.main`` calls).
 DUMP_SIGNAL = signal.SIGUSR1
 
 #: How long a worker gets to write its stacks before it is killed.
@@ -93,3 +98,46 @@ class Supervisor(Multiprocess):
             proc.join(5)
             if proc.exitcode is None:  # in the kernel (uninterruptible I/O): nothing more to do from here
                 log.error("producer_worker_not_reaped", pid=proc.pid)
+
+
+def install_stack_dump() -> None:
+    """In a worker process: on :data:`DUMP_SIGNAL`, write every thread's stack to stderr (faulthandler, which does
+    so even while the main thread is blocked in a call), then, if the event loop still runs, every asyncio task's
+    chain of awaits: a worker stuck in an ``await`` shows only the loop in its threads' stacks."""
+    signal.signal(DUMP_SIGNAL, _dump_tasks)
+    faulthandler.register(DUMP_SIGNAL, all_threads=True, chain=True)  # then the handler above, from the loop
+
+
+def _dump_tasks(signum: int, frame: FrameType | None) -> None:
+    try:
+        tasks = asyncio.all_tasks()
+    except RuntimeError:  # no loop running (yet, or any more)
+        return
+    lines = [f"{len(tasks)} asyncio tasks (innermost await last):"]
+    for task in tasks:
+        lines.append(f"{task!r}")
+        lines.extend(_await_chain(task.get_coro()))
+    sys.stderr.write("\n".join(lines) + "\n")
+    sys.stderr.flush()
+
+
+def _await_chain(awaitable: Any) -> list[str]:
+    """Where a coroutine waits, one line per frame from the task's outermost coroutine to the innermost await."""
+    lines: list[str] = []
+    for _ in range(100):  # a bound, should a chain ever loop
+        frame = getattr(awaitable, "cr_frame", None) or getattr(awaitable, "gi_frame", None)
+        frame = frame or getattr(awaitable, "ag_frame", None)
+        if frame is None:
+            if awaitable is not None:
+                lines.append(f"  awaiting {awaitable!r}")
+            break
+        code = frame.f_code
+        lines.append(f'  File "{code.co_filename}", line {frame.f_lineno}, in {code.co_name}')
+        inner = getattr(awaitable, "cr_await", None) or getattr(awaitable, "gi_yieldfrom", None)
+        inner = inner or getattr(awaitable, "ag_await", None)
+        if type(inner).__name__ in ("async_generator_asend", "async_generator_athrow"):
+            # contextlib's __aexit__ (an asynccontextmanager, such as the app's lifespan) awaits its generator
+            # through an object that does not point back to it; the generator is the manager's ``gen``.
+            inner = getattr(frame.f_locals.get("self"), "gen", inner)
+        awaitable = inner
+    return lines
