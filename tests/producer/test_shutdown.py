@@ -46,6 +46,12 @@ class Producer:
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-12000:]
 
+    def assert_no_worker_killed(self) -> None:
+        """No worker process had to be killed at the stop's deadline: the stop stayed within its bound even then,
+        but a stuck worker is a bug; the log holds its stacks and tasks (passbridge/cli/uvicorn_workers.py)."""
+        text = self.log.read_text(errors="replace")
+        assert "producer_worker_killed" not in text, text
+
     def terminate(self) -> float:
         """SIGTERM (to the process only, as ``docker stop`` sends it to PID 1); the time it took to exit."""
         started = time.monotonic()
@@ -192,6 +198,7 @@ async def test_sigterm_under_load_loses_nothing_answered_and_exits_within_the_gr
     # uvicorn raises the signal again once it has shut down: a clean stop by SIGTERM, as docker expects.
     assert producer.proc.returncode in (0, -signal.SIGTERM), producer.logs()
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
     stored = await stored_ids(redis)
     assert acknowledged <= stored, f"{len(acknowledged - stored)} acknowledged events lost; {outcomes}"
     assert outcomes["refused"] == 16, outcomes  # every sender ended on a refused connection, none hung
@@ -276,6 +283,7 @@ async def test_sigterm_answers_an_ndjson_upload_in_progress_at_once_with_where_t
     assert answered_after < 1.5, answered_after
     assert exited_after < GRACE_S + 3, (exited_after, producer.logs())
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -322,6 +330,7 @@ async def test_a_request_still_unfinished_when_the_grace_runs_out_is_cut_off_and
     assert b"retry-after: 3" in head.lower(), answer
     assert orjson.loads(body)["type"].endswith("/shutting-down"), answer
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
     assert "evt-slow" not in await stored_ids(redis)
 
 
