@@ -359,10 +359,12 @@ async def test_a_worker_process_still_stopping_past_the_grace_and_margin_is_kill
     assert exited_after < bound, (exited_after, producer.logs())
     assert producer.proc.returncode == 0, producer.logs()
     logs = producer.log.read_text(errors="replace")  # all of it: the stacks are longer than logs() keeps
-    assert logs.count("producer_worker_killed") == 2, logs
-    # Each stuck worker's threads' stacks (faulthandler's), and its tasks' awaits: the lifespan's task waits for
-    # Redis's answer (to the last flush of counts; or still to the start-up's first command, for a worker that was
-    # still starting: readiness above hears from one worker only).
-    assert logs.count("Current thread") == 2, logs
-    assert logs.count("asyncio tasks (innermost await last)") == 2, logs
-    assert logs.count("in read_response") >= 2, logs
+    # The worker that answered the readiness checks waits on Redis for its last flush of counts. The other may have
+    # been anywhere in its start-up at the signal (readiness hears from one worker only): waiting on Redis too, or
+    # ended at once by a signal that came before uvicorn handles it.
+    killed = logs.count("producer_worker_killed")
+    assert killed >= 1, logs
+    # A killed worker's threads' stacks (faulthandler's) and its tasks' awaits: where it waits for Redis's answer.
+    assert logs.count("Current thread") >= 1, logs
+    assert logs.count("asyncio tasks (innermost await last)") >= 1, logs
+    assert "in read_response" in logs, logs
