@@ -22,9 +22,10 @@ from uvicorn.supervisors import Multiprocess
 log = structlog.get_logger(__name__)
 
 #: How long past the grace period the supervisor waits for a worker process it has told to stop. Within the
-#: grace a worker finishes (or cuts off) its requests; then it closes its Redis connections and flushes its
-#: counts, which takes milliseconds. One still running after this is stuck and is killed: a stop must end
-#: before the orchestrator's own timeout (compose: 15 s, for the default grace of 8 s).
+#: grace a worker finishes (or cuts off) its requests; then it flushes its counts and closes its Redis
+#: connections, which takes milliseconds while Redis answers (up to Redis's timeouts, 7 s, when it does not).
+#: One still running after this is stuck or waiting on Redis, and is killed: a stop must end before the
+#: orchestrator's own timeout (compose: 15 s, for the default grace of 8 s).
 STOP_MARGIN_S = 2.0
 
 #: What a worker still running at the deadline is sent first: it then writes its stacks to stderr, so the log
