@@ -54,6 +54,7 @@ from redis.exceptions import RedisError
 
 from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
 from passbridge.scripts import script
+from passbridge.tasks import cancel_until_done
 
 if TYPE_CHECKING:
     # Only a type here: importing it would load email and phone validation into every reader of the
@@ -382,9 +383,7 @@ def start_flusher(redis: Redis, interval_s: float = FLUSH_S) -> asyncio.Task[Non
 
 async def stop_flusher(task: asyncio.Task[None], redis: Redis) -> None:
     """Stop the flusher and flush what is left (best effort: Redis may be gone already)."""
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
+    await cancel_until_done(task)  # not a bare cancel and await: see cancel_until_done
     with contextlib.suppress(RedisError, OSError):
         await RECORDER.flush(redis)
 

@@ -16,7 +16,6 @@ server's other work between two requests: a webhook costs about 12 % less produc
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections import defaultdict
 from collections.abc import Callable, Sequence
 
@@ -27,6 +26,7 @@ from passbridge import metrics
 from passbridge.event import PassEvent
 from passbridge.queue import BacklogFull, enqueue
 from passbridge.redis_lean import LeanScripts
+from passbridge.tasks import cancel_until_done
 
 log = structlog.get_logger(__name__)
 
@@ -81,9 +81,7 @@ class Publisher:
 
     async def close(self) -> None:
         if self._task:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await cancel_until_done(self._task)  # not a bare cancel and await: see cancel_until_done
         if self.lean is not None:
             await self.lean.close()
 

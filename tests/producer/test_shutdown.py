@@ -20,8 +20,9 @@ import orjson
 import pytest
 from redis.asyncio import Redis
 
+from passbridge.cli.uvicorn_workers import DUMP_WAIT_S, STOP_MARGIN_S
 from passbridge.keys import account_keys
-from passbridge.redis_server import free_port
+from passbridge.redis_server import free_port, start_redis
 from passbridge.settings import Settings
 from tests.factories import event, make_account
 from tests.producer.conftest import cipher
@@ -44,6 +45,12 @@ class Producer:
 
     def logs(self) -> str:
         return self.log.read_text(errors="replace")[-12000:]
+
+    def assert_no_worker_killed(self) -> None:
+        """No worker process had to be killed at the stop's deadline: the stop stayed within its bound even then,
+        but a stuck worker is a bug; the log holds its stacks and tasks (passbridge/cli/uvicorn_workers.py)."""
+        text = self.log.read_text(errors="replace")
+        assert "producer_worker_killed" not in text, text
 
     def terminate(self) -> float:
         """SIGTERM (to the process only, as ``docker stop`` sends it to PID 1); the time it took to exit."""
@@ -70,7 +77,9 @@ class Producer:
             pytest.fail(f"the producer did not exit within {timeout} s\n{ps}\n{self.logs()}")
 
 
-def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: int) -> Producer:
+def spawn_producer(
+    settings: Settings, redis_url: str, tmp_path: Path, workers: int, grace_s: float = GRACE_S
+) -> Producer:
     """``passbridge producer --workers N`` with a short grace period, in a session of its own."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
     assert settings.secret_key is not None
@@ -80,7 +89,7 @@ def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: 
         PASSBRIDGE_SECRET_KEY=settings.secret_key.get_secret_value(),
         PASSBRIDGE_LOG_FORMAT="console",
         PASSBRIDGE_RETRY_AFTER_S="3",
-        PASSBRIDGE_PRODUCER_SHUTDOWN_GRACE_S=str(GRACE_S),
+        PASSBRIDGE_PRODUCER_SHUTDOWN_GRACE_S=str(grace_s),
         PROMETHEUS_MULTIPROC_DIR=str(tmp_path / "prom"),
         PYTHONFAULTHANDLER="1",  # see Producer.wait_exit
     )
@@ -97,9 +106,11 @@ def spawn_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: 
     return Producer(proc, port, log)
 
 
-async def start_producer(settings: Settings, redis_url: str, tmp_path: Path, workers: int) -> Producer:
+async def start_producer(
+    settings: Settings, redis_url: str, tmp_path: Path, workers: int, grace_s: float = GRACE_S
+) -> Producer:
     """:func:`spawn_producer`, then wait until it answers."""
-    producer = spawn_producer(settings, redis_url, tmp_path, workers)
+    producer = spawn_producer(settings, redis_url, tmp_path, workers, grace_s)
     proc = producer.proc
     deadline = time.monotonic() + 30
     async with httpx.AsyncClient(timeout=1) as http:
@@ -187,6 +198,7 @@ async def test_sigterm_under_load_loses_nothing_answered_and_exits_within_the_gr
     # uvicorn raises the signal again once it has shut down: a clean stop by SIGTERM, as docker expects.
     assert producer.proc.returncode in (0, -signal.SIGTERM), producer.logs()
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
     stored = await stored_ids(redis)
     assert acknowledged <= stored, f"{len(acknowledged - stored)} acknowledged events lost; {outcomes}"
     assert outcomes["refused"] == 16, outcomes  # every sender ended on a refused connection, none hung
@@ -271,6 +283,7 @@ async def test_sigterm_answers_an_ndjson_upload_in_progress_at_once_with_where_t
     assert answered_after < 1.5, answered_after
     assert exited_after < GRACE_S + 3, (exited_after, producer.logs())
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
 
 
 @pytest.mark.parametrize("workers", [1, 2])
@@ -317,4 +330,42 @@ async def test_a_request_still_unfinished_when_the_grace_runs_out_is_cut_off_and
     assert b"retry-after: 3" in head.lower(), answer
     assert orjson.loads(body)["type"].endswith("/shutting-down"), answer
     assert "Traceback" not in producer.logs(), producer.logs()
+    producer.assert_no_worker_killed()
     assert "evt-slow" not in await stored_ids(redis)
+
+
+async def test_a_worker_process_still_stopping_past_the_grace_and_margin_is_killed_with_its_stacks_logged(
+    settings: Settings, tmp_path: Path
+) -> None:
+    """With Redis stalled (stopped, its connections open) a worker's last flush of its counts at shutdown waits
+    for Redis's 5 s socket timeout: the supervisor does not wait that long past the grace, but has the worker
+    write its stacks into the log and kills it."""
+    server = start_redis(tmp_path / "stalled-redis", appendonly=False)
+    grace_s = 1
+    producer = await start_producer(settings, server.url, tmp_path, 2, grace_s)
+    try:
+        os.kill(server.pid, signal.SIGSTOP)
+        signalled = time.monotonic()
+        producer.proc.send_signal(signal.SIGTERM)
+        await asyncio.to_thread(producer.wait_exit, grace_s + 15)
+        exited_after = time.monotonic() - signalled
+    finally:
+        os.kill(server.pid, signal.SIGCONT)
+        kill(producer)
+        server.stop()
+    # Without the bound the stop waits for the socket timeout: over 5.2 s after the signal (5 s, and 0.2 s of
+    # uvicorn's shutdown before it). With it, at most the grace and margin, the stacks' half second, the
+    # supervisor's own half-second tick, and some leeway for a busy machine.
+    bound = grace_s + STOP_MARGIN_S + DUMP_WAIT_S + 1.3
+    assert exited_after < bound, (exited_after, producer.logs())
+    assert producer.proc.returncode == 0, producer.logs()
+    logs = producer.log.read_text(errors="replace")  # all of it: the stacks are longer than logs() keeps
+    # The worker that answered the readiness checks waits on Redis for its last flush of counts. The other may have
+    # been anywhere in its start-up at the signal (readiness hears from one worker only): waiting on Redis too, or
+    # ended at once by a signal that came before uvicorn handles it.
+    killed = logs.count("producer_worker_killed")
+    assert killed >= 1, logs
+    # A killed worker's threads' stacks (faulthandler's) and its tasks' awaits: where it waits for Redis's answer.
+    assert logs.count("Current thread") >= 1, logs
+    assert logs.count("asyncio tasks (innermost await last)") >= 1, logs
+    assert "in read_response" in logs, logs
