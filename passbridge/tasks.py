@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Iterable
 from typing import Any
 
 #: How often :func:`cancel_until_done` cancels a task that is still running.
@@ -24,3 +25,9 @@ async def cancel_until_done(task: asyncio.Task[Any]) -> None:
         await asyncio.wait((task,), timeout=RECANCEL_S)
     if not task.cancelled():
         task.result()
+
+
+async def cancel_all_until_done(tasks: Iterable[asyncio.Task[Any]]) -> None:
+    """:func:`cancel_until_done` for each of ``tasks`` at once; what they raised other than the cancellation is
+    dropped, as ``asyncio.gather(..., return_exceptions=True)`` drops it."""
+    await asyncio.gather(*(cancel_until_done(task) for task in tasks), return_exceptions=True)

@@ -57,6 +57,7 @@ from passbridge.keys import (
     account_keys,
 )
 from passbridge.outage import OUTAGE_ERRORS, DataMarker, OutageLog, describe_outage, is_outage
+from passbridge.tasks import cancel_all_until_done, cancel_until_done
 from worker import pause
 from worker.dlq import DLQEntry
 from worker.failures import UnreadableEvent, classify
@@ -330,9 +331,7 @@ class Engine:
         if claim_loop:
             done, _ = await asyncio.wait({claim_loop}, timeout=5)
             if not done:
-                claim_loop.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await claim_loop
+                await cancel_until_done(claim_loop)
         pending = set(self._tasks)
         if pending:
             _, pending = await asyncio.wait(pending, timeout=grace_s)
@@ -342,17 +341,17 @@ class Engine:
         # step, before the cancelled batches release the serials whose writes they carry.
         cancel_sends = getattr(self.batch_sync, "cancel_sends", None)
         sends = cancel_sends() if callable(cancel_sends) else []
-        if pending or sends:
-            await asyncio.gather(*pending, *sends, return_exceptions=True)
+        # Cancelled until they end: a loop (a bulk lane's, the background loops below) can miss one cancellation
+        # on Python 3.11 (passbridge.tasks), and a bare gather then waited for it for ever, so the worker never
+        # exited after SIGTERM.
+        await cancel_all_until_done([*pending, *sends])
         # Whatever a cancelled task still held goes back at once (fenced: a lost lease stays lost).
         for work in list(self._held.values()):
             if not work.released and not work.lost:
                 with contextlib.suppress(RedisError):
                     await self.queue.release(work.lease)
             self._forget(work)
-        for task in self._loops[1:]:
-            task.cancel()
-        await asyncio.gather(*self._loops[1:], return_exceptions=True)
+        await cancel_all_until_done(self._loops[1:])
         with contextlib.suppress(RedisError):
             async with self.redis.pipeline(transaction=True) as pipe:
                 pipe.zrem(WORKERS, self.worker_id)

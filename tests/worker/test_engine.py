@@ -17,7 +17,7 @@ from passbridge.keys import ACTIVE_ACCOUNTS, account_keys
 from tests.conftest import async_wait_for
 from tests.factories import make_account
 from worker import dlq, history, inspect, pause
-from worker.engine import Engine, EngineConfig
+from worker.engine import Engine, EngineConfig, PerEventSync
 from worker.klaviyo.errors import AuthError, PermanentError, ThrottledError, TransientError
 from worker.retry import RetryPolicy
 from worker.state import PassState
@@ -454,6 +454,63 @@ class TestLeases:
         assert await redis.zrange(keys.ready, 0, -1) == [b"S1"]
         info = await redis.hgetall("pb:workers:info")
         assert engine.worker_id.encode() not in info
+
+    async def test_a_send_that_misses_its_first_cancellation_does_not_hold_the_stop(
+        self, redis_url: str, store: AccountStore
+    ) -> None:
+        """A strategy's send still running at the stop ignores its first cancellation, as a loop waiting in
+        Python 3.11's ``asyncio.wait_for`` can (CPython gh-86296; a bulk lane waits in one): the stop cancels it
+        again and ends. A single cancellation and a gather waited for it for ever (the worker never exited)."""
+        redis, blocking = Redis.from_url(redis_url), Redis.from_url(redis_url)
+        strategy = _StubbornSends()
+        engine = Engine(
+            redis,
+            AccountStore(redis, store.cipher),
+            ScriptedSyncer(),
+            config=EngineConfig(retry=FAST),
+            blocking_redis=blocking,
+            batch_sync=strategy,
+        )
+        await engine.start()
+        send = strategy.start()
+        try:
+            async with asyncio.timeout(5):
+                await engine.stop(grace_s=0.1)
+            assert send.cancelled()
+            assert strategy.cancellations == 2
+        finally:
+            send.cancel()
+            await redis.aclose()
+            await blocking.aclose()
+
+
+class _StubbornSends(PerEventSync):
+    """The per-event strategy with one send of its own in flight that misses its first cancellation."""
+
+    def __init__(self) -> None:
+        self.cancellations = 0
+        self._sends: list[asyncio.Task[None]] = []
+
+    def start(self) -> asyncio.Task[None]:
+        task = asyncio.create_task(self._send())
+        self._sends.append(task)
+        return task
+
+    async def _send(self) -> None:
+        while True:
+            try:
+                await asyncio.sleep(0.01)
+            except asyncio.CancelledError:
+                self.cancellations += 1
+                if self.cancellations == 1:
+                    continue  # lost, as wait_for loses it
+                raise
+
+    def cancel_sends(self) -> list[asyncio.Task[None]]:
+        """As the bulk strategy's: cancel the sends in flight, and return them to be awaited."""
+        for task in self._sends:
+            task.cancel()
+        return list(self._sends)
 
 
 async def _written_total(syncer: ScriptedSyncer, account: str, n: int) -> bool:
