@@ -52,7 +52,14 @@ from prometheus_client.registry import Collector
 from redis.asyncio import Redis
 from redis.exceptions import RedisError
 
-from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, SERIES_SAMPLED, account_keys
+from passbridge.keys import (
+    ACCOUNT_BASE_PREFIX,
+    ACCOUNTS_INDEX,
+    ACTIVE_ACCOUNTS,
+    REMOVED_ACCOUNTS,
+    SERIES_SAMPLED,
+    account_keys,
+)
 from passbridge.scripts import script
 from passbridge.tasks import cancel_until_done
 
@@ -344,14 +351,13 @@ class Recorder:
     async def flush(self, redis: Redis, *, now_s: float | None = None) -> int:
         """Add the buffered counts to Redis and sample depths if this process is first in the bucket.
 
-        Returns how many counters were written. Counts survive a failed flush (see :meth:`put_back`).
+        Returns how many counters were written (a purged account's are dropped). Counts survive a failed flush (see :meth:`put_back`).
         """
         series, report = self.take()
         written = 0
         if series or report:
             try:
-                await _write(redis, series, report)
-                written = len(series) + len(report)
+                written = await _write(redis, series, report)
             except (RedisError, OSError):
                 self.put_back(series, report)
                 raise
@@ -394,27 +400,30 @@ _WRITE_CHUNK = 2000
 
 async def _write(
     redis: Redis, series: Tally[tuple[str, int, str]], report: Tally[tuple[str, str, str]]
-) -> None:
-    # Lua calls (record_counts.lua) with the increments, each with one EXPIREAT per hash it touched.
-    counts: list[tuple[str, str, int, int]] = []
+) -> int:
+    # Lua calls (record_counts.lua) with the increments, each with one EXPIREAT per hash it touched (and the
+    # hash's account: a purged account's counts are dropped there).
+    counts: list[tuple[str, str, int, int, str]] = []
     series_end = int(time.time()) + SERIES_TTL_S
     for (account_id, bucket, name), n in series.items():
-        counts.append(
-            (account_keys(account_id).series(bucket // BUCKETS_PER_HOUR), f"{bucket}:{name}", n, series_end)
-        )
+        key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
+        counts.append((key, f"{bucket}:{name}", n, series_end, account_id))
     for (account_id, day, field), n in report.items():
-        counts.append((account_keys(account_id).report(day), field, n, _day_end(day) + REPORT_TTL_S))
+        key = account_keys(account_id).report(day)
+        counts.append((key, field, n, _day_end(day) + REPORT_TTL_S, account_id))
     call = script(redis, "record_counts")
+    written = 0
     for start in range(0, len(counts), _WRITE_CHUNK):
         part = counts[start : start + _WRITE_CHUNK]
-        args: list[str | int] = [len(part)]
-        expire_at: dict[str, int] = {}
-        for key, field, n, at in part:
+        args: list[str | int] = [len(part), ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS]
+        hashes: dict[str, tuple[int, str]] = {}
+        for key, field, n, at, account_id in part:
             args += [key, field, n]
-            expire_at[key] = at
-        for key, at in expire_at.items():
-            args += [key, at]
-        await call(args=args)
+            hashes[key] = (at, account_id)
+        for key, (at, account_id) in hashes.items():
+            args += [key, at, account_id]
+        written += int(await call(args=args))
+    return written
 
 
 @functools.lru_cache(maxsize=1024)
@@ -431,23 +440,17 @@ async def sample(redis: Redis, now_s: float) -> bool:
     bucket = bucket_of(now_s)
     if not await redis.set(SERIES_SAMPLED + str(bucket), 1, nx=True, ex=BUCKET_S * 6):
         return False
-    ids = {m.decode() for m in await redis.smembers(ACCOUNTS_INDEX)}
-    ids |= {m.decode() for m in await redis.zrange(ACTIVE_ACCOUNTS, 0, -1)}
-    ordered = sorted(ids)
-    async with redis.pipeline(transaction=False) as pipe:
-        for account_id in ordered:
-            keys = account_keys(account_id)
-            pipe.get(keys.depth)
-            pipe.zcard(keys.dlq)
-        values = await pipe.execute()
-    async with redis.pipeline(transaction=False) as pipe:
-        for i, account_id in enumerate(ordered):
-            key = account_keys(account_id).series(bucket // BUCKETS_PER_HOUR)
-            pipe.hset(
-                key, mapping={f"{bucket}:depth": int(values[2 * i] or 0), f"{bucket}:dlq": values[2 * i + 1]}
-            )
-            pipe.expire(key, SERIES_TTL_S)
-        await pipe.execute()
+    # In one script: see sample_series.lua (a purge in between left a purged account's series behind).
+    await script(redis, "sample_series")(
+        args=[
+            ACCOUNTS_INDEX,
+            ACTIVE_ACCOUNTS,
+            ACCOUNT_BASE_PREFIX,
+            bucket // BUCKETS_PER_HOUR,
+            bucket,
+            SERIES_TTL_S,
+        ]
+    )
     return True
 
 

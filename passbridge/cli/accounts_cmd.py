@@ -598,10 +598,12 @@ def remove(
                 _missing(account_id)
             purged = 0
             if purge:
+                # Out of the active set first: the activity sample (sample_series.lua, one script) then no
+                # longer writes its series, whose hash a sample just after the scan below recreated.
+                await redis.zrem(ACTIVE_ACCOUNTS, account_id)
                 # Every key under the account's prefix: mailboxes, ready/leased sets, dedup, stats, OAuth.
                 async for key in redis.scan_iter(match=account_keys(account_id).base + ":*", count=500):
                     purged += await redis.unlink(key)
-                await redis.zrem(ACTIVE_ACCOUNTS, account_id)
                 await redis.srem(REMOVED_ACCOUNTS, account_id)  # nothing of it is left to show
             return {"account_id": account_id, "removed": removed, "waiting": waiting, "purged_keys": purged}
 

@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from passbridge import metrics
 from passbridge.cli import app
 from passbridge.event import EventKind, PassEvent, Platform
-from passbridge.keys import account_keys
+from passbridge.keys import ACCOUNTS_INDEX, ACTIVE_ACCOUNTS, REMOVED_ACCOUNTS, account_keys
 from passbridge.metrics import BUCKET_S, BUCKETS_PER_HOUR, Recorder, report_field, sample
 from passbridge.queue import enqueue
 from passbridge.redis_server import free_port
@@ -269,6 +269,7 @@ def test_events_ingested_tallies_the_report_like_tally_per_event() -> None:
 
 
 async def test_recorder_flushes_into_buckets_and_report_counters(redis: Redis) -> None:
+    await redis.sadd(ACCOUNTS_INDEX, "acme")  # a registered account (a purged one's counts are dropped)
     rec = Recorder()
     t0 = 1_800_000_000.0  # bucket 180,000,000: the first of its hour
     rec.count("acme", "in", 3, at_s=t0)
@@ -280,7 +281,13 @@ async def test_recorder_flushes_into_buckets_and_report_counters(redis: Redis) -
     assert await rec.flush(redis, now_s=t0) == 3
     bucket = int(t0) // BUCKET_S
     key = account_keys("acme").series(bucket // BUCKETS_PER_HOUR)
-    assert await redis.hgetall(key) == {f"{bucket}:in".encode(): b"5", f"{bucket + 1}:out".encode(): b"4"}
+    assert await redis.hgetall(key) == {
+        f"{bucket}:in".encode(): b"5",
+        f"{bucket + 1}:out".encode(): b"4",
+        # The registered account's depth and DLQ size, sampled by the same flush.
+        f"{bucket}:depth".encode(): b"0",
+        f"{bucket}:dlq".encode(): b"0",
+    }
     assert 0 < await redis.ttl(key) <= metrics.SERIES_TTL_S
     report = account_keys("acme").report("20261125")
     assert await redis.hget(report, report_field(12, "created", "apple", "loyalty")) == b"2"
@@ -309,6 +316,7 @@ async def test_depth_is_sampled_once_per_bucket(redis: Redis) -> None:
 
 
 async def test_a_failed_flush_keeps_the_counts(redis: Redis) -> None:
+    await redis.sadd(ACCOUNTS_INDEX, "acme")
     rec = Recorder()
     rec.count("acme", "in", 7, at_s=1_800_000_000.0)
     dead = Redis.from_url(f"redis://127.0.0.1:{free_port()}", socket_connect_timeout=0.5)
@@ -317,6 +325,25 @@ async def test_a_failed_flush_keeps_the_counts(redis: Redis) -> None:
     await dead.aclose()
     assert await rec.flush(redis, now_s=1_800_000_000.0) == 1
     assert await redis.hget(account_keys("acme").series(1_800_000_000 // 10 // 360), "180000000:in") == b"7"
+
+
+async def test_counts_of_a_purged_account_are_dropped_and_every_other_kind_kept(redis: Redis) -> None:
+    """A process may still hold an account's counts when ``accounts remove --purge`` deletes its keys: the flush
+    must not recreate them. A registered, an active (events queued) and a removed-but-kept account count."""
+    await redis.sadd(ACCOUNTS_INDEX, "reg")
+    await redis.zadd(ACTIVE_ACCOUNTS, {"busy": 1})
+    await redis.sadd(REMOVED_ACCOUNTS, "kept")
+    rec = Recorder()
+    t0 = 1_800_000_000.0
+    for account_id in ("reg", "busy", "kept", "purged"):
+        rec.count(account_id, "out", 2, at_s=t0)
+        rec.tally(account_id, NOW, "created", "apple", "loyalty")
+    assert await rec.flush(redis, now_s=t0) == 6
+    hour = int(t0) // BUCKET_S // BUCKETS_PER_HOUR
+    for account_id in ("reg", "busy", "kept"):
+        assert await redis.hget(account_keys(account_id).series(hour), "180000000:out") == b"2", account_id
+        assert await redis.hlen(account_keys(account_id).report("20261125")) == 1, account_id
+    assert [k async for k in redis.scan_iter(match=account_keys("purged").base + ":*")] == []
 
 
 async def test_exporter_says_when_redis_is_unreadable(redis: Redis) -> None:
