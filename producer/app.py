@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from http import HTTPStatus
@@ -68,6 +69,9 @@ def create_app(settings: Settings, redis_url: str) -> FastAPI:
         tune_gc()
         flusher = metrics.start_flusher(redis)
         restore_signals = on_stop_signal(ctx.stopping)
+        # One line per process (with --workers N, per worker): the operator, and a deploy's health check, can
+        # tell when every worker serves, not only the first to answer.
+        log.info("producer_ready", pid=os.getpid())
         try:
             yield
         finally:

@@ -113,17 +113,20 @@ async def start_producer(
     producer = spawn_producer(settings, redis_url, tmp_path, workers, grace_s)
     proc = producer.proc
     deadline = time.monotonic() + 30
+    # Every worker process has started (each logs producer_ready once its lifespan has): probes over one
+    # connection hear from one worker only, and one still starting at SIGTERM holds its copy of the listening
+    # socket, so a new connection was accepted and reset instead of refused.
+    while producer.log.read_text(errors="replace").count("producer_ready") < workers:
+        assert proc.poll() is None, producer.logs()
+        assert time.monotonic() < deadline, producer.logs()
+        await asyncio.sleep(0.05)
     async with httpx.AsyncClient(timeout=1) as http:
-        ready = 0
-        # Every worker process answers once the port answers a few times in a row (each has its own lifespan).
-        while ready < 3 * workers:
-            assert proc.poll() is None, producer.logs()
+        while True:
             assert time.monotonic() < deadline, producer.logs()
-            try:
-                ready = ready + 1 if (await http.get(f"{producer.url}/readyz")).status_code == 200 else 0
-            except httpx.HTTPError:
-                ready = 0
-                await asyncio.sleep(0.1)
+            with contextlib.suppress(httpx.HTTPError):
+                if (await http.get(f"{producer.url}/readyz")).status_code == 200:
+                    break
+            await asyncio.sleep(0.1)
     return producer
 
 
