@@ -176,6 +176,15 @@ def wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> N
         time.sleep(interval)
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists (signal 0 checks without sending anything)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
 async def async_wait_for(predicate: Any, timeout: float = 10.0, interval: float = 0.05) -> None:
     """Await ``predicate()`` until it is truthy or fail the test."""
     deadline = time.monotonic() + timeout

@@ -25,16 +25,9 @@ from passbridge.redis_server import (
     start_redis,
     stop_embedded,
 )
+from tests.conftest import pid_alive
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def _redis_pids_serving(data_dir: Path) -> list[int]:
@@ -107,15 +100,15 @@ def test_a_stale_record_pointing_at_another_redis_is_neither_used_nor_stopped(
     (state_dir / STATE_FILE).write_text(stale)
     assert read_state(state_dir) is None
     assert not stop_embedded(state_dir)  # nothing of ours was running: the other server is not signalled
-    assert _alive(redis_server.pid)
+    assert pid_alive(redis_server.pid)
 
     (state_dir / STATE_FILE).write_text(stale)
     ours = ensure_embedded(state_dir)
     assert ours.port != redis_server.port
     assert ours.pid != redis_server.pid
     assert stop_embedded(state_dir)
-    assert not _alive(ours.pid)
-    assert _alive(redis_server.pid)
+    assert not pid_alive(ours.pid)
+    assert pid_alive(redis_server.pid)
     assert redis_sync.Redis.from_url(redis_server.url).ping()
 
 
@@ -141,7 +134,7 @@ def test_an_explicit_port_in_use_is_refused(tmp_path: Path, redis_server: RedisS
     Redis on that port would be taken for ours."""
     with pytest.raises(RedisServerError, match=f"port {redis_server.port} .* in use"):
         start_redis(tmp_path / "redis", redis_server.port)
-    assert _alive(redis_server.pid)
+    assert pid_alive(redis_server.pid)
 
 
 def test_cli_redis_start_on_a_taken_port_is_one_clear_error(
@@ -161,7 +154,7 @@ def test_cli_redis_start_on_a_taken_port_is_one_clear_error(
     assert f"port {redis_server.port}" in result.stderr
     assert "in use" in result.stderr
     assert "Traceback" not in result.stderr
-    assert _alive(redis_server.pid)
+    assert pid_alive(redis_server.pid)
 
 
 def test_a_server_whose_data_dir_was_deleted_is_still_stopped(tmp_path: Path) -> None:
@@ -172,7 +165,7 @@ def test_a_server_whose_data_dir_was_deleted_is_still_stopped(tmp_path: Path) ->
         (tmp_path / "redis").rename(tmp_path / "garbage")
         subprocess.run(["rm", "-rf", str(tmp_path / "garbage")], check=True)
         server.stop(timeout=5)
-        assert not _alive(server.pid)
+        assert not pid_alive(server.pid)
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(server.pid, signal.SIGKILL)

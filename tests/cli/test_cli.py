@@ -44,6 +44,41 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     )
 
 
+def start_up(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    """``passbridge up ARGS``, read until it says it is up; the process and what it printed (on stderr)."""
+    up = subprocess.Popen(
+        [PASSBRIDGE, "up", *args],
+        env=env,
+        cwd=cwd,
+        stderr=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    assert up.stderr is not None
+    lines: list[str] = []
+    while not lines or "Ctrl-C stops everything" not in lines[-1]:
+        line = up.stderr.readline()
+        assert line, "".join(lines)  # `up` ended before it was up
+        lines.append(line)
+    return up, "".join(lines)
+
+
+def stop_up(up: subprocess.Popen[str]) -> None:
+    """SIGTERM, as Ctrl-C would: ``up`` stops everything it started."""
+    up.send_signal(signal.SIGTERM)
+    up.communicate(timeout=60)  # waits, and closes the pipe
+
+
+def exported(printed: str, env: dict[str, str]) -> dict[str, str]:
+    """``env`` with the assignments of the ``export`` line ``up`` printed applied."""
+    [export] = [x.strip() for x in printed.splitlines() if x.strip().startswith("export ")]
+    cli = dict(env)
+    for assignment in shlex.split(export)[1:]:
+        name, _, value = assignment.partition("=")
+        cli[name] = value
+    return cli
+
+
 def ndjson(path: Path, n: int, bad: dict[int, bytes] | None = None) -> Path:
     lines = [orjson.dumps(event(i)) for i in range(n)]
     for number, line in (bad or {}).items():
@@ -376,31 +411,15 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
     admin_token = "adm_" + "q7" * 16
     env.update(COLUMNS="80", PASSBRIDGE_LOG_FORMAT="console", PASSBRIDGE_ADMIN_TOKEN=admin_token)
     sandbox_port = free_port()
-    args = ["up", "--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(sandbox_port)]
-    up = subprocess.Popen(
-        [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
-        env=env,
-        cwd=tmp_path,
-        stderr=subprocess.PIPE,
-        stdout=subprocess.DEVNULL,
-        text=True,
-    )
+    args = ["--workers", "1", "--producer-port", str(free_port()), "--sandbox-port", str(sandbox_port)]
+    up, printed = start_up([*args, "--state-dir", str(tmp_path / "up")], env, tmp_path)
     try:
-        assert up.stderr is not None
-        lines = []
-        while not lines or "Ctrl-C stops everything" not in lines[-1]:
-            line = up.stderr.readline()
-            assert line, "".join(lines)  # `up` ended before it was up
-            lines.append(line)
-        [export] = [x.strip() for x in lines if x.strip().startswith("export ")]
         # The operator's admin token is theirs: it is named, never printed.
-        printed = " ".join("".join(lines).split())  # lines wrap at 80 columns
-        assert "admin token: as set in PASSBRIDGE_ADMIN_TOKEN" in printed
-        assert admin_token not in "".join(lines)
-        cli = dict(env)
-        for assignment in shlex.split(export)[1:]:
-            name, _, value = assignment.partition("=")
-            cli[name] = value
+        assert "admin token: as set in PASSBRIDGE_ADMIN_TOKEN" in " ".join(
+            printed.split()
+        )  # lines wrap at 80
+        assert admin_token not in printed
+        cli = exported(printed, env)
         assert cli["PASSBRIDGE_STATE_DIR"] == str((tmp_path / "up").resolve())
         listed = run(["accounts", "list", "--json"], cli, tmp_path)
         assert listed.returncode == 0, listed.stderr
@@ -415,8 +434,7 @@ def test_up_prints_the_exports_cli_commands_need(tmp_path: Path) -> None:
         only_url = {**env, "REDIS_URL": cli["REDIS_URL"]}
         assert "do not decrypt" in run(["accounts", "list"], only_url, tmp_path).stderr
     finally:
-        up.send_signal(signal.SIGTERM)
-        up.communicate(timeout=60)  # waits, and closes the pipe
+        stop_up(up)
 
 
 @pytest.mark.timeout(240)
@@ -433,43 +451,19 @@ def test_up_started_again_sets_its_account_up_in_the_new_sandbox(tmp_path: Path)
     env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_") and k != "REDIS_URL"}
     env.update(COLUMNS="200", PASSBRIDGE_LOG_FORMAT="console")
     producer_port = free_port()
-    args = ["up", "--workers", "1", "--producer-port", str(producer_port), "--sandbox-port", str(free_port())]
+    args = ["--workers", "1", "--producer-port", str(producer_port), "--sandbox-port", str(free_port())]
+    args += ["--state-dir", str(tmp_path / "up")]
 
-    def start() -> tuple[subprocess.Popen[str], str]:
-        up = subprocess.Popen(
-            [PASSBRIDGE, *args, "--state-dir", str(tmp_path / "up")],
-            env=env,
-            cwd=tmp_path,
-            stderr=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            text=True,
-        )
-        assert up.stderr is not None
-        lines: list[str] = []
-        while not lines or "Ctrl-C stops everything" not in lines[-1]:
-            line = up.stderr.readline()
-            assert line, "".join(lines)  # `up` ended before it was up
-            lines.append(line)
-        return up, "".join(lines)
-
-    def stop(up: subprocess.Popen[str]) -> None:
-        up.send_signal(signal.SIGTERM)
-        up.communicate(timeout=60)
-
-    up, printed = start()
+    up, printed = start_up(args, env, tmp_path)
     try:
         found = re.search(r"ingest token (pbi_\S+)", printed)
         assert found, printed
         token = found.group(1)
     finally:
-        stop(up)
-    up, printed = start()
+        stop_up(up)
+    up, printed = start_up(args, env, tmp_path)
     try:
-        export = next(x.strip() for x in printed.splitlines() if x.strip().startswith("export "))
-        cli = dict(env)
-        for assignment in shlex.split(export)[1:]:
-            name, _, value = assignment.partition("=")
-            cli[name] = value
+        cli = exported(printed, env)
         item = {
             "event_id": "again-1",
             "kind": "created",
@@ -494,7 +488,7 @@ def test_up_started_again_sets_its_account_up_in_the_new_sandbox(tmp_path: Path)
             assert time.monotonic() < deadline, doc
             time.sleep(0.5)
     finally:
-        stop(up)
+        stop_up(up)
 
 
 @pytest.mark.parametrize("command", ["sandbox", "producer"])

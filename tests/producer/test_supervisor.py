@@ -15,6 +15,7 @@ import pytest
 
 from passbridge.cli.uvicorn_workers import DUMP_WAIT_S, STOP_MARGIN_S
 from passbridge.redis_server import free_port
+from tests.conftest import pid_alive
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -36,14 +37,6 @@ serve(uvicorn.Config(
 def _plain(text: str) -> str:
     """``text`` without the console log format's colour codes."""
     return re.sub(r"\x1b\[[0-9;]*m", "", text)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
 
 
 def test_a_worker_that_never_finishes_stopping_is_killed_once_the_grace_and_margin_have_run_out(
@@ -92,5 +85,5 @@ def test_a_worker_that_never_finishes_stopping_is_killed_once_the_grace_and_marg
     assert proc.returncode == 0, text
     [killed] = [line for line in _plain(text).splitlines() if "producer_worker_killed" in line]
     assert f"pid={stuck} " in killed, text
-    assert not _alive(stuck)
-    assert not _alive(stopped)
+    assert not pid_alive(stuck)
+    assert not pid_alive(stopped)
