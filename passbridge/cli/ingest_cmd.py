@@ -22,18 +22,18 @@ if TYPE_CHECKING:
 GZIP_MAGIC = b"\x1f\x8b"
 
 
+def _gzipped(path: Path) -> bool:
+    """Whether ``path`` holds gzip data, told by its magic bytes whatever its name."""
+    with path.open("rb") as fh:
+        return fh.read(2) == GZIP_MAGIC
+
+
 def _open(path: Path) -> BufferedIOBase:
-    """The file's lines as bytes: a gzip file (told by its magic bytes, whatever its name) is decompressed as it
-    is read, as the NDJSON route does with ``Content-Encoding: gzip`` (several members decode as ``gzip -d``
-    decodes them)."""
+    """The file's lines as bytes: a gzip file is decompressed as it is read, as the NDJSON route does with
+    ``Content-Encoding: gzip`` (several members decode as ``gzip -d`` decodes them)."""
     import gzip
 
-    fh = path.open("rb")
-    if fh.read(2) == GZIP_MAGIC:
-        fh.close()
-        return gzip.open(path, "rb")
-    fh.seek(0)
-    return fh
+    return gzip.open(path, "rb") if _gzipped(path) else path.open("rb")
 
 
 def _count_lines(path: Path) -> int | None:
@@ -182,10 +182,12 @@ def _rest_command(file: Path, through: int) -> str:
     """A shell line writing the lines after ``through`` to rest.ndjson (decompressing a gzip file)."""
     import shlex
 
-    with file.open("rb") as fh:
-        gzipped = fh.read(2) == GZIP_MAGIC
     rest = f"tail -n +{through + 1}"
-    read = f"gzip -dc {shlex.quote(str(file))} | {rest}" if gzipped else f"{rest} {shlex.quote(str(file))}"
+    read = (
+        f"gzip -dc {shlex.quote(str(file))} | {rest}"
+        if _gzipped(file)
+        else f"{rest} {shlex.quote(str(file))}"
+    )
     return safe(f"{read} > rest.ndjson")
 
 
