@@ -21,19 +21,19 @@ if TYPE_CHECKING:
 
 class BacklogFull(Exception):
     """The batch's new events would take the account's backlog over its high-water mark; nothing of it was
-    written. ``depth`` is the backlog (-1: unknown), ``high_water`` the mark (``None``: unknown)."""
+    written. ``depth`` is the backlog (-1: unknown), ``high_water`` the mark."""
 
-    def __init__(self, account_id: str, depth: int, high_water: int | None = None) -> None:
+    def __init__(self, account_id: str, depth: int, high_water: int) -> None:
         super().__init__(backlog_full_text(account_id, depth, high_water))
         self.account_id = account_id
         self.depth = depth
         self.high_water = high_water
 
 
-def backlog_full_text(account_id: str, depth: int, high_water: int | None) -> str:
+def backlog_full_text(account_id: str, depth: int, high_water: int) -> str:
     """Why a batch was refused, in numbers an operator can check: the backlog and the mark it would pass (a
     backlog below the mark is refused too, when the batch does not fit)."""
-    mark = "its high-water mark" if high_water is None else f"its high-water mark of {high_water}"
+    mark = f"its high-water mark of {high_water}"
     if depth < 0:
         return f"the new events would take account {account_id}'s backlog over {mark}"
     return f"account {account_id} has {depth} pending events; the new events would take it over {mark}"

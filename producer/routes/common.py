@@ -175,7 +175,7 @@ def store_errors_as_503(ctx: ProducerContext, account_id: str) -> Iterator[None]
 def as_503(ctx: ProducerContext, account_id: str, exc: Exception) -> Problem:
     """The 503 problem (with Retry-After) for a full backlog, a Redis timeout or an unreachable Redis."""
     if isinstance(exc, BacklogFull):
-        why = backlog_full_text(account_id, exc.depth, exc.high_water or ctx.settings.backlog_high_water)
+        why = backlog_full_text(account_id, exc.depth, exc.high_water)
         return unavailable(f"{why}; nothing was written", ctx.settings.retry_after_s)
     if isinstance(exc, RedisTimeoutError | TimeoutError | ReplyLost):
         log.warning("redis reply lost", error=type(exc).__name__)
