@@ -40,8 +40,7 @@ from producer.registrations import (
     unregister,
     updated_serials,
 )
-from producer.routes.common import json_response, read_body, store_errors_as_503
-from producer.routes.events import count_skipped_events
+from producer.routes.common import count_skipped_events, json_response, read_body, store_errors_as_503
 from producer.sources.apple import (
     MAX_PUSH_TOKEN_CHARS,
     check_authorization,

@@ -16,7 +16,7 @@ from starlette.responses import Response
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
-from passbridge.queue import BacklogFull, backlog_full_text
+from passbridge.queue import BacklogFull, backlog_full_text, count_skipped
 from passbridge.redis_lean import ReplyLost
 from producer.coding import PIECE, BadGzip, Gunzip, bad_gzip, is_gzip
 from producer.context import ProducerContext
@@ -187,3 +187,12 @@ def as_503(ctx: ProducerContext, account_id: str, exc: Exception) -> Problem:
         )
     log.warning("redis unavailable", error=type(exc).__name__)
     return unavailable("the queue store is unreachable; nothing was written", ctx.settings.retry_after_s)
+
+
+async def count_skipped_events(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
+    """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
+    (the events were rightly acknowledged and not enqueued either way)."""
+    try:
+        await count_skipped(ctx.redis, account_id, pass_types)
+    except (RedisError, OSError) as exc:
+        log.warning("skipped events not counted", account_id=account_id, error=type(exc).__name__)

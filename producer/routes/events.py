@@ -9,14 +9,12 @@ from typing import Any
 
 import orjson
 import structlog
-from redis.exceptions import RedisError
 from starlette.requests import Request
 from starlette.responses import Response
 
 from passbridge import metrics
 from passbridge.accounts import Account
 from passbridge.event import PassEvent, utcnow
-from passbridge.queue import count_skipped
 from producer.coding import RATIO_FLOOR, BadGzip, Gunzip, TooDense, bad_gzip
 from producer.context import ProducerContext
 from producer.ingest import ItemError, Rejections, to_event
@@ -24,6 +22,7 @@ from producer.problems import Problem, bad_json, unavailable, unprocessable
 from producer.routes.common import (
     authenticate_ingest,
     content_is_gzip,
+    count_skipped_events,
     enqueue_or_503,
     enqueue_prepared_or_503,
     json_response,
@@ -159,15 +158,6 @@ async def publish_events(
         else:
             out.append(_outcome(ev, next(flags)))
     return out
-
-
-async def count_skipped_events(ctx: ProducerContext, account_id: str, pass_types: list[str]) -> None:
-    """Count skipped events; the count is for operators, so a Redis hiccup here never fails the request
-    (the events were rightly acknowledged and not enqueued either way)."""
-    try:
-        await count_skipped(ctx.redis, account_id, pass_types)
-    except (RedisError, OSError) as exc:
-        log.warning("skipped events not counted", account_id=account_id, error=type(exc).__name__)
 
 
 @dataclass
