@@ -757,6 +757,7 @@ def connect(
                 client_secret=csecret,
                 scopes=tuple(scope) if scope else DEFAULT_SCOPES,
                 redirect_uri=redirect_uri,
+                klaviyo_base_url=account.klaviyo_base_url,
             )
             return {
                 "account_id": account_id,
