@@ -209,10 +209,11 @@ async def probe_klaviyo(
     if auth is None:
         return None
     facts = KlaviyoFacts(auth=auth)
-    base = settings.klaviyo_base_url.rstrip("/")
+    base = account.klaviyo_base_url or settings.klaviyo_base_url.rstrip("/")
     token: str | None = None
     # OAuth tokens are refreshed exactly as the workers refresh them (one refresh at a time per account, under
-    # AccountKeys.oauth_lock; a refused grant marks the account disconnected).
+    # AccountKeys.oauth_lock; a refused grant marks the account disconnected), on the account's own token
+    # endpoint when it has a base URL of its own.
     manager = OAuthManager(redis, store, http, token_url(settings))
     if auth == "oauth" and refresh:
         try:

@@ -25,6 +25,7 @@ from passbridge.accounts import (
     AccountSecrets,
     AccountState,
     OAuthTokens,
+    check_klaviyo_base_url,
     hash_token,
 )
 
@@ -131,6 +132,9 @@ class AccountSpec(BaseModel):
     klaviyo_api_key: SecretStr | None = None
     klaviyo_oauth_client_id: str | None = None
     klaviyo_oauth_client_secret: SecretStr | None = None
+    #: This account's Klaviyo (API and OAuth token endpoint) instead of ``PASSBRIDGE_KLAVIYO_BASE_URL``;
+    #: null = the global one.
+    klaviyo_base_url: str | None = None
     rate_limits: dict[str, RateLimitOverride] | None = None
     retry: RetryOverrides | None = None
     state: AccountState | None = None
@@ -187,6 +191,11 @@ class AccountSpec(BaseModel):
             raise ValueError("may use no placeholder but {serial_number}") from None
         return value
 
+    @field_validator("klaviyo_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_klaviyo_base_url(value)
+
     @field_validator("rate_limits")
     @classmethod
     def _endpoints(cls, value: dict[str, RateLimitOverride] | None) -> dict[str, RateLimitOverride] | None:
@@ -220,6 +229,7 @@ _PLAIN: dict[str, Any] = {
     "pass_url_template": DEFAULT_PASS_URL_TEMPLATE,
     "sync_pass_types": [],
     "state_reason": "",
+    "klaviyo_base_url": None,
 }
 
 

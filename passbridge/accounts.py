@@ -16,10 +16,11 @@ import secrets as pysecrets
 import time
 from collections.abc import Callable
 from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import orjson
 from cryptography.fernet import InvalidToken, MultiFernet
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator
 from redis.asyncio import Redis
 from redis.exceptions import WatchError
 
@@ -54,6 +55,32 @@ class AccountSecrets(BaseModel):
 #: What an account id may be (use with ``fullmatch``): it appears in Redis keys and URLs.
 ACCOUNT_ID = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
 
+#: Visible ASCII only: a blank or control character in a URL is a paste gone wrong, never a Klaviyo host.
+_URL_CHARS = re.compile(r"[\x21-\x7e]+")
+
+
+def check_klaviyo_base_url(value: str) -> str:
+    """An account's Klaviyo base URL as stored: absolute http(s) with a host, no query, fragment or userinfo,
+    no trailing slash. Raises ``ValueError`` saying what is wrong; the message never repeats the value (it
+    could hold a password someone put in it)."""
+    if not _URL_CHARS.fullmatch(value):
+        raise ValueError("must be a URL with no blank or control character, e.g. https://a.klaviyo.com")
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            "must be an absolute http:// or https:// URL with a host, e.g. https://a.klaviyo.com"
+        )
+    if "@" in parts.netloc:
+        # The account's config is stored and shown in clear: a credential belongs in its encrypted secrets.
+        raise ValueError("must not contain a user name or password (the URL is stored and shown unencrypted)")
+    if "?" in value or "#" in value:
+        raise ValueError("must not have a query (?...) or fragment (#...): request paths are appended to it")
+    try:
+        parts.port  # noqa: B018 - urlsplit checks the port only when it is read
+    except ValueError:
+        raise ValueError("has an invalid port") from None
+    return value.rstrip("/")
+
 
 class Account(BaseModel):
     """A merchant account: its ingest credentials, sources' settings and Klaviyo connection."""
@@ -78,7 +105,16 @@ class Account(BaseModel):
     state_reason: str = ""
     rate_limit_overrides: dict[str, Any] = Field(default_factory=dict)
     retry_policy: dict[str, Any] = Field(default_factory=dict)
+    #: Where this account's Klaviyo calls go (API, OAuth token endpoint) instead of
+    #: ``PASSBRIDGE_KLAVIYO_BASE_URL``: the sandbox for a trial merchant, an egress proxy. ``None``: the global
+    #: setting. Not a secret (see :func:`check_klaviyo_base_url`).
+    klaviyo_base_url: str | None = None
     secrets: AccountSecrets = Field(default_factory=AccountSecrets)
+
+    @field_validator("klaviyo_base_url")
+    @classmethod
+    def _base_url(cls, value: str | None) -> str | None:
+        return None if value is None else check_klaviyo_base_url(value)
 
     def check_ingest_token(self, token: str) -> bool:
         """Constant-time check of a bearer ingest token against the stored hash."""

@@ -6,8 +6,9 @@ The flow: :func:`start_connect` makes a PKCE pair and a ``state`` of the form ``
 keeps the verifier, redirect URI and client (secret encrypted) under the account's pending key for
 :data:`PENDING_TTL_S`, and returns Klaviyo's authorize URL. Klaviyo sends the merchant back to the producer's
 ``/oauth/klaviyo/callback`` with ``code`` and ``state``; :func:`complete_connect` takes the pending entry
-(once: ``GETDEL``), exchanges the code at ``<klaviyo_base_url>/oauth/token`` and stores the tokens in the
-account's encrypted secrets. A state is bound to its account twice over: by its prefix, and because the
+(once: ``GETDEL``), exchanges the code at ``<klaviyo_base_url>/oauth/token`` (the account's own base URL when it
+has one, as it was when the connect started: the code is only good at the server that issued it) and stores
+the tokens in the account's encrypted secrets. A state is bound to its account twice over: by its prefix, and because the
 nonce exists only under that account's key.
 """
 
@@ -83,6 +84,8 @@ class Pending:
     verifier: SecretStr
     redirect_uri: str
     scopes: tuple[str, ...]
+    #: The account's own Klaviyo base URL when the connect started (``None``: the global one).
+    klaviyo_base_url: str | None = None
 
 
 def pkce_pair() -> tuple[str, str]:
@@ -124,9 +127,10 @@ def parse_state(state: str) -> tuple[str, str]:
     return account_id, nonce
 
 
-def token_url(settings: Settings) -> str:
-    """Klaviyo's token endpoint (always on the API host: Klaviyo refuses token traffic on www)."""
-    return settings.klaviyo_base_url.rstrip("/") + "/oauth/token"
+def token_url(settings: Settings, klaviyo_base_url: str | None = None) -> str:
+    """Klaviyo's token endpoint (always on the API host: Klaviyo refuses token traffic on www): on
+    ``klaviyo_base_url`` (an account's own) when given, else on ``PASSBRIDGE_KLAVIYO_BASE_URL``."""
+    return (klaviyo_base_url or settings.klaviyo_base_url).rstrip("/") + "/oauth/token"
 
 
 async def start_connect(
@@ -139,8 +143,13 @@ async def start_connect(
     client_secret: SecretStr,
     scopes: tuple[str, ...] = DEFAULT_SCOPES,
     redirect_uri: str | None = None,
+    klaviyo_base_url: str | None = None,
 ) -> ConnectStart:
-    """Begin connecting ``account_id``: remember the PKCE verifier and client, return the authorize URL."""
+    """Begin connecting ``account_id``: remember the PKCE verifier and client, return the authorize URL.
+
+    ``klaviyo_base_url``: the account's own Klaviyo (``Account.klaviyo_base_url``); the authorize URL is
+    derived from it and the callback exchanges the code there.
+    """
     verifier, challenge = pkce_pair()
     nonce = secrets.token_urlsafe(24)
     state = f"{account_id}.{nonce}"
@@ -152,19 +161,26 @@ async def start_connect(
         "verifier": verifier,
         "redirect_uri": redirect,
         "scopes": list(scopes),
+        "klaviyo_base_url": klaviyo_base_url,
     }
     await redis.set(
         account_keys(account_id).oauth_pending(nonce), encrypt(cipher, orjson.dumps(doc)), ex=PENDING_TTL_S
     )
     url = authorize_url(
-        settings.oauth_authorize_url(),
+        settings.oauth_authorize_url(klaviyo_base_url),
         client_id=client_id,
         redirect_uri=redirect,
         scopes=scopes,
         state=state,
         challenge=challenge,
     )
-    log.info("oauth connect started", account_id=account_id, client_id=client_id, scopes=list(scopes))
+    log.info(
+        "oauth connect started",
+        account_id=account_id,
+        client_id=client_id,
+        scopes=list(scopes),
+        klaviyo_base_url=klaviyo_base_url,
+    )
     return ConnectStart(account_id, url, redirect, state, scopes, PENDING_TTL_S)
 
 
@@ -187,6 +203,8 @@ async def take_pending(redis: Redis, cipher: MultiFernet, state: str) -> Pending
             verifier=SecretStr(doc["verifier"]),
             redirect_uri=doc["redirect_uri"],
             scopes=tuple(doc["scopes"]),
+            # Absent from connects started before accounts had a base URL of their own: the global one.
+            klaviyo_base_url=doc.get("klaviyo_base_url"),
         )
     except (SecretKeyError, ValueError, KeyError, TypeError):
         # Sealed with another key (the CLI that ran `connect` and this producer disagree on
@@ -265,7 +283,7 @@ async def complete_connect(
 ) -> Account:
     """Finish a connect: exchange ``code`` and store the tokens in the account ``state`` names."""
     pending = await take_pending(redis, store.cipher, state)
-    oauth = await exchange_code(http, token_url(settings), pending, code)
+    oauth = await exchange_code(http, token_url(settings, pending.klaviyo_base_url), pending, code)
 
     def connect(current: Account | None) -> Account | None:
         if current is None:

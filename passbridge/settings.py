@@ -178,11 +178,12 @@ class Settings(BaseSettings):
         """Pending events per account up to which a DLQ replay fills a backlog (see :func:`replay_limit`)."""
         return replay_limit(self.backlog_high_water, self.replay_reserve)
 
-    def oauth_authorize_url(self) -> str:
-        """Klaviyo's authorize endpoint for this deployment."""
+    def oauth_authorize_url(self, klaviyo_base_url: str | None = None) -> str:
+        """Klaviyo's authorize endpoint: ``PASSBRIDGE_KLAVIYO_AUTHORIZE_URL`` when set, else derived from
+        ``klaviyo_base_url`` (an account's own base URL) or, without one, ``PASSBRIDGE_KLAVIYO_BASE_URL``."""
         if self.klaviyo_authorize_url:
             return self.klaviyo_authorize_url
-        base = self.klaviyo_base_url.rstrip("/")
+        base = (klaviyo_base_url or self.klaviyo_base_url).rstrip("/")
         if base == "https://a.klaviyo.com":
             return "https://www.klaviyo.com/oauth/authorize"
         return f"{base}/oauth/authorize"

@@ -69,6 +69,13 @@ ClientIdOpt = Annotated[
     str | None, typer.Option(help="Klaviyo OAuth client id (tokens come from `connect`).")
 ]
 ClientSecretOpt = Annotated[str | None, typer.Option(help="Klaviyo OAuth client secret ('-' reads stdin).")]
+KlaviyoBaseUrlOpt = Annotated[
+    str | None,
+    typer.Option(
+        help="This account's Klaviyo base URL (API and OAuth token endpoint), e.g. the sandbox for a trial "
+        "merchant or an egress proxy. Default: PASSBRIDGE_KLAVIYO_BASE_URL."
+    ),
+]
 RateLimitOpt = Annotated[
     list[str] | None,
     typer.Option(
@@ -170,6 +177,15 @@ def _rate_limits(values: list[str] | None) -> dict[str, dict[str, str]] | None:
     return result
 
 
+def _base_url(value: str | None) -> str | None:
+    """``--klaviyo-base-url``; an empty one is refused with the way to do what it probably meant."""
+    if value == "":
+        fail(
+            "--klaviyo-base-url: give a URL; --clear-klaviyo-base-url goes back to PASSBRIDGE_KLAVIYO_BASE_URL"
+        )
+    return value
+
+
 def _validation_message(exc: ValidationError) -> str:
     parts = []
     for err in exc.errors(include_url=False, include_input=False):
@@ -254,6 +270,7 @@ def _show_table(doc: dict[str, Any]) -> None:
             ),
         ),
         ("oauth scopes", " ".join(oauth["scopes"]) if oauth else None),
+        ("klaviyo base url", doc["klaviyo_base_url"]),
         ("ingest token", f"sha256 {doc['ingest_token_sha256']}" if doc["ingest_token_sha256"] else "none"),
         ("webhook secrets", ", ".join(sec["webhook_secrets"]) or "none"),
         ("apple token secret", sec["apple_token_secret"] or "none"),
@@ -305,6 +322,7 @@ def add(
     ] = None,
     klaviyo_oauth_client_id: ClientIdOpt = None,
     klaviyo_oauth_client_secret: ClientSecretOpt = None,
+    klaviyo_base_url: KlaviyoBaseUrlOpt = None,
     rate_limit: RateLimitOpt = None,
     retry: RetryOpt = None,
     as_json: JsonOpt = False,
@@ -344,6 +362,7 @@ def add(
             "klaviyo_oauth_client_secret": _secret(
                 klaviyo_oauth_client_secret, "--klaviyo-oauth-client-secret"
             ),
+            "klaviyo_base_url": _base_url(klaviyo_base_url),
             "rate_limits": _rate_limits(rate_limit),
             "retry": _pairs(retry, "--retry"),
         }
@@ -404,6 +423,10 @@ def update(
     klaviyo_oauth_client_id: ClientIdOpt = None,
     klaviyo_oauth_client_secret: ClientSecretOpt = None,
     clear_oauth: Annotated[bool, typer.Option(help="Forget the OAuth client and its tokens.")] = False,
+    klaviyo_base_url: KlaviyoBaseUrlOpt = None,
+    clear_klaviyo_base_url: Annotated[
+        bool, typer.Option(help="Use PASSBRIDGE_KLAVIYO_BASE_URL again for this account.")
+    ] = False,
     rate_limit: RateLimitOpt = None,
     clear_rate_limits: Annotated[bool, typer.Option(help="Use Klaviyo's tiers again.")] = False,
     retry: RetryOpt = None,
@@ -434,6 +457,7 @@ def update(
         (sync_all, sync_pass_type, "--sync-pass-type"),
         (clear_klaviyo_api_key, klaviyo_api_key, "--klaviyo-api-key"),
         (clear_oauth, klaviyo_oauth_client_id, "--klaviyo-oauth-client-id"),
+        (clear_klaviyo_base_url, klaviyo_base_url, "--klaviyo-base-url"),
         (clear_rate_limits, rate_limit, "--rate-limit"),
         (clear_retry, retry, "--retry"),
     ):
@@ -453,6 +477,7 @@ def update(
         "klaviyo_api_key": _secret(klaviyo_api_key, "--klaviyo-api-key"),
         "klaviyo_oauth_client_id": klaviyo_oauth_client_id,
         "klaviyo_oauth_client_secret": _secret(klaviyo_oauth_client_secret, "--klaviyo-oauth-client-secret"),
+        "klaviyo_base_url": _base_url(klaviyo_base_url),
         "rate_limits": {} if clear_rate_limits else _rate_limits(rate_limit),
         "retry": {} if clear_retry else _pairs(retry, "--retry"),
         "state": state,
@@ -460,7 +485,11 @@ def update(
         "state_reason": "" if state is not None and reason is None else reason,
     }
     # Clearing is an explicit null in the spec (see AccountSpec).
-    clear = ("klaviyo_api_key",) * clear_klaviyo_api_key + ("klaviyo_oauth_client_id",) * clear_oauth
+    clear = (
+        ("klaviyo_api_key",) * clear_klaviyo_api_key
+        + ("klaviyo_oauth_client_id",) * clear_oauth
+        + ("klaviyo_base_url",) * clear_klaviyo_base_url
+    )
     spec = _spec(fields, clear)
     changes_secrets = bool(added or remove_webhook_secret)
 
@@ -728,6 +757,7 @@ def connect(
                 client_secret=csecret,
                 scopes=tuple(scope) if scope else DEFAULT_SCOPES,
                 redirect_uri=redirect_uri,
+                klaviyo_base_url=account.klaviyo_base_url,
             )
             return {
                 "account_id": account_id,

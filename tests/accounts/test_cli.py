@@ -314,6 +314,66 @@ class TestUpdate:
         )
 
 
+class TestKlaviyoBaseUrl:
+    """An account's own Klaviyo (``--klaviyo-base-url``): set, shown, changed, cleared, refused when invalid."""
+
+    def test_add_show_update_clear_round_trip(self, cli: Cli) -> None:
+        doc = cli.json("accounts", "add", "trial", "--klaviyo-base-url", "http://127.0.0.1:8089/")
+        assert doc["klaviyo_base_url"] == "http://127.0.0.1:8089"  # stored without the trailing slash
+        assert cli.account("trial").klaviyo_base_url == "http://127.0.0.1:8089"
+        cli.ok("accounts", "add", "prod")
+        assert cli.account("prod").klaviyo_base_url is None  # the global PASSBRIDGE_KLAVIYO_BASE_URL
+
+        assert cli.json("accounts", "show", "trial")["klaviyo_base_url"] == "http://127.0.0.1:8089"
+        shown = " ".join(cli.ok("accounts", "show", "trial").stdout.split())
+        assert "klaviyo base url http://127.0.0.1:8089" in shown
+        assert "klaviyo base url" not in cli.ok("accounts", "show", "prod").stdout
+        listed = {r["account_id"]: r["klaviyo_base_url"] for r in cli.json("accounts", "list")}
+        assert listed == {"trial": "http://127.0.0.1:8089", "prod": None}
+
+        cli.ok("accounts", "update", "trial", "--klaviyo-base-url", "https://egress.example.com/klaviyo")
+        assert cli.account("trial").klaviyo_base_url == "https://egress.example.com/klaviyo"
+        cli.ok("accounts", "update", "trial", "--name", "Trial")  # other changes keep it
+        assert cli.account("trial").klaviyo_base_url == "https://egress.example.com/klaviyo"
+        assert "contradicts" in cli.fails(
+            "accounts", "update", "trial", "--clear-klaviyo-base-url", "--klaviyo-base-url", "http://x"
+        )
+        cli.ok("accounts", "update", "trial", "--clear-klaviyo-base-url")
+        assert cli.account("trial").klaviyo_base_url is None
+        assert cli.json("accounts", "show", "trial")["klaviyo_base_url"] is None
+
+    @pytest.mark.parametrize(
+        ("url", "says"),
+        [
+            ("a.klaviyo.com", "must be an absolute http:// or https:// URL with a host"),
+            ("ftp://a.klaviyo.com", "must be an absolute http:// or https:// URL with a host"),
+            ("https://", "must be an absolute http:// or https:// URL with a host"),
+            ("https://a.klaviyo.com?x=1", "must not have a query"),
+            ("https://a.klaviyo.com/#top", "must not have a query (?...) or fragment"),
+            ("https://a.klaviyo.com:99999", "has an invalid port"),
+            ("https://a.klaviyo .com", "must be a URL with no blank or control character"),
+            ("https://ops:hunter2secret@proxy.example.com", "must not contain a user name or password"),
+        ],
+    )
+    def test_invalid_url_is_refused_naming_the_field(self, cli: Cli, url: str, says: str) -> None:
+        error = cli.fails("accounts", "add", "trial", "--klaviyo-base-url", url)
+        assert f"klaviyo_base_url: {says}" in error
+        assert "hunter2" not in error  # a password in the URL is never echoed
+        assert cli.redis.smembers(ACCOUNTS_INDEX) == set()
+        cli.ok("accounts", "add", "prod")
+        error = cli.fails("accounts", "update", "prod", "--klaviyo-base-url", url)
+        assert f"klaviyo_base_url: {says}" in error
+        assert "hunter2" not in error
+        assert cli.account("prod").klaviyo_base_url is None
+
+    def test_an_empty_url_says_how_to_clear(self, cli: Cli) -> None:
+        cli.ok("accounts", "add", "trial", "--klaviyo-base-url", "http://127.0.0.1:8089")
+        assert "--clear-klaviyo-base-url" in cli.fails(
+            "accounts", "update", "trial", "--klaviyo-base-url", ""
+        )
+        assert cli.account("trial").klaviyo_base_url == "http://127.0.0.1:8089"
+
+
 class TestRemove:
     def test_needs_yes_when_not_interactive(self, cli: Cli) -> None:
         cli.ok("accounts", "add", "acme")

@@ -7,6 +7,7 @@ redirects, PKCE S256 checked at the token endpoint), scopes enforced per endpoin
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -399,3 +400,75 @@ def test_sandbox_is_where_the_authorize_url_points(world: World) -> None:
     url = urlsplit(doc["authorize_url"])
     assert f"{url.scheme}://{url.netloc}" == world.sandbox
     assert parse_qs(url.query)["code_challenge_method"] == ["S256"]
+
+
+@pytest.fixture
+def elsewhere(cli: Cli, sandbox: SandboxServer, settings: Settings, redis_url: str) -> Iterator[World]:
+    """The global Klaviyo (``PASSBRIDGE_KLAVIYO_BASE_URL``, for the CLI and the producer) is a port where nothing
+    listens: only an account whose own ``klaviyo_base_url`` is the sandbox can reach Klaviyo."""
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))  # bound, never listening: connection refused, and no one else gets it
+        nowhere = f"http://127.0.0.1:{closed.getsockname()[1]}"
+        settings.klaviyo_base_url = nowhere
+        settings.klaviyo_revision = REVISION
+        server: LiveServer = serve(create_app(settings, redis_url))
+        yield World(cli, nowhere, server.url)
+        server.stop()
+
+
+class TestAccountOwnKlaviyo:
+    def test_connect_and_check_use_the_accounts_klaviyo(
+        self, elsewhere: World, sandbox: SandboxServer
+    ) -> None:
+        elsewhere.cli.ok("accounts", "add", "trial", "--klaviyo-base-url", sandbox.url)
+        doc = elsewhere.cli.json(
+            "accounts", "connect", "trial", "--client-id", "cid-ok", "--client-secret", "cs-ok",
+            "--redirect-uri", f"{elsewhere.producer}/oauth/klaviyo/callback", env=elsewhere.env,
+        )  # fmt: skip
+        url = urlsplit(doc["authorize_url"])
+        assert f"{url.scheme}://{url.netloc}{url.path}" == f"{sandbox.url}/oauth/authorize"
+        # The merchant approves; the producer's callback exchanges the code at the account's token endpoint.
+        r = httpx.get(
+            doc["authorize_url"], follow_redirects=True, timeout=10, headers={"accept": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        assert r.json()["connected"] is True
+        before = elsewhere.cli.account("trial").secrets.klaviyo_oauth
+        assert before is not None
+        assert before.refresh_token is not None
+
+        code, f = elsewhere.check("trial")
+        assert code == 0, f
+        assert f["credentials"]["status"] == "ok"
+        assert "Acme on Klaviyo" in f["credentials"]["words"]
+        # Klaviyo expires the token early: the check refreshes it at the account's own token endpoint.
+        assert httpx.post(f"{sandbox.url}/_sandbox/oauth/expire-access-tokens").status_code == 200
+        code, f = elsewhere.check("trial")
+        assert code == 0, f
+        after = elsewhere.cli.account("trial")
+        assert after.state == AccountState.connected
+        assert after.secrets.klaviyo_oauth is not None
+        assert after.secrets.klaviyo_oauth.access_token != before.access_token
+
+    def test_check_and_setup_of_a_private_key_account(self, elsewhere: World, sandbox: SandboxServer) -> None:
+        elsewhere.cli.ok(
+            "accounts", "add", "trial", "--klaviyo-api-key", FULL_KEY, "--klaviyo-base-url", sandbox.url
+        )
+        elsewhere.cli.ok("accounts", "add", "prod", "--klaviyo-api-key", FULL_KEY)
+        code, f = elsewhere.check("prod")  # on the global Klaviyo, which does not answer
+        assert code == 1
+        assert f["credentials"]["words"].startswith("cannot reach Klaviyo")
+        done = elsewhere.run("klaviyo", "setup", "--account", "trial", "--json")
+        assert done.exit_code == 0, done.stderr
+        try:
+            code, f = elsewhere.check("trial")
+            assert code == 0, f
+            assert f["credentials"]["status"] == "ok"
+            assert f["custom objects"]["words"] == "entitled and provisioned (WalletPass schema active)"
+        finally:
+            provisioned = elsewhere.cli.redis.hget(account_keys("trial").klaviyo, "object_type_id")
+            assert provisioned is not None
+            httpx.delete(
+                f"{sandbox.url}/api/object-types/{provisioned.decode()}",
+                headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
+            )

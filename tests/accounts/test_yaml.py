@@ -132,6 +132,25 @@ class TestApplyCommand:
         assert acme.sync_pass_types == []
         assert acme.name == "Acme Coffee"
 
+    def test_klaviyo_base_url_is_set_kept_and_cleared(
+        self, cli: Cli, tmp_path: Path, env: dict[str, str]
+    ) -> None:
+        text = YAML.replace(
+            "    name: Acme Coffee\n", "    name: Acme Coffee\n    klaviyo_base_url: ${ACME_KLAVIYO}/\n"
+        )
+        cli.ok(
+            "accounts",
+            "apply",
+            str(write(tmp_path, text)),
+            env={**env, "ACME_KLAVIYO": "http://127.0.0.1:8089"},
+        )
+        assert cli.account("acme").klaviyo_base_url == "http://127.0.0.1:8089"
+        assert cli.account("bolt").klaviyo_base_url is None
+        cli.ok("accounts", "apply", str(write(tmp_path, "accounts:\n  acme: {name: Acme}\n")))
+        assert cli.account("acme").klaviyo_base_url == "http://127.0.0.1:8089"  # not named: kept
+        cli.ok("accounts", "apply", str(write(tmp_path, "accounts:\n  acme: {klaviyo_base_url: null}\n")))
+        assert cli.account("acme").klaviyo_base_url is None
+
     def test_missing_env_var_names_account_and_field_and_writes_nothing(
         self, cli: Cli, tmp_path: Path, env: dict[str, str]
     ) -> None:
@@ -171,6 +190,14 @@ class TestApplyCommand:
                 "accounts.acme.webhook_secrets: a webhook secret starts with whsec_",
             ),
             ("accounts:\n  acme: {retry: {max_attempts: 0}}\n", "accounts.acme.retry.max_attempts"),
+            (
+                "accounts:\n  acme: {klaviyo_base_url: 'a.klaviyo.com'}\n",
+                "accounts.acme.klaviyo_base_url: must be an absolute http:// or https:// URL with a host",
+            ),
+            (
+                "accounts:\n  acme: {klaviyo_base_url: 'https://u:pw@proxy.example.com'}\n",
+                "accounts.acme.klaviyo_base_url: must not contain a user name or password",
+            ),
             ("accounts:\n  'bad id': {}\n", "accounts.bad id: an account id is"),
             ("accounts:\n  acme: [1]\n", "accounts.acme: must be a mapping"),
             ("acounts: {}\n", "one key, `accounts`"),

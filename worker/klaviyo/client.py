@@ -209,7 +209,11 @@ class KlaviyoClient:
         leaves (after any wait for a slot); once it says False the request is not sent and :class:`Abandoned`
         is raised, so a write whose lease was lost meanwhile never lands after the new holder's.
         """
-        path = op.url_path(**(path_params or {}))
+        url = op.url_path(**(path_params or {}))
+        if account.klaviyo_base_url is not None:
+            # httpx sends an absolute URL as it is (base_url only prefixes relative ones) and pools
+            # connections per origin, so the accounts on the global Klaviyo pay nothing but this check.
+            url = account.klaviyo_base_url + url
         if content is None and body is not None:
             content = orjson.dumps(body)
         retried_auth = False
@@ -227,7 +231,7 @@ class KlaviyoClient:
                 # The slot waited for goes unused: give it back, as for a 429.
                 await self.limiter.refund(account.account_id, op.name, slot)
                 raise Abandoned(op.name)
-            response = await self._send(account.account_id, op, path, authorization, content, params)
+            response = await self._send(account.account_id, op, url, authorization, content, params)
             status = response.status_code
             metrics.klaviyo_response(account.account_id, op.name, status)
             if 200 <= status < 300:
@@ -259,6 +263,7 @@ class KlaviyoClient:
                 status=status,
                 error=error.kind,
                 code=getattr(error, "code", None),
+                klaviyo=account.klaviyo_base_url or self.base_url,
             )
             raise error
 
@@ -266,7 +271,7 @@ class KlaviyoClient:
         self,
         account_id: str,
         op: Operation,
-        path: str,
+        url: str,
         authorization: str,
         content: bytes | None,
         params: Mapping[str, str] | None,
@@ -277,7 +282,7 @@ class KlaviyoClient:
         started = time.perf_counter()
         try:
             response = await self._http.request(
-                op.method, path, content=content, params=params, headers=headers
+                op.method, url, content=content, params=params, headers=headers
             )
         except httpx.TimeoutException as exc:
             self.calls[(op.name, "timeout")] += 1

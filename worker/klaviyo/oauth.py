@@ -34,6 +34,7 @@ from redis.exceptions import LockError
 
 from passbridge.accounts import Account, AccountState, AccountStore, OAuthTokens
 from passbridge.keys import account_keys
+from worker.klaviyo.endpoints import OAUTH_TOKEN_PATH
 from worker.klaviyo.errors import AuthError, ThrottledError, TransientError, parse_retry_after
 
 log = structlog.get_logger(__name__)
@@ -84,6 +85,13 @@ class OAuthManager:
 
     def __repr__(self) -> str:
         return f"OAuthManager(token_url={self.token_url!r}, accounts_cached={len(self._cache)})"
+
+    def token_url_for(self, account: Account) -> str:
+        """The token endpoint of ``account``'s Klaviyo: on its own base URL when it has one (a refresh token
+        is only known to the server that issued it), else ``token_url``."""
+        if account.klaviyo_base_url is None:
+            return self.token_url
+        return account.klaviyo_base_url + OAUTH_TOKEN_PATH
 
     def _remember(self, account_id: str, oauth: OAuthTokens) -> _Token | None:
         """Keep whichever token is fresher: the cached one or the one in ``oauth`` (a possibly stale copy)."""
@@ -160,7 +168,7 @@ class OAuthManager:
                 account_id, "the OAuth grant has no refresh token; reconnect the Klaviyo app"
             )
         try:
-            new = await self._grant(account_id, oauth)
+            new = await self._grant(account_id, oauth, self.token_url_for(fresh))
         except _Refused as refused:
             theirs = await self._refreshed_meanwhile(account_id, oauth)
             if theirs is not None:
@@ -229,7 +237,7 @@ class OAuthManager:
         self._cache[account_id] = token
         return token.value
 
-    async def _grant(self, account_id: str, oauth: OAuthTokens) -> OAuthTokens:
+    async def _grant(self, account_id: str, oauth: OAuthTokens, token_url: str) -> OAuthTokens:
         """``POST /oauth/token`` with ``grant_type=refresh_token`` and the client's Basic credentials.
 
         Raises :class:`_Refused` when Klaviyo refuses the grant or the client for good.
@@ -241,7 +249,7 @@ class OAuthManager:
             # One deadline for the whole exchange (connect, send, every read), below the lock's TTL.
             async with asyncio.timeout(self.token_timeout_s):
                 response = await self.http.post(
-                    self.token_url,
+                    token_url,
                     data={
                         "grant_type": "refresh_token",
                         "refresh_token": oauth.refresh_token.get_secret_value(),
