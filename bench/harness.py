@@ -76,6 +76,8 @@ class Stack:
         self.redis_url = self.redis_server.url
         self.secret_key = Fernet.generate_key().decode()
         self.sandbox_url = f"http://127.0.0.1:{free_port()}"
+        #: Accounts served by a sandbox other than ``sandbox_url`` (``start_sandbox_per_account``).
+        self.account_urls: dict[str, str] = {}
         self.env = {k: v for k, v in os.environ.items() if not k.startswith("PASSBRIDGE_")}
         self.env.update(
             {
@@ -103,17 +105,32 @@ class Stack:
 
     async def start_sandbox(self, accounts: Sequence[str], *extra: str) -> None:
         """The sandbox with one Klaviyo account per bench account, real tiers on the scaled clock."""
-        args = [
-            "sandbox",
-            "--port",
-            self.sandbox_url.rsplit(":", 1)[1],
-            "--rate-scale",
-            f"{self.rate_scale:g}",
-        ]
+        await self._sandbox("sandbox", self.sandbox_url, accounts, extra)
+
+    async def start_sandbox_per_account(self, accounts: Sequence[str], *extra: str) -> None:
+        """One sandbox process per bench account (the first at ``sandbox_url``, the global base URL; the others
+        on ports of their own, which ``setup_accounts`` stores as the accounts' ``klaviyo_base_url``).
+
+        Each merchant account has a Klaviyo account of its own, and Klaviyo serves one account's requests
+        independently of another's load. One sandbox process serving all of them would make account B's calls
+        wait in the same event loop behind account A's bulk requests, a coupling of the stand-in only.
+        """
+        for i, account_id in enumerate(accounts):
+            url = self.sandbox_url if i == 0 else f"http://127.0.0.1:{free_port()}"
+            await self._sandbox(f"sandbox-{account_id}", url, [account_id], extra)
+            if i:
+                self.account_urls[account_id] = url
+
+    async def _sandbox(self, name: str, url: str, accounts: Sequence[str], extra: Sequence[str]) -> None:
+        args = ["sandbox", "--port", url.rsplit(":", 1)[1], "--rate-scale", f"{self.rate_scale:g}"]
         for account_id in accounts:
             args += ["--api-key", klaviyo_key(account_id)]
-        self.spawn("sandbox", *args, *extra)
-        await wait_http(f"{self.sandbox_url}/_sandbox/health")
+        self.spawn(name, *args, *extra)
+        await wait_http(f"{url}/_sandbox/health")
+
+    def klaviyo_url(self, account_id: str) -> str:
+        """The sandbox that serves ``account_id``."""
+        return self.account_urls.get(account_id, self.sandbox_url)
 
     async def start_workers(self, redis: Redis, n: int = 2, **env: str) -> list[subprocess.Popen[bytes]]:
         """``n`` worker processes; returns once all heart-beat (and their express lanes, unless disabled)."""
@@ -173,7 +190,7 @@ async def wait_http(url: str, within_s: float = 30) -> None:
 
 
 async def setup_accounts(stack: Stack, redis: Redis, accounts: Sequence[str]) -> None:
-    """Register and provision each account (its own sandbox Klaviyo account)."""
+    """Register and provision each account (its own sandbox Klaviyo account, in the sandbox that serves it)."""
     store = stack.account_store(redis)
     settings = Settings(
         redis_url=stack.redis_url,
@@ -185,6 +202,7 @@ async def setup_accounts(stack: Stack, redis: Redis, accounts: Sequence[str]) ->
         for account_id in accounts:
             account = Account(
                 account_id=account_id,
+                klaviyo_base_url=stack.account_urls.get(account_id),
                 secrets=AccountSecrets.model_validate({"klaviyo_api_key": klaviyo_key(account_id)}),
             )
             await store.put(account)
