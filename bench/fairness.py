@@ -126,9 +126,7 @@ async def probing(stack: Stack) -> AsyncIterator[dict[str, list[float]]]:
         asyncio.create_task(
             _round_trips(stack.redis_url, b"PING\r\n", _read_redis_reply, 0.01, samples["redis_ping"])
         ),
-        asyncio.create_task(
-            _round_trips(b_url, health, read_response, 0.02, samples["sandbox_health"])
-        ),
+        asyncio.create_task(_round_trips(b_url, health, read_response, 0.02, samples["sandbox_health"])),
     ]
     try:
         yield samples

@@ -147,3 +147,33 @@ async def test_a_main_claim_leaves_the_express_announcements_alone(redis: Redis)
     await put(redis, pass_event("b", "B1", 1))
     await wq(redis, "main").claim(50, grace_ms=GRACE_MS, accounts=("b",))
     assert await redis.lrange(EXPRESS_NOTIFY, 0, -1) == [b"b"]
+
+
+async def test_an_express_claim_reads_each_serials_snapshot_in_the_same_step(redis: Redis) -> None:
+    # The express lane's claim also returns what the engine reads right after a claim (the mailbox's first
+    # entries, the stored state, the profile-job mark): one round trip less for a small account's event.
+    await express_alive(redis)
+    await put(redis, *(pass_event("b", "S1", n) for n in (1, 2, 3)), pass_event("b", "S2", 1))
+    keys = account_keys("b")
+    await redis.hset(keys.state, "S1", b'{"stored": "state"}')
+    await redis.hset(keys.profile_jobs, "S2", b'{"job": "j1"}')
+    q = WorkQueue(redis, worker_id="express", lease_ms=10_000, head_batch=2)
+    claimed = await q.claim(50, express=True, grace_ms=GRACE_MS, accounts=("b",), snapshot=True)
+    assert sorted(lease.serial for lease in claimed.leases) == ["S1", "S2"]
+    assert claimed.snapshots is not None
+    # Exactly what the separate read returns for the same leases.
+    assert claimed.snapshots == await q.snapshot(claimed.leases)
+    by_serial = dict(zip((lease.serial for lease in claimed.leases), claimed.snapshots, strict=True))
+    assert len(by_serial["S1"].heads) == 2
+    assert by_serial["S1"].state == b'{"stored": "state"}'
+    assert not by_serial["S1"].profile_job
+    assert by_serial["S2"].state is None
+    assert by_serial["S2"].profile_job
+    assert len(by_serial["S2"].heads) == 1
+
+
+async def test_a_claim_without_snapshot_leaves_it_to_the_engine(redis: Redis) -> None:
+    await put(redis, pass_event("b", "S1", 1))
+    claimed = await wq(redis, "main").claim(50)
+    assert [lease.serial for lease in claimed.leases] == ["S1"]
+    assert claimed.snapshots is None

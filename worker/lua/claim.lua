@@ -8,9 +8,10 @@
 -- ARGV[12] fresh window ms (0 = off)      ARGV[13] most fresh serials per account per claim
 -- ARGV[14] lane: 'express', 'main' (busy: defers small accounts to express lanes) or 'free' (does not)
 -- ARGV[15] express-on key (keys.EXPRESS_ON)
--- ARGV[16] express grace ms               ARGV[17] K, the number of accounts named next (0 = walk `active`;
---   an express lane that names accounts also takes the announcements still queued for it, see below)
--- ARGV[18..17+K] accounts to visit        ARGV[18+K..] pairs (account, serials this worker already holds of it)
+-- ARGV[16] express grace ms               ARGV[17] H, snapshot heads (0 = no snapshot, see the end)
+-- ARGV[18] K, the number of accounts named next (0 = walk `active`; an express lane that names accounts
+--   also takes the announcements still queued for it, see below)
+-- ARGV[19..18+K] accounts to visit        ARGV[19+K..] pairs (account, serials this worker already holds of it)
 -- Accounts are visited in the order of their score in `active` (the least recently served due account
 -- first): round-robin. Each visited account first has its expired leases taken over (the serial goes back
 -- to `ready`, the token is deleted so the old holder can no longer commit), then gives at most an equal
@@ -38,7 +39,14 @@
 -- account's serials alone until they have been due for the grace period, so the express lanes -- processes
 -- busy with no big backlog -- work them, and a dead express lane costs a small account at most the grace.
 --
--- Returns {taken_over, capped, account1, serial1, token1, account2, ...}.
+-- Snapshot (H > 0, the express lanes' claims of a few serials): each lease also carries what the engine reads
+-- right after a claim (worker.queue.WorkQueue.snapshot): the serial's first H mailbox entries, its stored
+-- state and whether a profile import job may still carry it, so a small account's event costs one round
+-- trip less on its way to Klaviyo. A backlog's claims of hundreds of serials leave it to a pipeline after the
+-- claim, so this script stays short for every other client of Redis.
+--
+-- Returns {taken_over, capped, account1, serial1, token1, account2, ...}; with a snapshot each lease is
+-- followed by {heads...}, its state (false if none) and 1/0 for the profile-job mark.
 local prefix, active, seqkey, worker = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
 local lease_ms, max_n = tonumber(ARGV[5]), tonumber(ARGV[6])
 local per_account, scan, max_takeover = tonumber(ARGV[7]), tonumber(ARGV[8]), tonumber(ARGV[9])
@@ -48,8 +56,9 @@ local fresh_ms, fresh_take = tonumber(ARGV[12] or '0'), tonumber(ARGV[13] or '0'
 local express = ARGV[14] == 'express'
 local small_bound = tonumber(redis.call('GET', ARGV[15]) or '-1')
 local grace = tonumber(ARGV[16])
-local named = tonumber(ARGV[17])
-for i = 18 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
+local snapshot_heads = tonumber(ARGV[17])
+local named = tonumber(ARGV[18])
+for i = 19 + named, #ARGV - 1, 2 do held[ARGV[i]] = tonumber(ARGV[i + 1]) end
 
 local now = clock_ms()
 -- keys.EXPRESS_NOTIFY: the express-on key's name without ':on'.
@@ -69,7 +78,7 @@ local accounts
 if named > 0 then
   accounts = {}
   local listed = {}
-  for i = 18, 17 + named do
+  for i = 19, 18 + named do
     if not listed[ARGV[i]] then accounts[#accounts + 1] = ARGV[i]; listed[ARGV[i]] = true end
   end
   for _, account in ipairs(queued) do
@@ -130,6 +139,11 @@ for _, account in ipairs(accounts) do
         out[#out + 1] = account
         out[#out + 1] = serial
         out[#out + 1] = token
+        if snapshot_heads > 0 then
+          out[#out + 1] = redis.call('ZRANGE', base .. ':mb:' .. serial, 0, snapshot_heads - 1)
+          out[#out + 1] = redis.call('HGET', base .. ':state', serial)
+          out[#out + 1] = redis.call('HEXISTS', base .. ':pjobs', serial)
+        end
         got = got + 1
       end
       return #serials
