@@ -17,6 +17,7 @@ from urllib.parse import parse_qs, urlsplit
 import httpx
 import orjson
 import pytest
+import redis as redis_sync
 from pydantic import SecretStr
 from redis.asyncio import Redis
 
@@ -95,6 +96,17 @@ class World:
             "--redirect-uri", f"{self.producer}/oauth/klaviyo/callback", *extra, env=self.env,
         )  # fmt: skip
         return httpx.get(doc["authorize_url"], follow_redirects=True, timeout=10, headers={"accept": accept})
+
+
+def delete_object_type(redis: redis_sync.Redis, account_id: str, sandbox_url: str) -> None:
+    """Delete the WalletPass object type ``klaviyo setup`` provisioned for ``account_id`` from the module's
+    sandbox, so the next test provisions its own."""
+    provisioned = redis.hget(account_keys(account_id).klaviyo, "object_type_id")
+    assert provisioned is not None
+    httpx.delete(
+        f"{sandbox_url}/api/object-types/{provisioned.decode()}",
+        headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
+    )
 
 
 def _store_key(cli: Cli, account_id: str, key: str) -> None:
@@ -301,12 +313,7 @@ class TestCheck:
                 "words": "entitled and provisioned (WalletPass schema active)",
             }
         finally:
-            provisioned = world.cli.redis.hget(account_keys("acme").klaviyo, "object_type_id")
-            assert provisioned is not None
-            httpx.delete(
-                f"{world.sandbox}/api/object-types/{provisioned.decode()}",
-                headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
-            )
+            delete_object_type(world.cli.redis, "acme", world.sandbox)
         # The object type is gone from Klaviyo (deleted above): the check notices and says how to repair.
         code, f = world.check("acme")
         assert code == 1
@@ -466,9 +473,4 @@ class TestAccountOwnKlaviyo:
             assert f["credentials"]["status"] == "ok"
             assert f["custom objects"]["words"] == "entitled and provisioned (WalletPass schema active)"
         finally:
-            provisioned = elsewhere.cli.redis.hget(account_keys("trial").klaviyo, "object_type_id")
-            assert provisioned is not None
-            httpx.delete(
-                f"{sandbox.url}/api/object-types/{provisioned.decode()}",
-                headers={"Authorization": f"Klaviyo-API-Key {FULL_KEY}", "revision": REVISION},
-            )
+            delete_object_type(elsewhere.cli.redis, "trial", sandbox.url)

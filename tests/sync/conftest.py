@@ -67,6 +67,22 @@ def sandbox_server() -> Iterator[SandboxServer]:
     server.stop()
 
 
+@pytest.fixture(scope="module")
+def rotating_sandbox_server() -> Iterator[SandboxServer]:
+    """A sandbox of the test module's own: the session sandbox's accounts and keys, its own data and grants,
+    refresh tokens rotating (a refresh sent twice, or to the wrong server, cannot pass)."""
+    config = pytest.importorskip(
+        "klaviyo_sandbox.config", reason="the Klaviyo sandbox package is not present"
+    )
+    from klaviyo_sandbox.testing import start_sandbox
+
+    server = start_sandbox(
+        config.SandboxConfig(accounts=sandbox_accounts(), rate_scale=RATE_SCALE, rotate_refresh_tokens=True)
+    )
+    yield server
+    server.stop()
+
+
 @pytest.fixture
 def sandbox(sandbox_server: SandboxServer) -> Iterator[SandboxClient]:
     """Inspection/control of the session sandbox, reset, defaulting to the main account."""

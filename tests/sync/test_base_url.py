@@ -18,12 +18,10 @@ from passbridge.event import EventKind
 from tests.sync.conftest import (
     API_KEY,
     KLAVIYO_ACCOUNT,
-    RATE_SCALE,
     RequestRecorder,
     grant_tokens,
     oauth_grant,
     put_account,
-    sandbox_accounts,
 )
 from tests.sync.test_oauth import event
 from tests.sync.test_sync_sandbox import klaviyo_view, pass_event
@@ -33,27 +31,11 @@ from worker.setup import load_provisioned, provision
 from worker.sync import Syncer
 
 
-@pytest.fixture(scope="module")
-def second_server() -> Iterator[Any]:
-    """Another Klaviyo: the same accounts and keys as the session sandbox, its own data and grants (refresh
-    tokens rotate, so a refresh sent to the wrong server cannot pass)."""
-    config = pytest.importorskip(
-        "klaviyo_sandbox.config", reason="the Klaviyo sandbox package is not present"
-    )
-    from klaviyo_sandbox.testing import start_sandbox
-
-    server = start_sandbox(
-        config.SandboxConfig(accounts=sandbox_accounts(), rate_scale=RATE_SCALE, rotate_refresh_tokens=True)
-    )
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def second(second_server: Any) -> Iterator[Any]:
+def second(rotating_sandbox_server: Any) -> Iterator[Any]:
     from klaviyo_sandbox.client import SandboxClient
 
-    with SandboxClient(second_server.url, account=KLAVIYO_ACCOUNT) as c:
+    with SandboxClient(rotating_sandbox_server.url, account=KLAVIYO_ACCOUNT) as c:
         c.reset()
         yield c
 
@@ -64,17 +46,17 @@ async def test_each_account_sets_up_and_writes_in_its_own_klaviyo(
     store: AccountStore,
     sandbox: Any,
     second: Any,
-    second_server: Any,
+    rotating_sandbox_server: Any,
     recorder: RequestRecorder,
 ) -> None:
     prod = await put_account(store, "acme", klaviyo_api_key=API_KEY)
     trial = Account(
         account_id="trial",
-        klaviyo_base_url=second_server.url + "/",
+        klaviyo_base_url=rotating_sandbox_server.url + "/",
         secrets=AccountSecrets(klaviyo_api_key=SecretStr(API_KEY)),
     )
     await store.put(trial)
-    assert trial.klaviyo_base_url == second_server.url
+    assert trial.klaviyo_base_url == rotating_sandbox_server.url
     for account in (prod, trial):
         await provision(client, redis, account)
     # Set-up ran once in each Klaviyo (each its own data source and object type).
@@ -103,17 +85,19 @@ async def test_each_account_sets_up_and_writes_in_its_own_klaviyo(
             "profile_id": None,
         }
     hosts = {urlsplit(r.url).netloc for r in recorder.api_requests()}
-    assert hosts == {urlsplit(sandbox.base_url).netloc, urlsplit(second_server.url).netloc}
+    assert hosts == {urlsplit(sandbox.base_url).netloc, urlsplit(rotating_sandbox_server.url).netloc}
 
 
 async def test_an_oauth_account_refreshes_at_its_own_token_endpoint(
-    client: KlaviyoClient, store: AccountStore, sandbox: Any, second: Any, second_server: Any
+    client: KlaviyoClient, store: AccountStore, sandbox: Any, second: Any, rotating_sandbox_server: Any
 ) -> None:
     """The grant was issued by the second Klaviyo: only its token endpoint knows the refresh token (the global
     one would refuse it and the account would be disconnected)."""
-    tokens = grant_tokens(oauth_grant(second_server.url))
+    tokens = grant_tokens(oauth_grant(rotating_sandbox_server.url))
     trial = Account(
-        account_id="trial", klaviyo_base_url=second_server.url, secrets=AccountSecrets(klaviyo_oauth=tokens)
+        account_id="trial",
+        klaviyo_base_url=rotating_sandbox_server.url,
+        secrets=AccountSecrets(klaviyo_oauth=tokens),
     )
     await store.put(trial)
     assert second.expire_access_tokens() >= 1

@@ -37,7 +37,6 @@ from tests.sync.conftest import (
     make_client,
     oauth_grant,
     put_oauth_account,
-    sandbox_accounts,
 )
 from worker.klaviyo.client import ClientOptions, KlaviyoClient
 from worker.klaviyo.endpoints import CREATE_EVENT
@@ -61,33 +60,19 @@ def event(i: int) -> dict[str, Any]:
     }
 
 
-@pytest.fixture(scope="module")
-def oauth_server() -> Iterator[Any]:
-    config = pytest.importorskip(
-        "klaviyo_sandbox.config", reason="the Klaviyo sandbox package is not present"
-    )
-    from klaviyo_sandbox.testing import start_sandbox
-
-    server = start_sandbox(
-        config.SandboxConfig(accounts=sandbox_accounts(), rate_scale=RATE_SCALE, rotate_refresh_tokens=True)
-    )
-    yield server
-    server.stop()
-
-
 @pytest.fixture
-def control(oauth_server: Any) -> Iterator[Any]:
+def control(rotating_sandbox_server: Any) -> Iterator[Any]:
     from klaviyo_sandbox.client import SandboxClient
 
-    with SandboxClient(oauth_server.url, account="KSYNC1") as c:
+    with SandboxClient(rotating_sandbox_server.url, account="KSYNC1") as c:
         c.reset()
         yield c
 
 
 async def test_bearer_token_and_exact_scopes(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     assert account.secrets.klaviyo_oauth is not None
     assert sorted(account.secrets.klaviyo_oauth.scopes) == [
         "custom-objects:read",
@@ -98,7 +83,7 @@ async def test_bearer_token_and_exact_scopes(
         "profiles:read",
         "profiles:write",
     ]
-    async with make_client(redis, store, oauth_server.url, recorder) as client:
+    async with make_client(redis, store, rotating_sandbox_server.url, recorder) as client:
         assert (await client.call(account, CREATE_EVENT, body=event(1))).status == 202
         assert client.oauth.refreshes == 0
     token = account.secrets.klaviyo_oauth.access_token
@@ -107,12 +92,14 @@ async def test_bearer_token_and_exact_scopes(
 
 
 async def test_expired_token_is_refreshed_once_for_many_coroutines(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     old = account.secrets.klaviyo_oauth
     assert old is not None
-    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=0) as client:
+    async with make_client(
+        redis, store, rotating_sandbox_server.url, recorder, oauth_refresh_skew_s=0
+    ) as client:
         await client.call(account, CREATE_EVENT, body=event(0))
         assert control.expire_access_tokens() >= 1
         replies = await asyncio.gather(
@@ -131,9 +118,9 @@ async def test_expired_token_is_refreshed_once_for_many_coroutines(
 
 
 async def test_token_is_refreshed_before_it_expires(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     assert account.secrets.klaviyo_oauth is not None
     soon = account.model_copy(
         update={
@@ -147,7 +134,9 @@ async def test_token_is_refreshed_before_it_expires(
         }
     )
     await store.put(soon)
-    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=60) as client:
+    async with make_client(
+        redis, store, rotating_sandbox_server.url, recorder, oauth_refresh_skew_s=60
+    ) as client:
         assert (await client.call(soon, CREATE_EVENT, body=event(1))).status == 202
         assert client.oauth.refreshes == 1
         assert (await client.call(soon, CREATE_EVENT, body=event(2))).status == 202
@@ -156,19 +145,21 @@ async def test_token_is_refreshed_before_it_expires(
 
 
 async def test_revoked_grant_disconnects_the_account(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     assert account.secrets.klaviyo_oauth is not None
     assert account.secrets.klaviyo_oauth.refresh_token is not None
     async with httpx.AsyncClient() as http:
         revoked = await http.post(
-            f"{oauth_server.url}/oauth/revoke",
+            f"{rotating_sandbox_server.url}/oauth/revoke",
             data={"token": account.secrets.klaviyo_oauth.refresh_token.get_secret_value()},
             auth=(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET),
         )
     assert revoked.status_code == 200
-    async with make_client(redis, store, oauth_server.url, recorder, oauth_refresh_skew_s=0) as client:
+    async with make_client(
+        redis, store, rotating_sandbox_server.url, recorder, oauth_refresh_skew_s=0
+    ) as client:
         with pytest.raises(AuthError) as first:
             await client.call(account, CREATE_EVENT, body=event(1))
         assert first.value.code == "disconnected"
@@ -201,7 +192,7 @@ async def _store_oauth(store: AccountStore, account_id: str, tokens: OAuthTokens
 async def _refresh_once(
     redis: Redis,
     store: AccountStore,
-    oauth_server: Any,
+    rotating_sandbox_server: Any,
     control: Any,
     recorder: RequestRecorder,
     account: Account,
@@ -212,7 +203,7 @@ async def _refresh_once(
     async with KlaviyoClient(
         redis,
         store,
-        base_url=oauth_server.url,
+        base_url=rotating_sandbox_server.url,
         revision=REVISION,
         rate_scale=RATE_SCALE,
         options=ClientOptions(oauth_refresh_skew_s=0),
@@ -225,12 +216,12 @@ async def _refresh_once(
 
 
 async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
     """Another process refreshed the grant (Klaviyo rotated the refresh token) between this process's registry
     read and its own token request: Klaviyo answers ``invalid_grant``, but the registry now holds the other
     process's tokens, so they are used and the account stays connected."""
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     old = account.secrets.klaviyo_oauth
     assert old is not None
     assert old.refresh_token is not None
@@ -242,7 +233,7 @@ async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
         # What the other process does while holding the lock: refresh with the same refresh token, then store.
         async with httpx.AsyncClient() as http:
             r = await http.post(
-                f"{oauth_server.url}/oauth/token",
+                f"{rotating_sandbox_server.url}/oauth/token",
                 data={"grant_type": "refresh_token", "refresh_token": old.refresh_token.get_secret_value()},
                 auth=(OAUTH_CLIENT_ID, OAUTH_CLIENT_SECRET),
             )
@@ -258,7 +249,9 @@ async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
 
         await _store_oauth(store, account.account_id, tokens)
 
-    await _refresh_once(redis, store, oauth_server, control, recorder, account, other_process_refreshes_first)
+    await _refresh_once(
+        redis, store, rotating_sandbox_server, control, recorder, account, other_process_refreshes_first
+    )
     assert other["refresh_token"] != old.refresh_token.get_secret_value()  # rotated: ours was refused
     assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {other['access_token']}"
     stored = await store.get(account.account_id)
@@ -268,21 +261,23 @@ async def test_refused_refresh_uses_the_tokens_another_process_stored_meanwhile(
 
 
 async def test_a_grant_stored_during_the_refresh_is_kept(
-    redis: Redis, store: AccountStore, oauth_server: Any, control: Any, recorder: RequestRecorder
+    redis: Redis, store: AccountStore, rotating_sandbox_server: Any, control: Any, recorder: RequestRecorder
 ) -> None:
     """The merchant reconnects the Klaviyo app (the OAuth callback stores a new grant) while this process's
     refresh of the old grant is in flight: the refreshed old tokens must not overwrite the new grant, and the
     new grant's token is used."""
-    account = await put_oauth_account(store, oauth_server.url)
+    account = await put_oauth_account(store, rotating_sandbox_server.url)
     reconnected: dict[str, Any] = {}
 
     async def merchant_reconnects(request: httpx.Request) -> None:
         if request.url.path != "/oauth/token" or reconnected:
             return
-        reconnected.update(await asyncio.to_thread(oauth_grant, oauth_server.url))
+        reconnected.update(await asyncio.to_thread(oauth_grant, rotating_sandbox_server.url))
         await _store_oauth(store, account.account_id, grant_tokens(reconnected))
 
-    await _refresh_once(redis, store, oauth_server, control, recorder, account, merchant_reconnects)
+    await _refresh_once(
+        redis, store, rotating_sandbox_server, control, recorder, account, merchant_reconnects
+    )
     assert recorder.api_requests()[-1].headers["authorization"] == f"Bearer {reconnected['access_token']}"
     stored = await store.get(account.account_id)
     assert stored.state is AccountState.connected
@@ -332,10 +327,10 @@ async def test_token_request_has_a_deadline_below_the_lock_ttl(redis: Redis, sto
 
 @pytest.mark.slow
 def test_two_processes_refresh_an_expiring_token_exactly_once(
-    settings: Settings, store: AccountStore, oauth_server: Any, control: Any, tmp_path: Path
+    settings: Settings, store: AccountStore, rotating_sandbox_server: Any, control: Any, tmp_path: Path
 ) -> None:
     """Two worker processes use the same OAuth account; its token expires under them mid-run."""
-    account = asyncio.run(_put_oauth(settings, oauth_server.url))
+    account = asyncio.run(_put_oauth(settings, rotating_sandbox_server.url))
     before = asyncio.run(_stored_tokens(settings, account))
     assert settings.secret_key is not None
     procs = [
@@ -345,7 +340,7 @@ def test_two_processes_refresh_an_expiring_token_exactly_once(
                 "-m",
                 "tests.sync.oauth_proc",
                 name,
-                oauth_server.url,
+                rotating_sandbox_server.url,
                 str(settings.redis_url),
                 settings.secret_key.get_secret_value(),
                 account,
