@@ -8,8 +8,8 @@ keeps the verifier, redirect URI and client (secret encrypted) under the account
 ``/oauth/klaviyo/callback`` with ``code`` and ``state``; :func:`complete_connect` takes the pending entry
 (once: ``GETDEL``), exchanges the code at ``<klaviyo_base_url>/oauth/token`` (the account's own base URL when it
 has one, as it was when the connect started: the code is only good at the server that issued it) and stores
-the tokens in the account's encrypted secrets. A state is bound to its account twice over: by its prefix, and because the
-nonce exists only under that account's key.
+the tokens in the account's encrypted secrets. A state is bound to its account twice over: by its prefix, and
+because the nonce exists only under that account's key.
 """
 
 from __future__ import annotations
