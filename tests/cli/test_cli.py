@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import orjson
@@ -44,22 +44,37 @@ def run(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Completed
     )
 
 
-def start_up(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
-    """``passbridge up ARGS``, read until it says it is up; the process and what it printed (on stderr)."""
-    up = subprocess.Popen(
-        [PASSBRIDGE, "up", *args],
+def start_until(
+    args: list[str], env: dict[str, str], cwd: Path, ready: Callable[[str], bool]
+) -> tuple[subprocess.Popen[str], list[str]]:
+    """``passbridge ARGS``, its stderr read line by line until a line is ``ready``; the process and the lines.
+
+    A process that ends first fails the test with what it printed; one still running then is killed."""
+    proc = subprocess.Popen(
+        [PASSBRIDGE, *args],
         env=env,
         cwd=cwd,
         stderr=subprocess.PIPE,
         stdout=subprocess.DEVNULL,
         text=True,
     )
-    assert up.stderr is not None
+    assert proc.stderr is not None
     lines: list[str] = []
-    while not lines or "Ctrl-C stops everything" not in lines[-1]:
-        line = up.stderr.readline()
-        assert line, "".join(lines)  # `up` ended before it was up
-        lines.append(line)
+    try:
+        while not lines or not ready(lines[-1]):
+            line = proc.stderr.readline()
+            assert line, "".join(lines)  # it ended before the line came
+            lines.append(line)
+    except BaseException:
+        proc.kill()
+        proc.communicate()
+        raise
+    return proc, lines
+
+
+def start_up(args: list[str], env: dict[str, str], cwd: Path) -> tuple[subprocess.Popen[str], str]:
+    """``passbridge up ARGS``, read until it says it is up; the process and what it printed (on stderr)."""
+    up, lines = start_until(["up", *args], env, cwd, lambda line: "Ctrl-C stops everything" in line)
     return up, "".join(lines)
 
 
@@ -543,21 +558,16 @@ def test_port_0_listens_on_a_free_port_and_names_it(
             "PASSBRIDGE_LOG_FORMAT": "json",
             "PASSBRIDGE_PRODUCER_PORT": str(taken.getsockname()[1]),
         }
-        server = subprocess.Popen(
-            [PASSBRIDGE, command, "--host", "127.0.0.1", "--port", "0"],
-            env=env,
-            cwd=tmp_path,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-            text=True,
+        # Read until it says where it listens.
+        server, lines = start_until(
+            [command, "--host", "127.0.0.1", "--port", "0"],
+            env,
+            tmp_path,
+            lambda line: _announced_port(line) is not None,
         )
-        assert server.stderr is not None
         try:
-            lines: list[str] = []
-            while (port := _announced_port(lines[-1] if lines else "")) is None:
-                line = server.stderr.readline()
-                assert line, "".join(lines)  # it ended without saying where it listens
-                lines.append(line)
+            port = _announced_port(lines[-1])
+            assert port is not None
             assert port not in (0, taken.getsockname()[1]), lines
             deadline = time.monotonic() + 30
             while True:  # the port is announced once bound; the app answers once its start-up is done
