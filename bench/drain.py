@@ -55,6 +55,7 @@ from bench.harness import (
     setup_accounts,
     summary,
     trickle,
+    worker_setting,
     worker_stats,
 )
 from bench.pipeline import arq_noop
@@ -260,12 +261,13 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
         "rate_scale": args.rate_scale,
         "five_rate_scale": args.five_rate_scale,
         "root": str(root),
+        "worker_env": dict(args.worker_env),
     }
     if args.only_five:
         return await five_only(root, args, out)
     if args.only_one:
         (root / "one").mkdir()
-        stack = Stack(root / "one", args.rate_scale)
+        stack = Stack(root / "one", args.rate_scale, **dict(args.worker_env))
         redis = Redis.from_url(stack.redis_url)
         try:
             await stack.start_sandbox(["one"])
@@ -277,7 +279,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
             stack.stop()
         return out
     (root / "one").mkdir()
-    stack = Stack(root / "one", args.rate_scale)
+    stack = Stack(root / "one", args.rate_scale, **dict(args.worker_env))
     redis = Redis.from_url(stack.redis_url)
     try:
         await stack.start_sandbox(["one", "one-single"])
@@ -302,7 +304,7 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
 async def five_only(root: Path, args: argparse.Namespace, out: dict[str, Any]) -> dict[str, Any]:
     """Phase 4 on its own stack (its own Redis and sandbox, on its own rate scale)."""
     (root / "five").mkdir()
-    stack = Stack(root / "five", args.five_rate_scale)
+    stack = Stack(root / "five", args.five_rate_scale, **dict(args.worker_env))
     redis = Redis.from_url(stack.redis_url)
     try:
         accounts = [f"five-{i}" for i in range(1, 6)]
@@ -388,6 +390,14 @@ if __name__ == "__main__":
     parser.add_argument("--only-one", action="store_true", help="only phase 3 (development)")
     parser.add_argument("--trace", action="store_true", help="print the writes per kind each second")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, Redis data)")
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        type=worker_setting,
+        metavar="NAME=VALUE",
+        help="a setting for the workers of every phase (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=100",
+    )
     ns = parser.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(main(ns))

@@ -66,6 +66,7 @@ from bench.harness import (
     setup_accounts,
     summary,
     trickle,
+    worker_setting,
     worker_stats,
     written_by_lane,
 )
@@ -290,14 +291,6 @@ async def main(args: argparse.Namespace) -> dict[str, Any]:
     return out
 
 
-def setting(text: str) -> tuple[str, str]:
-    """``--worker-env NAME=VALUE``: a PASSBRIDGE_* setting and its value."""
-    name, sep, value = text.partition("=")
-    if not sep or not name.startswith("PASSBRIDGE_"):
-        raise argparse.ArgumentTypeError(f"expected PASSBRIDGE_NAME=VALUE, got {text!r}")
-    return name, value
-
-
 def report(out: dict[str, Any]) -> dict[str, Any]:
     idle, busy = out["b_idle"]["p99_ms"], out["b_busy"]["p99_ms"]
     ratio = busy / idle if idle else float("inf")
@@ -363,7 +356,7 @@ if __name__ == "__main__":
         "--worker-env",
         action="append",
         default=[],
-        type=setting,
+        type=worker_setting,
         metavar="NAME=VALUE",
         help="a setting for the workers (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=64",
     )

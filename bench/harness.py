@@ -9,6 +9,7 @@ step the producer's routes end in), so "ingested" is the moment the event is dur
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
 import json
@@ -401,3 +402,11 @@ async def trickle(
         await put(redis, account_id, [ev])
         sent.append(ev)
     return sent
+
+
+def worker_setting(text: str) -> tuple[str, str]:
+    """``--worker-env NAME=VALUE`` (argparse ``type``): a PASSBRIDGE_* setting for the workers and its value."""
+    name, sep, value = text.partition("=")
+    if not sep or not name.startswith("PASSBRIDGE_"):
+        raise argparse.ArgumentTypeError(f"expected PASSBRIDGE_NAME=VALUE, got {text!r}")
+    return name, value
