@@ -143,6 +143,10 @@ class AccountKeys:
         """Sorted set: send times (µs) of requests to a Klaviyo endpoint in one sliding window (b|s)."""
         return f"{self.base}:rl:{endpoint}:{window}"
 
+    def rate_pace(self, endpoint: str) -> str:
+        """String: when (µs, Redis clock) the next paced backlog request to a Klaviyo endpoint is due (GCRA)."""
+        return f"{self.base}:rl:{endpoint}:pace"
+
     def rate_pause(self, endpoint: str) -> str:
         """String: until when (µs, Redis clock) a 429 paused this Klaviyo endpoint for the account."""
         return f"{self.base}:rl:{endpoint}:pause"

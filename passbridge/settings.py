@@ -63,6 +63,10 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = Field(default=1.0, gt=0)
+    #: Pace a backlog's requests evenly over Klaviyo's minute window (worker.klaviyo.ratelimit.RateLimiter.pace).
+    klaviyo_backlog_pacing: bool = True
+    #: With pacing: the share of an endpoint's minute budget a backlog may spend at once before it is paced.
+    klaviyo_backlog_pace_burst: float = Field(default=0.0, ge=0, le=1)
     #: ``passbridge demo`` against a real Klaviyo (PASSBRIDGE_KLAVIYO_BASE_URL set): one private API key for
     #: every demo account, or a comma-separated list handed out to the demo accounts in turn.
     demo_klaviyo_api_keys: SecretStr | None = None

@@ -297,6 +297,7 @@ class Lane:
                 self.single_op.tier,
                 reserve=0.0 if first else self.single_reserve,
                 slot=slot,
+                paced=not first,
             )
             if wait > 0:
                 until = time.monotonic() + wait
@@ -322,7 +323,7 @@ class Lane:
         if due and now >= self._bulk_at and not self._bulk_acquiring and not capped:
             # Only look: the send takes the slot itself, right before the request leaves.
             wait = await limiter.try_acquire(
-                account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True
+                account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True, paced=True
             )
             if wait > 0:
                 self._bulk_at = time.monotonic() + wait
@@ -419,6 +420,7 @@ class Lane:
                 self.bulk_op.tier,
                 max_wait_s=self.client.options.max_slot_wait_s,
                 slot=slot,
+                paced=True,
             )
             return slot
         finally:

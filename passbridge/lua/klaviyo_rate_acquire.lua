@@ -13,6 +13,11 @@
 -- ARGV[6], ARGV[7] (optional) slots of the burst / steady window this request must leave free: work that can
 -- wait (a backlog's overflow) keeps a share of the budget for work that cannot (a fresh event)
 -- ARGV[8] (optional) '1': only look — return 0 if a slot is free now, but do not take it
+-- KEYS[4], ARGV[9], ARGV[10] (optional) pacing, for a backlog's requests: the pace key (string, µs), the
+-- interval between paced requests (µs; 0 = not paced) and how far ahead of the pace they may run (µs). This
+-- is GCRA: the key holds when the next paced request is due; a request is admitted while that is at most the
+-- tolerance away, and moves it on by one interval. A backlog then spends the steady budget evenly over the
+-- window instead of all at its start, so it loads the machines (ours and Klaviyo's) evenly.
 -- Returns 0 when the slot is taken, else the µs to wait before asking again.
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
@@ -40,11 +45,25 @@ for i = 1, 2 do
   end
 end
 
+local interval = tonumber(ARGV[9] or '0')
+local due = now
+if interval > 0 then
+  due = math.max(tonumber(redis.call('GET', KEYS[4]) or '0'), now)
+  local early = due - now - tonumber(ARGV[10])
+  if early > wait then
+    wait = early
+  end
+end
+
 if wait > 0 then
   return math.ceil(wait)
 end
 if ARGV[8] == '1' then
   return 0
+end
+
+if interval > 0 then
+  redis.call('SET', KEYS[4], string.format('%d', due + interval), 'PX', math.ceil(tonumber(ARGV[4]) / 1000) + 1000)
 end
 
 for i = 1, 2 do

@@ -4,6 +4,7 @@ concurrent callers, per-account and per-endpoint isolation."""
 from __future__ import annotations
 
 import asyncio
+import itertools
 import time
 
 import pytest
@@ -99,3 +100,70 @@ async def test_many_clients_share_one_budget(redis_url: str) -> None:
 def test_scale_must_be_positive() -> None:
     with pytest.raises(ValueError, match="rate scale"):
         RateLimiter(None, scale=0)  # type: ignore[arg-type]
+
+
+# --- pacing a backlog's requests ------------------------------------------------------------------------------
+
+# scale 60: the minute window lasts one second (1.02 s + 20 ms of pad), so a steady budget of 10 is paced at one
+# request per 104 ms.
+PACE_TIER = Tier(burst=100, steady=10)
+PACE_S = (60 / 60 * 1.02 + 0.02) / 10
+
+
+async def test_paced_requests_are_spread_over_the_window(redis: Redis) -> None:
+    limiter = RateLimiter(redis, scale=60)
+    assert await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) == 0.0
+    wait = await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True)
+    assert PACE_S - 0.02 < wait <= PACE_S
+    # Looking does not move the pace on.
+    assert await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True, peek=True) > 0.05
+    await asyncio.sleep(wait)
+    assert await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) == 0.0
+    # The same budget unpaced: all ten go at once, up to the window.
+    waits = [await limiter.try_acquire("globex", "create_event", PACE_TIER) for _ in range(11)]
+    assert waits[:10] == [0.0] * 10
+    assert waits[10] > 0.8
+
+
+async def test_a_paced_backlog_spends_the_steady_budget_evenly(redis: Redis) -> None:
+    """Over one window the paced caller gets about the whole budget, never more, one request at a time."""
+    limiter = RateLimiter(redis, scale=60)
+    admitted: list[float] = []
+    deadline = time.monotonic() + 1.0
+    while time.monotonic() < deadline:
+        await limiter.acquire("acme", "create_event", PACE_TIER, max_wait_s=1, paced=True)
+        admitted.append(time.monotonic())
+    gaps = [b - a for a, b in itertools.pairwise(admitted)]
+    assert 9 <= len(admitted) <= 11
+    assert min(gaps) > PACE_S - 0.03  # evenly spaced: never two in a burst
+
+
+async def test_fresh_requests_are_not_held_by_the_pace_and_still_count_in_the_windows(redis: Redis) -> None:
+    limiter = RateLimiter(redis, scale=60)
+    assert await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) == 0.0
+    # A fresh event's request (not paced) goes at once, right behind the backlog's.
+    assert [await limiter.try_acquire("acme", "create_event", PACE_TIER) for _ in range(9)] == [0.0] * 9
+    # The window is full now: the backlog waits for the window, whatever its pace says.
+    await asyncio.sleep(PACE_S)
+    assert await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) > 0.8
+
+
+async def test_pace_burst_lets_a_share_of_the_budget_go_at_once(redis: Redis) -> None:
+    limiter = RateLimiter(redis, scale=60, pace_burst=0.3)
+    waits = [await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) for _ in range(5)]
+    # Three intervals ahead of the pace: four at once, the fifth one interval later.
+    assert waits[:4] == [0.0] * 4
+    assert PACE_S - 0.02 < waits[4] <= PACE_S
+
+
+async def test_pacing_off_holds_a_backlog_to_the_windows_only(redis: Redis) -> None:
+    limiter = RateLimiter(redis, scale=60, pace_burst=None)
+    waits = [await limiter.try_acquire("acme", "create_event", PACE_TIER, paced=True) for _ in range(11)]
+    assert waits[:10] == [0.0] * 10
+    assert waits[10] > 0.8
+
+
+@pytest.mark.parametrize("burst", [-0.1, 1.5])
+def test_pace_burst_must_be_a_share(burst: float) -> None:
+    with pytest.raises(ValueError, match="pace burst"):
+        RateLimiter(None, pace_burst=burst)  # type: ignore[arg-type]

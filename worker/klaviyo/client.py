@@ -89,6 +89,9 @@ class ClientOptions:
     rate_safety: float = 0.02
     rate_burst_safety: float = 0.5
     rate_pad_s: float = 0.02
+    #: The share of an endpoint's steady budget a backlog may spend at once before it is paced
+    #: (:meth:`RateLimiter.pace`); ``None``: backlogs are held to the rate-limit windows only.
+    rate_pace_burst: float | None = 0.0
     #: A 429 whose Retry-After is at most ``max_slot_wait_s`` is waited out and sent again (the request was
     #: not processed) this many times before ThrottledError reaches the caller's retry policy.
     max_throttle_retries: int = 2
@@ -146,6 +149,7 @@ class KlaviyoClient:
             safety=opts.rate_safety,
             pad_s=opts.rate_pad_s,
             burst_safety=opts.rate_burst_safety,
+            pace_burst=opts.rate_pace_burst,
         )
         self.oauth = OAuthManager(
             redis,
@@ -163,7 +167,10 @@ class KlaviyoClient:
     def from_settings(
         cls, settings: Settings, redis: Redis, accounts: AccountStore, **kwargs: Any
     ) -> KlaviyoClient:
-        """A client configured from ``PASSBRIDGE_KLAVIYO_*`` settings (base URL, revision, rate scale)."""
+        """A client configured from ``PASSBRIDGE_KLAVIYO_*`` settings (base URL, revision, rate scale, backlog
+        pacing)."""
+        pace = settings.klaviyo_backlog_pace_burst if settings.klaviyo_backlog_pacing else None
+        kwargs.setdefault("options", ClientOptions(rate_pace_burst=pace))
         return cls(
             redis,
             accounts,

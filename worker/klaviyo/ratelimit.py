@@ -54,9 +54,12 @@ class RateLimiter:
         safety: float = 0.02,
         pad_s: float = 0.02,
         burst_safety: float = 0.5,
+        pace_burst: float | None = 0.0,
     ) -> None:
         if not scale > 0:
             raise ValueError("rate scale must be > 0")
+        if pace_burst is not None and not 0 <= pace_burst <= 1:
+            raise ValueError("pace burst must be within 0..1")
         self.redis = redis
         self.scale = scale
         # The burst window gets a wider margin: a request is sent a little after its slot was taken (an
@@ -65,6 +68,9 @@ class RateLimiter:
         # burst rate.
         self.burst_window_us = self._window_us(BURST_WINDOW_S, max(safety, burst_safety), pad_s)
         self.steady_window_us = self._window_us(STEADY_WINDOW_S, safety, pad_s)
+        #: The share of an endpoint's steady budget a backlog may spend at once before it is paced (``None``:
+        #: backlogs are not paced, only held to the windows).
+        self.pace_burst = pace_burst
         self._acquire = script(redis, "klaviyo_rate_acquire")
         self._pause = script(redis, "klaviyo_rate_pause")
 
@@ -81,6 +87,7 @@ class RateLimiter:
         reserve: float = 0.0,
         peek: bool = False,
         slot: str | None = None,
+        paced: bool = False,
     ) -> float:
         """Take a slot now if there is one (returns 0.0), else return the seconds until one may free up.
 
@@ -88,14 +95,17 @@ class RateLimiter:
         for callers that must not be kept waiting (the bulk lanes keep it for fresh events). ``peek``: only
         say whether a slot is free, without taking it (the caller takes it right before sending: a slot
         taken long before its request leaves would let Klaviyo see the requests closer together than the
-        limiter admitted them). ``slot``: the name the slot is logged under (see :meth:`refund`).
+        limiter admitted them). ``slot``: the name the slot is logged under (see :meth:`refund`). ``paced``:
+        a backlog's request, held to the steady rate evenly over the window (:meth:`pace`).
         """
         keys = account_keys(account_id)
+        interval_us, tolerance_us = self.pace(tier) if paced and self.pace_burst is not None else (0, 0)
         wait_us = await self._acquire(
             keys=[
                 keys.rate_window(endpoint, "b"),
                 keys.rate_window(endpoint, "s"),
                 keys.rate_pause(endpoint),
+                keys.rate_pace(endpoint),
             ],
             args=[
                 tier.burst,
@@ -106,12 +116,33 @@ class RateLimiter:
                 min(tier.burst - 1, math.ceil(tier.burst * reserve)),
                 min(tier.steady - 1, math.ceil(tier.steady * reserve)),
                 "1" if peek else "0",
+                interval_us,
+                tolerance_us,
             ],
         )
         return int(wait_us) / 1_000_000
 
+    def pace(self, tier: Tier) -> tuple[int, int]:
+        """The interval (µs) between a backlog's paced requests to an endpoint of ``tier``, and how far ahead
+        of that pace they may run (µs): ``pace_burst`` of the steady budget.
+
+        Left to the windows alone, a backlog spends a whole minute's budget in its first seconds (at the burst
+        rate) and then waits for the minute to roll over: every worker, Redis and the sandbox get busy at once,
+        each minute, and another account's event that arrives then waits behind all of it. Paced, the same
+        budget goes out evenly: the same requests per minute, never more than the windows allow.
+        """
+        interval = self.steady_window_us // tier.steady
+        return interval, math.floor(tier.steady * (self.pace_burst or 0.0)) * interval
+
     async def acquire(
-        self, account_id: str, endpoint: str, tier: Tier, *, max_wait_s: float, slot: str | None = None
+        self,
+        account_id: str,
+        endpoint: str,
+        tier: Tier,
+        *,
+        max_wait_s: float,
+        slot: str | None = None,
+        paced: bool = False,
     ) -> float:
         """Wait for a slot and take it (logged as ``slot``); returns the seconds waited.
 
@@ -121,7 +152,7 @@ class RateLimiter:
         """
         started = time.monotonic()
         while True:
-            wait = await self.try_acquire(account_id, endpoint, tier, slot=slot)
+            wait = await self.try_acquire(account_id, endpoint, tier, slot=slot, paced=paced)
             if wait <= 0:
                 return time.monotonic() - started
             waited = time.monotonic() - started

@@ -1,0 +1,117 @@
+"""Backlog pacing in the bulk lanes (worker.bulk.Lane with RateLimiter.pace): a backlog's bulk requests and its
+overflow single calls spend the steady budget evenly over the window, while a fresh event's single call is
+never held by the pace.
+
+The lane runs against a real Redis (the limiter) on a clock 60 times faster than Klaviyo's (a minute window of
+1.04 s). Its senders, which would call Klaviyo, are the edge here: they record when the lane let each request
+go and answer OK, so the timing is the lane's and the limiter's alone.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import time
+from collections.abc import AsyncIterator
+
+import pytest
+from redis.asyncio import Redis
+
+from passbridge.accounts import Account, AccountStore
+from worker.batching import LanePolicy, SyncMode
+from worker.bulk import OK, Item, Lane, Outcome
+from worker.klaviyo.client import KlaviyoClient
+from worker.klaviyo.endpoints import BULK_CREATE_DATA_SOURCE_RECORDS, CREATE_DATA_SOURCE_RECORD
+
+from .conftest import RATE_SCALE, make_client
+
+#: The steady windows at this scale (60 s / 60, the 2 % safety and 20 ms of pad), over the tiers' per-minute
+#: budgets: the record bulk endpoint (15 a minute) and the single record endpoint (750 a minute).
+WINDOW_S = 60 / RATE_SCALE * 1.02 + 0.02
+BULK_PACE_S = WINDOW_S / BULK_CREATE_DATA_SOURCE_RECORDS.tier.steady
+SINGLE_PACE_S = WINDOW_S / CREATE_DATA_SOURCE_RECORD.tier.steady
+BACKLOG_ITEMS = 3000
+
+
+class Sent:
+    """When the lane let each request go (``time.monotonic()``), by kind."""
+
+    def __init__(self) -> None:
+        self.bulk: list[tuple[float, int]] = []
+        self.single: list[tuple[float, bool]] = []
+
+    async def send_bulk(self, account: Account, items: list[Item], slot: str | None) -> list[Outcome]:
+        self.bulk.append((time.monotonic(), len(items)))
+        return [OK] * len(items)
+
+    async def send_single(self, account: Account, item: Item, slot: str) -> Outcome:
+        self.single.append((time.monotonic(), item.urgent))
+        return OK
+
+
+@pytest.fixture(params=[True, False], ids=["paced", "unpaced"])
+async def paced_client(
+    request: pytest.FixtureRequest, redis: Redis, store: AccountStore
+) -> AsyncIterator[KlaviyoClient]:
+    # Nothing is sent over HTTP (the senders are the test's): the URL is never called.
+    async with make_client(
+        redis, store, "http://127.0.0.1:9", rate_pace_burst=0.0 if request.param else None
+    ) as c:
+        yield c
+
+
+def records_lane(client: KlaviyoClient, sent: Sent) -> Lane:
+    """The record lane as ``AccountLanes`` makes it, for an account with a backlog of 100,000 events."""
+    return Lane(
+        "records",
+        mode=SyncMode.adaptive,
+        policy=LanePolicy(500, 3_600_000, 32, 4.0 / RATE_SCALE, tail_units=50),
+        client=client,
+        single_op=CREATE_DATA_SOURCE_RECORD,
+        bulk_op=BULK_CREATE_DATA_SOURCE_RECORDS,
+        list_pointer="/data/attributes/data-source-records/data",
+        send_single=sent.send_single,
+        send_bulk=sent.send_bulk,
+        backlog=lambda: (100_000, 1.0),
+    )
+
+
+def item(n: int, *, urgent: bool = False) -> Item:
+    future: asyncio.Future[Outcome] = asyncio.get_running_loop().create_future()
+    return Item({"n": n}, b'{"n":%d}' % n, 1, urgent, f"S{n:05d}", lambda: True, future)
+
+
+async def test_a_backlog_is_paced_over_the_window_and_a_fresh_event_is_not(
+    paced_client: KlaviyoClient, account: Account
+) -> None:
+    paced = paced_client.limiter.pace_burst is not None
+    sent = Sent()
+    lane = records_lane(paced_client, sent)
+    futures = [lane.submit(account, item(n)) for n in range(BACKLOG_ITEMS)]
+    # A fresh event arrives while the backlog is being sent.
+    await asyncio.sleep(0.2)
+    fresh_at = time.monotonic()
+    fresh = lane.submit(account, item(99_999, urgent=True))
+    assert (await asyncio.wait_for(fresh, 2)).verdict.value == "ok"
+    fresh_sent = next(t for t, urgent in sent.single if urgent)
+    # It goes ahead of the backlog's items (urgent first) and outside the pace: at once.
+    assert fresh_sent - fresh_at < 0.05
+    outcomes = await asyncio.wait_for(asyncio.gather(*futures), 20)
+    assert {o.verdict.value for o in outcomes} == {"ok"}
+    assert sum(n for _, n in sent.bulk) + sum(1 for _, urgent in sent.single if not urgent) == BACKLOG_ITEMS
+
+    bulk_gaps = [b[0] - a[0] for a, b in itertools.pairwise(sent.bulk)]
+    overflow = [t for t, urgent in sent.single if not urgent]
+    assert len(sent.bulk) >= 2
+    assert len(overflow) >= 20
+    # Singles let through in the first 50 ms after the first one (the single endpoint's burst window is 45 ms).
+    first_burst = sum(1 for t in overflow if t - overflow[0] < 0.05)
+    if paced:
+        # One bulk request per 1/15 of the window, and the overflow at 1/750 of it: never in a burst.
+        assert min(bulk_gaps) > BULK_PACE_S - 0.01
+        assert first_burst <= 0.05 / SINGLE_PACE_S + 2
+    else:
+        # Held to the windows only, the backlog spends the burst budgets at once: three bulk requests back to
+        # back (3 a second), dozens of singles (75 a second) in the first burst window.
+        assert min(bulk_gaps) < BULK_PACE_S / 2
+        assert first_burst > 0.05 / SINGLE_PACE_S + 10
