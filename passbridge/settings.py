@@ -63,7 +63,8 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = Field(default=1.0, gt=0)
-    #: Pace a backlog's requests evenly over Klaviyo's minute window (worker.klaviyo.ratelimit.RateLimiter.pace).
+    #: Pace backlogs' requests evenly over Klaviyo's minute window while an account with a small backlog is about
+    #: (worker.klaviyo.ratelimit.RateLimiter.pace, worker.bulk.AccountLanes.paced).
     klaviyo_backlog_pacing: bool = True
     #: With pacing: the share of an endpoint's minute budget a backlog may spend at once before it is paced.
     klaviyo_backlog_pace_burst: float = Field(default=0.0, ge=0, le=1)

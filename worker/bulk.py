@@ -30,6 +30,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections import Counter, deque
 from collections.abc import Awaitable, Callable
@@ -45,7 +46,7 @@ from redis.exceptions import RedisError
 
 from passbridge.accounts import Account
 from passbridge.event import PassEvent
-from passbridge.keys import account_keys
+from passbridge.keys import PACE_BACKLOGS, account_keys
 from worker.batching import (
     LanePolicy,
     LaneView,
@@ -87,6 +88,11 @@ EVENTS_POINTER = "/data/attributes/events-bulk-create/data"
 RECORDS_POINTER = "/data/attributes/data-source-records/data"
 #: Most profiles one bulk-import job carries (see ``AccountLanes``).
 PROFILE_JOB_ITEMS = 2_000
+#: Backlogs are paced for this long after an account with a small backlog was last worked on (Klaviyo's minute:
+#: the span over which a backlog's burst would land) ...
+PACE_MARK_TTL_MS = 60_000
+#: ... which each worker says at most this often.
+PACE_MARK_EVERY_S = 5.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,8 +197,11 @@ class Lane:
         counts_events: bool = False,
         single_reserve: float = 0.1,
         bulk_concurrency: int | None = None,
+        paced: Callable[[], bool] = lambda: True,
     ) -> None:
         self.name = name
+        #: Whether the backlog's requests (bulk, overflow singles) are paced now (``AccountLanes.paced``).
+        self.paced = paced
         #: Bulk sends running at once at most (``None``: no cap; the endpoint's rate is the limit).
         self.bulk_concurrency = bulk_concurrency
         self._bulks = 0
@@ -297,7 +306,7 @@ class Lane:
                 self.single_op.tier,
                 reserve=0.0 if first else self.single_reserve,
                 slot=slot,
-                paced=not first,
+                paced=not first and self.paced(),
             )
             if wait > 0:
                 until = time.monotonic() + wait
@@ -323,7 +332,7 @@ class Lane:
         if due and now >= self._bulk_at and not self._bulk_acquiring and not capped:
             # Only look: the send takes the slot itself, right before the request leaves.
             wait = await limiter.try_acquire(
-                account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True, paced=True
+                account.account_id, self.bulk_op.name, self.bulk_op.tier, peek=True, paced=self.paced()
             )
             if wait > 0:
                 self._bulk_at = time.monotonic() + wait
@@ -420,7 +429,7 @@ class Lane:
                 self.bulk_op.tier,
                 max_wait_s=self.client.options.max_slot_wait_s,
                 slot=slot,
-                paced=True,
+                paced=self.paced(),
             )
             return slot
         finally:
@@ -552,6 +561,7 @@ class AccountLanes:
             send_single=self._profile_single,
             send_bulk=self._profile_bulk,
             backlog=self.backlog,
+            paced=self.paced,
             # A job's send lasts until the job is complete: a slow Klaviyo gets a few big jobs, not a pile.
             bulk_concurrency=opts.profile_jobs_in_flight,
         )
@@ -568,6 +578,7 @@ class AccountLanes:
             send_single=self._record_single,
             send_bulk=self._record_bulk,
             backlog=self.backlog,
+            paced=self.paced,
         )
         self.events = Lane(
             "events",
@@ -580,12 +591,18 @@ class AccountLanes:
             send_single=self._events_single,
             send_bulk=self._events_bulk,
             backlog=self.backlog,
+            paced=self.paced,
             counts_events=True,
         )
 
     def backlog(self) -> tuple[int, float]:
         """The account's queued events (at least those in flight here) and the average events per serial."""
         return max(self.backlog_events, self.in_flight), self.events_per_serial
+
+    def paced(self) -> bool:
+        """Whether this account's backlog is paced now: while some account with a small backlog has been
+        worked on in the last minute (``keys.PACE_BACKLOGS``), and only while this one is not small itself."""
+        return self.sync.pacing and self.backlog_events >= self.sync.options.small_backlog
 
     def take_urgent(self) -> bool:
         """Whether one more fresh serial may take the fast path now."""
@@ -612,7 +629,14 @@ class AccountLanes:
         try:
             while True:
                 with contextlib.suppress(RedisError):
-                    self.backlog_events = int(await redis.get(key) or 0)
+                    async with redis.pipeline(transaction=False) as pipe:
+                        pipe.get(key)
+                        pipe.exists(PACE_BACKLOGS)
+                        depth, pace = await pipe.execute()
+                    self.backlog_events = int(depth or 0)
+                    self.sync.pacing = bool(pace)
+                    if self.backlog_events < self.sync.options.small_backlog:
+                        await self.sync.small_account_seen(redis)
                 lanes = (self.profiles, self.records, self.events)
                 if self.in_flight <= 0 and not any(lane.pending for lane in lanes):
                     return
@@ -830,6 +854,19 @@ class BulkSync:
         self._batchers: dict[int, EngineBatchers] = {}
         self._gate = TurnGate(self.options.serials_per_turn)
         self._per_event = PerEventSync()
+        #: Whether backlogs are paced now: an account with a small backlog was worked on (by any worker) in
+        #: the last minute. Read with each busy account's depth; False until then (never pace for nobody).
+        self.pacing = False
+        self._small_seen_at = -math.inf
+
+    async def small_account_seen(self, redis: Redis) -> None:
+        """Say (at most every few seconds) that an account with a small backlog is being worked on: for the
+        next minute, every worker paces its backlogs, so that account's events never meet a burst."""
+        now = time.monotonic()
+        if now - self._small_seen_at < PACE_MARK_EVERY_S:
+            return
+        self._small_seen_at = now
+        await redis.set(PACE_BACKLOGS, "1", px=PACE_MARK_TTL_MS)
 
     def lanes(self, account: Account) -> AccountLanes:
         """The account's lanes in this process (created on first use)."""

@@ -18,12 +18,14 @@ import pytest
 from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
+from passbridge.keys import PACE_BACKLOGS, account_keys
 from worker.batching import LanePolicy, SyncMode
-from worker.bulk import OK, Item, Lane, Outcome
+from worker.bulk import OK, AccountLanes, BulkSync, Item, Lane, Outcome
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_CREATE_DATA_SOURCE_RECORDS, CREATE_DATA_SOURCE_RECORD
+from worker.sync import Syncer
 
-from .conftest import RATE_SCALE, make_client
+from .conftest import API_KEY, RATE_SCALE, make_client, put_account
 
 #: The steady windows at this scale (60 s / 60, the 2 % safety and 20 ms of pad), over the tiers' per-minute
 #: budgets: the record bulk endpoint (15 a minute) and the single record endpoint (750 a minute).
@@ -115,3 +117,39 @@ async def test_a_backlog_is_paced_over_the_window_and_a_fresh_event_is_not(
         # back (3 a second), dozens of singles (75 a second) in the first burst window.
         assert min(bulk_gaps) < BULK_PACE_S / 2
         assert first_burst > 0.05 / SINGLE_PACE_S + 10
+
+
+async def test_backlogs_are_paced_only_while_a_small_account_is_being_worked_on(
+    redis: Redis, store: AccountStore, account: Account
+) -> None:
+    """``keys.PACE_BACKLOGS``: set by the lanes of an account with a small backlog, read by every account's lanes;
+    a big backlog with no small account about is not held back."""
+    other = await put_account(store, "globex", klaviyo_api_key=API_KEY)
+    async with make_client(redis, store, "http://127.0.0.1:9") as client:
+        sync = BulkSync(Syncer(client, redis))
+        big, small = sync.lanes(account), sync.lanes(other)
+        await redis.set(account_keys(account.account_id).depth, 100_000)
+        await redis.set(account_keys(other.account_id).depth, 3)
+
+        async def refreshed(lanes: AccountLanes) -> None:
+            # The refresher runs while the account has work in this process: pretend a serial is in flight.
+            lanes.in_flight = 1
+            lanes.watch_backlog(redis, 0.01)
+            await asyncio.sleep(0.05)
+            lanes.in_flight = 0
+
+        await refreshed(big)
+        assert big.backlog_events == 100_000
+        assert not big.paced()
+        assert not await redis.exists(PACE_BACKLOGS)
+        # A small account is worked on: it says so for a minute, and the big backlog is paced from its next
+        # refresh on. The small account's own requests are never paced.
+        await refreshed(small)
+        assert 55_000 < await redis.pttl(PACE_BACKLOGS) <= 60_000
+        assert not small.paced()
+        await refreshed(big)
+        assert big.paced()
+        # Once the minute is over with no small account about, backlogs go unpaced again.
+        await redis.delete(PACE_BACKLOGS)
+        await refreshed(big)
+        assert not big.paced()

@@ -17,7 +17,7 @@ import pytest
 
 from klaviyo_sandbox.testing import SandboxServer
 from passbridge.event import PassEvent
-from passbridge.keys import account_keys
+from passbridge.keys import PACE_BACKLOGS, account_keys
 from tests.conftest import async_wait_for
 from worker import dlq, history
 from worker.plan import coalesce, record_of
@@ -554,6 +554,8 @@ async def test_adaptive_small_backlog_goes_by_single_calls(
     assert delta(before, after, "create_data_source_record", 204) == 5
     assert delta(before, after, "create_event", 202) == len(events)
     assert sorted(pipeline.stored_unique_ids("acme")) == sorted(e.event_id for e in events)
+    # A small account was worked on: every worker paces its backlogs for the next minute.
+    assert 0 < await pipeline.redis.pttl(PACE_BACKLOGS) <= 60_000
 
 
 async def test_adaptive_big_backlog_uses_the_bulk_endpoints(
