@@ -220,9 +220,10 @@ EXPRESS_ON = f"{NOTIFY}:x:on"
 #: lanes and do the express lanes claim; while no worker is busy, the workers take everything themselves.
 #: ``_enqueue_core.lua`` derives this name from ``NOTIFY``.
 EXPRESS_BUSY = f"{NOTIFY}:x:busy"
-#: String set (``PX`` a minute) by a worker working an account with a small backlog: while it exists, the
-#: other accounts' backlogs are paced over Klaviyo's minute window (``worker/bulk.py``, ``RateLimiter.pace``),
-#: so a small account's events never meet a backlog's burst; with no small account about, backlogs are not held.
+#: String set (``PX`` a minute) by a worker working fresh events of an account with a small backlog: while it
+#: exists, the other accounts' backlogs are paced over Klaviyo's minute window (``worker/bulk.py``,
+#: ``RateLimiter.pace``), so a small account's events never meet a backlog's burst; with no small account
+#: about, backlogs are not held.
 PACE_BACKLOGS = f"{PREFIX}:pace"
 #: What every account's keys start with (``AccountKeys.base`` = this + account id); claim.lua walks accounts.
 ACCOUNT_BASE_PREFIX = f"{PREFIX}:a:"

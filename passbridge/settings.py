@@ -63,7 +63,7 @@ class Settings(BaseSettings):
     klaviyo_base_url: str = "https://a.klaviyo.com"
     klaviyo_revision: str = "2026-10-15"
     klaviyo_rate_scale: float = Field(default=1.0, gt=0)
-    #: Pace backlogs' requests evenly over Klaviyo's minute window while an account with a small backlog is about
+    #: Pace backlogs' requests evenly over Klaviyo's minute window while a small account's fresh events are about
     #: (worker.klaviyo.ratelimit.RateLimiter.pace, worker.bulk.AccountLanes.paced).
     klaviyo_backlog_pacing: bool = True
     #: With pacing: the share of an endpoint's minute budget a backlog may spend at once before it is paced.

@@ -535,6 +535,8 @@ class AccountLanes:
         self.backlog_events = 0
         #: Events per serial per round, a moving average (to estimate serials from events).
         self.events_per_serial = 1.0
+        #: A fresh serial (received moments ago) was worked on since the backlog was last read.
+        self.fresh_seen = False
         self._refresher: asyncio.Task[None] | None = None
         # Fresh serials jump the queue only this often (a token bucket): a flood of new events is a
         # backlog like any other and must not spend the single budget the fresh ones need.
@@ -600,12 +602,13 @@ class AccountLanes:
         return max(self.backlog_events, self.in_flight), self.events_per_serial
 
     def paced(self) -> bool:
-        """Whether this account's backlog is paced now: while some account with a small backlog has been
-        worked on in the last minute (``keys.PACE_BACKLOGS``), and only while this one is not small itself."""
+        """Whether this account's backlog is paced now: while some account with a small backlog has had fresh
+        events worked on in the last minute (``keys.PACE_BACKLOGS``), and only while this one is not small."""
         return self.sync.pacing and self.backlog_events >= self.sync.options.small_backlog
 
     def take_urgent(self) -> bool:
         """Whether one more fresh serial may take the fast path now."""
+        self.fresh_seen = True
         now = time.monotonic()
         burst = self.sync.options.urgent_burst
         self._urgent_tokens = min(burst, self._urgent_tokens + (now - self._urgent_at) * self._urgent_rate)
@@ -635,8 +638,11 @@ class AccountLanes:
                         depth, pace = await pipe.execute()
                     self.backlog_events = int(depth or 0)
                     self.sync.pacing = bool(pace)
-                    if self.backlog_events < self.sync.options.small_backlog:
+                    # Fresh events of a small account: what pacing is for. Not the last, old events of a
+                    # backlog: other backlogs would be held back for nobody.
+                    if self.fresh_seen and self.backlog_events < self.sync.options.small_backlog:
                         await self.sync.small_account_seen(redis)
+                    self.fresh_seen = False
                 lanes = (self.profiles, self.records, self.events)
                 if self.in_flight <= 0 and not any(lane.pending for lane in lanes):
                     return
@@ -860,8 +866,8 @@ class BulkSync:
         self._small_seen_at = -math.inf
 
     async def small_account_seen(self, redis: Redis) -> None:
-        """Say (at most every few seconds) that an account with a small backlog is being worked on: for the
-        next minute, every worker paces its backlogs, so that account's events never meet a burst."""
+        """Say (at most every few seconds) that fresh events of an account with a small backlog are being
+        worked on: for the next minute, every worker paces its backlogs, so such events never meet a burst."""
         now = time.monotonic()
         if now - self._small_seen_at < PACE_MARK_EVERY_S:
             return

@@ -119,11 +119,11 @@ async def test_a_backlog_is_paced_over_the_window_and_a_fresh_event_is_not(
         assert first_burst > 0.05 / SINGLE_PACE_S + 10
 
 
-async def test_backlogs_are_paced_only_while_a_small_account_is_being_worked_on(
+async def test_backlogs_are_paced_only_while_a_small_account_has_fresh_events(
     redis: Redis, store: AccountStore, account: Account
 ) -> None:
-    """``keys.PACE_BACKLOGS``: set by the lanes of an account with a small backlog, read by every account's lanes;
-    a big backlog with no small account about is not held back."""
+    """``keys.PACE_BACKLOGS``: set by the lanes of an account with a small backlog working fresh events, read by
+    every account's lanes; a big backlog with no such account about is not held back."""
     other = await put_account(store, "globex", klaviyo_api_key=API_KEY)
     async with make_client(redis, store, "http://127.0.0.1:9") as client:
         sync = BulkSync(Syncer(client, redis))
@@ -131,25 +131,31 @@ async def test_backlogs_are_paced_only_while_a_small_account_is_being_worked_on(
         await redis.set(account_keys(account.account_id).depth, 100_000)
         await redis.set(account_keys(other.account_id).depth, 3)
 
-        async def refreshed(lanes: AccountLanes) -> None:
+        async def refreshed(lanes: AccountLanes, *, fresh: bool = False) -> None:
+            if fresh:
+                lanes.take_urgent()  # what a serial received moments ago asks before its first write
             # The refresher runs while the account has work in this process: pretend a serial is in flight.
             lanes.in_flight = 1
             lanes.watch_backlog(redis, 0.01)
             await asyncio.sleep(0.05)
             lanes.in_flight = 0
 
-        await refreshed(big)
+        await refreshed(big, fresh=True)
         assert big.backlog_events == 100_000
         assert not big.paced()
-        assert not await redis.exists(PACE_BACKLOGS)
-        # A small account is worked on: it says so for a minute, and the big backlog is paced from its next
-        # refresh on. The small account's own requests are never paced.
+        # The last, old events of a backlog (a small depth, nothing fresh) hold nobody back.
         await refreshed(small)
+        assert not await redis.exists(PACE_BACKLOGS)
+        await refreshed(big)
+        assert not big.paced()
+        # Fresh events of a small account: it says so for a minute, and the big backlog is paced from its next
+        # refresh on. The small account's own requests are never paced.
+        await refreshed(small, fresh=True)
         assert 55_000 < await redis.pttl(PACE_BACKLOGS) <= 60_000
         assert not small.paced()
         await refreshed(big)
         assert big.paced()
-        # Once the minute is over with no small account about, backlogs go unpaced again.
+        # Once the minute is over with no such account about, backlogs go unpaced again.
         await redis.delete(PACE_BACKLOGS)
         await refreshed(big)
         assert not big.paced()
