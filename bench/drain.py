@@ -1,6 +1,7 @@
 """Drain a backlog at Klaviyo's limits: bulk endpoints, coalescing and both budgets vs one call per operation.
 
     python bench/drain.py [--rate-scale 5] [--five-rate-scale 1] [--events 100000] [--serials 40000]
+                          [--worker-env PASSBRIDGE_NAME=VALUE ...]
 
 Everything runs on this machine as separate processes (``bench/harness.py``): an embedded Redis with AOF, the
 Klaviyo sandbox with Klaviyo's real rate tiers on a clock ``--rate-scale`` times faster (``passbridge sandbox
@@ -44,6 +45,7 @@ from redis.asyncio import Redis
 
 from bench.harness import (
     Stack,
+    add_worker_env_option,
     backlog,
     cpu_s,
     latencies_ms,
@@ -55,7 +57,6 @@ from bench.harness import (
     setup_accounts,
     summary,
     trickle,
-    worker_setting,
     worker_stats,
 )
 from bench.pipeline import arq_noop
@@ -390,14 +391,7 @@ if __name__ == "__main__":
     parser.add_argument("--only-one", action="store_true", help="only phase 3 (development)")
     parser.add_argument("--trace", action="store_true", help="print the writes per kind each second")
     parser.add_argument("--keep", action="store_true", help="keep the work dir (worker logs, Redis data)")
-    parser.add_argument(
-        "--worker-env",
-        action="append",
-        default=[],
-        type=worker_setting,
-        metavar="NAME=VALUE",
-        help="a setting for the workers of every phase (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=100",
-    )
+    add_worker_env_option(parser)
     ns = parser.parse_args()
     t0 = time.monotonic()
     result = asyncio.run(main(ns))

@@ -56,6 +56,7 @@ from redis.asyncio import Redis
 
 from bench.harness import (
     Stack,
+    add_worker_env_option,
     backlog,
     cpu_s,
     depth,
@@ -66,7 +67,6 @@ from bench.harness import (
     setup_accounts,
     summary,
     trickle,
-    worker_setting,
     worker_stats,
     written_by_lane,
 )
@@ -352,14 +352,7 @@ if __name__ == "__main__":
         help="serve A and B from one sandbox process (the harness up to session 21) instead of one each",
     )
     parser.add_argument("--sync-mode", default="", help="PASSBRIDGE_WORKER_SYNC_MODE for the workers")
-    parser.add_argument(
-        "--worker-env",
-        action="append",
-        default=[],
-        type=worker_setting,
-        metavar="NAME=VALUE",
-        help="a setting for the workers (repeatable), e.g. PASSBRIDGE_WORKER_BULK_CLAIM_BATCH=64",
-    )
+    add_worker_env_option(parser)
     parser.add_argument(
         "--repeat",
         type=int,

@@ -404,8 +404,20 @@ async def trickle(
     return sent
 
 
-def worker_setting(text: str) -> tuple[str, str]:
-    """``--worker-env NAME=VALUE`` (argparse ``type``): a PASSBRIDGE_* setting for the workers and its value."""
+def add_worker_env_option(parser: argparse.ArgumentParser) -> None:
+    """``--worker-env NAME=VALUE`` (repeatable): PASSBRIDGE_* settings for the benchmark's workers, to compare
+    settings side by side; ``args.worker_env`` holds the pairs."""
+    parser.add_argument(
+        "--worker-env",
+        action="append",
+        default=[],
+        type=_worker_setting,
+        metavar="NAME=VALUE",
+        help="a setting for the workers (repeatable), e.g. PASSBRIDGE_KLAVIYO_BACKLOG_PACING=false",
+    )
+
+
+def _worker_setting(text: str) -> tuple[str, str]:
     name, sep, value = text.partition("=")
     if not sep or not name.startswith("PASSBRIDGE_"):
         raise argparse.ArgumentTypeError(f"expected PASSBRIDGE_NAME=VALUE, got {text!r}")

@@ -19,7 +19,6 @@ from redis.asyncio import Redis
 
 from passbridge.accounts import Account, AccountStore
 from passbridge.keys import PACE_BACKLOGS, account_keys
-from worker.batching import LanePolicy, SyncMode
 from worker.bulk import OK, AccountLanes, BulkSync, Item, Lane, Outcome
 from worker.klaviyo.client import KlaviyoClient
 from worker.klaviyo.endpoints import BULK_CREATE_DATA_SOURCE_RECORDS, CREATE_DATA_SOURCE_RECORD
@@ -62,20 +61,16 @@ async def paced_client(
         yield c
 
 
-def records_lane(client: KlaviyoClient, sent: Sent) -> Lane:
-    """The record lane as ``AccountLanes`` makes it, for an account with a backlog of 100,000 events."""
-    return Lane(
-        "records",
-        mode=SyncMode.adaptive,
-        policy=LanePolicy(500, 3_600_000, 32, 4.0 / RATE_SCALE, tail_units=50),
-        client=client,
-        single_op=CREATE_DATA_SOURCE_RECORD,
-        bulk_op=BULK_CREATE_DATA_SOURCE_RECORDS,
-        list_pointer="/data/attributes/data-source-records/data",
-        send_single=sent.send_single,
-        send_bulk=sent.send_bulk,
-        backlog=lambda: (100_000, 1.0),
-    )
+def records_lane(client: KlaviyoClient, redis: Redis, account: Account, sent: Sent) -> Lane:
+    """The record lane as ``AccountLanes`` makes it, for an account with a backlog of 100,000 events while a
+    small account is about (``pb:pace``); its senders are the test's."""
+    sync = BulkSync(Syncer(client, redis))
+    sync.pacing = True
+    lanes = sync.lanes(account)
+    lanes.backlog_events = 100_000
+    lane = lanes.records
+    lane.send_single, lane.send_bulk = sent.send_single, sent.send_bulk
+    return lane
 
 
 def item(n: int, *, urgent: bool = False) -> Item:
@@ -84,11 +79,11 @@ def item(n: int, *, urgent: bool = False) -> Item:
 
 
 async def test_a_backlog_is_paced_over_the_window_and_a_fresh_event_is_not(
-    paced_client: KlaviyoClient, account: Account
+    paced_client: KlaviyoClient, redis: Redis, account: Account
 ) -> None:
     paced = paced_client.limiter.pace_burst is not None
     sent = Sent()
-    lane = records_lane(paced_client, sent)
+    lane = records_lane(paced_client, redis, account, sent)
     futures = [lane.submit(account, item(n)) for n in range(BACKLOG_ITEMS)]
     # A fresh event arrives while the backlog is being sent.
     await asyncio.sleep(0.2)
