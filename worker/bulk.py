@@ -88,8 +88,8 @@ EVENTS_POINTER = "/data/attributes/events-bulk-create/data"
 RECORDS_POINTER = "/data/attributes/data-source-records/data"
 #: Most profiles one bulk-import job carries (see ``AccountLanes``).
 PROFILE_JOB_ITEMS = 2_000
-#: Backlogs are paced for this long after an account with a small backlog was last worked on (Klaviyo's minute:
-#: the span over which a backlog's burst would land) ...
+#: Backlogs are paced for this long after fresh events of an account with a small backlog were last worked on
+#: (Klaviyo's minute: the span over which a backlog's burst would land) ...
 PACE_MARK_TTL_MS = 60_000
 #: ... which each worker says at most this often.
 PACE_MARK_EVERY_S = 5.0
@@ -860,8 +860,9 @@ class BulkSync:
         self._batchers: dict[int, EngineBatchers] = {}
         self._gate = TurnGate(self.options.serials_per_turn)
         self._per_event = PerEventSync()
-        #: Whether backlogs are paced now: an account with a small backlog was worked on (by any worker) in
-        #: the last minute. Read with each busy account's depth; False until then (never pace for nobody).
+        #: Whether backlogs are paced now: fresh events of an account with a small backlog were worked on (by
+        #: any worker) in the last minute. Read with each busy account's depth; False until then (never pace
+        #: for nobody).
         self.pacing = False
         self._small_seen_at = -math.inf
 

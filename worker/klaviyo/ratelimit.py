@@ -12,6 +12,10 @@ Windows are stretched by ``safety`` (a fraction; ``burst_safety`` for the one-se
 (wall-clock seconds) so that the delay between taking a slot and Klaviyo receiving the request (a busy event
 loop, network jitter) does not push a request into a full window on Klaviyo's side.
 What still slips through is a 429 like any other: the request was not processed, the endpoint pauses.
+
+A backlog's requests may also be *paced* (:meth:`RateLimiter.pace`, ``AccountKeys.rate_pace``): admitted one
+interval of the steady window apart instead of all at the window's start, on top of the windows (README
+"Fair share across accounts").
 """
 
 from __future__ import annotations
