@@ -65,11 +65,12 @@ async def account_status(redis: Redis, account_id: str, now_ms: int) -> dict[str
 
 @app.command()
 def status(as_json: bool = typer.Option(False, "--json")) -> None:
-    """Per account: pending events, ready/parked/leased serials, DLQ size, pause; and the live workers."""
+    """Per account: pending events, ready/parked/leased serials, DLQ size, pause; the live workers; and whether
+    backlogs are paced now (a small account's fresh events were worked on in the last minute)."""
     import orjson
     from rich.table import Table
 
-    from passbridge.keys import WORKERS, WORKERS_INFO
+    from passbridge.keys import PACE_BACKLOGS, WORKERS, WORKERS_INFO
     from worker import inspect
 
     async def go() -> dict[str, Any]:
@@ -82,7 +83,9 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
                 raw = await redis.hget(WORKERS_INFO, wid)
                 info = orjson.loads(raw) if raw else {}
                 workers.append({**info, "worker": wid.decode(), "beat_age_s": round((now - beat) / 1000, 1)})
-            return {"accounts": accounts, "workers": workers}
+            pace_ms = int(await redis.pttl(PACE_BACKLOGS))
+            pacing = {"active": pace_ms > 0, "for_s": round(pace_ms / 1000, 1) if pace_ms > 0 else 0.0}
+            return {"accounts": accounts, "workers": workers, "backlog_pacing": pacing}
         finally:
             await redis.aclose()
 
@@ -116,6 +119,16 @@ def status(as_json: bool = typer.Option(False, "--json")) -> None:
             f"{w['beat_age_s']} s ago",
         )
     out.print(wt)
+    pacing = doc["backlog_pacing"]
+    if pacing["active"]:
+        out.print(
+            "backlogs paced over Klaviyo's minute: yes, a small account's fresh events were worked on "
+            f"(for {pacing['for_s']:g} s more unless more arrive)"
+        )
+    else:
+        out.print(
+            "backlogs paced over Klaviyo's minute: no (no small account's fresh events in the last minute)"
+        )
 
 
 @app.command()

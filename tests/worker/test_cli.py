@@ -20,7 +20,7 @@ from typer.testing import CliRunner
 from passbridge.accounts import AccountStore
 from passbridge.cli import app
 from passbridge.cli.dlq_cmd import parse_when
-from passbridge.keys import account_keys
+from passbridge.keys import PACE_BACKLOGS, account_keys
 from passbridge.settings import get_settings
 from tests.factories import make_account
 from worker import dlq, pause
@@ -268,6 +268,22 @@ def test_engine_status_history_and_resume(cli_env: str, secret_key: str) -> None
     assert rows["acme"]["paused"]["reason"] == "HTTP 401 not_authenticated"
     assert rows["globex"]["pending_events"] == 1
     assert rows["globex"]["paused"] is None
+    assert orjson.loads(out)["backlog_pacing"] == {"active": False, "for_s": 0.0}
+    code, out = invoke("engine", "status")
+    assert "backlogs paced over Klaviyo's minute: no" in out
+
+    async def small_account_seen() -> None:
+        redis = Redis.from_url(cli_env)
+        await redis.set(PACE_BACKLOGS, "1", px=30_000)  # what a worker says (worker.bulk.BulkSync)
+        await redis.aclose()
+
+    asyncio.run(small_account_seen())
+    code, out = invoke("engine", "status", "--json")
+    pacing = orjson.loads(out)["backlog_pacing"]
+    assert pacing["active"] is True
+    assert 25 < pacing["for_s"] <= 30
+    code, out = invoke("engine", "status")
+    assert "backlogs paced over Klaviyo's minute: yes" in out
     code, out = invoke("engine", "history", "globex", "--serial", "G1", "--json")
     assert code == 0, out
     assert [(h["kind"], h["event_id"]) for h in orjson.loads(out)] == [
