@@ -868,7 +868,11 @@ class BulkSync:
 
     async def small_account_seen(self, redis: Redis) -> None:
         """Say (at most every few seconds) that fresh events of an account with a small backlog are being
-        worked on: for the next minute, every worker paces its backlogs, so such events never meet a burst."""
+        worked on: for the next minute, every worker paces its backlogs, so such events never meet a burst.
+        Not said by a worker whose pacing is off (``PASSBRIDGE_KLAVIYO_BACKLOG_PACING=false``): ``engine
+        status`` shows the mark as "backlogs paced"."""
+        if self.client.limiter.pace_burst is None:
+            return
         now = time.monotonic()
         if now - self._small_seen_at < PACE_MARK_EVERY_S:
             return

@@ -154,3 +154,18 @@ async def test_backlogs_are_paced_only_while_a_small_account_has_fresh_events(
         await redis.delete(PACE_BACKLOGS)
         await refreshed(big)
         assert not big.paced()
+
+
+async def test_a_worker_with_pacing_off_does_not_say_backlogs_are_paced(
+    redis: Redis, store: AccountStore, account: Account
+) -> None:
+    async with make_client(redis, store, "http://127.0.0.1:9", rate_pace_burst=None) as client:
+        lanes = BulkSync(Syncer(client, redis)).lanes(account)
+        await redis.set(account_keys(account.account_id).depth, 3)
+        lanes.take_urgent()
+        lanes.in_flight = 1
+        lanes.watch_backlog(redis, 0.01)
+        await asyncio.sleep(0.05)
+        lanes.in_flight = 0
+        assert lanes.backlog_events == 3
+        assert not await redis.exists(PACE_BACKLOGS)
