@@ -197,7 +197,7 @@ class Lane:
         counts_events: bool = False,
         single_reserve: float = 0.1,
         bulk_concurrency: int | None = None,
-        paced: Callable[[], bool] = lambda: True,
+        paced: Callable[[], bool],
     ) -> None:
         self.name = name
         #: Whether the backlog's requests (bulk, overflow singles) are paced now (``AccountLanes.paced``).

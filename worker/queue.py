@@ -169,18 +169,15 @@ class WorkQueue:
                 *held_args,
             ]
         )
-        taken_over, capped = int(raw[0]), bool(int(raw[1]))
-        if not snapshot:
-            leases = [
-                Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode())
-                for i in range(2, len(raw), 3)
-            ]
-            return Claimed(leases, taken_over, capped)
-        leases, snapshots = [], []
-        for i in range(2, len(raw), 6):
-            leases.append(Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()))
-            snapshots.append(SerialSnapshot(list(raw[i + 3]), raw[i + 4], bool(raw[i + 5])))
-        return Claimed(leases, taken_over, capped, snapshots)
+        # Each lease is (account, serial, token), followed with a snapshot by (heads, state, profile-job mark).
+        starts = range(2, len(raw), 6 if snapshot else 3)
+        leases = [Lease(raw[i].decode(), raw[i + 1].decode(), raw[i + 2].decode()) for i in starts]
+        snapshots = (
+            [SerialSnapshot(list(raw[i + 3]), raw[i + 4], bool(raw[i + 5])) for i in starts]
+            if snapshot
+            else None
+        )
+        return Claimed(leases, int(raw[0]), bool(int(raw[1])), snapshots)
 
     async def snapshot(self, leases: Sequence[Lease]) -> list[SerialSnapshot]:
         """For each lease (one round trip for all): the mailbox's first entries, the stored state and whether a
