@@ -114,6 +114,18 @@ async def test_a_backlog_is_paced_over_the_window_and_a_fresh_event_is_not(
         assert first_burst > 0.05 / SINGLE_PACE_S + 10
 
 
+async def refreshed(redis: Redis, lanes: AccountLanes, *, fresh: bool = False) -> None:
+    """Let ``lanes`` read their account's depth and ``pb:pace`` (and, with ``fresh``, say a small account's
+    fresh events were worked on, if theirs is small)."""
+    if fresh:
+        lanes.take_urgent()  # what a serial received moments ago asks before its first write
+    # The refresher runs while the account has work in this process: pretend a serial is in flight.
+    lanes.in_flight = 1
+    lanes.watch_backlog(redis, 0.01)
+    await asyncio.sleep(0.05)
+    lanes.in_flight = 0
+
+
 async def test_backlogs_are_paced_only_while_a_small_account_has_fresh_events(
     redis: Redis, store: AccountStore, account: Account
 ) -> None:
@@ -126,33 +138,24 @@ async def test_backlogs_are_paced_only_while_a_small_account_has_fresh_events(
         await redis.set(account_keys(account.account_id).depth, 100_000)
         await redis.set(account_keys(other.account_id).depth, 3)
 
-        async def refreshed(lanes: AccountLanes, *, fresh: bool = False) -> None:
-            if fresh:
-                lanes.take_urgent()  # what a serial received moments ago asks before its first write
-            # The refresher runs while the account has work in this process: pretend a serial is in flight.
-            lanes.in_flight = 1
-            lanes.watch_backlog(redis, 0.01)
-            await asyncio.sleep(0.05)
-            lanes.in_flight = 0
-
-        await refreshed(big, fresh=True)
+        await refreshed(redis, big, fresh=True)
         assert big.backlog_events == 100_000
         assert not big.paced()
         # The last, old events of a backlog (a small depth, nothing fresh) hold nobody back.
-        await refreshed(small)
+        await refreshed(redis, small)
         assert not await redis.exists(PACE_BACKLOGS)
-        await refreshed(big)
+        await refreshed(redis, big)
         assert not big.paced()
         # Fresh events of a small account: it says so for a minute, and the big backlog is paced from its next
         # refresh on. The small account's own requests are never paced.
-        await refreshed(small, fresh=True)
+        await refreshed(redis, small, fresh=True)
         assert 55_000 < await redis.pttl(PACE_BACKLOGS) <= 60_000
         assert not small.paced()
-        await refreshed(big)
+        await refreshed(redis, big)
         assert big.paced()
         # Once the minute is over with no such account about, backlogs go unpaced again.
         await redis.delete(PACE_BACKLOGS)
-        await refreshed(big)
+        await refreshed(redis, big)
         assert not big.paced()
 
 
@@ -162,10 +165,6 @@ async def test_a_worker_with_pacing_off_does_not_say_backlogs_are_paced(
     async with make_client(redis, store, "http://127.0.0.1:9", rate_pace_burst=None) as client:
         lanes = BulkSync(Syncer(client, redis)).lanes(account)
         await redis.set(account_keys(account.account_id).depth, 3)
-        lanes.take_urgent()
-        lanes.in_flight = 1
-        lanes.watch_backlog(redis, 0.01)
-        await asyncio.sleep(0.05)
-        lanes.in_flight = 0
+        await refreshed(redis, lanes, fresh=True)
         assert lanes.backlog_events == 3
         assert not await redis.exists(PACE_BACKLOGS)
